@@ -1,0 +1,222 @@
+/*
+ * qkv.h — exact transformer attention in C.
+ *
+ * The whole public API of libqkv. Attention maps queries, keys and values to
+ * outputs:  S = Q·Kᵀ·scale,  P = softmax(S) over the keys,  O = P·V,
+ * computed in tiles with an online softmax (FlashAttention-style), so memory
+ * never grows with seqlen_q × seqlen_k, with fp32 accumulation for every
+ * input type.
+ *
+ * Usage:
+ *
+ *     #include <qkv.h>
+ *
+ *     // q [B,Sq,Hq,D], k [B,Sk,Hkv,D], v [B,Sk,Hkv,Dv], out [B,Sq,Hq,Dv]
+ *     qkv_ctx *ctx = qkv_ctx_create(0);          // 0: one thread per core
+ *     qkv_tensor q = qkv_tensor_4d(qbuf, QKV_F32, B, Sq, Hq, D);
+ *     qkv_tensor k = qkv_tensor_4d(kbuf, QKV_F32, B, Sk, Hkv, D);
+ *     qkv_tensor v = qkv_tensor_4d(vbuf, QKV_F32, B, Sk, Hkv, Dv);
+ *     qkv_tensor o = qkv_tensor_4d(obuf, QKV_F32, B, Sq, Hq, Dv);
+ *     qkv_attn_opts opts = qkv_attn_opts_default();
+ *     opts.causal = 1;
+ *     qkv_status st = qkv_attention_forward(ctx, &q, &k, &v, &opts, &o, NULL);
+ *     if (st != QKV_OK)
+ *         fprintf(stderr, "%s: %s\n", qkv_status_string(st),
+ *                 qkv_ctx_last_error(ctx));
+ *     qkv_ctx_free(ctx);
+ *
+ * Tensors are caller-owned views: qkv never keeps a pointer past the call
+ * that received it, never frees caller memory, and reads/writes only the
+ * elements the shape and strides name.
+ *
+ * Thread safety: a qkv_ctx is used by one calling thread at a time (it owns
+ * the worker threads, the scratch memory and the last-error message). Use
+ * one context per calling thread for concurrent calls; different contexts
+ * share nothing. Functions that take no context are thread-safe.
+ *
+ * Errors are values: every fallible call returns a qkv_status (QKV_OK == 0,
+ * errors negative). Arguments are validated before any output is written:
+ * on error the output tensors and lse are untouched and
+ * qkv_ctx_last_error() names the offending argument. The library never
+ * prints, exits or aborts.
+ */
+#ifndef QKV_H
+#define QKV_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(_WIN32) && defined(QKV_SHARED_BUILD)
+#define QKV_API __declspec(dllexport)
+#elif defined(__GNUC__)
+#define QKV_API __attribute__((visibility("default")))
+#else
+#define QKV_API
+#endif
+
+/* ---- version ------------------------------------------------------------ */
+
+#define QKV_VERSION_MAJOR 0
+#define QKV_VERSION_MINOR 1
+#define QKV_VERSION_PATCH 0
+#define QKV_VERSION_STRING "0.1.0"
+
+/* "MAJOR.MINOR.PATCH" of the library actually linked (may differ from the
+   header's QKV_VERSION_STRING when linked dynamically). */
+QKV_API const char *qkv_version(void);
+
+/* ---- status codes ------------------------------------------------------- */
+
+typedef int qkv_status;
+enum {
+    QKV_OK               =  0,
+    QKV_ERR_NULL         = -1,  /* a required pointer is NULL               */
+    QKV_ERR_DTYPE        = -2,  /* unknown dtype, or dtypes that must match don't */
+    QKV_ERR_SHAPE        = -3,  /* non-positive or mismatched sizes         */
+    QKV_ERR_STRIDE       = -4,  /* strides that alias outputs               */
+    QKV_ERR_OVERFLOW     = -5,  /* a size or offset product overflows int64  */
+    QKV_ERR_ARG          = -6,  /* an option value out of its domain         */
+    QKV_ERR_NOMEM        = -7,  /* memory allocation failed                  */
+    QKV_ERR_UNSUPPORTED  = -8,  /* valid, but not supported (e.g. an ISA the
+                                   CPU lacks, bias together with varlen)     */
+    QKV_ERR_THREAD       = -9   /* worker threads could not be started       */
+};
+
+/* Short English name of a status ("ok", "null pointer", ...); never NULL,
+   unknown codes give "unknown status". */
+QKV_API const char *qkv_status_string(qkv_status s);
+
+/* ---- tensors ------------------------------------------------------------ */
+
+typedef enum { QKV_F32 = 0, QKV_F16 = 1, QKV_BF16 = 2 } qkv_dtype;
+
+/* Non-owning view of a 4-d array. Strides are in elements, may be any value
+   (zero broadcasts an input dimension; negative walks backwards); element
+   [i0,i1,i2,i3] lives at data + Σ i_n·stride[n] elements. */
+typedef struct {
+    void     *data;
+    qkv_dtype dtype;
+    int64_t   shape[4];   /* attention operands: [batch, seqlen, heads, head_dim] */
+    int64_t   stride[4];
+} qkv_tensor;
+
+/* A view of a contiguous row-major [d0,d1,d2,d3] array (stride[3] == 1). */
+QKV_API qkv_tensor qkv_tensor_4d(void *data, qkv_dtype dtype,
+                                 int64_t d0, int64_t d1, int64_t d2, int64_t d3);
+
+/* Bytes per element of dtype (4 or 2); 0 for an unknown dtype. */
+QKV_API size_t qkv_dtype_size(qkv_dtype dtype);
+
+/* Converts n elements between dtypes (any pair, including the same one).
+   fp32 -> fp16/bf16 rounds to nearest even, keeps NaN and infinities, and
+   overflows to ±inf. Returns QKV_ERR_NULL / QKV_ERR_DTYPE on bad input. */
+QKV_API qkv_status qkv_convert(const void *src, qkv_dtype src_dtype,
+                               void *dst, qkv_dtype dst_dtype, size_t n);
+
+/* ---- context ------------------------------------------------------------ */
+
+typedef struct qkv_ctx qkv_ctx;
+
+/* Creates a context with n_threads workers in total (the calling thread
+   counts as one); 0 picks one per online core. The kernel set is the best
+   the CPU supports, or the one named by the environment variable QKV_ISA
+   (generic|avx2|avx512) when the CPU supports it. Returns NULL when
+   n_threads < 0 or memory/threads are unavailable. Idle workers sleep. */
+QKV_API qkv_ctx *qkv_ctx_create(int n_threads);
+
+/* Stops the workers and frees everything; NULL is a no-op. */
+QKV_API void qkv_ctx_free(qkv_ctx *ctx);
+
+/* The message of the last failed call on ctx ("" if none), naming the
+   argument at fault. Valid until the next call on ctx. NULL ctx gives a
+   fixed message. */
+QKV_API const char *qkv_ctx_last_error(const qkv_ctx *ctx);
+
+/* Number of threads the context computes with (>= 1). */
+QKV_API int qkv_ctx_threads(const qkv_ctx *ctx);
+
+/* Name of the kernel set in use: "generic", "avx2" or "avx512". */
+QKV_API const char *qkv_ctx_isa(const qkv_ctx *ctx);
+
+/* Forces a kernel set by name. QKV_ERR_UNSUPPORTED when the CPU or OS lacks
+   it, QKV_ERR_ARG for an unknown name; the current choice is kept then. */
+QKV_API qkv_status qkv_ctx_set_isa(qkv_ctx *ctx, const char *name);
+
+/* Whether this CPU can run the named kernel set (1) or not (0). */
+QKV_API int qkv_isa_supported(const char *name);
+
+/* ---- attention ---------------------------------------------------------- */
+
+typedef struct {
+    float   scale;                      /* 0 -> 1/sqrt(head_dim) */
+    int     causal;                     /* bottom-right aligned */
+    int64_t window_left, window_right;  /* -1 = unbounded */
+    float   softcap;                    /* 0 = off; s -> softcap*tanh(s/softcap) */
+    const float      *alibi_slopes;     /* [heads_q] or NULL: s -= slope*|i + Sk - Sq - j| */
+    const qkv_tensor *bias;             /* fp32 additive, [B|1, Hq|1, Sq, Sk], -inf masks; NULL */
+    const int32_t    *cu_seqlens_q;     /* packed variable-length: n_seqs+1 offsets; NULL */
+    const int32_t    *cu_seqlens_k;
+    int32_t           n_seqs;           /* sequences in a varlen call */
+} qkv_attn_opts;
+
+/* Options for plain attention: scale 1/sqrt(D), no mask, no varlen. */
+QKV_API qkv_attn_opts qkv_attn_opts_default(void);
+
+/*
+ * qkv_attention_forward — O = softmax(mask(Q·Kᵀ·scale))·V.
+ *
+ * Reads   q   [B, Sq, Hq, D]    k [B, Sk, Hkv, D]    v [B, Sk, Hkv, Dv]
+ * Writes  out [B, Sq, Hq, Dv]   and, when lse != NULL, lse as a contiguous
+ *         fp32 array [B, Hq, Sq]: the natural-log sum-exp of each row's
+ *         masked, scaled scores.
+ * q, k, v and out share one dtype (fp32, fp16 or bf16); arithmetic is fp32.
+ * Hq must be a multiple of Hkv: query head h reads kv head h / (Hq/Hkv).
+ *
+ * Score of query i and key j, in this order:
+ *   s  = scale · q_i·k_j                (scale 0 means 1/sqrt(D))
+ *   s  = softcap · tanh(s / softcap)    (softcap > 0)
+ *   s -= slope[h] · |i + Sk - Sq - j|   (alibi_slopes != NULL)
+ *   s += bias[b, h, i, j]               (bias != NULL; size-1 dims broadcast)
+ * Key j is visible to query i iff, with p = i + Sk - Sq (the query's
+ * position when the queries are the last Sq of the keys' positions),
+ *   causal: j <= p;  window_left >= 0: j >= p - window_left;
+ *   window_right >= 0: j <= p + window_right.
+ * A row that sees no key (or whose every visible score is -inf) gets output
+ * 0 and lse -inf.
+ *
+ * Varlen (cu_seqlens_q and cu_seqlens_k both set, n_seqs >= 1): q, k, v and
+ * out have batch 1 and hold n_seqs sequences packed along dim 1; sequence
+ * s occupies rows [cu_seqlens_q[s], cu_seqlens_q[s+1]) of q/out and
+ * [cu_seqlens_k[s], cu_seqlens_k[s+1]) of k/v, and masks use that
+ * sequence's own Sq and Sk. Offsets must be non-decreasing, start >= 0 and
+ * end within the tensors. lse is then [Hq, total_q] with total_q =
+ * q->shape[1]. Rows outside every sequence are not written. bias together
+ * with varlen is refused (QKV_ERR_UNSUPPORTED).
+ *
+ * Results are bitwise identical for any number of threads.
+ * Returns QKV_OK, or an error (out and lse untouched, message in ctx):
+ * QKV_ERR_NULL, QKV_ERR_DTYPE, QKV_ERR_SHAPE, QKV_ERR_STRIDE,
+ * QKV_ERR_OVERFLOW, QKV_ERR_ARG, QKV_ERR_UNSUPPORTED, QKV_ERR_NOMEM.
+ */
+QKV_API qkv_status qkv_attention_forward(qkv_ctx *ctx, const qkv_tensor *q,
+        const qkv_tensor *k, const qkv_tensor *v, const qkv_attn_opts *opts,
+        qkv_tensor *out, float *lse);
+
+/*
+ * qkv_attention_reference — the specification: the same contract as
+ * qkv_attention_forward, computed with plain loops and double accumulation
+ * (memory O(Sk) per thread). Slow; for testing and checking.
+ */
+QKV_API qkv_status qkv_attention_reference(qkv_ctx *ctx, const qkv_tensor *q,
+        const qkv_tensor *k, const qkv_tensor *v, const qkv_attn_opts *opts,
+        qkv_tensor *out, float *lse);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* QKV_H */

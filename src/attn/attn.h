@@ -1,0 +1,60 @@
+/*
+ * attn.h — the attention problem as the drivers see it once the public
+ * arguments have been validated: sizes, options and a sequence table that
+ * makes batched and packed variable-length calls look alike.
+ */
+#ifndef QKV_ATTN_H
+#define QKV_ATTN_H
+
+#include "../core/internal.h"
+
+typedef struct {
+    qkv_dtype dt;
+    int64_t   B, Sq, Sk, Hq, Hkv, D, Dv;   /* Sq, Sk: dim 1 of q and k */
+    int64_t   group;                       /* Hq / Hkv */
+    int64_t   n_seqs;                      /* B, or opts->n_seqs for varlen */
+    int       varlen;
+    const int32_t *cu_q, *cu_k;
+    float     scale, softcap;
+    int       causal;
+    int64_t   window_left, window_right;
+    const float *alibi;                    /* [Hq] or NULL */
+    const float *bias;                     /* fp32 or NULL */
+    int64_t   bias_stride[4];              /* 0 on broadcast dims */
+    const qkv_tensor *q, *k, *v, *out;
+    float    *lse;
+} qkv__attn;
+
+/* One sequence: batch row b, query rows [q0, q0+sq) and key rows [k0, k0+sk)
+   along dim 1. */
+typedef struct { int64_t b, q0, sq, k0, sk; } qkv__seq;
+
+/* Validates every argument of a forward call (before anything is written)
+   and fills *a. */
+qkv_status qkv__attn_check(qkv_ctx *ctx, const qkv_tensor *q,
+        const qkv_tensor *k, const qkv_tensor *v, const qkv_attn_opts *opts,
+        const qkv_tensor *out, float *lse, qkv__attn *a);
+
+static inline qkv__seq qkv__attn_seq(const qkv__attn *a, int64_t s)
+{
+    qkv__seq r;
+    if (a->varlen) {
+        r.b = 0;
+        r.q0 = a->cu_q[s];
+        r.sq = a->cu_q[s + 1] - a->cu_q[s];
+        r.k0 = a->cu_k[s];
+        r.sk = a->cu_k[s + 1] - a->cu_k[s];
+    } else {
+        r.b = s; r.q0 = 0; r.sq = a->Sq; r.k0 = 0; r.sk = a->Sk;
+    }
+    return r;
+}
+
+/* Index of lse for query row i (of dim 1) and head h. */
+static inline int64_t qkv__lse_index(const qkv__attn *a, int64_t b, int64_t h,
+                                     int64_t i)
+{
+    return (b * a->Hq + h) * a->Sq + i;
+}
+
+#endif /* QKV_ATTN_H */

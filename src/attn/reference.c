@@ -1,0 +1,139 @@
+/*
+ * reference.c — the specification of attention: plain loops over the
+ * definition in qkv.h, every product and sum in double, every mask decided
+ * element by element. It shares only argument validation with the fast
+ * path, so the tests compare two independent computations. Memory is O(Sk)
+ * per thread; rows are spread over the context's threads.
+ *
+ * Not here: tiling, vector code, anything clever.
+ */
+#include "attn.h"
+
+#include <math.h>
+#include <stdlib.h>
+
+#define ROWS_PER_TASK 16
+
+typedef struct {
+    qkv_ctx       *ctx;
+    const qkv__attn *a;
+    int64_t       *task_start;  /* [n_seqs+1] first task of each sequence */
+} ref_job;
+
+static double at(const qkv_tensor *t, int64_t i0, int64_t i1, int64_t i2, int64_t i3)
+{
+    int64_t off = i0 * t->stride[0] + i1 * t->stride[1] + i2 * t->stride[2] + i3 * t->stride[3];
+    return qkv__load(t->data, t->dtype, off);
+}
+
+static void put(const qkv_tensor *t, int64_t i0, int64_t i1, int64_t i2, int64_t i3, double x)
+{
+    int64_t off = i0 * t->stride[0] + i1 * t->stride[1] + i2 * t->stride[2] + i3 * t->stride[3];
+    switch (t->dtype) {
+    case QKV_F16:  ((uint16_t *)t->data)[off] = qkv__f32_to_f16((float)x); break;
+    case QKV_BF16: ((uint16_t *)t->data)[off] = qkv__f32_to_bf16((float)x); break;
+    default:       ((float *)t->data)[off] = (float)x; break;
+    }
+}
+
+static int visible(const qkv__attn *a, int64_t i, int64_t j, const qkv__seq *s)
+{
+    int64_t p = i + s->sk - s->sq;
+    if (a->causal && j > p)
+        return 0;
+    if (a->window_left >= 0 && j < p - a->window_left)
+        return 0;
+    if (a->window_right >= 0 && j > p + a->window_right)
+        return 0;
+    return 1;
+}
+
+/* One query row i (within sequence s) of head h. */
+static void ref_row(const qkv__attn *a, const qkv__seq *s, int64_t h, int64_t i,
+                    double *score, double *acc)
+{
+    const int64_t hk = h / a->group, qi = s->q0 + i;
+    double m = -INFINITY;
+    for (int64_t j = 0; j < s->sk; j++) {
+        double x = -INFINITY;
+        if (visible(a, i, j, s)) {
+            double dot = 0.0;
+            for (int64_t d = 0; d < a->D; d++)
+                dot += at(a->q, s->b, qi, h, d) * at(a->k, s->b, s->k0 + j, hk, d);
+            x = (double)a->scale * dot;
+            if (a->softcap > 0.0f)
+                x = a->softcap * tanh(x / a->softcap);
+            if (a->alibi)
+                x -= a->alibi[h] * fabs((double)(i + s->sk - s->sq - j));
+            if (a->bias)
+                x += a->bias[s->b * a->bias_stride[0] + h * a->bias_stride[1] +
+                             i * a->bias_stride[2] + j * a->bias_stride[3]];
+        }
+        score[j] = x;
+        if (x > m)
+            m = x;
+    }
+    for (int64_t c = 0; c < a->Dv; c++)
+        acc[c] = 0.0;
+    double l = 0.0;
+    if (m > -INFINITY) {
+        for (int64_t j = 0; j < s->sk; j++) {
+            if (score[j] == -INFINITY)
+                continue;
+            double p = exp(score[j] - m);
+            l += p;
+            for (int64_t c = 0; c < a->Dv; c++)
+                acc[c] += p * at(a->v, s->b, s->k0 + j, hk, c);
+        }
+    }
+    for (int64_t c = 0; c < a->Dv; c++)
+        put(a->out, s->b, qi, h, c, l > 0.0 ? acc[c] / l : 0.0);
+    if (a->lse)
+        a->lse[qkv__lse_index(a, s->b, h, qi)] = l > 0.0 ? (float)(m + log(l)) : -INFINITY;
+}
+
+static void ref_task(void *arg, int64_t task, int worker)
+{
+    ref_job *job = arg;
+    const qkv__attn *a = job->a;
+    int64_t lo = 0, hi = a->n_seqs;               /* sequence holding task */
+    while (hi - lo > 1) {
+        int64_t mid = (lo + hi) / 2;
+        if (job->task_start[mid] <= task) lo = mid; else hi = mid;
+    }
+    qkv__seq s = qkv__attn_seq(a, lo);
+    int64_t t = task - job->task_start[lo];
+    int64_t blocks = (s.sq + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
+    int64_t h = t / blocks, i0 = (t % blocks) * ROWS_PER_TASK;
+    int64_t i1 = i0 + ROWS_PER_TASK < s.sq ? i0 + ROWS_PER_TASK : s.sq;
+    double *score = job->ctx->scratch[worker];
+    double *acc = score + a->Sk;
+    for (int64_t i = i0; i < i1; i++)
+        ref_row(a, &s, h, i, score, acc);
+}
+
+qkv_status qkv_attention_reference(qkv_ctx *ctx, const qkv_tensor *q,
+        const qkv_tensor *k, const qkv_tensor *v, const qkv_attn_opts *opts,
+        qkv_tensor *out, float *lse)
+{
+    qkv__attn a;
+    qkv_status st = qkv__attn_check(ctx, q, k, v, opts, out, lse, &a);
+    if (st)
+        return st;
+    if ((uint64_t)(a.Sk + a.Dv) > SIZE_MAX / sizeof(double))
+        return qkv__fail(ctx, QKV_ERR_OVERFLOW, "k->shape[1]: seqlen_k too large");
+    if ((st = qkv__scratch_reserve(ctx, (size_t)(a.Sk + a.Dv) * sizeof(double))))
+        return st;
+    int64_t *task_start = malloc((size_t)(a.n_seqs + 1) * sizeof *task_start);
+    if (!task_start)
+        return qkv__fail(ctx, QKV_ERR_NOMEM, "ctx: cannot allocate the task table");
+    task_start[0] = 0;
+    for (int64_t s = 0; s < a.n_seqs; s++) {
+        qkv__seq sq = qkv__attn_seq(&a, s);
+        task_start[s + 1] = task_start[s] + a.Hq * ((sq.sq + ROWS_PER_TASK - 1) / ROWS_PER_TASK);
+    }
+    ref_job job = { ctx, &a, task_start };
+    qkv__parallel(ctx, task_start[a.n_seqs], ref_task, &job);
+    free(task_start);
+    return QKV_OK;
+}

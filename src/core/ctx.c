@@ -1,0 +1,167 @@
+/*
+ * ctx.c — the context (threads, scratch, kernel choice, last error), status
+ * strings, version and the small tensor helpers of the public API.
+ */
+#include "internal.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+const char *qkv_version(void) { return QKV_VERSION_STRING; }
+
+const char *qkv_status_string(qkv_status s)
+{
+    switch (s) {
+    case QKV_OK:              return "ok";
+    case QKV_ERR_NULL:        return "null pointer";
+    case QKV_ERR_DTYPE:       return "bad dtype";
+    case QKV_ERR_SHAPE:       return "bad shape";
+    case QKV_ERR_STRIDE:      return "bad strides";
+    case QKV_ERR_OVERFLOW:    return "size overflow";
+    case QKV_ERR_ARG:         return "invalid argument";
+    case QKV_ERR_NOMEM:       return "out of memory";
+    case QKV_ERR_UNSUPPORTED: return "unsupported";
+    case QKV_ERR_THREAD:      return "thread creation failed";
+    default:                  return "unknown status";
+    }
+}
+
+size_t qkv_dtype_size(qkv_dtype dtype)
+{
+    switch (dtype) {
+    case QKV_F32:  return 4;
+    case QKV_F16:
+    case QKV_BF16: return 2;
+    default:       return 0;
+    }
+}
+
+qkv_tensor qkv_tensor_4d(void *data, qkv_dtype dtype, int64_t d0, int64_t d1,
+                         int64_t d2, int64_t d3)
+{
+    qkv_tensor t;
+    t.data = data;
+    t.dtype = dtype;
+    t.shape[0] = d0; t.shape[1] = d1; t.shape[2] = d2; t.shape[3] = d3;
+    t.stride[3] = 1;
+    t.stride[2] = d3;
+    t.stride[1] = d2 * d3;
+    t.stride[0] = d1 * d2 * d3;
+    return t;
+}
+
+qkv_status qkv__fail(qkv_ctx *ctx, qkv_status status, const char *fmt, ...)
+{
+    if (ctx) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(ctx->err, sizeof ctx->err, fmt, ap);
+        va_end(ap);
+    }
+    return status;
+}
+
+qkv_ctx *qkv_ctx_create(int n_threads)
+{
+    if (n_threads < 0)
+        return NULL;
+    if (n_threads == 0) {
+        long n = sysconf(_SC_NPROCESSORS_ONLN);
+        n_threads = n > 0 ? (n > 1024 ? 1024 : (int)n) : 1;
+    }
+    qkv_ctx *ctx = calloc(1, sizeof *ctx);
+    if (!ctx)
+        return NULL;
+    ctx->n_threads = n_threads;
+    ctx->kernels = qkv__kernels_default();
+    ctx->scratch = calloc((size_t)n_threads, sizeof *ctx->scratch);
+    ctx->scratch_size = calloc((size_t)n_threads, sizeof *ctx->scratch_size);
+    if (!ctx->scratch || !ctx->scratch_size)
+        goto fail;
+    if (n_threads > 1 && !(ctx->pool = qkv__pool_create(n_threads)))
+        goto fail;
+    return ctx;
+fail:
+    qkv_ctx_free(ctx);
+    return NULL;
+}
+
+void qkv_ctx_free(qkv_ctx *ctx)
+{
+    if (!ctx)
+        return;
+    qkv__pool_free(ctx->pool);
+    if (ctx->scratch)
+        for (int i = 0; i < ctx->n_threads; i++)
+            free(ctx->scratch[i]);
+    free(ctx->scratch);
+    free(ctx->scratch_size);
+    free(ctx);
+}
+
+const char *qkv_ctx_last_error(const qkv_ctx *ctx)
+{
+    return ctx ? ctx->err : "ctx: NULL context";
+}
+
+int qkv_ctx_threads(const qkv_ctx *ctx) { return ctx ? ctx->n_threads : 1; }
+
+const char *qkv_ctx_isa(const qkv_ctx *ctx)
+{
+    return ctx ? ctx->kernels->name : qkv__kernels_default()->name;
+}
+
+qkv_status qkv_ctx_set_isa(qkv_ctx *ctx, const char *name)
+{
+    if (!ctx)
+        return QKV_ERR_NULL;
+    if (!name)
+        return qkv__fail(ctx, QKV_ERR_NULL, "name: NULL kernel set name");
+    int known;
+    const qkv__kernels *t = qkv__kernels_by_name(name, &known);
+    if (!known)
+        return qkv__fail(ctx, QKV_ERR_ARG,
+                         "name: unknown kernel set '%.64s' (generic, avx2, avx512)", name);
+    if (!t)
+        return qkv__fail(ctx, QKV_ERR_UNSUPPORTED,
+                         "name: this CPU cannot run the '%s' kernel set", name);
+    ctx->kernels = t;
+    ctx->err[0] = 0;
+    return QKV_OK;
+}
+
+int qkv_isa_supported(const char *name)
+{
+    int known;
+    return qkv__kernels_by_name(name, &known) != NULL;
+}
+
+qkv_status qkv__scratch_reserve(qkv_ctx *ctx, size_t bytes)
+{
+    bytes = (bytes + 63) & ~(size_t)63;
+    for (int i = 0; i < ctx->n_threads; i++) {
+        if (ctx->scratch_size[i] >= bytes)
+            continue;
+        void *p = NULL;
+        if (posix_memalign(&p, 64, bytes) != 0)
+            return qkv__fail(ctx, QKV_ERR_NOMEM,
+                             "ctx: cannot allocate %zu bytes of scratch", bytes);
+        free(ctx->scratch[i]);
+        ctx->scratch[i] = p;
+        ctx->scratch_size[i] = bytes;
+    }
+    return QKV_OK;
+}
+
+void qkv__parallel(qkv_ctx *ctx, int64_t n_tasks, qkv__task_fn fn, void *arg)
+{
+    if (!ctx->pool || n_tasks <= 1) {
+        for (int64_t t = 0; t < n_tasks; t++)
+            fn(arg, t, 0);
+        return;
+    }
+    qkv__pool_run(ctx->pool, n_tasks, fn, arg);
+}

@@ -1,0 +1,78 @@
+/*
+ * internal.h — what the library's files share and callers never see:
+ * the context, error reporting, the thread pool and dtype conversion.
+ * Symbols that cross files are named qkv__*.
+ */
+#ifndef QKV_INTERNAL_H
+#define QKV_INTERNAL_H
+
+#include "qkv.h"
+#include "../cpu/kernels.h"
+
+#include <pthread.h>
+#include <stdint.h>
+
+/* ---- thread pool (src/core/pool.c) -------------------------------------- */
+
+/* Work is a range of task indices [0, n_tasks); fn runs each task exactly
+   once on some thread; `worker` (0..n_threads-1) selects per-thread scratch.
+   Which thread runs a task must not change its result. */
+typedef void (*qkv__task_fn)(void *arg, int64_t task, int worker);
+
+typedef struct qkv__pool qkv__pool;
+qkv__pool *qkv__pool_create(int n_threads);      /* NULL on failure */
+void       qkv__pool_free(qkv__pool *pool);
+/* Runs fn over all tasks with up to n_threads threads (caller included) and
+   returns when all are done. */
+void       qkv__pool_run(qkv__pool *pool, int64_t n_tasks, qkv__task_fn fn,
+                         void *arg);
+
+/* ---- context ------------------------------------------------------------ */
+
+struct qkv_ctx {
+    int               n_threads;
+    qkv__pool        *pool;          /* NULL when n_threads == 1 */
+    const qkv__kernels *kernels;     /* the chosen micro-kernel set */
+    /* per-thread scratch, grown on demand, freed with the context */
+    void            **scratch;       /* [n_threads] */
+    size_t           *scratch_size;  /* [n_threads] bytes */
+    char              err[512];
+};
+
+/* Records a formatted message in ctx (if any) and returns status. */
+qkv_status qkv__fail(qkv_ctx *ctx, qkv_status status, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 3, 4)))
+#endif
+    ;
+
+/* Makes every thread's scratch at least `bytes` (64-byte aligned).
+   QKV_ERR_NOMEM (with a message) when it cannot. */
+qkv_status qkv__scratch_reserve(qkv_ctx *ctx, size_t bytes);
+
+/* Runs fn over n_tasks on ctx's threads. */
+void qkv__parallel(qkv_ctx *ctx, int64_t n_tasks, qkv__task_fn fn, void *arg);
+
+/* ---- dtype conversion (src/core/convert.c) ------------------------------ */
+
+static inline float qkv__bf16_to_f32(uint16_t h)
+{
+    union { uint32_t u; float f; } x = { (uint32_t)h << 16 };
+    return x.f;
+}
+
+uint16_t qkv__f32_to_bf16(float f);
+uint16_t qkv__f32_to_f16(float f);
+float    qkv__f16_to_f32(uint16_t h);
+
+/* Loads element i of a strided row of dtype dt as fp32. */
+static inline float qkv__load(const void *base, qkv_dtype dt, int64_t off)
+{
+    switch (dt) {
+    case QKV_F16:  return qkv__f16_to_f32(((const uint16_t *)base)[off]);
+    case QKV_BF16: return qkv__bf16_to_f32(((const uint16_t *)base)[off]);
+    default:       return ((const float *)base)[off];
+    }
+}
+
+#endif /* QKV_INTERNAL_H */

@@ -1,0 +1,93 @@
+/*
+ * dispatch.c — picks the micro-kernel set at run time. The tables are filled
+ * once: what the CPU reports through cpuid, checked against what the OS
+ * saves on a context switch (XCR0), then the QKV_ISA environment override.
+ * This is the only file that knows which processor it runs on.
+ */
+#include "kernels.h"
+
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#define QKV_X86 1
+#endif
+
+enum { ISA_GENERIC, ISA_AVX2, ISA_AVX512, ISA_COUNT };
+static const char *const isa_names[ISA_COUNT] = { "generic", "avx2", "avx512" };
+
+static qkv__kernels tables[ISA_COUNT];
+static int supported[ISA_COUNT];
+static int best;
+static pthread_once_t once = PTHREAD_ONCE_INIT;
+
+#ifdef QKV_X86
+static uint64_t xgetbv0(void)
+{
+    uint32_t lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    return ((uint64_t)hi << 32) | lo;
+}
+
+static void detect(void)
+{
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d))
+        return;
+    int osxsave = (c >> 27) & 1, fma = (c >> 12) & 1, avx = (c >> 28) & 1;
+    if (!osxsave || !avx)
+        return;
+    uint64_t xcr0 = xgetbv0();
+    int ymm_os = (xcr0 & 0x6) == 0x6;             /* SSE + AVX state */
+    int zmm_os = ymm_os && (xcr0 & 0xe0) == 0xe0; /* opmask + ZMM state */
+    if (__get_cpuid_max(0, NULL) < 7)
+        return;
+    __cpuid_count(7, 0, a, b, c, d);
+    int avx2 = (b >> 5) & 1;
+    int avx512f = (b >> 16) & 1, avx512dq = (b >> 17) & 1;
+    int avx512bw = (b >> 30) & 1, avx512vl = (b >> 31) & 1;
+    supported[ISA_AVX2] = ymm_os && avx2 && fma;
+    supported[ISA_AVX512] = supported[ISA_AVX2] && zmm_os && avx512f &&
+                            avx512dq && avx512bw && avx512vl;
+}
+#endif
+
+static void init(void)
+{
+    qkv__kernels_generic(&tables[ISA_GENERIC]);
+    supported[ISA_GENERIC] = 1;
+#ifdef QKV_X86
+    qkv__kernels_avx2(&tables[ISA_AVX2]);
+    qkv__kernels_avx512(&tables[ISA_AVX512]);
+    detect();
+#endif
+    best = ISA_GENERIC;
+    for (int i = 0; i < ISA_COUNT; i++)
+        if (supported[i])
+            best = i;
+    const char *env = getenv("QKV_ISA");
+    if (env && *env)
+        for (int i = 0; i < ISA_COUNT; i++)
+            if (strcmp(env, isa_names[i]) == 0 && supported[i])
+                best = i;
+}
+
+const qkv__kernels *qkv__kernels_default(void)
+{
+    pthread_once(&once, init);
+    return &tables[best];
+}
+
+const qkv__kernels *qkv__kernels_by_name(const char *name, int *known)
+{
+    pthread_once(&once, init);
+    *known = 0;
+    for (int i = 0; name && i < ISA_COUNT; i++)
+        if (strcmp(name, isa_names[i]) == 0) {
+            *known = 1;
+            return supported[i] ? &tables[i] : NULL;
+        }
+    return NULL;
+}
