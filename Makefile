@@ -23,6 +23,7 @@ run: all
 	$(BUILD)/qkv bench
 
 test: all
+	bash scripts/check_install.sh $(BUILD)
 	$(BUILD)/qkv_tests
 
 san:

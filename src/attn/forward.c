@@ -2,8 +2,10 @@
  * forward.c — the fast attention forward: FlashAttention-style tiling with
  * an online softmax, driving the micro-kernels of src/cpu.
  *
- * A task is (sequence, query head, tile of BQ query rows). It packs its Q
- * tile to fp32 once, then walks the key tiles its rows can see: each K tile
+ * A task is (sequence, kv head, tile of query positions); the tile stacks
+ * those positions for every query head of the kv head's group (GQA), about
+ * BQ rows in all, so each packed K/V tile serves the whole group. The task
+ * packs its Q rows to fp32 once, then walks the key tiles they can see: each K tile
  * is packed transposed ([D][BK]) and each V tile row-major ([BK][Dv]) in
  * fp32, S = scale·Q·Kᵀ goes through the masks, and the running row max m,
  * sum l and accumulator acc are updated:
@@ -33,39 +35,51 @@ typedef struct {
 } fwd_job;
 
 typedef struct {                  /* per-thread scratch, fp32 */
-    float *q;      /* [BQ][D]   */
-    float *kt;     /* [D][BK]   */
-    float *v;      /* [BK][Dv]  */
-    float *s;      /* [BQ][BK]  */
-    float *acc;    /* [BQ][Dv]  */
-    float *m, *l, *alpha;  /* [BQ] */
+    float *q;      /* [rows][D]  */
+    float *kt;     /* [D][BK]    */
+    float *v;      /* [BK][Dv]   */
+    float *s;      /* [rows][BK] */
+    float *acc;    /* [rows][Dv] */
+    float *m, *l, *alpha;  /* [rows] */
+    float *row;    /* [max(D, Dv)]: one converted row */
 } tiles;
 
-static size_t tiles_floats(int64_t D, int64_t Dv)
+/* Rows of a tile: BQ, or one per query head of a group when the group is
+   larger. */
+static int64_t tile_rows(int64_t group) { return group > BQ ? group : BQ; }
+
+static size_t tiles_floats(int64_t rows, int64_t D, int64_t Dv)
 {
-    return (size_t)(BQ * D + D * BK + BK * Dv + BQ * BK + BQ * Dv + 3 * BQ);
+    return (size_t)(rows * D + D * BK + BK * Dv + rows * BK + rows * Dv + 3 * rows +
+                    (D > Dv ? D : Dv));
 }
 
-static tiles tiles_at(float *base, int64_t D, int64_t Dv)
+static tiles tiles_at(float *base, int64_t rows, int64_t D, int64_t Dv)
 {
     tiles t;
     t.q = base;
-    t.kt = t.q + BQ * D;
+    t.kt = t.q + rows * D;
     t.v = t.kt + D * BK;
     t.s = t.v + BK * Dv;
-    t.acc = t.s + BQ * BK;
-    t.m = t.acc + BQ * Dv;
-    t.l = t.m + BQ;
-    t.alpha = t.l + BQ;
+    t.acc = t.s + rows * BK;
+    t.m = t.acc + rows * Dv;
+    t.l = t.m + rows;
+    t.alpha = t.l + rows;
+    t.row = t.alpha + rows;
     return t;
 }
 
-/* dst[c] = src[c·stride] as fp32, c < n. */
-static void load_row(const qkv_tensor *t, int64_t off, int64_t stride, int64_t n, float *dst)
+/* dst[c] = src[off + c·stride] as fp32, c < n. */
+static void load_row(const qkv__kernels *kn, const qkv_tensor *t, int64_t off,
+                     int64_t stride, int64_t n, float *dst)
 {
-    if (t->dtype == QKV_F32 && stride == 1) {
-        memcpy(dst, (const float *)t->data + off, (size_t)n * sizeof(float));
-        return;
+    if (stride == 1) {
+        const uint16_t *h = (const uint16_t *)t->data + off;
+        switch (t->dtype) {
+        case QKV_F32:  memcpy(dst, (const float *)t->data + off, (size_t)n * sizeof(float)); return;
+        case QKV_F16:  kn->cvt_f16(h, dst, n); return;
+        case QKV_BF16: kn->cvt_bf16(h, dst, n); return;
+        }
     }
     for (int64_t c = 0; c < n; c++)
         dst[c] = qkv__load(t->data, t->dtype, off + c * stride);
@@ -102,21 +116,32 @@ static void key_range(const qkv__attn *a, const qkv__seq *s, int64_t i,
     *hi = h > *lo ? h : *lo;
 }
 
-/* Softcap, ALiBi, bias and the band mask on one score tile: rows i0.., keys
+/* Positions per head in a tile: the group's heads are stacked so one packed
+   K/V tile serves all of them. */
+static int64_t tile_positions(int64_t group) { return group >= BQ ? 1 : BQ / group; }
+
+/* Row r of a tile holding mp positions per head: head h0 + r / mp at query
+   position i0 + r % mp. */
+typedef struct { int64_t h0, i0; int mp; } tile_map;
+
+/* Softcap, ALiBi, bias and the band mask on one score tile of m rows, keys
    j0..j0+n. `band` says whether the band cuts this tile. */
-static void score_mods(const qkv__attn *a, const qkv__seq *s, int64_t h,
-                       int64_t i0, int m, int64_t j0, int n, int band, float *st)
+static void score_mods(const qkv__attn *a, const qkv__seq *s, const tile_map *tm,
+                       int m, int64_t j0, int n, int band, float *st)
 {
-    const float cap = a->softcap, slope = a->alibi ? a->alibi[h] : 0.0f;
+    const float cap = a->softcap;
     for (int r = 0; r < m; r++) {
         float *row = st + (int64_t)r * BK;
-        int64_t i = i0 + r, p = i + s->sk - s->sq;
+        const int64_t h = tm->h0 + r / tm->mp, i = tm->i0 + r % tm->mp;
+        const int64_t p = i + s->sk - s->sq;
         if (cap > 0.0f)
             for (int c = 0; c < n; c++)
                 row[c] = cap * tanhf(row[c] / cap);
-        if (a->alibi)
+        if (a->alibi) {
+            const float slope = a->alibi[h];
             for (int c = 0; c < n; c++)
                 row[c] -= slope * (float)llabs(p - (j0 + c));
+        }
         if (a->bias) {
             const float *b = a->bias + s->b * a->bias_stride[0] + h * a->bias_stride[1] +
                              i * a->bias_stride[2] + j0 * a->bias_stride[3];
@@ -133,6 +158,22 @@ static void score_mods(const qkv__attn *a, const qkv__seq *s, int64_t h,
     }
 }
 
+/* kt[d][c] = k row c, element d, for c < n: the K tile transposed. */
+static void pack_kt(const qkv__kernels *kn, const qkv_tensor *k, int64_t row0,
+                    int64_t rstride, int n, int64_t D, float *kt, float *tmp)
+{
+    const int64_t ds = k->stride[3];
+    for (int c = 0; c < n; c++) {
+        const float *src = tmp;
+        if (k->dtype == QKV_F32 && ds == 1)
+            src = (const float *)k->data + row0 + c * rstride;
+        else
+            load_row(kn, k, row0 + c * rstride, ds, D, tmp);
+        for (int64_t d = 0; d < D; d++)
+            kt[d * BK + c] = src[d];
+    }
+}
+
 static void fwd_task(void *arg, int64_t task, int worker)
 {
     const fwd_job *job = arg;
@@ -145,16 +186,21 @@ static void fwd_task(void *arg, int64_t task, int worker)
     }
     const qkv__seq s = qkv__attn_seq(a, lo);
     const int64_t t = task - job->task_start[lo];
-    const int64_t n_qt = (s.sq + BQ - 1) / BQ;
-    const int64_t h = t / n_qt, hk = h / a->group;
-    const int64_t i0 = (t % n_qt) * BQ;
-    const int m = (int)(s.sq - i0 < BQ ? s.sq - i0 : BQ);
+    const int64_t P = tile_positions(a->group);
+    const int64_t n_qt = (s.sq + P - 1) / P;
+    const int64_t hk = t / n_qt;
+    tile_map tm;
+    tm.h0 = hk * a->group;
+    tm.i0 = (t % n_qt) * P;
+    tm.mp = (int)(s.sq - tm.i0 < P ? s.sq - tm.i0 : P);
+    const int m = tm.mp * (int)a->group;
     const int64_t D = a->D, Dv = a->Dv;
     const qkv_tensor *q = a->q, *k = a->k, *v = a->v, *out = a->out;
-    tiles tl = tiles_at(job->ctx->scratch[worker], D, Dv);
+    tiles tl = tiles_at(job->ctx->scratch[worker], tile_rows(a->group), D, Dv);
 
     for (int r = 0; r < m; r++) {
-        load_row(q, s.b * q->stride[0] + (s.q0 + i0 + r) * q->stride[1] + h * q->stride[2],
+        const int64_t h = tm.h0 + r / tm.mp, i = s.q0 + tm.i0 + r % tm.mp;
+        load_row(kn, q, s.b * q->stride[0] + i * q->stride[1] + h * q->stride[2],
                  q->stride[3], D, tl.q + r * D);
         tl.m[r] = -INFINITY;
         tl.l[r] = 0.0f;
@@ -163,27 +209,24 @@ static void fwd_task(void *arg, int64_t task, int worker)
 
     /* keys seen by any row of the tile: the band is monotone in i */
     int64_t klo, khi, lo_last, hi_first;
-    key_range(a, &s, i0, &klo, &hi_first);
-    key_range(a, &s, i0 + m - 1, &lo_last, &khi);
+    key_range(a, &s, tm.i0, &klo, &hi_first);
+    key_range(a, &s, tm.i0 + tm.mp - 1, &lo_last, &khi);
     if (khi < klo)
         khi = klo;
     const int modded = a->softcap > 0.0f || a->alibi || a->bias;
 
     for (int64_t j0 = klo; j0 < khi; j0 += BK) {
         const int n = (int)(khi - j0 < BK ? khi - j0 : BK);
-        /* pack K transposed and V row-major */
-        for (int c = 0; c < n; c++) {
-            const int64_t kr = s.b * k->stride[0] + (s.k0 + j0 + c) * k->stride[1] + hk * k->stride[2];
-            for (int64_t d = 0; d < D; d++)
-                tl.kt[d * BK + c] = qkv__load(k->data, k->dtype, kr + d * k->stride[3]);
-            load_row(v, s.b * v->stride[0] + (s.k0 + j0 + c) * v->stride[1] + hk * v->stride[2],
+        pack_kt(kn, k, s.b * k->stride[0] + (s.k0 + j0) * k->stride[1] + hk * k->stride[2],
+                k->stride[1], n, D, tl.kt, tl.row);
+        for (int c = 0; c < n; c++)
+            load_row(kn, v, s.b * v->stride[0] + (s.k0 + j0 + c) * v->stride[1] + hk * v->stride[2],
                      v->stride[3], Dv, tl.v + c * Dv);
-        }
         kn->qk(m, n, (int)D, a->scale, tl.q, D, tl.kt, BK, tl.s, BK);
         /* the band cuts this tile unless every row sees all of it */
         const int band = !(lo_last <= j0 && hi_first >= j0 + n);
         if (modded || band)
-            score_mods(a, &s, h, i0, m, j0, n, band, tl.s);
+            score_mods(a, &s, &tm, m, j0, n, band, tl.s);
         for (int r = 0; r < m; r++) {
             float *row = tl.s + r * BK;
             float mx = kn->row_max(row, n);
@@ -202,7 +245,7 @@ static void fwd_task(void *arg, int64_t task, int worker)
     }
 
     for (int r = 0; r < m; r++) {
-        const int64_t qi = s.q0 + i0 + r;
+        const int64_t h = tm.h0 + r / tm.mp, qi = s.q0 + tm.i0 + r % tm.mp;
         const float l = tl.l[r];
         store_row(out, s.b * out->stride[0] + qi * out->stride[1] + h * out->stride[2],
                   out->stride[3], Dv, tl.acc + r * Dv, l > 0.0f ? 1.0f / l : 0.0f);
@@ -231,7 +274,8 @@ qkv_status qkv_attention_forward(qkv_ctx *ctx, const qkv_tensor *q,
     if (a.D > (1 << 20) || a.Dv > (1 << 20))
         return qkv__fail(ctx, QKV_ERR_UNSUPPORTED, "%s: head_dim above 1048576",
                          a.D > (1 << 20) ? "q->shape[3]" : "v->shape[3]");
-    if ((st = qkv__scratch_reserve(ctx, tiles_floats(a.D, a.Dv) * sizeof(float))))
+    if ((st = qkv__scratch_reserve(ctx, tiles_floats(tile_rows(a.group), a.D, a.Dv) *
+                                        sizeof(float))))
         return st;
     int64_t *task_start = malloc((size_t)(a.n_seqs + 1) * sizeof *task_start);
     if (!task_start)
@@ -239,7 +283,8 @@ qkv_status qkv_attention_forward(qkv_ctx *ctx, const qkv_tensor *q,
     task_start[0] = 0;
     for (int64_t i = 0; i < a.n_seqs; i++) {
         qkv__seq s = qkv__attn_seq(&a, i);
-        task_start[i + 1] = task_start[i] + a.Hq * ((s.sq + BQ - 1) / BQ);
+        const int64_t P = tile_positions(a.group);
+        task_start[i + 1] = task_start[i] + a.Hkv * ((s.sq + P - 1) / P);
     }
     fwd_job job = { ctx, &a, task_start };
     qkv__parallel(ctx, task_start[a.n_seqs], fwd_task, &job);

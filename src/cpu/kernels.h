@@ -31,6 +31,10 @@ typedef struct qkv__kernels {
     /* s[j] = exp(s[j] - m) in place (exp(-inf) = 0) and returns Σ s[j].
        m is finite. */
     float (*exp_sum)(float *s, int n, float m);
+
+    /* dst[j] = src[j] widened to fp32 exactly, j < n (contiguous rows). */
+    void (*cvt_f16)(const uint16_t *src, float *dst, int64_t n);
+    void (*cvt_bf16)(const uint16_t *src, float *dst, int64_t n);
 } qkv__kernels;
 
 /* Kernel sets, in order of preference on x86-64: avx512, avx2, generic. */

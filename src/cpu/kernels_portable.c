@@ -241,6 +241,57 @@ static float exp_sum(float *s, int n, float m)
     return sum;
 }
 
+/* ---- fp16 / bf16 -> fp32 --------------------------------------------------- */
+
+typedef uint16_t vh __attribute__((vector_size(QKV_VW * 2)));
+
+static inline vi widen(const uint16_t *p)
+{
+    vh h;
+    memcpy(&h, p, sizeof h);
+    return __builtin_convertvector(h, vi);
+}
+
+/* Exact fp16 -> fp32 without branches: move exponent and mantissa into
+   place and rebias; infinities/NaNs get the full fp32 exponent; subnormals
+   are renormalized by an exact fp32 subtraction. */
+static inline vf f16_to_f32(vi h)
+{
+    vi o = (h & 0x7fff) << 13;
+    vi e = o & 0x0f800000;
+    o += 112 << 23;
+    o += (e == 0x0f800000) & (112 << 23);
+    vi zero = e == 0;
+    vf sub = (vf)(o + (1 << 23)) - (vf)(((vi){0}) + (113 << 23));
+    o = (zero & (vi)sub) | (~zero & o);
+    return (vf)(o | ((h & 0x8000) << 16));
+}
+
+static void cvt_f16(const uint16_t *src, float *dst, int64_t n)
+{
+    int64_t j = 0;
+    for (; j + VW <= n; j += VW)
+        vstore(dst + j, f16_to_f32(widen(src + j)));
+    if (j < n) {
+        uint16_t tail[VW] = {0};
+        float out[VW];
+        memcpy(tail, src + j, (size_t)(n - j) * 2);
+        vstore(out, f16_to_f32(widen(tail)));
+        memcpy(dst + j, out, (size_t)(n - j) * 4);
+    }
+}
+
+static void cvt_bf16(const uint16_t *src, float *dst, int64_t n)
+{
+    int64_t j = 0;
+    for (; j + VW <= n; j += VW)
+        vstore(dst + j, (vf)(widen(src + j) << 16));
+    for (; j < n; j++) {
+        uint32_t u = (uint32_t)src[j] << 16;
+        memcpy(dst + j, &u, 4);
+    }
+}
+
 void QKV_KERNEL_TABLE(qkv__kernels *t)
 {
     t->name = QKV_KERNEL_NAME;
@@ -248,4 +299,6 @@ void QKV_KERNEL_TABLE(qkv__kernels *t)
     t->pv = pv;
     t->row_max = row_max;
     t->exp_sum = exp_sum;
+    t->cvt_f16 = cvt_f16;
+    t->cvt_bf16 = cvt_bf16;
 }
