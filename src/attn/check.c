@@ -164,8 +164,10 @@ qkv_status qkv__attn_check(qkv_ctx *ctx, const qkv_tensor *q,
     a->scale = opts->scale != 0.0f ? opts->scale : (float)(1.0 / sqrt((double)D));
     a->softcap = opts->softcap;
     a->causal = opts->causal != 0;
-    a->window_left = opts->window_left;
-    a->window_right = opts->window_right;
+    /* a window wider than every sequence is no window; clamping here keeps
+       position arithmetic (p ± window) far from int64 overflow */
+    a->window_left = opts->window_left > Sq + Sk ? -1 : opts->window_left;
+    a->window_right = opts->window_right > Sq + Sk ? -1 : opts->window_right;
     a->alibi = opts->alibi_slopes;
     a->bias = NULL;
     a->q = q; a->k = k; a->v = v; a->out = out; a->lse = lse;

@@ -4,12 +4,14 @@
  *
  * A task is (sequence, kv head, tile of query positions); the tile stacks
  * those positions for every query head of the kv head's group (GQA), about
- * BQ rows in all, so each packed K/V tile serves the whole group. The task
- * packs its Q rows to fp32 once, then walks the key tiles they can see: each K tile
- * is packed transposed ([D][BK]) and each V tile row-major ([BK][Dv]) in
- * fp32, S = scale·Q·Kᵀ goes through the masks, and the running row max m,
- * sum l and accumulator acc are updated:
- *     m' = max(m, rowmax S),  P = exp(S - m'),  l = l·e^(m-m') + ΣP,
+ * BQ rows in all, so each K/V tile read serves the whole group. The task
+ * widens its Q rows to fp32 once (row-major and transposed), then walks the
+ * key tiles its rows can see. Scores are kept keys by queries,
+ * St[j][i] = scale·k_j·q_i, so K and V rows are read where they lie (fp32
+ * with unit inner stride) or widened row by row (fp16/bf16, other strides),
+ * never transposed, and the softmax reductions run along contiguous query
+ * columns. Per tile, with m, l, acc the running max, sum and accumulator:
+ *     m' = max(m, max_j S),  P = exp(S - m'),  l = l·e^(m-m') + Σ_j P,
  *     acc = acc·e^(m-m') + P·V.
  * Memory is O(BQ·BK + (BQ+BK)·D) per thread, whatever the sequence length.
  * Tiles wholly outside the causal/window band are never visited; only tiles
@@ -35,13 +37,13 @@ typedef struct {
 } fwd_job;
 
 typedef struct {                  /* per-thread scratch, fp32 */
-    float *q;      /* [rows][D]  */
-    float *kt;     /* [D][BK]    */
-    float *v;      /* [BK][Dv]   */
-    float *s;      /* [rows][BK] */
-    float *acc;    /* [rows][Dv] */
-    float *m, *l, *alpha;  /* [rows] */
-    float *row;    /* [max(D, Dv)]: one converted row */
+    float *q;      /* [rows][D]   the tile's queries          */
+    float *qt;     /* [D][rows]   the same, transposed        */
+    float *k;      /* [BK][D]     a widened K tile            */
+    float *v;      /* [BK][Dv]    a widened V tile            */
+    float *st;     /* [BK][rows]  scores, keys by queries     */
+    float *acc;    /* [rows][Dv]                              */
+    float *m, *l, *alpha, *mx, *mref, *sum;   /* [rows]       */
 } tiles;
 
 /* Rows of a tile: BQ, or one per query head of a group when the group is
@@ -50,22 +52,24 @@ static int64_t tile_rows(int64_t group) { return group > BQ ? group : BQ; }
 
 static size_t tiles_floats(int64_t rows, int64_t D, int64_t Dv)
 {
-    return (size_t)(rows * D + D * BK + BK * Dv + rows * BK + rows * Dv + 3 * rows +
-                    (D > Dv ? D : Dv));
+    return (size_t)(2 * rows * D + BK * D + BK * Dv + BK * rows + rows * Dv + 6 * rows);
 }
 
 static tiles tiles_at(float *base, int64_t rows, int64_t D, int64_t Dv)
 {
     tiles t;
     t.q = base;
-    t.kt = t.q + rows * D;
-    t.v = t.kt + D * BK;
-    t.s = t.v + BK * Dv;
-    t.acc = t.s + rows * BK;
+    t.qt = t.q + rows * D;
+    t.k = t.qt + rows * D;
+    t.v = t.k + BK * D;
+    t.st = t.v + BK * Dv;
+    t.acc = t.st + BK * rows;
     t.m = t.acc + rows * Dv;
     t.l = t.m + rows;
     t.alpha = t.l + rows;
-    t.row = t.alpha + rows;
+    t.mx = t.alpha + rows;
+    t.mref = t.mx + rows;
+    t.sum = t.mref + rows;
     return t;
 }
 
@@ -124,54 +128,56 @@ static int64_t tile_positions(int64_t group) { return group >= BQ ? 1 : BQ / gro
    position i0 + r % mp. */
 typedef struct { int64_t h0, i0; int mp; } tile_map;
 
-/* Softcap, ALiBi, bias and the band mask on one score tile of m rows, keys
-   j0..j0+n. `band` says whether the band cuts this tile. */
+/* Softcap, ALiBi, bias and the band mask on one score tile (keys j0..j0+n
+   by m query rows, leading dimension ld). `band` says whether the band cuts
+   this tile. */
 static void score_mods(const qkv__attn *a, const qkv__seq *s, const tile_map *tm,
-                       int m, int64_t j0, int n, int band, float *st)
+                       int m, int64_t j0, int n, int band, float *st, int64_t ld)
 {
     const float cap = a->softcap;
     for (int r = 0; r < m; r++) {
-        float *row = st + (int64_t)r * BK;
+        float *col = st + r;
         const int64_t h = tm->h0 + r / tm->mp, i = tm->i0 + r % tm->mp;
         const int64_t p = i + s->sk - s->sq;
         if (cap > 0.0f)
             for (int c = 0; c < n; c++)
-                row[c] = cap * tanhf(row[c] / cap);
+                col[c * ld] = cap * tanhf(col[c * ld] / cap);
         if (a->alibi) {
             const float slope = a->alibi[h];
             for (int c = 0; c < n; c++)
-                row[c] -= slope * (float)llabs(p - (j0 + c));
+                col[c * ld] -= slope * (float)llabs(p - (j0 + c));
         }
         if (a->bias) {
             const float *b = a->bias + s->b * a->bias_stride[0] + h * a->bias_stride[1] +
                              i * a->bias_stride[2] + j0 * a->bias_stride[3];
             for (int c = 0; c < n; c++)
-                row[c] += b[c * a->bias_stride[3]];
+                col[c * ld] += b[c * a->bias_stride[3]];
         }
         if (band) {
             int64_t lo, hi;
             key_range(a, s, i, &lo, &hi);
             for (int c = 0; c < n; c++)
                 if (j0 + c < lo || j0 + c >= hi)
-                    row[c] = -INFINITY;
+                    col[c * ld] = -INFINITY;
         }
     }
 }
 
-/* kt[d][c] = k row c, element d, for c < n: the K tile transposed. */
-static void pack_kt(const qkv__kernels *kn, const qkv_tensor *k, int64_t row0,
-                    int64_t rstride, int n, int64_t D, float *kt, float *tmp)
+/* n rows of a K or V tile, starting at element offset row0, as fp32 with
+   unit inner stride: in place when they already are, widened into buf
+   ([n][cols]) otherwise. Returns the rows and sets *ld to their stride. */
+static const float *tile_rows_f32(const qkv__kernels *kn, const qkv_tensor *t,
+                                  int64_t row0, int n, int64_t cols, float *buf,
+                                  int64_t *ld)
 {
-    const int64_t ds = k->stride[3];
-    for (int c = 0; c < n; c++) {
-        const float *src = tmp;
-        if (k->dtype == QKV_F32 && ds == 1)
-            src = (const float *)k->data + row0 + c * rstride;
-        else
-            load_row(kn, k, row0 + c * rstride, ds, D, tmp);
-        for (int64_t d = 0; d < D; d++)
-            kt[d * BK + c] = src[d];
+    if (t->dtype == QKV_F32 && (t->stride[3] == 1 || cols == 1)) {
+        *ld = t->stride[1];
+        return (const float *)t->data + row0;
     }
+    for (int c = 0; c < n; c++)
+        load_row(kn, t, row0 + c * t->stride[1], t->stride[3], cols, buf + c * cols);
+    *ld = cols;
+    return buf;
 }
 
 static void fwd_task(void *arg, int64_t task, int worker)
@@ -196,12 +202,16 @@ static void fwd_task(void *arg, int64_t task, int worker)
     const int m = tm.mp * (int)a->group;
     const int64_t D = a->D, Dv = a->Dv;
     const qkv_tensor *q = a->q, *k = a->k, *v = a->v, *out = a->out;
-    tiles tl = tiles_at(job->ctx->scratch[worker], tile_rows(a->group), D, Dv);
+    const int64_t R = tile_rows(a->group);
+    tiles tl = tiles_at(job->ctx->scratch[worker], R, D, Dv);
 
     for (int r = 0; r < m; r++) {
         const int64_t h = tm.h0 + r / tm.mp, i = s.q0 + tm.i0 + r % tm.mp;
+        float *qr = tl.q + r * D;
         load_row(kn, q, s.b * q->stride[0] + i * q->stride[1] + h * q->stride[2],
-                 q->stride[3], D, tl.q + r * D);
+                 q->stride[3], D, qr);
+        for (int64_t d = 0; d < D; d++)
+            tl.qt[d * R + r] = qr[d];
         tl.m[r] = -INFINITY;
         tl.l[r] = 0.0f;
     }
@@ -214,34 +224,30 @@ static void fwd_task(void *arg, int64_t task, int worker)
     if (khi < klo)
         khi = klo;
     const int modded = a->softcap > 0.0f || a->alibi || a->bias;
+    const int64_t kbase = s.b * k->stride[0] + s.k0 * k->stride[1] + hk * k->stride[2];
+    const int64_t vbase = s.b * v->stride[0] + s.k0 * v->stride[1] + hk * v->stride[2];
 
     for (int64_t j0 = klo; j0 < khi; j0 += BK) {
         const int n = (int)(khi - j0 < BK ? khi - j0 : BK);
-        pack_kt(kn, k, s.b * k->stride[0] + (s.k0 + j0) * k->stride[1] + hk * k->stride[2],
-                k->stride[1], n, D, tl.kt, tl.row);
-        for (int c = 0; c < n; c++)
-            load_row(kn, v, s.b * v->stride[0] + (s.k0 + j0 + c) * v->stride[1] + hk * v->stride[2],
-                     v->stride[3], Dv, tl.v + c * Dv);
-        kn->qk(m, n, (int)D, a->scale, tl.q, D, tl.kt, BK, tl.s, BK);
+        int64_t ldk, ldv;
+        const float *kr = tile_rows_f32(kn, k, kbase + j0 * k->stride[1], n, D, tl.k, &ldk);
+        const float *vr = tile_rows_f32(kn, v, vbase + j0 * v->stride[1], n, Dv, tl.v, &ldv);
+        kn->qk(n, m, (int)D, a->scale, kr, ldk, tl.qt, R, tl.q, D, tl.st, R);
         /* the band cuts this tile unless every row sees all of it */
         const int band = !(lo_last <= j0 && hi_first >= j0 + n);
         if (modded || band)
-            score_mods(a, &s, &tm, m, j0, n, band, tl.s);
+            score_mods(a, &s, &tm, m, j0, n, band, tl.st, R);
+        kn->col_max(tl.st, R, n, m, tl.mx);
         for (int r = 0; r < m; r++) {
-            float *row = tl.s + r * BK;
-            float mx = kn->row_max(row, n);
-            float m_new = mx > tl.m[r] ? mx : tl.m[r];
-            if (m_new == -INFINITY) {             /* nothing visible yet */
-                memset(row, 0, (size_t)n * sizeof(float));
-                tl.alpha[r] = 1.0f;
-                continue;
-            }
-            float alpha = tl.m[r] == m_new ? 1.0f : expf(tl.m[r] - m_new);
-            tl.l[r] = tl.l[r] * alpha + kn->exp_sum(row, n, m_new);
-            tl.m[r] = m_new;
-            tl.alpha[r] = alpha;
+            const float mn = tl.mx[r] > tl.m[r] ? tl.mx[r] : tl.m[r];
+            tl.mref[r] = mn == -INFINITY ? 0.0f : mn;   /* all hidden: P = 0 */
+            tl.alpha[r] = tl.m[r] == mn ? 1.0f : expf(tl.m[r] - tl.mref[r]);
+            tl.m[r] = mn;
         }
-        kn->pv(m, n, (int)Dv, tl.s, BK, tl.v, Dv, tl.alpha, tl.acc, Dv);
+        kn->exp_cols(tl.st, R, n, m, tl.mref, tl.sum);
+        for (int r = 0; r < m; r++)
+            tl.l[r] = tl.l[r] * tl.alpha[r] + tl.sum[r];
+        kn->pv(m, n, (int)Dv, tl.st, 1, R, vr, ldv, tl.alpha, tl.acc, Dv);
     }
 
     for (int r = 0; r < m; r++) {

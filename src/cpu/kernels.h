@@ -13,24 +13,27 @@
 typedef struct qkv__kernels {
     const char *name;
 
-    /* s[i][j] = scale · Σ_d q[i][d]·kt[d][j]   for i < m, j < n.
-       q [m][ldq], kt [d][ldk] (a K tile packed transposed), s [m][lds]. */
-    void (*qk)(int m, int n, int d, float scale,
-               const float *q, int64_t ldq, const float *kt, int64_t ldk,
-               float *s, int64_t lds);
+    /* Scores, keys by queries: st[j][i] = scale · Σ_x k[j][x]·q[i][x] for
+       j < n keys, i < m queries. k [n][ldk] row-major (used in place);
+       the queries come twice: qt [d][ldqt] (transposed, for full blocks of
+       queries) and q [m][ldq] (row-major, for the leftover columns). */
+    void (*qk)(int n, int m, int d, float scale, const float *k, int64_t ldk,
+               const float *qt, int64_t ldqt, const float *q, int64_t ldq,
+               float *st, int64_t ldst);
 
-    /* acc[i][c] = alpha[i]·acc[i][c] + Σ_j p[i][j]·v[j][c]  for i < m, c < dv.
-       p [m][ldp], v [n][ldv], acc [m][lda]. */
-    void (*pv)(int m, int n, int dv, const float *p, int64_t ldp,
+    /* acc[i][c] = alpha[i]·acc[i][c] + Σ_j p(i,j)·v[j][c]  for i < m, c < dv,
+       where p(i,j) = p[i·psi + j·psj]; v [n][ldv], acc [m][lda]. */
+    void (*pv)(int m, int n, int dv, const float *p, int64_t psi, int64_t psj,
                const float *v, int64_t ldv, const float *alpha,
                float *acc, int64_t lda);
 
-    /* Largest of s[0..n); -inf when n == 0 or all are -inf. */
-    float (*row_max)(const float *s, int n);
+    /* mx[i] = max_j st[j][i] (-inf when all are), i < m, j < n. */
+    void (*col_max)(const float *st, int64_t ld, int n, int m, float *mx);
 
-    /* s[j] = exp(s[j] - m) in place (exp(-inf) = 0) and returns Σ s[j].
-       m is finite. */
-    float (*exp_sum)(float *s, int n, float m);
+    /* st[j][i] = exp(st[j][i] - mref[i]) in place (exp(-inf) = 0) and
+       sum[i] = Σ_j st[j][i]; mref finite. */
+    void (*exp_cols)(float *st, int64_t ld, int n, int m, const float *mref,
+                     float *sum);
 
     /* dst[j] = src[j] widened to fp32 exactly, j < n (contiguous rows). */
     void (*cvt_f16)(const uint16_t *src, float *dst, int64_t n);

@@ -26,6 +26,7 @@
 
 typedef float   vf __attribute__((vector_size(QKV_VW * 4)));
 typedef int32_t vi __attribute__((vector_size(QKV_VW * 4)));
+typedef uint32_t vu __attribute__((vector_size(QKV_VW * 4)));  /* bit work */
 
 #define VW QKV_VW
 #define MR 4            /* rows of the register block */
@@ -35,20 +36,29 @@ static inline vf vload(const float *p) { vf x; memcpy(&x, p, sizeof x); return x
 static inline void vstore(float *p, vf x) { memcpy(p, &x, sizeof x); }
 static inline vf vset1(float a) { return (vf){0} + a; }
 
-/* ---- S = scale · Q·Kᵀ ---------------------------------------------------- */
+static inline float hsum(vf x)
+{
+    float s = 0.0f;
+    for (int l = 0; l < VW; l++)
+        s += x[l];
+    return s;
+}
 
-/* One MR x NR block: 8 accumulators live in registers across the d loop;
-   each step loads two vectors of the K panel and broadcasts MR q values. */
-static void qk_block(int d, float scale, const float *q, int64_t ldq,
-                     const float *kt, int64_t ldk, float *s, int64_t lds)
+/* ---- scores, keys by queries --------------------------------------------- */
+
+/* One MR x NR block (MR keys, NR queries): 8 accumulators live in
+   registers across the d loop; each step loads two vectors of the
+   transposed queries and broadcasts one element of each of MR key rows. */
+static void qk_block(int d, float scale, const float *k, int64_t ldk,
+                     const float *qt, int64_t ldqt, float *s, int64_t lds)
 {
     vf c00 = {0}, c01 = {0}, c10 = {0}, c11 = {0};
     vf c20 = {0}, c21 = {0}, c30 = {0}, c31 = {0};
     for (int x = 0; x < d; x++) {
-        const float *b = kt + x * ldk;
+        const float *b = qt + x * ldqt;
         vf b0 = vload(b), b1 = vload(b + VW);
-        vf a0 = vset1(q[x]), a1 = vset1(q[ldq + x]);
-        vf a2 = vset1(q[2 * ldq + x]), a3 = vset1(q[3 * ldq + x]);
+        vf a0 = vset1(k[x]), a1 = vset1(k[ldk + x]);
+        vf a2 = vset1(k[2 * ldk + x]), a3 = vset1(k[3 * ldk + x]);
         c00 += a0 * b0; c01 += a0 * b1;
         c10 += a1 * b0; c11 += a1 * b1;
         c20 += a2 * b0; c21 += a2 * b1;
@@ -61,53 +71,79 @@ static void qk_block(int d, float scale, const float *q, int64_t ldq,
     vstore(s + 3 * lds, c30 * sc); vstore(s + 3 * lds + VW, c31 * sc);
 }
 
-/* One row, NR columns. */
-static void qk_row(int d, float scale, const float *q, const float *kt,
-                   int64_t ldk, float *s)
+/* One key row, NR queries. */
+static void qk_row(int d, float scale, const float *k, const float *qt,
+                   int64_t ldqt, float *s)
 {
     vf c0 = {0}, c1 = {0};
     for (int x = 0; x < d; x++) {
-        vf a = vset1(q[x]);
-        c0 += a * vload(kt + x * ldk);
-        c1 += a * vload(kt + x * ldk + VW);
+        vf a = vset1(k[x]);
+        c0 += a * vload(qt + x * ldqt);
+        c1 += a * vload(qt + x * ldqt + VW);
     }
     vstore(s, c0 * vset1(scale));
     vstore(s + VW, c1 * vset1(scale));
 }
 
-/* Leftover columns (< NR), one element at a time. */
-static void qk_edge(int m, int n, int d, float scale, const float *q,
-                    int64_t ldq, const float *kt, int64_t ldk, float *s,
-                    int64_t lds)
+/* Fewer than NR queries left (decode, short tiles): dot products along d,
+   each key row loaded once for up to four queries. */
+static void qk_dots(int n, int m, int d, float scale, const float *k, int64_t ldk,
+                    const float *q, int64_t ldq, float *st, int64_t ldst)
 {
-    for (int i = 0; i < m; i++)
-        for (int j = 0; j < n; j++) {
-            float acc = 0.0f;
-            for (int x = 0; x < d; x++)
-                acc += q[i * ldq + x] * kt[x * ldk + j];
-            s[i * lds + j] = acc * scale;
+    const int dfull = d - d % VW;
+    for (int j = 0; j < n; j++) {
+        const float *a = k + j * ldk;
+        int i = 0;
+        for (; i + 4 <= m; i += 4) {
+            const float *b0 = q + i * ldq, *b1 = b0 + ldq, *b2 = b1 + ldq, *b3 = b2 + ldq;
+            vf c0 = {0}, c1 = {0}, c2 = {0}, c3 = {0};
+            for (int x = 0; x < dfull; x += VW) {
+                vf av = vload(a + x);
+                c0 += av * vload(b0 + x); c1 += av * vload(b1 + x);
+                c2 += av * vload(b2 + x); c3 += av * vload(b3 + x);
+            }
+            float s0 = hsum(c0), s1 = hsum(c1), s2 = hsum(c2), s3 = hsum(c3);
+            for (int x = dfull; x < d; x++) {
+                s0 += a[x] * b0[x]; s1 += a[x] * b1[x];
+                s2 += a[x] * b2[x]; s3 += a[x] * b3[x];
+            }
+            float *o = st + j * ldst + i;
+            o[0] = s0 * scale; o[1] = s1 * scale; o[2] = s2 * scale; o[3] = s3 * scale;
         }
+        for (; i < m; i++) {
+            const float *b = q + i * ldq;
+            vf c = {0};
+            for (int x = 0; x < dfull; x += VW)
+                c += vload(a + x) * vload(b + x);
+            float s0 = hsum(c);
+            for (int x = dfull; x < d; x++)
+                s0 += a[x] * b[x];
+            st[j * ldst + i] = s0 * scale;
+        }
+    }
 }
 
-static void qk(int m, int n, int d, float scale, const float *q, int64_t ldq,
-               const float *kt, int64_t ldk, float *s, int64_t lds)
+static void qk(int n, int m, int d, float scale, const float *k, int64_t ldk,
+               const float *qt, int64_t ldqt, const float *q, int64_t ldq,
+               float *st, int64_t ldst)
 {
-    int nfull = n - n % NR;
-    int i = 0;
-    for (; i + MR <= m; i += MR)
-        for (int j = 0; j < nfull; j += NR)
-            qk_block(d, scale, q + i * ldq, ldq, kt + j, ldk, s + i * lds + j, lds);
-    for (; i < m; i++)
-        for (int j = 0; j < nfull; j += NR)
-            qk_row(d, scale, q + i * ldq, kt + j, ldk, s + i * lds + j);
-    if (nfull < n)
-        qk_edge(m, n - nfull, d, scale, q, ldq, kt + nfull, ldk, s + nfull, lds);
+    const int mfull = m - m % NR;
+    int j = 0;
+    for (; j + MR <= n; j += MR)
+        for (int i = 0; i < mfull; i += NR)
+            qk_block(d, scale, k + j * ldk, ldk, qt + i, ldqt, st + j * ldst + i, ldst);
+    for (; j < n; j++)
+        for (int i = 0; i < mfull; i += NR)
+            qk_row(d, scale, k + j * ldk, qt + i, ldqt, st + j * ldst + i);
+    if (mfull < m)
+        qk_dots(n, m - mfull, d, scale, k, ldk, q + mfull * ldq, ldq, st + mfull, ldst);
 }
 
 /* ---- acc = alpha·acc + P·V ----------------------------------------------- */
 
-static void pv_block(int n, const float *p, int64_t ldp, const float *v,
-                     int64_t ldv, const float *alpha, float *acc, int64_t lda)
+static void pv_block(int n, const float *p, int64_t psi, int64_t psj,
+                     const float *v, int64_t ldv, const float *alpha,
+                     float *acc, int64_t lda)
 {
     vf s0 = vset1(alpha[0]), s1 = vset1(alpha[1]);
     vf s2 = vset1(alpha[2]), s3 = vset1(alpha[3]);
@@ -116,9 +152,10 @@ static void pv_block(int n, const float *p, int64_t ldp, const float *v,
     vf c20 = vload(acc + 2 * lda) * s2, c21 = vload(acc + 2 * lda + VW) * s2;
     vf c30 = vload(acc + 3 * lda) * s3, c31 = vload(acc + 3 * lda + VW) * s3;
     for (int j = 0; j < n; j++) {
+        const float *pj = p + j * psj;
         vf b0 = vload(v + j * ldv), b1 = vload(v + j * ldv + VW);
-        vf a0 = vset1(p[j]), a1 = vset1(p[ldp + j]);
-        vf a2 = vset1(p[2 * ldp + j]), a3 = vset1(p[3 * ldp + j]);
+        vf a0 = vset1(pj[0]), a1 = vset1(pj[psi]);
+        vf a2 = vset1(pj[2 * psi]), a3 = vset1(pj[3 * psi]);
         c00 += a0 * b0; c01 += a0 * b1;
         c10 += a1 * b0; c11 += a1 * b1;
         c20 += a2 * b0; c21 += a2 * b1;
@@ -130,12 +167,12 @@ static void pv_block(int n, const float *p, int64_t ldp, const float *v,
     vstore(acc + 3 * lda, c30); vstore(acc + 3 * lda + VW, c31);
 }
 
-static void pv_row(int n, const float *p, const float *v, int64_t ldv,
-                   float alpha, float *acc)
+static void pv_row(int n, const float *p, int64_t psj, const float *v,
+                   int64_t ldv, float alpha, float *acc)
 {
     vf c0 = vload(acc) * vset1(alpha), c1 = vload(acc + VW) * vset1(alpha);
     for (int j = 0; j < n; j++) {
-        vf a = vset1(p[j]);
+        vf a = vset1(p[j * psj]);
         c0 += a * vload(v + j * ldv);
         c1 += a * vload(v + j * ldv + VW);
     }
@@ -143,52 +180,69 @@ static void pv_row(int n, const float *p, const float *v, int64_t ldv,
     vstore(acc + VW, c1);
 }
 
-static void pv_edge(int m, int n, int dv, const float *p, int64_t ldp,
+/* Leftover columns (< NR) of V: one vector at a time, then scalars. */
+static void pv_edge(int m, int n, int dv, const float *p, int64_t psi, int64_t psj,
                     const float *v, int64_t ldv, const float *alpha,
                     float *acc, int64_t lda)
 {
-    for (int i = 0; i < m; i++)
-        for (int c = 0; c < dv; c++) {
-            float a = acc[i * lda + c] * alpha[i];
+    const int cfull = dv - dv % VW;
+    for (int i = 0; i < m; i++) {
+        float *a = acc + i * lda;
+        const float *pi = p + i * psi;
+        for (int c = 0; c < cfull; c += VW) {
+            vf x = vload(a + c) * vset1(alpha[i]);
             for (int j = 0; j < n; j++)
-                a += p[i * ldp + j] * v[j * ldv + c];
-            acc[i * lda + c] = a;
+                x += vset1(pi[j * psj]) * vload(v + j * ldv + c);
+            vstore(a + c, x);
         }
+        for (int c = cfull; c < dv; c++) {
+            float x = a[c] * alpha[i];
+            for (int j = 0; j < n; j++)
+                x += pi[j * psj] * v[j * ldv + c];
+            a[c] = x;
+        }
+    }
 }
 
-static void pv(int m, int n, int dv, const float *p, int64_t ldp,
+static void pv(int m, int n, int dv, const float *p, int64_t psi, int64_t psj,
                const float *v, int64_t ldv, const float *alpha, float *acc,
                int64_t lda)
 {
-    int cfull = dv - dv % NR;
+    const int cfull = dv - dv % NR;
     int i = 0;
     for (; i + MR <= m; i += MR)
         for (int c = 0; c < cfull; c += NR)
-            pv_block(n, p + i * ldp, ldp, v + c, ldv, alpha + i, acc + i * lda + c, lda);
+            pv_block(n, p + i * psi, psi, psj, v + c, ldv, alpha + i, acc + i * lda + c, lda);
     for (; i < m; i++)
         for (int c = 0; c < cfull; c += NR)
-            pv_row(n, p + i * ldp, v + c, ldv, alpha[i], acc + i * lda + c);
+            pv_row(n, p + i * psi, psj, v + c, ldv, alpha[i], acc + i * lda + c);
     if (cfull < dv)
-        pv_edge(m, n, dv - cfull, p, ldp, v + cfull, ldv, alpha, acc + cfull, lda);
+        pv_edge(m, n, dv - cfull, p, psi, psj, v + cfull, ldv, alpha, acc + cfull, lda);
 }
 
-/* ---- softmax pieces ------------------------------------------------------ */
+/* ---- softmax pieces, per query column ------------------------------------ */
 
-static float row_max(const float *s, int n)
+static inline vf vmax(vf a, vf b)
 {
-    vf mv = vset1(-INFINITY);
-    int j = 0;
-    for (; j + VW <= n; j += VW) {
-        vf x = vload(s + j);
-        vi gt = x > mv;                      /* lanes where x wins */
-        mv = (vf)(((vi)x & gt) | ((vi)mv & ~gt));
+    vi gt = a > b;
+    return (vf)(((vi)a & gt) | ((vi)b & ~gt));
+}
+
+static void col_max(const float *st, int64_t ld, int n, int m, float *mx)
+{
+    int i = 0;
+    for (; i + VW <= m; i += VW) {
+        vf acc = vset1(-INFINITY);
+        for (int j = 0; j < n; j++)
+            acc = vmax(vload(st + j * ld + i), acc);
+        vstore(mx + i, acc);
     }
-    float m = -INFINITY;
-    for (int l = 0; l < VW; l++)
-        m = mv[l] > m ? mv[l] : m;
-    for (; j < n; j++)
-        m = s[j] > m ? s[j] : m;
-    return m;
+    for (; i < m; i++) {
+        float a = -INFINITY;
+        for (int j = 0; j < n; j++)
+            a = st[j * ld + i] > a ? st[j * ld + i] : a;
+        mx[i] = a;
+    }
 }
 
 /* exp(x) for x <= 0 (ok up to 88): x = n·ln2 + f, |f| <= ln2/2, 2^n built in
@@ -216,54 +270,62 @@ static inline vf vexp(vf x)
     return (vf)((vi)(p * (vf)scale) & keep);
 }
 
-static float exp_sum(float *s, int n, float m)
+static void exp_cols(float *st, int64_t ld, int n, int m, const float *mref,
+                     float *sum)
 {
-    vf acc = {0};
-    vf mv = vset1(m);
-    int j = 0;
-    for (; j + VW <= n; j += VW) {
-        vf e = vexp(vload(s + j) - mv);
-        vstore(s + j, e);
-        acc += e;
+    int i = 0;
+    for (; i + VW <= m; i += VW) {
+        vf mv = vload(mref + i), acc = {0};
+        for (int j = 0; j < n; j++) {
+            vf e = vexp(vload(st + j * ld + i) - mv);
+            vstore(st + j * ld + i, e);
+            acc += e;
+        }
+        vstore(sum + i, acc);
     }
-    if (j < n) {                     /* pad the tail with -inf lanes */
-        float tail[VW];
+    if (i < m) {                      /* the last m - i columns, padded lanes */
+        const int w = m - i;
+        float tmp[VW], mt[VW];
         for (int l = 0; l < VW; l++)
-            tail[l] = j + l < n ? s[j + l] : -INFINITY;
-        vf e = vexp(vload(tail) - mv);
-        acc += e;
-        for (int l = 0; j + l < n; l++)
-            s[j + l] = e[l];
+            mt[l] = l < w ? mref[i + l] : 0.0f;
+        vf mv = vload(mt), acc = {0};
+        for (int j = 0; j < n; j++) {
+            float *row = st + j * ld + i;
+            for (int l = 0; l < VW; l++)
+                tmp[l] = l < w ? row[l] : -INFINITY;
+            vf e = vexp(vload(tmp) - mv);
+            acc += e;
+            for (int l = 0; l < w; l++)
+                row[l] = e[l];
+        }
+        for (int l = 0; l < w; l++)
+            sum[i + l] = acc[l];
     }
-    float sum = 0.0f;
-    for (int l = 0; l < VW; l++)
-        sum += acc[l];
-    return sum;
 }
 
 /* ---- fp16 / bf16 -> fp32 --------------------------------------------------- */
 
 typedef uint16_t vh __attribute__((vector_size(QKV_VW * 2)));
 
-static inline vi widen(const uint16_t *p)
+static inline vu widen(const uint16_t *p)
 {
     vh h;
     memcpy(&h, p, sizeof h);
-    return __builtin_convertvector(h, vi);
+    return __builtin_convertvector(h, vu);
 }
 
 /* Exact fp16 -> fp32 without branches: move exponent and mantissa into
    place and rebias; infinities/NaNs get the full fp32 exponent; subnormals
    are renormalized by an exact fp32 subtraction. */
-static inline vf f16_to_f32(vi h)
+static inline vf f16_to_f32(vu h)
 {
-    vi o = (h & 0x7fff) << 13;
-    vi e = o & 0x0f800000;
-    o += 112 << 23;
-    o += (e == 0x0f800000) & (112 << 23);
-    vi zero = e == 0;
-    vf sub = (vf)(o + (1 << 23)) - (vf)(((vi){0}) + (113 << 23));
-    o = (zero & (vi)sub) | (~zero & o);
+    vu o = (h & 0x7fff) << 13;
+    vu e = o & 0x0f800000;
+    o += 112u << 23;
+    o += (vu)(e == 0x0f800000) & (112u << 23);
+    vu zero = (vu)(e == 0);
+    vf sub = (vf)(o + (1u << 23)) - (vf)(((vu){0}) + (113u << 23));
+    o = (zero & (vu)sub) | (~zero & o);
     return (vf)(o | ((h & 0x8000) << 16));
 }
 
@@ -297,8 +359,8 @@ void QKV_KERNEL_TABLE(qkv__kernels *t)
     t->name = QKV_KERNEL_NAME;
     t->qk = qk;
     t->pv = pv;
-    t->row_max = row_max;
-    t->exp_sum = exp_sum;
+    t->col_max = col_max;
+    t->exp_cols = exp_cols;
     t->cvt_f16 = cvt_f16;
     t->cvt_bf16 = cvt_bf16;
 }

@@ -1,0 +1,336 @@
+/*
+ * main.c — the test runner and the helpers declared in test.h.
+ *
+ *   qkv_tests [substring]     runs every test whose name contains substring
+ *   QKV_TEST_QUICK=1          smaller random sweeps (for sanitizer builds)
+ *
+ * Counts CHECKs; the last line is always "N passed, N failed" and the exit
+ * status is 0 only when nothing failed.
+ */
+#include "test.h"
+
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+static const struct { const char *name; void (*fn)(void); } tests[] = {
+    { "convert_f16_exhaustive",  test_convert_f16_exhaustive },
+    { "convert_bf16_exhaustive", test_convert_bf16_exhaustive },
+    { "convert_rounding",        test_convert_rounding },
+    { "convert_special",         test_convert_special },
+    { "convert_pairs",           test_convert_pairs },
+    { "convert_errors",          test_convert_errors },
+    { "errors_api",              test_errors_api },
+    { "errors_pointers",         test_errors_pointers },
+    { "errors_dtypes",           test_errors_dtypes },
+    { "errors_shapes",           test_errors_shapes },
+    { "errors_strides",          test_errors_strides },
+    { "errors_options",          test_errors_options },
+    { "errors_varlen",           test_errors_varlen },
+    { "errors_bias",             test_errors_bias },
+    { "reference_closed_form",   test_reference_closed_form },
+    { "reference_options",       test_reference_options },
+    { "reference_random",        test_reference_random },
+    { "forward_closed_form",     test_forward_closed_form },
+    { "forward_shapes",          test_forward_shapes },
+    { "forward_options",         test_forward_options },
+    { "forward_strides",         test_forward_strides },
+    { "forward_empty_rows",      test_forward_empty_rows },
+    { "forward_long",            test_forward_long },
+    { "forward_random",          test_forward_random },
+    { "forward_threads",         test_forward_threads },
+    { "million_window",          test_million_window },
+    { "million_keys",            test_million_keys },
+    { "forward_nonfinite",       test_forward_nonfinite },
+};
+
+int t_quick;
+static long n_pass, n_fail, n_printed;
+
+void t_check(int ok, const char *file, int line, const char *fmt, ...)
+{
+    if (ok) {
+        n_pass++;
+        return;
+    }
+    n_fail++;
+    /* a broken kernel fails thousands of checks: print the first 200 */
+    if (++n_printed > 200) {
+        if (n_printed == 201)
+            printf("  (further failures are counted, not printed)\n");
+        return;
+    }
+    va_list ap;
+    va_start(ap, fmt);
+    printf("  %s:%d: FAIL: ", file, line);
+    vprintf(fmt, ap);
+    printf("\n");
+    va_end(ap);
+    fflush(stdout);
+}
+
+void t_note(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    printf("  ");
+    vprintf(fmt, ap);
+    printf("\n");
+    va_end(ap);
+}
+
+/* ---- helpers ------------------------------------------------------------ */
+
+rng rng_seed(uint64_t seed)
+{
+    rng r = { seed * 0x9E3779B97F4A7C15ull + 0x632BE59BD9B4E019ull };
+    return r;
+}
+
+uint64_t rng_u64(rng *r)
+{
+    uint64_t z = (r->s += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+double rng_unif(rng *r)
+{
+    return (double)(rng_u64(r) >> 11) * (2.0 / 9007199254740992.0) - 1.0;
+}
+
+int64_t rng_int(rng *r, int64_t lo, int64_t hi)
+{
+    return lo + (int64_t)(rng_u64(r) % (uint64_t)(hi - lo + 1));
+}
+
+void *xmalloc(size_t n)
+{
+    void *p = malloc(n ? n : 1);
+    if (!p) {
+        fprintf(stderr, "out of memory (%zu bytes)\n", n);
+        exit(2);
+    }
+    return p;
+}
+
+double now_sec(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+const char *dtype_name(qkv_dtype dt)
+{
+    return dt == QKV_F32 ? "f32" : dt == QKV_F16 ? "f16" : dt == QKV_BF16 ? "bf16" : "?";
+}
+
+void fill_random(void *buf, qkv_dtype dt, size_t n, rng *r)
+{
+    float *f = dt == QKV_F32 ? (float *)buf : xmalloc(n * sizeof(float));
+    for (size_t i = 0; i < n; i++)
+        f[i] = (float)rng_unif(r);
+    if (dt != QKV_F32) {
+        if (qkv_convert(f, QKV_F32, buf, dt, n) != QKV_OK) {
+            fprintf(stderr, "fill_random: qkv_convert failed\n");
+            exit(2);
+        }
+        free(f);
+    }
+}
+
+float *to_f32(const void *src, qkv_dtype dt, size_t n)
+{
+    float *f = xmalloc(n * sizeof(float));
+    if (qkv_convert(src, dt, f, QKV_F32, n) != QKV_OK) {
+        fprintf(stderr, "to_f32: qkv_convert failed\n");
+        exit(2);
+    }
+    return f;
+}
+
+double compare(const char *name, const void *got, qkv_dtype got_dt,
+               const float *ref, size_t n, double atol, double rtol)
+{
+    float *g = to_f32(got, got_dt, n);
+    double max_err = 0, worst_ratio = 0;
+    size_t worst = 0, bad = 0;
+    for (size_t i = 0; i < n; i++) {
+        double a = g[i], b = ref[i], err, ratio;
+        if (!isfinite(b)) {   /* inf / NaN must be reproduced exactly */
+            int same = isnan(b) ? isnan(a) : a == b;
+            err = same ? 0 : INFINITY;
+            ratio = same ? 0 : INFINITY;
+        } else {
+            err = isfinite(a) ? fabs(a - b) : INFINITY;
+            ratio = err / (atol + rtol * fabs(b));
+            if (err > max_err)
+                max_err = err;
+        }
+        if (!(ratio <= 1.0)) {
+            bad++;
+            if (!(ratio <= worst_ratio)) {   /* NaN-proof max */
+                worst_ratio = ratio;
+                worst = i;
+            }
+        }
+        if (isinf(err) && !(err <= max_err))
+            max_err = INFINITY;
+    }
+    double gw = n ? g[worst] : 0, rw = n ? ref[worst] : 0;
+    CHECK(bad == 0, "%s: %zu of %zu elements out of tolerance (atol %g, rtol %g); "
+          "worst [%zu]: got %.9g, ref %.9g, |err| %.3g",
+          name, bad, n, atol, rtol, worst, gw, rw, fabs(gw - rw));
+    free(g);
+    return max_err;
+}
+
+/* ---- strided test buffers ------------------------------------------------ */
+
+const char *const lay_name[LAY_COUNT] = {
+    "contig", "bhsd", "padded", "neg-seq", "inner2", "rev-d", "bcast"
+};
+
+void layout_strides(int layout, const int64_t s[4], int64_t st[4])
+{
+    switch (layout) {
+    case LAY_BHSD:   /* memory [d0][d2][d1][d3] */
+        st[3] = 1; st[1] = s[3]; st[2] = s[1] * s[3]; st[0] = s[2] * s[1] * s[3];
+        break;
+    case LAY_PAD:
+        st[3] = 1; st[2] = s[3] + 3; st[1] = s[2] * st[2] + 5; st[0] = s[1] * st[1] + 7;
+        break;
+    case LAY_NEG:
+        st[3] = 1; st[2] = s[3]; st[1] = -s[2] * s[3]; st[0] = s[1] * s[2] * s[3];
+        break;
+    case LAY_INNER2:
+        st[3] = 2; st[2] = 2 * s[3]; st[1] = s[2] * st[2]; st[0] = s[1] * st[1];
+        break;
+    case LAY_REVD:
+        st[3] = -1; st[2] = s[3]; st[1] = s[2] * s[3]; st[0] = s[1] * st[1];
+        break;
+    case LAY_BCAST:
+        st[3] = 1; st[2] = 0; st[1] = s[3]; st[0] = 0;
+        break;
+    default:
+        st[3] = 1; st[2] = s[3]; st[1] = s[2] * s[3]; st[0] = s[1] * st[1];
+        break;
+    }
+}
+
+enum { MARGIN = 16 };   /* elements on each side of the view's extent */
+
+void tbuf_make(tbuf *tb, qkv_dtype dt, const int64_t shape[4], const int64_t stride[4])
+{
+    size_t es = qkv_dtype_size(dt);
+    int64_t lo = 0, hi = 0;
+    for (int d = 0; d < 4; d++) {
+        int64_t span = (shape[d] - 1) * stride[d];
+        if (span < 0) lo += span; else hi += span;
+    }
+    size_t elems = (size_t)(hi - lo + 1 + 2 * MARGIN);
+    tb->bytes = elems * es;
+    tb->buf = xmalloc(tb->bytes);
+    memset(tb->buf, 0, tb->bytes);
+    tb->t.data = tb->buf + (size_t)(MARGIN - lo) * es;
+    tb->t.dtype = dt;
+    memcpy(tb->t.shape, shape, sizeof tb->t.shape);
+    memcpy(tb->t.stride, stride, sizeof tb->t.stride);
+}
+
+void tbuf_make_layout(tbuf *tb, qkv_dtype dt, const int64_t shape[4], int layout)
+{
+    int64_t st[4];
+    layout_strides(layout, shape, st);
+    tbuf_make(tb, dt, shape, st);
+}
+
+void tbuf_fill_random(tbuf *tb, rng *r)
+{
+    fill_random(tb->buf, tb->t.dtype, tb->bytes / qkv_dtype_size(tb->t.dtype), r);
+}
+
+void tbuf_fill_byte(tbuf *tb, unsigned char byte)
+{
+    memset(tb->buf, byte, tb->bytes);
+}
+
+void tbuf_free(tbuf *tb)
+{
+    free(tb->buf);
+    tb->buf = NULL;
+}
+
+void view_gather(const qkv_tensor *t, void *dst)
+{
+    size_t es = qkv_dtype_size(t->dtype);
+    const int64_t *s = t->shape, *st = t->stride;
+    unsigned char *o = dst;
+    for (int64_t a = 0; a < s[0]; a++)
+        for (int64_t b = 0; b < s[1]; b++)
+            for (int64_t c = 0; c < s[2]; c++)
+                for (int64_t d = 0; d < s[3]; d++) {
+                    int64_t off = a * st[0] + b * st[1] + c * st[2] + d * st[3];
+                    memcpy(o, (const unsigned char *)t->data + off * (int64_t)es, es);
+                    o += es;
+                }
+}
+
+size_t tbuf_outside_changed(const tbuf *tb, unsigned char byte)
+{
+    size_t es = qkv_dtype_size(tb->t.dtype), changed = 0;
+    unsigned char *in = calloc(tb->bytes, 1);
+    if (!in) exit(2);
+    const int64_t *s = tb->t.shape, *st = tb->t.stride;
+    int64_t base = (const unsigned char *)tb->t.data - tb->buf;
+    for (int64_t a = 0; a < s[0]; a++)
+        for (int64_t b = 0; b < s[1]; b++)
+            for (int64_t c = 0; c < s[2]; c++)
+                for (int64_t d = 0; d < s[3]; d++) {
+                    int64_t off = a * st[0] + b * st[1] + c * st[2] + d * st[3];
+                    memset(in + base + off * (int64_t)es, 1, es);
+                }
+    for (size_t i = 0; i < tb->bytes; i++)
+        changed += !in[i] && tb->buf[i] != byte;
+    free(in);
+    return changed;
+}
+
+/* ---- runner ------------------------------------------------------------- */
+
+int main(int argc, char **argv)
+{
+    if (argc > 1 && strcmp(argv[1], "--print-isa") == 0) {   /* for errors_api */
+        qkv_ctx *ctx = qkv_ctx_create(1);
+        printf("%s\n", ctx ? qkv_ctx_isa(ctx) : "(no ctx)");
+        qkv_ctx_free(ctx);
+        return 0;
+    }
+    const char *filter = argc > 1 ? argv[1] : NULL;
+    const char *q = getenv("QKV_TEST_QUICK");
+    t_quick = q && *q && strcmp(q, "0") != 0;
+    setvbuf(stdout, NULL, _IOLBF, 0);
+
+    double t_all = now_sec();
+    int ran = 0;
+    for (size_t i = 0; i < sizeof tests / sizeof tests[0]; i++) {
+        if (filter && !strstr(tests[i].name, filter))
+            continue;
+        long f0 = n_fail, p0 = n_pass;
+        double t0 = now_sec();
+        printf("%-26s ...\n", tests[i].name);
+        tests[i].fn();
+        printf("%-26s %s  %ld checks, %.2f s\n", tests[i].name,
+               n_fail > f0 ? "FAILED" : "ok", (n_pass - p0) + (n_fail - f0),
+               now_sec() - t0);
+        ran++;
+    }
+    printf("%d tests%s in %.1f s\n", ran, t_quick ? " (quick)" : "", now_sec() - t_all);
+    printf("%ld passed, %ld failed\n", n_pass, n_fail);
+    return n_fail == 0 ? 0 : 1;
+}
