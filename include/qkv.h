@@ -157,7 +157,7 @@ typedef struct {
     int64_t window_left, window_right;  /* -1 = unbounded */
     float   softcap;                    /* 0 = off; s -> softcap*tanh(s/softcap) */
     const float      *alibi_slopes;     /* [heads_q] or NULL: s -= slope*|i + Sk - Sq - j| */
-    const qkv_tensor *bias;             /* fp32 additive, [B|1, Hq|1, Sq, Sk], -inf masks; NULL */
+    const qkv_tensor *bias;             /* fp32 additive, [B|1, Hq|1, Sq|1, Sk|1], -inf masks; NULL */
     const int32_t    *cu_seqlens_q;     /* packed variable-length: n_seqs+1 offsets; NULL */
     const int32_t    *cu_seqlens_k;
     int32_t           n_seqs;           /* sequences in a varlen call */
@@ -176,11 +176,15 @@ QKV_API qkv_attn_opts qkv_attn_opts_default(void);
  * q, k, v and out share one dtype (fp32, fp16 or bf16); arithmetic is fp32.
  * Hq must be a multiple of Hkv: query head h reads kv head h / (Hq/Hkv).
  *
+ * opts is required (start from qkv_attn_opts_default()); lse may be NULL.
+ *
  * Score of query i and key j, in this order:
- *   s  = scale · q_i·k_j                (scale 0 means 1/sqrt(D))
+ *   s  = scale · q_i·k_j                (scale 0 means 1/sqrt(D); any other
+ *                                        finite value, negative included)
  *   s  = softcap · tanh(s / softcap)    (softcap > 0)
  *   s -= slope[h] · |i + Sk - Sq - j|   (alibi_slopes != NULL)
- *   s += bias[b, h, i, j]               (bias != NULL; size-1 dims broadcast)
+ *   s += bias[b, h, i, j]               (bias != NULL; any dim of size 1
+ *                                        broadcasts, e.g. [B,1,1,Sk] padding)
  * Key j is visible to query i iff, with p = i + Sk - Sq (the query's
  * position when the queries are the last Sq of the keys' positions),
  *   causal: j <= p;  window_left >= 0: j >= p - window_left;
@@ -194,7 +198,8 @@ QKV_API qkv_attn_opts qkv_attn_opts_default(void);
  * [cu_seqlens_k[s], cu_seqlens_k[s+1]) of k/v, and masks use that
  * sequence's own Sq and Sk. Offsets must be non-decreasing, start >= 0 and
  * end within the tensors. lse is then [Hq, total_q] with total_q =
- * q->shape[1]. Rows outside every sequence are not written. bias together
+ * q->shape[1]. Rows outside every sequence are not written, in out nor in
+ * lse. Errors in cu_seqlens or n_seqs are QKV_ERR_SHAPE. bias together
  * with varlen is refused (QKV_ERR_UNSUPPORTED).
  *
  * Results are bitwise identical for any number of threads.

@@ -7,6 +7,7 @@
  * Counts CHECKs; the last line is always "N passed, N failed" and the exit
  * status is 0 only when nothing failed.
  */
+#define _POSIX_C_SOURCE 200809L   /* clock_gettime */
 #include "test.h"
 
 #include <math.h>

@@ -7,6 +7,7 @@
  * Also the small API: version, status strings, contexts, ISA selection,
  * defaults.
  */
+#define _POSIX_C_SOURCE 200809L   /* popen, readlink, setenv, strtok_r */
 #include "test.h"
 
 #include <math.h>
