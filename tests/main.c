@@ -46,6 +46,8 @@ static const struct { const char *name; void (*fn)(void); } tests[] = {
     { "million_window",          test_million_window },
     { "million_keys",            test_million_keys },
     { "forward_nonfinite",       test_forward_nonfinite },
+    { "masks_padding_varlen",    test_masks_padding_equals_varlen },
+    { "masks_row_bias_scale",    test_masks_row_bias_and_negative_scale },
 };
 
 int t_quick;
