@@ -57,4 +57,29 @@ static inline int64_t qkv__lse_index(const qkv__attn *a, int64_t b, int64_t h,
     return (b * a->Hq + h) * a->Sq + i;
 }
 
+/* Work split shared by the drivers: sequence s gives units·ceil(sq/rows)
+   tasks (units: heads or kv heads), numbered sequence after sequence. */
+typedef struct {
+    int64_t *start;    /* [n_seqs+1]: first task of each sequence */
+    int64_t  n_seqs;
+    int64_t  total;
+} qkv__tasks;
+
+qkv_status qkv__tasks_make(qkv_ctx *ctx, const qkv__attn *a, int64_t units,
+                           int64_t rows, qkv__tasks *t);
+void       qkv__tasks_free(qkv__tasks *t);
+
+/* The sequence holding task, and (in *local) the task's index within it.
+   Empty sequences own no task, so the search lands past them. */
+static inline int64_t qkv__tasks_find(const qkv__tasks *t, int64_t task, int64_t *local)
+{
+    int64_t lo = 0, hi = t->n_seqs;
+    while (hi - lo > 1) {
+        int64_t mid = (lo + hi) / 2;
+        if (t->start[mid] <= task) lo = mid; else hi = mid;
+    }
+    *local = task - t->start[lo];
+    return lo;
+}
+
 #endif /* QKV_ATTN_H */

@@ -33,7 +33,7 @@ enum { BQ = 64, BK = 128 };
 typedef struct {
     qkv_ctx         *ctx;
     const qkv__attn *a;
-    int64_t         *task_start;  /* [n_seqs+1] first task of each sequence */
+    qkv__tasks       tasks;
 } fwd_job;
 
 typedef struct {                  /* per-thread scratch, fp32 */
@@ -185,13 +185,8 @@ static void fwd_task(void *arg, int64_t task, int worker)
     const fwd_job *job = arg;
     const qkv__attn *a = job->a;
     const qkv__kernels *kn = job->ctx->kernels;
-    int64_t lo = 0, hi = a->n_seqs;               /* sequence holding task */
-    while (hi - lo > 1) {
-        int64_t mid = (lo + hi) / 2;
-        if (job->task_start[mid] <= task) lo = mid; else hi = mid;
-    }
-    const qkv__seq s = qkv__attn_seq(a, lo);
-    const int64_t t = task - job->task_start[lo];
+    int64_t t;
+    const qkv__seq s = qkv__attn_seq(a, qkv__tasks_find(&job->tasks, task, &t));
     const int64_t P = tile_positions(a->group);
     const int64_t n_qt = (s.sq + P - 1) / P;
     const int64_t hk = t / n_qt;
@@ -283,17 +278,10 @@ qkv_status qkv_attention_forward(qkv_ctx *ctx, const qkv_tensor *q,
     if ((st = qkv__scratch_reserve(ctx, tiles_floats(tile_rows(a.group), a.D, a.Dv) *
                                         sizeof(float))))
         return st;
-    int64_t *task_start = malloc((size_t)(a.n_seqs + 1) * sizeof *task_start);
-    if (!task_start)
-        return qkv__fail(ctx, QKV_ERR_NOMEM, "ctx: cannot allocate the task table");
-    task_start[0] = 0;
-    for (int64_t i = 0; i < a.n_seqs; i++) {
-        qkv__seq s = qkv__attn_seq(&a, i);
-        const int64_t P = tile_positions(a.group);
-        task_start[i + 1] = task_start[i] + a.Hkv * ((s.sq + P - 1) / P);
-    }
-    fwd_job job = { ctx, &a, task_start };
-    qkv__parallel(ctx, task_start[a.n_seqs], fwd_task, &job);
-    free(task_start);
+    fwd_job job = { ctx, &a, { NULL, 0, 0 } };
+    if ((st = qkv__tasks_make(ctx, &a, a.Hkv, tile_positions(a.group), &job.tasks)))
+        return st;
+    qkv__parallel(ctx, job.tasks.total, fwd_task, &job);
+    qkv__tasks_free(&job.tasks);
     return QKV_OK;
 }

@@ -17,7 +17,7 @@
 typedef struct {
     qkv_ctx       *ctx;
     const qkv__attn *a;
-    int64_t       *task_start;  /* [n_seqs+1] first task of each sequence */
+    qkv__tasks     tasks;
 } ref_job;
 
 static double at(const qkv_tensor *t, int64_t i0, int64_t i1, int64_t i2, int64_t i3)
@@ -96,13 +96,8 @@ static void ref_task(void *arg, int64_t task, int worker)
 {
     ref_job *job = arg;
     const qkv__attn *a = job->a;
-    int64_t lo = 0, hi = a->n_seqs;               /* sequence holding task */
-    while (hi - lo > 1) {
-        int64_t mid = (lo + hi) / 2;
-        if (job->task_start[mid] <= task) lo = mid; else hi = mid;
-    }
-    qkv__seq s = qkv__attn_seq(a, lo);
-    int64_t t = task - job->task_start[lo];
+    int64_t t;
+    qkv__seq s = qkv__attn_seq(a, qkv__tasks_find(&job->tasks, task, &t));
     int64_t blocks = (s.sq + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
     int64_t h = t / blocks, i0 = (t % blocks) * ROWS_PER_TASK;
     int64_t i1 = i0 + ROWS_PER_TASK < s.sq ? i0 + ROWS_PER_TASK : s.sq;
@@ -124,16 +119,10 @@ qkv_status qkv_attention_reference(qkv_ctx *ctx, const qkv_tensor *q,
         return qkv__fail(ctx, QKV_ERR_OVERFLOW, "k->shape[1]: seqlen_k too large");
     if ((st = qkv__scratch_reserve(ctx, (size_t)(a.Sk + a.Dv) * sizeof(double))))
         return st;
-    int64_t *task_start = malloc((size_t)(a.n_seqs + 1) * sizeof *task_start);
-    if (!task_start)
-        return qkv__fail(ctx, QKV_ERR_NOMEM, "ctx: cannot allocate the task table");
-    task_start[0] = 0;
-    for (int64_t s = 0; s < a.n_seqs; s++) {
-        qkv__seq sq = qkv__attn_seq(&a, s);
-        task_start[s + 1] = task_start[s] + a.Hq * ((sq.sq + ROWS_PER_TASK - 1) / ROWS_PER_TASK);
-    }
-    ref_job job = { ctx, &a, task_start };
-    qkv__parallel(ctx, task_start[a.n_seqs], ref_task, &job);
-    free(task_start);
+    ref_job job = { ctx, &a, { NULL, 0, 0 } };
+    if ((st = qkv__tasks_make(ctx, &a, a.Hq, ROWS_PER_TASK, &job.tasks)))
+        return st;
+    qkv__parallel(ctx, job.tasks.total, ref_task, &job);
+    qkv__tasks_free(&job.tasks);
     return QKV_OK;
 }
