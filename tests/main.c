@@ -48,6 +48,7 @@ static const struct { const char *name; void (*fn)(void); } tests[] = {
     { "forward_nonfinite",       test_forward_nonfinite },
     { "masks_padding_varlen",    test_masks_padding_equals_varlen },
     { "masks_row_bias_scale",    test_masks_row_bias_and_negative_scale },
+    { "api_peak",                test_api_peak },
 };
 
 int t_quick;

@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 const char *qkv_version(void) { return QKV_VERSION_STRING; }
@@ -137,6 +138,42 @@ int qkv_isa_supported(const char *name)
 {
     int known;
     return qkv__kernels_by_name(name, &known) != NULL;
+}
+
+typedef struct {
+    const qkv__kernels *kn;
+    int64_t             iters;
+    double              flops[1024];   /* per worker */
+} peak_job;
+
+static void peak_task(void *arg, int64_t task, int worker)
+{
+    peak_job *job = arg;
+    double f = job->kn->fma_probe(job->iters);
+    if (worker < 1024)
+        job->flops[worker] += f;
+}
+
+double qkv_peak_gflops(qkv_ctx *ctx)
+{
+    if (!ctx)
+        return 0.0;
+    peak_job *job = calloc(1, sizeof *job);
+    if (!job)
+        return 0.0;
+    job->kn = ctx->kernels;
+    job->iters = 1 << 20;
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    /* several tasks per thread so every worker gets its share */
+    qkv__parallel(ctx, 8 * (int64_t)ctx->n_threads, peak_task, job);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    double flops = 0.0;
+    for (int i = 0; i < ctx->n_threads && i < 1024; i++)
+        flops += job->flops[i];
+    free(job);
+    double dt = (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
+    return dt > 0.0 ? flops / dt * 1e-9 : 0.0;
 }
 
 qkv_status qkv__scratch_reserve(qkv_ctx *ctx, size_t bytes)

@@ -38,6 +38,10 @@ typedef struct qkv__kernels {
     /* dst[j] = src[j] widened to fp32 exactly, j < n (contiguous rows). */
     void (*cvt_f16)(const uint16_t *src, float *dst, int64_t n);
     void (*cvt_bf16)(const uint16_t *src, float *dst, int64_t n);
+
+    /* Runs iters rounds of independent fp32 vector FMAs (a ceiling probe
+       for benchmarks); returns the flops done. */
+    double (*fma_probe)(int64_t iters);
 } qkv__kernels;
 
 /* Kernel sets, in order of preference on x86-64: avx512, avx2, generic. */

@@ -354,6 +354,26 @@ static void cvt_bf16(const uint16_t *src, float *dst, int64_t n)
     }
 }
 
+/* ---- machine ceiling ------------------------------------------------------ */
+
+/* Twelve independent accumulators hide the FMA latency; the compiler
+   contracts a·b + c into one instruction where the target has FMA. */
+static double fma_probe(int64_t iters)
+{
+    vf a[12];
+    for (int i = 0; i < 12; i++)
+        a[i] = vset1(1.0f + (float)i * 1e-3f);
+    const vf b = vset1(0.999999f), c = vset1(1e-6f);
+    for (int64_t it = 0; it < iters; it++)
+        for (int i = 0; i < 12; i++)
+            a[i] = a[i] * b + c;
+    volatile float sink = 0.0f;
+    for (int i = 0; i < 12; i++)
+        sink += a[i][0];
+    (void)sink;
+    return (double)iters * 12 * VW * 2;
+}
+
 void QKV_KERNEL_TABLE(qkv__kernels *t)
 {
     t->name = QKV_KERNEL_NAME;
@@ -363,4 +383,5 @@ void QKV_KERNEL_TABLE(qkv__kernels *t)
     t->exp_cols = exp_cols;
     t->cvt_f16 = cvt_f16;
     t->cvt_bf16 = cvt_bf16;
+    t->fma_probe = fma_probe;
 }
