@@ -29,12 +29,16 @@ typedef int32_t vi __attribute__((vector_size(QKV_VW * 4)));
 typedef uint32_t vu __attribute__((vector_size(QKV_VW * 4)));  /* bit work */
 
 #define VW QKV_VW
-#define MR 4            /* rows of the register block */
+#ifndef QKV_MR
+#define QKV_MR 4
+#endif
+#define MR QKV_MR       /* rows of the register block */
 #define NR (2 * VW)     /* columns of the register block: two vectors */
 
 static inline vf vload(const float *p) { vf x; memcpy(&x, p, sizeof x); return x; }
 static inline void vstore(float *p, vf x) { memcpy(p, &x, sizeof x); }
-static inline vf vset1(float a) { return (vf){0} + a; }
+/* a in every lane (a - 0 is exactly a, so this folds to one broadcast) */
+static inline vf vset1(float a) { return a - (vf){0}; }
 
 static inline float hsum(vf x)
 {
@@ -46,43 +50,31 @@ static inline float hsum(vf x)
 
 /* ---- scores, keys by queries --------------------------------------------- */
 
-/* One MR x NR block (MR keys, NR queries): 8 accumulators live in
+/* One rows x NR block (rows <= MR keys, NR queries; rows is a constant at
+   every call, so the loops unroll): 2·rows accumulators live in
    registers across the d loop; each step loads two vectors of the
    transposed queries and broadcasts one element of each of MR key rows. */
-static void qk_block(int d, float scale, const float *k, int64_t ldk,
-                     const float *qt, int64_t ldqt, float *s, int64_t lds)
+static inline __attribute__((always_inline))
+void qk_block(const int rows, int d, float scale, const float *k, int64_t ldk,
+              const float *qt, int64_t ldqt, float *s, int64_t lds)
 {
-    vf c00 = {0}, c01 = {0}, c10 = {0}, c11 = {0};
-    vf c20 = {0}, c21 = {0}, c30 = {0}, c31 = {0};
+    vf c[MR][2];
+    for (int r = 0; r < rows; r++)
+        c[r][0] = c[r][1] = (vf){0};
     for (int x = 0; x < d; x++) {
         const float *b = qt + x * ldqt;
         vf b0 = vload(b), b1 = vload(b + VW);
-        vf a0 = vset1(k[x]), a1 = vset1(k[ldk + x]);
-        vf a2 = vset1(k[2 * ldk + x]), a3 = vset1(k[3 * ldk + x]);
-        c00 += a0 * b0; c01 += a0 * b1;
-        c10 += a1 * b0; c11 += a1 * b1;
-        c20 += a2 * b0; c21 += a2 * b1;
-        c30 += a3 * b0; c31 += a3 * b1;
+        for (int r = 0; r < rows; r++) {
+            vf a = vset1(k[r * ldk + x]);
+            c[r][0] += a * b0;
+            c[r][1] += a * b1;
+        }
     }
     vf sc = vset1(scale);
-    vstore(s, c00 * sc);           vstore(s + VW, c01 * sc);
-    vstore(s + lds, c10 * sc);     vstore(s + lds + VW, c11 * sc);
-    vstore(s + 2 * lds, c20 * sc); vstore(s + 2 * lds + VW, c21 * sc);
-    vstore(s + 3 * lds, c30 * sc); vstore(s + 3 * lds + VW, c31 * sc);
-}
-
-/* One key row, NR queries. */
-static void qk_row(int d, float scale, const float *k, const float *qt,
-                   int64_t ldqt, float *s)
-{
-    vf c0 = {0}, c1 = {0};
-    for (int x = 0; x < d; x++) {
-        vf a = vset1(k[x]);
-        c0 += a * vload(qt + x * ldqt);
-        c1 += a * vload(qt + x * ldqt + VW);
+    for (int r = 0; r < rows; r++) {
+        vstore(s + r * lds, c[r][0] * sc);
+        vstore(s + r * lds + VW, c[r][1] * sc);
     }
-    vstore(s, c0 * vset1(scale));
-    vstore(s + VW, c1 * vset1(scale));
 }
 
 /* Fewer than NR queries left (decode, short tiles): dot products along d,
@@ -131,53 +123,43 @@ static void qk(int n, int m, int d, float scale, const float *k, int64_t ldk,
     int j = 0;
     for (; j + MR <= n; j += MR)
         for (int i = 0; i < mfull; i += NR)
-            qk_block(d, scale, k + j * ldk, ldk, qt + i, ldqt, st + j * ldst + i, ldst);
+            qk_block(MR, d, scale, k + j * ldk, ldk, qt + i, ldqt, st + j * ldst + i, ldst);
+    for (; j + 4 <= n; j += 4)
+        for (int i = 0; i < mfull; i += NR)
+            qk_block(4, d, scale, k + j * ldk, ldk, qt + i, ldqt, st + j * ldst + i, ldst);
     for (; j < n; j++)
         for (int i = 0; i < mfull; i += NR)
-            qk_row(d, scale, k + j * ldk, qt + i, ldqt, st + j * ldst + i);
+            qk_block(1, d, scale, k + j * ldk, ldk, qt + i, ldqt, st + j * ldst + i, ldst);
     if (mfull < m)
         qk_dots(n, m - mfull, d, scale, k, ldk, q + mfull * ldq, ldq, st + mfull, ldst);
 }
 
 /* ---- acc = alpha·acc + P·V ----------------------------------------------- */
 
-static void pv_block(int n, const float *p, int64_t psi, int64_t psj,
-                     const float *v, int64_t ldv, const float *alpha,
-                     float *acc, int64_t lda)
+/* rows x NR of acc (rows <= MR, a constant at every call). */
+static inline __attribute__((always_inline))
+void pv_block(const int rows, int n, const float *p, int64_t psi, int64_t psj,
+              const float *v, int64_t ldv, const float *alpha, float *acc, int64_t lda)
 {
-    vf s0 = vset1(alpha[0]), s1 = vset1(alpha[1]);
-    vf s2 = vset1(alpha[2]), s3 = vset1(alpha[3]);
-    vf c00 = vload(acc) * s0,           c01 = vload(acc + VW) * s0;
-    vf c10 = vload(acc + lda) * s1,     c11 = vload(acc + lda + VW) * s1;
-    vf c20 = vload(acc + 2 * lda) * s2, c21 = vload(acc + 2 * lda + VW) * s2;
-    vf c30 = vload(acc + 3 * lda) * s3, c31 = vload(acc + 3 * lda + VW) * s3;
+    vf c[MR][2];
+    for (int r = 0; r < rows; r++) {
+        vf s = vset1(alpha[r]);
+        c[r][0] = vload(acc + r * lda) * s;
+        c[r][1] = vload(acc + r * lda + VW) * s;
+    }
     for (int j = 0; j < n; j++) {
         const float *pj = p + j * psj;
         vf b0 = vload(v + j * ldv), b1 = vload(v + j * ldv + VW);
-        vf a0 = vset1(pj[0]), a1 = vset1(pj[psi]);
-        vf a2 = vset1(pj[2 * psi]), a3 = vset1(pj[3 * psi]);
-        c00 += a0 * b0; c01 += a0 * b1;
-        c10 += a1 * b0; c11 += a1 * b1;
-        c20 += a2 * b0; c21 += a2 * b1;
-        c30 += a3 * b0; c31 += a3 * b1;
+        for (int r = 0; r < rows; r++) {
+            vf a = vset1(pj[r * psi]);
+            c[r][0] += a * b0;
+            c[r][1] += a * b1;
+        }
     }
-    vstore(acc, c00);           vstore(acc + VW, c01);
-    vstore(acc + lda, c10);     vstore(acc + lda + VW, c11);
-    vstore(acc + 2 * lda, c20); vstore(acc + 2 * lda + VW, c21);
-    vstore(acc + 3 * lda, c30); vstore(acc + 3 * lda + VW, c31);
-}
-
-static void pv_row(int n, const float *p, int64_t psj, const float *v,
-                   int64_t ldv, float alpha, float *acc)
-{
-    vf c0 = vload(acc) * vset1(alpha), c1 = vload(acc + VW) * vset1(alpha);
-    for (int j = 0; j < n; j++) {
-        vf a = vset1(p[j * psj]);
-        c0 += a * vload(v + j * ldv);
-        c1 += a * vload(v + j * ldv + VW);
+    for (int r = 0; r < rows; r++) {
+        vstore(acc + r * lda, c[r][0]);
+        vstore(acc + r * lda + VW, c[r][1]);
     }
-    vstore(acc, c0);
-    vstore(acc + VW, c1);
 }
 
 /* Leftover columns (< NR) of V: one vector at a time, then scalars. */
@@ -212,10 +194,13 @@ static void pv(int m, int n, int dv, const float *p, int64_t psi, int64_t psj,
     int i = 0;
     for (; i + MR <= m; i += MR)
         for (int c = 0; c < cfull; c += NR)
-            pv_block(n, p + i * psi, psi, psj, v + c, ldv, alpha + i, acc + i * lda + c, lda);
+            pv_block(MR, n, p + i * psi, psi, psj, v + c, ldv, alpha + i, acc + i * lda + c, lda);
+    for (; i + 4 <= m; i += 4)
+        for (int c = 0; c < cfull; c += NR)
+            pv_block(4, n, p + i * psi, psi, psj, v + c, ldv, alpha + i, acc + i * lda + c, lda);
     for (; i < m; i++)
         for (int c = 0; c < cfull; c += NR)
-            pv_row(n, p + i * psi, psj, v + c, ldv, alpha[i], acc + i * lda + c);
+            pv_block(1, n, p + i * psi, psi, psj, v + c, ldv, alpha + i, acc + i * lda + c, lda);
     if (cfull < dv)
         pv_edge(m, n, dv - cfull, p, psi, psj, v + cfull, ldv, alpha, acc + cfull, lda);
 }
