@@ -150,7 +150,7 @@ QKV_API qkv_status qkv_ctx_set_isa(qkv_ctx *ctx, const char *name);
 QKV_API int qkv_isa_supported(const char *name);
 
 /* Measures the fp32 multiply-add ceiling of ctx's kernel set on all of its
-   threads, in GFLOP/s (takes about 0.2 s): the yardstick benchmarks quote
+   threads, in GFLOP/s (the best of several short rounds, about 0.2 s): the yardstick benchmarks quote
    efficiency against. Returns 0 for a NULL ctx. */
 QKV_API double qkv_peak_gflops(qkv_ctx *ctx);
 

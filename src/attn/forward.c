@@ -192,7 +192,9 @@ static void fwd_task(void *arg, int64_t task, int worker)
     const int64_t hk = t / n_qt;
     tile_map tm;
     tm.h0 = hk * a->group;
-    tm.i0 = (t % n_qt) * P;
+    /* last tiles first: under a causal mask they see the most keys, and
+       starting them early balances the threads' loads */
+    tm.i0 = (n_qt - 1 - t % n_qt) * P;
     tm.mp = (int)(s.sq - tm.i0 < P ? s.sq - tm.i0 : P);
     const int m = tm.mp * (int)a->group;
     const int64_t D = a->D, Dv = a->Dv;
