@@ -49,6 +49,7 @@ static const struct { const char *name; void (*fn)(void); } tests[] = {
     { "masks_padding_varlen",    test_masks_padding_equals_varlen },
     { "masks_row_bias_scale",    test_masks_row_bias_and_negative_scale },
     { "api_peak",                test_api_peak },
+    { "fuzz_arguments",          test_fuzz_arguments },
 };
 
 int t_quick;
