@@ -53,7 +53,12 @@ static void mutate(rng *r, qkv_tensor *t[5], qkv_attn_opts *o, int32_t *cu_q, in
     qkv_tensor *x = t[rng_int(r, 0, 4)];
     switch (rng_int(r, 0, 9)) {
     case 0: x->shape[rng_int(r, 0, 3)] = RNG_PICK(r, odd_sizes); break;
-    case 1: x->shape[rng_int(r, 0, 3)] += rng_int(r, -1, 1); break;
+    case 1: {
+        int64_t *sz = &x->shape[rng_int(r, 0, 3)];
+        if (*sz < HALF)
+            *sz += rng_int(r, -1, 1);
+        break;
+    }
     case 2: x->stride[rng_int(r, 0, 3)] = RNG_PICK(r, odd_strides); break;
     case 3: x->dtype = (qkv_dtype)rng_int(r, -1, 3); break;
     case 4: if (rng_int(r, 0, 3) == 0) x->data = NULL; break;
