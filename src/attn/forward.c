@@ -92,15 +92,8 @@ static void load_row(const qkv__kernels *kn, const qkv_tensor *t, int64_t off,
 static void store_row(const qkv_tensor *t, int64_t off, int64_t stride, int64_t n,
                       const float *src, float mul)
 {
-    for (int64_t c = 0; c < n; c++) {
-        float x = src[c] * mul;
-        int64_t o = off + c * stride;
-        switch (t->dtype) {
-        case QKV_F16:  ((uint16_t *)t->data)[o] = qkv__f32_to_f16(x); break;
-        case QKV_BF16: ((uint16_t *)t->data)[o] = qkv__f32_to_bf16(x); break;
-        default:       ((float *)t->data)[o] = x; break;
-        }
-    }
+    for (int64_t c = 0; c < n; c++)
+        qkv__store(t->data, t->dtype, off + c * stride, src[c] * mul);
 }
 
 /* The keys query row i can see, as a half-open range [*lo, *hi) within a

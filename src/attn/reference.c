@@ -29,11 +29,7 @@ static double at(const qkv_tensor *t, int64_t i0, int64_t i1, int64_t i2, int64_
 static void put(const qkv_tensor *t, int64_t i0, int64_t i1, int64_t i2, int64_t i3, double x)
 {
     int64_t off = i0 * t->stride[0] + i1 * t->stride[1] + i2 * t->stride[2] + i3 * t->stride[3];
-    switch (t->dtype) {
-    case QKV_F16:  ((uint16_t *)t->data)[off] = qkv__f32_to_f16((float)x); break;
-    case QKV_BF16: ((uint16_t *)t->data)[off] = qkv__f32_to_bf16((float)x); break;
-    default:       ((float *)t->data)[off] = (float)x; break;
-    }
+    qkv__store(t->data, t->dtype, off, (float)x);
 }
 
 static int visible(const qkv__attn *a, int64_t i, int64_t j, const qkv__seq *s)

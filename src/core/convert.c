@@ -63,13 +63,7 @@ qkv_status qkv_convert(const void *src, qkv_dtype src_dtype, void *dst,
         memmove(dst, src, n * qkv_dtype_size(src_dtype));
         return QKV_OK;
     }
-    for (size_t i = 0; i < n; i++) {
-        float x = qkv__load(src, src_dtype, (int64_t)i);
-        switch (dst_dtype) {
-        case QKV_F16:  ((uint16_t *)dst)[i] = qkv__f32_to_f16(x); break;
-        case QKV_BF16: ((uint16_t *)dst)[i] = qkv__f32_to_bf16(x); break;
-        default:       ((float *)dst)[i] = x; break;
-        }
-    }
+    for (size_t i = 0; i < n; i++)
+        qkv__store(dst, dst_dtype, (int64_t)i, qkv__load(src, src_dtype, (int64_t)i));
     return QKV_OK;
 }

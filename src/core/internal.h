@@ -75,4 +75,14 @@ static inline float qkv__load(const void *base, qkv_dtype dt, int64_t off)
     }
 }
 
+/* Stores x as element off of dtype dt (rounded to nearest even). */
+static inline void qkv__store(void *base, qkv_dtype dt, int64_t off, float x)
+{
+    switch (dt) {
+    case QKV_F16:  ((uint16_t *)base)[off] = qkv__f32_to_f16(x); break;
+    case QKV_BF16: ((uint16_t *)base)[off] = qkv__f32_to_bf16(x); break;
+    default:       ((float *)base)[off] = x; break;
+    }
+}
+
 #endif /* QKV_INTERNAL_H */
