@@ -267,9 +267,13 @@ qkv_status qkv_attention_forward(qkv_ctx *ctx, const qkv_tensor *q,
     qkv_status st = qkv__attn_check(ctx, q, k, v, opts, out, lse, &a);
     if (st)
         return st;
+    /* bounds that keep the scratch size arithmetic far from overflow */
     if (a.D > (1 << 20) || a.Dv > (1 << 20))
         return qkv__fail(ctx, QKV_ERR_UNSUPPORTED, "%s: head_dim above 1048576",
                          a.D > (1 << 20) ? "q->shape[3]" : "v->shape[3]");
+    if (a.group > (1 << 20))
+        return qkv__fail(ctx, QKV_ERR_UNSUPPORTED,
+                         "q->shape[2]: more than 1048576 query heads per kv head");
     if ((st = qkv__scratch_reserve(ctx, tiles_floats(tile_rows(a.group), a.D, a.Dv) *
                                         sizeof(float))))
         return st;
