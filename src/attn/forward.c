@@ -28,7 +28,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { BQ = 64, BK = 128 };
+enum { BQ = 64, BK = 128, PAD = 16 /* widest vector, in floats */ };
 
 typedef struct {
     qkv_ctx         *ctx;
@@ -47,8 +47,13 @@ typedef struct {                  /* per-thread scratch, fp32 */
 } tiles;
 
 /* Rows of a tile: BQ, or one per query head of a group when the group is
-   larger. */
-static int64_t tile_rows(int64_t group) { return group > BQ ? group : BQ; }
+   larger, rounded up to whole vectors (the softmax kernels run over
+   padded query columns). */
+static int64_t tile_rows(int64_t group)
+{
+    int64_t r = group > BQ ? group : BQ;
+    return (r + PAD - 1) / PAD * PAD;
+}
 
 static size_t tiles_floats(int64_t rows, int64_t D, int64_t Dv)
 {
@@ -206,6 +211,14 @@ static void fwd_task(void *arg, int64_t task, int worker)
         tl.l[r] = 0.0f;
     }
     memset(tl.acc, 0, (size_t)m * (size_t)Dv * sizeof(float));
+    /* query columns m..mp of the scores are padding: -inf scores against a
+       reference of 0 give P = 0, so the softmax kernels run on whole
+       vectors and the padding never reaches l or acc */
+    const int mpad = (m + PAD - 1) / PAD * PAD;
+    for (int r = m; r < mpad; r++) {
+        tl.m[r] = -INFINITY;
+        tl.l[r] = 0.0f;
+    }
 
     /* keys seen by any row of the tile: the band is monotone in i */
     int64_t klo, khi, lo_last, hi_first;
@@ -227,15 +240,19 @@ static void fwd_task(void *arg, int64_t task, int worker)
         const int band = !(lo_last <= j0 && hi_first >= j0 + n);
         if (modded || band)
             score_mods(a, &s, &tm, m, j0, n, band, tl.st, R);
-        kn->col_max(tl.st, R, n, m, tl.mx);
-        for (int r = 0; r < m; r++) {
+        if (mpad > m)
+            for (int c = 0; c < n; c++)
+                for (int r = m; r < mpad; r++)
+                    tl.st[c * R + r] = -INFINITY;
+        kn->col_max(tl.st, R, n, mpad, tl.mx);
+        for (int r = 0; r < mpad; r++) {
             const float mn = tl.mx[r] > tl.m[r] ? tl.mx[r] : tl.m[r];
             tl.mref[r] = mn == -INFINITY ? 0.0f : mn;   /* all hidden: P = 0 */
             tl.alpha[r] = tl.m[r] == mn ? 1.0f : expf(tl.m[r] - tl.mref[r]);
             tl.m[r] = mn;
         }
-        kn->exp_cols(tl.st, R, n, m, tl.mref, tl.sum);
-        for (int r = 0; r < m; r++)
+        kn->exp_cols(tl.st, R, n, mpad, tl.mref, tl.sum);
+        for (int r = 0; r < mpad; r++)
             tl.l[r] = tl.l[r] * tl.alpha[r] + tl.sum[r];
         kn->pv(m, n, (int)Dv, tl.st, 1, R, vr, ldv, tl.alpha, tl.acc, Dv);
     }

@@ -40,12 +40,16 @@ static inline void vstore(float *p, vf x) { memcpy(p, &x, sizeof x); }
 /* a in every lane (a - 0 is exactly a, so this folds to one broadcast) */
 static inline vf vset1(float a) { return a - (vf){0}; }
 
+/* Sum of the lanes by halving (the halves add as vectors), then four
+   scalars. */
 static inline float hsum(vf x)
 {
-    float s = 0.0f;
-    for (int l = 0; l < VW; l++)
-        s += x[l];
-    return s;
+    float t[VW];
+    memcpy(t, &x, sizeof x);
+    for (int w = VW / 2; w >= 4; w /= 2)
+        for (int l = 0; l < w; l++)
+            t[l] += t[l + w];
+    return (t[0] + t[1]) + (t[2] + t[3]);
 }
 
 /* ---- scores, keys by queries --------------------------------------------- */
