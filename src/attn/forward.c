@@ -207,15 +207,13 @@ static void fwd_task(void *arg, int64_t task, int worker)
                  q->stride[3], D, qr);
         for (int64_t d = 0; d < D; d++)
             tl.qt[d * R + r] = qr[d];
-        tl.m[r] = -INFINITY;
-        tl.l[r] = 0.0f;
     }
     memset(tl.acc, 0, (size_t)m * (size_t)Dv * sizeof(float));
-    /* query columns m..mp of the scores are padding: -inf scores against a
-       reference of 0 give P = 0, so the softmax kernels run on whole
+    /* query columns m..mpad of the scores are padding: -inf scores against
+       a reference of 0 give P = 0, so the softmax kernels run on whole
        vectors and the padding never reaches l or acc */
     const int mpad = (m + PAD - 1) / PAD * PAD;
-    for (int r = m; r < mpad; r++) {
+    for (int r = 0; r < mpad; r++) {
         tl.m[r] = -INFINITY;
         tl.l[r] = 0.0f;
     }
