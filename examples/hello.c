@@ -2,7 +2,7 @@
  * hello.c — the smallest complete qkv program: causal attention over a
  * random batch, checked against the double-precision reference.
  *
- *   cc hello.c $(pkg-config --cflags --libs qkv) -o hello && ./hello
+ *   cc hello.c $(pkg-config --cflags --libs qkv) -lm -o hello && ./hello
  */
 #include <qkv.h>
 
