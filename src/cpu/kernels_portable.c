@@ -6,8 +6,10 @@
  * QKV_KERNEL_TABLE the name of the one exported function; everything else
  * is static, so each copy is self-contained and steps cleanly in gdb.
  *
- * Not here: intrinsics, AMX, dtype handling — hand-tuned kernels live in
- * their own kernels_<isa>.c files.
+ * Here: the two products of a tile (scores and P·V), the column softmax
+ * pieces, fp16/bf16 widening and an FMA ceiling probe. Not here:
+ * intrinsics or AMX — hand-tuned kernels live in their own kernels_<isa>.c
+ * files.
  */
 #include "kernels.h"
 
@@ -57,7 +59,7 @@ static inline float hsum(vf x)
 /* One rows x NR block (rows <= MR keys, NR queries; rows is a constant at
    every call, so the loops unroll): 2·rows accumulators live in
    registers across the d loop; each step loads two vectors of the
-   transposed queries and broadcasts one element of each of MR key rows. */
+   transposed queries and broadcasts one element of each key row. */
 static inline __attribute__((always_inline))
 void qk_block(const int rows, int d, float scale, const float *k, int64_t ldk,
               const float *qt, int64_t ldqt, float *s, int64_t lds)
