@@ -136,10 +136,12 @@ qkv_status qkv__attn_check(qkv_ctx *ctx, const qkv_tensor *q,
     if (Hq % Hkv != 0)
         FAIL(QKV_ERR_SHAPE, "k->shape[2] = %lld (heads_kv) must divide q->shape[2] = %lld (heads_q)",
              (long long)Hkv, (long long)Hq);
-    if (out->shape[1] != Sq || out->shape[2] != Hq)
-        FAIL(QKV_ERR_SHAPE, "out->shape[%d] = %lld differs from q->shape[%d] = %lld",
-             out->shape[1] != Sq ? 1 : 2, (long long)out->shape[out->shape[1] != Sq ? 1 : 2],
-             out->shape[1] != Sq ? 1 : 2, (long long)(out->shape[1] != Sq ? Sq : Hq));
+    if (out->shape[1] != Sq)
+        FAIL(QKV_ERR_SHAPE, "out->shape[1] = %lld differs from q->shape[1] = %lld (seqlen_q)",
+             (long long)out->shape[1], (long long)Sq);
+    if (out->shape[2] != Hq)
+        FAIL(QKV_ERR_SHAPE, "out->shape[2] = %lld differs from q->shape[2] = %lld (heads_q)",
+             (long long)out->shape[2], (long long)Hq);
     if (out->shape[3] != Dv)
         FAIL(QKV_ERR_SHAPE, "out->shape[3] = %lld differs from v->shape[3] = %lld (head_dim_v)",
              (long long)out->shape[3], (long long)Dv);
