@@ -28,7 +28,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { BQ = 64, BK = 128, PAD = 16 /* widest vector, in floats */ };
+enum { BQ = 64, BK = 128, PAD = 16 /* softmax kernels take query columns in 16s */ };
 
 typedef struct {
     qkv_ctx         *ctx;

@@ -27,6 +27,9 @@ typedef struct qkv__kernels {
                const float *v, int64_t ldv, const float *alpha,
                float *acc, int64_t lda);
 
+    /* The two softmax kernels run over whole vectors of query columns: m
+       is a multiple of 16 (callers pad with -inf scores and mref 0). */
+
     /* mx[i] = max_j st[j][i] (-inf when all are), i < m, j < n. */
     void (*col_max)(const float *st, int64_t ld, int n, int m, float *mx);
 

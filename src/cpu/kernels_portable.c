@@ -219,20 +219,14 @@ static inline vf vmax(vf a, vf b)
     return (vf)(((vi)a & gt) | ((vi)b & ~gt));
 }
 
+/* m is a multiple of 16, so of VW: whole vectors only. */
 static void col_max(const float *st, int64_t ld, int n, int m, float *mx)
 {
-    int i = 0;
-    for (; i + VW <= m; i += VW) {
+    for (int i = 0; i < m; i += VW) {
         vf acc = vset1(-INFINITY);
         for (int j = 0; j < n; j++)
             acc = vmax(vload(st + j * ld + i), acc);
         vstore(mx + i, acc);
-    }
-    for (; i < m; i++) {
-        float a = -INFINITY;
-        for (int j = 0; j < n; j++)
-            a = st[j * ld + i] > a ? st[j * ld + i] : a;
-        mx[i] = a;
     }
 }
 
@@ -264,8 +258,7 @@ static inline vf vexp(vf x)
 static void exp_cols(float *st, int64_t ld, int n, int m, const float *mref,
                      float *sum)
 {
-    int i = 0;
-    for (; i + VW <= m; i += VW) {
+    for (int i = 0; i < m; i += VW) {
         vf mv = vload(mref + i), acc = {0};
         for (int j = 0; j < n; j++) {
             vf e = vexp(vload(st + j * ld + i) - mv);
@@ -273,24 +266,6 @@ static void exp_cols(float *st, int64_t ld, int n, int m, const float *mref,
             acc += e;
         }
         vstore(sum + i, acc);
-    }
-    if (i < m) {                      /* the last m - i columns, padded lanes */
-        const int w = m - i;
-        float tmp[VW], mt[VW];
-        for (int l = 0; l < VW; l++)
-            mt[l] = l < w ? mref[i + l] : 0.0f;
-        vf mv = vload(mt), acc = {0};
-        for (int j = 0; j < n; j++) {
-            float *row = st + j * ld + i;
-            for (int l = 0; l < VW; l++)
-                tmp[l] = l < w ? row[l] : -INFINITY;
-            vf e = vexp(vload(tmp) - mv);
-            acc += e;
-            for (int l = 0; l < w; l++)
-                row[l] = e[l];
-        }
-        for (int l = 0; l < w; l++)
-            sum[i + l] = acc[l];
     }
 }
 
