@@ -139,7 +139,7 @@ QKV_API const char *qkv_ctx_last_error(const qkv_ctx *ctx);
 /* Number of threads the context computes with (>= 1). */
 QKV_API int qkv_ctx_threads(const qkv_ctx *ctx);
 
-/* Name of the kernel set in use: "generic", "avx2" or "avx512". */
+/* Name of the kernel set in use, one of qkv_isa_name's. */
 QKV_API const char *qkv_ctx_isa(const qkv_ctx *ctx);
 
 /* Forces a kernel set by name. QKV_ERR_UNSUPPORTED when the CPU or OS lacks
@@ -148,6 +148,12 @@ QKV_API qkv_status qkv_ctx_set_isa(qkv_ctx *ctx, const char *name);
 
 /* Whether this CPU can run the named kernel set (1) or not (0). */
 QKV_API int qkv_isa_supported(const char *name);
+
+/* The i-th kernel set qkv knows, least preferred first ("generic", "avx2",
+   "avx512", "avx512bf16": bf16 inputs use its bf16 dot products), NULL for
+   i out of range. The default is the last one the CPU supports; the
+   environment variable QKV_ISA=name overrides it for new contexts. */
+QKV_API const char *qkv_isa_name(int i);
 
 /* Measures the fp32 multiply-add ceiling of ctx's kernel set on all of its
    threads, in GFLOP/s (the best of several short rounds, about 0.2 s): the yardstick benchmarks quote

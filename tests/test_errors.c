@@ -198,8 +198,12 @@ void test_errors_api(void)
 
     /* kernel sets */
     const char *isa0 = qkv_ctx_isa(ctx);
-    CHECK(isa0 && (!strcmp(isa0, "generic") || !strcmp(isa0, "avx2") || !strcmp(isa0, "avx512")),
-          "qkv_ctx_isa = %s", isa0 ? isa0 : "(null)");
+    int listed = 0;
+    for (int i = 0; isa0 && qkv_isa_name(i); i++)
+        listed |= !strcmp(isa0, qkv_isa_name(i));
+    CHECK(listed, "qkv_ctx_isa = %s, not a qkv_isa_name", isa0 ? isa0 : "(null)");
+    CHECK(qkv_isa_name(-1) == NULL, "qkv_isa_name(-1) is not NULL");
+    CHECK(qkv_isa_name(0) && !strcmp(qkv_isa_name(0), "generic"), "qkv_isa_name(0) is not generic");
     char before[32];
     snprintf(before, sizeof before, "%s", isa0 ? isa0 : "");
     CHECK(qkv_ctx_set_isa(ctx, "nope") == QKV_ERR_ARG, "set_isa(\"nope\") != QKV_ERR_ARG");
@@ -209,8 +213,8 @@ void test_errors_api(void)
     CHECK(qkv_ctx_set_isa(NULL, "generic") == QKV_ERR_NULL, "set_isa on a NULL ctx");
     CHECK(qkv_isa_supported("nope") == 0, "isa_supported(\"nope\")");
     CHECK(qkv_isa_supported("generic") == 1, "isa_supported(\"generic\")");
-    static const char *const names[3] = { "generic", "avx2", "avx512" };
-    for (int i = 0; i < 3; i++) {
+    static const char *const names[4] = { "generic", "avx2", "avx512", "avx512bf16" };
+    for (int i = 0; i < 4; i++) {
         st = qkv_ctx_set_isa(ctx, names[i]);
         if (qkv_isa_supported(names[i]))
             CHECK(st == QKV_OK && !strcmp(qkv_ctx_isa(ctx), names[i]), "set_isa(%s) = %d, isa %s",

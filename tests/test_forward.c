@@ -1,8 +1,8 @@
 /*
  * test_forward.c — qkv_attention_forward against qkv_attention_reference.
  *
- * Every case runs on every kernel set the CPU supports (generic, avx2,
- * avx512), over shape classes (tiny, odd and prime lengths, D not a
+ * Every case runs on every kernel set the CPU supports (qkv_isa_name:
+ * generic, avx2, avx512, avx512bf16), over shape classes (tiny, odd and prime lengths, D not a
  * multiple of 16, big D, Sq != Sk, GQA/MQA, long sequences), every option
  * alone and combined, each dtype, and strided layouts. The reference runs
  * once per case on logical fp32 copies of the (already rounded) inputs,
@@ -32,12 +32,12 @@
 #include <stdlib.h>
 #include <string.h>
 
-static const char *const isa_names[3] = { "generic", "avx2", "avx512" };
+enum { MAX_ISAS = 8 };
 
 typedef struct {
     int      n;
-    qkv_ctx *ctx[3];
-    const char *name[3];
+    qkv_ctx *ctx[MAX_ISAS];
+    const char *name[MAX_ISAS];
     qkv_ctx *ref;   /* for the reference */
 } isas;
 
@@ -46,18 +46,19 @@ static void isas_open(isas *s, int n_threads)
 {
     memset(s, 0, sizeof *s);
     CHECK(qkv_isa_supported("generic") == 1, "the generic kernels must always be supported");
-    for (int i = 0; i < 3; i++) {
-        if (!qkv_isa_supported(isa_names[i]))
+    for (int i = 0; qkv_isa_name(i) && s->n < MAX_ISAS; i++) {
+        const char *isa = qkv_isa_name(i);
+        if (!qkv_isa_supported(isa))
             continue;
         qkv_ctx *ctx = qkv_ctx_create(n_threads);
         CHECK(ctx != NULL, "qkv_ctx_create(%d)", n_threads);
         if (!ctx) continue;
-        qkv_status st = qkv_ctx_set_isa(ctx, isa_names[i]);
-        CHECK(st == QKV_OK, "qkv_ctx_set_isa(%s) = %d", isa_names[i], st);
-        CHECK(strcmp(qkv_ctx_isa(ctx), isa_names[i]) == 0, "qkv_ctx_isa = %s after setting %s",
-              qkv_ctx_isa(ctx), isa_names[i]);
+        qkv_status st = qkv_ctx_set_isa(ctx, isa);
+        CHECK(st == QKV_OK, "qkv_ctx_set_isa(%s) = %d", isa, st);
+        CHECK(strcmp(qkv_ctx_isa(ctx), isa) == 0, "qkv_ctx_isa = %s after setting %s",
+              qkv_ctx_isa(ctx), isa);
         s->ctx[s->n] = ctx;
-        s->name[s->n++] = isa_names[i];
+        s->name[s->n++] = isa;
     }
     s->ref = qkv_ctx_create(0);
     CHECK(s->ref != NULL, "qkv_ctx_create(0)");
@@ -515,8 +516,9 @@ void test_forward_threads(void)
 {
     static const int nthreads[4] = { 1, 2, 3, 5 };
     rng r = rng_seed(4242);
-    for (int isa = 0; isa < 3; isa++) {
-        if (!qkv_isa_supported(isa_names[isa])) continue;
+    for (int isa = 0; qkv_isa_name(isa); isa++) {
+        const char *name = qkv_isa_name(isa);
+        if (!qkv_isa_supported(name)) continue;
         qkv_ctx *ctx[4];
         for (int t = 0; t < 4; t++) {
             ctx[t] = qkv_ctx_create(nthreads[t]);
@@ -524,7 +526,7 @@ void test_forward_threads(void)
             if (!ctx[t]) return;
             CHECK(qkv_ctx_threads(ctx[t]) == nthreads[t], "qkv_ctx_threads = %d, want %d",
                   qkv_ctx_threads(ctx[t]), nthreads[t]);
-            CHECK(qkv_ctx_set_isa(ctx[t], isa_names[isa]) == QKV_OK, "set_isa %s", isa_names[isa]);
+            CHECK(qkv_ctx_set_isa(ctx[t], name) == QKV_OK, "set_isa %s", name);
         }
         for (int k = 0; k < 6; k++) {
             acase c;
@@ -546,15 +548,15 @@ void test_forward_threads(void)
                 lse[t] = acase_make_lse(&c);
                 qkv_ctx *x = ctx[t < 4 ? t : 2];   /* the 5th: again on 3 threads */
                 qkv_status st = qkv_attention_forward(x, &c.tq, &c.tk, &c.tv, &c.opts, &out[t].t, lse[t]);
-                CHECK(st == QKV_OK, "%s %d threads: %s", isa_names[isa], qkv_ctx_threads(x),
+                CHECK(st == QKV_OK, "%s %d threads: %s", name, qkv_ctx_threads(x),
                       qkv_ctx_last_error(x));
             }
             for (int t = 1; t < 5; t++) {
                 CHECK(memcmp(out[0].buf, out[t].buf, out[0].bytes) == 0,
-                      "%s: out differs between 1 and %d threads%s [%s]", isa_names[isa],
+                      "%s: out differs between 1 and %d threads%s [%s]", name,
                       nthreads[t < 4 ? t : 2], t == 4 ? " (second call)" : "", acase_str(&c));
                 CHECK(memcmp(lse[0], lse[t], c.n_lse * sizeof(float)) == 0,
-                      "%s: lse differs between 1 and %d threads%s [%s]", isa_names[isa],
+                      "%s: lse differs between 1 and %d threads%s [%s]", name,
                       nthreads[t < 4 ? t : 2], t == 4 ? " (second call)" : "", acase_str(&c));
             }
             for (int t = 0; t < 5; t++) {

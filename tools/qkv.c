@@ -33,7 +33,7 @@ static const char *usage =
 "  -c, --causal        causal mask on the --shape entries\n"
 "  -w, --window L,R    sliding window on the --shape entries\n"
 "  -r, --reps N        timed repetitions per shape, median reported (default 5)\n"
-"      --isa NAME      kernel set: generic, avx2, avx512 (default: best)\n"
+"      --isa NAME      kernel set: generic, avx2, avx512, avx512bf16 (default: best)\n"
 "      --no-check      skip the check against the reference\n"
 "\n"
 "FLOPs are counted as 4*Hq*D per visible (query, key) pair per batch (so a\n"
@@ -281,11 +281,12 @@ int main(int argc, char **argv)
     if (!strcmp(argv[1], "info")) {
         qkv_ctx *ctx = qkv_ctx_create(0);
         if (!ctx) return 1;
-        printf("qkv %s\nkernels: %s (supported:%s%s%s)\nthreads: %d\n"
-               "fp32 FMA ceiling: %.0f GFLOP/s\n", qkv_version(),
-               qkv_ctx_isa(ctx), qkv_isa_supported("generic") ? " generic" : "",
-               qkv_isa_supported("avx2") ? " avx2" : "", qkv_isa_supported("avx512") ? " avx512" : "",
-               qkv_ctx_threads(ctx), qkv_peak_gflops(ctx));
+        printf("qkv %s\nkernels: %s (supported:", qkv_version(), qkv_ctx_isa(ctx));
+        for (int i = 0; qkv_isa_name(i); i++)
+            if (qkv_isa_supported(qkv_isa_name(i)))
+                printf(" %s", qkv_isa_name(i));
+        printf(")\nthreads: %d\nfp32 FMA ceiling: %.0f GFLOP/s\n", qkv_ctx_threads(ctx),
+               qkv_peak_gflops(ctx));
         qkv_ctx_free(ctx);
         return 0;
     }

@@ -44,6 +44,12 @@ typedef struct {                  /* per-thread scratch, fp32 */
     float *st;     /* [BK][rows]  scores, keys by queries     */
     float *acc;    /* [rows][Dv]                              */
     float *m, *l, *alpha, *mx, *mref, *sum;   /* [rows]       */
+    /* the bf16 dot path (pairs: two bf16 adjacent along the reduction) */
+    uint32_t *qp;  /* [D/2][rows] query pairs along d         */
+    uint16_t *kb;  /* [BK][D+1]   a gathered K tile, bf16     */
+    uint32_t *vp;  /* [BK/2][Dv]  V pairs along keys          */
+    uint32_t *pp;  /* [BK/2][rows] P pairs along keys         */
+    uint16_t *vr;  /* [2][Dv]     two gathered V rows         */
 } tiles;
 
 /* Rows of a tile: BQ, or one per query head of a group when the group is
@@ -55,9 +61,12 @@ static int64_t tile_rows(int64_t group)
     return (r + PAD - 1) / PAD * PAD;
 }
 
+static int64_t pairs(int64_t n) { return (n + 1) / 2; }
+
 static size_t tiles_floats(int64_t rows, int64_t D, int64_t Dv)
 {
-    return (size_t)(2 * rows * D + BK * D + BK * Dv + BK * rows + rows * Dv + 6 * rows);
+    return (size_t)(2 * rows * D + BK * D + BK * Dv + BK * rows + rows * Dv + 6 * rows +
+                    pairs(D) * rows + BK * pairs(D) + BK / 2 * Dv + BK / 2 * rows + Dv);
 }
 
 static tiles tiles_at(float *base, int64_t rows, int64_t D, int64_t Dv)
@@ -75,6 +84,11 @@ static tiles tiles_at(float *base, int64_t rows, int64_t D, int64_t Dv)
     t.mx = t.alpha + rows;
     t.mref = t.mx + rows;
     t.sum = t.mref + rows;
+    t.qp = (uint32_t *)(t.sum + rows);
+    t.kb = (uint16_t *)(t.qp + pairs(D) * rows);
+    t.vp = (uint32_t *)(t.kb + BK * 2 * pairs(D));
+    t.pp = t.vp + BK / 2 * Dv;
+    t.vr = (uint16_t *)(t.pp + BK / 2 * rows);
     return t;
 }
 
@@ -178,6 +192,80 @@ static const float *tile_rows_f32(const qkv__kernels *kn, const qkv_tensor *t,
     return buf;
 }
 
+/* The bf16 dot path: bf16 inputs, a kernel set with bf16 dot products and
+   at least one full vector of query rows (fewer take the fp32 path). Like
+   PyTorch's kernels it rounds P to bf16 for P·V; scores, the softmax
+   statistics and the accumulators stay fp32. */
+static int use_bf16(const qkv__kernels *kn, const qkv__attn *a, int m)
+{
+    return kn->qk_bf16 && a->dt == QKV_BF16 && m >= PAD;
+}
+
+/* The tile's queries as pairs along d: qp[x/2][r] holds row r's q[x] in
+   its low half and q[x+1] in its high half; zero past D and in the padding
+   rows m..mpad. */
+static void load_q_pairs(const qkv__attn *a, const qkv__seq *s, const tile_map *tm,
+                         int m, int mpad, int64_t R, uint32_t *qp)
+{
+    const qkv_tensor *q = a->q;
+    const uint16_t *src = q->data;
+    for (int64_t x = 0; x < pairs(a->D); x++)
+        memset(qp + x * R, 0, (size_t)mpad * sizeof *qp);
+    for (int r = 0; r < m; r++) {
+        const int64_t h = tm->h0 + r / tm->mp, i = s->q0 + tm->i0 + r % tm->mp;
+        const int64_t off = s->b * q->stride[0] + i * q->stride[1] + h * q->stride[2];
+        for (int64_t x = 0; x < a->D; x++) {
+            const uint32_t u = src[off + x * q->stride[3]];
+            qp[(x >> 1) * R + r] |= x & 1 ? u << 16 : u;
+        }
+    }
+}
+
+/* n bf16 K rows from element offset row0, each 2·pairs(D) elements long:
+   in place when D is even and rows are contiguous, else gathered into buf
+   with a zero after an odd D. */
+static const uint16_t *k_rows_bf16(const qkv_tensor *k, int64_t row0, int n, int64_t D,
+                                   uint16_t *buf, int64_t *ld)
+{
+    const uint16_t *src = k->data;
+    if (k->stride[3] == 1 && D % 2 == 0) {
+        *ld = k->stride[1];
+        return src + row0;
+    }
+    const int64_t w = 2 * pairs(D);
+    for (int c = 0; c < n; c++) {
+        for (int64_t x = 0; x < D; x++)
+            buf[c * w + x] = src[row0 + c * k->stride[1] + x * k->stride[3]];
+        if (D % 2)
+            buf[c * w + D] = 0;
+    }
+    *ld = w;
+    return buf;
+}
+
+/* n bf16 V rows from element offset row0 as pairs along keys:
+   vp[jj][c] = (v[2jj][c], v[2jj+1][c]), the high half 0 for a last odd row.
+   rows2 ([2][Dv]) gathers rows that are not contiguous. */
+static void v_pairs_bf16(const qkv__kernels *kn, const qkv_tensor *v, int64_t row0, int n,
+                         int64_t Dv, uint16_t *rows2, uint32_t *vp)
+{
+    const uint16_t *src = v->data;
+    for (int jj = 0; 2 * jj < n; jj++) {
+        const uint16_t *r[2] = { NULL, NULL };
+        for (int e = 0; e < 2 && 2 * jj + e < n; e++) {
+            const int64_t off = row0 + (2 * jj + e) * v->stride[1];
+            if (v->stride[3] == 1) {
+                r[e] = src + off;
+                continue;
+            }
+            for (int64_t c = 0; c < Dv; c++)
+                rows2[e * Dv + c] = src[off + c * v->stride[3]];
+            r[e] = rows2 + e * Dv;
+        }
+        kn->pack_pairs(r[0], r[1], Dv, vp + jj * Dv);
+    }
+}
+
 static void fwd_task(void *arg, int64_t task, int worker)
 {
     const fwd_job *job = arg;
@@ -199,20 +287,24 @@ static void fwd_task(void *arg, int64_t task, int worker)
     const qkv_tensor *q = a->q, *k = a->k, *v = a->v, *out = a->out;
     const int64_t R = tile_rows(a->group);
     tiles tl = tiles_at(job->ctx->scratch[worker], R, D, Dv);
-
-    for (int r = 0; r < m; r++) {
-        const int64_t h = tm.h0 + r / tm.mp, i = s.q0 + tm.i0 + r % tm.mp;
-        float *qr = tl.q + r * D;
-        load_row(kn, q, s.b * q->stride[0] + i * q->stride[1] + h * q->stride[2],
-                 q->stride[3], D, qr);
-        for (int64_t d = 0; d < D; d++)
-            tl.qt[d * R + r] = qr[d];
-    }
-    memset(tl.acc, 0, (size_t)m * (size_t)Dv * sizeof(float));
     /* query columns m..mpad of the scores are padding: -inf scores against
        a reference of 0 give P = 0, so the softmax kernels run on whole
        vectors and the padding never reaches l or acc */
     const int mpad = (m + PAD - 1) / PAD * PAD;
+    const int bf = use_bf16(kn, a, m);
+
+    if (bf)
+        load_q_pairs(a, &s, &tm, m, mpad, R, tl.qp);
+    else
+        for (int r = 0; r < m; r++) {
+            const int64_t h = tm.h0 + r / tm.mp, i = s.q0 + tm.i0 + r % tm.mp;
+            float *qr = tl.q + r * D;
+            load_row(kn, q, s.b * q->stride[0] + i * q->stride[1] + h * q->stride[2],
+                     q->stride[3], D, qr);
+            for (int64_t d = 0; d < D; d++)
+                tl.qt[d * R + r] = qr[d];
+        }
+    memset(tl.acc, 0, (size_t)m * (size_t)Dv * sizeof(float));
     for (int r = 0; r < mpad; r++) {
         tl.m[r] = -INFINITY;
         tl.l[r] = 0.0f;
@@ -230,10 +322,14 @@ static void fwd_task(void *arg, int64_t task, int worker)
 
     for (int64_t j0 = klo; j0 < khi; j0 += BK) {
         const int n = (int)(khi - j0 < BK ? khi - j0 : BK);
-        int64_t ldk, ldv;
-        const float *kr = tile_rows_f32(kn, k, kbase + j0 * k->stride[1], n, D, tl.k, &ldk);
-        const float *vr = tile_rows_f32(kn, v, vbase + j0 * v->stride[1], n, Dv, tl.v, &ldv);
-        kn->qk(n, m, (int)D, a->scale, kr, ldk, tl.qt, R, tl.q, D, tl.st, R);
+        int64_t ldk;
+        if (bf) {
+            const uint16_t *kr = k_rows_bf16(k, kbase + j0 * k->stride[1], n, D, tl.kb, &ldk);
+            kn->qk_bf16(n, mpad, (int)pairs(D), a->scale, kr, ldk, tl.qp, R, tl.st, R);
+        } else {
+            const float *kr = tile_rows_f32(kn, k, kbase + j0 * k->stride[1], n, D, tl.k, &ldk);
+            kn->qk(n, m, (int)D, a->scale, kr, ldk, tl.qt, R, tl.q, D, tl.st, R);
+        }
         /* the band cuts this tile unless every row sees all of it */
         const int band = !(lo_last <= j0 && hi_first >= j0 + n);
         if (modded || band)
@@ -249,10 +345,20 @@ static void fwd_task(void *arg, int64_t task, int worker)
             tl.alpha[r] = tl.m[r] == mn ? 1.0f : expf(tl.m[r] - tl.mref[r]);
             tl.m[r] = mn;
         }
-        kn->exp_cols(tl.st, R, n, mpad, tl.mref, tl.sum);
+        if (bf)
+            kn->exp_pack_bf16(tl.st, R, n, mpad, tl.mref, tl.sum, tl.pp, R);
+        else
+            kn->exp_cols(tl.st, R, n, mpad, tl.mref, tl.sum);
         for (int r = 0; r < mpad; r++)
             tl.l[r] = tl.l[r] * tl.alpha[r] + tl.sum[r];
-        kn->pv(m, n, (int)Dv, tl.st, 1, R, vr, ldv, tl.alpha, tl.acc, Dv);
+        if (bf) {
+            v_pairs_bf16(kn, v, vbase + j0 * v->stride[1], n, Dv, tl.vr, tl.vp);
+            kn->pv_bf16(m, (int)pairs(n), (int)Dv, tl.pp, R, tl.vp, Dv, tl.alpha, tl.acc, Dv);
+        } else {
+            int64_t ldv;
+            const float *vr = tile_rows_f32(kn, v, vbase + j0 * v->stride[1], n, Dv, tl.v, &ldv);
+            kn->pv(m, n, (int)Dv, tl.st, 1, R, vr, ldv, tl.alpha, tl.acc, Dv);
+        }
     }
 
     for (int r = 0; r < m; r++) {

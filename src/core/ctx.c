@@ -125,7 +125,7 @@ qkv_status qkv_ctx_set_isa(qkv_ctx *ctx, const char *name)
     const qkv__kernels *t = qkv__kernels_by_name(name, &known);
     if (!known)
         return qkv__fail(ctx, QKV_ERR_ARG,
-                         "name: unknown kernel set '%.64s' (generic, avx2, avx512)", name);
+                         "name: unknown kernel set '%.64s' (see qkv_isa_name)", name);
     if (!t)
         return qkv__fail(ctx, QKV_ERR_UNSUPPORTED,
                          "name: this CPU cannot run the '%s' kernel set", name);
@@ -133,6 +133,8 @@ qkv_status qkv_ctx_set_isa(qkv_ctx *ctx, const char *name)
     ctx->err[0] = 0;
     return QKV_OK;
 }
+
+const char *qkv_isa_name(int i) { return qkv__kernels_name(i); }
 
 int qkv_isa_supported(const char *name)
 {

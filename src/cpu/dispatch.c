@@ -15,8 +15,8 @@
 #define QKV_X86 1
 #endif
 
-enum { ISA_GENERIC, ISA_AVX2, ISA_AVX512, ISA_COUNT };
-static const char *const isa_names[ISA_COUNT] = { "generic", "avx2", "avx512" };
+enum { ISA_GENERIC, ISA_AVX2, ISA_AVX512, ISA_AVX512BF16, ISA_COUNT };
+static const char *const isa_names[ISA_COUNT] = { "generic", "avx2", "avx512", "avx512bf16" };
 
 static qkv__kernels tables[ISA_COUNT];
 static int supported[ISA_COUNT];
@@ -45,12 +45,19 @@ static void detect(void)
     if (__get_cpuid_max(0, NULL) < 7)
         return;
     __cpuid_count(7, 0, a, b, c, d);
+    unsigned max_subleaf = a;
     int avx2 = (b >> 5) & 1;
     int avx512f = (b >> 16) & 1, avx512dq = (b >> 17) & 1;
     int avx512bw = (b >> 30) & 1, avx512vl = (b >> 31) & 1;
     supported[ISA_AVX2] = ymm_os && avx2 && fma;
     supported[ISA_AVX512] = supported[ISA_AVX2] && zmm_os && avx512f &&
                             avx512dq && avx512bw && avx512vl;
+    int avx512bf16 = 0;
+    if (max_subleaf >= 1) {
+        __cpuid_count(7, 1, a, b, c, d);
+        avx512bf16 = (a >> 5) & 1;
+    }
+    supported[ISA_AVX512BF16] = supported[ISA_AVX512] && avx512bf16;
 }
 #endif
 
@@ -61,6 +68,7 @@ static void init(void)
 #ifdef QKV_X86
     qkv__kernels_avx2(&tables[ISA_AVX2]);
     qkv__kernels_avx512(&tables[ISA_AVX512]);
+    qkv__kernels_avx512bf16(&tables[ISA_AVX512BF16]);
     detect();
 #endif
     best = ISA_GENERIC;
@@ -78,6 +86,11 @@ const qkv__kernels *qkv__kernels_default(void)
 {
     pthread_once(&once, init);
     return &tables[best];
+}
+
+const char *qkv__kernels_name(int i)
+{
+    return i >= 0 && i < ISA_COUNT ? isa_names[i] : NULL;
 }
 
 const qkv__kernels *qkv__kernels_by_name(const char *name, int *known)

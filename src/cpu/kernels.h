@@ -42,18 +42,48 @@ typedef struct qkv__kernels {
     void (*cvt_f16)(const uint16_t *src, float *dst, int64_t n);
     void (*cvt_bf16)(const uint16_t *src, float *dst, int64_t n);
 
+    /* ---- bf16 dot products: NULL where the CPU has no bf16 dot ----------
+       A pair is a uint32 holding two bf16 values adjacent along the
+       reduction axis, the lower index in the low half. */
+
+    /* dst[c] = a[c] | b[c] << 16 for c < n (b NULL: high halves 0). */
+    void (*pack_pairs)(const uint16_t *a, const uint16_t *b, int64_t n, uint32_t *dst);
+
+    /* st[j][i] = scale · Σ_x k[j][x]·q[i][x] for j < n keys, i < m queries
+       (m a multiple of 16). k: bf16 rows of 2·dp readable elements,
+       stride ldk elements; qp [dp][ldqp] pairs of q along x. */
+    void (*qk_bf16)(int n, int m, int dp, float scale, const uint16_t *k, int64_t ldk,
+                    const uint32_t *qp, int64_t ldqp, float *st, int64_t ldst);
+
+    /* P = exp(st[j][i] - mref[i]) rounded to bf16, stored as pairs of keys
+       pp[j/2][i] (the high half of a last odd key 0), and sum[i] = Σ_j of
+       the unrounded P. m a multiple of 16; st is left as it was. */
+    void (*exp_pack_bf16)(const float *st, int64_t ld, int n, int m, const float *mref,
+                          float *sum, uint32_t *pp, int64_t ldp);
+
+    /* acc[i][c] = alpha[i]·acc[i][c] + Σ_jj pp[jj][i]·vp[jj][c] (pair dot
+       products) for i < m, c < dv, jj < np. */
+    void (*pv_bf16)(int m, int np, int dv, const uint32_t *pp, int64_t ldp,
+                    const uint32_t *vp, int64_t ldvp, const float *alpha,
+                    float *acc, int64_t lda);
+
     /* Runs iters rounds of independent fp32 vector FMAs (a ceiling probe
        for benchmarks); returns the flops done. */
     double (*fma_probe)(int64_t iters);
 } qkv__kernels;
 
-/* Kernel sets, in order of preference on x86-64: avx512, avx2, generic. */
+/* Kernel sets, in order of preference on x86-64: avx512bf16, avx512, avx2,
+   generic. */
 void qkv__kernels_generic(qkv__kernels *t);
 void qkv__kernels_avx2(qkv__kernels *t);
 void qkv__kernels_avx512(qkv__kernels *t);
+void qkv__kernels_avx512bf16(qkv__kernels *t);
 
 /* The best set this CPU and OS support (or QKV_ISA's choice). */
 const qkv__kernels *qkv__kernels_default(void);
+/* The name of the i-th set qkv knows (least preferred first), NULL past
+   the last. */
+const char *qkv__kernels_name(int i);
 /* The named set, or NULL when unknown (*known = 0) or unsupported. */
 const qkv__kernels *qkv__kernels_by_name(const char *name, int *known);
 

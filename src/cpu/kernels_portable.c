@@ -7,9 +7,10 @@
  * is static, so each copy is self-contained and steps cleanly in gdb.
  *
  * Here: the two products of a tile (scores and P·V), the column softmax
- * pieces, fp16/bf16 widening and an FMA ceiling probe. Not here:
- * intrinsics or AMX — hand-tuned kernels live in their own kernels_<isa>.c
- * files.
+ * pieces, fp16/bf16 widening and an FMA ceiling probe. Built with
+ * -mavx512bf16 (the fourth copy), the file also holds the bf16 dot-product
+ * kernels, which need the one instruction the vector extension cannot
+ * express (vdpbf16ps). Not here: AMX.
  */
 #include "kernels.h"
 
@@ -320,6 +321,176 @@ static void cvt_bf16(const uint16_t *src, float *dst, int64_t n)
     }
 }
 
+/* ---- bf16 dot products (vdpbf16ps) --------------------------------------- */
+
+#if defined(__AVX512BF16__) && QKV_VW == 16
+#include <immintrin.h>
+#define QKV_HAVE_BF16_DOT 1
+
+/* c + a.lo·b.lo + a.hi·b.hi per 32-bit lane: a pair of bf16 values adjacent
+   along the reduction axis, products exact, sums in fp32. */
+static inline vf dot2(vf c, __m512i a, __m512i b)
+{
+    return (vf)_mm512_dpbf16_ps((__m512)c, (__m512bh)a, (__m512bh)b);
+}
+
+static inline __m512i pair_bcast(const uint16_t *p)
+{
+    uint32_t u;
+    memcpy(&u, p, sizeof u);
+    return _mm512_set1_epi32((int)u);
+}
+
+static inline __m512i pairs_load(const uint32_t *p) { return _mm512_loadu_si512(p); }
+
+/* rows keys x nv·16 queries of the scores (both constant at every call). */
+static inline __attribute__((always_inline))
+void qkb_block(const int rows, const int nv, int dp, float scale, const uint16_t *k,
+               int64_t ldk, const uint32_t *qp, int64_t ldqp, float *s, int64_t lds)
+{
+    vf c[MR][2];
+    for (int r = 0; r < rows; r++)
+        c[r][0] = c[r][1] = (vf){0};
+    for (int x = 0; x < dp; x++) {
+        const uint32_t *b = qp + x * ldqp;
+        __m512i b0 = pairs_load(b), b1 = nv > 1 ? pairs_load(b + VW) : b0;
+        for (int r = 0; r < rows; r++) {
+            __m512i a = pair_bcast(k + r * ldk + 2 * x);
+            c[r][0] = dot2(c[r][0], a, b0);
+            if (nv > 1)
+                c[r][1] = dot2(c[r][1], a, b1);
+        }
+    }
+    vf sc = vset1(scale);
+    for (int r = 0; r < rows; r++)
+        for (int v = 0; v < nv; v++)
+            vstore(s + r * lds + v * VW, c[r][v] * sc);
+}
+
+#define QKB_COLS(rows)                                                          \
+    do {                                                                        \
+        int i = 0;                                                              \
+        for (; i + 2 * VW <= m; i += 2 * VW)                                    \
+            qkb_block(rows, 2, dp, scale, k + j * ldk, ldk, qp + i, ldqp,       \
+                      st + j * ldst + i, ldst);                                 \
+        if (i < m)                                                              \
+            qkb_block(rows, 1, dp, scale, k + j * ldk, ldk, qp + i, ldqp,       \
+                      st + j * ldst + i, ldst);                                 \
+    } while (0)
+
+static void qk_bf16(int n, int m, int dp, float scale, const uint16_t *k, int64_t ldk,
+                    const uint32_t *qp, int64_t ldqp, float *st, int64_t ldst)
+{
+    int j = 0;
+    for (; j + MR <= n; j += MR)
+        QKB_COLS(MR);
+    for (; j + 4 <= n; j += 4)
+        QKB_COLS(4);
+    for (; j < n; j++)
+        QKB_COLS(1);
+}
+
+/* Word 2t takes word t (the even key), word 2t+1 word 16+t (the odd key). */
+static inline __m512i pair_interleave(void)
+{
+    int16_t ix[32];
+    for (int t = 0; t < 16; t++) {
+        ix[2 * t] = (int16_t)t;
+        ix[2 * t + 1] = (int16_t)(16 + t);
+    }
+    return _mm512_loadu_si512(ix);
+}
+
+static void exp_pack_bf16(const float *st, int64_t ld, int n, int m, const float *mref,
+                          float *sum, uint32_t *pp, int64_t ldp)
+{
+    const __m512i ix = pair_interleave();
+    for (int i = 0; i < m; i += VW) {
+        vf mv = vload(mref + i), acc = {0};
+        for (int j = 0; j < n; j += 2) {
+            vf e0 = vexp(vload(st + j * ld + i) - mv);
+            vf e1 = j + 1 < n ? vexp(vload(st + (j + 1) * ld + i) - mv) : (vf){0};
+            acc += e0 + e1;
+            __m512i h = (__m512i)_mm512_cvtne2ps_pbh((__m512)e1, (__m512)e0);
+            _mm512_storeu_si512(pp + (j / 2) * ldp + i, _mm512_permutexvar_epi16(ix, h));
+        }
+        vstore(sum + i, acc);
+    }
+}
+
+/* rows of acc x nv·16 columns, the last vector masked by `tail`. */
+static inline __attribute__((always_inline))
+void pvb_block(const int rows, const int nv, __mmask16 tail, int np, const uint32_t *pp,
+               int64_t ldp, const uint32_t *vp, int64_t ldvp, const float *alpha,
+               float *acc, int64_t lda)
+{
+    vf c[MR][2];
+    const __mmask16 mk[2] = { nv > 1 ? (__mmask16)0xffff : tail, tail };
+    for (int r = 0; r < rows; r++) {
+        vf s = vset1(alpha[r]);
+        for (int v = 0; v < nv; v++)
+            c[r][v] = (vf)_mm512_maskz_loadu_ps(mk[v], acc + r * lda + v * VW) * s;
+    }
+    for (int jj = 0; jj < np; jj++) {
+        const uint32_t *b = vp + jj * ldvp;
+        __m512i b0 = _mm512_maskz_loadu_epi32(mk[0], b);
+        __m512i b1 = nv > 1 ? _mm512_maskz_loadu_epi32(mk[1], b + VW) : b0;
+        for (int r = 0; r < rows; r++) {
+            __m512i a = _mm512_set1_epi32((int)pp[jj * ldp + r]);
+            c[r][0] = dot2(c[r][0], a, b0);
+            if (nv > 1)
+                c[r][1] = dot2(c[r][1], a, b1);
+        }
+    }
+    for (int r = 0; r < rows; r++)
+        for (int v = 0; v < nv; v++)
+            _mm512_mask_storeu_ps(acc + r * lda + v * VW, mk[v], (__m512)c[r][v]);
+}
+
+#define PVB_COLS(rows)                                                          \
+    do {                                                                        \
+        int c0 = 0;                                                             \
+        for (; c0 + 2 * VW <= dv; c0 += 2 * VW)                                 \
+            pvb_block(rows, 2, 0xffff, np, pp + i, ldp, vp + c0, ldvp,          \
+                      alpha + i, acc + i * lda + c0, lda);                      \
+        for (; c0 < dv; c0 += VW)                                               \
+            pvb_block(rows, 1,                                                  \
+                      dv - c0 >= VW ? (__mmask16)0xffff                         \
+                                    : (__mmask16)((1u << (dv - c0)) - 1),       \
+                      np, pp + i, ldp, vp + c0, ldvp, alpha + i,                \
+                      acc + i * lda + c0, lda);                                 \
+    } while (0)
+
+static void pv_bf16(int m, int np, int dv, const uint32_t *pp, int64_t ldp,
+                    const uint32_t *vp, int64_t ldvp, const float *alpha,
+                    float *acc, int64_t lda)
+{
+    int i = 0;
+    for (; i + MR <= m; i += MR)
+        PVB_COLS(MR);
+    for (; i + 4 <= m; i += 4)
+        PVB_COLS(4);
+    for (; i < m; i++)
+        PVB_COLS(1);
+}
+#endif /* __AVX512BF16__ */
+
+/* dst[c] = a[c] | b[c] << 16, c < n: two bf16 rows interleaved into pairs
+   (b NULL: zeros). */
+static void pack_pairs(const uint16_t *a, const uint16_t *b, int64_t n, uint32_t *dst)
+{
+    if (!b) {
+        for (int64_t c = 0; c < n; c++)
+            dst[c] = a[c];
+        return;
+    }
+    int64_t c = 0;
+    for (; c + VW <= n; c += VW)
+        vstore((float *)(dst + c), (vf)(widen(a + c) | (widen(b + c) << 16)));
+    for (; c < n; c++)
+        dst[c] = (uint32_t)a[c] | (uint32_t)b[c] << 16;
+}
+
 /* ---- machine ceiling ------------------------------------------------------ */
 
 /* Twelve independent accumulators hide the FMA latency; the compiler
@@ -350,4 +521,14 @@ void QKV_KERNEL_TABLE(qkv__kernels *t)
     t->cvt_f16 = cvt_f16;
     t->cvt_bf16 = cvt_bf16;
     t->fma_probe = fma_probe;
+    t->pack_pairs = pack_pairs;
+#ifdef QKV_HAVE_BF16_DOT
+    t->qk_bf16 = qk_bf16;
+    t->exp_pack_bf16 = exp_pack_bf16;
+    t->pv_bf16 = pv_bf16;
+#else
+    t->qk_bf16 = NULL;
+    t->exp_pack_bf16 = NULL;
+    t->pv_bf16 = NULL;
+#endif
 }
