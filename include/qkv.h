@@ -149,10 +149,12 @@ QKV_API qkv_status qkv_ctx_set_isa(qkv_ctx *ctx, const char *name);
 /* Whether this CPU can run the named kernel set (1) or not (0). */
 QKV_API int qkv_isa_supported(const char *name);
 
-/* The i-th kernel set qkv knows, least preferred first ("generic", "avx2",
-   "avx512", "avx512bf16": bf16 inputs use its bf16 dot products), NULL for
-   i out of range. The default is the last one the CPU supports; the
-   environment variable QKV_ISA=name overrides it for new contexts. */
+/* The i-th kernel set qkv knows, least preferred first, NULL for i out of
+   range: "generic", "avx2", "avx512", "avx512bf16" (bf16 inputs use bf16
+   dot products), "amx-emu" and "amx" (bf16 products on AMX tiles; amx-emu
+   emulates each tile instruction, slowly, for testing on CPUs without
+   AMX, and is never the default). The default is the last supported one;
+   the environment variable QKV_ISA=name overrides it for new contexts. */
 QKV_API const char *qkv_isa_name(int i);
 
 /* Measures the fp32 multiply-add ceiling of ctx's kernel set on all of its

@@ -213,8 +213,9 @@ void test_errors_api(void)
     CHECK(qkv_ctx_set_isa(NULL, "generic") == QKV_ERR_NULL, "set_isa on a NULL ctx");
     CHECK(qkv_isa_supported("nope") == 0, "isa_supported(\"nope\")");
     CHECK(qkv_isa_supported("generic") == 1, "isa_supported(\"generic\")");
-    static const char *const names[4] = { "generic", "avx2", "avx512", "avx512bf16" };
-    for (int i = 0; i < 4; i++) {
+    static const char *const names[6] = { "generic", "avx2", "avx512", "avx512bf16",
+                                          "amx-emu", "amx" };
+    for (int i = 0; i < 6; i++) {
         st = qkv_ctx_set_isa(ctx, names[i]);
         if (qkv_isa_supported(names[i]))
             CHECK(st == QKV_OK && !strcmp(qkv_ctx_isa(ctx), names[i]), "set_isa(%s) = %d, isa %s",

@@ -33,7 +33,7 @@ static const char *usage =
 "  -c, --causal        causal mask on the --shape entries\n"
 "  -w, --window L,R    sliding window on the --shape entries\n"
 "  -r, --reps N        timed repetitions per shape, median reported (default 5)\n"
-"      --isa NAME      kernel set: generic, avx2, avx512, avx512bf16 (default: best)\n"
+"      --isa NAME      kernel set: generic, avx2, avx512, avx512bf16, amx (default: best)\n"
 "      --no-check      skip the check against the reference\n"
 "\n"
 "FLOPs are counted as 4*Hq*D per visible (query, key) pair per batch (so a\n"

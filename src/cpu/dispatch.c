@@ -14,9 +14,17 @@
 #include <cpuid.h>
 #define QKV_X86 1
 #endif
+#ifdef __linux__
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
-enum { ISA_GENERIC, ISA_AVX2, ISA_AVX512, ISA_AVX512BF16, ISA_COUNT };
-static const char *const isa_names[ISA_COUNT] = { "generic", "avx2", "avx512", "avx512bf16" };
+enum { ISA_GENERIC, ISA_AVX2, ISA_AVX512, ISA_AVX512BF16, ISA_AMX_EMU, ISA_AMX, ISA_COUNT };
+static const char *const isa_names[ISA_COUNT] = {
+    "generic", "avx2", "avx512", "avx512bf16", "amx-emu", "amx"
+};
+/* never the default: the emulated AMX set is for tests */
+static const int manual_only[ISA_COUNT] = { [ISA_AMX_EMU] = 1 };
 
 static qkv__kernels tables[ISA_COUNT];
 static int supported[ISA_COUNT];
@@ -29,6 +37,17 @@ static uint64_t xgetbv0(void)
     uint32_t lo, hi;
     __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
     return ((uint64_t)hi << 32) | lo;
+}
+
+/* Linux hands out the 8 KiB of tile state only to processes that ask. */
+static int amx_permitted(void)
+{
+#if defined(__linux__) && defined(SYS_arch_prctl)
+    enum { ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18 };
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+#else
+    return 0;
+#endif
 }
 
 static void detect(void)
@@ -45,7 +64,7 @@ static void detect(void)
     if (__get_cpuid_max(0, NULL) < 7)
         return;
     __cpuid_count(7, 0, a, b, c, d);
-    unsigned max_subleaf = a;
+    unsigned max_subleaf = a, edx7 = d;
     int avx2 = (b >> 5) & 1;
     int avx512f = (b >> 16) & 1, avx512dq = (b >> 17) & 1;
     int avx512bw = (b >> 30) & 1, avx512vl = (b >> 31) & 1;
@@ -58,6 +77,11 @@ static void detect(void)
         avx512bf16 = (a >> 5) & 1;
     }
     supported[ISA_AVX512BF16] = supported[ISA_AVX512] && avx512bf16;
+    supported[ISA_AMX_EMU] = supported[ISA_AVX512BF16];
+    int amx_bf16 = (edx7 >> 22) & 1, amx_tile = (edx7 >> 24) & 1;
+    int tiles_os = (xcr0 & 0x60000) == 0x60000;   /* XTILECFG + XTILEDATA */
+    supported[ISA_AMX] = supported[ISA_AVX512BF16] && amx_bf16 && amx_tile && tiles_os &&
+                         amx_permitted();
 }
 #endif
 
@@ -69,11 +93,13 @@ static void init(void)
     qkv__kernels_avx2(&tables[ISA_AVX2]);
     qkv__kernels_avx512(&tables[ISA_AVX512]);
     qkv__kernels_avx512bf16(&tables[ISA_AVX512BF16]);
+    qkv__kernels_amx_emu(&tables[ISA_AMX_EMU]);
+    qkv__kernels_amx(&tables[ISA_AMX]);
     detect();
 #endif
     best = ISA_GENERIC;
     for (int i = 0; i < ISA_COUNT; i++)
-        if (supported[i])
+        if (supported[i] && !manual_only[i])
             best = i;
     const char *env = getenv("QKV_ISA");
     if (env && *env)

@@ -72,12 +72,14 @@ typedef struct qkv__kernels {
     double (*fma_probe)(int64_t iters);
 } qkv__kernels;
 
-/* Kernel sets, in order of preference on x86-64: avx512bf16, avx512, avx2,
-   generic. */
+/* Kernel sets, in order of preference on x86-64: amx, avx512bf16, avx512,
+   avx2, generic; amx-emu (AMX emulated, for tests) only when asked for. */
 void qkv__kernels_generic(qkv__kernels *t);
 void qkv__kernels_avx2(qkv__kernels *t);
 void qkv__kernels_avx512(qkv__kernels *t);
 void qkv__kernels_avx512bf16(qkv__kernels *t);
+void qkv__kernels_amx(qkv__kernels *t);
+void qkv__kernels_amx_emu(qkv__kernels *t);
 
 /* The best set this CPU and OS support (or QKV_ISA's choice). */
 const qkv__kernels *qkv__kernels_default(void);

@@ -1,0 +1,225 @@
+/*
+ * kernels_amx.c — the bf16 products of a tile on AMX: S = K·Qᵀ and
+ * acc += P·V with tdpbf16ps on 16x16 fp32 tiles. Everything else (the
+ * softmax, the fp32 path, the tails the tiles do not cover) is the
+ * avx512bf16 set's, which this set extends.
+ *
+ * The operands are the layouts the driver already builds for the bf16 dot
+ * path (see kernels.h): K rows in place are the A tiles of the scores, the
+ * query pairs qp[d/2][i] their B tiles (VNNI order), and the score tile
+ * comes out keys by queries, as the softmax kernels want it. For P·V, the
+ * V pairs vp[j/2][c] are the B tiles; the A tiles are P by queries, a
+ * 16x16 transpose (of 32-bit pairs) of the pp[j/2][i] the softmax wrote.
+ *
+ * Compiled twice: with the AMX instructions (-mamx-tile -mamx-bf16, set
+ * "amx"), and with QKV_AMX_EMULATE, where each tile instruction is a loop
+ * of AVX512-BF16 code with the same arithmetic (set "amx-emu"). The
+ * emulation is slow; it exists so that the tiling, the transposes and the
+ * tails of this file are tested on CPUs without AMX.
+ */
+#include "kernels.h"
+
+#include <immintrin.h>
+#include <string.h>
+
+#ifndef QKV_KERNEL_TABLE
+#define QKV_KERNEL_TABLE qkv__kernels_amx
+#endif
+#ifndef QKV_KERNEL_NAME
+#define QKV_KERNEL_NAME "amx"
+#endif
+
+enum { TR = 16,        /* rows of a tile */
+       TB = 64 };      /* bytes per tile row: 16 fp32 or 16 bf16 pairs */
+
+/* ---- the tile instructions ------------------------------------------------ */
+
+#ifdef QKV_AMX_EMULATE
+/* Eight 1 KiB tile registers per thread. dpbf16: C[m][n] += Σ_k A[m][k]·B[k][n]
+   over bf16 pairs, products exact and sums in fp32, as tdpbf16ps does. */
+static _Thread_local union { float f[TR][TR]; uint32_t u[TR][TR]; } tmm[8];
+
+static void t_zero(int t) { memset(&tmm[t], 0, sizeof tmm[t]); }
+static void t_load(int t, const void *p, int64_t stride)
+{
+    for (int r = 0; r < TR; r++)
+        memcpy(tmm[t].u[r], (const char *)p + r * stride, TB);
+}
+static void t_store(int t, void *p, int64_t stride)
+{
+    for (int r = 0; r < TR; r++)
+        memcpy((char *)p + r * stride, tmm[t].u[r], TB);
+}
+static void t_dp(int c, int a, int b)
+{
+    for (int m = 0; m < TR; m++) {
+        __m512 acc = _mm512_loadu_ps(tmm[c].f[m]);
+        for (int k = 0; k < TR; k++)
+            acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_set1_epi32((int)tmm[a].u[m][k]),
+                                   (__m512bh)_mm512_loadu_si512(tmm[b].u[k]));
+        _mm512_storeu_ps(tmm[c].f[m], acc);
+    }
+}
+static void t_begin(void) {}
+static void t_end(void) {}
+#define T_ZERO(t)          t_zero(t)
+#define T_LOAD(t, p, s)    t_load(t, p, s)
+#define T_STORE(t, p, s)   t_store(t, p, s)
+#define T_DP(c, a, b)      t_dp(c, a, b)
+#else
+/* Palette 1, all eight tiles 16 rows of 64 bytes. */
+typedef struct {
+    uint8_t  palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t  rows[16];
+} tile_config;
+
+static void t_begin(void)
+{
+    tile_config c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 8; t++) {
+        c.colsb[t] = TB;
+        c.rows[t] = TR;
+    }
+    _tile_loadconfig(&c);
+}
+static void t_end(void) { _tile_release(); }
+#define T_ZERO(t)          _tile_zero(t)
+#define T_LOAD(t, p, s)    _tile_loadd(t, p, s)
+#define T_STORE(t, p, s)   _tile_stored(t, p, s)
+#define T_DP(c, a, b)      _tile_dpbf16ps(c, a, b)
+#endif
+
+/* The avx512bf16 kernels, for what the tiles do not cover. */
+static void (*dot_qk)(int, int, int, float, const uint16_t *, int64_t, const uint32_t *,
+                      int64_t, float *, int64_t);
+static void (*dot_pv)(int, int, int, const uint32_t *, int64_t, const uint32_t *, int64_t,
+                      const float *, float *, int64_t);
+
+static const float ones[TR] = { 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1 };
+
+/* ---- scores ---------------------------------------------------------------- */
+
+/* st[j][i] for 16·nk keys from k, 16·nq queries from qp (nk, nq in 1..2):
+   C tiles 0..3 = (key block, query block), A tiles 4, 5 (keys), B 6, 7. */
+static void qk_tiles(int nk, int nq, int dp, const uint16_t *k, int64_t ldk,
+                     const uint32_t *qp, int64_t ldqp, float *st, int64_t ldst)
+{
+    T_ZERO(0); T_ZERO(1); T_ZERO(2); T_ZERO(3);
+    for (int x = 0; x < dp; x += TR) {
+        T_LOAD(4, k + 2 * x, ldk * 2);
+        if (nk > 1) T_LOAD(5, k + TR * ldk + 2 * x, ldk * 2);
+        T_LOAD(6, qp + x * ldqp, ldqp * 4);
+        if (nq > 1) T_LOAD(7, qp + x * ldqp + TR, ldqp * 4);
+        T_DP(0, 4, 6);
+        if (nq > 1) T_DP(1, 4, 7);
+        if (nk > 1) T_DP(2, 5, 6);
+        if (nk > 1 && nq > 1) T_DP(3, 5, 7);
+    }
+    T_STORE(0, st, ldst * 4);
+    if (nq > 1) T_STORE(1, st + TR, ldst * 4);
+    if (nk > 1) T_STORE(2, st + TR * ldst, ldst * 4);
+    if (nk > 1 && nq > 1) T_STORE(3, st + TR * ldst + TR, ldst * 4);
+}
+
+/* Contract of kernels.h's qk_bf16. The tiles take whole blocks of 16 keys
+   and d in chunks of 32 (dp a multiple of 16); the last n % 16 keys, and
+   any d that is not, go to the dot-product kernel. */
+static void qk_amx(int n, int m, int dp, float scale, const uint16_t *k, int64_t ldk,
+                   const uint32_t *qp, int64_t ldqp, float *st, int64_t ldst)
+{
+    if (dp % TR) {
+        dot_qk(n, m, dp, scale, k, ldk, qp, ldqp, st, ldst);
+        return;
+    }
+    const int nfull = n - n % TR;
+    t_begin();
+    for (int j = 0; j < nfull; j += 2 * TR) {
+        const int nk = nfull - j >= 2 * TR ? 2 : 1;
+        for (int i = 0; i < m; i += 2 * TR)
+            qk_tiles(nk, m - i >= 2 * TR ? 2 : 1, dp, k + j * ldk, ldk, qp + i, ldqp,
+                     st + j * ldst + i, ldst);
+    }
+    t_end();
+    const __m512 sc = _mm512_set1_ps(scale);
+    for (int j = 0; j < nfull; j++)
+        for (int i = 0; i < m; i += 16)
+            _mm512_storeu_ps(st + j * ldst + i, _mm512_mul_ps(_mm512_loadu_ps(st + j * ldst + i), sc));
+    if (nfull < n)
+        dot_qk(n - nfull, m, dp, scale, k + nfull * ldk, ldk, qp, ldqp, st + nfull * ldst, ldst);
+}
+
+/* ---- acc += P·V -------------------------------------------------------------- */
+
+/* dst[r][c] = src[c·lds + r]: a 16x16 transpose of 32-bit pairs (P by keys
+   to P by queries). */
+static void transpose16(const uint32_t *src, int64_t lds, uint32_t *dst)
+{
+    for (int c = 0; c < TR; c++)
+        for (int r = 0; r < TR; r++)
+            dst[r * TR + c] = src[c * lds + r];
+}
+
+/* acc rows i..i+16, columns c..c+16·nc (nc in 1..2) += P·V over nch chunks
+   of 16 pairs, P transposed in pa[nch][16][16]: C tiles 0, 1, A 4, B 6, 7. */
+static void pv_tiles(int nc, int nch, const uint32_t *pa, const uint32_t *vp, int64_t ldvp,
+                     float *acc, int64_t lda)
+{
+    T_LOAD(0, acc, lda * 4);
+    if (nc > 1) T_LOAD(1, acc + TR, lda * 4);
+    for (int ch = 0; ch < nch; ch++) {
+        T_LOAD(4, pa + ch * TR * TR, TB);
+        T_LOAD(6, vp + ch * TR * ldvp, ldvp * 4);
+        if (nc > 1) T_LOAD(7, vp + ch * TR * ldvp + TR, ldvp * 4);
+        T_DP(0, 4, 6);
+        if (nc > 1) T_DP(1, 4, 7);
+    }
+    T_STORE(0, acc, lda * 4);
+    if (nc > 1) T_STORE(1, acc + TR, lda * 4);
+}
+
+enum { MAXCH = 8 };   /* chunks of 16 pairs transposed at a time */
+
+/* Contract of kernels.h's pv_bf16. The dot-product kernel first applies
+   alpha to every row and adds the pairs past the last whole chunk of 16;
+   the tiles then add the whole chunks to whole 16x16 blocks of acc, and
+   the dot-product kernel (alpha 1) the leftover rows and columns. */
+static void pv_amx(int m, int np, int dv, const uint32_t *pp, int64_t ldp,
+                   const uint32_t *vp, int64_t ldvp, const float *alpha,
+                   float *acc, int64_t lda)
+{
+    const int npf = np - np % TR, mf = m - m % TR, cf = dv - dv % TR;
+    dot_pv(m, np - npf, dv, pp + npf * ldp, ldp, vp + npf * ldvp, ldvp, alpha, acc, lda);
+    if (npf == 0)
+        return;
+    uint32_t pa[MAXCH * TR * TR];
+    if (cf > 0 && mf > 0) {
+        t_begin();
+        for (int i = 0; i < mf; i += TR)
+            for (int ch0 = 0; ch0 < npf / TR; ch0 += MAXCH) {
+                const int nch = npf / TR - ch0 < MAXCH ? npf / TR - ch0 : MAXCH;
+                for (int ch = 0; ch < nch; ch++)
+                    transpose16(pp + (ch0 + ch) * TR * ldp + i, ldp, pa + ch * TR * TR);
+                for (int c = 0; c < cf; c += 2 * TR)
+                    pv_tiles(cf - c >= 2 * TR ? 2 : 1, nch, pa, vp + ch0 * TR * ldvp + c,
+                             ldvp, acc + i * lda + c, lda);
+            }
+        t_end();
+    }
+    for (int i = 0; i < mf && cf < dv; i += TR)
+        dot_pv(TR, npf, dv - cf, pp + i, ldp, vp + cf, ldvp, ones, acc + i * lda + cf, lda);
+    if (mf < m)
+        dot_pv(m - mf, npf, dv, pp + mf, ldp, vp, ldvp, ones, acc + mf * lda, lda);
+}
+
+void QKV_KERNEL_TABLE(qkv__kernels *t)
+{
+    qkv__kernels_avx512bf16(t);
+    dot_qk = t->qk_bf16;
+    dot_pv = t->pv_bf16;
+    t->name = QKV_KERNEL_NAME;
+    t->qk_bf16 = qk_amx;
+    t->pv_bf16 = pv_amx;
+}
