@@ -34,6 +34,11 @@ typedef struct {
     qkv_ctx         *ctx;
     const qkv__attn *a;
     qkv__tasks       tasks;
+    /* split-K: each tile's keys in n_split parts whose partial softmax
+       states (m, l, acc per row) go to part, and are merged afterwards */
+    int64_t          n_split;
+    float           *part;
+    int64_t          part_size;   /* floats per (tile, part) */
 } fwd_job;
 
 typedef struct {                  /* per-thread scratch, fp32 */
@@ -266,25 +271,47 @@ static void v_pairs_bf16(const qkv__kernels *kn, const qkv_tensor *v, int64_t ro
     }
 }
 
+/* Tile number `tile` of the job: its sequence, kv head and rows. */
+static void tile_of(const fwd_job *job, int64_t tile, qkv__seq *s, int64_t *hk, tile_map *tm)
+{
+    const qkv__attn *a = job->a;
+    int64_t t;
+    *s = qkv__attn_seq(a, qkv__tasks_find(&job->tasks, tile, &t));
+    const int64_t P = tile_positions(a->group);
+    const int64_t n_qt = (s->sq + P - 1) / P;
+    *hk = t / n_qt;
+    tm->h0 = *hk * a->group;
+    /* last tiles first: under a causal mask they see the most keys, and
+       starting them early balances the threads' loads */
+    tm->i0 = (n_qt - 1 - t % n_qt) * P;
+    tm->mp = (int)(s->sq - tm->i0 < P ? s->sq - tm->i0 : P);
+}
+
+/* Writes row r's output and lse from its softmax state (m, l, acc). */
+static void store_result(const qkv__attn *a, const qkv__seq *s, const tile_map *tm, int r,
+                         float m, float l, const float *acc)
+{
+    const qkv_tensor *out = a->out;
+    const int64_t h = tm->h0 + r / tm->mp, qi = s->q0 + tm->i0 + r % tm->mp;
+    store_row(out, s->b * out->stride[0] + qi * out->stride[1] + h * out->stride[2],
+              out->stride[3], a->Dv, acc, l > 0.0f ? 1.0f / l : 0.0f);
+    if (a->lse)
+        a->lse[qkv__lse_index(a, s->b, h, qi)] = l > 0.0f ? m + logf(l) : -INFINITY;
+}
+
 static void fwd_task(void *arg, int64_t task, int worker)
 {
     const fwd_job *job = arg;
     const qkv__attn *a = job->a;
     const qkv__kernels *kn = job->ctx->kernels;
-    int64_t t;
-    const qkv__seq s = qkv__attn_seq(a, qkv__tasks_find(&job->tasks, task, &t));
-    const int64_t P = tile_positions(a->group);
-    const int64_t n_qt = (s.sq + P - 1) / P;
-    const int64_t hk = t / n_qt;
+    const int64_t tile = task / job->n_split, part = task % job->n_split;
+    qkv__seq s;
+    int64_t hk;
     tile_map tm;
-    tm.h0 = hk * a->group;
-    /* last tiles first: under a causal mask they see the most keys, and
-       starting them early balances the threads' loads */
-    tm.i0 = (n_qt - 1 - t % n_qt) * P;
-    tm.mp = (int)(s.sq - tm.i0 < P ? s.sq - tm.i0 : P);
+    tile_of(job, tile, &s, &hk, &tm);
     const int m = tm.mp * (int)a->group;
     const int64_t D = a->D, Dv = a->Dv;
-    const qkv_tensor *q = a->q, *k = a->k, *v = a->v, *out = a->out;
+    const qkv_tensor *q = a->q, *k = a->k, *v = a->v;
     const int64_t R = tile_rows(a->group);
     tiles tl = tiles_at(job->ctx->scratch[worker], R, D, Dv);
     /* query columns m..mpad of the scores are padding: -inf scores against
@@ -316,6 +343,13 @@ static void fwd_task(void *arg, int64_t task, int worker)
     key_range(a, &s, tm.i0 + tm.mp - 1, &lo_last, &khi);
     if (khi < klo)
         khi = klo;
+    if (job->n_split > 1) {
+        /* this part's share of the tile's keys, in whole key tiles */
+        const int64_t per = ((khi - klo + job->n_split - 1) / job->n_split + BK - 1) / BK * BK;
+        const int64_t lo = klo + part * per;
+        khi = lo + per < khi ? lo + per : khi;
+        klo = lo < khi ? lo : khi;
+    }
     const int modded = a->softcap > 0.0f || a->alibi || a->bias;
     const int64_t kbase = s.b * k->stride[0] + s.k0 * k->stride[1] + hk * k->stride[2];
     const int64_t vbase = s.b * v->stride[0] + s.k0 * v->stride[1] + hk * v->stride[2];
@@ -361,14 +395,64 @@ static void fwd_task(void *arg, int64_t task, int worker)
         }
     }
 
-    for (int r = 0; r < m; r++) {
-        const int64_t h = tm.h0 + r / tm.mp, qi = s.q0 + tm.i0 + r % tm.mp;
-        const float l = tl.l[r];
-        store_row(out, s.b * out->stride[0] + qi * out->stride[1] + h * out->stride[2],
-                  out->stride[3], Dv, tl.acc + r * Dv, l > 0.0f ? 1.0f / l : 0.0f);
-        if (a->lse)
-            a->lse[qkv__lse_index(a, s.b, h, qi)] = l > 0.0f ? tl.m[r] + logf(l) : -INFINITY;
+    if (job->n_split == 1) {
+        for (int r = 0; r < m; r++)
+            store_result(a, &s, &tm, r, tl.m[r], tl.l[r], tl.acc + r * Dv);
+        return;
     }
+    float *pm = job->part + task * job->part_size, *pl = pm + R, *pacc = pl + R;
+    memcpy(pm, tl.m, (size_t)m * sizeof *pm);
+    memcpy(pl, tl.l, (size_t)m * sizeof *pl);
+    memcpy(pacc, tl.acc, (size_t)m * (size_t)Dv * sizeof *pacc);
+}
+
+/* Merges the parts of one tile, in part order:
+   M = max_s m_s,  l = Σ_s l_s·e^(m_s-M),  acc = Σ_s acc_s·e^(m_s-M). */
+static void merge_task(void *arg, int64_t tile, int worker)
+{
+    const fwd_job *job = arg;
+    const qkv__attn *a = job->a;
+    qkv__seq s;
+    int64_t hk;
+    tile_map tm;
+    tile_of(job, tile, &s, &hk, &tm);
+    const int m = tm.mp * (int)a->group;
+    const int64_t R = tile_rows(a->group), Dv = a->Dv;
+    float *acc = job->ctx->scratch[worker];
+    for (int r = 0; r < m; r++) {
+        float mx = -INFINITY, l = 0.0f;
+        for (int64_t p = 0; p < job->n_split; p++) {
+            const float mp = job->part[(tile * job->n_split + p) * job->part_size + r];
+            mx = mp > mx ? mp : mx;
+        }
+        memset(acc, 0, (size_t)Dv * sizeof *acc);
+        for (int64_t p = 0; p < job->n_split && mx > -INFINITY; p++) {
+            const float *pm = job->part + (tile * job->n_split + p) * job->part_size;
+            const float *pacc = pm + 2 * R + r * Dv;
+            if (pm[r] == -INFINITY)
+                continue;
+            const float w = expf(pm[r] - mx);
+            l += pm[R + r] * w;
+            for (int64_t c = 0; c < Dv; c++)
+                acc[c] += pacc[c] * w;
+        }
+        store_result(a, &s, &tm, r, mx, l, acc);
+    }
+}
+
+/* Parts per tile: 1 unless the call has too few tiles to keep a machine's
+   cores busy and long key ranges to split. A function of the problem
+   alone, so results do not depend on the thread count. */
+static int64_t split_count(const qkv__attn *a, int64_t tiles)
+{
+    enum { MIN_TASKS = 32, MIN_KEYS = 1024, MAX_SPLIT = 64 };
+    if (tiles == 0 || tiles >= MIN_TASKS)
+        return 1;
+    int64_t n = (MIN_TASKS + tiles - 1) / tiles;
+    int64_t by_keys = a->k->shape[1] / MIN_KEYS;
+    if (n > by_keys) n = by_keys;
+    if (n > MAX_SPLIT) n = MAX_SPLIT;
+    return n > 1 ? n : 1;
 }
 
 qkv_attn_opts qkv_attn_opts_default(void)
@@ -398,10 +482,26 @@ qkv_status qkv_attention_forward(qkv_ctx *ctx, const qkv_tensor *q,
     if ((st = qkv__scratch_reserve(ctx, tiles_floats(tile_rows(a.group), a.D, a.Dv) *
                                         sizeof(float))))
         return st;
-    fwd_job job = { ctx, &a, { NULL, 0, 0 } };
+    fwd_job job = { ctx, &a, { NULL, 0, 0 }, 1, NULL, 0 };
     if ((st = qkv__tasks_make(ctx, &a, a.Hkv, tile_positions(a.group), &job.tasks)))
         return st;
-    qkv__parallel(ctx, job.tasks.total, fwd_task, &job);
+    job.n_split = split_count(&a, job.tasks.total);
+    if (job.n_split > 1) {
+        const int64_t R = tile_rows(a.group);
+        job.part_size = R * (2 + a.Dv);
+        job.part = malloc((size_t)(job.tasks.total * job.n_split * job.part_size) * sizeof(float));
+        if (!job.part) {
+            qkv__tasks_free(&job.tasks);
+            return qkv__fail(ctx, QKV_ERR_NOMEM, "ctx: cannot allocate split-K partial results");
+        }
+    }
+    /* an upper bound on the flops (every row sees every key of dim 1) */
+    const double work = 2.0 * (double)(a.D + a.Dv) * (double)a.Hq * (double)a.q->shape[0] *
+                        (double)a.q->shape[1] * (double)a.k->shape[1];
+    qkv__parallel(ctx, job.tasks.total * job.n_split, work, fwd_task, &job);
+    if (job.n_split > 1)
+        qkv__parallel(ctx, job.tasks.total, 0.0, merge_task, &job);
+    free(job.part);
     qkv__tasks_free(&job.tasks);
     return QKV_OK;
 }

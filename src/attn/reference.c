@@ -118,7 +118,7 @@ qkv_status qkv_attention_reference(qkv_ctx *ctx, const qkv_tensor *q,
     ref_job job = { ctx, &a, { NULL, 0, 0 } };
     if ((st = qkv__tasks_make(ctx, &a, a.Hq, ROWS_PER_TASK, &job.tasks)))
         return st;
-    qkv__parallel(ctx, job.tasks.total, ref_task, &job);
+    qkv__parallel(ctx, job.tasks.total, 0.0, ref_task, &job);
     qkv__tasks_free(&job.tasks);
     return QKV_OK;
 }

@@ -163,7 +163,7 @@ static double peak_round(qkv_ctx *ctx, peak_job *job)
     struct timespec t0, t1;
     clock_gettime(CLOCK_MONOTONIC, &t0);
     /* several tasks per thread so every worker gets its share */
-    qkv__parallel(ctx, 8 * (int64_t)ctx->n_threads, peak_task, job);
+    qkv__parallel(ctx, 8 * (int64_t)ctx->n_threads, 0.0, peak_task, job);
     clock_gettime(CLOCK_MONOTONIC, &t1);
     double flops = 0.0;
     for (int i = 0; i < ctx->n_threads && i < 1024; i++)
@@ -208,9 +208,9 @@ qkv_status qkv__scratch_reserve(qkv_ctx *ctx, size_t bytes)
     return QKV_OK;
 }
 
-void qkv__parallel(qkv_ctx *ctx, int64_t n_tasks, qkv__task_fn fn, void *arg)
+void qkv__parallel(qkv_ctx *ctx, int64_t n_tasks, double work, qkv__task_fn fn, void *arg)
 {
-    if (!ctx->pool || n_tasks <= 1) {
+    if (!ctx->pool || n_tasks <= 1 || (work > 0.0 && work < QKV__SERIAL_FLOPS)) {
         for (int64_t t = 0; t < n_tasks; t++)
             fn(arg, t, 0);
         return;

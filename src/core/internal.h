@@ -50,8 +50,11 @@ qkv_status qkv__fail(qkv_ctx *ctx, qkv_status status, const char *fmt, ...)
    QKV_ERR_NOMEM (with a message) when it cannot. */
 qkv_status qkv__scratch_reserve(qkv_ctx *ctx, size_t bytes);
 
-/* Runs fn over n_tasks on ctx's threads. */
-void qkv__parallel(qkv_ctx *ctx, int64_t n_tasks, qkv__task_fn fn, void *arg);
+/* Runs fn over n_tasks on ctx's threads. work estimates the flops of the
+   whole job: below QKV__SERIAL_FLOPS waking the workers costs more than it
+   saves, and the caller runs every task itself (0: unknown, always share). */
+#define QKV__SERIAL_FLOPS 1e6
+void qkv__parallel(qkv_ctx *ctx, int64_t n_tasks, double work, qkv__task_fn fn, void *arg);
 
 /* ---- dtype conversion (src/core/convert.c) ------------------------------ */
 
