@@ -17,6 +17,14 @@
 #include <string.h>
 #include <time.h>
 
+/* test_bf16.c (declared here, next to their registration) */
+void test_bf16_rounding(void);
+void test_bf16_shapes(void);
+void test_bf16_options(void);
+void test_bf16_empty_rows(void);
+void test_bf16_large_values(void);
+void test_bf16_threads(void);
+
 static const struct { const char *name; void (*fn)(void); } tests[] = {
     { "convert_f16_exhaustive",  test_convert_f16_exhaustive },
     { "convert_bf16_exhaustive", test_convert_bf16_exhaustive },
@@ -46,6 +54,12 @@ static const struct { const char *name; void (*fn)(void); } tests[] = {
     { "million_window",          test_million_window },
     { "million_keys",            test_million_keys },
     { "forward_nonfinite",       test_forward_nonfinite },
+    { "bf16_rounding",           test_bf16_rounding },
+    { "bf16_shapes",             test_bf16_shapes },
+    { "bf16_options",            test_bf16_options },
+    { "bf16_empty_rows",         test_bf16_empty_rows },
+    { "bf16_large_values",       test_bf16_large_values },
+    { "bf16_threads",            test_bf16_threads },
     { "masks_padding_varlen",    test_masks_padding_equals_varlen },
     { "masks_row_bias_scale",    test_masks_row_bias_and_negative_scale },
     { "api_peak",                test_api_peak },
