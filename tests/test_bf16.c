@@ -1,5 +1,6 @@
 /*
- * test_bf16.c — the bf16 dot-product path of the "avx512bf16" kernel set.
+ * test_bf16.c — the bf16 dot-product path of the kernel sets that have one:
+ * "avx512bf16", "amx-emu" (AMX tiles emulated) and "amx" where it runs.
  *
  * With bf16 inputs and at least 16 query rows in a task, that kernel set
  * computes the scores with vdpbf16ps (exact products, fp32 sums), rounds
@@ -47,6 +48,10 @@ void test_bf16_threads(void);
 
 #define REL_BOUND (1.0 / 256)   /* 2^-8 */
 #define ABS_BOUND 1e-6
+/* the kernel set under test (see on_bf16_sets) */
+static const char *BF = "avx512bf16";
+static char BF_OUT[32] = "avx512bf16 out";
+
 #define LSE_ATOL 1e-4
 #define LSE_RTOL 2e-6
 
@@ -99,7 +104,7 @@ typedef struct {
 static void suite_open(suite *s)
 {
     memset(s, 0, sizeof *s);
-    s->bf = ctx_isa(0, "avx512bf16");
+    s->bf = ctx_isa(0, BF);
     s->f32 = ctx_isa(0, "avx512");
     s->ref = qkv_ctx_create(0);
     CHECK(s->ref != NULL, "qkv_ctx_create(0)");
@@ -107,7 +112,7 @@ static void suite_open(suite *s)
 
 static void suite_close(suite *s)
 {
-    t_note("%d cases (%d where the bf16 path's out differs from the fp32 kernels')",
+    t_note("%s: %d cases (%d where the bf16 path's out differs from the fp32 kernels')", BF,
            s->cases, s->differ);
     t_note("max |out - ref|: bf16 path %.3e, fp32 kernels %.3e; max |lse - ref| %.2e",
            s->err_bf, s->err_f32, s->err_lse);
@@ -234,17 +239,17 @@ static size_t run_case(suite *s, acase *c)
         empty += ref_lse[x] == -INFINITY;
 
     float *lse_bf, *lse_f32;
-    float *bf = forward(s->bf, c, &lse_bf, "avx512bf16");
+    float *bf = forward(s->bf, c, &lse_bf, BF);
     float *f32 = forward(s->f32, c, &lse_f32, "avx512");
     if (bf && f32) {
-        double e_bf = check_bound("avx512bf16 out", c, bf, ref, ref_abs, &s->ratio);
+        double e_bf = check_bound(BF_OUT, c, bf, ref, ref_abs, &s->ratio);
         double e_f32 = max_abs_diff(f32, ref, c->n_out);
         size_t wi, bad;
         double r_f32 = bound_ratio(c->n_out, f32, ref, ref_abs, &wi, &bad);
         if (r_f32 > s->ratio_f32)
             s->ratio_f32 = r_f32;
         char name[700];
-        snprintf(name, sizeof name, "avx512bf16 lse [%s]", acase_str(c));
+        snprintf(name, sizeof name, "%s lse [%s]", BF, acase_str(c));
         double e_lse = compare(name, lse_bf, QKV_F32, ref_lse, c->n_lse, LSE_ATOL, LSE_RTOL);
 
         /* rows that see no key: exactly 0 and lse -inf (compare() already
@@ -259,16 +264,16 @@ static size_t run_case(suite *s, acase *c)
                     for (int64_t e = 0; e < c->Dv; e++)
                         bad_empty += o[e] != 0.0f;
                 }
-        CHECK(bad_empty == 0, "avx512bf16: %zu elements of rows that see no key are not "
-              "exactly 0 [%s]", bad_empty, acase_str(c));
+        CHECK(bad_empty == 0, "%s: %zu elements of rows that see no key are not "
+              "exactly 0 [%s]", BF, bad_empty, acase_str(c));
 
         double amax = 0;
         for (size_t x = 0; x < c->n_out; x++)
             if (ref_abs[x] > amax)
                 amax = ref_abs[x];
         CHECK(e_bf <= 3 * e_f32 + REL_BOUND * amax,
-              "avx512bf16 max error %.3e is not in the class of the fp32 kernels' %.3e "
-              "(limit 3x + 2^-8 max ref_abs = %.3e) [%s]", e_bf, e_f32,
+              "%s max error %.3e is not in the class of the fp32 kernels' %.3e "
+              "(limit 3x + 2^-8 max ref_abs = %.3e) [%s]", BF, e_bf, e_f32,
               3 * e_f32 + REL_BOUND * amax, acase_str(c));
 
         s->cases++;
@@ -399,12 +404,12 @@ static void rounding_case(qkv_ctx *ctx, int64_t Sq, int64_t group, int expect_bf
     free(qf); free(kf); free(vf); free(q); free(k); free(v); free(o); free(lse);
 }
 
-void test_bf16_rounding(void)
+static void bf16_rounding(void)
 {
     if (!bf16_available("bf16_rounding"))
         return;
     for (int threads = 1; threads <= 2; threads++) {
-        qkv_ctx *ctx = ctx_isa(threads, "avx512bf16");
+        qkv_ctx *ctx = ctx_isa(threads, BF);
         rounding_case(ctx, 16, 1, 1);    /* 16 query rows */
         rounding_case(ctx, 40, 1, 1);
         rounding_case(ctx, 1, 16, 1);    /* 16 query heads on one kv head */
@@ -420,7 +425,7 @@ void test_bf16_rounding(void)
 
 /* ---- shape classes --------------------------------------------------------- */
 
-void test_bf16_shapes(void)
+static void bf16_shapes(void)
 {
     if (!bf16_available("bf16_shapes"))
         return;
@@ -471,7 +476,7 @@ void test_bf16_shapes(void)
 
 /* ---- options and layouts --------------------------------------------------- */
 
-void test_bf16_options(void)
+static void bf16_options(void)
 {
     if (!bf16_available("bf16_options"))
         return;
@@ -547,7 +552,7 @@ void test_bf16_options(void)
 
 /* ---- rows that see no key --------------------------------------------------- */
 
-void test_bf16_empty_rows(void)
+static void bf16_empty_rows(void)
 {
     if (!bf16_available("bf16_empty_rows"))
         return;
@@ -607,7 +612,7 @@ static void rescale(tbuf *tb, float **logical, int e)
    about 2^127 = 1.7e38 (bf16's largest finite value is 3.4e38) whose scores
    are ordinary, and v as large as an fp32 accumulator of up to Sk weights
    <= 1 allows. Outputs must be finite and within the bound. */
-void test_bf16_large_values(void)
+static void bf16_large_values(void)
 {
     if (!bf16_available("bf16_large_values"))
         return;
@@ -640,7 +645,7 @@ void test_bf16_large_values(void)
             reference(s.ref, &c, 0, ref, ref_lse);
             reference(s.ref, &c, 1, ref_abs, abs_lse);
             float *lse;
-            float *got = forward(s.bf, &c, &lse, "avx512bf16 large values");
+            float *got = forward(s.bf, &c, &lse, BF);
             if (got) {
                 size_t nonfinite = 0;
                 for (size_t y = 0; y < c.n_out; y++)
@@ -660,7 +665,7 @@ void test_bf16_large_values(void)
             free(ref); free(ref_abs); free(ref_lse); free(abs_lse);
             acase_free(&c);
         }
-    t_note("%d cases, worst element at %.2f of the bound", s.cases, s.ratio);
+    t_note("%s: %d cases, worst element at %.2f of the bound", BF, s.cases, s.ratio);
     qkv_ctx_free(s.bf);
     qkv_ctx_free(s.f32);
     qkv_ctx_free(s.ref);
@@ -670,13 +675,13 @@ void test_bf16_large_values(void)
 
 /* Contexts of 1, 2 and 3 threads (and a second call on the 3-thread one):
    out and lse bitwise identical on the bf16 path. */
-void test_bf16_threads(void)
+static void bf16_threads(void)
 {
     if (!bf16_available("bf16_threads"))
         return;
     qkv_ctx *ctx[3];
     for (int t = 0; t < 3; t++) {
-        ctx[t] = ctx_isa(t + 1, "avx512bf16");
+        ctx[t] = ctx_isa(t + 1, BF);
         CHECK(qkv_ctx_threads(ctx[t]) == t + 1, "qkv_ctx_threads = %d, want %d",
               qkv_ctx_threads(ctx[t]), t + 1);
     }
@@ -718,3 +723,25 @@ void test_bf16_threads(void)
     for (int t = 0; t < 3; t++)
         qkv_ctx_free(ctx[t]);
 }
+
+/* Each test runs on every kernel set with the bf16 dot path: avx512bf16
+   (and its refusal where the CPU lacks it), amx-emu and amx where they
+   run. */
+static void on_bf16_sets(void (*fn)(void))
+{
+    static const char *const sets[3] = { "avx512bf16", "amx-emu", "amx" };
+    for (int i = 0; i < 3; i++) {
+        if (i > 0 && !qkv_isa_supported(sets[i]))
+            continue;
+        BF = sets[i];
+        snprintf(BF_OUT, sizeof BF_OUT, "%s out", BF);
+        fn();
+    }
+}
+
+void test_bf16_rounding(void) { on_bf16_sets(bf16_rounding); }
+void test_bf16_shapes(void) { on_bf16_sets(bf16_shapes); }
+void test_bf16_options(void) { on_bf16_sets(bf16_options); }
+void test_bf16_empty_rows(void) { on_bf16_sets(bf16_empty_rows); }
+void test_bf16_large_values(void) { on_bf16_sets(bf16_large_values); }
+void test_bf16_threads(void) { on_bf16_sets(bf16_threads); }
