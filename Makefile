@@ -3,12 +3,15 @@
 #   make run      build and run `qkv bench`
 #   make test     build and run the test suite (last line: N passed, N failed)
 #   make san      the test suite under AddressSanitizer + UndefinedBehaviorSanitizer
-#   make bench    the benchmark
+#   make bench    side-by-side benchmark against torch and ggml (bench/.venv,
+#                 or BENCH_VENV=DIR); rewrites its section of docs/PERFORMANCE.md
 #   make install  cmake --install build (PREFIX=/usr/local)
 BUILD ?= build
 SAN_BUILD ?= build-san
 PREFIX ?= /usr/local
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+BENCH_VENV ?= bench/.venv
+BENCH_ARGS ?=
 
 .PHONY: all run test san bench install clean deps
 
@@ -34,7 +37,8 @@ san:
 	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 $(SAN_BUILD)/qkv_tests
 
 bench: all
-	$(BUILD)/qkv bench -d all
+	BENCH_VENV=$(BENCH_VENV) bash bench/setup.sh
+	$(BENCH_VENV)/bin/python bench/bench.py --lib $(BUILD)/libqkv.so --write-doc $(BENCH_ARGS)
 
 install: all
 	cmake --install $(BUILD)
