@@ -658,8 +658,9 @@ def markdown(meta, rows, peers, peak):
               "output is first checked against a float64 reference on sampled "
               "query rows; times are medians of at least 3 runs and 0.3 s (at "
               "most 15). GFLOP/s counts `4·B·Hq·D` per visible (query, key) "
-              "pair; \"of ceiling\" is qkv's share of the measured FMA "
-              "ceiling; KV GB/s (decode rows) is K and V bytes read per second. "
+              "pair; \"of ceiling\" is qkv's share of the measured fp32 FMA "
+              "ceiling (bf16 rows on kernels with bf16 dot products can pass "
+              "100%); KV GB/s (decode rows) is K and V bytes read per second. "
               "Peer columns: time in ms and, in brackets, qkv's speed-up (peer "
               "time / qkv time; above 1× qkv is faster)."),
          "",
