@@ -1,8 +1,10 @@
 /*
  * pool.c — a small fixed thread pool. The caller of qkv__pool_run works too,
  * so a pool of n threads starts n-1 workers. Tasks are handed out through
- * one atomic counter; idle workers sleep on a condition variable (no
- * spinning), so qkv costs nothing beside NumPy or PyTorch between calls.
+ * one atomic counter. A worker that finds no job polls for the next one
+ * for at most SPIN_NS (back-to-back calls, such as decode steps, then
+ * start without a wake-up), and then sleeps on a condition variable: qkv
+ * never keeps a core busy between calls, beside NumPy or PyTorch.
  *
  * Not here: work splitting or reduction order — callers make each task's
  * result independent of the thread that runs it.
@@ -11,6 +13,53 @@
 
 #include <stdatomic.h>
 #include <stdlib.h>
+#include <time.h>
+
+enum { SPIN_NS = 100000 };   /* 0.1 ms */
+
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+static int64_t now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+/* Polls until *x != seen or SPIN_NS pass. */
+static void spin_while_equal(const atomic_ullong *x, uint64_t seen)
+{
+    const int64_t t0 = now_ns();
+    for (;;) {
+        for (int i = 0; i < 64; i++) {
+            if (atomic_load_explicit(x, memory_order_acquire) != seen)
+                return;
+            cpu_relax();
+        }
+        if (now_ns() - t0 > SPIN_NS)
+            return;
+    }
+}
+
+/* Polls until *x is 0 or SPIN_NS pass. */
+static void spin_until_zero(const atomic_int *x)
+{
+    const int64_t t0 = now_ns();
+    for (;;) {
+        for (int i = 0; i < 64; i++) {
+            if (atomic_load_explicit(x, memory_order_acquire) == 0)
+                return;
+            cpu_relax();
+        }
+        if (now_ns() - t0 > SPIN_NS)
+            return;
+    }
+}
 
 struct qkv__pool {
     int              n_workers;   /* threads besides the caller */
@@ -18,9 +67,9 @@ struct qkv__pool {
     pthread_mutex_t  mu;
     pthread_cond_t   wake;        /* a new job, or shutdown */
     pthread_cond_t   done;        /* the last worker left the job */
-    uint64_t         generation;  /* bumped per job, under mu */
-    int              shutdown;
-    int              busy;        /* workers still inside the current job */
+    atomic_ullong    generation;  /* bumped per job (and at shutdown), under mu */
+    int              shutdown;    /* under mu */
+    atomic_int       busy;        /* workers still inside the current job */
     /* the current job */
     qkv__task_fn     fn;
     void            *arg;
@@ -47,21 +96,26 @@ static void *worker_main(void *varg)
     int id = wa->id;
     free(wa);
     uint64_t seen = 0;
-    pthread_mutex_lock(&p->mu);
     for (;;) {
-        while (!p->shutdown && p->generation == seen)
+        spin_while_equal(&p->generation, seen);
+        pthread_mutex_lock(&p->mu);
+        while (!p->shutdown && atomic_load(&p->generation) == seen)
             pthread_cond_wait(&p->wake, &p->mu);
-        if (p->shutdown)
-            break;
-        seen = p->generation;
+        if (p->shutdown) {
+            pthread_mutex_unlock(&p->mu);
+            return NULL;
+        }
+        seen = atomic_load(&p->generation);
         pthread_mutex_unlock(&p->mu);
         drain(p, id);
-        pthread_mutex_lock(&p->mu);
-        if (--p->busy == 0)
+        if (atomic_fetch_sub(&p->busy, 1) == 1) {
+            /* under mu, so a caller between its check and its wait
+               cannot miss the signal */
+            pthread_mutex_lock(&p->mu);
             pthread_cond_signal(&p->done);
+            pthread_mutex_unlock(&p->mu);
+        }
     }
-    pthread_mutex_unlock(&p->mu);
-    return NULL;
 }
 
 qkv__pool *qkv__pool_create(int n_threads)
@@ -78,6 +132,8 @@ qkv__pool *qkv__pool_create(int n_threads)
     pthread_cond_init(&p->wake, NULL);
     pthread_cond_init(&p->done, NULL);
     atomic_init(&p->next, 0);
+    atomic_init(&p->generation, 0);
+    atomic_init(&p->busy, 0);
     for (int i = 1; i < n_threads; i++) {
         worker_arg *wa = malloc(sizeof *wa);
         if (wa) {
@@ -100,6 +156,7 @@ void qkv__pool_free(qkv__pool *p)
         return;
     pthread_mutex_lock(&p->mu);
     p->shutdown = 1;
+    atomic_fetch_add(&p->generation, 1);   /* ends the workers' polling */
     pthread_cond_broadcast(&p->wake);
     pthread_mutex_unlock(&p->mu);
     for (int i = 0; i < p->n_workers; i++)
@@ -118,15 +175,16 @@ void qkv__pool_run(qkv__pool *p, int64_t n_tasks, qkv__task_fn fn, void *arg)
     p->arg = arg;
     p->n_tasks = n_tasks;
     atomic_store_explicit(&p->next, 0, memory_order_relaxed);
-    p->busy = p->n_workers;
-    p->generation++;
+    atomic_store(&p->busy, p->n_workers);
+    atomic_fetch_add_explicit(&p->generation, 1, memory_order_release);
     pthread_cond_broadcast(&p->wake);
     pthread_mutex_unlock(&p->mu);
 
     drain(p, 0);
 
+    spin_until_zero(&p->busy);
     pthread_mutex_lock(&p->mu);
-    while (p->busy > 0)
+    while (atomic_load(&p->busy) > 0)
         pthread_cond_wait(&p->done, &p->mu);
     pthread_mutex_unlock(&p->mu);
 }
