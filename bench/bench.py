@@ -265,8 +265,8 @@ def reference(shape, q, k, v):
 def max_error(shape, got, ref):
     """got: [B,Hq,Sq,D] in any layout or dtype."""
     _, rows = sample(shape)
-    return max(float(np.abs(got[b, h, rows].double().numpy() - r).max())
-               for (b, h), r in ref.items())
+    errs = [np.abs(got[b, h, rows].double().numpy() - r).max() for (b, h), r in ref.items()]
+    return float(np.max(errs))          # NaN, if any, propagates
 
 
 # ---- peers -----------------------------------------------------------------
@@ -502,20 +502,47 @@ def available_bytes():
     return None
 
 
+def cpu_ticks():
+    """(all CPU time, busy CPU time) in seconds since boot, from /proc/stat."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    hz = os.sysconf("SC_CLK_TCK")
+    return sum(v) / hz, (sum(v) - v[3] - v[4]) / hz      # less idle and iowait
+
+
 def cpu_busy(seconds=1.0):
-    """Share of all CPUs that other processes kept busy over `seconds`
-    (from /proc/stat); None where that cannot be read."""
-    def sample():
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-        return sum(v), v[3] + v[4]            # total, idle + iowait
+    """Share of all CPUs other processes kept busy over `seconds`; None
+    where /proc/stat cannot be read."""
     try:
-        t0, i0 = sample()
+        t0, b0 = cpu_ticks()
         time.sleep(seconds)
-        t1, i1 = sample()
+        t1, b1 = cpu_ticks()
     except (OSError, ValueError, IndexError):
         return None
-    return 1 - (i1 - i0) / max(1, t1 - t0)
+    return (b1 - b0) / max(1e-9, t1 - t0)
+
+
+class OtherLoad:
+    """Share of all CPUs that processes other than this one kept busy
+    between start() and share()."""
+
+    def start(self):
+        try:
+            self.t0, self.b0 = cpu_ticks()
+            self.own0 = sum(os.times()[:2])
+        except (OSError, ValueError, IndexError):
+            self.t0 = None
+        return self
+
+    def share(self):
+        if self.t0 is None:
+            return None
+        try:
+            t1, b1 = cpu_ticks()
+        except (OSError, ValueError, IndexError):
+            return None
+        own = sum(os.times()[:2]) - self.own0
+        return max(0.0, (b1 - self.b0 - own) / max(1e-9, t1 - self.t0))
 
 
 # ---- machine ---------------------------------------------------------------
@@ -649,8 +676,8 @@ def markdown(meta, rows, peers, peak):
               f"{meta['ggml'] or 'not available'}."),
          "",
          wrap(f"Command: `{meta['command']}`"
-              + (f"; the CPUs were {100 * meta['busy']:.0f}% busy with other work "
-                 "in the second before the run." if meta["busy"] is not None else ".")),
+              + (f"; other processes kept {100 * meta['other']:.0f}% of the CPUs "
+                 "busy during the run." if meta["other"] is not None else ".")),
          "",
          wrap("All implementations run in one Python process on the same input "
               "memory (torch's `[B,H,S,D]` tensors, passed to qkv as strided "
@@ -814,6 +841,7 @@ def main():
 
     rows = []
     start = time.perf_counter()
+    other = OtherLoad().start()
     for i, (shape, dts) in enumerate(cases):
         for dtype in dts:
             gen = torch.Generator().manual_seed(zlib.crc32(f"{shape}{dtype}".encode()))
@@ -861,7 +889,10 @@ def main():
     worst = error_table(rows, ["qkv", *peers])
     print("largest max-abs error vs float64: "
           + ", ".join(f"{n} {d} {e:.1e}" for (n, d), e in sorted(worst.items())))
-    print(f"total {time.perf_counter() - start:.0f} s")
+    meta["other"] = other.share()
+    print(f"total {time.perf_counter() - start:.0f} s"
+          + (f"; other processes kept {100 * meta['other']:.0f}% of the CPUs busy meanwhile"
+             if meta["other"] is not None else ""))
     # The ceiling is the best the cores do; a measurement disturbed by other
     # load only lowers it, so the document takes the higher of two.
     end_peak = qkv.peak()
