@@ -510,18 +510,6 @@ def cpu_ticks():
     return sum(v) / hz, (sum(v) - v[3] - v[4]) / hz      # less idle and iowait
 
 
-def cpu_busy(seconds=1.0):
-    """Share of all CPUs other processes kept busy over `seconds`; None
-    where /proc/stat cannot be read."""
-    try:
-        t0, b0 = cpu_ticks()
-        time.sleep(seconds)
-        t1, b1 = cpu_ticks()
-    except (OSError, ValueError, IndexError):
-        return None
-    return (b1 - b0) / max(1e-9, t1 - t0)
-
-
 class OtherLoad:
     """Share of all CPUs that processes other than this one kept busy
     between start() and share()."""
@@ -543,6 +531,13 @@ class OtherLoad:
             return None
         own = sum(os.times()[:2]) - self.own0
         return max(0.0, (b1 - self.b0 - own) / max(1e-9, t1 - self.t0))
+
+
+def cpu_busy(seconds=1.0):
+    """Share of all CPUs other processes kept busy over `seconds`."""
+    load = OtherLoad().start()
+    time.sleep(seconds)
+    return load.share()
 
 
 # ---- machine ---------------------------------------------------------------
