@@ -342,7 +342,7 @@ static void fwd_task(void *arg, int64_t task, int worker)
 
     if (bf)
         load_q_pairs(a, &s, &tm, m, mpad, R, tl.qp);
-    else
+    else {
         for (int r = 0; r < m; r++) {
             const int64_t h = tm.h0 + r / tm.mp, i = s.q0 + tm.i0 + r % tm.mp;
             float *qr = tl.q + r * D;
@@ -351,6 +351,9 @@ static void fwd_task(void *arg, int64_t task, int worker)
             for (int64_t d = 0; d < D; d++)
                 tl.qt[d * R + r] = qr[d];
         }
+        for (int64_t d = 0; mpad > m && d < D; d++)   /* qk's padding columns */
+            memset(tl.qt + d * R + m, 0, (size_t)(mpad - m) * sizeof(float));
+    }
     memset(tl.acc, 0, (size_t)m * (size_t)Dv * sizeof(float));
     for (int r = 0; r < mpad; r++) {
         tl.m[r] = -INFINITY;

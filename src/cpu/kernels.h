@@ -15,8 +15,10 @@ typedef struct qkv__kernels {
 
     /* Scores, keys by queries: st[j][i] = scale · Σ_x k[j][x]·q[i][x] for
        j < n keys, i < m queries. k [n][ldk] row-major (used in place);
-       the queries come twice: qt [d][ldqt] (transposed, for full blocks of
-       queries) and q [m][ldq] (row-major, for the leftover columns). */
+       the queries come twice: qt [d][ldqt] (transposed, for whole vectors
+       of queries) and q [m][ldq] (row-major, for a few leftover columns).
+       qt is zero and st writable up to column round_up(m, 16): the kernel
+       may compute padding columns instead of per-query dot products. */
     void (*qk)(int n, int m, int d, float scale, const float *k, int64_t ldk,
                const float *qt, int64_t ldqt, const float *q, int64_t ldq,
                float *st, int64_t ldst);

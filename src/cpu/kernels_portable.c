@@ -57,12 +57,13 @@ static inline float hsum(vf x)
 
 /* ---- scores, keys by queries --------------------------------------------- */
 
-/* One rows x NR block (rows <= MR keys, NR queries; rows is a constant at
-   every call, so the loops unroll): 2·rows accumulators live in
-   registers across the d loop; each step loads two vectors of the
-   transposed queries and broadcasts one element of each key row. */
+/* One rows x nv·VW block (rows <= MR keys, nv in 1..2 vectors of queries;
+   both are constants at every call, so the loops unroll): rows·nv
+   accumulators live in registers across the d loop; each step loads nv
+   vectors of the transposed queries and broadcasts one element of each
+   key row. */
 static inline __attribute__((always_inline))
-void qk_block(const int rows, int d, float scale, const float *k, int64_t ldk,
+void qk_block(const int rows, const int nv, int d, float scale, const float *k, int64_t ldk,
               const float *qt, int64_t ldqt, float *s, int64_t lds)
 {
     vf c[MR][2];
@@ -70,18 +71,18 @@ void qk_block(const int rows, int d, float scale, const float *k, int64_t ldk,
         c[r][0] = c[r][1] = (vf){0};
     for (int x = 0; x < d; x++) {
         const float *b = qt + x * ldqt;
-        vf b0 = vload(b), b1 = vload(b + VW);
+        vf b0 = vload(b), b1 = nv > 1 ? vload(b + VW) : b0;
         for (int r = 0; r < rows; r++) {
             vf a = vset1(k[r * ldk + x]);
             c[r][0] += a * b0;
-            c[r][1] += a * b1;
+            if (nv > 1)
+                c[r][1] += a * b1;
         }
     }
     vf sc = vset1(scale);
-    for (int r = 0; r < rows; r++) {
-        vstore(s + r * lds, c[r][0] * sc);
-        vstore(s + r * lds + VW, c[r][1] * sc);
-    }
+    for (int r = 0; r < rows; r++)
+        for (int v = 0; v < nv; v++)
+            vstore(s + r * lds + v * VW, c[r][v] * sc);
 }
 
 /* Fewer than NR queries left (decode, short tiles): dot products along d,
@@ -122,23 +123,35 @@ static void qk_dots(int n, int m, int d, float scale, const float *k, int64_t ld
     }
 }
 
+/* Query columns i0..i0+nv·VW for every key, in blocks of MR, 4 and 1 rows. */
+static inline __attribute__((always_inline))
+void qk_cols(const int nv, int n, int i0, int d, float scale, const float *k, int64_t ldk,
+             const float *qt, int64_t ldqt, float *st, int64_t ldst)
+{
+    int j = 0;
+    for (; j + MR <= n; j += MR)
+        qk_block(MR, nv, d, scale, k + j * ldk, ldk, qt + i0, ldqt, st + j * ldst + i0, ldst);
+    for (; j + 4 <= n; j += 4)
+        qk_block(4, nv, d, scale, k + j * ldk, ldk, qt + i0, ldqt, st + j * ldst + i0, ldst);
+    for (; j < n; j++)
+        qk_block(1, nv, d, scale, k + j * ldk, ldk, qt + i0, ldqt, st + j * ldst + i0, ldst);
+}
+
 static void qk(int n, int m, int d, float scale, const float *k, int64_t ldk,
                const float *qt, int64_t ldqt, const float *q, int64_t ldq,
                float *st, int64_t ldst)
 {
-    const int mfull = m - m % NR;
-    int j = 0;
-    for (; j + MR <= n; j += MR)
-        for (int i = 0; i < mfull; i += NR)
-            qk_block(MR, d, scale, k + j * ldk, ldk, qt + i, ldqt, st + j * ldst + i, ldst);
-    for (; j + 4 <= n; j += 4)
-        for (int i = 0; i < mfull; i += NR)
-            qk_block(4, d, scale, k + j * ldk, ldk, qt + i, ldqt, st + j * ldst + i, ldst);
-    for (; j < n; j++)
-        for (int i = 0; i < mfull; i += NR)
-            qk_block(1, d, scale, k + j * ldk, ldk, qt + i, ldqt, st + j * ldst + i, ldst);
-    if (mfull < m)
-        qk_dots(n, m - mfull, d, scale, k, ldk, q + mfull * ldq, ldq, st + mfull, ldst);
+    const int mfull = m - m % NR, rest = m - mfull;
+    for (int i = 0; i < mfull; i += NR)
+        qk_cols(2, n, i, d, scale, k, ldk, qt, ldqt, st, ldst);
+    /* at least half a vector left: whole vectors over the zero padding
+       beat per-query dot products */
+    if (rest > VW)
+        qk_cols(2, n, mfull, d, scale, k, ldk, qt, ldqt, st, ldst);
+    else if (rest >= VW / 2)
+        qk_cols(1, n, mfull, d, scale, k, ldk, qt, ldqt, st, ldst);
+    else if (rest > 0)
+        qk_dots(n, rest, d, scale, k, ldk, q + mfull * ldq, ldq, st + mfull, ldst);
 }
 
 /* ---- acc = alpha·acc + P·V ----------------------------------------------- */
