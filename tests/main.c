@@ -32,6 +32,7 @@ static const struct { const char *name; void (*fn)(void); } tests[] = {
     { "convert_special",         test_convert_special },
     { "convert_pairs",           test_convert_pairs },
     { "convert_errors",          test_convert_errors },
+    { "convert_store_kernels",   test_convert_store_kernels },
     { "errors_api",              test_errors_api },
     { "errors_pointers",         test_errors_pointers },
     { "errors_dtypes",           test_errors_dtypes },

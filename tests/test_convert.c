@@ -6,8 +6,11 @@
  * of an fp32, and rounding as "x / quantum rounded half-to-even" in double
  * (exact for these formats), with overflow to ±inf. Every fp16 and bf16
  * bit pattern is checked; fp32 inputs by hand-picked ties and random bits.
+ * The vectorized output stores of every kernel set (src/cpu, reached
+ * through the internal kernel table) are held to the same definition.
  */
 #include "test.h"
+#include "../src/cpu/kernels.h"
 
 #include <float.h>
 #include <math.h>
@@ -338,4 +341,65 @@ void test_convert_errors(void)
     CHECK(qkv_dtype_size(QKV_BF16) == 2, "dtype_size(bf16) = %zu", qkv_dtype_size(QKV_BF16));
     CHECK(qkv_dtype_size((qkv_dtype)7) == 0, "dtype_size(7) = %zu", qkv_dtype_size((qkv_dtype)7));
     CHECK(qkv_dtype_size((qkv_dtype)-1) == 0, "dtype_size(-1) = %zu", qkv_dtype_size((qkv_dtype)-1));
+}
+
+/* The kernels' fp32 -> fp16/bf16 stores (the forward's output path): on a
+   sweep of fp32 bit patterns, times 1 and times a scale, every kernel set
+   the CPU runs must round as round_to() does, NaN staying NaN. Lengths
+   vary so the vector tails are crossed. */
+void test_convert_store_kernels(void)
+{
+    const int64_t n = t_quick ? (1 << 16) : (1 << 20);
+    float *src = malloc((size_t)n * sizeof *src);
+    uint16_t *got = malloc((size_t)n * sizeof *got);
+    double *want[2] = { malloc((size_t)n * sizeof(double)), malloc((size_t)n * sizeof(double)) };
+    if (!src || !got || !want[0] || !want[1]) {
+        CHECK(0, "out of memory");
+        return;
+    }
+    const float muls[2] = { 1.0f, 0.7071067811865476f };
+    int sets = 0;
+    for (int round = 0; round < 2; round++) {
+        /* a stride through all 2^32 patterns, then the area around 1 */
+        for (int64_t i = 0; i < n; i++) {
+            uint32_t u = round == 0 ? (uint32_t)(i * (int64_t)(4294967296.0 / (double)n)) + (uint32_t)i
+                                    : 0x3f000000u + (uint32_t)(i * 7);
+            memcpy(&src[i], &u, 4);
+        }
+        for (int mi = 0; mi < 2; mi++) {
+            for (int d = 0; d < 2; d++) {
+                const qkv_dtype dt = d ? QKV_BF16 : QKV_F16;
+                for (int64_t i = 0; i < n; i++)
+                    want[d][i] = round_to((double)(src[i] * muls[mi]), dt);
+            }
+            for (int k = 0; qkv__kernels_name(k); k++) {
+                int known;
+                const qkv__kernels *kn = qkv__kernels_by_name(qkv__kernels_name(k), &known);
+                if (!kn)
+                    continue;
+                sets += round == 0 && mi == 0;
+                for (int d = 0; d < 2; d++) {
+                    const qkv_dtype dt = d ? QKV_BF16 : QKV_F16;
+                    /* chunks of 1..37 elements */
+                    for (int64_t i = 0, len = 1; i < n; i += len, len = len % 37 + 1) {
+                        const int64_t m = i + len <= n ? len : n - i;
+                        (d ? kn->store_bf16 : kn->store_f16)(src + i, muls[mi], got + i, m);
+                    }
+                    int64_t bad = 0, first = -1;
+                    for (int64_t i = 0; i < n; i++)
+                        if (!same_value(value_of(got, dt, (size_t)i), want[d][i])) {
+                            if (first < 0) first = i;
+                            bad++;
+                        }
+                    uint32_t fu = 0;
+                    if (first >= 0) memcpy(&fu, &src[first], 4);
+                    CHECK(bad == 0, "%s store_%s x%g: %lld of %lld wrong, first input 0x%08x -> 0x%04x",
+                          kn->name, d ? "bf16" : "f16", (double)muls[mi], (long long)bad,
+                          (long long)n, fu, first >= 0 ? got[first] : 0);
+                }
+            }
+        }
+    }
+    t_note("%d kernel sets, %lld patterns each", sets, (long long)(2 * n));
+    free(src); free(got); free(want[0]); free(want[1]);
 }

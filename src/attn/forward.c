@@ -113,9 +113,20 @@ static void load_row(const qkv__kernels *kn, const qkv_tensor *t, int64_t off,
         dst[c] = qkv__load(t->data, t->dtype, off + c * stride);
 }
 
-static void store_row(const qkv_tensor *t, int64_t off, int64_t stride, int64_t n,
-                      const float *src, float mul)
+static void store_row(const qkv__kernels *kn, const qkv_tensor *t, int64_t off,
+                      int64_t stride, int64_t n, const float *src, float mul)
 {
+    if (stride == 1) {
+        uint16_t *h = (uint16_t *)t->data + off;
+        switch (t->dtype) {
+        case QKV_F32:
+            for (int64_t c = 0; c < n; c++)
+                ((float *)t->data)[off + c] = src[c] * mul;
+            return;
+        case QKV_F16:  kn->store_f16(src, mul, h, n); return;
+        case QKV_BF16: kn->store_bf16(src, mul, h, n); return;
+        }
+    }
     for (int64_t c = 0; c < n; c++)
         qkv__store(t->data, t->dtype, off + c * stride, src[c] * mul);
 }
@@ -308,12 +319,12 @@ static void tile_of(const fwd_job *job, int64_t tile, qkv__seq *s, int64_t *hk, 
 }
 
 /* Writes row r's output and lse from its softmax state (m, l, acc). */
-static void store_result(const qkv__attn *a, const qkv__seq *s, const tile_map *tm, int r,
-                         float m, float l, const float *acc)
+static void store_result(const qkv__kernels *kn, const qkv__attn *a, const qkv__seq *s,
+                         const tile_map *tm, int r, float m, float l, const float *acc)
 {
     const qkv_tensor *out = a->out;
     const int64_t h = tm->h0 + r / tm->mp, qi = s->q0 + tm->i0 + r % tm->mp;
-    store_row(out, s->b * out->stride[0] + qi * out->stride[1] + h * out->stride[2],
+    store_row(kn, out, s->b * out->stride[0] + qi * out->stride[1] + h * out->stride[2],
               out->stride[3], a->Dv, acc, l > 0.0f ? 1.0f / l : 0.0f);
     if (a->lse)
         a->lse[qkv__lse_index(a, s->b, h, qi)] = l > 0.0f ? m + logf(l) : -INFINITY;
@@ -420,7 +431,7 @@ static void fwd_task(void *arg, int64_t task, int worker)
 
     if (job->n_split == 1) {
         for (int r = 0; r < m; r++)
-            store_result(a, &s, &tm, r, tl.m[r], tl.l[r], tl.acc + r * Dv);
+            store_result(kn, a, &s, &tm, r, tl.m[r], tl.l[r], tl.acc + r * Dv);
         return;
     }
     float *pm = job->part + task * job->part_size, *pl = pm + R, *pacc = pl + R;
@@ -459,7 +470,7 @@ static void merge_task(void *arg, int64_t tile, int worker)
             for (int64_t c = 0; c < Dv; c++)
                 acc[c] += pacc[c] * w;
         }
-        store_result(a, &s, &tm, r, mx, l, acc);
+        store_result(job->ctx->kernels, a, &s, &tm, r, mx, l, acc);
     }
 }
 

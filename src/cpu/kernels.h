@@ -44,6 +44,11 @@ typedef struct qkv__kernels {
     void (*cvt_f16)(const uint16_t *src, float *dst, int64_t n);
     void (*cvt_bf16)(const uint16_t *src, float *dst, int64_t n);
 
+    /* dst[j] = src[j]·mul rounded to nearest even, j < n, bit for bit as
+       qkv_convert does (NaN kept quiet, overflow to infinity). */
+    void (*store_f16)(const float *src, float mul, uint16_t *dst, int64_t n);
+    void (*store_bf16)(const float *src, float mul, uint16_t *dst, int64_t n);
+
     /* ---- bf16 dot products: NULL where the CPU has no bf16 dot ----------
        A pair is a uint32 holding two bf16 values adjacent along the
        reduction axis, the lower index in the low half. */

@@ -7,7 +7,7 @@
  * is static, so each copy is self-contained and steps cleanly in gdb.
  *
  * Here: the two products of a tile (scores and P·V), the column softmax
- * pieces, fp16/bf16 widening and an FMA ceiling probe. Built with
+ * pieces, fp16/bf16 widening and rounding stores, an FMA ceiling probe. Built with
  * -mavx512bf16 (the fourth copy), the file also holds the bf16 dot-product
  * kernels, which need the one instruction the vector extension cannot
  * express (vdpbf16ps). Not here: AMX.
@@ -334,6 +334,55 @@ static void cvt_bf16(const uint16_t *src, float *dst, int64_t n)
     }
 }
 
+/* ---- fp32 -> fp16 / bf16, rounded to nearest even ------------------------- */
+
+/* The bit recipes of src/core/convert.c, lane by lane, without branches:
+   every case is computed and the right one selected. */
+static inline vu f32_to_bf16_bits(vf x)
+{
+    vu u = (vu)x;
+    vu nan = (vu)((u & 0x7fffffffu) > 0x7f800000u);
+    vu r = (u + 0x7fffu + ((u >> 16) & 1)) >> 16;
+    return (nan & ((u >> 16) | 0x40)) | (~nan & r);
+}
+
+static inline vu f32_to_f16_bits(vf x)
+{
+    vu u = (vu)x;
+    vu sign = (u >> 16) & 0x8000;
+    vu a = u & 0x7fffffffu;
+    vu normal = (a + 0xc8000fffu + ((a >> 13) & 1)) >> 13;
+    vu sub = (vu)((vf)a + vset1(0.5f)) - 0x3f000000u;
+    vu is_sub = (vu)(a < 0x38800000u);
+    vu is_big = (vu)(a >= 0x477ff000u);
+    vu is_inf_nan = (vu)(a >= 0x7f800000u);
+    vu r = (is_sub & sub) | (~is_sub & normal);
+    r = (is_big & 0x7c00) | (~is_big & r);
+    r = (is_inf_nan & (0x7c00 | ((vu)(a > 0x7f800000u) & 0x200))) | (~is_inf_nan & r);
+    return sign | r;
+}
+
+typedef uint16_t vh_out __attribute__((vector_size(QKV_VW * 2)));
+
+#define STORE_HALF(name, bits)                                                 \
+    static void name(const float *src, float mul, uint16_t *dst, int64_t n)   \
+    {                                                                          \
+        const vf m = vset1(mul);                                               \
+        int64_t j = 0;                                                         \
+        for (; j + VW <= n; j += VW) {                                         \
+            vh_out h = __builtin_convertvector(bits(vload(src + j) * m), vh_out); \
+            memcpy(dst + j, &h, sizeof h);                                     \
+        }                                                                      \
+        if (j < n) {                                                           \
+            float in[VW] = {0};                                                \
+            memcpy(in, src + j, (size_t)(n - j) * sizeof(float));              \
+            vh_out h = __builtin_convertvector(bits(vload(in) * m), vh_out);   \
+            memcpy(dst + j, &h, (size_t)(n - j) * sizeof(uint16_t));           \
+        }                                                                      \
+    }
+STORE_HALF(store_f16, f32_to_f16_bits)
+STORE_HALF(store_bf16, f32_to_bf16_bits)
+
 /* ---- bf16 dot products (vdpbf16ps) --------------------------------------- */
 
 #if defined(__AVX512BF16__) && QKV_VW == 16
@@ -535,6 +584,8 @@ void QKV_KERNEL_TABLE(qkv__kernels *t)
     t->cvt_bf16 = cvt_bf16;
     t->fma_probe = fma_probe;
     t->pack_pairs = pack_pairs;
+    t->store_f16 = store_f16;
+    t->store_bf16 = store_bf16;
 #ifdef QKV_HAVE_BF16_DOT
     t->qk_bf16 = qk_bf16;
     t->exp_pack_bf16 = exp_pack_bf16;
