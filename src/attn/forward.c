@@ -181,12 +181,15 @@ static void score_mods(const qkv__attn *a, const qkv__seq *s, const tile_map *tm
             for (int c = 0; c < n; c++)
                 col[c * ld] += b[c * a->bias_stride[3]];
         }
-        if (band) {
+        if (band) {   /* hide keys before lo and from hi on */
             int64_t lo, hi;
             key_range(a, s, i, &lo, &hi);
-            for (int c = 0; c < n; c++)
-                if (j0 + c < lo || j0 + c >= hi)
-                    col[c * ld] = -INFINITY;
+            const int64_t c_lo = lo - j0 < 0 ? 0 : lo - j0 > n ? n : lo - j0;
+            const int64_t c_hi = hi - j0 < c_lo ? c_lo : hi - j0 > n ? n : hi - j0;
+            for (int64_t c = 0; c < c_lo; c++)
+                col[c * ld] = -INFINITY;
+            for (int64_t c = c_hi; c < n; c++)
+                col[c * ld] = -INFINITY;
         }
     }
 }
@@ -250,6 +253,16 @@ static void load_q_pairs(const qkv__attn *a, const qkv__seq *s, const tile_map *
     for (int r = 0; r < m; r++) {
         const int64_t h = tm->h0 + r / tm->mp, i = s->q0 + tm->i0 + r % tm->mp;
         const int64_t off = s->b * q->stride[0] + i * q->stride[1] + h * q->stride[2];
+        if (q->stride[3] == 1 && a->D % 2 == 0) {   /* the pairs lie in memory */
+            const uint16_t *row = src + off;
+            uint32_t *col = qp + r;
+            for (int64_t x = 0, dp = a->D / 2; x < dp; x++) {
+                uint32_t u;
+                memcpy(&u, row + 2 * x, sizeof u);
+                col[x * R] = u;
+            }
+            continue;
+        }
         for (int64_t x = 0; x < a->D; x++) {
             const uint32_t u = src[off + x * q->stride[3]];
             qp[(x >> 1) * R + r] |= x & 1 ? u << 16 : u;
