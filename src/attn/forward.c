@@ -196,7 +196,7 @@ static void score_mods(const qkv__attn *a, const qkv__seq *s, const tile_map *tm
 
 /* Rows are widened PREFETCH_ROWS ahead of their first touch: with few
    queries per key (decode) the loads, not the arithmetic, are the cost. */
-enum { PREFETCH_ROWS = 8 };
+enum { PREFETCH_ROWS = 16 };
 
 /* Asks for the cache lines of the row at element offset off (cols elements
    at unit stride; other strides are left to the hardware). The address is
@@ -231,13 +231,32 @@ static const float *tile_rows_f32(const qkv__kernels *kn, const qkv_tensor *t,
     return buf;
 }
 
-/* The bf16 dot path: bf16 inputs, a kernel set with bf16 dot products and
-   at least one full vector of query rows (fewer take the fp32 path). Like
-   PyTorch's kernels it rounds P to bf16 for P·V; scores, the softmax
+/* The bf16 dot path: bf16 inputs and a kernel set with bf16 dot products.
+   Tiles of at least one vector of rows pack their queries as pairs
+   (qk_bf16); fewer rows (decode) keep them as bf16 rows (qk_bf16_rows).
+   Like PyTorch's kernels it rounds P to bf16 for P·V; scores, the softmax
    statistics and the accumulators stay fp32. */
-static int use_bf16(const qkv__kernels *kn, const qkv__attn *a, int m)
+static int use_bf16(const qkv__kernels *kn, const qkv__attn *a)
 {
-    return kn->qk_bf16 && a->dt == QKV_BF16 && m >= PAD;
+    return kn->qk_bf16 && a->dt == QKV_BF16;
+}
+
+/* The tile's queries as bf16 rows of 2·pairs(D) elements (a zero after an
+   odd D), row r at qr + r·2·pairs(D). */
+static void load_q_rows_bf16(const qkv__attn *a, const qkv__seq *s, const tile_map *tm,
+                             int m, uint16_t *qr)
+{
+    const qkv_tensor *q = a->q;
+    const uint16_t *src = q->data;
+    const int64_t w = 2 * pairs(a->D);
+    for (int r = 0; r < m; r++) {
+        const int64_t h = tm->h0 + r / tm->mp, i = s->q0 + tm->i0 + r % tm->mp;
+        const int64_t off = s->b * q->stride[0] + i * q->stride[1] + h * q->stride[2];
+        for (int64_t x = 0; x < a->D; x++)
+            qr[r * w + x] = src[off + x * q->stride[3]];
+        if (a->D % 2)
+            qr[r * w + a->D] = 0;
+    }
 }
 
 /* The tile's queries as pairs along d: qp[x/2][r] holds row r's q[x] in
@@ -278,6 +297,9 @@ static const uint16_t *k_rows_bf16(const qkv_tensor *k, int64_t row0, int n, int
 {
     const uint16_t *src = k->data;
     if (k->stride[3] == 1 && D % 2 == 0) {
+        /* read in place by the kernel: ask for the next tile's rows */
+        for (int c = 0; c < n; c++)
+            prefetch_row(k, row0 + (n + c) * k->stride[1], D);
         *ld = k->stride[1];
         return src + row0;
     }
@@ -303,6 +325,7 @@ static void v_pairs_bf16(const qkv__kernels *kn, const qkv_tensor *v, int64_t ro
         const uint16_t *r[2] = { NULL, NULL };
         for (int e = 0; e < 2 && 2 * jj + e < n; e++) {
             const int64_t off = row0 + (2 * jj + e) * v->stride[1];
+            prefetch_row(v, off + PREFETCH_ROWS * v->stride[1], Dv);
             if (v->stride[3] == 1) {
                 r[e] = src + off;
                 continue;
@@ -362,9 +385,12 @@ static void fwd_task(void *arg, int64_t task, int worker)
        a reference of 0 give P = 0, so the softmax kernels run on whole
        vectors and the padding never reaches l or acc */
     const int mpad = (m + PAD - 1) / PAD * PAD;
-    const int bf = use_bf16(kn, a, m);
+    const int bf = use_bf16(kn, a), bf_rows = bf && m < PAD;
+    uint16_t *q_rows = (uint16_t *)tl.q;   /* bf_rows: [m][2·pairs(D)] */
 
-    if (bf)
+    if (bf_rows)
+        load_q_rows_bf16(a, &s, &tm, m, q_rows);
+    else if (bf)
         load_q_pairs(a, &s, &tm, m, mpad, R, tl.qp);
     else {
         for (int r = 0; r < m; r++) {
@@ -406,7 +432,11 @@ static void fwd_task(void *arg, int64_t task, int worker)
         int64_t ldk;
         if (bf) {
             const uint16_t *kr = k_rows_bf16(k, kbase + j0 * k->stride[1], n, D, tl.kb, &ldk);
-            kn->qk_bf16(n, mpad, (int)pairs(D), a->scale, kr, ldk, tl.qp, R, tl.st, R);
+            if (bf_rows)
+                kn->qk_bf16_rows(n, m, (int)pairs(D), a->scale, kr, ldk, q_rows, 2 * pairs(D),
+                                 tl.st, R);
+            else
+                kn->qk_bf16(n, mpad, (int)pairs(D), a->scale, kr, ldk, tl.qp, R, tl.st, R);
         } else {
             const float *kr = tile_rows_f32(kn, k, kbase + j0 * k->stride[1], n, D, tl.k, &ldk);
             kn->qk(n, m, (int)D, a->scale, kr, ldk, tl.qt, R, tl.q, D, tl.st, R);

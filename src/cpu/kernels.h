@@ -62,6 +62,11 @@ typedef struct qkv__kernels {
     void (*qk_bf16)(int n, int m, int dp, float scale, const uint16_t *k, int64_t ldk,
                     const uint32_t *qp, int64_t ldqp, float *st, int64_t ldst);
 
+    /* The same scores for a few queries (any m): q [m][ldq] bf16 rows of
+       2·dp readable elements, dot products along d. */
+    void (*qk_bf16_rows)(int n, int m, int dp, float scale, const uint16_t *k, int64_t ldk,
+                         const uint16_t *q, int64_t ldq, float *st, int64_t ldst);
+
     /* P = exp(st[j][i] - mref[i]) rounded to bf16, stored as pairs of keys
        pp[j/2][i] (the high half of a last odd key 0), and sum[i] = Σ_j of
        the unrounded P. m a multiple of 16; st is left as it was. */

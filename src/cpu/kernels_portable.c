@@ -452,6 +452,35 @@ static void qk_bf16(int n, int m, int dp, float scale, const uint16_t *k, int64_
         QKB_COLS(1);
 }
 
+/* Few queries (decode): dot products along d straight from the bf16 rows,
+   32 elements per instruction, up to four queries per key row read. */
+static void qk_bf16_rows(int n, int m, int dp, float scale, const uint16_t *k, int64_t ldk,
+                         const uint16_t *q, int64_t ldq, float *st, int64_t ldst)
+{
+    const int full = dp - dp % VW;
+    const __mmask16 tail = (__mmask16)((1u << (dp - full)) - 1);
+    for (int j = 0; j < n; j++) {
+        const uint16_t *kr = k + j * ldk;
+        for (int i = 0; i < m; i += 4) {
+            const int w = m - i < 4 ? m - i : 4;
+            vf c[4] = { {0}, {0}, {0}, {0} };
+            for (int x = 0; x < full; x += VW) {
+                __m512i a = _mm512_loadu_si512(kr + 2 * x);
+                for (int r = 0; r < w; r++)
+                    c[r] = dot2(c[r], a, _mm512_loadu_si512(q + (i + r) * ldq + 2 * x));
+            }
+            if (tail) {
+                __m512i a = _mm512_maskz_loadu_epi32(tail, kr + 2 * full);
+                for (int r = 0; r < w; r++)
+                    c[r] = dot2(c[r], a,
+                                _mm512_maskz_loadu_epi32(tail, q + (i + r) * ldq + 2 * full));
+            }
+            for (int r = 0; r < w; r++)
+                st[j * ldst + i + r] = _mm512_reduce_add_ps((__m512)c[r]) * scale;
+        }
+    }
+}
+
 /* Word 2t takes word t (the even key), word 2t+1 word 16+t (the odd key). */
 static inline __m512i pair_interleave(void)
 {
@@ -588,10 +617,12 @@ void QKV_KERNEL_TABLE(qkv__kernels *t)
     t->store_bf16 = store_bf16;
 #ifdef QKV_HAVE_BF16_DOT
     t->qk_bf16 = qk_bf16;
+    t->qk_bf16_rows = qk_bf16_rows;
     t->exp_pack_bf16 = exp_pack_bf16;
     t->pv_bf16 = pv_bf16;
 #else
     t->qk_bf16 = NULL;
+    t->qk_bf16_rows = NULL;
     t->exp_pack_bf16 = NULL;
     t->pv_bf16 = NULL;
 #endif
