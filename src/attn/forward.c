@@ -13,7 +13,8 @@
  * columns. Per tile, with m, l, acc the running max, sum and accumulator:
  *     m' = max(m, max_j S),  P = exp(S - m'),  l = l·e^(m-m') + Σ_j P,
  *     acc = acc·e^(m-m') + P·V.
- * Memory is O(BQ·BK + (BQ+BK)·D) per thread, whatever the sequence length.
+ * Memory is O(BQ·BK + (BQ+BK)·D) per thread, whatever the sequence length;
+ * BK, the keys per tile, is sized from the L2 cache (key_tile).
  * Tiles wholly outside the causal/window band are never visited; only tiles
  * the band cuts are masked element by element. Each task writes its own
  * rows of out and lse, and its arithmetic does not depend on the thread
@@ -28,7 +29,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { BQ = 64, BK = 128, PAD = 16 /* softmax kernels take query columns in 16s */ };
+enum { BQ = 64, PAD = 16 /* softmax kernels take query columns in 16s */ };
 
 typedef struct {
     qkv_ctx         *ctx;
@@ -39,6 +40,7 @@ typedef struct {
     int64_t          n_split;
     float           *part;
     int64_t          part_size;   /* floats per (tile, part) */
+    int64_t          bk;          /* keys per tile */
 } fwd_job;
 
 typedef struct {                  /* per-thread scratch, fp32 */
@@ -68,13 +70,13 @@ static int64_t tile_rows(int64_t group)
 
 static int64_t pairs(int64_t n) { return (n + 1) / 2; }
 
-static size_t tiles_floats(int64_t rows, int64_t D, int64_t Dv)
+static size_t tiles_floats(int64_t rows, int64_t BK, int64_t D, int64_t Dv)
 {
     return (size_t)(2 * rows * D + BK * D + BK * Dv + BK * rows + rows * Dv + 6 * rows +
                     pairs(D) * rows + BK * pairs(D) + BK / 2 * Dv + BK / 2 * rows + Dv);
 }
 
-static tiles tiles_at(float *base, int64_t rows, int64_t D, int64_t Dv)
+static tiles tiles_at(float *base, int64_t rows, int64_t BK, int64_t D, int64_t Dv)
 {
     tiles t;
     t.q = base;
@@ -95,6 +97,20 @@ static tiles tiles_at(float *base, int64_t rows, int64_t D, int64_t Dv)
     t.pp = t.vp + BK / 2 * Dv;
     t.vr = (uint16_t *)(t.pp + BK / 2 * rows);
     return t;
+}
+
+/* Keys per tile: the scores (BK x rows), the widened K and V rows and their
+   pairs should take about a quarter of the L2 cache, leaving room for
+   the queries, the accumulators and the next rows; 64 to 256, a power of
+   two. */
+static int64_t key_tile(int64_t rows, int64_t D, int64_t Dv)
+{
+    const int64_t per_key = 4 * (rows + D + Dv) + 2 * (D + 1) + 2 * Dv + 2 * rows;
+    const int64_t budget = (int64_t)qkv__l2_bytes() / 4;
+    int64_t bk = 64;
+    while (bk < 256 && 2 * bk * per_key <= budget)
+        bk *= 2;
+    return bk;
 }
 
 /* dst[c] = src[off + c·stride] as fp32, c < n. */
@@ -380,7 +396,8 @@ static void fwd_task(void *arg, int64_t task, int worker)
     const int64_t D = a->D, Dv = a->Dv;
     const qkv_tensor *q = a->q, *k = a->k, *v = a->v;
     const int64_t R = tile_rows(a->group);
-    tiles tl = tiles_at(job->ctx->scratch[worker], R, D, Dv);
+    const int64_t BK = job->bk;
+    tiles tl = tiles_at(job->ctx->scratch[worker], R, BK, D, Dv);
     /* query columns m..mpad of the scores are padding: -inf scores against
        a reference of 0 give P = 0, so the softmax kernels run on whole
        vectors and the padding never reaches l or acc */
@@ -556,10 +573,11 @@ qkv_status qkv_attention_forward(qkv_ctx *ctx, const qkv_tensor *q,
     if (a.group > (1 << 20))
         return qkv__fail(ctx, QKV_ERR_UNSUPPORTED,
                          "q->shape[2]: more than 1048576 query heads per kv head");
-    if ((st = qkv__scratch_reserve(ctx, tiles_floats(tile_rows(a.group), a.D, a.Dv) *
+    const int64_t bk = key_tile(tile_rows(a.group), a.D, a.Dv);
+    if ((st = qkv__scratch_reserve(ctx, tiles_floats(tile_rows(a.group), bk, a.D, a.Dv) *
                                         sizeof(float))))
         return st;
-    fwd_job job = { ctx, &a, { NULL, 0, 0 }, 1, NULL, 0 };
+    fwd_job job = { ctx, &a, { NULL, 0, 0 }, 1, NULL, 0, bk };
     if ((st = qkv__tasks_make(ctx, &a, a.Hkv, tile_positions(a.group), &job.tasks)))
         return st;
     job.n_split = split_count(&a, job.tasks.total);

@@ -217,3 +217,16 @@ void qkv__parallel(qkv_ctx *ctx, int64_t n_tasks, double work, qkv__task_fn fn, 
     }
     qkv__pool_run(ctx->pool, n_tasks, fn, arg);
 }
+
+size_t qkv__l2_bytes(void)
+{
+    long b = -1;
+#ifdef _SC_LEVEL2_CACHE_SIZE
+    b = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+    if (b <= 0)
+        b = 1L << 20;
+    if (b < (256L << 10)) b = 256L << 10;
+    if (b > (4L << 20)) b = 4L << 20;
+    return (size_t)b;
+}

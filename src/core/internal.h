@@ -50,6 +50,10 @@ qkv_status qkv__fail(qkv_ctx *ctx, qkv_status status, const char *fmt, ...)
    QKV_ERR_NOMEM (with a message) when it cannot. */
 qkv_status qkv__scratch_reserve(qkv_ctx *ctx, size_t bytes);
 
+/* The L2 cache size of this machine in bytes (sysconf; 1 MiB when it does
+   not say), clamped to [256 KiB, 4 MiB]. */
+size_t qkv__l2_bytes(void);
+
 /* Runs fn over n_tasks on ctx's threads. work estimates the flops of the
    whole job: below QKV__SERIAL_FLOPS waking the workers costs more than it
    saves, and the caller runs every task itself (0: unknown, always share). */
