@@ -415,11 +415,11 @@ static void fwd_task(void *arg, int64_t task, int worker)
             float *qr = tl.q + r * D;
             load_row(kn, q, s.b * q->stride[0] + i * q->stride[1] + h * q->stride[2],
                      q->stride[3], D, qr);
-            for (int64_t d = 0; d < D; d++)
-                tl.qt[d * R + r] = qr[d];
         }
-        for (int64_t d = 0; mpad > m && d < D; d++)   /* qk's padding columns */
-            memset(tl.qt + d * R + m, 0, (size_t)(mpad - m) * sizeof(float));
+        /* transposed, with qk's padding columns m..mpad zero */
+        for (int64_t d = 0; d < D; d++)
+            for (int r = 0; r < mpad; r++)
+                tl.qt[d * R + r] = r < m ? tl.q[r * D + d] : 0.0f;
     }
     memset(tl.acc, 0, (size_t)m * (size_t)Dv * sizeof(float));
     for (int r = 0; r < mpad; r++) {
