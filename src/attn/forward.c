@@ -214,17 +214,18 @@ static void score_mods(const qkv__attn *a, const qkv__seq *s, const tile_map *tm
    queries per key (decode) the loads, not the arithmetic, are the cost. */
 enum { PREFETCH_ROWS = 16 };
 
-/* Asks for the cache lines of the row at element offset off (cols elements
-   at unit stride; other strides are left to the hardware). The address is
-   computed as an integer and never dereferenced, so rows past the tensor
-   are harmless. */
-static void prefetch_row(const qkv_tensor *t, int64_t off, int64_t cols)
+/* Asks for the cache lines of the row `ahead` rows (dim 1) after the row
+   at element offset off (cols elements at unit stride; other strides are
+   left to the hardware). The address is computed in unsigned arithmetic
+   and never dereferenced, so rows past the tensor are harmless. */
+static void prefetch_row(const qkv_tensor *t, int64_t off, int64_t ahead, int64_t cols)
 {
     if (t->stride[3] != 1)
         return;
-    const int64_t es = (int64_t)qkv_dtype_size(t->dtype);
-    const uintptr_t p = (uintptr_t)t->data + (uintptr_t)(off * es);
-    for (int64_t b = 0; b < cols * es; b += 64)
+    const uint64_t es = qkv_dtype_size(t->dtype);
+    const uintptr_t p = (uintptr_t)t->data +
+                        (uintptr_t)((uint64_t)off * es + (uint64_t)ahead * (uint64_t)t->stride[1] * es);
+    for (uint64_t b = 0; b < (uint64_t)cols * es; b += 64)
         __builtin_prefetch((const void *)(p + (uintptr_t)b));
 }
 
@@ -240,7 +241,7 @@ static const float *tile_rows_f32(const qkv__kernels *kn, const qkv_tensor *t,
         return (const float *)t->data + row0;
     }
     for (int c = 0; c < n; c++) {
-        prefetch_row(t, row0 + (c + PREFETCH_ROWS) * t->stride[1], cols);
+        prefetch_row(t, row0 + c * t->stride[1], PREFETCH_ROWS, cols);
         load_row(kn, t, row0 + c * t->stride[1], t->stride[3], cols, buf + c * cols);
     }
     *ld = cols;
@@ -315,7 +316,7 @@ static const uint16_t *k_rows_bf16(const qkv_tensor *k, int64_t row0, int n, int
     if (k->stride[3] == 1 && D % 2 == 0) {
         /* read in place by the kernel: ask for the next tile's rows */
         for (int c = 0; c < n; c++)
-            prefetch_row(k, row0 + (n + c) * k->stride[1], D);
+            prefetch_row(k, row0 + c * k->stride[1], n, D);
         *ld = k->stride[1];
         return src + row0;
     }
@@ -341,7 +342,7 @@ static void v_pairs_bf16(const qkv__kernels *kn, const qkv_tensor *v, int64_t ro
         const uint16_t *r[2] = { NULL, NULL };
         for (int e = 0; e < 2 && 2 * jj + e < n; e++) {
             const int64_t off = row0 + (2 * jj + e) * v->stride[1];
-            prefetch_row(v, off + PREFETCH_ROWS * v->stride[1], Dv);
+            prefetch_row(v, off, PREFETCH_ROWS, Dv);
             if (v->stride[3] == 1) {
                 r[e] = src + off;
                 continue;
