@@ -24,6 +24,7 @@
  * (reference.c).
  */
 #include "attn.h"
+#include "tile.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -113,140 +114,9 @@ static int64_t key_tile(int64_t rows, int64_t D, int64_t Dv)
     return bk;
 }
 
-/* dst[c] = src[off + c·stride] as fp32, c < n. */
-static void load_row(const qkv__kernels *kn, const qkv_tensor *t, int64_t off,
-                     int64_t stride, int64_t n, float *dst)
-{
-    if (stride == 1) {
-        const uint16_t *h = (const uint16_t *)t->data + off;
-        switch (t->dtype) {
-        case QKV_F32:  memcpy(dst, (const float *)t->data + off, (size_t)n * sizeof(float)); return;
-        case QKV_F16:  kn->cvt_f16(h, dst, n); return;
-        case QKV_BF16: kn->cvt_bf16(h, dst, n); return;
-        }
-    }
-    for (int64_t c = 0; c < n; c++)
-        dst[c] = qkv__load(t->data, t->dtype, off + c * stride);
-}
-
-static void store_row(const qkv__kernels *kn, const qkv_tensor *t, int64_t off,
-                      int64_t stride, int64_t n, const float *src, float mul)
-{
-    if (stride == 1) {
-        uint16_t *h = (uint16_t *)t->data + off;
-        switch (t->dtype) {
-        case QKV_F32:
-            for (int64_t c = 0; c < n; c++)
-                ((float *)t->data)[off + c] = src[c] * mul;
-            return;
-        case QKV_F16:  kn->store_f16(src, mul, h, n); return;
-        case QKV_BF16: kn->store_bf16(src, mul, h, n); return;
-        }
-    }
-    for (int64_t c = 0; c < n; c++)
-        qkv__store(t->data, t->dtype, off + c * stride, src[c] * mul);
-}
-
-/* The keys query row i can see, as a half-open range [*lo, *hi) within a
-   sequence of sq queries and sk keys; empty when *lo >= *hi. */
-static void key_range(const qkv__attn *a, const qkv__seq *s, int64_t i,
-                      int64_t *lo, int64_t *hi)
-{
-    int64_t p = i + s->sk - s->sq;
-    int64_t l = 0, h = s->sk;
-    if (a->window_left >= 0 && p - a->window_left > l)
-        l = p - a->window_left;
-    if (a->causal && p + 1 < h)
-        h = p + 1;
-    if (a->window_right >= 0 && p + a->window_right + 1 < h)
-        h = p + a->window_right + 1;
-    *lo = l < s->sk ? l : s->sk;
-    *hi = h > *lo ? h : *lo;
-}
-
 /* Positions per head in a tile: the group's heads are stacked so one packed
    K/V tile serves all of them. */
 static int64_t tile_positions(int64_t group) { return group >= BQ ? 1 : BQ / group; }
-
-/* Row r of a tile holding mp positions per head: head h0 + r / mp at query
-   position i0 + r % mp. */
-typedef struct { int64_t h0, i0; int mp; } tile_map;
-
-/* Softcap, ALiBi, bias and the band mask on one score tile (keys j0..j0+n
-   by m query rows, leading dimension ld). `band` says whether the band cuts
-   this tile. */
-static void score_mods(const qkv__attn *a, const qkv__seq *s, const tile_map *tm,
-                       int m, int64_t j0, int n, int band, float *st, int64_t ld)
-{
-    const float cap = a->softcap;
-    for (int r = 0; r < m; r++) {
-        float *col = st + r;
-        const int64_t h = tm->h0 + r / tm->mp, i = tm->i0 + r % tm->mp;
-        const int64_t p = i + s->sk - s->sq;
-        if (cap > 0.0f)
-            for (int c = 0; c < n; c++)
-                col[c * ld] = cap * tanhf(col[c * ld] / cap);
-        if (a->alibi) {
-            const float slope = a->alibi[h];
-            for (int c = 0; c < n; c++)
-                col[c * ld] -= slope * (float)llabs(p - (j0 + c));
-        }
-        if (a->bias) {
-            const float *b = a->bias + s->b * a->bias_stride[0] + h * a->bias_stride[1] +
-                             i * a->bias_stride[2] + j0 * a->bias_stride[3];
-            for (int c = 0; c < n; c++)
-                col[c * ld] += b[c * a->bias_stride[3]];
-        }
-        if (band) {   /* hide keys before lo and from hi on */
-            int64_t lo, hi;
-            key_range(a, s, i, &lo, &hi);
-            const int64_t c_lo = lo - j0 < 0 ? 0 : lo - j0 > n ? n : lo - j0;
-            const int64_t c_hi = hi - j0 < c_lo ? c_lo : hi - j0 > n ? n : hi - j0;
-            for (int64_t c = 0; c < c_lo; c++)
-                col[c * ld] = -INFINITY;
-            for (int64_t c = c_hi; c < n; c++)
-                col[c * ld] = -INFINITY;
-        }
-    }
-}
-
-/* Rows are widened PREFETCH_ROWS ahead of their first touch: with few
-   queries per key (decode) the loads, not the arithmetic, are the cost. */
-enum { PREFETCH_ROWS = 16 };
-
-/* Asks for the cache lines of the row `ahead` rows (dim 1) after the row
-   at element offset off (cols elements at unit stride; other strides are
-   left to the hardware). The address is computed in unsigned arithmetic
-   and never dereferenced, so rows past the tensor are harmless. */
-static void prefetch_row(const qkv_tensor *t, int64_t off, int64_t ahead, int64_t cols)
-{
-    if (t->stride[3] != 1)
-        return;
-    const uint64_t es = qkv_dtype_size(t->dtype);
-    const uintptr_t p = (uintptr_t)t->data +
-                        (uintptr_t)((uint64_t)off * es + (uint64_t)ahead * (uint64_t)t->stride[1] * es);
-    for (uint64_t b = 0; b < (uint64_t)cols * es; b += 64)
-        __builtin_prefetch((const void *)(p + (uintptr_t)b));
-}
-
-/* n rows of a K or V tile, starting at element offset row0, as fp32 with
-   unit inner stride: in place when they already are, widened into buf
-   ([n][cols]) otherwise. Returns the rows and sets *ld to their stride. */
-static const float *tile_rows_f32(const qkv__kernels *kn, const qkv_tensor *t,
-                                  int64_t row0, int n, int64_t cols, float *buf,
-                                  int64_t *ld)
-{
-    if (t->dtype == QKV_F32 && (t->stride[3] == 1 || cols == 1)) {
-        *ld = t->stride[1];
-        return (const float *)t->data + row0;
-    }
-    for (int c = 0; c < n; c++) {
-        prefetch_row(t, row0 + c * t->stride[1], PREFETCH_ROWS, cols);
-        load_row(kn, t, row0 + c * t->stride[1], t->stride[3], cols, buf + c * cols);
-    }
-    *ld = cols;
-    return buf;
-}
 
 /* The bf16 dot path: bf16 inputs and a kernel set with bf16 dot products.
    Tiles of at least one vector of rows pack their queries as pairs
@@ -260,7 +130,7 @@ static int use_bf16(const qkv__kernels *kn, const qkv__attn *a)
 
 /* The tile's queries as bf16 rows of 2·pairs(D) elements (a zero after an
    odd D), row r at qr + r·2·pairs(D). */
-static void load_q_rows_bf16(const qkv__attn *a, const qkv__seq *s, const tile_map *tm,
+static void load_q_rows_bf16(const qkv__attn *a, const qkv__seq *s, const qkv__tile_map *tm,
                              int m, uint16_t *qr)
 {
     const qkv_tensor *q = a->q;
@@ -279,7 +149,7 @@ static void load_q_rows_bf16(const qkv__attn *a, const qkv__seq *s, const tile_m
 /* The tile's queries as pairs along d: qp[x/2][r] holds row r's q[x] in
    its low half and q[x+1] in its high half; zero past D and in the padding
    rows m..mpad. */
-static void load_q_pairs(const qkv__attn *a, const qkv__seq *s, const tile_map *tm,
+static void load_q_pairs(const qkv__attn *a, const qkv__seq *s, const qkv__tile_map *tm,
                          int m, int mpad, int64_t R, uint32_t *qp)
 {
     const qkv_tensor *q = a->q;
@@ -316,7 +186,7 @@ static const uint16_t *k_rows_bf16(const qkv_tensor *k, int64_t row0, int n, int
     if (k->stride[3] == 1 && D % 2 == 0) {
         /* read in place by the kernel: ask for the next tile's rows */
         for (int c = 0; c < n; c++)
-            prefetch_row(k, row0 + c * k->stride[1], n, D);
+            qkv__prefetch_row(k, row0 + c * k->stride[1], n, D);
         *ld = k->stride[1];
         return src + row0;
     }
@@ -342,7 +212,7 @@ static void v_pairs_bf16(const qkv__kernels *kn, const qkv_tensor *v, int64_t ro
         const uint16_t *r[2] = { NULL, NULL };
         for (int e = 0; e < 2 && 2 * jj + e < n; e++) {
             const int64_t off = row0 + (2 * jj + e) * v->stride[1];
-            prefetch_row(v, off, PREFETCH_ROWS, Dv);
+            qkv__prefetch_row(v, off, QKV__PREFETCH_ROWS, Dv);
             if (v->stride[3] == 1) {
                 r[e] = src + off;
                 continue;
@@ -356,7 +226,7 @@ static void v_pairs_bf16(const qkv__kernels *kn, const qkv_tensor *v, int64_t ro
 }
 
 /* Tile number `tile` of the job: its sequence, kv head and rows. */
-static void tile_of(const fwd_job *job, int64_t tile, qkv__seq *s, int64_t *hk, tile_map *tm)
+static void tile_of(const fwd_job *job, int64_t tile, qkv__seq *s, int64_t *hk, qkv__tile_map *tm)
 {
     const qkv__attn *a = job->a;
     int64_t t;
@@ -373,11 +243,11 @@ static void tile_of(const fwd_job *job, int64_t tile, qkv__seq *s, int64_t *hk, 
 
 /* Writes row r's output and lse from its softmax state (m, l, acc). */
 static void store_result(const qkv__kernels *kn, const qkv__attn *a, const qkv__seq *s,
-                         const tile_map *tm, int r, float m, float l, const float *acc)
+                         const qkv__tile_map *tm, int r, float m, float l, const float *acc)
 {
     const qkv_tensor *out = a->out;
     const int64_t h = tm->h0 + r / tm->mp, qi = s->q0 + tm->i0 + r % tm->mp;
-    store_row(kn, out, s->b * out->stride[0] + qi * out->stride[1] + h * out->stride[2],
+    qkv__store_row(kn, out, s->b * out->stride[0] + qi * out->stride[1] + h * out->stride[2],
               out->stride[3], a->Dv, acc, l > 0.0f ? 1.0f / l : 0.0f);
     if (a->lse)
         a->lse[qkv__lse_index(a, s->b, h, qi)] = l > 0.0f ? m + logf(l) : -INFINITY;
@@ -391,7 +261,7 @@ static void fwd_task(void *arg, int64_t task, int worker)
     const int64_t tile = task / job->n_split, part = task % job->n_split;
     qkv__seq s;
     int64_t hk;
-    tile_map tm;
+    qkv__tile_map tm;
     tile_of(job, tile, &s, &hk, &tm);
     const int m = tm.mp * (int)a->group;
     const int64_t D = a->D, Dv = a->Dv;
@@ -414,7 +284,7 @@ static void fwd_task(void *arg, int64_t task, int worker)
         for (int r = 0; r < m; r++) {
             const int64_t h = tm.h0 + r / tm.mp, i = s.q0 + tm.i0 + r % tm.mp;
             float *qr = tl.q + r * D;
-            load_row(kn, q, s.b * q->stride[0] + i * q->stride[1] + h * q->stride[2],
+            qkv__load_row(kn, q, s.b * q->stride[0] + i * q->stride[1] + h * q->stride[2],
                      q->stride[3], D, qr);
         }
         /* transposed, with qk's padding columns m..mpad zero */
@@ -430,8 +300,8 @@ static void fwd_task(void *arg, int64_t task, int worker)
 
     /* keys seen by any row of the tile: the band is monotone in i */
     int64_t klo, khi, lo_last, hi_first;
-    key_range(a, &s, tm.i0, &klo, &hi_first);
-    key_range(a, &s, tm.i0 + tm.mp - 1, &lo_last, &khi);
+    qkv__key_range(a, &s, tm.i0, &klo, &hi_first);
+    qkv__key_range(a, &s, tm.i0 + tm.mp - 1, &lo_last, &khi);
     if (khi < klo)
         khi = klo;
     if (job->n_split > 1) {
@@ -456,13 +326,13 @@ static void fwd_task(void *arg, int64_t task, int worker)
             else
                 kn->qk_bf16(n, mpad, (int)pairs(D), a->scale, kr, ldk, tl.qp, R, tl.st, R);
         } else {
-            const float *kr = tile_rows_f32(kn, k, kbase + j0 * k->stride[1], n, D, tl.k, &ldk);
+            const float *kr = qkv__tile_rows_f32(kn, k, kbase + j0 * k->stride[1], n, D, tl.k, &ldk);
             kn->qk(n, m, (int)D, a->scale, kr, ldk, tl.qt, R, tl.q, D, tl.st, R);
         }
         /* the band cuts this tile unless every row sees all of it */
         const int band = !(lo_last <= j0 && hi_first >= j0 + n);
         if (modded || band)
-            score_mods(a, &s, &tm, m, j0, n, band, tl.st, R);
+            qkv__score_mods(a, &s, &tm, m, j0, n, band, tl.st, R, NULL);
         if (mpad > m)
             for (int c = 0; c < n; c++)
                 for (int r = m; r < mpad; r++)
@@ -485,7 +355,7 @@ static void fwd_task(void *arg, int64_t task, int worker)
             kn->pv_bf16(m, (int)pairs(n), (int)Dv, tl.pp, R, tl.vp, Dv, tl.alpha, tl.acc, Dv);
         } else {
             int64_t ldv;
-            const float *vr = tile_rows_f32(kn, v, vbase + j0 * v->stride[1], n, Dv, tl.v, &ldv);
+            const float *vr = qkv__tile_rows_f32(kn, v, vbase + j0 * v->stride[1], n, Dv, tl.v, &ldv);
             kn->pv(m, n, (int)Dv, tl.st, 1, R, vr, ldv, tl.alpha, tl.acc, Dv);
         }
     }
@@ -509,7 +379,7 @@ static void merge_task(void *arg, int64_t tile, int worker)
     const qkv__attn *a = job->a;
     qkv__seq s;
     int64_t hk;
-    tile_map tm;
+    qkv__tile_map tm;
     tile_of(job, tile, &s, &hk, &tm);
     const int m = tm.mp * (int)a->group;
     const int64_t R = tile_rows(a->group), Dv = a->Dv;

@@ -1,0 +1,48 @@
+/*
+ * tile.h — the pieces of a tile shared by the forward and backward drivers
+ * (tile.c): rows in and out of the tensors, the keys a row sees, and the
+ * score modifications.
+ */
+#ifndef QKV_TILE_H
+#define QKV_TILE_H
+
+#include "attn.h"
+#include "../cpu/kernels.h"
+
+/* Rows are widened QKV__PREFETCH_ROWS ahead of their first touch: with few
+   queries per key (decode) the loads, not the arithmetic, are the cost. */
+enum { QKV__PREFETCH_ROWS = 16 };
+
+/* Row r of a tile holding mp positions per head: head h0 + r / mp at query
+   position i0 + r % mp (within its sequence). */
+typedef struct { int64_t h0, i0; int mp; } qkv__tile_map;
+
+/* dst[c] = t's element off + c·stride as fp32, c < n. */
+void qkv__load_row(const qkv__kernels *kn, const qkv_tensor *t, int64_t off,
+                   int64_t stride, int64_t n, float *dst);
+
+/* t's element off + c·stride = src[c]·mul in t's dtype, c < n. */
+void qkv__store_row(const qkv__kernels *kn, const qkv_tensor *t, int64_t off,
+                    int64_t stride, int64_t n, const float *src, float mul);
+
+/* The keys query row i can see, as a half-open range [*lo, *hi) within a
+   sequence of sq queries and sk keys; empty when *lo >= *hi. */
+void qkv__key_range(const qkv__attn *a, const qkv__seq *s, int64_t i,
+                    int64_t *lo, int64_t *hi);
+
+/* Softcap, ALiBi, bias and the band mask on a tile of scores st[c·ld + r]
+   (keys j0..j0+n by m rows); see tile.c. */
+void qkv__score_mods(const qkv__attn *a, const qkv__seq *s, const qkv__tile_map *tm,
+                     int m, int64_t j0, int n, int band, float *st, int64_t ld, float *dcap);
+
+/* Prefetches the row `ahead` rows (dim 1) after element offset off. */
+void qkv__prefetch_row(const qkv_tensor *t, int64_t off, int64_t ahead, int64_t cols);
+
+/* n rows (dim 1) of t from element offset row0 as fp32 rows of cols
+   elements: in place when they already are, widened into buf otherwise;
+   *ld receives their stride. */
+const float *qkv__tile_rows_f32(const qkv__kernels *kn, const qkv_tensor *t,
+                                int64_t row0, int n, int64_t cols, float *buf,
+                                int64_t *ld);
+
+#endif /* QKV_TILE_H */
