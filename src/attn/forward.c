@@ -30,7 +30,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { BQ = 64, PAD = 16 /* softmax kernels take query columns in 16s */ };
 
 typedef struct {
     qkv_ctx         *ctx;
@@ -59,15 +58,6 @@ typedef struct {                  /* per-thread scratch, fp32 */
     uint32_t *pp;  /* [BK/2][rows] P pairs along keys         */
     uint16_t *vr;  /* [2][Dv]     two gathered V rows         */
 } tiles;
-
-/* Rows of a tile: BQ, or one per query head of a group when the group is
-   larger, rounded up to whole vectors (the softmax kernels run over
-   padded query columns). */
-static int64_t tile_rows(int64_t group)
-{
-    int64_t r = group > BQ ? group : BQ;
-    return (r + PAD - 1) / PAD * PAD;
-}
 
 static int64_t pairs(int64_t n) { return (n + 1) / 2; }
 
@@ -114,9 +104,6 @@ static int64_t key_tile(int64_t rows, int64_t D, int64_t Dv)
     return bk;
 }
 
-/* Positions per head in a tile: the group's heads are stacked so one packed
-   K/V tile serves all of them. */
-static int64_t tile_positions(int64_t group) { return group >= BQ ? 1 : BQ / group; }
 
 /* The bf16 dot path: bf16 inputs and a kernel set with bf16 dot products.
    Tiles of at least one vector of rows pack their queries as pairs
@@ -231,7 +218,7 @@ static void tile_of(const fwd_job *job, int64_t tile, qkv__seq *s, int64_t *hk, 
     const qkv__attn *a = job->a;
     int64_t t;
     *s = qkv__attn_seq(a, qkv__tasks_find(&job->tasks, tile, &t));
-    const int64_t P = tile_positions(a->group);
+    const int64_t P = qkv__tile_positions(a->group);
     const int64_t n_qt = (s->sq + P - 1) / P;
     *hk = t / n_qt;
     tm->h0 = *hk * a->group;
@@ -266,14 +253,14 @@ static void fwd_task(void *arg, int64_t task, int worker)
     const int m = tm.mp * (int)a->group;
     const int64_t D = a->D, Dv = a->Dv;
     const qkv_tensor *q = a->q, *k = a->k, *v = a->v;
-    const int64_t R = tile_rows(a->group);
+    const int64_t R = qkv__tile_rows(a->group);
     const int64_t BK = job->bk;
     tiles tl = tiles_at(job->ctx->scratch[worker], R, BK, D, Dv);
     /* query columns m..mpad of the scores are padding: -inf scores against
        a reference of 0 give P = 0, so the softmax kernels run on whole
        vectors and the padding never reaches l or acc */
-    const int mpad = (m + PAD - 1) / PAD * PAD;
-    const int bf = use_bf16(kn, a), bf_rows = bf && m < PAD;
+    const int mpad = (m + QKV__PAD - 1) / QKV__PAD * QKV__PAD;
+    const int bf = use_bf16(kn, a), bf_rows = bf && m < QKV__PAD;
     uint16_t *q_rows = (uint16_t *)tl.q;   /* bf_rows: [m][2·pairs(D)] */
 
     if (bf_rows)
@@ -382,7 +369,7 @@ static void merge_task(void *arg, int64_t tile, int worker)
     qkv__tile_map tm;
     tile_of(job, tile, &s, &hk, &tm);
     const int m = tm.mp * (int)a->group;
-    const int64_t R = tile_rows(a->group), Dv = a->Dv;
+    const int64_t R = qkv__tile_rows(a->group), Dv = a->Dv;
     float *acc = job->ctx->scratch[worker];
     for (int r = 0; r < m; r++) {
         float mx = -INFINITY, l = 0.0f;
@@ -444,16 +431,16 @@ qkv_status qkv_attention_forward(qkv_ctx *ctx, const qkv_tensor *q,
     if (a.group > (1 << 20))
         return qkv__fail(ctx, QKV_ERR_UNSUPPORTED,
                          "q->shape[2]: more than 1048576 query heads per kv head");
-    const int64_t bk = key_tile(tile_rows(a.group), a.D, a.Dv);
-    if ((st = qkv__scratch_reserve(ctx, tiles_floats(tile_rows(a.group), bk, a.D, a.Dv) *
+    const int64_t bk = key_tile(qkv__tile_rows(a.group), a.D, a.Dv);
+    if ((st = qkv__scratch_reserve(ctx, tiles_floats(qkv__tile_rows(a.group), bk, a.D, a.Dv) *
                                         sizeof(float))))
         return st;
     fwd_job job = { ctx, &a, { NULL, 0, 0 }, 1, NULL, 0, bk };
-    if ((st = qkv__tasks_make(ctx, &a, a.Hkv, tile_positions(a.group), &job.tasks)))
+    if ((st = qkv__tasks_make(ctx, &a, a.Hkv, qkv__tile_positions(a.group), &job.tasks)))
         return st;
     job.n_split = split_count(&a, job.tasks.total);
     if (job.n_split > 1) {
-        const int64_t R = tile_rows(a.group);
+        const int64_t R = qkv__tile_rows(a.group);
         job.part_size = R * (2 + a.Dv);
         job.part = malloc((size_t)(job.tasks.total * job.n_split * job.part_size) * sizeof(float));
         if (!job.part) {

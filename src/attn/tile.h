@@ -13,6 +13,25 @@
    queries per key (decode) the loads, not the arithmetic, are the cost. */
 enum { QKV__PREFETCH_ROWS = 16 };
 
+/* Query tiles hold about QKV__BQ rows; the softmax kernels take query
+   columns in whole vectors of QKV__PAD (the drivers pad with -inf). */
+enum { QKV__BQ = 64, QKV__PAD = 16 };
+
+/* Positions per head in a tile: the heads of a GQA group are stacked so
+   one K/V tile serves all of them. */
+static inline int64_t qkv__tile_positions(int64_t group)
+{
+    return group >= QKV__BQ ? 1 : QKV__BQ / group;
+}
+
+/* Rows of a tile: QKV__BQ, or one per query head of a group when the group
+   is larger, rounded up to whole vectors. */
+static inline int64_t qkv__tile_rows(int64_t group)
+{
+    int64_t r = group > QKV__BQ ? group : QKV__BQ;
+    return (r + QKV__PAD - 1) / QKV__PAD * QKV__PAD;
+}
+
 /* Row r of a tile holding mp positions per head: head h0 + r / mp at query
    position i0 + r % mp (within its sequence). */
 typedef struct { int64_t h0, i0; int mp; } qkv__tile_map;
