@@ -25,6 +25,26 @@ typedef struct {
     float    *lse;
 } qkv__attn;
 
+/* The extra arguments of a backward call. */
+typedef struct {
+    const qkv_tensor *dout;
+    const float      *lse;           /* the forward's lse (input) */
+    qkv_tensor       *dq, *dk, *dv;
+} qkv__grads;
+
+/* Validates every argument of a backward call (before anything is
+   written): what qkv__attn_check checks of q, k, v, opts and out (out is
+   an input here; a->lse is left NULL), plus dout like out, dq like q, dk
+   like k, dv like v (shapes and dtype), lse non-NULL, dq, dk, dv each
+   free of self-overlap (QKV_ERR_STRIDE), and none of them sharing memory
+   with another or with q, k, v, out, dout or lse (QKV_ERR_ARG; views that
+   interleave without a common element, e.g. slices of one packed buffer,
+   are accepted). Fills *a and *g. */
+qkv_status qkv__attn_check_backward(qkv_ctx *ctx, const qkv_tensor *q,
+        const qkv_tensor *k, const qkv_tensor *v, const qkv_tensor *out,
+        const qkv_tensor *dout, const float *lse, const qkv_attn_opts *opts,
+        qkv_tensor *dq, qkv_tensor *dk, qkv_tensor *dv, qkv__attn *a, qkv__grads *g);
+
 /* One sequence: batch row b, query rows [q0, q0+sq) and key rows [k0, k0+sk)
    along dim 1. */
 typedef struct { int64_t b, q0, sq, k0, sk; } qkv__seq;

@@ -2,7 +2,9 @@
  * check.c — validation of attention arguments. Everything a kernel will
  * trust is checked here first: pointers, dtypes, shapes, the byte extent of
  * every view (no int64 overflow), outputs that would overlap themselves,
- * option domains, cumulative sequence offsets and bias broadcasting.
+ * option domains, cumulative sequence offsets and bias broadcasting; for
+ * the backward also the gradients' shapes and dtypes and that no gradient
+ * shares an element with another or with an input.
  * Messages name the argument by its C path ("k->shape[2]", "opts->bias").
  */
 #include "attn.h"
@@ -102,9 +104,11 @@ static qkv_status check_bias(qkv_ctx *ctx, const qkv_tensor *b, qkv__attn *a)
     return QKV_OK;
 }
 
-qkv_status qkv__attn_check(qkv_ctx *ctx, const qkv_tensor *q,
+/* Everything a forward call checks; out_written says whether out is the
+   call's output (then it must not overlap itself) or an input (backward). */
+static qkv_status check_attn(qkv_ctx *ctx, const qkv_tensor *q,
         const qkv_tensor *k, const qkv_tensor *v, const qkv_attn_opts *opts,
-        const qkv_tensor *out, float *lse, qkv__attn *a)
+        const qkv_tensor *out, float *lse, qkv__attn *a, int out_written)
 {
     qkv_status st;
     if (!ctx)
@@ -145,7 +149,7 @@ qkv_status qkv__attn_check(qkv_ctx *ctx, const qkv_tensor *q,
     if (out->shape[3] != Dv)
         FAIL(QKV_ERR_SHAPE, "out->shape[3] = %lld differs from v->shape[3] = %lld (head_dim_v)",
              (long long)out->shape[3], (long long)Dv);
-    if ((st = check_no_overlap(ctx, out, "out")))
+    if (out_written && (st = check_no_overlap(ctx, out, "out")))
         return st;
 
     /* options */
@@ -201,5 +205,189 @@ qkv_status qkv__attn_check(qkv_ctx *ctx, const qkv_tensor *q,
     if (__builtin_mul_overflow(B, Hq, &rows) || __builtin_mul_overflow(rows, Sq, &rows) ||
         __builtin_mul_overflow(rows, (int64_t)sizeof(float), &bytes))
         FAIL(QKV_ERR_OVERFLOW, "lse: batch x heads_q x seqlen_q overflows");
+    return QKV_OK;
+}
+
+qkv_status qkv__attn_check(qkv_ctx *ctx, const qkv_tensor *q,
+        const qkv_tensor *k, const qkv_tensor *v, const qkv_attn_opts *opts,
+        const qkv_tensor *out, float *lse, qkv__attn *a)
+{
+    return check_attn(ctx, q, k, v, opts, out, lse, a, 1);
+}
+
+/* ---- backward ------------------------------------------------------------- */
+
+/* t (already a valid view) has the dtype and shape of its primal p. */
+static qkv_status check_like(qkv_ctx *ctx, const qkv_tensor *t, const char *name,
+                             const qkv_tensor *p, const char *pname)
+{
+    if (t->dtype != p->dtype)
+        FAIL(QKV_ERR_DTYPE, "%s->dtype = %d, want %s->dtype = %d (every tensor shares q's dtype)",
+             name, (int)t->dtype, pname, (int)p->dtype);
+    for (int d = 0; d < 4; d++)
+        if (t->shape[d] != p->shape[d])
+            FAIL(QKV_ERR_SHAPE, "%s->shape[%d] = %lld, want %s->shape[%d] = %lld",
+                 name, d, (long long)t->shape[d], pname, d, (long long)p->shape[d]);
+    return QKV_OK;
+}
+
+/* The bytes [*lo, *hi) of a valid view's extent. */
+static void view_bytes(const qkv_tensor *t, uintptr_t *lo, uintptr_t *hi)
+{
+    int64_t es = (int64_t)qkv_dtype_size(t->dtype), neg = 0, pos = 0;
+    for (int d = 0; d < 4; d++) {
+        int64_t span = (t->shape[d] - 1) * t->stride[d];   /* bounded by check_view */
+        if (span < 0) neg += span; else pos += span;
+    }
+    *lo = (uintptr_t)t->data - (uintptr_t)(-neg * es);
+    *hi = (uintptr_t)t->data + (uintptr_t)((pos + 1) * es);
+}
+
+static int64_t floor_div(int64_t a, int64_t b)   /* b > 0 */
+{
+    int64_t q = a / b;
+    return q - (a % b != 0 && a < 0);
+}
+
+static int64_t ceil_div(int64_t a, int64_t b)    /* b > 0 */
+{
+    int64_t q = a / b;
+    return q + (a % b != 0 && a > 0);
+}
+
+/* One unknown of the overlap equation: an integer x in [lo, hi] times s > 0. */
+typedef struct { int64_t s, lo, hi; } overlap_term;
+
+/* Whether Σ x_m·s_m = delta has a solution with each x_m in its range;
+   terms sorted by decreasing s, tail_lo/tail_hi[m] the least and greatest
+   value of the terms after m. Only x_m that leave delta reachable by the
+   later terms are tried: one or two per level for views that do not
+   overlap themselves. Past `*budget` tries it answers yes (overlap). */
+static int overlap_solve(const overlap_term *t, const int64_t *tail_lo, const int64_t *tail_hi,
+                         int n, int m, int64_t delta, int *budget)
+{
+    if (m == n)
+        return delta == 0;
+    int64_t r_lo, r_hi;
+    if (__builtin_sub_overflow(delta, tail_hi[m], &r_lo) ||
+        __builtin_sub_overflow(delta, tail_lo[m], &r_hi))
+        return 1;
+    int64_t x0 = ceil_div(r_lo, t[m].s), x1 = floor_div(r_hi, t[m].s);
+    if (x0 < t[m].lo) x0 = t[m].lo;
+    if (x1 > t[m].hi) x1 = t[m].hi;
+    for (int64_t x = x0; x <= x1; x++) {
+        if (--*budget < 0)
+            return 1;
+        if (overlap_solve(t, tail_lo, tail_hi, n, m + 1, delta - x * t[m].s, budget))
+            return 1;
+    }
+    return 0;
+}
+
+/* Whether views a and b (valid, same dtype) can reach a common byte. Views
+   whose byte ranges meet are examined element by element (packed gradients
+   interleave without sharing an element): b's element j lies on a's
+   element i iff Σ i_d·a.stride[d] - Σ j_d·b.stride[d] = b.data - a.data,
+   solved exactly over the index ranges. Misaligned views that meet, and
+   equations too costly to settle, count as overlapping. */
+static int views_overlap(const qkv_tensor *a, const qkv_tensor *b)
+{
+    uintptr_t alo, ahi, blo, bhi;
+    view_bytes(a, &alo, &ahi);
+    view_bytes(b, &blo, &bhi);
+    if (ahi <= blo || bhi <= alo)
+        return 0;
+    int64_t es = (int64_t)qkv_dtype_size(a->dtype);
+    /* the ranges meet, so the difference is below their two extents */
+    int64_t bytes = (int64_t)((uintptr_t)b->data - (uintptr_t)a->data);
+    if (es != (int64_t)qkv_dtype_size(b->dtype) || bytes % es != 0)
+        return 1;
+    overlap_term t[8];
+    int n = 0;
+    for (int side = 0; side < 2; side++) {
+        const qkv_tensor *x = side ? b : a;
+        for (int d = 0; d < 4; d++) {
+            int64_t st = x->stride[d], m = x->shape[d] - 1;
+            if (st == 0 || m == 0)
+                continue;
+            /* a's indices enter with +stride, b's with -stride */
+            int flip = (st < 0) != (side == 1);
+            overlap_term u = { st < 0 ? -st : st, flip ? -m : 0, flip ? 0 : m };
+            int merged = 0;
+            for (int i = 0; i < n && !merged; i++)
+                if (t[i].s == u.s) {
+                    if (__builtin_add_overflow(t[i].lo, u.lo, &t[i].lo) ||
+                        __builtin_add_overflow(t[i].hi, u.hi, &t[i].hi))
+                        return 1;
+                    merged = 1;
+                }
+            if (!merged)
+                t[n++] = u;
+        }
+    }
+    for (int i = 1; i < n; i++)                   /* insertion sort, decreasing s */
+        for (int j = i; j > 0 && t[j].s > t[j - 1].s; j--) {
+            overlap_term tmp = t[j]; t[j] = t[j - 1]; t[j - 1] = tmp;
+        }
+    int64_t tail_lo[8], tail_hi[8], lo = 0, hi = 0;
+    for (int m = n - 1; m >= 0; m--) {
+        tail_lo[m] = lo;
+        tail_hi[m] = hi;
+        int64_t plo, phi;
+        if (__builtin_mul_overflow(t[m].lo, t[m].s, &plo) ||
+            __builtin_mul_overflow(t[m].hi, t[m].s, &phi) ||
+            __builtin_add_overflow(lo, plo, &lo) || __builtin_add_overflow(hi, phi, &hi))
+            return 1;
+    }
+    int budget = 1 << 12;
+    return overlap_solve(t, tail_lo, tail_hi, n, 0, bytes / es, &budget);
+}
+
+qkv_status qkv__attn_check_backward(qkv_ctx *ctx, const qkv_tensor *q,
+        const qkv_tensor *k, const qkv_tensor *v, const qkv_tensor *out,
+        const qkv_tensor *dout, const float *lse, const qkv_attn_opts *opts,
+        qkv_tensor *dq, qkv_tensor *dk, qkv_tensor *dv, qkv__attn *a, qkv__grads *g)
+{
+    qkv_status st = check_attn(ctx, q, k, v, opts, out, NULL, a, 0);
+    if (st)
+        return st;
+    if ((st = check_view(ctx, dout, "dout")) || (st = check_view(ctx, dq, "dq")) ||
+        (st = check_view(ctx, dk, "dk")) || (st = check_view(ctx, dv, "dv")))
+        return st;
+    if (!lse)
+        FAIL(QKV_ERR_NULL, "lse: NULL (the backward needs the forward's log-sum-exp)");
+    if ((st = check_like(ctx, dout, "dout", out, "out")) || (st = check_like(ctx, dq, "dq", q, "q")) ||
+        (st = check_like(ctx, dk, "dk", k, "k")) || (st = check_like(ctx, dv, "dv", v, "v")))
+        return st;
+    if ((st = check_no_overlap(ctx, dq, "dq")) || (st = check_no_overlap(ctx, dk, "dk")) ||
+        (st = check_no_overlap(ctx, dv, "dv")))
+        return st;
+
+    /* a gradient must not share memory with another one, nor with an input */
+    const qkv_tensor *grad[3] = { dq, dk, dv };
+    static const char *const gname[3] = { "dq", "dk", "dv" };
+    const qkv_tensor *in[5] = { q, k, v, out, dout };
+    static const char *const iname[5] = { "q", "k", "v", "out", "dout" };
+    for (int i = 0; i < 3; i++)
+        for (int j = i + 1; j < 3; j++)
+            if (views_overlap(grad[i], grad[j]))
+                FAIL(QKV_ERR_ARG, "%s and %s share memory (each gradient needs its own)",
+                     gname[i], gname[j]);
+    /* the lse array [B·Hq·Sq] floats (its size checked by check_attn) */
+    uintptr_t llo = (uintptr_t)lse, lhi = llo + (uintptr_t)(a->B * a->Hq * a->Sq) * sizeof(float);
+    for (int i = 0; i < 3; i++) {
+        for (int j = 0; j < 5; j++)
+            if (views_overlap(grad[i], in[j]))
+                FAIL(QKV_ERR_ARG, "%s and %s share memory (a gradient must not overwrite an input)",
+                     gname[i], iname[j]);
+        uintptr_t lo, hi;
+        view_bytes(grad[i], &lo, &hi);
+        if (lo < lhi && llo < hi)
+            FAIL(QKV_ERR_ARG, "%s and lse share memory (a gradient must not overwrite an input)",
+                 gname[i]);
+    }
+    g->dout = dout;
+    g->lse = lse;
+    g->dq = dq; g->dk = dk; g->dv = dv;
     return QKV_OK;
 }
