@@ -233,6 +233,39 @@ QKV_API qkv_status qkv_attention_reference(qkv_ctx *ctx, const qkv_tensor *q,
         const qkv_tensor *k, const qkv_tensor *v, const qkv_attn_opts *opts,
         qkv_tensor *out, float *lse);
 
+/*
+ * qkv_attention_backward — the gradients of qkv_attention_forward.
+ *
+ * Reads   q, k, v, opts      as in forward
+ *         out  [B, Sq, Hq, Dv]  the forward's output
+ *         dout like out         the gradient of the loss with respect to out
+ *         lse  the forward's lse ([B, Hq, Sq], or [Hq, total_q] for varlen)
+ * Writes  dq like q, dk like k, dv like v. With grouped heads dk and dv
+ *         sum over the query heads of each group. Every tensor shares q's
+ *         dtype; arithmetic is fp32.
+ *
+ * Scores are recomputed from q, k and lse (no Sq x Sk matrix is kept);
+ * memory beyond the gradients is a few tiles per thread. The bias is not
+ * differentiated. Rows that saw no key (lse -inf) contribute nothing and
+ * get dq 0. Results are bitwise identical for any number of threads.
+ * Varlen: rows outside every sequence are not written in dq, dk, dv.
+ *
+ * Returns QKV_OK, or an error with dq, dk and dv untouched (message in ctx):
+ * those of forward, plus QKV_ERR_NULL for a missing out, dout or lse and
+ * QKV_ERR_SHAPE / QKV_ERR_DTYPE when a gradient does not match its primal.
+ */
+QKV_API qkv_status qkv_attention_backward(qkv_ctx *ctx, const qkv_tensor *q,
+        const qkv_tensor *k, const qkv_tensor *v, const qkv_tensor *out,
+        const qkv_tensor *dout, const float *lse, const qkv_attn_opts *opts,
+        qkv_tensor *dq, qkv_tensor *dk, qkv_tensor *dv);
+
+/* qkv_attention_backward_reference — the same contract in plain loops with
+   double accumulation: the specification of the backward. Slow. */
+QKV_API qkv_status qkv_attention_backward_reference(qkv_ctx *ctx, const qkv_tensor *q,
+        const qkv_tensor *k, const qkv_tensor *v, const qkv_tensor *out,
+        const qkv_tensor *dout, const float *lse, const qkv_attn_opts *opts,
+        qkv_tensor *dq, qkv_tensor *dk, qkv_tensor *dv);
+
 #ifdef __cplusplus
 }
 #endif
