@@ -65,6 +65,13 @@ static const struct { const char *name; void (*fn)(void); } tests[] = {
     { "masks_row_bias_scale",    test_masks_row_bias_and_negative_scale },
     { "api_peak",                test_api_peak },
     { "fuzz_arguments",          test_fuzz_arguments },
+    { "backward_ref_errors",     test_backward_ref_errors },
+    { "backward_ref_closed_form", test_backward_ref_closed_form },
+    { "backward_ref_empty_rows", test_backward_ref_empty_rows },
+    { "backward_ref_fd",         test_backward_ref_fd },
+    { "backward_ref_random",     test_backward_ref_random },
+    { "backward_ref_threads",    test_backward_ref_threads },
+    { "backward_ref_dtypes",     test_backward_ref_dtypes },
 };
 
 int t_quick;

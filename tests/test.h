@@ -176,6 +176,14 @@ void test_masks_row_bias_and_negative_scale(void);
 void test_api_peak(void);                           /* test_api.c */
 void test_fuzz_arguments(void);                     /* test_fuzz.c */
 
+void test_backward_ref_fd(void);                    /* test_backward_ref.c */
+void test_backward_ref_random(void);
+void test_backward_ref_closed_form(void);
+void test_backward_ref_empty_rows(void);
+void test_backward_ref_threads(void);
+void test_backward_ref_dtypes(void);
+void test_backward_ref_errors(void);
+
 void test_errors_api(void);
 void test_errors_pointers(void);
 void test_errors_dtypes(void);
