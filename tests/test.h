@@ -169,6 +169,10 @@ void test_forward_closed_form(void);
 void test_forward_threads(void);
 void test_forward_nonfinite(void);
 
+void test_backward_shapes(void);    /* test_backward.c */
+void test_backward_options(void);
+void test_backward_threads(void);
+
 void test_million_window(void);   /* test_million.c */
 void test_million_keys(void);
 void test_masks_padding_equals_varlen(void);        /* test_masks.c */

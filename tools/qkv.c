@@ -35,6 +35,7 @@ static const char *usage =
 "  -r, --reps N        timed repetitions per shape, median reported (default 5)\n"
 "      --isa NAME      kernel set: generic, avx2, avx512, avx512bf16, amx (default: best)\n"
 "      --no-check      skip the check against the reference\n"
+"  -b, --backward      time qkv_attention_backward (FLOPs: 2.5x the forward's)\n"
 "\n"
 "FLOPs are counted as 4*Hq*D per visible (query, key) pair per batch (so a\n"
 "causal square shape counts about half of 4*B*Hq*Sq*Sk*D); %peak compares\n"
@@ -123,7 +124,7 @@ static int check(qkv_ctx *ctx, const qkv_tensor *q, const qkv_tensor *k,
 
 static int bench(int argc, char **argv)
 {
-    int threads = 0, reps = 5, do_check = 1, causal = 0;
+    int threads = 0, reps = 5, do_check = 1, causal = 0, backward = 0;
     int64_t wl = -1, wr = -1;
     const char *isa = NULL;
     qkv_dtype dtypes[3] = { QKV_F32, QKV_BF16 };
@@ -168,6 +169,7 @@ static int bench(int argc, char **argv)
             takes = 0;
             if (!strcmp(a, "-c") || !strcmp(a, "--causal")) causal = 1;
             else if (!strcmp(a, "--no-check")) do_check = 0;
+            else if (!strcmp(a, "-b") || !strcmp(a, "--backward")) backward = 1;
             else { fprintf(stderr, "qkv bench: unknown option '%s' (see qkv --help)\n", a); return 2; }
         }
         if (takes) {
@@ -228,6 +230,8 @@ static int bench(int argc, char **argv)
                          (long long)s->wl, (long long)s->wr);
             else
                 snprintf(mask, sizeof mask, "%s", s->causal ? "causal" : "none");
+            if (backward)
+                strncat(mask, " bwd", sizeof mask - strlen(mask) - 1);
             qkv_status st = qkv_attention_forward(ctx, &q, &k, &v, &opts, &o, NULL);
             if (st != QKV_OK) {
                 printf("%-24s %-5s %-10s error: %s\n", name, dtype_name(dt), mask,
@@ -237,11 +241,37 @@ static int bench(int argc, char **argv)
                 double err = 0;
                 int ok = !do_check || check(ctx, &q, &k, &v, &opts, &o, &err);
                 double *t = malloc((size_t)reps * sizeof(double));
+                /* backward: out and lse from one forward, a random dout */
+                float *lse = NULL;
+                void *gb[4] = { NULL, NULL, NULL, NULL };
+                qkv_tensor dout, dq, dk, dv;
+                if (backward) {
+                    lse = malloc((size_t)(s->B * s->Hq * s->Sq) * sizeof(float));
+                    gb[0] = malloc(nq * es); gb[1] = malloc(nq * es);
+                    gb[2] = malloc(nk * es); gb[3] = malloc(nk * es);
+                    if (!lse || !gb[0] || !gb[1] || !gb[2] || !gb[3]) {
+                        fprintf(stderr, "qkv bench: out of memory\n");
+                        return 1;
+                    }
+                    fill_random(gb[0], dt, nq, 4);
+                    dout = qkv_tensor_4d(gb[0], dt, s->B, s->Sq, s->Hq, s->D);
+                    dq = qkv_tensor_4d(gb[1], dt, s->B, s->Sq, s->Hq, s->D);
+                    dk = qkv_tensor_4d(gb[2], dt, s->B, s->Sk, s->Hkv, s->D);
+                    dv = qkv_tensor_4d(gb[3], dt, s->B, s->Sk, s->Hkv, s->D);
+                    qkv_attention_forward(ctx, &q, &k, &v, &opts, &o, lse);
+                }
                 for (int r = 0; r < reps; r++) {
                     double t0 = now_s();
-                    qkv_attention_forward(ctx, &q, &k, &v, &opts, &o, NULL);
+                    if (backward)
+                        qkv_attention_backward(ctx, &q, &k, &v, &o, &dout, lse, &opts, &dq, &dk,
+                                               &dv);
+                    else
+                        qkv_attention_forward(ctx, &q, &k, &v, &opts, &o, NULL);
                     t[r] = now_s() - t0;
                 }
+                free(lse);
+                for (int g = 0; g < 4; g++)
+                    free(gb[g]);
                 qsort(t, (size_t)reps, sizeof(double), cmp_double);
                 double med = t[reps / 2];
                 free(t);
@@ -254,7 +284,8 @@ static int bench(int argc, char **argv)
                     if (s->wr >= 0 && p + s->wr < hi) hi = p + s->wr;
                     if (hi >= lo) pairs += (double)(hi - lo + 1);
                 }
-                double flops = 4.0 * s->B * s->Hq * pairs * s->D;
+                /* backward: 2.5 times the forward's, as FlashAttention counts */
+                double flops = 4.0 * s->B * s->Hq * pairs * s->D * (backward ? 2.5 : 1.0);
                 double gf = flops / med * 1e-9;
                 printf("%-24s %-5s %-10s %10.3f %9.1f %5.0f%% %9.2e%s\n", name, dtype_name(dt),
                        mask, med * 1e3, gf, peak > 0 ? 100.0 * gf / peak : 0.0, err,

@@ -1,0 +1,412 @@
+/*
+ * backward.c — the gradients of attention, FlashAttention-2 style: scores
+ * and probabilities are recomputed tile by tile from q, k and the forward's
+ * lse, never stored whole. With Dd_i = dout_i·out_i, per tile
+ *     P  = exp(S - lse),    dP = dO·Vᵀ,    dS = P ∘ (dP - Dd) (∘ softcap'),
+ *     dV += Pᵀ·dO,   dK += scale·dSᵀ·Q,   dQ += scale·dS·K.
+ *
+ * Deterministic without atomics: every gradient row is owned by one task.
+ * When a call has at least 8 (sequence, kv head) pairs, a task owns a
+ * whole kv head: it walks the query tiles (all heads of the group
+ * stacked, as in forward) and their keys, completes each tile's dQ, and
+ * accumulates dK and dV of the head in its scratch (head_task). With
+ * fewer heads, two passes share the work more finely: pass 1 gives each
+ * task a tile of keys and walks the query tiles that see it (dK, dV);
+ * pass 2 gives each task a tile of query rows and walks their keys (dQ),
+ * recomputing S and dP: two more tile products. Either way results are
+ * bitwise identical for any thread count (the choice depends on the
+ * problem only).
+ *
+ * Tiles are held keys by queries (St[j][r]) as in forward, so the same
+ * kernels serve: qk gives S and dP (with V and dO in the places of K and
+ * Q), pv gives the three gradient products through its strided P operand.
+ * Inputs of any dtype are widened to fp32; arithmetic is fp32.
+ */
+#include "attn.h"
+#include "tile.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { BKB = 128 };   /* keys per pass-1 task, and per step of pass 2 */
+
+typedef struct {
+    qkv_ctx          *ctx;
+    const qkv__attn  *a;
+    const qkv__grads *g;
+    qkv__tasks        tasks;   /* pass 1: key tiles; pass 2: query tiles */
+    float            *dd;      /* Dd = dout·out per row, indexed like lse */
+} bwd_job;
+
+typedef struct {              /* per-thread scratch, fp32 */
+    float *q, *qt;            /* [R][D], [D][R]   the query tile         */
+    float *dout, *doutt;      /* [R][Dv], [Dv][R] dO of the query tile   */
+    float *k, *v;             /* [BKB][D], [BKB][Dv] widened K / V rows  */
+    float *st, *dpt, *dcap;   /* [BKB][R] S then P, dP then dS, softcap' */
+    float *dk, *dv;           /* [BKB][D], [BKB][Dv] pass 1 accumulators */
+    float *dq;                /* [R][D]            pass 2 accumulator    */
+    float *lse, *dd, *sum;    /* [R] each                                */
+    float *ones;              /* [max(BKB, R)]                           */
+} bwd_tiles;
+
+static size_t bwd_floats(int64_t R, int64_t D, int64_t Dv)
+{
+    const int64_t n1 = R > BKB ? R : BKB;
+    return (size_t)(2 * R * D + 2 * R * Dv + 2 * BKB * (D + Dv) + 3 * BKB * R + R * D +
+                    3 * R + n1);
+}
+
+static bwd_tiles bwd_at(float *base, int64_t R, int64_t D, int64_t Dv)
+{
+    bwd_tiles t;
+    t.q = base;
+    t.qt = t.q + R * D;
+    t.dout = t.qt + R * D;
+    t.doutt = t.dout + R * Dv;
+    t.k = t.doutt + R * Dv;
+    t.v = t.k + BKB * D;
+    t.st = t.v + BKB * Dv;
+    t.dpt = t.st + BKB * R;
+    t.dcap = t.dpt + BKB * R;
+    t.dk = t.dcap + BKB * R;
+    t.dv = t.dk + BKB * D;
+    t.dq = t.dv + BKB * Dv;
+    t.lse = t.dq + R * D;
+    t.dd = t.lse + R;
+    t.sum = t.dd + R;
+    t.ones = t.sum + R;
+    const int64_t n1 = R > BKB ? R : BKB;
+    for (int64_t i = 0; i < n1; i++)
+        t.ones[i] = 1.0f;
+    return t;
+}
+
+/* The query tile's rows: q and dO row-major and transposed (zero in the
+   padding columns m..mpad), lse (0 where -inf: those rows see no key and
+   their scores are all -inf) and Dd. */
+static void load_query_tile(const qkv__kernels *kn, const bwd_job *job, const qkv__seq *s,
+                            const qkv__tile_map *tm, int m, int mpad, int64_t R,
+                            bwd_tiles *tl)
+{
+    const qkv__attn *a = job->a;
+    const qkv__grads *g = job->g;
+    const int64_t D = a->D, Dv = a->Dv;
+    const qkv_tensor *q = a->q, *dout = g->dout;
+    for (int r = 0; r < m; r++) {
+        const int64_t h = tm->h0 + r / tm->mp, i = s->q0 + tm->i0 + r % tm->mp;
+        qkv__load_row(kn, q, s->b * q->stride[0] + i * q->stride[1] + h * q->stride[2],
+                      q->stride[3], D, tl->q + r * D);
+        qkv__load_row(kn, dout, s->b * dout->stride[0] + i * dout->stride[1] +
+                      h * dout->stride[2], dout->stride[3], Dv, tl->dout + r * Dv);
+        const int64_t li = qkv__lse_index(a, s->b, h, i);
+        tl->dd[r] = job->dd[li];
+        tl->lse[r] = g->lse[li] == -INFINITY ? 0.0f : g->lse[li];
+    }
+    for (int r = m; r < mpad; r++) {
+        tl->dd[r] = 0.0f;
+        tl->lse[r] = 0.0f;
+    }
+    for (int64_t d = 0; d < D; d++)
+        for (int r = 0; r < mpad; r++)
+            tl->qt[d * R + r] = r < m ? tl->q[r * D + d] : 0.0f;
+    for (int64_t c = 0; c < Dv; c++)
+        for (int r = 0; r < mpad; r++)
+            tl->doutt[c * R + r] = r < m ? tl->dout[r * Dv + c] : 0.0f;
+}
+
+/* Pass 0: task = (sequence, query head); Dd = dout·out for each row. */
+static void dd_task(void *arg, int64_t task, int worker)
+{
+    const bwd_job *job = arg;
+    const qkv__attn *a = job->a;
+    const qkv__kernels *kn = job->ctx->kernels;
+    const qkv_tensor *out = a->out, *dout = job->g->dout;
+    const qkv__seq s = qkv__attn_seq(a, task / a->Hq);
+    const int64_t h = task % a->Hq, Dv = a->Dv;
+    float *o = job->ctx->scratch[worker], *d = o + Dv;
+    for (int64_t i = s.q0; i < s.q0 + s.sq; i++) {
+        qkv__load_row(kn, out, s.b * out->stride[0] + i * out->stride[1] + h * out->stride[2],
+                      out->stride[3], Dv, o);
+        qkv__load_row(kn, dout, s.b * dout->stride[0] + i * dout->stride[1] +
+                      h * dout->stride[2], dout->stride[3], Dv, d);
+        float acc = 0.0f;
+        for (int64_t c = 0; c < Dv; c++)
+            acc += o[c] * d[c];
+        job->dd[qkv__lse_index(a, s.b, h, i)] = acc;
+    }
+}
+
+/* For keys j0..j0+n (rows kr, vr) against the loaded query tile: P in st,
+   dS in dpt (keys by queries). */
+static void tile_grads(const qkv__kernels *kn, const qkv__attn *a, const qkv__seq *s,
+                       const qkv__tile_map *tm, int m, int mpad, int64_t R, int64_t j0, int n,
+                       int band, const float *kr, int64_t ldk, const float *vr, int64_t ldv,
+                       bwd_tiles *tl)
+{
+    kn->qk(n, m, (int)a->D, a->scale, kr, ldk, tl->qt, R, tl->q, a->D, tl->st, R);
+    const int cap = a->softcap > 0.0f;
+    if (cap || a->alibi || a->bias || band)
+        qkv__score_mods(a, s, tm, m, j0, n, band, tl->st, R, cap ? tl->dcap : NULL);
+    for (int c = 0; c < n; c++)
+        for (int r = m; r < mpad; r++)
+            tl->st[c * R + r] = -INFINITY;
+    /* P = exp(S - lse) in place (the sums are not needed) */
+    kn->exp_cols(tl->st, R, n, mpad, tl->lse, tl->sum);
+    kn->qk(n, m, (int)a->Dv, 1.0f, vr, ldv, tl->doutt, R, tl->dout, a->Dv, tl->dpt, R);
+    for (int c = 0; c < n; c++) {
+        float *p = tl->st + c * R, *ds = tl->dpt + c * R;
+        const float *dc = tl->dcap + c * R;
+        for (int r = 0; r < mpad; r++)
+            ds[r] = p[r] * (ds[r] - tl->dd[r]) * (cap ? dc[r] : 1.0f);
+    }
+}
+
+/* Pass 1: task = (sequence, kv head, tile of BKB keys); dK and dV of those
+   keys over every query row of the group that sees them. */
+static void dkv_task(void *arg, int64_t task, int worker)
+{
+    const bwd_job *job = arg;
+    const qkv__attn *a = job->a;
+    const qkv__grads *g = job->g;
+    const qkv__kernels *kn = job->ctx->kernels;
+    int64_t t;
+    const qkv__seq s = qkv__attn_seq(a, qkv__tasks_find(&job->tasks, task, &t));
+    const int64_t n_kt = (s.sk + BKB - 1) / BKB;
+    const int64_t hk = t / n_kt, j0 = (t % n_kt) * BKB;
+    const int n = (int)(s.sk - j0 < BKB ? s.sk - j0 : BKB);
+    const int64_t D = a->D, Dv = a->Dv, R = qkv__tile_rows(a->group);
+    const int64_t P = qkv__tile_positions(a->group);
+    const qkv_tensor *k = a->k, *v = a->v;
+    bwd_tiles tl = bwd_at(job->ctx->scratch[worker], R, D, Dv);
+
+    const int64_t krow = s.b * k->stride[0] + (s.k0 + j0) * k->stride[1] + hk * k->stride[2];
+    const int64_t vrow = s.b * v->stride[0] + (s.k0 + j0) * v->stride[1] + hk * v->stride[2];
+    int64_t ldk, ldv;
+    const float *kr = qkv__tile_rows_f32(kn, k, krow, n, D, tl.k, &ldk);
+    const float *vr = qkv__tile_rows_f32(kn, v, vrow, n, Dv, tl.v, &ldv);
+    memset(tl.dk, 0, (size_t)(n * D) * sizeof(float));
+    memset(tl.dv, 0, (size_t)(n * Dv) * sizeof(float));
+
+    for (int64_t i0 = 0; i0 < s.sq; i0 += P) {
+        qkv__tile_map tm = { hk * a->group, i0, (int)(s.sq - i0 < P ? s.sq - i0 : P) };
+        /* the band is monotone in i: skip query tiles that miss these keys */
+        int64_t lo_first, hi_first, lo_last, hi_last;
+        qkv__key_range(a, &s, i0, &lo_first, &hi_first);
+        qkv__key_range(a, &s, i0 + tm.mp - 1, &lo_last, &hi_last);
+        if (hi_last <= j0 || lo_first >= j0 + n || hi_last <= lo_first)
+            continue;
+        const int band = !(lo_last <= j0 && hi_first >= j0 + n);
+        const int m = tm.mp * (int)a->group;
+        const int mpad = (int)((m + QKV__PAD - 1) / QKV__PAD * QKV__PAD);
+        load_query_tile(kn, job, &s, &tm, m, mpad, R, &tl);
+        tile_grads(kn, a, &s, &tm, m, mpad, R, j0, n, band, kr, ldk, vr, ldv, &tl);
+        /* dV += Pᵀ·dO and dK += dSᵀ·Q: keys are the output rows */
+        kn->pv(n, m, (int)Dv, tl.st, R, 1, tl.dout, Dv, tl.ones, tl.dv, Dv);
+        kn->pv(n, m, (int)D, tl.dpt, R, 1, tl.q, D, tl.ones, tl.dk, D);
+    }
+
+    const qkv_tensor *dk = g->dk, *dv = g->dv;
+    for (int c = 0; c < n; c++) {
+        const int64_t j = s.k0 + j0 + c;
+        qkv__store_row(kn, dk, s.b * dk->stride[0] + j * dk->stride[1] + hk * dk->stride[2],
+                       dk->stride[3], D, tl.dk + c * D, a->scale);
+        qkv__store_row(kn, dv, s.b * dv->stride[0] + j * dv->stride[1] + hk * dv->stride[2],
+                       dv->stride[3], Dv, tl.dv + c * Dv, 1.0f);
+    }
+}
+
+/* Pass 2: task = (sequence, kv head, query tile) as in forward; dQ of its
+   rows over the keys they see. */
+static void dq_task(void *arg, int64_t task, int worker)
+{
+    const bwd_job *job = arg;
+    const qkv__attn *a = job->a;
+    const qkv__grads *g = job->g;
+    const qkv__kernels *kn = job->ctx->kernels;
+    int64_t t;
+    const qkv__seq s = qkv__attn_seq(a, qkv__tasks_find(&job->tasks, task, &t));
+    const int64_t P = qkv__tile_positions(a->group);
+    const int64_t n_qt = (s.sq + P - 1) / P;
+    const int64_t hk = t / n_qt;
+    qkv__tile_map tm = { hk * a->group, (t % n_qt) * P, 0 };
+    tm.mp = (int)(s.sq - tm.i0 < P ? s.sq - tm.i0 : P);
+    const int m = tm.mp * (int)a->group;
+    const int mpad = (int)((m + QKV__PAD - 1) / QKV__PAD * QKV__PAD);
+    const int64_t D = a->D, Dv = a->Dv, R = qkv__tile_rows(a->group);
+    const qkv_tensor *k = a->k, *v = a->v;
+    bwd_tiles tl = bwd_at(job->ctx->scratch[worker], R, D, Dv);
+
+    load_query_tile(kn, job, &s, &tm, m, mpad, R, &tl);
+    memset(tl.dq, 0, (size_t)(m * D) * sizeof(float));
+    int64_t klo, khi, lo_last, hi_first;
+    qkv__key_range(a, &s, tm.i0, &klo, &hi_first);
+    qkv__key_range(a, &s, tm.i0 + tm.mp - 1, &lo_last, &khi);
+    const int64_t kbase = s.b * k->stride[0] + s.k0 * k->stride[1] + hk * k->stride[2];
+    const int64_t vbase = s.b * v->stride[0] + s.k0 * v->stride[1] + hk * v->stride[2];
+    for (int64_t j0 = klo; j0 < khi; j0 += BKB) {
+        const int n = (int)(khi - j0 < BKB ? khi - j0 : BKB);
+        int64_t ldk, ldv;
+        const float *kr = qkv__tile_rows_f32(kn, k, kbase + j0 * k->stride[1], n, D, tl.k, &ldk);
+        const float *vr = qkv__tile_rows_f32(kn, v, vbase + j0 * v->stride[1], n, Dv, tl.v, &ldv);
+        const int band = !(lo_last <= j0 && hi_first >= j0 + n);
+        tile_grads(kn, a, &s, &tm, m, mpad, R, j0, n, band, kr, ldk, vr, ldv, &tl);
+        /* dQ += dS·K: query rows are the output rows */
+        kn->pv(m, n, (int)D, tl.dpt, 1, R, kr, ldk, tl.ones, tl.dq, D);
+    }
+
+    const qkv_tensor *dq = g->dq;
+    for (int r = 0; r < m; r++) {
+        const int64_t h = tm.h0 + r / tm.mp, i = s.q0 + tm.i0 + r % tm.mp;
+        qkv__store_row(kn, dq, s.b * dq->stride[0] + i * dq->stride[1] + h * dq->stride[2],
+                       dq->stride[3], D, tl.dq + r * D, a->scale);
+    }
+}
+
+/* The one-pass variant, used when a call has enough (sequence, kv head)
+   pairs to share out: the task owns the whole kv head, so dK and dV of all
+   its keys accumulate in the task's scratch ([sk][D] and [sk][Dv] after
+   the tiles) while each query tile's dQ is complete after its key loop:
+   five tile products instead of seven. */
+static void head_task(void *arg, int64_t task, int worker)
+{
+    const bwd_job *job = arg;
+    const qkv__attn *a = job->a;
+    const qkv__grads *g = job->g;
+    const qkv__kernels *kn = job->ctx->kernels;
+    const qkv__seq s = qkv__attn_seq(a, task / a->Hkv);
+    const int64_t hk = task % a->Hkv;
+    const int64_t D = a->D, Dv = a->Dv, R = qkv__tile_rows(a->group);
+    const int64_t P = qkv__tile_positions(a->group);
+    const qkv_tensor *k = a->k, *v = a->v;
+    bwd_tiles tl = bwd_at(job->ctx->scratch[worker], R, D, Dv);
+    float *dkh = (float *)job->ctx->scratch[worker] + bwd_floats(R, D, Dv);
+    float *dvh = dkh + s.sk * D;
+    memset(dkh, 0, (size_t)(s.sk * (D + Dv)) * sizeof(float));
+    const int64_t kbase = s.b * k->stride[0] + s.k0 * k->stride[1] + hk * k->stride[2];
+    const int64_t vbase = s.b * v->stride[0] + s.k0 * v->stride[1] + hk * v->stride[2];
+
+    for (int64_t i0 = 0; i0 < s.sq; i0 += P) {
+        qkv__tile_map tm = { hk * a->group, i0, (int)(s.sq - i0 < P ? s.sq - i0 : P) };
+        const int m = tm.mp * (int)a->group;
+        const int mpad = (int)((m + QKV__PAD - 1) / QKV__PAD * QKV__PAD);
+        int64_t klo, khi, lo_last, hi_first;
+        qkv__key_range(a, &s, tm.i0, &klo, &hi_first);
+        qkv__key_range(a, &s, tm.i0 + tm.mp - 1, &lo_last, &khi);
+        load_query_tile(kn, job, &s, &tm, m, mpad, R, &tl);
+        memset(tl.dq, 0, (size_t)(m * D) * sizeof(float));
+        for (int64_t j0 = klo; j0 < khi; j0 += BKB) {
+            const int n = (int)(khi - j0 < BKB ? khi - j0 : BKB);
+            int64_t ldk, ldv;
+            const float *kr = qkv__tile_rows_f32(kn, k, kbase + j0 * k->stride[1], n, D, tl.k, &ldk);
+            const float *vr = qkv__tile_rows_f32(kn, v, vbase + j0 * v->stride[1], n, Dv, tl.v, &ldv);
+            const int band = !(lo_last <= j0 && hi_first >= j0 + n);
+            tile_grads(kn, a, &s, &tm, m, mpad, R, j0, n, band, kr, ldk, vr, ldv, &tl);
+            kn->pv(n, m, (int)Dv, tl.st, R, 1, tl.dout, Dv, tl.ones, dvh + j0 * Dv, Dv);
+            kn->pv(n, m, (int)D, tl.dpt, R, 1, tl.q, D, tl.ones, dkh + j0 * D, D);
+            kn->pv(m, n, (int)D, tl.dpt, 1, R, kr, ldk, tl.ones, tl.dq, D);
+        }
+        const qkv_tensor *dq = g->dq;
+        for (int r = 0; r < m; r++) {
+            const int64_t h = tm.h0 + r / tm.mp, i = s.q0 + tm.i0 + r % tm.mp;
+            qkv__store_row(kn, dq, s.b * dq->stride[0] + i * dq->stride[1] + h * dq->stride[2],
+                           dq->stride[3], D, tl.dq + r * D, a->scale);
+        }
+    }
+    const qkv_tensor *dk = g->dk, *dv = g->dv;
+    for (int64_t j = 0; j < s.sk; j++) {
+        const int64_t row = s.k0 + j;
+        qkv__store_row(kn, dk, s.b * dk->stride[0] + row * dk->stride[1] + hk * dk->stride[2],
+                       dk->stride[3], D, dkh + j * D, a->scale);
+        qkv__store_row(kn, dv, s.b * dv->stride[0] + row * dv->stride[1] + hk * dv->stride[2],
+                       dv->stride[3], Dv, dvh + j * Dv, 1.0f);
+    }
+}
+
+/* Keys of the longest sequence. */
+static int64_t max_keys(const qkv__attn *a)
+{
+    int64_t mx = 0;
+    for (int64_t i = 0; i < a->n_seqs; i++) {
+        const qkv__seq s = qkv__attn_seq(a, i);
+        mx = s.sk > mx ? s.sk : mx;
+    }
+    return mx;
+}
+
+/* Tasks of pass 1: each sequence gives Hkv·ceil(sk/BKB). */
+static qkv_status key_tasks(qkv_ctx *ctx, const qkv__attn *a, qkv__tasks *t)
+{
+    t->n_seqs = a->n_seqs;
+    t->start = malloc((size_t)(a->n_seqs + 1) * sizeof *t->start);
+    if (!t->start)
+        return qkv__fail(ctx, QKV_ERR_NOMEM, "ctx: cannot allocate the task table");
+    t->start[0] = 0;
+    for (int64_t i = 0; i < a->n_seqs; i++) {
+        const qkv__seq s = qkv__attn_seq(a, i);
+        t->start[i + 1] = t->start[i] + a->Hkv * ((s.sk + BKB - 1) / BKB);
+    }
+    t->total = t->start[a->n_seqs];
+    return QKV_OK;
+}
+
+qkv_status qkv_attention_backward(qkv_ctx *ctx, const qkv_tensor *q,
+        const qkv_tensor *k, const qkv_tensor *v, const qkv_tensor *out,
+        const qkv_tensor *dout, const float *lse, const qkv_attn_opts *opts,
+        qkv_tensor *dq, qkv_tensor *dk, qkv_tensor *dv)
+{
+    qkv__attn a;
+    qkv__grads g;
+    qkv_status st = qkv__attn_check_backward(ctx, q, k, v, out, dout, lse, opts, dq, dk, dv,
+                                             &a, &g);
+    if (st)
+        return st;
+    if (a.D > (1 << 20) || a.Dv > (1 << 20))
+        return qkv__fail(ctx, QKV_ERR_UNSUPPORTED, "%s: head_dim above 1048576",
+                         a.D > (1 << 20) ? "q->shape[3]" : "v->shape[3]");
+    if (a.group > (1 << 20))
+        return qkv__fail(ctx, QKV_ERR_UNSUPPORTED,
+                         "q->shape[2]: more than 1048576 query heads per kv head");
+    const int64_t R = qkv__tile_rows(a.group);
+    /* one pass per kv head when there are enough heads to share out and
+       their dK/dV fit a modest scratch; the choice depends on the problem
+       only, so results do not depend on the thread count */
+    enum { MIN_HEADS = 8 };
+    const int64_t sk_max = max_keys(&a);
+    const int per_head = a.n_seqs * a.Hkv >= MIN_HEADS &&
+                         sk_max * (a.D + a.Dv) <= (64 << 20) / (int64_t)sizeof(float);
+    const size_t scratch = bwd_floats(R, a.D, a.Dv) +
+                           (per_head ? (size_t)(sk_max * (a.D + a.Dv)) : 0);
+    if ((st = qkv__scratch_reserve(ctx, scratch * sizeof(float))))
+        return st;
+    const double work = 2.0 * (double)(a.D + a.Dv) * (double)a.Hq * (double)a.q->shape[0] *
+                        (double)a.q->shape[1] * (double)a.k->shape[1];
+    /* both task tables before any write, so a failure leaves dq, dk, dv
+       untouched */
+    const int64_t n_rows = a.varlen ? a.Hq * a.Sq : a.B * a.Hq * a.Sq;
+    float *dd = malloc((size_t)n_rows * sizeof(float));
+    if (!dd)
+        return qkv__fail(ctx, QKV_ERR_NOMEM, "ctx: cannot allocate %lld row sums",
+                         (long long)n_rows);
+    bwd_job keys = { ctx, &a, &g, { NULL, 0, 0 }, dd }, rows = keys;
+    if ((st = key_tasks(ctx, &a, &keys.tasks))) {
+        free(dd);
+        return st;
+    }
+    if ((st = qkv__tasks_make(ctx, &a, a.Hkv, qkv__tile_positions(a.group), &rows.tasks))) {
+        qkv__tasks_free(&keys.tasks);
+        free(dd);
+        return st;
+    }
+    qkv__parallel(ctx, a.n_seqs * a.Hq, work / 64.0, dd_task, &keys);
+    if (per_head) {
+        qkv__parallel(ctx, a.n_seqs * a.Hkv, work, head_task, &keys);
+    } else {
+        qkv__parallel(ctx, keys.tasks.total, work, dkv_task, &keys);
+        qkv__parallel(ctx, rows.tasks.total, work, dq_task, &rows);
+    }
+    qkv__tasks_free(&keys.tasks);
+    qkv__tasks_free(&rows.tasks);
+    free(dd);
+    return QKV_OK;
+}
