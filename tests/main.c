@@ -75,6 +75,7 @@ static const struct { const char *name; void (*fn)(void); } tests[] = {
     { "backward_ref_random",     test_backward_ref_random },
     { "backward_ref_threads",    test_backward_ref_threads },
     { "backward_ref_dtypes",     test_backward_ref_dtypes },
+    { "train_copy",              test_train_copy },
 };
 
 int t_quick;

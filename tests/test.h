@@ -179,6 +179,7 @@ void test_masks_padding_equals_varlen(void);        /* test_masks.c */
 void test_masks_row_bias_and_negative_scale(void);
 void test_api_peak(void);                           /* test_api.c */
 void test_fuzz_arguments(void);                     /* test_fuzz.c */
+void test_train_copy(void);                         /* test_train.c */
 
 void test_backward_ref_fd(void);                    /* test_backward_ref.c */
 void test_backward_ref_random(void);
