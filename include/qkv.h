@@ -251,8 +251,11 @@ QKV_API qkv_status qkv_attention_reference(qkv_ctx *ctx, const qkv_tensor *q,
  * Varlen: rows outside every sequence are not written in dq, dk, dv.
  *
  * Returns QKV_OK, or an error with dq, dk and dv untouched (message in ctx):
- * those of forward, plus QKV_ERR_NULL for a missing out, dout or lse and
- * QKV_ERR_SHAPE / QKV_ERR_DTYPE when a gradient does not match its primal.
+ * those of forward, plus QKV_ERR_NULL for a missing out, dout or lse,
+ * QKV_ERR_SHAPE / QKV_ERR_DTYPE when a gradient does not match its primal,
+ * QKV_ERR_STRIDE when dq, dk or dv overlaps itself, and QKV_ERR_ARG when a
+ * gradient shares memory with another tensor or with lse (slices of one
+ * packed gradient buffer that do not touch are fine).
  */
 QKV_API qkv_status qkv_attention_backward(qkv_ctx *ctx, const qkv_tensor *q,
         const qkv_tensor *k, const qkv_tensor *v, const qkv_tensor *out,
