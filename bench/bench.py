@@ -15,6 +15,11 @@ reference on a sample of query rows; then each implementation is timed
 `make bench` sets up bench/.venv (bench/setup.sh) and runs the default
 list with --write-doc, which regenerates the marked section of
 docs/PERFORMANCE.md.
+
+After the forward rows comes a backward block: qkv_attention_backward
+beside PyTorch autograd through SDPA and through the plain path, gradients
+checked against float64 autograd first. --backward runs only that block,
+--no-backward skips it.
 """
 import os
 
@@ -144,6 +149,26 @@ QUICK = [
     (S("1,8192,8192,8,8,64:causal"), BOTH),
     (S("4,1,4096,32,8,128"), BOTH),
 ]
+# The backward block (default and --full; --quick takes BWD_QUICK).
+BWD_DEFAULT = [
+    (S("1,512,512,12,12,64"), BOTH),
+    (S("1,512,512,12,12,64:causal"), BOTH),
+    (S("1,512,512,12,12,128"), BOTH),
+    (S("1,512,512,12,12,128:causal"), BOTH),
+    (S("4,512,512,8,8,64"), BOTH),
+    (S("1,2048,2048,12,12,64"), BOTH),
+    (S("1,2048,2048,12,12,64:causal"), BOTH),
+    (S("1,2048,2048,12,12,128"), BOTH),
+    (S("1,2048,2048,12,12,128:causal"), BOTH),
+    (S("1,2048,2048,16,4,128:causal"), BOTH),
+]
+BWD_QUICK = [
+    (S("1,512,512,12,12,64:causal"), BOTH),
+    (S("1,2048,2048,16,4,128:causal"), BOTH),
+]
+BWD_PEERS = ("sdpa", "plain")     # ggml has no attention backward to compare
+BWD_FACTOR = 2.5                  # backward FLOPs per forward FLOP (FlashAttention)
+PLAIN_BWD_LIMIT = 1e9             # fp32 score bytes beyond which plain's autograd is skipped
 
 
 def full_list():
@@ -189,6 +214,10 @@ class Qkv:
                 P(QkvOpts), P(QkvTensor), P(ctypes.c_float)]
         sig["qkv_attention_forward"] = (attn, ctypes.c_int)
         sig["qkv_attention_reference"] = (attn, ctypes.c_int)
+        T = P(QkvTensor)
+        bwd = [ctypes.c_void_p, T, T, T, T, T, P(ctypes.c_float), P(QkvOpts), T, T, T]
+        sig["qkv_attention_backward"] = (bwd, ctypes.c_int)
+        sig["qkv_attention_backward_reference"] = (bwd, ctypes.c_int)
         for name, (args, res) in sig.items():
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, res
@@ -213,14 +242,38 @@ class Qkv:
         v.stride[:] = [sb, ss, sh, sd]
         return v
 
-    def call(self, fn, q, k, v, out, dtype, causal):
+    def call(self, fn, q, k, v, out, dtype, causal, lse=None):
+        """A closure that runs the forward (or its reference); lse, when
+        given, is a contiguous fp32 [B,Hq,Sq] tensor."""
         views = [self.view(t, dtype) for t in (q, k, v, out)]
         opts = self.lib.qkv_attn_opts_default()
         opts.causal = int(causal)
         args = (self.ctx, ctypes.byref(views[0]), ctypes.byref(views[1]),
-                ctypes.byref(views[2]), ctypes.byref(opts), ctypes.byref(views[3]), None)
+                ctypes.byref(views[2]), ctypes.byref(opts), ctypes.byref(views[3]),
+                self.floats(lse))
+        return self.runner(fn, args, (q, k, v, out, lse))
 
+    def call_backward(self, fn, q, k, v, out, dout, lse, dq, dk, dv, dtype, causal):
+        """A closure that runs qkv_attention_backward (or its reference)."""
+        views = [self.view(t, dtype) for t in (q, k, v, out, dout, dq, dk, dv)]
+        opts = self.lib.qkv_attn_opts_default()
+        opts.causal = int(causal)
+        r = [ctypes.byref(x) for x in views]
+        args = (self.ctx, *r[:5], self.floats(lse), ctypes.byref(opts), *r[5:])
+        return self.runner(fn, args, (q, k, v, out, dout, lse, dq, dk, dv))
+
+    @staticmethod
+    def floats(t):
+        if t is None:
+            return None
+        assert t.dtype == torch.float32 and t.is_contiguous()
+        return ctypes.cast(t.data_ptr(), ctypes.POINTER(ctypes.c_float))
+
+    def runner(self, fn, args, tensors):
+        """byref objects keep their structs alive, but the structs hold bare
+        data pointers: the closure keeps the tensors too."""
         def run():
+            assert tensors
             st = fn(*args)
             if st:
                 raise RuntimeError(f"{self.lib.qkv_status_string(st).decode()}: "
@@ -269,6 +322,57 @@ def max_error(shape, got, ref):
     return float(np.max(errs))          # NaN, if any, propagates
 
 
+def sample_groups(shape):
+    """(b, kv head) pairs whose gradients the float64 reference computes:
+    every query head of the group, so dk and dv are complete sums."""
+    return sorted({(0, 0), (shape.B - 1, shape.Hkv - 1)})
+
+
+def reference_backward(shape, q, k, v, dout):
+    """float64 autograd through matmul-softmax-matmul for the sampled groups,
+    from the (dtype-rounded) inputs: {(b, kv head): (dq [g,Sq,D], dk, dv)}.
+    A query row that sees no key contributes nothing (as in qkv): it is
+    unmasked and its dout zeroed, which gives exactly that."""
+    g = shape.Hq // shape.Hkv
+    hidden = bottom_right_hidden(shape) if shape.causal else None
+    keep = None
+    if hidden is not None:
+        empty = hidden.all(dim=1)
+        hidden = hidden.clone()
+        hidden[empty] = False
+        keep = (~empty).double()[:, None]
+    out = {}
+    for b, kh in sample_groups(shape):
+        heads = slice(kh * g, (kh + 1) * g)
+        Q = q[b, heads].double().requires_grad_()
+        K = k[b, kh].double().requires_grad_()
+        V = v[b, kh].double().requires_grad_()
+        dO = dout[b, heads].double()
+        s = Q @ K.T / math.sqrt(shape.D)
+        if hidden is not None:
+            s = s.masked_fill(hidden, float("-inf"))
+            dO = dO * keep
+        (torch.softmax(s, dim=-1) @ V).backward(dO)
+        out[b, kh] = (Q.grad.numpy(), K.grad.numpy(), V.grad.numpy())
+    return out
+
+
+def grad_error(shape, got, ref):
+    """got: (dq, dk, dv) as [B,H,S,D] tensors in any layout or dtype. The
+    largest of the three max-abs errors, each relative to the largest
+    magnitude of that gradient in the reference."""
+    g = shape.Hq // shape.Hkv
+    errs = []
+    for t in range(3):
+        err = scale = 0.0
+        for (b, kh), r in ref.items():
+            x = got[t][b, kh * g:(kh + 1) * g] if t == 0 else got[t][b, kh]
+            err = max(err, float(np.abs(x.double().numpy() - r[t]).max()))
+            scale = max(scale, float(np.abs(r[t]).max()))
+        errs.append(err / scale if scale > 0 else err)
+    return float(np.max(errs))          # NaN, if any, propagates
+
+
 # ---- peers -----------------------------------------------------------------
 
 class Unavailable(Exception):
@@ -312,6 +416,55 @@ def prep_sdpa(shape, dtype, q, k, v):
     def run():
         res[0] = F.scaled_dot_product_attention(q, k, v, **kw)
     return run, lambda: res[0]
+
+
+def leaves(*ts):
+    """Autograd leaves sharing the tensors' memory (no copy)."""
+    return [t.detach().requires_grad_() for t in ts]
+
+
+def timed_backward(out, dout, xs):
+    """out.backward(dout) on a kept graph, the inputs' grads dropped first so
+    that every run writes fresh ones instead of accumulating."""
+    def run():
+        for x in xs:
+            x.grad = None
+        out.backward(dout, retain_graph=True)
+    run.grad_fn = out.grad_fn.name()        # which kernel autograd will run
+    return run, lambda: tuple(x.grad for x in xs)
+
+
+def prep_sdpa_backward(shape, dtype, q, k, v, dout):
+    q, k, v = leaves(q, k, v)
+    kw = {}
+    kk, vv = k, v
+    if shape.Hq != shape.Hkv:
+        if SDPA_GQA:
+            kw["enable_gqa"] = True
+        else:          # older torch: expand K/V inside the graph
+            g = shape.Hq // shape.Hkv
+            kk, vv = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    if shape.causal and shape.Sq > 1:
+        if shape.Sq == shape.Sk:
+            kw["is_causal"] = True
+        else:
+            kw["attn_mask"] = ~bottom_right_hidden(shape)
+    out = F.scaled_dot_product_attention(q, kk, vv, **kw)      # not timed
+    return timed_backward(out, dout, (q, k, v))
+
+
+def prep_plain_backward(shape, dtype, q, k, v, dout):
+    need = shape.B * shape.Hq * shape.Sq * shape.Sk * 4
+    if need > PLAIN_BWD_LIMIT:
+        raise Unavailable(f"skipped: scores would need {need / 1e9:.1f} GB")
+    q, k, v = leaves(q, k, v)
+    g = shape.Hq // shape.Hkv
+    scores = q.view(shape.B, shape.Hkv, g * shape.Sq, shape.D) @ k.transpose(-2, -1)
+    scores = scores * (1 / math.sqrt(shape.D))
+    if shape.causal:
+        scores = scores.masked_fill(bottom_right_hidden(shape).repeat(g, 1), float("-inf"))
+    out = (torch.softmax(scores, dim=-1) @ v).view(shape.B, shape.Hq, shape.Sq, shape.D)
+    return timed_backward(out, dout, (q, k, v))
 
 
 def prep_plain(shape, dtype, q, k, v):
@@ -457,6 +610,10 @@ def bound(dtype, v):
     return 1e-4 * float(v.abs().max()) if dtype == "f32" else 3e-2
 
 
+# Gradient bounds, relative to the largest |gradient| of the reference.
+BWD_BOUND = {"f32": 1e-4, "bf16": 3e-2, "f16": 3e-2}
+
+
 @dataclass
 class Result:
     ms: float = None
@@ -465,12 +622,13 @@ class Result:
     note: str = ""
 
 
-def measure(prepare, shape, ref, limit, reps):
+def measure(prepare, error, limit, reps):
+    """prepare() -> (run, result); error(result()) -> the checked error."""
     r = Result()
     try:
         run, result = prepare()
         run()                                     # warm-up, and the checked output
-        r.err = max_error(shape, result(), ref)
+        r.err = error(result())
         r.bad = not r.err <= limit
         if r.bad:
             r.note = f"error {r.err:.2g} over the bound {limit:.2g}"
@@ -588,23 +746,29 @@ def peer_cell(qkv, peer):
     return fmt_ms(peer.ms) + tail
 
 
-def text_header(peers):
-    head = f"{'B,Sq,Sk,Hq,Hkv,D':<22} {'dtype':<5} {'mask':<6} | {'qkv ms':>9} {'GFLOP/s':>8} {'ceil':>5} {'KV GB/s':>7}"
+def text_header(peers, backward=False):
+    head = (f"{'B,Sq,Sk,Hq,Hkv,D':<22} {'dtype':<5} {'mask':<6} | "
+            f"{'qkv bwd ms' if backward else 'qkv ms':>10} {'GFLOP/s':>8} {'ceil':>5}"
+            + ("" if backward else f" {'KV GB/s':>7}"))
     for p in peers:
-        head += f" | {PEER_TITLE[p] + ' ms (×)':>22}"
+        head += f" | {PEER_TITLE[p] + (' bwd' if backward else '') + ' ms (×)':>22}"
     return head
 
 
-def text_row(shape, dtype, res, peers, peak):
+def flops(shape, backward):
+    return shape.flops() * (BWD_FACTOR if backward else 1)
+
+
+def text_row(shape, dtype, res, peers, peak, backward=False):
     q = res["qkv"]
     if q.ms is not None:
-        gf = shape.flops() / q.ms / 1e6
+        gf = flops(shape, backward) / q.ms / 1e6
         gbs = f"{shape.kv_bytes(dtype) / q.ms / 1e6:7.1f}" if shape.decode else f"{'-':>7}"
-        qcell = f"{fmt_ms(q.ms):>9} {gf:8.1f} {100 * gf / peak:4.0f}% {gbs}"
+        qcell = f"{fmt_ms(q.ms):>10} {gf:8.1f} {100 * gf / peak:4.0f}%" + ("" if backward else f" {gbs}")
         if q.bad:
             qcell += " err!"
     else:
-        qcell = f"{'n/a':>9} {'':8} {'':5} {'':7}"
+        qcell = f"{'n/a':>10} {'':8} {'':5}" + ("" if backward else f" {'':7}")
     line = f"{shape.label:<22} {dtype:<5} {shape.mask:<6} | {qcell}"
     for p in peers:
         line += f" | {peer_cell(q, res[p]):>22}"
@@ -646,9 +810,38 @@ def fmt_x(x):
     return f"{x:.{2 if x < 10 else 1 if x < 100 else 0}f}×"
 
 
-def markdown(meta, rows, peers, peak):
-    names = ["qkv", *peers]
+def error_lines(rows, names, text):
     dtypes = sorted({d for _, d, _ in rows}, key=list(TORCH_DTYPE).index)
+    worst = error_table(rows, names)
+    L = [wrap(text), "",
+         "| implementation | " + " | ".join(dtypes) + " |",
+         "| --- | " + " | ".join("---:" for _ in dtypes) + " |"]
+    for n in names:
+        L.append(f"| {n if n == 'qkv' else PEER_TITLE[n]} | "
+                 + " | ".join(f"{worst[n, d]:.1e}" if (n, d) in worst else "—" for d in dtypes)
+                 + " |")
+    return L
+
+
+def note_lines(rows, names):
+    notes = [(shape, dtype, n, res[n].note) for shape, dtype, res in rows
+             for n in names if res[n].note]
+    if not notes:
+        return []
+    return ["", "Not run or flagged:", ""] + [
+        wrap(f"- {s.label} {d} {s.mask}, {n if n == 'qkv' else PEER_TITLE[n]}: {t}", True)
+        for s, d, n, t in notes]
+
+
+def mean_lines(rows, peers):
+    return ["", wrap("Geometric mean of qkv's speed-up: "
+                     + "; ".join(f"over {PEER_TITLE[p]} {fmt_x(g)} ({n} rows)" if g else
+                                 f"over {PEER_TITLE[p]} — (no rows)"
+                                 for p, g, n in summaries(rows, peers)) + "."), ""]
+
+
+def markdown(meta, rows, peers, peak, brows, bpeers):
+    names = ["qkv", *peers]
     flags = ", ".join(f"{f} {'yes' if v else 'no'}" for f, v in meta["flags"].items())
     sdpa_gqa = ("`enable_gqa=True` for grouped heads" if SDPA_GQA else
                 "K/V `repeat_interleave`d before timing for grouped heads")
@@ -673,7 +866,9 @@ def markdown(meta, rows, peers, peak):
          wrap(f"Command: `{meta['command']}`"
               + (f"; other processes kept {100 * meta['other']:.0f}% of the CPUs "
                  "busy during the run." if meta["other"] is not None else ".")),
-         "",
+         ""]
+    if rows:
+        L += [
          wrap("All implementations run in one Python process on the same input "
               "memory (torch's `[B,H,S,D]` tensors, passed to qkv as strided "
               "`[B,S,H,D]` views, no copy) with the same thread count. Each "
@@ -698,39 +893,85 @@ def markdown(meta, rows, peers, peak):
          "| B,Sq,Sk,Hq,Hkv,D | dtype | mask | qkv ms | GFLOP/s | of ceiling | KV GB/s | "
          + " | ".join(PEER_TITLE[p] for p in peers) + " |",
          "| --- | --- | --- | ---: | ---: | ---: | ---: | " + " | ".join("---:" for _ in peers) + " |"]
+        for shape, dtype, res in rows:
+            q = res["qkv"]
+            if q.ms is not None:
+                gf = shape.flops() / q.ms / 1e6
+                cells = [fmt_ms(q.ms) + (" (err!)" if q.bad else ""), f"{gf:.0f}",
+                         f"{100 * gf / peak:.0f}%",
+                         f"{shape.kv_bytes(dtype) / q.ms / 1e6:.1f}" if shape.decode else "—"]
+            else:
+                cells = ["n/a", "—", "—", "—"]
+            cells += [peer_cell(q, res[p]) for p in peers]
+            L.append(f"| {shape.label} | {dtype} | {shape.mask} | " + " | ".join(cells) + " |")
+        L += note_lines(rows, names)
+        L += mean_lines(rows, peers)
+        L += error_lines(rows, names,
+                         "Largest max-abs error against the float64 reference over all "
+                         "rows (bounds: f32 1e-4·max|v|, bf16/f16 3e-2; ggml's output "
+                         "is F32, the others' is in the row's dtype):")
+        L += [""]
+    if brows:
+        L += backward_markdown(meta, brows, bpeers, peak)
+    L += [END]
+    return "\n".join(L)
+
+
+def fmt_e(x):
+    return f"{x:.0e}".replace("e-0", "e-")
+
+
+def backward_markdown(meta, rows, peers, peak):
+    names = ["qkv", *peers]
+    fns = meta.get("sdpa_bwd_fns") or []
+    kernel = (" (autograd node " + ", ".join(f"`{f}`" for f in fns) + ")") if fns else ""
+    L = ["### Backward", "",
+         wrap("`qkv_attention_backward` beside PyTorch autograd, same process, "
+              "inputs and thread count. dout is `torch.randn` in the row's dtype. "
+              "qkv: the forward runs once (writing lse), then the backward alone "
+              "is timed (dq, dk, dv from q, k, v, out, dout and lse). The peers "
+              "build their forward graph once from `requires_grad` views of the "
+              "same inputs, untimed; `out.backward(dout, retain_graph=True)` is "
+              "timed, the inputs' `.grad` dropped before each run so that every "
+              "run writes fresh gradients. Before timing, dq, dk and dv are "
+              "compared with float64 autograd through matmul–softmax–matmul on "
+              "the rounded inputs, for the first and the last kv head (every "
+              "query head of its group, so dk and dv are complete); the error is "
+              "the max-abs difference relative to the largest |gradient| of the "
+              f"reference, the worst of the three (bounds: f32 {fmt_e(BWD_BOUND['f32'])}, "
+              f"bf16/f16 {fmt_e(BWD_BOUND['bf16'])}); a row over it is flagged and "
+              "left out of the speed-ups. GFLOP/s counts 2.5× the forward's "
+              "FLOPs, FlashAttention's convention: `4·B·Hq·D` per visible pair "
+              "× 2.5 (five Sq×Sk matrix products against the forward's two); "
+              "\"of ceiling\" as above. Times are medians as above."),
+         "",
+         wrap(f"- torch SDPA: autograd through `scaled_dot_product_attention`{kernel}, "
+              "`is_causal` (Sq = Sk here), `enable_gqa` for grouped heads.", True),
+         wrap("- torch plain: autograd through the plain path above (the saved "
+              "probabilities make it O(Sq·Sk) in memory); skipped when the fp32 "
+              f"score matrix would exceed {PLAIN_BWD_LIMIT / 1e9:.0f} GB.", True),
+         "- ggml: not run (no attention backward to compare).",
+         "",
+         "| B,Sq,Sk,Hq,Hkv,D | dtype | mask | qkv bwd ms | GFLOP/s | of ceiling | "
+         + " | ".join(PEER_TITLE[p] + " bwd" for p in peers) + " |",
+         "| --- | --- | --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in peers) + " |"]
     for shape, dtype, res in rows:
         q = res["qkv"]
         if q.ms is not None:
-            gf = shape.flops() / q.ms / 1e6
+            gf = flops(shape, True) / q.ms / 1e6
             cells = [fmt_ms(q.ms) + (" (err!)" if q.bad else ""), f"{gf:.0f}",
-                     f"{100 * gf / peak:.0f}%",
-                     f"{shape.kv_bytes(dtype) / q.ms / 1e6:.1f}" if shape.decode else "—"]
+                     f"{100 * gf / peak:.0f}%"]
         else:
-            cells = ["n/a", "—", "—", "—"]
+            cells = ["n/a", "—", "—"]
         cells += [peer_cell(q, res[p]) for p in peers]
         L.append(f"| {shape.label} | {dtype} | {shape.mask} | " + " | ".join(cells) + " |")
-    notes = [(shape, dtype, n, res[n].note) for shape, dtype, res in rows
-             for n in names if res[n].note]
-    if notes:
-        L += ["", "Not run or flagged:", ""]
-        L += [wrap(f"- {s.label} {d} {s.mask}, {n if n == 'qkv' else PEER_TITLE[n]}: {t}", True)
-              for s, d, n, t in notes]
-    L += ["", wrap("Geometric mean of qkv's speed-up: "
-                   + "; ".join(f"over {PEER_TITLE[p]} {fmt_x(g)} ({n} rows)" if g else
-                               f"over {PEER_TITLE[p]} — (no rows)"
-                               for p, g, n in summaries(rows, peers)) + "."), ""]
-    worst = error_table(rows, names)
-    L += [wrap("Largest max-abs error against the float64 reference over all "
-               "rows (bounds: f32 1e-4·max|v|, bf16/f16 3e-2; ggml's output "
-               "is F32, the others' is in the row's dtype):"), "",
-          "| implementation | " + " | ".join(dtypes) + " |",
-          "| --- | " + " | ".join("---:" for _ in dtypes) + " |"]
-    for n in names:
-        L.append(f"| {n if n == 'qkv' else PEER_TITLE[n]} | "
-                 + " | ".join(f"{worst[n, d]:.1e}" if (n, d) in worst else "—" for d in dtypes)
-                 + " |")
-    L += ["", END]
-    return "\n".join(L)
+    L += note_lines(rows, names)
+    L += mean_lines(rows, peers)
+    L += error_lines(rows, names,
+                     "Largest gradient error against float64 autograd over all rows "
+                     "(max-abs over dq, dk, dv, relative to the largest |gradient|; "
+                     "gradients are in the row's dtype):")
+    return L + [""]
 
 
 def write_doc(section):
@@ -754,34 +995,147 @@ def write_doc(section):
 # ---- main ------------------------------------------------------------------
 
 def self_check(qkv):
-    """qkv's forward and reference through these bindings against the
-    float64 reference here, on a small causal GQA case."""
+    """qkv's forward, backward and their references through these bindings
+    against the float64 references here, on a small causal GQA case."""
     shape = Shape(2, 37, 53, 4, 2, 64, True)
     gen = torch.Generator().manual_seed(11)
     q = torch.randn(2, 4, 37, 64, generator=gen)
     k = torch.randn(2, 2, 53, 64, generator=gen)
     v = torch.randn(2, 2, 53, 64, generator=gen)
+    dout = torch.randn(2, 4, 37, 64, generator=gen)
     ref = reference(shape, q, k, v)
-    for name in ("qkv_attention_forward", "qkv_attention_reference"):
-        out = torch.empty_like(q)
-        qkv.call(getattr(qkv.lib, name), q, k, v, out, "f32", True)()
+    gref = reference_backward(shape, q, k, v, dout)
+    for fwd, bwd in (("qkv_attention_forward", "qkv_attention_backward"),
+                     ("qkv_attention_reference", "qkv_attention_backward_reference")):
+        out, lse = torch.empty_like(q), torch.empty(2, 4, 37)
+        qkv.call(getattr(qkv.lib, fwd), q, k, v, out, "f32", True, lse)()
         err = max_error(shape, out, ref)
         if not err < 1e-5:
-            sys.exit(f"bench.py: {name} through ctypes disagrees with the reference "
+            sys.exit(f"bench.py: {fwd} through ctypes disagrees with the reference "
                      f"({err:.2g}); do the structs still match include/qkv.h?")
+        grads = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        qkv.call_backward(getattr(qkv.lib, bwd), q, k, v, out, dout, lse, *grads,
+                          "f32", True)()
+        err = grad_error(shape, grads, gref)
+        if not err < 1e-5:
+            sys.exit(f"bench.py: {bwd} through ctypes disagrees with float64 autograd "
+                     f"({err:.2g}); do the signatures still match include/qkv.h?")
+
+
+def label(shape, dtype):
+    return f"{shape.label:<22} {dtype:<5} {shape.mask:<6} |"
+
+
+def inputs(shape, dtype, backward=False):
+    """Q, K, V (and dout) drawn with a seed fixed per shape and dtype, or
+    None when they do not fit (the reason printed)."""
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{shape}{dtype}{'bwd' if backward else ''}".encode()))
+    tdt = TORCH_DTYPE[dtype]
+    need, have = case_bytes(shape) * (3 if backward else 1), available_bytes()
+    if have and need > 0.8 * have:
+        print(f"{label(shape, dtype)} skipped: tensors would need {need / 1e9:.1f} GB "
+              f"of {have / 1e9:.1f} GB available", flush=True)
+        return None
+    try:
+        t = [torch.randn(shape.B, shape.Hq, shape.Sq, shape.D, generator=gen).to(tdt),
+             torch.randn(shape.B, shape.Hkv, shape.Sk, shape.D, generator=gen).to(tdt),
+             torch.randn(shape.B, shape.Hkv, shape.Sk, shape.D, generator=gen).to(tdt)]
+        if backward:
+            t.append(torch.randn(shape.B, shape.Hq, shape.Sq, shape.D, generator=gen).to(tdt))
+    except (RuntimeError, MemoryError) as e:
+        print(f"{label(shape, dtype)} inputs: {e}", flush=True)
+        return None
+    return t
+
+
+def forward_rows(cases, peers, qkv, ggml, reps, peak):
+    rows = []
+    for shape, dts in cases:
+        for dtype in dts:
+            t = inputs(shape, dtype)
+            if t is None:
+                continue
+            q, k, v = t
+            ref = reference(shape, q, k, v)
+            limit = bound(dtype, v)
+            error = lambda got: max_error(shape, got, ref)
+            res = {}
+            out = torch.empty_like(q)
+            res["qkv"] = measure(lambda: (
+                qkv.call(qkv.lib.qkv_attention_forward, q, k, v, out, dtype, shape.causal),
+                lambda: out), error, limit, reps)
+            del out
+            for p in peers:
+                if p == "sdpa":
+                    prep = lambda: prep_sdpa(shape, dtype, q, k, v)
+                elif p == "plain":
+                    prep = lambda: prep_plain(shape, dtype, q, k, v)
+                else:
+                    prep = lambda: ggml.prepare(shape, dtype, q, k, v)
+                try:
+                    res[p] = measure(prep, error, limit, reps)
+                finally:
+                    if p == "ggml":
+                        ggml.release()
+            rows.append((shape, dtype, res))
+            print(text_row(shape, dtype, res, peers, peak), flush=True)
+            del q, k, v, t
+    return rows
+
+
+def backward_rows(cases, peers, qkv, reps, peak, sdpa_fns):
+    rows = []
+    for shape, dts in cases:
+        for dtype in dts:
+            t = inputs(shape, dtype, backward=True)
+            if t is None:
+                continue
+            q, k, v, dout = t
+            gref = reference_backward(shape, q, k, v, dout)
+            error = lambda got: grad_error(shape, got, gref)
+            limit = BWD_BOUND[dtype]
+            res = {}
+
+            def prep_qkv():
+                out = torch.empty_like(q)
+                lse = torch.empty(shape.B, shape.Hq, shape.Sq)
+                qkv.call(qkv.lib.qkv_attention_forward, q, k, v, out, dtype,
+                         shape.causal, lse)()                             # not timed
+                grads = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+                return (qkv.call_backward(qkv.lib.qkv_attention_backward, q, k, v, out,
+                                          dout, lse, *grads, dtype, shape.causal),
+                        lambda: grads)
+            res["qkv"] = measure(prep_qkv, error, limit, reps)
+            for p in peers:
+                if p == "sdpa":
+                    def prep():
+                        run, result = prep_sdpa_backward(shape, dtype, q, k, v, dout)
+                        sdpa_fns.add(run.grad_fn)
+                        return run, result
+                else:
+                    prep = lambda: prep_plain_backward(shape, dtype, q, k, v, dout)
+                res[p] = measure(prep, error, limit, reps)
+            rows.append((shape, dtype, res))
+            print(text_row(shape, dtype, res, peers, peak, backward=True), flush=True)
+            del q, k, v, dout, t
+    return rows
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--lib", default=os.path.join(ROOT, "build", "libqkv.so"))
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--quick", action="store_true", help="a one-minute subset")
+    ap.add_argument("--quick", action="store_true", help="a short subset (about 1.5 minutes on 2 cores)")
     ap.add_argument("--full", action="store_true", help="the whole cross product")
     ap.add_argument("--shapes", nargs="+", type=parse_shape, metavar="B,Sq,Sk,Hq,Hkv,D[:causal]")
     ap.add_argument("--dtypes", help="comma list of f32,bf16,f16 (default: per shape)")
     ap.add_argument("--peers", default=",".join(PEERS), help="comma list of sdpa,plain,ggml")
     ap.add_argument("--reps", type=int, default=0,
                     help="timed runs per case (default: >= 3 and >= 0.3 s, <= 15)")
+    bw = ap.add_mutually_exclusive_group()
+    bw.add_argument("--backward", action="store_true",
+                    help="only the backward block (default: forward rows, then backward)")
+    bw.add_argument("--no-backward", action="store_true", help="only the forward rows")
     ap.add_argument("--write-doc", action="store_true",
                     help=f"regenerate the marked section of {os.path.relpath(DOC, ROOT)}")
     a = ap.parse_args()
@@ -795,10 +1149,12 @@ def main():
         if d not in TORCH_DTYPE:
             ap.error(f"unknown dtype '{d}' (choose from f32,bf16,f16)")
     if a.shapes:
-        cases = [(s, BOTH) for s in a.shapes]
+        cases = bcases = [(s, BOTH) for s in a.shapes]
     else:
         cases = QUICK if a.quick else full_list() if a.full else DEFAULT
-    cases = [(s, tuple(dtypes) if dtypes else d) for s, d in cases]
+        bcases = BWD_QUICK if a.quick else BWD_DEFAULT
+    cases = [] if a.backward else [(s, tuple(dtypes) if dtypes else d) for s, d in cases]
+    bcases = [] if a.no_backward else [(s, tuple(dtypes) if dtypes else d) for s, d in bcases]
 
     if not os.path.exists(a.lib):
         sys.exit(f"bench.py: {a.lib} not found (build it: make)")
@@ -806,10 +1162,11 @@ def main():
     torch.set_num_threads(threads)
     qkv = Qkv(a.lib, threads)
     self_check(qkv)
-    ggml = Ggml(threads) if "ggml" in peers else None
+    ggml = Ggml(threads) if "ggml" in peers and cases else None
     if ggml and ggml.error:
         print(f"ggml: skipped, {ggml.error}")
         peers.remove("ggml")
+    bpeers = [p for p in peers if p in BWD_PEERS]
     peak = qkv.peak()
 
     m = machine()
@@ -832,58 +1189,33 @@ def main():
     if busy is not None and busy > 0.2:
         print(f"note: the CPUs were {100 * busy:.0f}% busy just before the run: other "
               "processes compete for the cores and the times will suffer")
-    print(text_header(peers), flush=True)
 
-    rows = []
     start = time.perf_counter()
     other = OtherLoad().start()
-    for i, (shape, dts) in enumerate(cases):
-        for dtype in dts:
-            gen = torch.Generator().manual_seed(zlib.crc32(f"{shape}{dtype}".encode()))
-            tdt = TORCH_DTYPE[dtype]
-            need, have = case_bytes(shape), available_bytes()
-            if have and need > 0.8 * have:
-                print(f"{shape.label:<22} {dtype:<5} {shape.mask:<6} | skipped: inputs and "
-                      f"outputs would need {need / 1e9:.1f} GB of {have / 1e9:.1f} GB available",
-                      flush=True)
-                continue
-            try:
-                q = torch.randn(shape.B, shape.Hq, shape.Sq, shape.D, generator=gen).to(tdt)
-                k = torch.randn(shape.B, shape.Hkv, shape.Sk, shape.D, generator=gen).to(tdt)
-                v = torch.randn(shape.B, shape.Hkv, shape.Sk, shape.D, generator=gen).to(tdt)
-            except (RuntimeError, MemoryError) as e:
-                print(f"{shape.label:<22} {dtype:<5} {shape.mask:<6} | inputs: {e}", flush=True)
-                continue
-            ref = reference(shape, q, k, v)
-            limit = bound(dtype, v)
-            res = {}
-            out = torch.empty_like(q)
-            res["qkv"] = measure(lambda: (
-                qkv.call(qkv.lib.qkv_attention_forward, q, k, v, out, dtype, shape.causal),
-                lambda: out), shape, ref, limit, a.reps)
-            del out
-            for p in peers:
-                if p == "sdpa":
-                    prep = lambda: prep_sdpa(shape, dtype, q, k, v)
-                elif p == "plain":
-                    prep = lambda: prep_plain(shape, dtype, q, k, v)
-                else:
-                    prep = lambda: ggml.prepare(shape, dtype, q, k, v)
-                try:
-                    res[p] = measure(prep, shape, ref, limit, a.reps)
-                finally:
-                    if p == "ggml":
-                        ggml.release()
-            rows.append((shape, dtype, res))
-            print(text_row(shape, dtype, res, peers, peak), flush=True)
-            del q, k, v
-
-    for p, g, n in summaries(rows, peers):
-        print(f"geometric-mean speed-up of qkv over {PEER_TITLE[p]}: "
-              + (f"{fmt_x(g)} ({n} rows)" if g else "— (no comparable rows)"))
-    worst = error_table(rows, ["qkv", *peers])
-    print("largest max-abs error vs float64: "
-          + ", ".join(f"{n} {d} {e:.1e}" for (n, d), e in sorted(worst.items())))
+    rows = brows = []
+    sdpa_fns = set()
+    if cases:
+        print(text_header(peers), flush=True)
+        rows = forward_rows(cases, peers, qkv, ggml, a.reps, peak)
+        for p, g, n in summaries(rows, peers):
+            print(f"geometric-mean speed-up of qkv over {PEER_TITLE[p]}: "
+                  + (f"{fmt_x(g)} ({n} rows)" if g else "— (no comparable rows)"))
+        worst = error_table(rows, ["qkv", *peers])
+        print("largest max-abs error vs float64: "
+              + ", ".join(f"{n} {d} {e:.1e}" for (n, d), e in sorted(worst.items())))
+    if bcases:
+        print(f"\nbackward ({BWD_FACTOR}× the forward's FLOPs; gradient errors relative "
+              "to the largest |gradient|; ggml not run)")
+        print(text_header(bpeers, backward=True), flush=True)
+        brows = backward_rows(bcases, bpeers, qkv, a.reps, peak, sdpa_fns)
+        for p, g, n in summaries(brows, bpeers):
+            print(f"geometric-mean backward speed-up of qkv over {PEER_TITLE[p]}: "
+                  + (f"{fmt_x(g)} ({n} rows)" if g else "— (no comparable rows)"))
+        worst = error_table(brows, ["qkv", *bpeers])
+        print("largest relative gradient error vs float64: "
+              + ", ".join(f"{n} {d} {e:.1e}" for (n, d), e in sorted(worst.items())))
+        print("SDPA backward node: " + (", ".join(sorted(sdpa_fns)) or "—"))
+    meta["sdpa_bwd_fns"] = sorted(sdpa_fns)
     meta["other"] = other.share()
     print(f"total {time.perf_counter() - start:.0f} s"
           + (f"; other processes kept {100 * meta['other']:.0f}% of the CPUs busy meanwhile"
@@ -895,7 +1227,7 @@ def main():
           + (f" (the document uses it instead of {peak:.0f})" if end_peak > peak and a.write_doc else ""))
     peak = max(peak, end_peak)
     if a.write_doc:
-        write_doc(markdown(meta, rows, peers, peak))
+        write_doc(markdown(meta, rows, peers, peak, brows, bpeers))
         print(f"wrote {os.path.relpath(DOC)}")
     qkv.lib.qkv_ctx_free(qkv.ctx)
 
