@@ -11,6 +11,7 @@
  */
 #include "internal.h"
 
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <time.h>
@@ -31,7 +32,9 @@ static int64_t now_ns(void)
     return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
 }
 
-/* Polls until *x != seen or SPIN_NS pass. */
+/* Polls until *x != seen or SPIN_NS pass, yielding the CPU between
+   rounds: when the thread we wait for shares our CPU (more threads than
+   free cores, beside another library's pool), it runs instead of us. */
 static void spin_while_equal(const atomic_ullong *x, uint64_t seen)
 {
     const int64_t t0 = now_ns();
@@ -43,10 +46,11 @@ static void spin_while_equal(const atomic_ullong *x, uint64_t seen)
         }
         if (now_ns() - t0 > SPIN_NS)
             return;
+        sched_yield();
     }
 }
 
-/* Polls until *x is 0 or SPIN_NS pass. */
+/* Polls until *x is 0 or SPIN_NS pass, yielding likewise. */
 static void spin_until_zero(const atomic_int *x)
 {
     const int64_t t0 = now_ns();
@@ -58,6 +62,7 @@ static void spin_until_zero(const atomic_int *x)
         }
         if (now_ns() - t0 > SPIN_NS)
             return;
+        sched_yield();
     }
 }
 
