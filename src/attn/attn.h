@@ -87,6 +87,9 @@ typedef struct {
 
 qkv_status qkv__tasks_make(qkv_ctx *ctx, const qkv__attn *a, int64_t units,
                            int64_t rows, qkv__tasks *t);
+/* The same over key rows: units·ceil(sk/keys) tasks per sequence. */
+qkv_status qkv__tasks_make_keys(qkv_ctx *ctx, const qkv__attn *a, int64_t units,
+                                int64_t keys, qkv__tasks *t);
 void       qkv__tasks_free(qkv__tasks *t);
 
 /* The sequence holding task, and (in *local) the task's index within it.

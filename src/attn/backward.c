@@ -334,22 +334,6 @@ static int64_t max_keys(const qkv__attn *a)
     return mx;
 }
 
-/* Tasks of pass 1: each sequence gives Hkv·ceil(sk/BKB). */
-static qkv_status key_tasks(qkv_ctx *ctx, const qkv__attn *a, qkv__tasks *t)
-{
-    t->n_seqs = a->n_seqs;
-    t->start = malloc((size_t)(a->n_seqs + 1) * sizeof *t->start);
-    if (!t->start)
-        return qkv__fail(ctx, QKV_ERR_NOMEM, "ctx: cannot allocate the task table");
-    t->start[0] = 0;
-    for (int64_t i = 0; i < a->n_seqs; i++) {
-        const qkv__seq s = qkv__attn_seq(a, i);
-        t->start[i + 1] = t->start[i] + a->Hkv * ((s.sk + BKB - 1) / BKB);
-    }
-    t->total = t->start[a->n_seqs];
-    return QKV_OK;
-}
-
 qkv_status qkv_attention_backward(qkv_ctx *ctx, const qkv_tensor *q,
         const qkv_tensor *k, const qkv_tensor *v, const qkv_tensor *out,
         const qkv_tensor *dout, const float *lse, const qkv_attn_opts *opts,
@@ -389,7 +373,7 @@ qkv_status qkv_attention_backward(qkv_ctx *ctx, const qkv_tensor *q,
         return qkv__fail(ctx, QKV_ERR_NOMEM, "ctx: cannot allocate %lld row sums",
                          (long long)n_rows);
     bwd_job keys = { ctx, &a, &g, { NULL, 0, 0 }, dd }, rows = keys;
-    if ((st = key_tasks(ctx, &a, &keys.tasks))) {
+    if ((st = qkv__tasks_make_keys(ctx, &a, a.Hkv, BKB, &keys.tasks))) {
         free(dd);
         return st;
     }

@@ -21,6 +21,7 @@
  * thread and a key block's accumulators.
  */
 #include "attn.h"
+#include "ref.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -35,29 +36,6 @@ typedef struct {
     qkv__tasks        rows, keys;
 } bref_job;
 
-static double at(const qkv_tensor *t, int64_t i0, int64_t i1, int64_t i2, int64_t i3)
-{
-    int64_t off = i0 * t->stride[0] + i1 * t->stride[1] + i2 * t->stride[2] + i3 * t->stride[3];
-    return qkv__load(t->data, t->dtype, off);
-}
-
-static void put(const qkv_tensor *t, int64_t i0, int64_t i1, int64_t i2, int64_t i3, double x)
-{
-    int64_t off = i0 * t->stride[0] + i1 * t->stride[1] + i2 * t->stride[2] + i3 * t->stride[3];
-    qkv__store(t->data, t->dtype, off, (float)x);
-}
-
-static int visible(const qkv__attn *a, int64_t i, int64_t j, const qkv__seq *s)
-{
-    int64_t p = i + s->sk - s->sq;
-    if (a->causal && j > p)
-        return 0;
-    if (a->window_left >= 0 && j < p - a->window_left)
-        return 0;
-    if (a->window_right >= 0 && j > p + a->window_right)
-        return 0;
-    return 1;
-}
 
 /* What a query row brings to the gradients: its q row, its dout row,
    Dd = dout·out and lse. Returns 0 when the row contributes nothing. */
@@ -188,22 +166,6 @@ static void dkv_task(void *arg, int64_t task, int worker)
     }
 }
 
-/* The dk/dv task table: Hkv·ceil(sk / KEYS_PER_TASK) tasks per sequence. */
-static qkv_status key_tasks(qkv_ctx *ctx, const qkv__attn *a, qkv__tasks *t)
-{
-    t->n_seqs = a->n_seqs;
-    t->start = malloc((size_t)(a->n_seqs + 1) * sizeof *t->start);
-    if (!t->start)
-        return qkv__fail(ctx, QKV_ERR_NOMEM, "ctx: cannot allocate the task table");
-    t->start[0] = 0;
-    for (int64_t s = 0; s < a->n_seqs; s++) {
-        qkv__seq sq = qkv__attn_seq(a, s);
-        t->start[s + 1] = t->start[s] + a->Hkv * ((sq.sk + KEYS_PER_TASK - 1) / KEYS_PER_TASK);
-    }
-    t->total = t->start[a->n_seqs];
-    return QKV_OK;
-}
-
 qkv_status qkv_attention_backward_reference(qkv_ctx *ctx, const qkv_tensor *q,
         const qkv_tensor *k, const qkv_tensor *v, const qkv_tensor *out,
         const qkv_tensor *dout, const float *lse, const qkv_attn_opts *opts,
@@ -225,7 +187,7 @@ qkv_status qkv_attention_backward_reference(qkv_ctx *ctx, const qkv_tensor *q,
     bref_job job = { ctx, &a, &g, { NULL, 0, 0 }, { NULL, 0, 0 } };
     if ((st = qkv__tasks_make(ctx, &a, a.Hq, ROWS_PER_TASK, &job.rows)))
         return st;
-    if ((st = key_tasks(ctx, &a, &job.keys))) {
+    if ((st = qkv__tasks_make_keys(ctx, &a, a.Hkv, KEYS_PER_TASK, &job.keys))) {
         qkv__tasks_free(&job.rows);
         return st;
     }

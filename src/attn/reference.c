@@ -8,6 +8,7 @@
  * Not here: tiling, vector code, anything clever.
  */
 #include "attn.h"
+#include "ref.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -20,29 +21,6 @@ typedef struct {
     qkv__tasks     tasks;
 } ref_job;
 
-static double at(const qkv_tensor *t, int64_t i0, int64_t i1, int64_t i2, int64_t i3)
-{
-    int64_t off = i0 * t->stride[0] + i1 * t->stride[1] + i2 * t->stride[2] + i3 * t->stride[3];
-    return qkv__load(t->data, t->dtype, off);
-}
-
-static void put(const qkv_tensor *t, int64_t i0, int64_t i1, int64_t i2, int64_t i3, double x)
-{
-    int64_t off = i0 * t->stride[0] + i1 * t->stride[1] + i2 * t->stride[2] + i3 * t->stride[3];
-    qkv__store(t->data, t->dtype, off, (float)x);
-}
-
-static int visible(const qkv__attn *a, int64_t i, int64_t j, const qkv__seq *s)
-{
-    int64_t p = i + s->sk - s->sq;
-    if (a->causal && j > p)
-        return 0;
-    if (a->window_left >= 0 && j < p - a->window_left)
-        return 0;
-    if (a->window_right >= 0 && j > p + a->window_right)
-        return 0;
-    return 1;
-}
 
 /* One query row i (within sequence s) of head h. */
 static void ref_row(const qkv__attn *a, const qkv__seq *s, int64_t h, int64_t i,
