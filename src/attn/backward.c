@@ -162,6 +162,64 @@ static void tile_grads(const qkv__kernels *kn, const qkv__attn *a, const qkv__se
     }
 }
 
+/* Stores dK (times scale) and dV of keys j0..j0+n of kv head hk from
+   their accumulators ([n][D], [n][Dv]). */
+static void store_dkv(const qkv__kernels *kn, const qkv__attn *a, const qkv__grads *g,
+                      const qkv__seq *s, int64_t hk, int64_t j0, int64_t n,
+                      const float *dk_acc, const float *dv_acc)
+{
+    const qkv_tensor *dk = g->dk, *dv = g->dv;
+    for (int64_t c = 0; c < n; c++) {
+        const int64_t j = s->k0 + j0 + c;
+        qkv__store_row(kn, dk, s->b * dk->stride[0] + j * dk->stride[1] + hk * dk->stride[2],
+                       dk->stride[3], a->D, dk_acc + c * a->D, a->scale);
+        qkv__store_row(kn, dv, s->b * dv->stride[0] + j * dv->stride[1] + hk * dv->stride[2],
+                       dv->stride[3], a->Dv, dv_acc + c * a->Dv, 1.0f);
+    }
+}
+
+/* One query tile against every key its rows see: dQ of the tile, stored;
+   with dkh/dvh ([sk][D], [sk][Dv], indexed from the sequence's first key)
+   also dK and dV added there. */
+static void query_tile(const bwd_job *job, const qkv__seq *s, int64_t hk,
+                       const qkv__tile_map *tm, bwd_tiles *tl, float *dkh, float *dvh)
+{
+    const qkv__attn *a = job->a;
+    const qkv__kernels *kn = job->ctx->kernels;
+    const int m = tm->mp * (int)a->group;
+    const int mpad = (int)((m + QKV__PAD - 1) / QKV__PAD * QKV__PAD);
+    const int64_t D = a->D, Dv = a->Dv, R = qkv__tile_rows(a->group);
+    const qkv_tensor *k = a->k, *v = a->v;
+
+    load_query_tile(kn, job, s, tm, m, mpad, R, tl);
+    memset(tl->dq, 0, (size_t)(m * D) * sizeof(float));
+    int64_t klo, khi, lo_last, hi_first;
+    qkv__key_range(a, s, tm->i0, &klo, &hi_first);
+    qkv__key_range(a, s, tm->i0 + tm->mp - 1, &lo_last, &khi);
+    const int64_t kbase = s->b * k->stride[0] + s->k0 * k->stride[1] + hk * k->stride[2];
+    const int64_t vbase = s->b * v->stride[0] + s->k0 * v->stride[1] + hk * v->stride[2];
+    for (int64_t j0 = klo; j0 < khi; j0 += BKB) {
+        const int n = (int)(khi - j0 < BKB ? khi - j0 : BKB);
+        int64_t ldk, ldv;
+        const float *kr = qkv__tile_rows_f32(kn, k, kbase + j0 * k->stride[1], n, D, tl->k, &ldk);
+        const float *vr = qkv__tile_rows_f32(kn, v, vbase + j0 * v->stride[1], n, Dv, tl->v, &ldv);
+        const int band = !(lo_last <= j0 && hi_first >= j0 + n);
+        tile_grads(kn, a, s, tm, m, mpad, R, j0, n, band, kr, ldk, vr, ldv, tl);
+        if (dkh) {   /* dV += Pᵀ·dO and dK += dSᵀ·Q: keys are the output rows */
+            kn->pv(n, m, (int)Dv, tl->st, R, 1, tl->dout, Dv, tl->ones, dvh + j0 * Dv, Dv);
+            kn->pv(n, m, (int)D, tl->dpt, R, 1, tl->q, D, tl->ones, dkh + j0 * D, D);
+        }
+        /* dQ += dS·K: query rows are the output rows */
+        kn->pv(m, n, (int)D, tl->dpt, 1, R, kr, ldk, tl->ones, tl->dq, D);
+    }
+    const qkv_tensor *dq = job->g->dq;
+    for (int r = 0; r < m; r++) {
+        const int64_t h = tm->h0 + r / tm->mp, i = s->q0 + tm->i0 + r % tm->mp;
+        qkv__store_row(kn, dq, s->b * dq->stride[0] + i * dq->stride[1] + h * dq->stride[2],
+                       dq->stride[3], D, tl->dq + r * D, a->scale);
+    }
+}
+
 /* Pass 1: task = (sequence, kv head, tile of BKB keys); dK and dV of those
    keys over every query row of the group that sees them. */
 static void dkv_task(void *arg, int64_t task, int worker)
@@ -206,14 +264,7 @@ static void dkv_task(void *arg, int64_t task, int worker)
         kn->pv(n, m, (int)D, tl.dpt, R, 1, tl.q, D, tl.ones, tl.dk, D);
     }
 
-    const qkv_tensor *dk = g->dk, *dv = g->dv;
-    for (int c = 0; c < n; c++) {
-        const int64_t j = s.k0 + j0 + c;
-        qkv__store_row(kn, dk, s.b * dk->stride[0] + j * dk->stride[1] + hk * dk->stride[2],
-                       dk->stride[3], D, tl.dk + c * D, a->scale);
-        qkv__store_row(kn, dv, s.b * dv->stride[0] + j * dv->stride[1] + hk * dv->stride[2],
-                       dv->stride[3], Dv, tl.dv + c * Dv, 1.0f);
-    }
+    store_dkv(kn, a, g, &s, hk, j0, n, tl.dk, tl.dv);
 }
 
 /* Pass 2: task = (sequence, kv head, query tile) as in forward; dQ of its
@@ -222,8 +273,6 @@ static void dq_task(void *arg, int64_t task, int worker)
 {
     const bwd_job *job = arg;
     const qkv__attn *a = job->a;
-    const qkv__grads *g = job->g;
-    const qkv__kernels *kn = job->ctx->kernels;
     int64_t t;
     const qkv__seq s = qkv__attn_seq(a, qkv__tasks_find(&job->tasks, task, &t));
     const int64_t P = qkv__tile_positions(a->group);
@@ -231,36 +280,8 @@ static void dq_task(void *arg, int64_t task, int worker)
     const int64_t hk = t / n_qt;
     qkv__tile_map tm = { hk * a->group, (t % n_qt) * P, 0 };
     tm.mp = (int)(s.sq - tm.i0 < P ? s.sq - tm.i0 : P);
-    const int m = tm.mp * (int)a->group;
-    const int mpad = (int)((m + QKV__PAD - 1) / QKV__PAD * QKV__PAD);
-    const int64_t D = a->D, Dv = a->Dv, R = qkv__tile_rows(a->group);
-    const qkv_tensor *k = a->k, *v = a->v;
-    bwd_tiles tl = bwd_at(job->ctx->scratch[worker], R, D, Dv);
-
-    load_query_tile(kn, job, &s, &tm, m, mpad, R, &tl);
-    memset(tl.dq, 0, (size_t)(m * D) * sizeof(float));
-    int64_t klo, khi, lo_last, hi_first;
-    qkv__key_range(a, &s, tm.i0, &klo, &hi_first);
-    qkv__key_range(a, &s, tm.i0 + tm.mp - 1, &lo_last, &khi);
-    const int64_t kbase = s.b * k->stride[0] + s.k0 * k->stride[1] + hk * k->stride[2];
-    const int64_t vbase = s.b * v->stride[0] + s.k0 * v->stride[1] + hk * v->stride[2];
-    for (int64_t j0 = klo; j0 < khi; j0 += BKB) {
-        const int n = (int)(khi - j0 < BKB ? khi - j0 : BKB);
-        int64_t ldk, ldv;
-        const float *kr = qkv__tile_rows_f32(kn, k, kbase + j0 * k->stride[1], n, D, tl.k, &ldk);
-        const float *vr = qkv__tile_rows_f32(kn, v, vbase + j0 * v->stride[1], n, Dv, tl.v, &ldv);
-        const int band = !(lo_last <= j0 && hi_first >= j0 + n);
-        tile_grads(kn, a, &s, &tm, m, mpad, R, j0, n, band, kr, ldk, vr, ldv, &tl);
-        /* dQ += dS·K: query rows are the output rows */
-        kn->pv(m, n, (int)D, tl.dpt, 1, R, kr, ldk, tl.ones, tl.dq, D);
-    }
-
-    const qkv_tensor *dq = g->dq;
-    for (int r = 0; r < m; r++) {
-        const int64_t h = tm.h0 + r / tm.mp, i = s.q0 + tm.i0 + r % tm.mp;
-        qkv__store_row(kn, dq, s.b * dq->stride[0] + i * dq->stride[1] + h * dq->stride[2],
-                       dq->stride[3], D, tl.dq + r * D, a->scale);
-    }
+    bwd_tiles tl = bwd_at(job->ctx->scratch[worker], qkv__tile_rows(a->group), a->D, a->Dv);
+    query_tile(job, &s, hk, &tm, &tl, NULL, NULL);
 }
 
 /* The one-pass variant, used when a call has enough (sequence, kv head)
@@ -272,55 +293,19 @@ static void head_task(void *arg, int64_t task, int worker)
 {
     const bwd_job *job = arg;
     const qkv__attn *a = job->a;
-    const qkv__grads *g = job->g;
-    const qkv__kernels *kn = job->ctx->kernels;
     const qkv__seq s = qkv__attn_seq(a, task / a->Hkv);
     const int64_t hk = task % a->Hkv;
     const int64_t D = a->D, Dv = a->Dv, R = qkv__tile_rows(a->group);
     const int64_t P = qkv__tile_positions(a->group);
-    const qkv_tensor *k = a->k, *v = a->v;
     bwd_tiles tl = bwd_at(job->ctx->scratch[worker], R, D, Dv);
     float *dkh = (float *)job->ctx->scratch[worker] + bwd_floats(R, D, Dv);
     float *dvh = dkh + s.sk * D;
     memset(dkh, 0, (size_t)(s.sk * (D + Dv)) * sizeof(float));
-    const int64_t kbase = s.b * k->stride[0] + s.k0 * k->stride[1] + hk * k->stride[2];
-    const int64_t vbase = s.b * v->stride[0] + s.k0 * v->stride[1] + hk * v->stride[2];
-
     for (int64_t i0 = 0; i0 < s.sq; i0 += P) {
-        qkv__tile_map tm = { hk * a->group, i0, (int)(s.sq - i0 < P ? s.sq - i0 : P) };
-        const int m = tm.mp * (int)a->group;
-        const int mpad = (int)((m + QKV__PAD - 1) / QKV__PAD * QKV__PAD);
-        int64_t klo, khi, lo_last, hi_first;
-        qkv__key_range(a, &s, tm.i0, &klo, &hi_first);
-        qkv__key_range(a, &s, tm.i0 + tm.mp - 1, &lo_last, &khi);
-        load_query_tile(kn, job, &s, &tm, m, mpad, R, &tl);
-        memset(tl.dq, 0, (size_t)(m * D) * sizeof(float));
-        for (int64_t j0 = klo; j0 < khi; j0 += BKB) {
-            const int n = (int)(khi - j0 < BKB ? khi - j0 : BKB);
-            int64_t ldk, ldv;
-            const float *kr = qkv__tile_rows_f32(kn, k, kbase + j0 * k->stride[1], n, D, tl.k, &ldk);
-            const float *vr = qkv__tile_rows_f32(kn, v, vbase + j0 * v->stride[1], n, Dv, tl.v, &ldv);
-            const int band = !(lo_last <= j0 && hi_first >= j0 + n);
-            tile_grads(kn, a, &s, &tm, m, mpad, R, j0, n, band, kr, ldk, vr, ldv, &tl);
-            kn->pv(n, m, (int)Dv, tl.st, R, 1, tl.dout, Dv, tl.ones, dvh + j0 * Dv, Dv);
-            kn->pv(n, m, (int)D, tl.dpt, R, 1, tl.q, D, tl.ones, dkh + j0 * D, D);
-            kn->pv(m, n, (int)D, tl.dpt, 1, R, kr, ldk, tl.ones, tl.dq, D);
-        }
-        const qkv_tensor *dq = g->dq;
-        for (int r = 0; r < m; r++) {
-            const int64_t h = tm.h0 + r / tm.mp, i = s.q0 + tm.i0 + r % tm.mp;
-            qkv__store_row(kn, dq, s.b * dq->stride[0] + i * dq->stride[1] + h * dq->stride[2],
-                           dq->stride[3], D, tl.dq + r * D, a->scale);
-        }
+        const qkv__tile_map tm = { hk * a->group, i0, (int)(s.sq - i0 < P ? s.sq - i0 : P) };
+        query_tile(job, &s, hk, &tm, &tl, dkh, dvh);
     }
-    const qkv_tensor *dk = g->dk, *dv = g->dv;
-    for (int64_t j = 0; j < s.sk; j++) {
-        const int64_t row = s.k0 + j;
-        qkv__store_row(kn, dk, s.b * dk->stride[0] + row * dk->stride[1] + hk * dk->stride[2],
-                       dk->stride[3], D, dkh + j * D, a->scale);
-        qkv__store_row(kn, dv, s.b * dv->stride[0] + row * dv->stride[1] + hk * dv->stride[2],
-                       dv->stride[3], Dv, dvh + j * Dv, 1.0f);
-    }
+    store_dkv(job->ctx->kernels, a, job->g, &s, hk, 0, s.sk, dkh, dvh);
 }
 
 /* Keys of the longest sequence. */
