@@ -67,17 +67,8 @@ static double grad_score(const qkv__attn *a, const qkv__seq *s, int64_t h, int64
     double dot = 0.0;
     for (int64_t d = 0; d < a->D; d++)
         dot += r->q[d] * at(a->k, s->b, kj, hk, d);
-    double x = (double)a->scale * dot, dcap = 1.0;
-    if (a->softcap > 0.0f) {
-        double t = tanh(x / a->softcap);
-        x = a->softcap * t;
-        dcap = 1.0 - t * t;
-    }
-    if (a->alibi)
-        x -= a->alibi[h] * fabs((double)(i + s->sk - s->sq - j));
-    if (a->bias)
-        x += a->bias[s->b * a->bias_stride[0] + h * a->bias_stride[1] +
-                     i * a->bias_stride[2] + j * a->bias_stride[3]];
+    double dcap;
+    const double x = score_mods(a, s, h, i, j, (double)a->scale * dot, &dcap);
     *p = 0.0;
     if (x == -INFINITY)
         return 0.0;

@@ -21,7 +21,6 @@ typedef struct {
     qkv__tasks     tasks;
 } ref_job;
 
-
 /* One query row i (within sequence s) of head h. */
 static void ref_row(const qkv__attn *a, const qkv__seq *s, int64_t h, int64_t i,
                     double *score, double *acc)
@@ -34,14 +33,7 @@ static void ref_row(const qkv__attn *a, const qkv__seq *s, int64_t h, int64_t i,
             double dot = 0.0;
             for (int64_t d = 0; d < a->D; d++)
                 dot += at(a->q, s->b, qi, h, d) * at(a->k, s->b, s->k0 + j, hk, d);
-            x = (double)a->scale * dot;
-            if (a->softcap > 0.0f)
-                x = a->softcap * tanh(x / a->softcap);
-            if (a->alibi)
-                x -= a->alibi[h] * fabs((double)(i + s->sk - s->sq - j));
-            if (a->bias)
-                x += a->bias[s->b * a->bias_stride[0] + h * a->bias_stride[1] +
-                             i * a->bias_stride[2] + j * a->bias_stride[3]];
+            x = score_mods(a, s, h, i, j, (double)a->scale * dot, NULL);
         }
         score[j] = x;
         if (x > m)
