@@ -2,7 +2,8 @@
  * case.c — building one attention problem for the tests (see acase in
  * test.h): strided random inputs, bias, ALiBi slopes, varlen offsets, the
  * opts struct, logical fp32 copies for the oracles, and the checks that an
- * output call wrote only where it may.
+ * output call wrote only where it may; and msg_names, which checks that an
+ * error message names the argument at fault.
  */
 #include "test.h"
 
@@ -237,4 +238,40 @@ float *acase_collect(const acase *c, const tbuf *out, float *lse, const char *la
     }
     acase_zero_unused(c, got, lse);
     return got;
+}
+
+/* ---- error messages ---------------------------------------------------------- */
+
+static int ident(char ch)
+{
+    return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') || ch == '_';
+}
+
+/* name occurs in msg as a whole path: not inside a longer identifier */
+static int has_name(const char *msg, const char *name)
+{
+    size_t n = strlen(name);
+    for (const char *p = strstr(msg, name); p; p = strstr(p + 1, name)) {
+        char before = p == msg ? ' ' : p[-1], after = p[n];
+        if (!ident(before) && before != '>' && before != '.' && !ident(after))
+            return 1;
+    }
+    return 0;
+}
+
+/* names: alternatives separated by '|', each a list of names joined by
+   '&' that must all appear */
+int msg_names(const char *msg, const char *names)
+{
+    char buf[256];
+    snprintf(buf, sizeof buf, "%s", names);
+    char *save_alt = NULL;
+    for (char *alt = strtok_r(buf, "|", &save_alt); alt; alt = strtok_r(NULL, "|", &save_alt)) {
+        int all = 1;
+        char *save = NULL;
+        for (char *nm = strtok_r(alt, "&", &save); nm; nm = strtok_r(NULL, "&", &save))
+            all &= has_name(msg, nm);
+        if (all) return 1;
+    }
+    return 0;
 }

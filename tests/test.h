@@ -54,6 +54,11 @@ float *to_f32(const void *src, qkv_dtype dt, size_t n);
 double compare(const char *name, const void *got, qkv_dtype got_dt,
                const float *ref, size_t n, double atol, double rtol);
 
+/* Whether an error message names the arguments in `names`: alternatives
+   separated by '|', each a list of names joined by '&' that must all
+   appear, each as a whole path (not inside a longer identifier). */
+int    msg_names(const char *msg, const char *names);
+
 /* ---- strided test buffers ------------------------------------------------ */
 
 /* A qkv_tensor view into its own allocation, which has a margin on each

@@ -837,44 +837,6 @@ static void bsetup(berr *e, qkv_ctx *ctx)
     e->lse = e->lb;
 }
 
-static int ident(char ch)
-{
-    return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') || ch == '_';
-}
-
-/* name occurs in msg as a whole path: not inside a longer identifier */
-static int has_name(const char *msg, const char *name)
-{
-    size_t n = strlen(name);
-    for (const char *p = strstr(msg, name); p; p = strstr(p + 1, name)) {
-        char before = p == msg ? ' ' : p[-1], after = p[n];
-        if (!ident(before) && before != '>' && before != '.' && !ident(after))
-            return 1;
-    }
-    return 0;
-}
-
-/* names: alternatives separated by '|', each a list of names joined by '&'
-   that must all appear */
-static int names_match(const char *msg, const char *names)
-{
-    char buf[256];
-    snprintf(buf, sizeof buf, "%s", names);
-    for (char *alt = buf; alt; ) {
-        char *bar = strchr(alt, '|');
-        if (bar) *bar = 0;
-        int all = 1;
-        for (char *nm = alt; nm; ) {
-            char *amp = strchr(nm, '&');
-            if (amp) *amp = 0;
-            all &= has_name(msg, nm);
-            nm = amp ? amp + 1 : NULL;
-        }
-        if (all) return 1;
-        alt = bar ? bar + 1 : NULL;
-    }
-    return 0;
-}
 
 static qkv_status bcall(berr *e)
 {
@@ -904,7 +866,7 @@ static void bexpect(berr *e, const char *label, qkv_status want, const char *nam
     CHECK(same, "backward reference %s: an input was written by a failing call", label);
     if (e->ctx && names) {
         const char *msg = qkv_ctx_last_error(e->ctx);
-        CHECK(msg && names_match(msg, names), "backward reference %s: message \"%s\" does not name %s",
+        CHECK(msg && msg_names(msg, names), "backward reference %s: message \"%s\" does not name %s",
               label, msg ? msg : "(null)", names);
     }
 }

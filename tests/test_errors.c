@@ -67,39 +67,6 @@ static void setup_varlen(errset *e, qkv_ctx *ctx)
     e->opts.n_seqs = 3;
 }
 
-static int ident(char ch)
-{
-    return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') || ch == '_';
-}
-
-/* name occurs in msg as a whole path: not inside a longer identifier */
-static int has_name(const char *msg, const char *name)
-{
-    size_t n = strlen(name);
-    for (const char *p = strstr(msg, name); p; p = strstr(p + 1, name)) {
-        char before = p == msg ? ' ' : p[-1], after = p[n];
-        if (!ident(before) && before != '>' && before != '.' && !ident(after))
-            return 1;
-    }
-    return 0;
-}
-
-/* names: alternatives separated by '|', each a list of names joined by
-   '&' that must all appear */
-static int names_match(const char *msg, const char *names)
-{
-    char buf[256];
-    snprintf(buf, sizeof buf, "%s", names);
-    char *save_alt = NULL;
-    for (char *alt = strtok_r(buf, "|", &save_alt); alt; alt = strtok_r(NULL, "|", &save_alt)) {
-        int all = 1;
-        char *save = NULL;
-        for (char *nm = strtok_r(alt, "&", &save); nm; nm = strtok_r(NULL, "&", &save))
-            all &= has_name(msg, nm);
-        if (all) return 1;
-    }
-    return 0;
-}
 
 typedef qkv_status (*attn_fn)(qkv_ctx *, const qkv_tensor *, const qkv_tensor *,
                               const qkv_tensor *, const qkv_attn_opts *, qkv_tensor *, float *);
@@ -131,7 +98,7 @@ static void expect(errset *e, const char *label, qkv_status want, qkv_status alt
         CHECK(lse_ok, "%s %s: lse was written by a failing call", fns[f].name, label);
         if (e->ctx && names) {
             const char *msg = qkv_ctx_last_error(e->ctx);
-            CHECK(msg && names_match(msg, names), "%s %s: message \"%s\" does not name %s",
+            CHECK(msg && msg_names(msg, names), "%s %s: message \"%s\" does not name %s",
                   fns[f].name, label, msg ? msg : "(null)", names);
         }
     }
