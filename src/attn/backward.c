@@ -20,7 +20,12 @@
  * Tiles are held keys by queries (St[j][r]) as in forward, so the same
  * kernels serve: qk gives S and dP (with V and dO in the places of K and
  * Q), pv gives the three gradient products through its strided P operand.
- * Inputs of any dtype are widened to fp32; arithmetic is fp32.
+ * fp32 and fp16 inputs are widened to fp32. bf16 inputs on a kernel set
+ * with bf16 dot products take the bf16 path: S and dP are pair dot
+ * products straight from the bf16 rows, and P and dS are rounded to bf16
+ * for the three gradient products (as PyTorch's kernels do), whose
+ * operands are pairs along the reduction axis (mm_bf16); softmax
+ * statistics, dS and every accumulator stay fp32.
  */
 #include "attn.h"
 #include "tile.h"
@@ -48,16 +53,47 @@ typedef struct {              /* per-thread scratch, fp32 */
     float *dq;                /* [R][D]            pass 2 accumulator    */
     float *lse, *dd, *sum;    /* [R] each                                */
     float *ones;              /* [max(BKB, R)]                           */
+    /* the bf16 path; pairs hold two bf16 adjacent along the reduction */
+    uint16_t *qb, *dob;       /* [R][2·pairs(D|Dv)] the tile's q, dO rows */
+    uint32_t *qp, *dop;       /* [pairs(D|Dv)][R] pairs along d, for S, dP */
+    uint32_t *qq, *doq;       /* [R/2][D|Dv] pairs of rows, for dK, dV    */
+    uint16_t *kb, *vb;        /* [BKB][2·pairs(D|Dv)] gathered K, V rows  */
+    uint32_t *kp;             /* [BKB/2][D] pairs of K rows, for dQ       */
+    uint16_t *pb, *dsb;       /* [BKB][R] P, dS rounded to bf16           */
+    uint32_t *dsk;            /* [BKB/2][R] dS pairs along keys, for dQ   */
+    uint16_t *rows2;          /* [2][D] two gathered K rows               */
 } bwd_tiles;
 
-static size_t bwd_floats(int64_t R, int64_t D, int64_t Dv)
+/* The key tile's rows: fp32 (k, v) or bf16 (kb, vb, and kp for dQ). */
+typedef struct {
+    const float *k, *v;
+    const uint16_t *kb, *vb;
+    int64_t ldk, ldv;
+} key_tile;
+
+static int use_bf16(const qkv__kernels *kn, const qkv__attn *a)
+{
+    return kn->mm_bf16 && a->dt == QKV_BF16;
+}
+
+/* Floats of the bf16 operands (bf: the bf16 path). */
+static int64_t bf16_floats(int bf, int64_t R, int64_t D, int64_t Dv)
+{
+    if (!bf)
+        return 0;
+    const int64_t pd = qkv__pairs(D), pdv = qkv__pairs(Dv);
+    return 2 * R * (pd + pdv) + R / 2 * (D + Dv) + BKB * (pd + pdv) + BKB / 2 * D +
+           BKB * R + BKB / 2 * R + D;
+}
+
+static size_t bwd_floats(int bf, int64_t R, int64_t D, int64_t Dv)
 {
     const int64_t n1 = R > BKB ? R : BKB;
     return (size_t)(2 * R * D + 2 * R * Dv + 2 * BKB * (D + Dv) + 3 * BKB * R + R * D +
-                    3 * R + n1);
+                    3 * R + n1 + bf16_floats(bf, R, D, Dv));
 }
 
-static bwd_tiles bwd_at(float *base, int64_t R, int64_t D, int64_t Dv)
+static bwd_tiles bwd_at(float *base, int bf, int64_t R, int64_t D, int64_t Dv)
 {
     bwd_tiles t;
     t.q = base;
@@ -79,12 +115,55 @@ static bwd_tiles bwd_at(float *base, int64_t R, int64_t D, int64_t Dv)
     const int64_t n1 = R > BKB ? R : BKB;
     for (int64_t i = 0; i < n1; i++)
         t.ones[i] = 1.0f;
+    if (bf) {
+        const int64_t pd = qkv__pairs(D), pdv = qkv__pairs(Dv);
+        t.qb = (uint16_t *)(t.ones + n1);
+        t.dob = t.qb + R * 2 * pd;
+        t.qp = (uint32_t *)(t.dob + R * 2 * pdv);
+        t.dop = t.qp + pd * R;
+        t.qq = t.dop + pdv * R;
+        t.doq = t.qq + R / 2 * D;
+        t.kb = (uint16_t *)(t.doq + R / 2 * Dv);
+        t.vb = t.kb + BKB * 2 * pd;
+        t.kp = (uint32_t *)(t.vb + BKB * 2 * pdv);
+        t.pb = (uint16_t *)(t.kp + BKB / 2 * D);
+        t.dsb = t.pb + BKB * R;
+        t.dsk = (uint32_t *)(t.dsb + BKB * R);
+        t.rows2 = (uint16_t *)(t.dsk + BKB / 2 * R);
+    }
     return t;
 }
 
+/* bf16 rows [m][2·pairs(cols)] to pairs along cols, transposed:
+   dst[x][r] = (rows[r][2x], rows[r][2x+1]), zero in the padding rows. */
+static void pairs_transposed(const uint16_t *rows, int m, int mpad, int64_t cols, int64_t R,
+                             uint32_t *dst)
+{
+    const int64_t np = qkv__pairs(cols);
+    for (int r = 0; r < mpad; r++)
+        for (int64_t x = 0; x < np; x++) {
+            uint32_t u = 0;
+            if (r < m)
+                memcpy(&u, rows + r * 2 * np + 2 * x, sizeof u);
+            dst[x * R + r] = u;
+        }
+}
+
+/* bf16 rows [m][2·pairs(cols)] to pairs of rows: dst[rr][c] =
+   (rows[2rr][c], rows[2rr+1][c]), the high half 0 for a last odd row. */
+static void row_pairs(const qkv__kernels *kn, const uint16_t *rows, int m, int64_t cols,
+                      uint32_t *dst)
+{
+    const int64_t w = 2 * qkv__pairs(cols);
+    for (int rr = 0; 2 * rr < m; rr++)
+        kn->pack_pairs(rows + 2 * rr * w, 2 * rr + 1 < m ? rows + (2 * rr + 1) * w : NULL,
+                       cols, dst + rr * cols);
+}
+
 /* The query tile's rows: q and dO row-major and transposed (zero in the
-   padding columns m..mpad), lse (0 where -inf: those rows see no key and
-   their scores are all -inf) and Dd. */
+   padding columns m..mpad), or on the bf16 path as pairs along d and as
+   pairs of rows; lse (0 where -inf: those rows see no key and their
+   scores are all -inf) and Dd. */
 static void load_query_tile(const qkv__kernels *kn, const bwd_job *job, const qkv__seq *s,
                             const qkv__tile_map *tm, int m, int mpad, int64_t R,
                             bwd_tiles *tl)
@@ -95,10 +174,6 @@ static void load_query_tile(const qkv__kernels *kn, const bwd_job *job, const qk
     const qkv_tensor *q = a->q, *dout = g->dout;
     for (int r = 0; r < m; r++) {
         const int64_t h = tm->h0 + r / tm->mp, i = s->q0 + tm->i0 + r % tm->mp;
-        qkv__load_row(kn, q, s->b * q->stride[0] + i * q->stride[1] + h * q->stride[2],
-                      q->stride[3], D, tl->q + r * D);
-        qkv__load_row(kn, dout, s->b * dout->stride[0] + i * dout->stride[1] +
-                      h * dout->stride[2], dout->stride[3], Dv, tl->dout + r * Dv);
         const int64_t li = qkv__lse_index(a, s->b, h, i);
         tl->dd[r] = job->dd[li];
         tl->lse[r] = g->lse[li] == -INFINITY ? 0.0f : g->lse[li];
@@ -107,12 +182,49 @@ static void load_query_tile(const qkv__kernels *kn, const bwd_job *job, const qk
         tl->dd[r] = 0.0f;
         tl->lse[r] = 0.0f;
     }
+    if (use_bf16(kn, a)) {
+        qkv__tile_rows_bf16(q, s, tm, m, D, tl->qb);
+        qkv__tile_rows_bf16(dout, s, tm, m, Dv, tl->dob);
+        pairs_transposed(tl->qb, m, mpad, D, R, tl->qp);
+        pairs_transposed(tl->dob, m, mpad, Dv, R, tl->dop);
+        row_pairs(kn, tl->qb, m, D, tl->qq);
+        row_pairs(kn, tl->dob, m, Dv, tl->doq);
+        return;
+    }
+    for (int r = 0; r < m; r++) {
+        const int64_t h = tm->h0 + r / tm->mp, i = s->q0 + tm->i0 + r % tm->mp;
+        qkv__load_row(kn, q, s->b * q->stride[0] + i * q->stride[1] + h * q->stride[2],
+                      q->stride[3], D, tl->q + r * D);
+        qkv__load_row(kn, dout, s->b * dout->stride[0] + i * dout->stride[1] +
+                      h * dout->stride[2], dout->stride[3], Dv, tl->dout + r * Dv);
+    }
     for (int64_t d = 0; d < D; d++)
         for (int r = 0; r < mpad; r++)
             tl->qt[d * R + r] = r < m ? tl->q[r * D + d] : 0.0f;
     for (int64_t c = 0; c < Dv; c++)
         for (int r = 0; r < mpad; r++)
             tl->doutt[c * R + r] = r < m ? tl->dout[r * Dv + c] : 0.0f;
+}
+
+/* Keys j0..j0+n of kv head hk: fp32 rows, or bf16 rows (with K's pairs of
+   rows in tl->kp when dq asks for them). */
+static key_tile load_key_tile(const qkv__kernels *kn, const qkv__attn *a, const qkv__seq *s,
+                              int64_t hk, int64_t j0, int n, int dq, bwd_tiles *tl)
+{
+    const qkv_tensor *k = a->k, *v = a->v;
+    const int64_t krow = s->b * k->stride[0] + (s->k0 + j0) * k->stride[1] + hk * k->stride[2];
+    const int64_t vrow = s->b * v->stride[0] + (s->k0 + j0) * v->stride[1] + hk * v->stride[2];
+    key_tile kt = { NULL, NULL, NULL, NULL, 0, 0 };
+    if (use_bf16(kn, a)) {
+        kt.kb = qkv__key_rows_bf16(k, krow, n, a->D, tl->kb, &kt.ldk);
+        kt.vb = qkv__key_rows_bf16(v, vrow, n, a->Dv, tl->vb, &kt.ldv);
+        if (dq)
+            qkv__key_pairs_bf16(kn, k, krow, n, a->D, tl->rows2, tl->kp);
+    } else {
+        kt.k = qkv__tile_rows_f32(kn, k, krow, n, a->D, tl->k, &kt.ldk);
+        kt.v = qkv__tile_rows_f32(kn, v, vrow, n, a->Dv, tl->v, &kt.ldv);
+    }
+    return kt;
 }
 
 /* Pass 0: task = (sequence, query head); Dd = dout·out for each row. */
@@ -137,14 +249,18 @@ static void dd_task(void *arg, int64_t task, int worker)
     }
 }
 
-/* For keys j0..j0+n (rows kr, vr) against the loaded query tile: P in st,
-   dS in dpt (keys by queries). */
+/* For keys j0..j0+n against the loaded query tile: P in st, dS in dpt
+   (keys by queries); on the bf16 path also both rounded, in pb and dsb. */
 static void tile_grads(const qkv__kernels *kn, const qkv__attn *a, const qkv__seq *s,
                        const qkv__tile_map *tm, int m, int mpad, int64_t R, int64_t j0, int n,
-                       int band, const float *kr, int64_t ldk, const float *vr, int64_t ldv,
-                       bwd_tiles *tl)
+                       int band, const key_tile *kt, bwd_tiles *tl)
 {
-    kn->qk(n, m, (int)a->D, a->scale, kr, ldk, tl->qt, R, tl->q, a->D, tl->st, R);
+    const int bf = kt->kb != NULL;
+    if (bf)
+        kn->qk_bf16(n, mpad, (int)qkv__pairs(a->D), a->scale, kt->kb, kt->ldk, tl->qp, R,
+                    tl->st, R);
+    else
+        kn->qk(n, m, (int)a->D, a->scale, kt->k, kt->ldk, tl->qt, R, tl->q, a->D, tl->st, R);
     const int cap = a->softcap > 0.0f;
     if (cap || a->alibi || a->bias || band)
         qkv__score_mods(a, s, tm, m, j0, n, band, tl->st, R, cap ? tl->dcap : NULL);
@@ -153,13 +269,53 @@ static void tile_grads(const qkv__kernels *kn, const qkv__attn *a, const qkv__se
             tl->st[c * R + r] = -INFINITY;
     /* P = exp(S - lse) in place (the sums are not needed) */
     kn->exp_cols(tl->st, R, n, mpad, tl->lse, tl->sum);
-    kn->qk(n, m, (int)a->Dv, 1.0f, vr, ldv, tl->doutt, R, tl->dout, a->Dv, tl->dpt, R);
+    if (bf)
+        kn->qk_bf16(n, mpad, (int)qkv__pairs(a->Dv), 1.0f, kt->vb, kt->ldv, tl->dop, R,
+                    tl->dpt, R);
+    else
+        kn->qk(n, m, (int)a->Dv, 1.0f, kt->v, kt->ldv, tl->doutt, R, tl->dout, a->Dv,
+               tl->dpt, R);
     for (int c = 0; c < n; c++) {
         float *p = tl->st + c * R, *ds = tl->dpt + c * R;
         const float *dc = tl->dcap + c * R;
         for (int r = 0; r < mpad; r++)
             ds[r] = p[r] * (ds[r] - tl->dd[r]) * (cap ? dc[r] : 1.0f);
+        if (bf) {
+            kn->store_bf16(p, 1.0f, tl->pb + c * R, mpad);
+            kn->store_bf16(ds, 1.0f, tl->dsb + c * R, mpad);
+        }
     }
+}
+
+/* dV += Pᵀ·dO and dK += dSᵀ·Q for the tile's n keys (the output rows). */
+static void add_dkv(const qkv__kernels *kn, const qkv__attn *a, const key_tile *kt, int m,
+                    int n, int64_t R, bwd_tiles *tl, float *dk_acc, float *dv_acc)
+{
+    const int D = (int)a->D, Dv = (int)a->Dv;
+    if (kt->kb) {   /* rows of P and dS in pairs of queries */
+        const int np = (int)qkv__pairs(m);
+        kn->mm_bf16(n, np, Dv, (const uint32_t *)tl->pb, R / 2, 1, tl->doq, Dv, dv_acc, Dv);
+        kn->mm_bf16(n, np, D, (const uint32_t *)tl->dsb, R / 2, 1, tl->qq, D, dk_acc, D);
+        return;
+    }
+    kn->pv(n, m, Dv, tl->st, R, 1, tl->dout, Dv, tl->ones, dv_acc, Dv);
+    kn->pv(n, m, D, tl->dpt, R, 1, tl->q, D, tl->ones, dk_acc, D);
+}
+
+/* dQ += dS·K for the tile's m query rows (the output rows). */
+static void add_dq(const qkv__kernels *kn, const qkv__attn *a, const key_tile *kt, int m,
+                   int n, int64_t R, bwd_tiles *tl)
+{
+    const int D = (int)a->D;
+    if (kt->kb) {   /* dS in pairs of keys against K's pairs of rows */
+        for (int jj = 0; 2 * jj < n; jj++)
+            kn->pack_pairs(tl->dsb + 2 * jj * R, 2 * jj + 1 < n ? tl->dsb + (2 * jj + 1) * R
+                                                                : NULL,
+                           m, tl->dsk + jj * R);
+        kn->mm_bf16(m, (int)qkv__pairs(n), D, tl->dsk, 1, R, tl->kp, D, tl->dq, D);
+        return;
+    }
+    kn->pv(m, n, D, tl->dpt, 1, R, kt->k, kt->ldk, tl->ones, tl->dq, D);
 }
 
 /* Stores dK (times scale) and dV of keys j0..j0+n of kv head hk from
@@ -188,29 +344,21 @@ static void query_tile(const bwd_job *job, const qkv__seq *s, int64_t hk,
     const qkv__kernels *kn = job->ctx->kernels;
     const int m = tm->mp * (int)a->group;
     const int mpad = (int)((m + QKV__PAD - 1) / QKV__PAD * QKV__PAD);
-    const int64_t D = a->D, Dv = a->Dv, R = qkv__tile_rows(a->group);
-    const qkv_tensor *k = a->k, *v = a->v;
+    const int64_t D = a->D, R = qkv__tile_rows(a->group);
 
     load_query_tile(kn, job, s, tm, m, mpad, R, tl);
-    memset(tl->dq, 0, (size_t)(m * D) * sizeof(float));
+    memset(tl->dq, 0, (size_t)(m * a->D) * sizeof(float));
     int64_t klo, khi, lo_last, hi_first;
     qkv__key_range(a, s, tm->i0, &klo, &hi_first);
     qkv__key_range(a, s, tm->i0 + tm->mp - 1, &lo_last, &khi);
-    const int64_t kbase = s->b * k->stride[0] + s->k0 * k->stride[1] + hk * k->stride[2];
-    const int64_t vbase = s->b * v->stride[0] + s->k0 * v->stride[1] + hk * v->stride[2];
     for (int64_t j0 = klo; j0 < khi; j0 += BKB) {
         const int n = (int)(khi - j0 < BKB ? khi - j0 : BKB);
-        int64_t ldk, ldv;
-        const float *kr = qkv__tile_rows_f32(kn, k, kbase + j0 * k->stride[1], n, D, tl->k, &ldk);
-        const float *vr = qkv__tile_rows_f32(kn, v, vbase + j0 * v->stride[1], n, Dv, tl->v, &ldv);
+        const key_tile kt = load_key_tile(kn, a, s, hk, j0, n, 1, tl);
         const int band = !(lo_last <= j0 && hi_first >= j0 + n);
-        tile_grads(kn, a, s, tm, m, mpad, R, j0, n, band, kr, ldk, vr, ldv, tl);
-        if (dkh) {   /* dV += Pᵀ·dO and dK += dSᵀ·Q: keys are the output rows */
-            kn->pv(n, m, (int)Dv, tl->st, R, 1, tl->dout, Dv, tl->ones, dvh + j0 * Dv, Dv);
-            kn->pv(n, m, (int)D, tl->dpt, R, 1, tl->q, D, tl->ones, dkh + j0 * D, D);
-        }
-        /* dQ += dS·K: query rows are the output rows */
-        kn->pv(m, n, (int)D, tl->dpt, 1, R, kr, ldk, tl->ones, tl->dq, D);
+        tile_grads(kn, a, s, tm, m, mpad, R, j0, n, band, &kt, tl);
+        if (dkh)
+            add_dkv(kn, a, &kt, m, n, R, tl, dkh + j0 * a->D, dvh + j0 * a->Dv);
+        add_dq(kn, a, &kt, m, n, R, tl);
     }
     const qkv_tensor *dq = job->g->dq;
     for (int r = 0; r < m; r++) {
@@ -235,14 +383,8 @@ static void dkv_task(void *arg, int64_t task, int worker)
     const int n = (int)(s.sk - j0 < BKB ? s.sk - j0 : BKB);
     const int64_t D = a->D, Dv = a->Dv, R = qkv__tile_rows(a->group);
     const int64_t P = qkv__tile_positions(a->group);
-    const qkv_tensor *k = a->k, *v = a->v;
-    bwd_tiles tl = bwd_at(job->ctx->scratch[worker], R, D, Dv);
-
-    const int64_t krow = s.b * k->stride[0] + (s.k0 + j0) * k->stride[1] + hk * k->stride[2];
-    const int64_t vrow = s.b * v->stride[0] + (s.k0 + j0) * v->stride[1] + hk * v->stride[2];
-    int64_t ldk, ldv;
-    const float *kr = qkv__tile_rows_f32(kn, k, krow, n, D, tl.k, &ldk);
-    const float *vr = qkv__tile_rows_f32(kn, v, vrow, n, Dv, tl.v, &ldv);
+    bwd_tiles tl = bwd_at(job->ctx->scratch[worker], use_bf16(kn, a), R, D, Dv);
+    const key_tile kt = load_key_tile(kn, a, &s, hk, j0, n, 0, &tl);
     memset(tl.dk, 0, (size_t)(n * D) * sizeof(float));
     memset(tl.dv, 0, (size_t)(n * Dv) * sizeof(float));
 
@@ -258,10 +400,8 @@ static void dkv_task(void *arg, int64_t task, int worker)
         const int m = tm.mp * (int)a->group;
         const int mpad = (int)((m + QKV__PAD - 1) / QKV__PAD * QKV__PAD);
         load_query_tile(kn, job, &s, &tm, m, mpad, R, &tl);
-        tile_grads(kn, a, &s, &tm, m, mpad, R, j0, n, band, kr, ldk, vr, ldv, &tl);
-        /* dV += Pᵀ·dO and dK += dSᵀ·Q: keys are the output rows */
-        kn->pv(n, m, (int)Dv, tl.st, R, 1, tl.dout, Dv, tl.ones, tl.dv, Dv);
-        kn->pv(n, m, (int)D, tl.dpt, R, 1, tl.q, D, tl.ones, tl.dk, D);
+        tile_grads(kn, a, &s, &tm, m, mpad, R, j0, n, band, &kt, &tl);
+        add_dkv(kn, a, &kt, m, n, R, &tl, tl.dk, tl.dv);
     }
 
     store_dkv(kn, a, g, &s, hk, j0, n, tl.dk, tl.dv);
@@ -280,7 +420,8 @@ static void dq_task(void *arg, int64_t task, int worker)
     const int64_t hk = t / n_qt;
     qkv__tile_map tm = { hk * a->group, (t % n_qt) * P, 0 };
     tm.mp = (int)(s.sq - tm.i0 < P ? s.sq - tm.i0 : P);
-    bwd_tiles tl = bwd_at(job->ctx->scratch[worker], qkv__tile_rows(a->group), a->D, a->Dv);
+    bwd_tiles tl = bwd_at(job->ctx->scratch[worker], use_bf16(job->ctx->kernels, a),
+                          qkv__tile_rows(a->group), a->D, a->Dv);
     query_tile(job, &s, hk, &tm, &tl, NULL, NULL);
 }
 
@@ -297,8 +438,9 @@ static void head_task(void *arg, int64_t task, int worker)
     const int64_t hk = task % a->Hkv;
     const int64_t D = a->D, Dv = a->Dv, R = qkv__tile_rows(a->group);
     const int64_t P = qkv__tile_positions(a->group);
-    bwd_tiles tl = bwd_at(job->ctx->scratch[worker], R, D, Dv);
-    float *dkh = (float *)job->ctx->scratch[worker] + bwd_floats(R, D, Dv);
+    const int bf = use_bf16(job->ctx->kernels, a);
+    bwd_tiles tl = bwd_at(job->ctx->scratch[worker], bf, R, D, Dv);
+    float *dkh = (float *)job->ctx->scratch[worker] + bwd_floats(bf, R, D, Dv);
     float *dvh = dkh + s.sk * D;
     memset(dkh, 0, (size_t)(s.sk * (D + Dv)) * sizeof(float));
     for (int64_t i0 = 0; i0 < s.sq; i0 += P) {
@@ -344,7 +486,7 @@ qkv_status qkv_attention_backward(qkv_ctx *ctx, const qkv_tensor *q,
     const int64_t sk_max = max_keys(&a);
     const int per_head = a.n_seqs * a.Hkv >= MIN_HEADS &&
                          sk_max * (a.D + a.Dv) <= (64 << 20) / (int64_t)sizeof(float);
-    const size_t scratch = bwd_floats(R, a.D, a.Dv) +
+    const size_t scratch = bwd_floats(use_bf16(ctx->kernels, &a), R, a.D, a.Dv) +
                            (per_head ? (size_t)(sk_max * (a.D + a.Dv)) : 0);
     if ((st = qkv__scratch_reserve(ctx, scratch * sizeof(float))))
         return st;

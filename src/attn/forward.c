@@ -59,12 +59,11 @@ typedef struct {                  /* per-thread scratch, fp32 */
     uint16_t *vr;  /* [2][Dv]     two gathered V rows         */
 } tiles;
 
-static int64_t pairs(int64_t n) { return (n + 1) / 2; }
 
 static size_t tiles_floats(int64_t rows, int64_t BK, int64_t D, int64_t Dv)
 {
     return (size_t)(2 * rows * D + BK * D + BK * Dv + BK * rows + rows * Dv + 6 * rows +
-                    pairs(D) * rows + BK * pairs(D) + BK / 2 * Dv + BK / 2 * rows + Dv);
+                    qkv__pairs(D) * rows + BK * qkv__pairs(D) + BK / 2 * Dv + BK / 2 * rows + Dv);
 }
 
 static tiles tiles_at(float *base, int64_t rows, int64_t BK, int64_t D, int64_t Dv)
@@ -83,8 +82,8 @@ static tiles tiles_at(float *base, int64_t rows, int64_t BK, int64_t D, int64_t 
     t.mref = t.mx + rows;
     t.sum = t.mref + rows;
     t.qp = (uint32_t *)(t.sum + rows);
-    t.kb = (uint16_t *)(t.qp + pairs(D) * rows);
-    t.vp = (uint32_t *)(t.kb + BK * 2 * pairs(D));
+    t.kb = (uint16_t *)(t.qp + qkv__pairs(D) * rows);
+    t.vp = (uint32_t *)(t.kb + BK * 2 * qkv__pairs(D));
     t.pp = t.vp + BK / 2 * Dv;
     t.vr = (uint16_t *)(t.pp + BK / 2 * rows);
     return t;
@@ -115,24 +114,6 @@ static int use_bf16(const qkv__kernels *kn, const qkv__attn *a)
     return kn->qk_bf16 && a->dt == QKV_BF16;
 }
 
-/* The tile's queries as bf16 rows of 2·pairs(D) elements (a zero after an
-   odd D), row r at qr + r·2·pairs(D). */
-static void load_q_rows_bf16(const qkv__attn *a, const qkv__seq *s, const qkv__tile_map *tm,
-                             int m, uint16_t *qr)
-{
-    const qkv_tensor *q = a->q;
-    const uint16_t *src = q->data;
-    const int64_t w = 2 * pairs(a->D);
-    for (int r = 0; r < m; r++) {
-        const int64_t h = tm->h0 + r / tm->mp, i = s->q0 + tm->i0 + r % tm->mp;
-        const int64_t off = s->b * q->stride[0] + i * q->stride[1] + h * q->stride[2];
-        for (int64_t x = 0; x < a->D; x++)
-            qr[r * w + x] = src[off + x * q->stride[3]];
-        if (a->D % 2)
-            qr[r * w + a->D] = 0;
-    }
-}
-
 /* The tile's queries as pairs along d: qp[x/2][r] holds row r's q[x] in
    its low half and q[x+1] in its high half; zero past D and in the padding
    rows m..mpad. */
@@ -141,7 +122,7 @@ static void load_q_pairs(const qkv__attn *a, const qkv__seq *s, const qkv__tile_
 {
     const qkv_tensor *q = a->q;
     const uint16_t *src = q->data;
-    for (int64_t x = 0; x < pairs(a->D); x++)
+    for (int64_t x = 0; x < qkv__pairs(a->D); x++)
         memset(qp + x * R, 0, (size_t)mpad * sizeof *qp);
     for (int r = 0; r < m; r++) {
         const int64_t h = tm->h0 + r / tm->mp, i = s->q0 + tm->i0 + r % tm->mp;
@@ -160,55 +141,6 @@ static void load_q_pairs(const qkv__attn *a, const qkv__seq *s, const qkv__tile_
             const uint32_t u = src[off + x * q->stride[3]];
             qp[(x >> 1) * R + r] |= x & 1 ? u << 16 : u;
         }
-    }
-}
-
-/* n bf16 K rows from element offset row0, each 2·pairs(D) elements long:
-   in place when D is even and rows are contiguous, else gathered into buf
-   with a zero after an odd D. */
-static const uint16_t *k_rows_bf16(const qkv_tensor *k, int64_t row0, int n, int64_t D,
-                                   uint16_t *buf, int64_t *ld)
-{
-    const uint16_t *src = k->data;
-    if (k->stride[3] == 1 && D % 2 == 0) {
-        /* read in place by the kernel: ask for the next tile's rows */
-        for (int c = 0; c < n; c++)
-            qkv__prefetch_row(k, row0 + c * k->stride[1], n, D);
-        *ld = k->stride[1];
-        return src + row0;
-    }
-    const int64_t w = 2 * pairs(D);
-    for (int c = 0; c < n; c++) {
-        for (int64_t x = 0; x < D; x++)
-            buf[c * w + x] = src[row0 + c * k->stride[1] + x * k->stride[3]];
-        if (D % 2)
-            buf[c * w + D] = 0;
-    }
-    *ld = w;
-    return buf;
-}
-
-/* n bf16 V rows from element offset row0 as pairs along keys:
-   vp[jj][c] = (v[2jj][c], v[2jj+1][c]), the high half 0 for a last odd row.
-   rows2 ([2][Dv]) gathers rows that are not contiguous. */
-static void v_pairs_bf16(const qkv__kernels *kn, const qkv_tensor *v, int64_t row0, int n,
-                         int64_t Dv, uint16_t *rows2, uint32_t *vp)
-{
-    const uint16_t *src = v->data;
-    for (int jj = 0; 2 * jj < n; jj++) {
-        const uint16_t *r[2] = { NULL, NULL };
-        for (int e = 0; e < 2 && 2 * jj + e < n; e++) {
-            const int64_t off = row0 + (2 * jj + e) * v->stride[1];
-            qkv__prefetch_row(v, off, QKV__PREFETCH_ROWS, Dv);
-            if (v->stride[3] == 1) {
-                r[e] = src + off;
-                continue;
-            }
-            for (int64_t c = 0; c < Dv; c++)
-                rows2[e * Dv + c] = src[off + c * v->stride[3]];
-            r[e] = rows2 + e * Dv;
-        }
-        kn->pack_pairs(r[0], r[1], Dv, vp + jj * Dv);
     }
 }
 
@@ -261,10 +193,10 @@ static void fwd_task(void *arg, int64_t task, int worker)
        vectors and the padding never reaches l or acc */
     const int mpad = (m + QKV__PAD - 1) / QKV__PAD * QKV__PAD;
     const int bf = use_bf16(kn, a), bf_rows = bf && m < QKV__PAD;
-    uint16_t *q_rows = (uint16_t *)tl.q;   /* bf_rows: [m][2·pairs(D)] */
+    uint16_t *q_rows = (uint16_t *)tl.q;   /* bf_rows: [m][2·qkv__pairs(D)] */
 
     if (bf_rows)
-        load_q_rows_bf16(a, &s, &tm, m, q_rows);
+        qkv__tile_rows_bf16(a->q, &s, &tm, m, D, q_rows);
     else if (bf)
         load_q_pairs(a, &s, &tm, m, mpad, R, tl.qp);
     else {
@@ -306,12 +238,13 @@ static void fwd_task(void *arg, int64_t task, int worker)
         const int n = (int)(khi - j0 < BK ? khi - j0 : BK);
         int64_t ldk;
         if (bf) {
-            const uint16_t *kr = k_rows_bf16(k, kbase + j0 * k->stride[1], n, D, tl.kb, &ldk);
+            const int dp = (int)qkv__pairs(D);
+            const uint16_t *kr = qkv__key_rows_bf16(k, kbase + j0 * k->stride[1], n, D, tl.kb,
+                                                    &ldk);
             if (bf_rows)
-                kn->qk_bf16_rows(n, m, (int)pairs(D), a->scale, kr, ldk, q_rows, 2 * pairs(D),
-                                 tl.st, R);
+                kn->qk_bf16_rows(n, m, dp, a->scale, kr, ldk, q_rows, 2 * dp, tl.st, R);
             else
-                kn->qk_bf16(n, mpad, (int)pairs(D), a->scale, kr, ldk, tl.qp, R, tl.st, R);
+                kn->qk_bf16(n, mpad, dp, a->scale, kr, ldk, tl.qp, R, tl.st, R);
         } else {
             const float *kr = qkv__tile_rows_f32(kn, k, kbase + j0 * k->stride[1], n, D, tl.k, &ldk);
             kn->qk(n, m, (int)D, a->scale, kr, ldk, tl.qt, R, tl.q, D, tl.st, R);
@@ -338,8 +271,9 @@ static void fwd_task(void *arg, int64_t task, int worker)
         for (int r = 0; r < mpad; r++)
             tl.l[r] = tl.l[r] * tl.alpha[r] + tl.sum[r];
         if (bf) {
-            v_pairs_bf16(kn, v, vbase + j0 * v->stride[1], n, Dv, tl.vr, tl.vp);
-            kn->pv_bf16(m, (int)pairs(n), (int)Dv, tl.pp, R, tl.vp, Dv, tl.alpha, tl.acc, Dv);
+            qkv__key_pairs_bf16(kn, v, vbase + j0 * v->stride[1], n, Dv, tl.vr, tl.vp);
+            kn->pv_bf16(m, (int)qkv__pairs(n), (int)Dv, tl.pp, R, tl.vp, Dv, tl.alpha, tl.acc,
+                        Dv);
         } else {
             int64_t ldv;
             const float *vr = qkv__tile_rows_f32(kn, v, vbase + j0 * v->stride[1], n, Dv, tl.v, &ldv);

@@ -139,3 +139,66 @@ const float *qkv__tile_rows_f32(const qkv__kernels *kn, const qkv_tensor *t,
     return buf;
 }
 
+
+/* ---- bf16 rows and pairs ------------------------------------------------- */
+
+void qkv__tile_rows_bf16(const qkv_tensor *t, const qkv__seq *s, const qkv__tile_map *tm,
+                         int m, int64_t cols, uint16_t *dst)
+{
+    const uint16_t *src = t->data;
+    const int64_t w = 2 * qkv__pairs(cols);
+    for (int r = 0; r < m; r++) {
+        const int64_t h = tm->h0 + r / tm->mp, i = s->q0 + tm->i0 + r % tm->mp;
+        const int64_t off = s->b * t->stride[0] + i * t->stride[1] + h * t->stride[2];
+        if (t->stride[3] == 1)
+            memcpy(dst + r * w, src + off, (size_t)cols * sizeof *dst);
+        else
+            for (int64_t x = 0; x < cols; x++)
+                dst[r * w + x] = src[off + x * t->stride[3]];
+        if (cols % 2)
+            dst[r * w + cols] = 0;
+    }
+}
+
+const uint16_t *qkv__key_rows_bf16(const qkv_tensor *t, int64_t row0, int n, int64_t cols,
+                                   uint16_t *buf, int64_t *ld)
+{
+    const uint16_t *src = t->data;
+    if (t->stride[3] == 1 && cols % 2 == 0) {
+        /* read in place by the kernel: ask for the next tile's rows */
+        for (int c = 0; c < n; c++)
+            qkv__prefetch_row(t, row0 + c * t->stride[1], n, cols);
+        *ld = t->stride[1];
+        return src + row0;
+    }
+    const int64_t w = 2 * qkv__pairs(cols);
+    for (int c = 0; c < n; c++) {
+        for (int64_t x = 0; x < cols; x++)
+            buf[c * w + x] = src[row0 + c * t->stride[1] + x * t->stride[3]];
+        if (cols % 2)
+            buf[c * w + cols] = 0;
+    }
+    *ld = w;
+    return buf;
+}
+
+void qkv__key_pairs_bf16(const qkv__kernels *kn, const qkv_tensor *t, int64_t row0, int n,
+                         int64_t cols, uint16_t *rows2, uint32_t *dst)
+{
+    const uint16_t *src = t->data;
+    for (int jj = 0; 2 * jj < n; jj++) {
+        const uint16_t *r[2] = { NULL, NULL };
+        for (int e = 0; e < 2 && 2 * jj + e < n; e++) {
+            const int64_t off = row0 + (2 * jj + e) * t->stride[1];
+            qkv__prefetch_row(t, off, QKV__PREFETCH_ROWS, cols);
+            if (t->stride[3] == 1) {
+                r[e] = src + off;
+                continue;
+            }
+            for (int64_t c = 0; c < cols; c++)
+                rows2[e * cols + c] = src[off + c * t->stride[3]];
+            r[e] = rows2 + e * cols;
+        }
+        kn->pack_pairs(r[0], r[1], cols, dst + jj * cols);
+    }
+}

@@ -64,4 +64,29 @@ const float *qkv__tile_rows_f32(const qkv__kernels *kn, const qkv_tensor *t,
                                 int64_t row0, int n, int64_t cols, float *buf,
                                 int64_t *ld);
 
+/* ---- bf16 operands of the pair dot products (two bf16 values adjacent
+   along the reduction axis in one uint32, the lower index low) ---------- */
+
+/* Pairs covering n elements. */
+static inline int64_t qkv__pairs(int64_t n) { return (n + 1) / 2; }
+
+/* The tile's m rows of a query-side bf16 tensor t (q, dout) as rows of
+   2·pairs(cols) elements (a zero after an odd cols), row r at
+   dst + r·2·pairs(cols). */
+void qkv__tile_rows_bf16(const qkv_tensor *t, const qkv__seq *s, const qkv__tile_map *tm,
+                         int m, int64_t cols, uint16_t *dst);
+
+/* n bf16 rows (dim 1) of t from element offset row0, each 2·pairs(cols)
+   elements long: in place when cols is even and rows are contiguous, else
+   gathered into buf with a zero after an odd cols; *ld receives the
+   stride. */
+const uint16_t *qkv__key_rows_bf16(const qkv_tensor *t, int64_t row0, int n, int64_t cols,
+                                   uint16_t *buf, int64_t *ld);
+
+/* n bf16 rows (dim 1) of t from element offset row0 as pairs of rows:
+   dst[jj][c] = (t[2jj][c], t[2jj+1][c]), the high half 0 for a last odd
+   row. rows2 ([2][cols]) gathers rows that are not contiguous. */
+void qkv__key_pairs_bf16(const qkv__kernels *kn, const qkv_tensor *t, int64_t row0, int n,
+                         int64_t cols, uint16_t *rows2, uint32_t *dst);
+
 #endif /* QKV_TILE_H */

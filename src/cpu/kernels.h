@@ -79,6 +79,12 @@ typedef struct qkv__kernels {
                     const uint32_t *vp, int64_t ldvp, const float *alpha,
                     float *acc, int64_t lda);
 
+    /* acc[i][c] += Σ_jj a(i,jj)·b[jj][c] (pair dot products) for i < m,
+       c < n, jj < np, where a(i,jj) = a[i·asi + jj·asj]: the backward's
+       three gradient products, their operands laid out as they come. */
+    void (*mm_bf16)(int m, int np, int n, const uint32_t *a, int64_t asi, int64_t asj,
+                    const uint32_t *b, int64_t ldb, float *acc, int64_t lda);
+
     /* Runs iters rounds of independent fp32 vector FMAs (a ceiling probe
        for benchmarks); returns the flops done. */
     double (*fma_probe)(int64_t iters);

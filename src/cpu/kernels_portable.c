@@ -509,25 +509,31 @@ static void exp_pack_bf16(const float *st, int64_t ld, int n, int m, const float
     }
 }
 
-/* rows of acc x nv·16 columns, the last vector masked by `tail`. */
+/* rows of acc x nv·16 columns, the last vector masked by `tail`; the pair
+   of row r and reduction step jj is pp[r·psi + jj·psj]. alpha NULL: no
+   rescaling of acc. */
 static inline __attribute__((always_inline))
 void pvb_block(const int rows, const int nv, __mmask16 tail, int np, const uint32_t *pp,
-               int64_t ldp, const uint32_t *vp, int64_t ldvp, const float *alpha,
-               float *acc, int64_t lda)
+               int64_t psi, int64_t psj, const uint32_t *vp, int64_t ldvp,
+               const float *alpha, float *acc, int64_t lda)
 {
     vf c[MR][2];
     const __mmask16 mk[2] = { nv > 1 ? (__mmask16)0xffff : tail, tail };
     for (int r = 0; r < rows; r++) {
-        vf s = vset1(alpha[r]);
         for (int v = 0; v < nv; v++)
-            c[r][v] = (vf)_mm512_maskz_loadu_ps(mk[v], acc + r * lda + v * VW) * s;
+            c[r][v] = (vf)_mm512_maskz_loadu_ps(mk[v], acc + r * lda + v * VW);
+        if (alpha) {
+            vf s = vset1(alpha[r]);
+            for (int v = 0; v < nv; v++)
+                c[r][v] *= s;
+        }
     }
     for (int jj = 0; jj < np; jj++) {
         const uint32_t *b = vp + jj * ldvp;
         __m512i b0 = _mm512_maskz_loadu_epi32(mk[0], b);
         __m512i b1 = nv > 1 ? _mm512_maskz_loadu_epi32(mk[1], b + VW) : b0;
         for (int r = 0; r < rows; r++) {
-            __m512i a = _mm512_set1_epi32((int)pp[jj * ldp + r]);
+            __m512i a = _mm512_set1_epi32((int)pp[r * psi + jj * psj]);
             c[r][0] = dot2(c[r][0], a, b0);
             if (nv > 1)
                 c[r][1] = dot2(c[r][1], a, b1);
@@ -538,17 +544,17 @@ void pvb_block(const int rows, const int nv, __mmask16 tail, int np, const uint3
             _mm512_mask_storeu_ps(acc + r * lda + v * VW, mk[v], (__m512)c[r][v]);
 }
 
-#define PVB_COLS(rows)                                                          \
+#define PVB_COLS(rows, psi, psj, alpha_r)                                       \
     do {                                                                        \
         int c0 = 0;                                                             \
         for (; c0 + 2 * VW <= dv; c0 += 2 * VW)                                 \
-            pvb_block(rows, 2, 0xffff, np, pp + i, ldp, vp + c0, ldvp,          \
-                      alpha + i, acc + i * lda + c0, lda);                      \
+            pvb_block(rows, 2, 0xffff, np, pp + i * (psi), psi, psj, vp + c0,   \
+                      ldvp, alpha_r, acc + i * lda + c0, lda);                  \
         for (; c0 < dv; c0 += VW)                                               \
             pvb_block(rows, 1,                                                  \
                       dv - c0 >= VW ? (__mmask16)0xffff                         \
                                     : (__mmask16)((1u << (dv - c0)) - 1),       \
-                      np, pp + i, ldp, vp + c0, ldvp, alpha + i,                \
+                      np, pp + i * (psi), psi, psj, vp + c0, ldvp, alpha_r,     \
                       acc + i * lda + c0, lda);                                 \
     } while (0)
 
@@ -558,11 +564,23 @@ static void pv_bf16(int m, int np, int dv, const uint32_t *pp, int64_t ldp,
 {
     int i = 0;
     for (; i + MR <= m; i += MR)
-        PVB_COLS(MR);
+        PVB_COLS(MR, 1, ldp, alpha + i);
     for (; i + 4 <= m; i += 4)
-        PVB_COLS(4);
+        PVB_COLS(4, 1, ldp, alpha + i);
     for (; i < m; i++)
-        PVB_COLS(1);
+        PVB_COLS(1, 1, ldp, alpha + i);
+}
+
+static void mm_bf16(int m, int np, int dv, const uint32_t *pp, int64_t psi, int64_t psj,
+                    const uint32_t *vp, int64_t ldvp, float *acc, int64_t lda)
+{
+    int i = 0;
+    for (; i + MR <= m; i += MR)
+        PVB_COLS(MR, psi, psj, NULL);
+    for (; i + 4 <= m; i += 4)
+        PVB_COLS(4, psi, psj, NULL);
+    for (; i < m; i++)
+        PVB_COLS(1, psi, psj, NULL);
 }
 #endif /* __AVX512BF16__ */
 
@@ -620,10 +638,12 @@ void QKV_KERNEL_TABLE(qkv__kernels *t)
     t->qk_bf16_rows = qk_bf16_rows;
     t->exp_pack_bf16 = exp_pack_bf16;
     t->pv_bf16 = pv_bf16;
+    t->mm_bf16 = mm_bf16;
 #else
     t->qk_bf16 = NULL;
     t->qk_bf16_rows = NULL;
     t->exp_pack_bf16 = NULL;
     t->pv_bf16 = NULL;
+    t->mm_bf16 = NULL;
 #endif
 }
