@@ -225,9 +225,13 @@ void test_backward_shapes(void)
 {
     static const int64_t shapes[][7] = {
         /* B, Sq, Sk, Hq, Hkv, D, Dv */
+        /* fewer than 8 (batch, kv head) x query-tile tasks: the two passes */
         { 1, 1, 1, 1, 1, 8, 8 },     { 2, 5, 7, 2, 2, 16, 16 },  { 1, 17, 33, 4, 2, 24, 24 },
-        { 1, 64, 64, 2, 2, 64, 64 }, { 1, 70, 130, 4, 1, 32, 40 }, { 2, 33, 9, 8, 2, 7, 5 },
-        { 1, 100, 200, 2, 2, 128, 128 }, { 1, 3, 150, 16, 4, 64, 64 }, { 1, 129, 65, 3, 3, 80, 16 },
+        { 1, 64, 64, 2, 2, 64, 64 }, { 1, 70, 130, 4, 1, 32, 40 },
+        { 1, 100, 200, 2, 2, 128, 128 }, { 1, 3, 150, 16, 4, 64, 64 },
+        /* few kv heads, their query tiles dealt to 2-3 tasks each: summed
+           dK/dV partials */
+        { 2, 33, 9, 8, 2, 7, 5 },    { 1, 129, 65, 3, 3, 80, 16 }, { 1, 300, 90, 2, 1, 48, 32 },
         /* eight or more (batch, kv head) pairs: one task per kv head */
         { 2, 40, 50, 8, 4, 32, 32 },  { 1, 30, 170, 8, 8, 16, 24 }, { 4, 65, 65, 4, 2, 64, 64 },
     };
@@ -293,10 +297,13 @@ void test_backward_options(void)
 void test_backward_threads(void)
 {
     static const int nthreads[4] = { 1, 2, 3, 5 };
-    for (int k = 0; k < 4; k++) {
+    for (int k = 0; k < 6; k++) {
         acase c;
-        /* k >= 2: 2 x 4 (batch, kv head) pairs, the one-task-per-head path */
-        acase_init(&c, 2, 97, 150, 8, k < 2 ? 2 : 4, 64, 48, k % 2 ? QKV_BF16 : QKV_F32);
+        /* k < 2: 2 x 2 (batch, kv head) pairs, query tiles dealt to two
+           tasks each; k 2-3: 2 x 4, one task per kv head; k >= 4: 12
+           queries, the two passes */
+        acase_init(&c, 2, k < 4 ? 97 : 12, 150, 8, k < 2 || k >= 4 ? 2 : 4, 64, 48,
+                   k % 2 ? QKV_BF16 : QKV_F32);
         c.causal = k < 2;
         c.softcap = k == 3 ? 20.0f : 0.0f;
         c.seed = (uint64_t)(900 + k);

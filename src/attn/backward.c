@@ -42,6 +42,11 @@ typedef struct {
     const qkv__grads *g;
     qkv__tasks        tasks;   /* pass 1: key tiles; pass 2: query tiles */
     float            *dd;      /* Dd = dout·out per row, indexed like lse */
+    /* per-head mode: query tiles of a head dealt to `parts` tasks, each
+       with its dK/dV partial ([sk_max][D+Dv] at partial + task·stride)
+       when parts > 1 */
+    int64_t           parts, sk_max;
+    float            *partial;
 } bwd_job;
 
 typedef struct {              /* per-thread scratch, fp32 */
@@ -426,28 +431,61 @@ static void dq_task(void *arg, int64_t task, int worker)
 }
 
 /* The one-pass variant, used when a call has enough (sequence, kv head)
-   pairs to share out: the task owns the whole kv head, so dK and dV of all
-   its keys accumulate in the task's scratch ([sk][D] and [sk][Dv] after
-   the tiles) while each query tile's dQ is complete after its key loop:
-   five tile products instead of seven. */
+   pairs, or query tiles per head, to share out: a task owns a kv head, or
+   every parts-th query tile of one, so dK and dV of all the head's keys
+   accumulate in the task's own memory ([sk][D] and [sk][Dv]: its scratch
+   after the tiles, or its partial) while each query tile's dQ is complete
+   after its key loop: five tile products instead of seven. */
 static void head_task(void *arg, int64_t task, int worker)
 {
     const bwd_job *job = arg;
     const qkv__attn *a = job->a;
-    const qkv__seq s = qkv__attn_seq(a, task / a->Hkv);
-    const int64_t hk = task % a->Hkv;
+    const int64_t head = task / job->parts, part = task % job->parts;
+    const qkv__seq s = qkv__attn_seq(a, head / a->Hkv);
+    const int64_t hk = head % a->Hkv;
     const int64_t D = a->D, Dv = a->Dv, R = qkv__tile_rows(a->group);
     const int64_t P = qkv__tile_positions(a->group);
     const int bf = use_bf16(job->ctx->kernels, a);
     bwd_tiles tl = bwd_at(job->ctx->scratch[worker], bf, R, D, Dv);
-    float *dkh = (float *)job->ctx->scratch[worker] + bwd_floats(bf, R, D, Dv);
+    float *dkh = job->parts > 1 ? job->partial + task * job->sk_max * (D + Dv)
+                                : (float *)job->ctx->scratch[worker] + bwd_floats(bf, R, D, Dv);
     float *dvh = dkh + s.sk * D;
     memset(dkh, 0, (size_t)(s.sk * (D + Dv)) * sizeof(float));
-    for (int64_t i0 = 0; i0 < s.sq; i0 += P) {
+    /* dealt round-robin: under a causal mask later tiles see more keys */
+    for (int64_t i0 = part * P; i0 < s.sq; i0 += job->parts * P) {
         const qkv__tile_map tm = { hk * a->group, i0, (int)(s.sq - i0 < P ? s.sq - i0 : P) };
         query_tile(job, &s, hk, &tm, &tl, dkh, dvh);
     }
-    store_dkv(job->ctx->kernels, a, job->g, &s, hk, 0, s.sk, dkh, dvh);
+    if (job->parts == 1)
+        store_dkv(job->ctx->kernels, a, job->g, &s, hk, 0, s.sk, dkh, dvh);
+}
+
+/* After head_task with parts > 1: task = (sequence, kv head, tile of BKB
+   keys); sums the parts' dK and dV of those keys in part order and stores
+   them. */
+static void reduce_task(void *arg, int64_t task, int worker)
+{
+    const bwd_job *job = arg;
+    const qkv__attn *a = job->a;
+    const int64_t n_kt = (job->sk_max + BKB - 1) / BKB;
+    const int64_t head = task / n_kt, j0 = task % n_kt * BKB;
+    const qkv__seq s = qkv__attn_seq(a, head / a->Hkv);
+    if (j0 >= s.sk)
+        return;
+    const int64_t D = a->D, Dv = a->Dv, n = s.sk - j0 < BKB ? s.sk - j0 : BKB;
+    const int64_t stride = job->sk_max * (D + Dv);
+    float *dk = job->ctx->scratch[worker], *dv = dk + n * D;
+    const float *p0 = job->partial + head * job->parts * stride;
+    memcpy(dk, p0 + j0 * D, (size_t)(n * D) * sizeof(float));
+    memcpy(dv, p0 + s.sk * D + j0 * Dv, (size_t)(n * Dv) * sizeof(float));
+    for (int64_t p = 1; p < job->parts; p++) {
+        const float *pk = p0 + p * stride + j0 * D, *pv = p0 + p * stride + s.sk * D + j0 * Dv;
+        for (int64_t x = 0; x < n * D; x++)
+            dk[x] += pk[x];
+        for (int64_t x = 0; x < n * Dv; x++)
+            dv[x] += pv[x];
+    }
+    store_dkv(job->ctx->kernels, a, job->g, &s, head % a->Hkv, j0, n, dk, dv);
 }
 
 /* Keys of the longest sequence. */
@@ -479,15 +517,26 @@ qkv_status qkv_attention_backward(qkv_ctx *ctx, const qkv_tensor *q,
         return qkv__fail(ctx, QKV_ERR_UNSUPPORTED,
                          "q->shape[2]: more than 1048576 query heads per kv head");
     const int64_t R = qkv__tile_rows(a.group);
-    /* one pass per kv head when there are enough heads to share out and
-       their dK/dV fit a modest scratch; the choice depends on the problem
-       only, so results do not depend on the thread count */
-    enum { MIN_HEADS = 8 };
-    const int64_t sk_max = max_keys(&a);
-    const int per_head = a.n_seqs * a.Hkv >= MIN_HEADS &&
-                         sk_max * (a.D + a.Dv) <= (64 << 20) / (int64_t)sizeof(float);
-    const size_t scratch = bwd_floats(use_bf16(ctx->kernels, &a), R, a.D, a.Dv) +
-                           (per_head ? (size_t)(sk_max * (a.D + a.Dv)) : 0);
+    /* One pass per kv head when there are enough heads to share out;
+       with fewer heads each head's query tiles are dealt to several tasks
+       whose dK/dV partials are summed afterwards, when those fit; else the
+       two passes. The choice depends on the problem only, so results do
+       not depend on the thread count. */
+    enum { MIN_TASKS = 8 };
+    const int64_t PARTIAL_BYTES = (int64_t)256 << 20, HEAD_BYTES = (int64_t)64 << 20;
+    const int64_t sk_max = max_keys(&a), heads = a.n_seqs * a.Hkv;
+    const int64_t head_bytes = sk_max * (a.D + a.Dv) * (int64_t)sizeof(float);
+    int64_t parts = heads >= MIN_TASKS ? 1 : (MIN_TASKS + heads - 1) / heads;
+    const int64_t n_qt = (a.Sq + qkv__tile_positions(a.group) - 1) /
+                         qkv__tile_positions(a.group);
+    parts = parts < n_qt ? parts : n_qt > 0 ? n_qt : 1;
+    const int per_head = heads * parts >= MIN_TASKS &&
+                         (parts == 1 ? head_bytes <= HEAD_BYTES
+                                     : heads * parts * head_bytes <= PARTIAL_BYTES);
+    const int bf = use_bf16(ctx->kernels, &a);
+    size_t scratch = bwd_floats(bf, R, a.D, a.Dv);
+    if (per_head && parts == 1)
+        scratch += (size_t)(sk_max * (a.D + a.Dv));
     if ((st = qkv__scratch_reserve(ctx, scratch * sizeof(float))))
         return st;
     const double work = 2.0 * (double)(a.D + a.Dv) * (double)a.Hq * (double)a.q->shape[0] *
@@ -499,23 +548,36 @@ qkv_status qkv_attention_backward(qkv_ctx *ctx, const qkv_tensor *q,
     if (!dd)
         return qkv__fail(ctx, QKV_ERR_NOMEM, "ctx: cannot allocate %lld row sums",
                          (long long)n_rows);
-    bwd_job keys = { ctx, &a, &g, { NULL, 0, 0 }, dd }, rows = keys;
+    bwd_job keys = { ctx, &a, &g, { NULL, 0, 0 }, dd, per_head ? parts : 1, sk_max, NULL };
+    bwd_job rows = keys;
+    if (per_head && parts > 1 &&
+        !(keys.partial = malloc((size_t)(heads * parts) * (size_t)head_bytes))) {
+        free(dd);
+        return qkv__fail(ctx, QKV_ERR_NOMEM, "ctx: cannot allocate %lld bytes of partial "
+                         "gradients", (long long)(heads * parts * head_bytes));
+    }
     if ((st = qkv__tasks_make_keys(ctx, &a, a.Hkv, BKB, &keys.tasks))) {
+        free(keys.partial);
         free(dd);
         return st;
     }
     if ((st = qkv__tasks_make(ctx, &a, a.Hkv, qkv__tile_positions(a.group), &rows.tasks))) {
         qkv__tasks_free(&keys.tasks);
+        free(keys.partial);
         free(dd);
         return st;
     }
     qkv__parallel(ctx, a.n_seqs * a.Hq, work / 64.0, dd_task, &keys);
     if (per_head) {
-        qkv__parallel(ctx, a.n_seqs * a.Hkv, work, head_task, &keys);
+        qkv__parallel(ctx, heads * parts, work, head_task, &keys);
+        if (parts > 1)
+            qkv__parallel(ctx, heads * ((sk_max + BKB - 1) / BKB),
+                          (double)(heads * parts * head_bytes), reduce_task, &keys);
     } else {
         qkv__parallel(ctx, keys.tasks.total, work, dkv_task, &keys);
         qkv__parallel(ctx, rows.tasks.total, work, dq_task, &rows);
     }
+    free(keys.partial);
     qkv__tasks_free(&keys.tasks);
     qkv__tasks_free(&rows.tasks);
     free(dd);
