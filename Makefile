@@ -1,7 +1,8 @@
 # Forwards to CMake, the one build. Targets:
 #   make          build the library, the qkv command and the tests (build/)
 #   make run      build and run `qkv bench`
-#   make test     build and run the test suite (last line: N passed, N failed)
+#   make test     build and run the test suite: the C runner and the Python
+#                 package's pytest (last line: N passed, N failed)
 #   make san      the test suite under AddressSanitizer + UndefinedBehaviorSanitizer
 #   make bench    side-by-side benchmark against torch and ggml (bench/.venv,
 #                 or BENCH_VENV=DIR); rewrites its section of docs/PERFORMANCE.md
@@ -11,6 +12,7 @@ SAN_BUILD ?= build-san
 PREFIX ?= /usr/local
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 BENCH_VENV ?= bench/.venv
+PYENV ?= .venv
 BENCH_ARGS ?=
 
 .PHONY: all run test san bench install clean deps
@@ -27,7 +29,7 @@ run: all
 
 test: all
 	bash scripts/check_install.sh $(BUILD)
-	$(BUILD)/qkv_tests
+	bash scripts/test.sh $(BUILD) $(PYENV)
 
 san:
 	@command -v cmake >/dev/null || bash scripts/setup.sh

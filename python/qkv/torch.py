@@ -1,0 +1,133 @@
+"""qkv.torch: a drop-in for torch.nn.functional.scaled_dot_product_attention
+on CPU tensors, differentiable through qkv's backward.
+
+    import qkv.torch
+    F.scaled_dot_product_attention = qkv.torch.scaled_dot_product_attention
+
+Same signature and [B, H, S, D] semantics as PyTorch's, including its
+top-left aligned `is_causal` and `enable_gqa`. q, k and v are passed to
+libqkv by strides, never copied; the output is a contiguous [B, H, L, Ev]
+tensor. Differences: dropout is not implemented (dropout_p > 0 raises), the
+attention mask is not differentiated, and a query row that every mask entry
+hides gets 0 rather than NaN.
+"""
+import ctypes
+import math
+
+import torch
+
+from . import _lib
+from . import _view, _Call, _floats_ptr
+
+__all__ = ["scaled_dot_product_attention"]
+
+
+def _bhsd(t, name):
+    """A [B, H, S, D] tensor as qkv's [B, S, H, D] view (strides swapped)."""
+    return _view(t.transpose(1, 2), name)
+
+
+class _Attention(torch.autograd.Function):
+    @staticmethod
+    def forward(fctx, q, k, v, bias, causal, window_right, scale, threads):
+        call = _Call(q, causal, (-1, window_right), scale, 0.0, None, bias, None, None)
+        B, H, L, Ev = q.shape[0], q.shape[1], q.shape[2], v.shape[3]
+        out = torch.empty((B, H, L, Ev), dtype=q.dtype)
+        lse = torch.empty((B, H, L), dtype=torch.float32)
+        tq, tk, tv, to = (_bhsd(t, n) for t, n in ((q, "query"), (k, "key"), (v, "value"),
+                                                    (out, "out")))
+        ctx = _lib.context(threads)
+        st = _lib.lib.qkv_attention_forward(ctx, ctypes.byref(tq), ctypes.byref(tk),
+                                            ctypes.byref(tv), ctypes.byref(call.opts),
+                                            ctypes.byref(to), _floats_ptr(lse))
+        _lib.check(st, ctx)
+        fctx.save_for_backward(q, k, v, out, lse)
+        fctx.bias, fctx.causal, fctx.window_right = bias, causal, window_right
+        fctx.scale, fctx.threads = scale, threads
+        return out
+
+    @staticmethod
+    def backward(fctx, dout):
+        q, k, v, out, lse = fctx.saved_tensors
+        call = _Call(q, fctx.causal, (-1, fctx.window_right), fctx.scale, 0.0, None,
+                     fctx.bias, None, None)
+        dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype) for t in (q, k, v))
+        views = [_bhsd(t, n) for t, n in ((q, "query"), (k, "key"), (v, "value"),
+                                          (out, "out"), (dout, "grad"))]
+        gviews = [_bhsd(t, n) for t, n in ((dq, "dq"), (dk, "dk"), (dv, "dv"))]
+        ctx = _lib.context(fctx.threads)
+        st = _lib.lib.qkv_attention_backward(
+            ctx, *[ctypes.byref(t) for t in views], _floats_ptr(lse),
+            ctypes.byref(call.opts), *[ctypes.byref(t) for t in gviews])
+        _lib.check(st, ctx)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
+                                 is_causal=False, scale=None, enable_gqa=False):
+    """torch.nn.functional.scaled_dot_product_attention computed by qkv.
+
+    query [B, Hq, L, E], key [B, Hkv, S, E], value [B, Hkv, S, Ev] (or
+    without the head dimension: [B, L, E]); CPU tensors of one dtype,
+    float32, float16 or bfloat16. attn_mask: bool (True takes part) or
+    float (added to the scores), broadcastable to [B, Hq, L, S]. is_causal:
+    query i sees keys j <= i (top-left, as PyTorch). scale: default
+    1/sqrt(E). enable_gqa: Hq may be a multiple of Hkv.
+    """
+    if dropout_p != 0.0:
+        raise NotImplementedError("qkv.torch.scaled_dot_product_attention: dropout_p > 0 is "
+                                  "not supported (qkv has no dropout)")
+    if is_causal and attn_mask is not None:
+        raise ValueError("attn_mask and is_causal: give one or the other, as in PyTorch")
+    if attn_mask is not None and attn_mask.requires_grad:
+        raise NotImplementedError("attn_mask: its gradient is not supported by qkv")
+    for t, n in ((query, "query"), (key, "key"), (value, "value")):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{n}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dim() not in (3, 4):
+            raise ValueError(f"{n}: expected [B, H, S, D] or [B, S, D], got shape "
+                             f"{tuple(t.shape)}")
+    if not (query.dim() == key.dim() == value.dim()):
+        raise ValueError("query, key and value: different numbers of dimensions")
+    if not (query.dtype == key.dtype == value.dtype):
+        raise TypeError(f"query, key and value: dtypes {query.dtype}, {key.dtype}, "
+                        f"{value.dtype} differ")
+    squeeze = query.dim() == 3
+    if squeeze:
+        query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+    Hq, Hkv = query.shape[1], key.shape[1]
+    if Hq != Hkv and not enable_gqa:
+        raise ValueError(f"query and key: {Hq} and {Hkv} heads; pass enable_gqa=True for "
+                         "grouped-query attention")
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"query and key: {Hq} query heads are not a multiple of {Hkv} key "
+                         "heads")
+    L, S = query.shape[2], key.shape[2]
+    causal, window_right, k, v = False, -1, key, value
+    if is_causal:
+        # top-left: query i sees keys j <= i. qkv aligns bottom-right (query
+        # i at key position i + S - L), so L == S is its causal mask, L > S
+        # a right window of L - S, and L < S its causal mask over the first
+        # L keys (no query sees the others; autograd gives them zero
+        # gradients through the slice)
+        if L == S:
+            causal = True
+        elif L > S:
+            window_right = L - S
+        else:
+            causal = True
+            k, v = key[:, :, :L], value[:, :, :L]
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.shape[-1])
+    bias = None
+    if attn_mask is not None:
+        # qkv's bias is fp32 [B|1, Hq|1, L|1, S|1]: the mask's own layout
+        bias = attn_mask.detach()
+        if bias.dtype == torch.bool:
+            bias = torch.zeros(bias.shape, dtype=torch.float32).masked_fill_(~bias,
+                                                                             float("-inf"))
+        elif bias.dtype != torch.float32:
+            bias = bias.to(torch.float32)
+    out = _Attention.apply(query, k, v, bias, causal, window_right, float(scale),
+                           torch.get_num_threads())
+    return out.squeeze(1) if squeeze else out
