@@ -140,3 +140,21 @@ def test_attention_on_torch_tensors():
     assert np.array_equal(out.numpy(), want)
     dq, dk, dv = qkv.attention_backward(q, k, k, out, torch.ones_like(out), lse, causal=True)
     assert isinstance(dq, torch.Tensor) and dk.shape == k.shape
+
+
+def test_sdpa_strided_inputs():
+    """Views as models make them (slices of a packed projection, heads by
+    transpose, kv heads broadcast by expand) give PyTorch's results, and
+    their gradients land in the packed tensor."""
+    g = torch.Generator().manual_seed(8)
+    B, S, H, D = 2, 33, 4, 16
+    proj = torch.randn(B, S, 3 * H * D, generator=g, requires_grad=True)
+    res = []
+    for fn in (qt.scaled_dot_product_attention, F.scaled_dot_product_attention):
+        q, k, v = proj.view(B, S, 3, H, D).permute(2, 0, 3, 1, 4)
+        k1 = k[:, :1].expand(B, H, S, D)                 # stride 0 over heads
+        out = fn(q, k1, v, is_causal=True)
+        gr, = torch.autograd.grad(out.square().sum(), proj)
+        res.append((out.detach(), gr))
+    assert torch.allclose(res[0][0], res[1][0], rtol=1e-5, atol=1e-5)
+    assert torch.allclose(res[0][1], res[1][1], rtol=1e-4, atol=1e-4)
