@@ -2,7 +2,8 @@
 """The cost of calling qkv through its Python package: qkv.attention on
 NumPy arrays and on torch tensors against the bare library call (ctypes,
 views and output built once, outside the timing), same process, same
-inputs. Prints medians and the ratio for each shape.
+inputs. Prints the median times and, per shape, the median of the
+per-round ratios (the three calls of a round run back to back).
 
     .venv/bin/python bench/python_api.py      # after `make test`
 """
@@ -24,14 +25,21 @@ except ImportError:
 SHAPES = [(1, 512, 8, 64), (4, 512, 12, 64), (1, 2048, 12, 128), (1, 4096, 8, 128)]
 
 
-def median_time(fn, reps):
-    fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
+def interleaved(fns, reps):
+    """Median time of each fn and the median of each one's per-round ratio
+    to the first: the calls of one round run back to back, so load from
+    other processes that drifts over the run cancels out of the ratios."""
+    for fn in fns:
         fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+    ts = [[] for _ in fns]
+    for _ in range(reps):
+        for i, fn in enumerate(fns):
+            t = time.perf_counter()
+            fn()
+            ts[i].append(time.perf_counter() - t)
+    med = [statistics.median(t) for t in ts]
+    ratios = [statistics.median(a / b for a, b in zip(t, ts[0])) for t in ts]
+    return med, ratios
 
 
 def main():
@@ -53,16 +61,14 @@ def main():
         fwd = _lib.lib.qkv_attention_forward
         args = (ctx, ctypes.byref(views[0]), ctypes.byref(views[1]), ctypes.byref(views[2]),
                 ctypes.byref(opts), ctypes.byref(views[3]), None)
-        t_c = median_time(lambda: fwd(*args), a.reps)
-        t_np = median_time(lambda: qkv.attention(q, k, v, causal=True, threads=a.threads),
-                           a.reps)
-        line = f"{f'{B},{S},{H},{D}':18s} {1e3 * t_c:10.3f} {1e3 * t_np:10.3f} " \
-               f"{t_np / t_c:6.3f}"
+        fns = [lambda: fwd(*args),
+               lambda: qkv.attention(q, k, v, causal=True, threads=a.threads)]
         if torch:
             tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))
-            t_t = median_time(lambda: qkv.attention(tq, tk, tv, causal=True,
-                                                    threads=a.threads), a.reps)
-            line += f" {1e3 * t_t:10.3f} {t_t / t_c:6.3f}"
+            fns.append(lambda: qkv.attention(tq, tk, tv, causal=True, threads=a.threads))
+        med, ratio = interleaved(fns, a.reps)
+        line = f"{f'{B},{S},{H},{D}':18s} {1e3 * med[0]:10.3f}" + "".join(
+            f" {1e3 * m:10.3f} {r:6.3f}" for m, r in zip(med[1:], ratio[1:]))
         print(line, flush=True)
 
 
