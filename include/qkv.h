@@ -246,8 +246,9 @@ QKV_API qkv_status qkv_attention_reference(qkv_ctx *ctx, const qkv_tensor *q,
  *
  * Scores are recomputed from q, k and lse (no Sq x Sk matrix is kept);
  * memory beyond the gradients is a few tiles per thread. The bias is not
- * differentiated. Rows that saw no key (lse -inf) contribute nothing and
- * get dq 0. Results are bitwise identical for any number of threads.
+ * differentiated (qkv_attention_backward_dbias does that). Rows that saw
+ * no key (lse -inf) contribute nothing and get dq 0. Results are bitwise
+ * identical for any number of threads.
  * Varlen: rows outside every sequence are not written in dq, dk, dv.
  *
  * Returns QKV_OK, or an error with dq, dk and dv untouched (message in ctx):
@@ -268,6 +269,32 @@ QKV_API qkv_status qkv_attention_backward_reference(qkv_ctx *ctx, const qkv_tens
         const qkv_tensor *k, const qkv_tensor *v, const qkv_tensor *out,
         const qkv_tensor *dout, const float *lse, const qkv_attn_opts *opts,
         qkv_tensor *dq, qkv_tensor *dk, qkv_tensor *dv);
+
+/*
+ * qkv_attention_backward_dbias — qkv_attention_backward that also writes
+ * dbias, the gradient of opts->bias (a learned relative-position bias, a
+ * soft mask): fp32, the shape of opts->bias (which must be set), any
+ * strides free of self-overlap. dbias[b,h,i,j] is the score gradient dS of
+ * that element (before the softcap derivative: the bias is added after
+ * capping), summed over the dimensions the bias broadcasts (size 1) in a
+ * fixed order, so it is bitwise identical for any thread count; masked
+ * (-inf) elements and rows that see no key get 0. The extra pass
+ * recomputes the score and dP tiles, and its memory is a few tiles per
+ * thread. Errors as qkv_attention_backward's (dbias untouched too), plus
+ * QKV_ERR_ARG for dbias without opts->bias or sharing memory with another
+ * tensor, QKV_ERR_SHAPE / QKV_ERR_DTYPE when it is not fp32 of the bias's
+ * shape.
+ */
+QKV_API qkv_status qkv_attention_backward_dbias(qkv_ctx *ctx, const qkv_tensor *q,
+        const qkv_tensor *k, const qkv_tensor *v, const qkv_tensor *out,
+        const qkv_tensor *dout, const float *lse, const qkv_attn_opts *opts,
+        qkv_tensor *dq, qkv_tensor *dk, qkv_tensor *dv, qkv_tensor *dbias);
+
+/* The same in plain loops with double accumulation. */
+QKV_API qkv_status qkv_attention_backward_dbias_reference(qkv_ctx *ctx, const qkv_tensor *q,
+        const qkv_tensor *k, const qkv_tensor *v, const qkv_tensor *out,
+        const qkv_tensor *dout, const float *lse, const qkv_attn_opts *opts,
+        qkv_tensor *dq, qkv_tensor *dk, qkv_tensor *dv, qkv_tensor *dbias);
 
 #ifdef __cplusplus
 }

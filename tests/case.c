@@ -94,6 +94,8 @@ void acase_build(acase *c)
         int64_t bs[4] = { c->B, c->Hq, c->Sq, c->Sk }, st[4];
         if (c->bias == BIAS_B1 || c->bias == BIAS_11) bs[0] = 1;
         if (c->bias == BIAS_H1 || c->bias == BIAS_11) bs[1] = 1;
+        if (c->bias == BIAS_KEYS) bs[1] = bs[2] = 1;
+        if (c->bias == BIAS_ROWS) bs[0] = bs[3] = 1;
         layout_strides(c->bias == BIAS_PAD ? LAY_PAD : LAY_CONTIG, bs, st);
         if (c->bias == BIAS_ZSTRIDE) {   /* full shape, broadcast by strides */
             st[0] = st[1] = 0;
@@ -106,11 +108,11 @@ void acase_build(acase *c)
             double u = rng_unif(&r);
             bb[i] = fabs(u) > 0.92 ? -INFINITY : (float)u;
         }
-        if (c->bias_neg_row) {
+        if (c->bias_neg_row && bs[2] > 1) {
             float *base = c->bias_t.t.data;
             for (int64_t a = 0; a < bs[0]; a++)
                 for (int64_t h = 0; h < bs[1]; h++)
-                    for (int64_t j = 0; j < c->Sk; j++)
+                    for (int64_t j = 0; j < bs[3]; j++)
                         base[a * st[0] + h * st[1] + (c->Sq / 2) * st[2] + j * st[3]] = -INFINITY;
         }
         c->opts.bias = &c->bias_t.t;

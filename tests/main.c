@@ -25,6 +25,12 @@ void test_bf16_empty_rows(void);
 void test_bf16_large_values(void);
 void test_bf16_threads(void);
 
+/* test_dbias.c */
+void test_dbias_fd(void);
+void test_dbias_fast(void);
+void test_dbias_threads(void);
+void test_dbias_errors(void);
+
 static const struct { const char *name; void (*fn)(void); } tests[] = {
     { "convert_f16_exhaustive",  test_convert_f16_exhaustive },
     { "convert_bf16_exhaustive", test_convert_bf16_exhaustive },
@@ -75,6 +81,10 @@ static const struct { const char *name; void (*fn)(void); } tests[] = {
     { "backward_ref_random",     test_backward_ref_random },
     { "backward_ref_threads",    test_backward_ref_threads },
     { "backward_ref_dtypes",     test_backward_ref_dtypes },
+    { "dbias_fd",                test_dbias_fd },
+    { "dbias_fast",              test_dbias_fast },
+    { "dbias_threads",           test_dbias_threads },
+    { "dbias_errors",            test_dbias_errors },
     { "train_copy",              test_train_copy },
 };
 

@@ -100,7 +100,11 @@ size_t tbuf_outside_changed(const tbuf *tb, unsigned char byte);
  * opts, and logical fp32 copies of the inputs for an oracle. */
 
 enum { MAX_SEQS = 8 };
-enum { BIAS_NONE, BIAS_FULL, BIAS_B1, BIAS_H1, BIAS_11, BIAS_ZSTRIDE, BIAS_PAD, BIAS_COUNT };
+/* bias shapes: [B,Hq,Sq,Sk], [1,Hq,Sq,Sk], [B,1,Sq,Sk], [1,1,Sq,Sk], full
+   with zero strides, full with padded strides, [B,1,1,Sk] (padding masks),
+   [1,Hq,Sq,1] (one value per query row) */
+enum { BIAS_NONE, BIAS_FULL, BIAS_B1, BIAS_H1, BIAS_11, BIAS_ZSTRIDE, BIAS_PAD, BIAS_KEYS,
+       BIAS_ROWS, BIAS_COUNT };
 enum { OUT_SENTINEL = 0xC3, LSE_SENTINEL = 0xC5, LSE_MARGIN = 16 };
 
 typedef struct {

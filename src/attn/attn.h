@@ -30,6 +30,7 @@ typedef struct {
     const qkv_tensor *dout;
     const float      *lse;           /* the forward's lse (input) */
     qkv_tensor       *dq, *dk, *dv;
+    qkv_tensor       *dbias;         /* NULL: the bias is not differentiated */
 } qkv__grads;
 
 /* Validates every argument of a backward call (before anything is
@@ -44,6 +45,13 @@ qkv_status qkv__attn_check_backward(qkv_ctx *ctx, const qkv_tensor *q,
         const qkv_tensor *k, const qkv_tensor *v, const qkv_tensor *out,
         const qkv_tensor *dout, const float *lse, const qkv_attn_opts *opts,
         qkv_tensor *dq, qkv_tensor *dk, qkv_tensor *dv, qkv__attn *a, qkv__grads *g);
+
+/* After qkv__attn_check_backward: dbias, the bias's gradient, non-NULL,
+   fp32, of opts->bias's shape (which must be set), free of self-overlap
+   and sharing no memory with another output or an input. Sets
+   g->dbias. */
+qkv_status qkv__attn_check_dbias(qkv_ctx *ctx, const qkv__attn *a, qkv__grads *g,
+                                 const qkv_attn_opts *opts, qkv_tensor *dbias);
 
 /* One sequence: batch row b, query rows [q0, q0+sq) and key rows [k0, k0+sk)
    along dim 1. */

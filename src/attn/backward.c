@@ -67,6 +67,9 @@ typedef struct {              /* per-thread scratch, fp32 */
     uint16_t *pb, *dsb;       /* [BKB][R] P, dS rounded to bf16           */
     uint32_t *dsk;            /* [BKB/2][R] dS pairs along keys, for dQ   */
     uint16_t *rows2;          /* [2][D] two gathered K rows               */
+    /* the bias gradient pass */
+    float *raw;               /* [BKB][R] dS without the softcap factor   */
+    float *dbacc;             /* [R·BKB]  a dbias task's sums             */
 } bwd_tiles;
 
 /* The key tile's rows: fp32 (k, v) or bf16 (kb, vb, and kp for dQ). */
@@ -91,14 +94,15 @@ static int64_t bf16_floats(int bf, int64_t R, int64_t D, int64_t Dv)
            BKB * R + BKB / 2 * R + D;
 }
 
-static size_t bwd_floats(int bf, int64_t R, int64_t D, int64_t Dv)
+/* Floats of a thread's tiles (bf: the bf16 path, db: the dbias pass). */
+static size_t bwd_floats(int bf, int db, int64_t R, int64_t D, int64_t Dv)
 {
     const int64_t n1 = R > BKB ? R : BKB;
     return (size_t)(2 * R * D + 2 * R * Dv + 2 * BKB * (D + Dv) + 3 * BKB * R + R * D +
-                    3 * R + n1 + bf16_floats(bf, R, D, Dv));
+                    3 * R + n1 + bf16_floats(bf, R, D, Dv) + (db ? 2 * BKB * R : 0));
 }
 
-static bwd_tiles bwd_at(float *base, int bf, int64_t R, int64_t D, int64_t Dv)
+static bwd_tiles bwd_at(float *base, int bf, int db, int64_t R, int64_t D, int64_t Dv)
 {
     bwd_tiles t;
     t.q = base;
@@ -135,6 +139,11 @@ static bwd_tiles bwd_at(float *base, int bf, int64_t R, int64_t D, int64_t Dv)
         t.dsb = t.pb + BKB * R;
         t.dsk = (uint32_t *)(t.dsb + BKB * R);
         t.rows2 = (uint16_t *)(t.dsk + BKB / 2 * R);
+    }
+    t.raw = t.dbacc = NULL;
+    if (db) {
+        t.raw = t.ones + n1 + bf16_floats(bf, R, D, Dv);
+        t.dbacc = t.raw + BKB * R;
     }
     return t;
 }
@@ -255,10 +264,11 @@ static void dd_task(void *arg, int64_t task, int worker)
 }
 
 /* For keys j0..j0+n against the loaded query tile: P in st, dS in dpt
-   (keys by queries); on the bf16 path also both rounded, in pb and dsb. */
+   (keys by queries); on the bf16 path also both rounded, in pb and dsb;
+   with raw, dS without the softcap factor there. */
 static void tile_grads(const qkv__kernels *kn, const qkv__attn *a, const qkv__seq *s,
                        const qkv__tile_map *tm, int m, int mpad, int64_t R, int64_t j0, int n,
-                       int band, const key_tile *kt, bwd_tiles *tl)
+                       int band, const key_tile *kt, bwd_tiles *tl, float *raw)
 {
     const int bf = kt->kb != NULL;
     if (bf)
@@ -283,6 +293,9 @@ static void tile_grads(const qkv__kernels *kn, const qkv__attn *a, const qkv__se
     for (int c = 0; c < n; c++) {
         float *p = tl->st + c * R, *ds = tl->dpt + c * R;
         const float *dc = tl->dcap + c * R;
+        if (raw)
+            for (int r = 0; r < mpad; r++)
+                raw[c * R + r] = p[r] * (ds[r] - tl->dd[r]);
         for (int r = 0; r < mpad; r++)
             ds[r] = p[r] * (ds[r] - tl->dd[r]) * (cap ? dc[r] : 1.0f);
         if (bf) {
@@ -360,7 +373,7 @@ static void query_tile(const bwd_job *job, const qkv__seq *s, int64_t hk,
         const int n = (int)(khi - j0 < BKB ? khi - j0 : BKB);
         const key_tile kt = load_key_tile(kn, a, s, hk, j0, n, 1, tl);
         const int band = !(lo_last <= j0 && hi_first >= j0 + n);
-        tile_grads(kn, a, s, tm, m, mpad, R, j0, n, band, &kt, tl);
+        tile_grads(kn, a, s, tm, m, mpad, R, j0, n, band, &kt, tl, NULL);
         if (dkh)
             add_dkv(kn, a, &kt, m, n, R, tl, dkh + j0 * a->D, dvh + j0 * a->Dv);
         add_dq(kn, a, &kt, m, n, R, tl);
@@ -388,7 +401,7 @@ static void dkv_task(void *arg, int64_t task, int worker)
     const int n = (int)(s.sk - j0 < BKB ? s.sk - j0 : BKB);
     const int64_t D = a->D, Dv = a->Dv, R = qkv__tile_rows(a->group);
     const int64_t P = qkv__tile_positions(a->group);
-    bwd_tiles tl = bwd_at(job->ctx->scratch[worker], use_bf16(kn, a), R, D, Dv);
+    bwd_tiles tl = bwd_at(job->ctx->scratch[worker], use_bf16(kn, a), 0, R, D, Dv);
     const key_tile kt = load_key_tile(kn, a, &s, hk, j0, n, 0, &tl);
     memset(tl.dk, 0, (size_t)(n * D) * sizeof(float));
     memset(tl.dv, 0, (size_t)(n * Dv) * sizeof(float));
@@ -405,7 +418,7 @@ static void dkv_task(void *arg, int64_t task, int worker)
         const int m = tm.mp * (int)a->group;
         const int mpad = (int)((m + QKV__PAD - 1) / QKV__PAD * QKV__PAD);
         load_query_tile(kn, job, &s, &tm, m, mpad, R, &tl);
-        tile_grads(kn, a, &s, &tm, m, mpad, R, j0, n, band, &kt, &tl);
+        tile_grads(kn, a, &s, &tm, m, mpad, R, j0, n, band, &kt, &tl, NULL);
         add_dkv(kn, a, &kt, m, n, R, &tl, tl.dk, tl.dv);
     }
 
@@ -425,7 +438,7 @@ static void dq_task(void *arg, int64_t task, int worker)
     const int64_t hk = t / n_qt;
     qkv__tile_map tm = { hk * a->group, (t % n_qt) * P, 0 };
     tm.mp = (int)(s.sq - tm.i0 < P ? s.sq - tm.i0 : P);
-    bwd_tiles tl = bwd_at(job->ctx->scratch[worker], use_bf16(job->ctx->kernels, a),
+    bwd_tiles tl = bwd_at(job->ctx->scratch[worker], use_bf16(job->ctx->kernels, a), 0,
                           qkv__tile_rows(a->group), a->D, a->Dv);
     query_tile(job, &s, hk, &tm, &tl, NULL, NULL);
 }
@@ -446,9 +459,10 @@ static void head_task(void *arg, int64_t task, int worker)
     const int64_t D = a->D, Dv = a->Dv, R = qkv__tile_rows(a->group);
     const int64_t P = qkv__tile_positions(a->group);
     const int bf = use_bf16(job->ctx->kernels, a);
-    bwd_tiles tl = bwd_at(job->ctx->scratch[worker], bf, R, D, Dv);
+    bwd_tiles tl = bwd_at(job->ctx->scratch[worker], bf, 0, R, D, Dv);
     float *dkh = job->parts > 1 ? job->partial + task * job->sk_max * (D + Dv)
-                                : (float *)job->ctx->scratch[worker] + bwd_floats(bf, R, D, Dv);
+                                : (float *)job->ctx->scratch[worker] +
+                                  bwd_floats(bf, 0, R, D, Dv);
     float *dvh = dkh + s.sk * D;
     memset(dkh, 0, (size_t)(s.sk * (D + Dv)) * sizeof(float));
     /* dealt round-robin: under a causal mask later tiles see more keys */
@@ -488,6 +502,82 @@ static void reduce_task(void *arg, int64_t task, int worker)
     store_dkv(job->ctx->kernels, a, job->g, &s, head % a->Hkv, j0, n, dk, dv);
 }
 
+/* The bias gradient pass. Each dimension of dbias either matches the
+   problem's (a task takes one batch row, kv head, query tile or key tile
+   of it) or has size 1 (a task walks all of them and sums): a task owns
+   its dbias elements, sums into them in a fixed order and stores them. */
+typedef struct { int b, h, i, j; int64_t nb, nh, ni, nj; } dbias_split;
+
+static dbias_split dbias_tasks(const qkv__attn *a, const qkv_tensor *db)
+{
+    const int64_t P = qkv__tile_positions(a->group);
+    dbias_split d;
+    d.b = db->shape[0] == a->B;
+    d.h = db->shape[1] == a->Hq;
+    d.i = db->shape[2] == a->Sq;
+    d.j = db->shape[3] == a->Sk;
+    d.nb = d.b ? a->B : 1;
+    d.nh = d.h ? a->Hkv : 1;
+    d.ni = d.i ? (a->Sq + P - 1) / P : 1;
+    d.nj = d.j ? (a->Sk + BKB - 1) / BKB : 1;
+    return d;
+}
+
+static void dbias_task(void *arg, int64_t task, int worker)
+{
+    const bwd_job *job = arg;
+    const qkv__attn *a = job->a;
+    const qkv__kernels *kn = job->ctx->kernels;
+    const qkv_tensor *db = job->g->dbias;
+    const dbias_split d = dbias_tasks(a, db);
+    const int64_t tb = task / (d.nh * d.ni * d.nj), th = task / (d.ni * d.nj) % d.nh;
+    const int64_t tq = task / d.nj % d.ni, tk = task % d.nj;
+    const int64_t R = qkv__tile_rows(a->group), P = qkv__tile_positions(a->group);
+    bwd_tiles tl = bwd_at(job->ctx->scratch[worker], use_bf16(kn, a), 1, R, a->D, a->Dv);
+    /* sums [heads][positions][keys] of the task's elements */
+    const int64_t hn = d.h ? a->group : 1, in = d.i ? P : 1, jn = d.j ? BKB : 1;
+    memset(tl.dbacc, 0, (size_t)(hn * in * jn) * sizeof(float));
+    for (int64_t b = d.b ? tb : 0; b < (d.b ? tb + 1 : a->B); b++) {
+        const qkv__seq s = qkv__attn_seq(a, b);
+        for (int64_t hk = d.h ? th : 0; hk < (d.h ? th + 1 : a->Hkv); hk++)
+            for (int64_t i0 = d.i ? tq * P : 0; i0 < (d.i ? tq * P + 1 : s.sq); i0 += P)
+                for (int64_t j0 = d.j ? tk * BKB : 0; j0 < (d.j ? tk * BKB + 1 : s.sk);
+                     j0 += BKB) {
+                    const qkv__tile_map tm = { hk * a->group, i0,
+                                               (int)(s.sq - i0 < P ? s.sq - i0 : P) };
+                    const int n = (int)(s.sk - j0 < BKB ? s.sk - j0 : BKB);
+                    int64_t lo_first, hi_first, lo_last, hi_last;
+                    qkv__key_range(a, &s, i0, &lo_first, &hi_first);
+                    qkv__key_range(a, &s, i0 + tm.mp - 1, &lo_last, &hi_last);
+                    if (hi_last <= j0 || lo_first >= j0 + n || hi_last <= lo_first)
+                        continue;
+                    const int band = !(lo_last <= j0 && hi_first >= j0 + n);
+                    const int m = tm.mp * (int)a->group;
+                    const int mpad = (int)((m + QKV__PAD - 1) / QKV__PAD * QKV__PAD);
+                    load_query_tile(kn, job, &s, &tm, m, mpad, R, &tl);
+                    const key_tile kt = load_key_tile(kn, a, &s, hk, j0, n, 0, &tl);
+                    tile_grads(kn, a, &s, &tm, m, mpad, R, j0, n, band, &kt, &tl, tl.raw);
+                    for (int c = 0; c < n; c++)
+                        for (int r = 0; r < m; r++) {
+                            const int64_t hh = d.h ? r / tm.mp : 0, ii = d.i ? r % tm.mp : 0;
+                            tl.dbacc[(hh * in + ii) * jn + (d.j ? c : 0)] += tl.raw[c * R + r];
+                        }
+                }
+    }
+    const int64_t mp = d.i ? (a->Sq - tq * P < P ? a->Sq - tq * P : P) : 1;
+    const int64_t nk = d.j ? (a->Sk - tk * BKB < BKB ? a->Sk - tk * BKB : BKB) : 1;
+    float *out = db->data;
+    for (int64_t hh = 0; hh < hn; hh++)
+        for (int64_t ii = 0; ii < mp; ii++)
+            for (int64_t jj = 0; jj < nk; jj++) {
+                const int64_t off = (d.b ? tb : 0) * db->stride[0] +
+                                    (d.h ? th * a->group + hh : 0) * db->stride[1] +
+                                    (d.i ? tq * P + ii : 0) * db->stride[2] +
+                                    (d.j ? tk * BKB + jj : 0) * db->stride[3];
+                out[off] = tl.dbacc[(hh * in + ii) * jn + jj] + 0.0f;
+            }
+}
+
 /* Keys of the longest sequence. */
 static int64_t max_keys(const qkv__attn *a)
 {
@@ -499,16 +589,16 @@ static int64_t max_keys(const qkv__attn *a)
     return mx;
 }
 
-qkv_status qkv_attention_backward(qkv_ctx *ctx, const qkv_tensor *q,
+static qkv_status backward(qkv_ctx *ctx, const qkv_tensor *q,
         const qkv_tensor *k, const qkv_tensor *v, const qkv_tensor *out,
         const qkv_tensor *dout, const float *lse, const qkv_attn_opts *opts,
-        qkv_tensor *dq, qkv_tensor *dk, qkv_tensor *dv)
+        qkv_tensor *dq, qkv_tensor *dk, qkv_tensor *dv, int with_dbias, qkv_tensor *dbias)
 {
     qkv__attn a;
     qkv__grads g;
     qkv_status st = qkv__attn_check_backward(ctx, q, k, v, out, dout, lse, opts, dq, dk, dv,
                                              &a, &g);
-    if (st)
+    if (st || (with_dbias && (st = qkv__attn_check_dbias(ctx, &a, &g, opts, dbias))))
         return st;
     if (a.D > (1 << 20) || a.Dv > (1 << 20))
         return qkv__fail(ctx, QKV_ERR_UNSUPPORTED, "%s: head_dim above 1048576",
@@ -534,7 +624,7 @@ qkv_status qkv_attention_backward(qkv_ctx *ctx, const qkv_tensor *q,
                          (parts == 1 ? head_bytes <= HEAD_BYTES
                                      : heads * parts * head_bytes <= PARTIAL_BYTES);
     const int bf = use_bf16(ctx->kernels, &a);
-    size_t scratch = bwd_floats(bf, R, a.D, a.Dv);
+    size_t scratch = bwd_floats(bf, g.dbias != NULL, R, a.D, a.Dv);
     if (per_head && parts == 1)
         scratch += (size_t)(sk_max * (a.D + a.Dv));
     if ((st = qkv__scratch_reserve(ctx, scratch * sizeof(float))))
@@ -558,12 +648,20 @@ qkv_status qkv_attention_backward(qkv_ctx *ctx, const qkv_tensor *q,
     }
     if ((st = qkv__tasks_make_keys(ctx, &a, a.Hkv, BKB, &keys.tasks))) {
         free(keys.partial);
+    if (g.dbias) {
+        const dbias_split d = dbias_tasks(&a, g.dbias);
+        qkv__parallel(ctx, d.nb * d.nh * d.ni * d.nj, work, dbias_task, &keys);
+    }
         free(dd);
         return st;
     }
     if ((st = qkv__tasks_make(ctx, &a, a.Hkv, qkv__tile_positions(a.group), &rows.tasks))) {
         qkv__tasks_free(&keys.tasks);
         free(keys.partial);
+    if (g.dbias) {
+        const dbias_split d = dbias_tasks(&a, g.dbias);
+        qkv__parallel(ctx, d.nb * d.nh * d.ni * d.nj, work, dbias_task, &keys);
+    }
         free(dd);
         return st;
     }
@@ -578,8 +676,28 @@ qkv_status qkv_attention_backward(qkv_ctx *ctx, const qkv_tensor *q,
         qkv__parallel(ctx, rows.tasks.total, work, dq_task, &rows);
     }
     free(keys.partial);
+    if (g.dbias) {
+        const dbias_split d = dbias_tasks(&a, g.dbias);
+        qkv__parallel(ctx, d.nb * d.nh * d.ni * d.nj, work, dbias_task, &keys);
+    }
     qkv__tasks_free(&keys.tasks);
     qkv__tasks_free(&rows.tasks);
     free(dd);
     return QKV_OK;
+}
+
+qkv_status qkv_attention_backward(qkv_ctx *ctx, const qkv_tensor *q,
+        const qkv_tensor *k, const qkv_tensor *v, const qkv_tensor *out,
+        const qkv_tensor *dout, const float *lse, const qkv_attn_opts *opts,
+        qkv_tensor *dq, qkv_tensor *dk, qkv_tensor *dv)
+{
+    return backward(ctx, q, k, v, out, dout, lse, opts, dq, dk, dv, 0, NULL);
+}
+
+qkv_status qkv_attention_backward_dbias(qkv_ctx *ctx, const qkv_tensor *q,
+        const qkv_tensor *k, const qkv_tensor *v, const qkv_tensor *out,
+        const qkv_tensor *dout, const float *lse, const qkv_attn_opts *opts,
+        qkv_tensor *dq, qkv_tensor *dk, qkv_tensor *dv, qkv_tensor *dbias)
+{
+    return backward(ctx, q, k, v, out, dout, lse, opts, dq, dk, dv, 1, dbias);
 }

@@ -12,7 +12,9 @@
  *   dS_j = P_j·(dP_j - Dd_i),  times (1 - t_j²) with softcap
  *   dq_i += scale·dS_j·k_j,  dk_j += scale·dS_j·q_i,  dv_j += P_j·dout_i
  *
- * A row whose lse is -inf contributes nothing (and gets dq 0).
+ * A row whose lse is -inf contributes nothing (and gets dq 0). The bias's
+ * gradient, when asked for, is dS_j without the softcap factor, summed over
+ * the dimensions the bias broadcasts.
  *
  * Two passes, each task owning its outputs (so results do not depend on
  * the thread count): tasks over (sequence, query head, block of rows) write
@@ -59,9 +61,11 @@ static int load_row(const qkv__attn *a, const qkv__grads *g, const qkv__seq *s,
 }
 
 /* For visible key j of row i (head h): P_j in *p and dS_j, with the softcap
-   derivative, as the return value. *p = 0 (and 0 returned) for a -inf score. */
+   derivative, as the return value; *raw (when not NULL) receives dS_j
+   without it, the gradient of the bias. *p = 0 (and 0 returned) for a -inf
+   score. */
 static double grad_score(const qkv__attn *a, const qkv__seq *s, int64_t h, int64_t i,
-                         int64_t j, const qrow *r, double *p)
+                         int64_t j, const qrow *r, double *p, double *raw)
 {
     const int64_t hk = h / a->group, kj = s->k0 + j;
     double dot = 0.0;
@@ -70,12 +74,16 @@ static double grad_score(const qkv__attn *a, const qkv__seq *s, int64_t h, int64
     double dcap;
     const double x = score_mods(a, s, h, i, j, (double)a->scale * dot, &dcap);
     *p = 0.0;
+    if (raw)
+        *raw = 0.0;
     if (x == -INFINITY)
         return 0.0;
     *p = exp(x - r->lse);
     double dp = 0.0;
     for (int64_t c = 0; c < a->Dv; c++)
         dp += r->dout[c] * at(a->v, s->b, kj, hk, c);
+    if (raw)
+        *raw = *p * (dp - r->delta);
     return *p * (dp - r->delta) * dcap;
 }
 
@@ -101,7 +109,7 @@ static void dq_task(void *arg, int64_t task, int worker)
                 double p;
                 if (!visible(a, i, j, &s))
                     continue;
-                double ds = grad_score(a, &s, h, i, j, &r, &p);
+                double ds = grad_score(a, &s, h, i, j, &r, &p, NULL);
                 if (p == 0.0)
                     continue;
                 for (int64_t d = 0; d < a->D; d++)
@@ -140,7 +148,7 @@ static void dkv_task(void *arg, int64_t task, int worker)
                 double p;
                 if (!visible(a, i, j, &s))
                     continue;
-                double ds = grad_score(a, &s, h, i, j, &r, &p);
+                double ds = grad_score(a, &s, h, i, j, &r, &p, NULL);
                 if (p == 0.0)
                     continue;
                 for (int64_t d = 0; d < D; d++)
@@ -157,20 +165,59 @@ static void dkv_task(void *arg, int64_t task, int worker)
     }
 }
 
-qkv_status qkv_attention_backward_reference(qkv_ctx *ctx, const qkv_tensor *q,
+/* A row of dbias: task = (b', h', i') over the bias's own shape; sums the
+   bias gradient dS (without the softcap derivative) of every (b, h, i, j)
+   that reads bias element [b', h', i', j'] (a dim of size 1 broadcasts),
+   in order of b, h, i, j. */
+static void dbias_task(void *arg, int64_t task, int worker)
+{
+    bref_job *job = arg;
+    const qkv__attn *a = job->a;
+    const qkv__grads *g = job->g;
+    const qkv_tensor *db = g->dbias;
+    const int64_t nb = db->shape[0], nh = db->shape[1], ni = db->shape[2], nj = db->shape[3];
+    const int64_t bb = task / (nh * ni), hb = task / ni % nh, ib = task % ni;
+    double *acc = job->ctx->scratch[worker];          /* [nj] */
+    qrow r = { acc + nj, acc + nj + a->D, 0.0, 0.0 };
+    for (int64_t j = 0; j < nj; j++)
+        acc[j] = 0.0;
+    for (int64_t b = nb == 1 ? 0 : bb; b < (nb == 1 ? a->B : bb + 1); b++) {
+        const qkv__seq s = qkv__attn_seq(a, b);
+        for (int64_t h = nh == 1 ? 0 : hb; h < (nh == 1 ? a->Hq : hb + 1); h++)
+            for (int64_t i = ni == 1 ? 0 : ib; i < (ni == 1 ? s.sq : ib + 1); i++) {
+                if (!load_row(a, g, &s, h, i, &r))
+                    continue;
+                for (int64_t j = 0; j < s.sk; j++) {
+                    double p, raw;
+                    if (!visible(a, i, j, &s))
+                        continue;
+                    grad_score(a, &s, h, i, j, &r, &p, &raw);
+                    acc[nj == 1 ? 0 : j] += raw;
+                }
+            }
+    }
+    float *d = db->data;
+    for (int64_t j = 0; j < nj; j++)
+        d[bb * db->stride[0] + hb * db->stride[1] + ib * db->stride[2] + j * db->stride[3]] =
+            (float)acc[j] + 0.0f;
+}
+
+static qkv_status backward_reference(qkv_ctx *ctx, const qkv_tensor *q,
         const qkv_tensor *k, const qkv_tensor *v, const qkv_tensor *out,
         const qkv_tensor *dout, const float *lse, const qkv_attn_opts *opts,
-        qkv_tensor *dq, qkv_tensor *dk, qkv_tensor *dv)
+        qkv_tensor *dq, qkv_tensor *dk, qkv_tensor *dv, int with_dbias, qkv_tensor *dbias)
 {
     qkv__attn a;
     qkv__grads g;
     qkv_status st = qkv__attn_check_backward(ctx, q, k, v, out, dout, lse, opts,
                                              dq, dk, dv, &a, &g);
-    if (st)
+    if (st || (with_dbias && (st = qkv__attn_check_dbias(ctx, &a, &g, opts, dbias))))
         return st;
     /* per thread: a dk/dv task's accumulators and one query row (D + Dv),
        which also covers a dq task's 2·D + Dv */
-    const uint64_t per = (uint64_t)(KEYS_PER_TASK + 1) * (uint64_t)(a.D + a.Dv);
+    uint64_t per = (uint64_t)(KEYS_PER_TASK + 1) * (uint64_t)(a.D + a.Dv);
+    if (g.dbias)   /* a dbias row's accumulators and one query row */
+        per = per > (uint64_t)(a.Sk + a.D + a.Dv) ? per : (uint64_t)(a.Sk + a.D + a.Dv);
     if (per > SIZE_MAX / sizeof(double))
         return qkv__fail(ctx, QKV_ERR_OVERFLOW, "q->shape[3]: head_dim too large");
     if ((st = qkv__scratch_reserve(ctx, (size_t)per * sizeof(double))))
@@ -184,7 +231,26 @@ qkv_status qkv_attention_backward_reference(qkv_ctx *ctx, const qkv_tensor *q,
     }
     qkv__parallel(ctx, job.rows.total, 0.0, dq_task, &job);
     qkv__parallel(ctx, job.keys.total, 0.0, dkv_task, &job);
+    if (g.dbias)
+        qkv__parallel(ctx, dbias->shape[0] * dbias->shape[1] * dbias->shape[2], 0.0,
+                      dbias_task, &job);
     qkv__tasks_free(&job.rows);
     qkv__tasks_free(&job.keys);
     return QKV_OK;
+}
+
+qkv_status qkv_attention_backward_reference(qkv_ctx *ctx, const qkv_tensor *q,
+        const qkv_tensor *k, const qkv_tensor *v, const qkv_tensor *out,
+        const qkv_tensor *dout, const float *lse, const qkv_attn_opts *opts,
+        qkv_tensor *dq, qkv_tensor *dk, qkv_tensor *dv)
+{
+    return backward_reference(ctx, q, k, v, out, dout, lse, opts, dq, dk, dv, 0, NULL);
+}
+
+qkv_status qkv_attention_backward_dbias_reference(qkv_ctx *ctx, const qkv_tensor *q,
+        const qkv_tensor *k, const qkv_tensor *v, const qkv_tensor *out,
+        const qkv_tensor *dout, const float *lse, const qkv_attn_opts *opts,
+        qkv_tensor *dq, qkv_tensor *dk, qkv_tensor *dv, qkv_tensor *dbias)
+{
+    return backward_reference(ctx, q, k, v, out, dout, lse, opts, dq, dk, dv, 1, dbias);
 }

@@ -389,5 +389,40 @@ qkv_status qkv__attn_check_backward(qkv_ctx *ctx, const qkv_tensor *q,
     g->dout = dout;
     g->lse = lse;
     g->dq = dq; g->dk = dk; g->dv = dv;
+    g->dbias = NULL;
+    return QKV_OK;
+}
+
+qkv_status qkv__attn_check_dbias(qkv_ctx *ctx, const qkv__attn *a, qkv__grads *g,
+                                 const qkv_attn_opts *opts, qkv_tensor *dbias)
+{
+    qkv_status st = check_view(ctx, dbias, "dbias");
+    if (st)
+        return st;
+    const qkv_tensor *bias = opts->bias;
+    if (!bias)
+        FAIL(QKV_ERR_ARG, "dbias: given, but opts->bias is NULL (no bias to differentiate)");
+    if (dbias->dtype != QKV_F32)
+        FAIL(QKV_ERR_DTYPE, "dbias->dtype must be QKV_F32, as opts->bias");
+    for (int d = 0; d < 4; d++)
+        if (dbias->shape[d] != bias->shape[d])
+            FAIL(QKV_ERR_SHAPE, "dbias->shape[%d] = %lld differs from opts->bias->shape[%d] = "
+                 "%lld", d, (long long)dbias->shape[d], d, (long long)bias->shape[d]);
+    if ((st = check_no_overlap(ctx, dbias, "dbias")))
+        return st;
+    const qkv_tensor *other[9] = { g->dq, g->dk, g->dv, a->q, a->k, a->v, a->out, g->dout,
+                                   bias };
+    static const char *const name[9] = { "dq", "dk", "dv", "q", "k", "v", "out", "dout",
+                                         "opts->bias" };
+    for (int i = 0; i < 9; i++)
+        if (views_overlap(dbias, other[i]))
+            FAIL(QKV_ERR_ARG, "dbias and %s share memory (each output needs its own, and "
+                 "must not overwrite an input)", name[i]);
+    uintptr_t lo, hi, llo = (uintptr_t)g->lse;
+    uintptr_t lhi = llo + (uintptr_t)(a->B * a->Hq * a->Sq) * sizeof(float);
+    view_bytes(dbias, &lo, &hi);
+    if (lo < lhi && llo < hi)
+        FAIL(QKV_ERR_ARG, "dbias and lse share memory (an output must not overwrite an input)");
+    g->dbias = dbias;
     return QKV_OK;
 }
