@@ -45,8 +45,9 @@ static void naive(const acase *c, const qkv_attn_opts *o, float *out, float *lse
                     if (o->bias) {
                         const qkv_tensor *bt = o->bias;
                         int64_t bb = bt->shape[0] == 1 ? 0 : b, hh = bt->shape[1] == 1 ? 0 : h;
+                        int64_t ii = bt->shape[2] == 1 ? 0 : i, jj = bt->shape[3] == 1 ? 0 : j;
                         x += ((const float *)bt->data)[bb * bt->stride[0] + hh * bt->stride[1] +
-                                                       i * bt->stride[2] + j * bt->stride[3]];
+                                                       ii * bt->stride[2] + jj * bt->stride[3]];
                     }
                     int64_t p = i + sk - sq;
                     int visible = (!o->causal || j <= p) &&
