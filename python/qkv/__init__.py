@@ -175,6 +175,7 @@ class _Call:
                 b = b[None]
             bt = _view(b, "bias")
             self.keep += [b, bt]
+            self.bias_shape = tuple(b.shape)
             o.bias = ctypes.pointer(bt)
         if (cu_seqlens_q is None) != (cu_seqlens_k is None):
             raise ValueError("cu_seqlens_q and cu_seqlens_k: give both or neither")
@@ -260,12 +261,15 @@ def reference(q, k, v, *, causal=False, window=(-1, -1), scale=None, softcap=0.0
 
 def attention_backward(q, k, v, out, dout, lse, *, causal=False, window=(-1, -1),
                        scale=None, softcap=0.0, alibi_slopes=None, bias=None,
-                       cu_seqlens_q=None, cu_seqlens_k=None, threads=None):
+                       cu_seqlens_q=None, cu_seqlens_k=None, return_dbias=False,
+                       threads=None):
     """The gradients (dq, dk, dv) of attention() for the upstream gradient
     dout, from its inputs, its output and its lse (return_lse=True), with
     the same options. Scores are recomputed; results are bitwise identical
     for any thread count. For grouped heads dk and dv sum over each
-    group's query heads. The bias is not differentiated."""
+    group's query heads. With return_dbias (a float bias required) also
+    the bias's gradient, float32 of the bias's shape, summed over the
+    dimensions it broadcasts: (dq, dk, dv, dbias)."""
     call = _Call(q, causal, window, scale, softcap, alibi_slopes, bias,
                  cu_seqlens_q, cu_seqlens_k)
     rank = 3 if call.varlen and len(q.shape) == 3 else 4
@@ -282,9 +286,18 @@ def attention_backward(q, k, v, out, dout, lse, *, causal=False, window=(-1, -1)
     lse = lse.contiguous() if _is_torch(lse) else np.ascontiguousarray(lse)
     grads = [_empty(x, tuple(x.shape)) for x in (q, k, v)]
     gviews = [_view(g, n, rank) for g, n in zip(grads, ("dq", "dk", "dv"))]
+    args = [ctypes.byref(t) for t in views] + [_floats_ptr(lse), ctypes.byref(call.opts)] + \
+        [ctypes.byref(t) for t in gviews]
     ctx = _lib.context(threads)
-    st = _lib.lib.qkv_attention_backward(
-        ctx, *[ctypes.byref(t) for t in views], _floats_ptr(lse), ctypes.byref(call.opts),
-        *[ctypes.byref(t) for t in gviews])
+    if return_dbias:
+        if bias is None:
+            raise ValueError("return_dbias: there is no bias to differentiate")
+        bshape = tuple(call.bias_shape)
+        dbias = _empty(q, bshape, np.float32)
+        dview = _view(dbias, "dbias")
+        st = _lib.lib.qkv_attention_backward_dbias(ctx, *args, ctypes.byref(dview))
+        _lib.check(st, ctx)
+        return tuple(grads) + (dbias.reshape(tuple(bias.shape)),)
+    st = _lib.lib.qkv_attention_backward(ctx, *args)
     _lib.check(st, ctx)
     return tuple(grads)

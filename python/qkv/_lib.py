@@ -87,6 +87,8 @@ _SIGS = {
     "qkv_attention_backward_reference": ([ctypes.c_void_p, _T, _T, _T, _T, _T,
                                           P(ctypes.c_float), P(Opts), _T, _T, _T],
                                          ctypes.c_int),
+    "qkv_attention_backward_dbias": ([ctypes.c_void_p, _T, _T, _T, _T, _T, P(ctypes.c_float),
+                                      P(Opts), _T, _T, _T, _T], ctypes.c_int),
 }
 for _name, (_args, _res) in _SIGS.items():
     _fn = getattr(lib, _name)

@@ -7,9 +7,10 @@ on CPU tensors, differentiable through qkv's backward.
 Same signature and [B, H, S, D] semantics as PyTorch's, including its
 top-left aligned `is_causal` and `enable_gqa`. q, k and v are passed to
 libqkv by strides, never copied; the output is a contiguous [B, H, L, Ev]
-tensor. Differences: dropout is not implemented (dropout_p > 0 raises), the
-attention mask is not differentiated, and a query row that every mask entry
-hides gets 0 rather than NaN.
+tensor. A float attn_mask that requires grad gets its gradient (summed over
+the dimensions it broadcasts). Differences: dropout is not implemented
+(dropout_p > 0 raises), and a query row that every mask entry hides gets 0
+rather than NaN.
 """
 import ctypes
 import math
@@ -27,9 +28,25 @@ def _bhsd(t, name):
     return _view(t.transpose(1, 2), name)
 
 
+def _bias32(mask):
+    """The mask as qkv's fp32 additive bias (bool: False -> -inf), padded
+    to 4 dimensions; None stays None."""
+    if mask is None:
+        return None
+    b = mask.detach()
+    if b.dtype == torch.bool:
+        b = torch.zeros(b.shape, dtype=torch.float32).masked_fill_(~b, float("-inf"))
+    elif b.dtype != torch.float32:
+        b = b.to(torch.float32)
+    while b.dim() < 4:
+        b = b.unsqueeze(0)
+    return b
+
+
 class _Attention(torch.autograd.Function):
     @staticmethod
-    def forward(fctx, q, k, v, bias, causal, window_right, scale, threads):
+    def forward(fctx, q, k, v, mask, causal, window_right, scale, threads):
+        bias = _bias32(mask)
         call = _Call(q, causal, (-1, window_right), scale, 0.0, None, bias, None, None)
         B, H, L, Ev = q.shape[0], q.shape[1], q.shape[2], v.shape[3]
         out = torch.empty((B, H, L, Ev), dtype=q.dtype)
@@ -44,6 +61,7 @@ class _Attention(torch.autograd.Function):
         fctx.save_for_backward(q, k, v, out, lse)
         fctx.bias, fctx.causal, fctx.window_right = bias, causal, window_right
         fctx.scale, fctx.threads = scale, threads
+        fctx.mask_shape = None if mask is None else (tuple(mask.shape), mask.dtype)
         return out
 
     @staticmethod
@@ -55,12 +73,20 @@ class _Attention(torch.autograd.Function):
         views = [_bhsd(t, n) for t, n in ((q, "query"), (k, "key"), (v, "value"),
                                           (out, "out"), (dout, "grad"))]
         gviews = [_bhsd(t, n) for t, n in ((dq, "dq"), (dk, "dk"), (dv, "dv"))]
+        args = [ctypes.byref(t) for t in views] + [_floats_ptr(lse), ctypes.byref(call.opts)] \
+            + [ctypes.byref(t) for t in gviews]
         ctx = _lib.context(fctx.threads)
-        st = _lib.lib.qkv_attention_backward(
-            ctx, *[ctypes.byref(t) for t in views], _floats_ptr(lse),
-            ctypes.byref(call.opts), *[ctypes.byref(t) for t in gviews])
+        dmask = None
+        if fctx.needs_input_grad[3]:
+            dbias = torch.empty(fctx.bias.shape, dtype=torch.float32)
+            dview = _view(dbias, "attn_mask gradient")
+            st = _lib.lib.qkv_attention_backward_dbias(ctx, *args, ctypes.byref(dview))
+            shape, dtype = fctx.mask_shape
+            dmask = dbias.reshape(shape).to(dtype)
+        else:
+            st = _lib.lib.qkv_attention_backward(ctx, *args)
         _lib.check(st, ctx)
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, dmask, None, None, None, None
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
@@ -79,8 +105,6 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                                   "not supported (qkv has no dropout)")
     if is_causal and attn_mask is not None:
         raise ValueError("attn_mask and is_causal: give one or the other, as in PyTorch")
-    if attn_mask is not None and attn_mask.requires_grad:
-        raise NotImplementedError("attn_mask: its gradient is not supported by qkv")
     for t, n in ((query, "query"), (key, "key"), (value, "value")):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{n}: expected a torch.Tensor, got {type(t).__name__}")
@@ -95,6 +119,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     squeeze = query.dim() == 3
     if squeeze:
         query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+        if attn_mask is not None and attn_mask.dim() == 3:   # [N, L, S]
+            attn_mask = attn_mask.unsqueeze(1)
     Hq, Hkv = query.shape[1], key.shape[1]
     if Hq != Hkv and not enable_gqa:
         raise ValueError(f"query and key: {Hq} and {Hkv} heads; pass enable_gqa=True for "
@@ -119,15 +145,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             k, v = key[:, :, :L], value[:, :, :L]
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
-    bias = None
-    if attn_mask is not None:
-        # qkv's bias is fp32 [B|1, Hq|1, L|1, S|1]: the mask's own layout
-        bias = attn_mask.detach()
-        if bias.dtype == torch.bool:
-            bias = torch.zeros(bias.shape, dtype=torch.float32).masked_fill_(~bias,
-                                                                             float("-inf"))
-        elif bias.dtype != torch.float32:
-            bias = bias.to(torch.float32)
-    out = _Attention.apply(query, k, v, bias, causal, window_right, float(scale),
+    if attn_mask is not None and attn_mask.dtype != torch.bool and \
+            not attn_mask.dtype.is_floating_point:
+        raise TypeError(f"attn_mask: dtype {attn_mask.dtype} is neither bool nor floating")
+    out = _Attention.apply(query, k, v, attn_mask, causal, window_right, float(scale),
                            torch.get_num_threads())
     return out.squeeze(1) if squeeze else out

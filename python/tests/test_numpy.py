@@ -290,3 +290,33 @@ def test_inputs_are_not_copied():
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < out.nbytes + 64 * 1024, f"{peak} bytes allocated for a {out.nbytes}-byte output"
+
+
+@pytest.mark.parametrize("bshape", [(2, 4, 37, 53), (1, 1, 37, 53), (2, 1, 1, 53), (37, 53)],
+                         ids=str)
+def test_backward_dbias(bshape):
+    """The bias gradient: dS summed over the bias's broadcast dimensions,
+    against the float64 formulas."""
+    rng = np.random.default_rng(12)
+    B, Sq, Sk, Hq, Hkv, D = 2, 37, 53, 4, 2, 16
+    q = rng.standard_normal((B, Sq, Hq, D)).astype(np.float32)
+    k = rng.standard_normal((B, Sk, Hkv, D)).astype(np.float32)
+    v = rng.standard_normal((B, Sk, Hkv, D)).astype(np.float32)
+    dout = rng.standard_normal((B, Sq, Hq, D)).astype(np.float32)
+    bias = rng.standard_normal(bshape).astype(np.float32)
+    out, lse = qkv.attention(q, k, v, bias=bias, causal=True, return_lse=True)
+    dq, dk, dv, db = qkv.attention_backward(q, k, v, out, dout, lse, bias=bias, causal=True,
+                                            return_dbias=True)
+    assert db.shape == bias.shape and db.dtype == np.float32
+    _, _, p = ref_attention(q, k, v, bias=bias, causal=True)
+    g = Hq // Hkv
+    dp = np.einsum("bihd,bjhd->bhij", dout.astype(np.float64), np.repeat(v, g, axis=2))
+    ds = p * (dp - (dp * p).sum(-1, keepdims=True))          # [B, Hq, Sq, Sk]
+    b4 = (1,) * (4 - len(bshape)) + tuple(bshape)
+    want = ds.sum(axis=tuple(d for d in range(4) if b4[d] == 1), keepdims=True).reshape(bshape)
+    assert np.abs(db - want).max() <= 1e-5 * max(np.abs(want).max(), np.abs(ds).max())
+    plain = qkv.attention_backward(q, k, v, out, dout, lse, bias=bias, causal=True)
+    for a, b in zip(plain, (dq, dk, dv)):
+        assert np.array_equal(a, b)
+    with pytest.raises(ValueError, match="no bias"):
+        qkv.attention_backward(q, k, v, out, dout, lse, causal=True, return_dbias=True)

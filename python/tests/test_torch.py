@@ -158,3 +158,35 @@ def test_sdpa_strided_inputs():
         res.append((out.detach(), gr))
     assert torch.allclose(res[0][0], res[1][0], rtol=1e-5, atol=1e-5)
     assert torch.allclose(res[0][1], res[1][1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(2, 4, 23, 31), (1, 4, 23, 31), (2, 1, 1, 31), (23, 31)],
+                         ids=str)
+def test_sdpa_attn_mask_gradient(shape, dtype):
+    """A float mask that requires grad (a learned bias) gets PyTorch's
+    gradient, summed over the dimensions it broadcasts."""
+    B, H, L, S = 2, 4, 23, 31
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(B, H, n, 32, generator=g).to(dtype) for n in (L, S, S))
+    m0 = torch.randn(shape, generator=g).to(dtype)
+    dout = torch.randn(B, H, L, 32, generator=g).to(dtype)
+    grads = {}
+    for name, fn, dt in (("qkv", qt.scaled_dot_product_attention, dtype),
+                         ("torch", F.scaled_dot_product_attention, dtype),
+                         ("ref", F.scaled_dot_product_attention, torch.float64)):
+        m = m0.to(dt).requires_grad_(True)
+        out = fn(q.to(dt), k.to(dt), v.to(dt), attn_mask=m)
+        grads[name], = torch.autograd.grad(out, m, dout.to(dt))
+    assert grads["qkv"].shape == m0.shape and grads["qkv"].dtype == dtype
+    e_qkv, e_torch = rel_err(grads["qkv"], grads["ref"]), rel_err(grads["torch"], grads["ref"])
+    assert e_qkv <= max(2 * e_torch, 10 * TOL[dtype]), (e_qkv, e_torch)
+
+
+def test_sdpa_3d_mask():
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(3, 12, 16, generator=g) for _ in range(3))
+    m = torch.randn(3, 12, 12, generator=g)
+    a = qt.scaled_dot_product_attention(q, k, v, attn_mask=m)
+    b = F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
