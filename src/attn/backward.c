@@ -212,12 +212,10 @@ static void load_query_tile(const qkv__kernels *kn, const bwd_job *job, const qk
         qkv__load_row(kn, dout, s->b * dout->stride[0] + i * dout->stride[1] +
                       h * dout->stride[2], dout->stride[3], Dv, tl->dout + r * Dv);
     }
-    for (int64_t d = 0; d < D; d++)
-        for (int r = 0; r < mpad; r++)
-            tl->qt[d * R + r] = r < m ? tl->q[r * D + d] : 0.0f;
-    for (int64_t c = 0; c < Dv; c++)
-        for (int r = 0; r < mpad; r++)
-            tl->doutt[c * R + r] = r < m ? tl->dout[r * Dv + c] : 0.0f;
+    if (m >= kn->qk_qt_rows) {
+        qkv__transpose_tile(tl->q, m, D, mpad, R, tl->qt);
+        qkv__transpose_tile(tl->dout, m, Dv, mpad, R, tl->doutt);
+    }
 }
 
 /* Keys j0..j0+n of kv head hk: fp32 rows, or bf16 rows (with K's pairs of

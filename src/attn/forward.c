@@ -207,9 +207,8 @@ static void fwd_task(void *arg, int64_t task, int worker)
                      q->stride[3], D, qr);
         }
         /* transposed, with qk's padding columns m..mpad zero */
-        for (int64_t d = 0; d < D; d++)
-            for (int r = 0; r < mpad; r++)
-                tl.qt[d * R + r] = r < m ? tl.q[r * D + d] : 0.0f;
+        if (m >= kn->qk_qt_rows)
+            qkv__transpose_tile(tl.q, m, D, mpad, R, tl.qt);
     }
     memset(tl.acc, 0, (size_t)m * (size_t)Dv * sizeof(float));
     for (int r = 0; r < mpad; r++) {

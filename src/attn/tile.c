@@ -140,6 +140,18 @@ const float *qkv__tile_rows_f32(const qkv__kernels *kn, const qkv_tensor *t,
 }
 
 
+void qkv__transpose_tile(const float *src, int m, int64_t cols, int mpad, int64_t R,
+                         float *dst)
+{
+    /* the padding columns m..mpad lie within the last QKV__PAD of each
+       row: zero those whole, then write the m columns over them */
+    for (int64_t c = 0; c < cols; c++)
+        memset(dst + c * R + (mpad - QKV__PAD), 0, QKV__PAD * sizeof *dst);
+    for (int r = 0; r < m; r++)
+        for (int64_t c = 0; c < cols; c++)
+            dst[c * R + r] = src[r * cols + c];
+}
+
 /* ---- bf16 rows and pairs ------------------------------------------------- */
 
 void qkv__tile_rows_bf16(const qkv_tensor *t, const qkv__seq *s, const qkv__tile_map *tm,

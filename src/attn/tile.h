@@ -64,6 +64,12 @@ const float *qkv__tile_rows_f32(const qkv__kernels *kn, const qkv_tensor *t,
                                 int64_t row0, int n, int64_t cols, float *buf,
                                 int64_t *ld);
 
+/* dst[c·R + r] = src[r·cols + c] for r < m and 0 for m <= r < mpad, c <
+   cols: a tile's rows transposed, with zero padding columns (mpad a
+   positive multiple of QKV__PAD, mpad - m < QKV__PAD). */
+void qkv__transpose_tile(const float *src, int m, int64_t cols, int mpad, int64_t R,
+                         float *dst);
+
 /* ---- bf16 operands of the pair dot products (two bf16 values adjacent
    along the reduction axis in one uint32, the lower index low) ---------- */
 

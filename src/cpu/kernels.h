@@ -22,6 +22,9 @@ typedef struct qkv__kernels {
     void (*qk)(int n, int m, int d, float scale, const float *k, int64_t ldk,
                const float *qt, int64_t ldqt, const float *q, int64_t ldq,
                float *st, int64_t ldst);
+    /* qk reads qt only when m >= qk_qt_rows (fewer queries take per-query
+       dot products from q): callers may leave qt unset below that. */
+    int qk_qt_rows;
 
     /* acc[i][c] = alpha[i]·acc[i][c] + Σ_j p(i,j)·v[j][c]  for i < m, c < dv,
        where p(i,j) = p[i·psi + j·psj]; v [n][ldv], acc [m][lda]. */

@@ -624,6 +624,7 @@ void QKV_KERNEL_TABLE(qkv__kernels *t)
 {
     t->name = QKV_KERNEL_NAME;
     t->qk = qk;
+    t->qk_qt_rows = VW / 2 > 1 ? VW / 2 : 1;
     t->pv = pv;
     t->col_max = col_max;
     t->exp_cols = exp_cols;
