@@ -25,6 +25,13 @@ void test_bf16_empty_rows(void);
 void test_bf16_large_values(void);
 void test_bf16_threads(void);
 
+/* test_models.c */
+void test_safetensors_read(void);
+void test_safetensors_mangled(void);
+void test_nn_layers(void);
+void test_tokenizer_wordpiece(void);
+void test_model_minilm(void);
+
 static const struct { const char *name; void (*fn)(void); } tests[] = {
     { "convert_f16_exhaustive",  test_convert_f16_exhaustive },
     { "convert_bf16_exhaustive", test_convert_bf16_exhaustive },
@@ -76,6 +83,11 @@ static const struct { const char *name; void (*fn)(void); } tests[] = {
     { "backward_ref_threads",    test_backward_ref_threads },
     { "backward_ref_dtypes",     test_backward_ref_dtypes },
     { "train_copy",              test_train_copy },
+    { "safetensors_read",        test_safetensors_read },
+    { "safetensors_mangled",     test_safetensors_mangled },
+    { "nn_layers",               test_nn_layers },
+    { "tokenizer_wordpiece",     test_tokenizer_wordpiece },
+    { "model_minilm",            test_model_minilm },
 };
 
 int t_quick;

