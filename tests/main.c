@@ -31,6 +31,9 @@ void test_safetensors_mangled(void);
 void test_nn_layers(void);
 void test_tokenizer_wordpiece(void);
 void test_model_minilm(void);
+void test_model_vit_mnist(void);
+void test_model_sasrec(void);
+void test_model_bad_files(void);
 
 static const struct { const char *name; void (*fn)(void); } tests[] = {
     { "convert_f16_exhaustive",  test_convert_f16_exhaustive },
@@ -88,6 +91,9 @@ static const struct { const char *name; void (*fn)(void); } tests[] = {
     { "nn_layers",               test_nn_layers },
     { "tokenizer_wordpiece",     test_tokenizer_wordpiece },
     { "model_minilm",            test_model_minilm },
+    { "model_vit_mnist",         test_model_vit_mnist },
+    { "model_sasrec",            test_model_sasrec },
+    { "model_bad_files",         test_model_bad_files },
 };
 
 int t_quick;

@@ -578,3 +578,304 @@ void test_model_minilm(void)
     cJSON_Delete(gold);
     qkv_ctx_free(ctx);
 }
+
+/* ---- ViT on MNIST ------------------------------------------------------------------ */
+
+/* The bytes of a gzip'd IDX file after its header (magic, then dims). */
+static unsigned char *read_idx_gz(const char *path, uint32_t magic, int ndims, size_t *n_out)
+{
+    gzFile f = gzopen(path, "rb");
+    if (!f)
+        return NULL;
+    unsigned char hdr[16];
+    size_t hb = 4 + 4 * (size_t)ndims, total = 1;
+    if (gzread(f, hdr, (unsigned)hb) != (int)hb ||
+        ((uint32_t)hdr[0] << 24 | hdr[1] << 16 | hdr[2] << 8 | hdr[3]) != magic) {
+        gzclose(f);
+        return NULL;
+    }
+    for (int d = 0; d < ndims; d++) {
+        const unsigned char *p = hdr + 4 + 4 * d;
+        total *= (size_t)((uint32_t)p[0] << 24 | p[1] << 16 | p[2] << 8 | p[3]);
+    }
+    unsigned char *b = total <= (64u << 20) ? xmalloc(total) : NULL;
+    if (!b || gzread(f, b, (unsigned)total) != (int)total) {
+        free(b);
+        gzclose(f);
+        return NULL;
+    }
+    gzclose(f);
+    *n_out = total;
+    return b;
+}
+
+void test_model_vit_mnist(void)
+{
+    char dir[4096], mn[4096];
+    if (!shared_model("vit4mnist", dir, sizeof dir) || !shared_model("mnist", mn, sizeof mn))
+        return;
+    cJSON *gold = read_json("tests/models/vit_golden.json");
+    CHECK(gold != NULL, "tests/models/vit_golden.json is missing or not JSON");
+    char p1[4200], p2[4200];
+    snprintf(p1, sizeof p1, "%s/t10k-images-idx3-ubyte.gz", mn);
+    snprintf(p2, sizeof p2, "%s/t10k-labels-idx1-ubyte.gz", mn);
+    size_t n_px = 0, n_lab = 0;
+    unsigned char *px = read_idx_gz(p1, 2051, 3, &n_px), *lab = read_idx_gz(p2, 2049, 1, &n_lab);
+    CHECK(px && lab && n_px == 10000 * 784 && n_lab == 10000, "MNIST files: %zu, %zu bytes",
+          n_px, n_lab);
+    qkv_ctx *ctx = qkv_ctx_create(2);
+    qkv_model *m = NULL;
+    qkv_status s = qkv_model_load(ctx, dir, &m);
+    CHECK(s == QKV_OK, "load %s: %s", dir, qkv_ctx_last_error(ctx));
+    if (s == QKV_OK && gold && px && lab && n_px == 10000 * 784 && n_lab == 10000) {
+        CHECK(strcmp(qkv_model_type(m), "vit") == 0 && qkv_model_dim(m) == 10 &&
+              qkv_model_image_pixels(m) == 784, "model: %s", qkv_model_type(m));
+        /* all 10,000 images; the sanitizer runs (QKV_TEST_QUICK) take the first 1,000 */
+        int N = t_quick ? 1000 : 10000;
+        float *logits = xmalloc((size_t)N * 10 * sizeof(float));
+        double t0 = now_sec();
+        s = qkv_model_classify(ctx, m, px, N, logits);
+        double dt = now_sec() - t0;
+        CHECK(s == QKV_OK, "classify: %s", qkv_ctx_last_error(ctx));
+        const char *gp = cJSON_GetObjectItem(gold, "predictions")->valuestring;
+        int correct = 0, agree = 0, gcorrect = 0;
+        for (int i = 0; i < N; i++) {
+            int best = 0;
+            for (int c = 1; c < 10; c++)
+                if (logits[i * 10 + c] > logits[i * 10 + best])
+                    best = c;
+            correct += best == lab[i];
+            gcorrect += gp[i] - '0' == lab[i];
+            agree += best == gp[i] - '0';
+            if (best != gp[i] - '0')
+                CHECK(0, "image %d: predicted %d, PyTorch %c", i, best, gp[i]);
+        }
+        printf("  ViT4MNIST: accuracy %.2f %% (%d of %d test images), %d/%d predictions "
+               "agree with PyTorch (its accuracy %.2f %%); %.0f images/s\n",
+               100.0 * correct / N, correct, N, agree, N, 100.0 * gcorrect / N, N / dt);
+        CHECK(correct == gcorrect, "accuracy %d vs PyTorch %d", correct, gcorrect);
+        CHECK(N < 10000 || gcorrect == cJSON_GetObjectItem(gold, "correct")->valueint,
+              "golden file's count of correct predictions");
+        /* logits of the first images, to PyTorch's fp32 rounding */
+        const cJSON *gl = cJSON_GetObjectItem(gold, "logits_first");
+        int nl = cJSON_GetArraySize(gl);
+        float *ref = xmalloc((size_t)nl * 10 * sizeof(float));
+        for (int i = 0; i < nl; i++)
+            for (int c = 0; c < 10; c++)
+                ref[i * 10 + c] = (float)cJSON_GetArrayItem(cJSON_GetArrayItem(gl, i), c)->valuedouble;
+        double err = compare("ViT logits", logits, QKV_F32, ref, (size_t)nl * 10, 1e-4, 1e-5);
+        t_note("ViT logits of the first %d images: max |diff| %.2g vs PyTorch", nl, err);
+        free(ref);
+        free(logits);
+    }
+    qkv_model_free(m);
+    qkv_ctx_free(ctx);
+    free(px);
+    free(lab);
+    cJSON_Delete(gold);
+}
+
+/* ---- SASRec ---------------------------------------------------------------------------- */
+
+void test_model_sasrec(void)
+{
+    char dir[4096];
+    if (!shared_model("sasrec-ml1m", dir, sizeof dir))
+        return;
+    cJSON *gold = read_json("tests/models/sasrec_golden.json");
+    CHECK(gold != NULL, "tests/models/sasrec_golden.json is missing or not JSON");
+    qkv_ctx *ctx = qkv_ctx_create(2);
+    qkv_model *m = NULL;
+    qkv_status s = qkv_model_load(ctx, dir, &m);
+    CHECK(s == QKV_OK, "load %s: %s", dir, qkv_ctx_last_error(ctx));
+    const cJSON *cases = gold ? cJSON_GetObjectItem(gold, "cases") : NULL;
+    int n = cJSON_GetArraySize(cases), equal = 0;
+    double max_err = 0;
+    for (int c = 0; s == QKV_OK && c < n; c++) {
+        const cJSON *cs = cJSON_GetArrayItem(cases, c);
+        const cJSON *h = cJSON_GetObjectItem(cs, "history");
+        const cJSON *top = cJSON_GetObjectItem(cs, "top10");
+        const cJSON *sc = cJSON_GetObjectItem(cs, "scores");
+        int len = cJSON_GetArraySize(h);
+        int32_t *hist = xmalloc((size_t)len * sizeof(int32_t)), items[10];
+        float scores[10];
+        for (int i = 0; i < len; i++)
+            hist[i] = cJSON_GetArrayItem(h, i)->valueint;
+        qkv_status r = qkv_model_recommend(ctx, m, hist, len, 10, items, scores);
+        CHECK(r == QKV_OK, "history %d: %s", c, qkv_ctx_last_error(ctx));
+        int same = r == QKV_OK;
+        for (int i = 0; same && i < 10; i++) {
+            same = items[i] == cJSON_GetArrayItem(top, i)->valueint;
+            double e = fabs(scores[i] - cJSON_GetArrayItem(sc, i)->valuedouble);
+            max_err = e > max_err ? e : max_err;
+        }
+        equal += same;
+        CHECK(same, "history %d (length %d): top-10 differs from PyTorch's", c, len);
+        free(hist);
+    }
+    t_note("SASRec: %d/%d top-10 lists equal to PyTorch's, max score diff %.2g", equal, n,
+           max_err);
+    CHECK(max_err < 1e-3, "scores differ by %g", max_err);
+    if (s == QKV_OK) {   /* bad histories */
+        int32_t items[10], hist[3] = { 5, 0, 7 };
+        s = qkv_model_recommend(ctx, m, hist, 3, 10, items, NULL);
+        CHECK(s == QKV_ERR_ARG && strstr(qkv_ctx_last_error(ctx), "history[1]"),
+              "item id 0: %d '%s'", s, qkv_ctx_last_error(ctx));
+        hist[1] = 3417;
+        s = qkv_model_recommend(ctx, m, hist, 3, 10, items, NULL);
+        CHECK(s == QKV_ERR_ARG, "item id 3417: %d", s);
+        s = qkv_model_recommend(ctx, m, hist, 0, 10, items, NULL);
+        CHECK(s == QKV_ERR_SHAPE, "empty history: %d", s);
+        hist[1] = 9;
+        s = qkv_model_recommend(ctx, m, hist, 3, 3417, items, NULL);
+        CHECK(s == QKV_ERR_SHAPE, "k > items: %d", s);
+        const char *t[1] = { "x" };
+        float e[1];
+        s = qkv_model_embed(ctx, m, t, 1, e);
+        CHECK(s == QKV_ERR_UNSUPPORTED, "embed on sasrec: %d", s);
+    }
+    qkv_model_free(m);
+    qkv_ctx_free(ctx);
+    cJSON_Delete(gold);
+}
+
+/* ---- bad model folders --------------------------------------------------------------------- */
+
+/* Copies the files of src into a fresh temporary folder dst. */
+static void copy_model(const char *src, const char *dst, const char *const *files, int n)
+{
+    for (int i = 0; i < n; i++) {
+        char a[4200], b[4200];
+        snprintf(a, sizeof a, "%s/%s", src, files[i]);
+        snprintf(b, sizeof b, "%s/%s", dst, files[i]);
+        size_t len;
+        char *buf = read_all(a, &len);
+        if (!buf) {
+            fprintf(stderr, "cannot read %s\n", a);
+            exit(2);
+        }
+        write_all(b, buf, len);
+        free(buf);
+    }
+}
+
+static void expect_load(qkv_ctx *ctx, const char *dir, qkv_status want, const char *msg,
+                        const char *what)
+{
+    qkv_model *m = (qkv_model *)1;
+    qkv_status s = qkv_model_load(ctx, dir, &m);
+    CHECK(s == want && m == NULL && strstr(qkv_ctx_last_error(ctx), msg),
+          "%s: status %d (want %d), message '%s' (want '%s')", what, s, want,
+          qkv_ctx_last_error(ctx), msg);
+    if (s == QKV_OK)
+        qkv_model_free(m);
+}
+
+void test_model_bad_files(void)
+{
+    char src[4096];
+    if (!shared_model("sasrec-ml1m", src, sizeof src))
+        return;
+    char dir[] = "/tmp/qkv_model_XXXXXX";
+    if (!mkdtemp(dir)) {
+        CHECK(0, "mkdtemp failed");
+        return;
+    }
+    qkv_ctx *ctx = qkv_ctx_create(1);
+    static const char *const files[] = { "config.json", "model.safetensors" };
+    char cfg_path[4200], st_path[4200];
+    snprintf(cfg_path, sizeof cfg_path, "%s/config.json", dir);
+    snprintf(st_path, sizeof st_path, "%s/model.safetensors", dir);
+    expect_load(ctx, dir, QKV_ERR_IO, "config.json", "empty folder");
+    expect_load(ctx, "/nonexistent/qkv", QKV_ERR_IO, "cannot open", "missing folder");
+    copy_model(src, dir, files, 1);
+    expect_load(ctx, dir, QKV_ERR_IO, "model.safetensors", "no weights");
+    copy_model(src, dir, files, 2);
+    qkv_model *m = NULL;
+    qkv_status s = qkv_model_load(ctx, dir, &m);
+    CHECK(s == QKV_OK, "the copy loads: %s", qkv_ctx_last_error(ctx));
+    qkv_model_free(m);
+
+    /* the config: wrong shapes for the weights, bad values, bad JSON */
+    size_t cfg_len, st_len;
+    char *cfg = read_all(cfg_path, &cfg_len);
+    static const struct { const char *from, *to, *msg; } edits[] = {
+        { "\"hidden_units\": 50", "\"hidden_units\": 64", "the config needs" },
+        { "\"item_num\": 3416", "\"item_num\": 3000", "the config needs" },
+        { "\"maxlen\": 200", "\"maxlen\": 100", "the config needs" },
+        { "\"num_blocks\": 2", "\"num_blocks\": 3", "is missing" },
+        { "\"num_heads\": 1", "\"num_heads\": 3", "num_heads" },
+        { "\"hidden_units\": 50", "\"hidden_units\": -50", "hidden_units" },
+        { "\"hidden_units\": 50", "\"hidden_units\": 50.5", "hidden_units" },
+        { "\"hidden_units\": 50", "\"hidden_units\": \"50\"", "hidden_units" },
+        { "\"maxlen\": 200", "\"maxlen\": 1e300", "maxlen" },
+        { "\"model_type\": \"sasrec\"", "\"model_type\": \"gpt9\"", "gpt9" },
+        { "\"model_type\": \"sasrec\"", "\"model_kind\": \"sasrec\"", "model_type" },
+        { "\"timeline_mask\": false", "\"timeline_mask\": true", "timeline" },
+        { "{", "[", "not a JSON object" },
+        { "\"sasrec\"", "\"sasrec", "not a JSON object" },
+    };
+    static const qkv_status edit_status[] = {
+        QKV_ERR_FORMAT, QKV_ERR_FORMAT, QKV_ERR_FORMAT, QKV_ERR_FORMAT, QKV_ERR_FORMAT,
+        QKV_ERR_FORMAT, QKV_ERR_FORMAT, QKV_ERR_FORMAT, QKV_ERR_FORMAT, QKV_ERR_UNSUPPORTED,
+        QKV_ERR_FORMAT, QKV_ERR_UNSUPPORTED, QKV_ERR_FORMAT, QKV_ERR_FORMAT };
+    for (size_t e = 0; cfg && e < sizeof edits / sizeof edits[0]; e++) {
+        const char *at = strstr(cfg, edits[e].from);
+        CHECK(at != NULL, "config edit %zu: '%s' not found", e, edits[e].from);
+        if (!at)
+            continue;
+        char *b = xmalloc(cfg_len + 64);
+        int len = snprintf(b, cfg_len + 64, "%.*s%s%s", (int)(at - cfg), cfg, edits[e].to,
+                           at + strlen(edits[e].from));
+        write_all(cfg_path, b, (size_t)len);
+        free(b);
+        char what[160];
+        snprintf(what, sizeof what, "config '%s' -> '%s'", edits[e].from, edits[e].to);
+        expect_load(ctx, dir, edit_status[e], edits[e].msg, what);
+    }
+    if (cfg)
+        write_all(cfg_path, cfg, cfg_len);
+    free(cfg);
+
+    /* the weights: truncated anywhere, or with header bytes damaged */
+    char *st = read_all(st_path, &st_len);
+    const size_t cuts[] = { 0, 4, 8, 100, 2000, st_len / 2, st_len - 4, st_len - 1 };
+    for (size_t i = 0; st && i < sizeof cuts / sizeof cuts[0]; i++) {
+        write_all(st_path, st, cuts[i]);
+        char what[80];
+        snprintf(what, sizeof what, "weights truncated to %zu bytes", cuts[i]);
+        expect_load(ctx, dir, QKV_ERR_FORMAT, "safetensors", what);
+    }
+    rng r = rng_seed(66);
+    uint64_t hlen = 0;
+    for (int b = 7; st && b >= 0; b--)
+        hlen = hlen << 8 | (unsigned char)st[b];
+    int rounds = t_quick ? 40 : 200, refused = 0;
+    for (int round = 0; st && round < rounds; round++) {
+        char *d = xmalloc(st_len);
+        memcpy(d, st, st_len);
+        d[rng_int(&r, 0, (int64_t)(8 + hlen - 1))] = (char)rng_u64(&r);
+        write_all(st_path, d, st_len);
+        free(d);
+        m = NULL;
+        s = qkv_model_load(ctx, dir, &m);
+        CHECK(s == QKV_OK || s == QKV_ERR_FORMAT, "damaged header: status %d '%s'", s,
+              qkv_ctx_last_error(ctx));
+        refused += s != QKV_OK;
+        qkv_model_free(m);
+    }
+    t_note("%d of %d damaged SASRec headers refused, the rest still well-formed", refused,
+           rounds);
+    if (st)
+        write_all(st_path, st, st_len);
+    free(st);
+    remove(cfg_path);
+    remove(st_path);
+    rmdir(dir);
+    s = qkv_model_load(ctx, NULL, &m);
+    CHECK(s == QKV_ERR_NULL, "NULL dir: %d", s);
+    s = qkv_model_load(NULL, dir, &m);
+    CHECK(s == QKV_ERR_NULL, "NULL ctx: %d", s);
+    qkv_model_free(NULL);
+    qkv_ctx_free(ctx);
+}
