@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 enum { MAX_JSON = 16 << 20 };
 
@@ -23,25 +24,50 @@ qkv_status qkv__path_join(qkv_ctx *ctx, char *buf, size_t cap, const char *dir,
     return QKV_OK;
 }
 
-qkv_status qkv__json_read(qkv_ctx *ctx, const char *path, cJSON **out)
+qkv_status qkv__read_file(qkv_ctx *ctx, const char *path, size_t max, char **buf,
+                          size_t *len)
 {
-    *out = NULL;
+    *buf = NULL;
+    *len = 0;
     FILE *f = fopen(path, "rb");
     if (!f)
         return qkv__fail(ctx, QKV_ERR_IO, "cannot open '%s': %s", path, strerror(errno));
-    char *buf = malloc(MAX_JSON + 1);
-    if (!buf) {
+    struct stat sb;
+    if (fstat(fileno(f), &sb) != 0 || !S_ISREG(sb.st_mode)) {
+        fclose(f);
+        return qkv__fail(ctx, QKV_ERR_IO, "'%s' is not a regular file", path);
+    }
+    if ((uint64_t)sb.st_size > max) {
+        fclose(f);
+        return qkv__fail(ctx, QKV_ERR_FORMAT, "'%s' is larger than %zu bytes", path, max);
+    }
+    size_t n = (size_t)sb.st_size;
+    char *b = malloc(n + 1);
+    if (!b) {
         fclose(f);
         return qkv__fail(ctx, QKV_ERR_NOMEM, "out of memory reading '%s'", path);
     }
-    size_t n = fread(buf, 1, MAX_JSON + 1, f);
+    size_t got = fread(b, 1, n, f);
     int err = ferror(f);
     fclose(f);
-    if (err || n > MAX_JSON) {
-        free(buf);
-        return qkv__fail(ctx, err ? QKV_ERR_IO : QKV_ERR_FORMAT,
-                         err ? "cannot read '%s'" : "'%s' is larger than 16 MiB", path);
+    if (err || got != n) {
+        free(b);
+        return qkv__fail(ctx, QKV_ERR_IO, "cannot read '%s'", path);
     }
+    b[n] = '\0';
+    *buf = b;
+    *len = n;
+    return QKV_OK;
+}
+
+qkv_status qkv__json_read(qkv_ctx *ctx, const char *path, cJSON **out)
+{
+    *out = NULL;
+    char *buf;
+    size_t n;
+    qkv_status s = qkv__read_file(ctx, path, MAX_JSON, &buf, &n);
+    if (s != QKV_OK)
+        return s;
     const char *end = NULL;
     cJSON *j = cJSON_ParseWithLengthOpts(buf, n, &end, 0);
     if (!j || !cJSON_IsObject(j)) {

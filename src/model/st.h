@@ -61,6 +61,10 @@ qkv_status qkv__st_load(qkv_ctx *ctx, const qkv__st *st, const char *name,
 
 /* ---- config.json (config.c) ----------------------------------------------- */
 
+/* Reads a whole regular file of at most max bytes into a malloc'd,
+   NUL-terminated buffer. QKV_ERR_IO / QKV_ERR_FORMAT (too large). */
+qkv_status qkv__read_file(qkv_ctx *ctx, const char *path, size_t max, char **buf,
+                          size_t *len);
 /* Reads and parses a JSON file (at most 16 MiB). QKV_ERR_IO / _FORMAT. */
 qkv_status qkv__json_read(qkv_ctx *ctx, const char *path, cJSON **out);
 /* An integer member in [lo, hi]; QKV_ERR_FORMAT when absent, not an

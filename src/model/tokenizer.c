@@ -125,25 +125,12 @@ qkv_status qkv__wp_from_buffer(qkv_ctx *ctx, const char *buf, size_t len, qkv__w
 qkv_status qkv__wp_load(qkv_ctx *ctx, const char *path, qkv__wordpiece *wp)
 {
     memset(wp, 0, sizeof *wp);
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        return qkv__fail(ctx, QKV_ERR_IO, "cannot open '%s'", path);
-    size_t cap = 64 << 20;
-    char *buf = malloc(cap + 1);
-    if (!buf) {
-        fclose(f);
-        return qkv__fail(ctx, QKV_ERR_NOMEM, "out of memory reading '%s'", path);
-    }
-    size_t n = fread(buf, 1, cap + 1, f);
-    int err = ferror(f);
-    fclose(f);
-    qkv_status s;
-    if (err)
-        s = qkv__fail(ctx, QKV_ERR_IO, "cannot read '%s'", path);
-    else if (n > cap)
-        s = qkv__fail(ctx, QKV_ERR_FORMAT, "'%s' is larger than 64 MiB", path);
-    else
-        s = qkv__wp_from_buffer(ctx, buf, n, wp);
+    char *buf;
+    size_t n;
+    qkv_status s = qkv__read_file(ctx, path, (size_t)64 << 20, &buf, &n);
+    if (s != QKV_OK)
+        return s;
+    s = qkv__wp_from_buffer(ctx, buf, n, wp);
     free(buf);
     return s;
 }
