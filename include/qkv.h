@@ -299,8 +299,8 @@ QKV_API qkv_status qkv_attention_backward_reference(qkv_ctx *ctx, const qkv_tens
  */
 
 enum {
-    QKV_ERR_IO     = -10,   /* a file cannot be opened, read or mapped */
-    QKV_ERR_FORMAT = -11    /* a model file is malformed or does not match its config */
+    QKV_ERR_IO     = -20,   /* a file cannot be opened, read or mapped */
+    QKV_ERR_FORMAT = -21    /* a model file is malformed or does not match its config */
 };
 
 typedef struct qkv_model qkv_model;

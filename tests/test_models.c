@@ -877,5 +877,9 @@ void test_model_bad_files(void)
     s = qkv_model_load(NULL, dir, &m);
     CHECK(s == QKV_ERR_NULL, "NULL ctx: %d", s);
     qkv_model_free(NULL);
+    CHECK(strcmp(qkv_status_string(QKV_ERR_IO), "unknown status") != 0 &&
+          strcmp(qkv_status_string(QKV_ERR_FORMAT), "unknown status") != 0 &&
+          strcmp(qkv_status_string(QKV_ERR_IO), qkv_status_string(QKV_ERR_FORMAT)) != 0,
+          "the model statuses have names of their own");
     qkv_ctx_free(ctx);
 }
