@@ -34,6 +34,7 @@ void test_model_minilm(void);
 void test_model_vit_mnist(void);
 void test_model_sasrec(void);
 void test_model_bad_files(void);
+void test_model_bad_bert(void);
 
 static const struct { const char *name; void (*fn)(void); } tests[] = {
     { "convert_f16_exhaustive",  test_convert_f16_exhaustive },
@@ -94,6 +95,7 @@ static const struct { const char *name; void (*fn)(void); } tests[] = {
     { "model_vit_mnist",         test_model_vit_mnist },
     { "model_sasrec",            test_model_sasrec },
     { "model_bad_files",         test_model_bad_files },
+    { "model_bad_bert",          test_model_bad_bert },
 };
 
 int t_quick;

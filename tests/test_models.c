@@ -883,3 +883,170 @@ void test_model_bad_files(void)
           "the model statuses have names of their own");
     qkv_ctx_free(ctx);
 }
+
+/* A MiniLM folder in dst with model.safetensors linked, config.json,
+   vocab.txt and sentence_bert_config.json copied. */
+static void minilm_copy(const char *src, const char *dst)
+{
+    static const char *const files[] = { "config.json", "vocab.txt",
+                                         "sentence_bert_config.json" };
+    copy_model(src, dst, files, 3);
+    char a[4200], b[4200];
+    snprintf(a, sizeof a, "%s/model.safetensors", src);
+    snprintf(b, sizeof b, "%s/model.safetensors", dst);
+    if (a[0] != '/') {   /* a relative target is taken from dst's folder */
+        char cwd[2048];
+        if (!getcwd(cwd, sizeof cwd))
+            exit(2);
+        snprintf(a, sizeof a, "%s/%s/model.safetensors", cwd, src);
+    }
+    if (symlink(a, b) != 0) {
+        fprintf(stderr, "cannot link %s\n", b);
+        exit(2);
+    }
+}
+
+/* Replaces the first `from` in file path by `to`. */
+static void edit_file(const char *path, const char *from, const char *to)
+{
+    size_t len;
+    char *t = read_all(path, &len);
+    const char *at = t ? strstr(t, from) : NULL;
+    CHECK(at != NULL, "%s: '%s' not found", path, from);
+    if (at) {
+        char *b = xmalloc(len + strlen(to) + 1);
+        int n = sprintf(b, "%.*s%s%s", (int)(at - t), t, to, at + strlen(from));
+        write_all(path, b, (size_t)n);
+        free(b);
+    }
+    free(t);
+}
+
+void test_model_bad_bert(void)
+{
+    char src[4096];
+    if (!minilm_dir(src, sizeof src))
+        return;
+    qkv_ctx *ctx = qkv_ctx_create(1);
+    char dir[] = "/tmp/qkv_bert_XXXXXX";
+    if (!mkdtemp(dir)) {
+        CHECK(0, "mkdtemp failed");
+        return;
+    }
+    char cfg[4200], vocab[4200], stc[4200], st[4200];
+    snprintf(cfg, sizeof cfg, "%s/config.json", dir);
+    snprintf(vocab, sizeof vocab, "%s/vocab.txt", dir);
+    snprintf(stc, sizeof stc, "%s/sentence_bert_config.json", dir);
+    snprintf(st, sizeof st, "%s/model.safetensors", dir);
+    static const struct { const char *file, *from, *to, *msg; qkv_status want; } edits[] = {
+        { "config.json", "\"vocab_size\": 30522", "\"vocab_size\": 30000", "vocab.txt has",
+          QKV_ERR_FORMAT },
+        { "config.json", "\"hidden_size\": 384", "\"hidden_size\": 390", "hidden_size",
+          QKV_ERR_FORMAT },
+        { "config.json", "\"intermediate_size\": 1536", "\"intermediate_size\": 1024",
+          "the config needs", QKV_ERR_FORMAT },
+        { "config.json", "\"num_hidden_layers\": 6", "\"num_hidden_layers\": 7", "is missing",
+          QKV_ERR_FORMAT },
+        { "config.json", "\"hidden_act\": \"gelu\"", "\"hidden_act\": \"relu\"", "hidden_act",
+          QKV_ERR_FORMAT },
+        { "sentence_bert_config.json", "\"max_seq_length\": 256", "\"max_seq_length\": 513",
+          "max_seq_length", QKV_ERR_FORMAT },
+        { "sentence_bert_config.json", "\"max_seq_length\": 256", "\"max_seq_length\": 1",
+          "max_seq_length", QKV_ERR_FORMAT },
+        { "vocab.txt", "[SEP]\n", "[SEX]\n", "[SEP]", QKV_ERR_FORMAT },
+        { "vocab.txt", "the\n", "\xff\n", "not UTF-8", QKV_ERR_FORMAT },
+    };
+    for (size_t e = 0; e < sizeof edits / sizeof edits[0]; e++) {
+        minilm_copy(src, dir);
+        char path[4200];
+        snprintf(path, sizeof path, "%s/%s", dir, edits[e].file);
+        edit_file(path, edits[e].from, edits[e].to);
+        char what[200];
+        snprintf(what, sizeof what, "%s: '%s' -> '%s'", edits[e].file, edits[e].from,
+                 edits[e].to);
+        expect_load(ctx, dir, edits[e].want, edits[e].msg, what);
+        remove(cfg); remove(vocab); remove(stc); remove(st);
+    }
+    minilm_copy(src, dir);
+    remove(vocab);
+    expect_load(ctx, dir, QKV_ERR_IO, "vocab.txt", "no vocab.txt");
+    remove(cfg); remove(stc); remove(st);
+
+    /* the same weights stored as F16 and BF16: loaded, and the embeddings
+       stay close to the F32 model's */
+    char srcst[4200];
+    snprintf(srcst, sizeof srcst, "%s/model.safetensors", src);
+    qkv__st in;
+    qkv_status s = qkv__st_open(ctx, srcst, &in);
+    CHECK(s == QKV_OK, "open %s: %s", srcst, qkv_ctx_last_error(ctx));
+    qkv_model *m32 = NULL;
+    CHECK(qkv_model_load(ctx, src, &m32) == QKV_OK, "load: %s", qkv_ctx_last_error(ctx));
+    const char *texts[2] = { "A man is eating food.", "Café naïve résumé, 3.14!" };
+    float e32[2 * 384], e16[2 * 384];
+    if (m32)
+        CHECK(qkv_model_embed(ctx, m32, texts, 2, e32) == QKV_OK, "embed f32");
+    for (int half = 0; s == QKV_OK && m32 && half < 2; half++) {
+        /* header: every F32 tensor becomes F16/BF16, offsets recomputed */
+        size_t cap = 1 << 20, hl = 0, off = 0, data_cap = 0;
+        char *hdr = xmalloc(cap);
+        hl += (size_t)snprintf(hdr + hl, cap - hl, "{");
+        for (int i = 0; i < in.n; i++) {
+            const qkv__st_tensor *t = &in.t[i];
+            int f = t->dtype == QKV__ST_F32;
+            size_t nb = f ? t->nbytes / 2 : t->nbytes;
+            hl += (size_t)snprintf(hdr + hl, cap - hl, "%s\"%s\":{\"dtype\":\"%s\",\"shape\":[",
+                                   i ? "," : "", t->name,
+                                   f ? (half ? "BF16" : "F16") : "I64");
+            for (int d = 0; d < t->ndim; d++)
+                hl += (size_t)snprintf(hdr + hl, cap - hl, "%s%lld", d ? "," : "",
+                                       (long long)t->shape[d]);
+            hl += (size_t)snprintf(hdr + hl, cap - hl, "],\"data_offsets\":[%zu,%zu]}", off,
+                                   off + nb);
+            off += nb;
+        }
+        hl += (size_t)snprintf(hdr + hl, cap - hl, "}");
+        data_cap = off;
+        unsigned char *data = xmalloc(data_cap);
+        off = 0;
+        for (int i = 0; i < in.n; i++) {
+            const qkv__st_tensor *t = &in.t[i];
+            if (t->dtype != QKV__ST_F32) {
+                memcpy(data + off, t->data, t->nbytes);
+                off += t->nbytes;
+                continue;
+            }
+            for (size_t k = 0; k < t->nbytes / 4; k++, off += 2) {
+                float x;
+                memcpy(&x, t->data + 4 * k, 4);
+                uint16_t h = half ? qkv__f32_to_bf16(x) : qkv__f32_to_f16(x);
+                memcpy(data + off, &h, 2);
+            }
+        }
+        size_t len;
+        unsigned char *img = st_image(hdr, data, data_cap, &len);
+        minilm_copy(src, dir);
+        remove(st);
+        write_all(st, img, len);
+        free(img); free(data); free(hdr);
+        qkv_model *m = NULL;
+        s = qkv_model_load(ctx, dir, &m);
+        CHECK(s == QKV_OK, "%s weights: %s", half ? "BF16" : "F16", qkv_ctx_last_error(ctx));
+        if (s == QKV_OK && qkv_model_embed(ctx, m, texts, 2, e16) == QKV_OK) {
+            for (int i = 0; i < 2; i++) {
+                double dot = 0;
+                for (int c = 0; c < 384; c++)
+                    dot += (double)e16[i * 384 + c] * e32[i * 384 + c];
+                CHECK(dot > (half ? 0.99 : 0.999), "%s weights, text %d: cosine %.6f",
+                      half ? "BF16" : "F16", i, dot);
+                t_note("%s weights, text %d: cosine %.6f with the F32 model",
+                       half ? "BF16" : "F16", i, dot);
+            }
+        }
+        qkv_model_free(m);
+        remove(cfg); remove(vocab); remove(stc); remove(st);
+    }
+    qkv_model_free(m32);
+    qkv__st_close(&in);
+    rmdir(dir);
+    qkv_ctx_free(ctx);
+}
