@@ -101,6 +101,20 @@ static cJSON *read_json(const char *path)
     return j;
 }
 
+/* A malloc'd copy of text with its first `from` replaced by `to`, or NULL
+   (with a failed CHECK) when from does not occur. */
+static char *replace_first(const char *text, const char *from, const char *to)
+{
+    const char *at = strstr(text, from);
+    CHECK(at != NULL, "'%s' not found in the text to edit", from);
+    if (!at)
+        return NULL;
+    size_t n = strlen(text) - strlen(from) + strlen(to);
+    char *b = xmalloc(n + 1);
+    snprintf(b, n + 1, "%.*s%s%s", (int)(at - text), text, to, at + strlen(from));
+    return b;
+}
+
 /* ---- safetensors ------------------------------------------------------------ */
 
 /* A safetensors image: header JSON padded to 8 bytes, then data bytes. */
@@ -229,16 +243,12 @@ void test_safetensors_mangled(void)
     unsigned char data[40];
     st_data(data);
     for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
-        const char *at = strstr(good_header, cases[c].from);
-        if (!at) {
-            CHECK(0, "case %zu: '%s' not in the header", c, cases[c].from);
+        char *hdr = replace_first(good_header, cases[c].from, cases[c].to);
+        if (!hdr)
             continue;
-        }
-        char hdr[1024];
-        snprintf(hdr, sizeof hdr, "%.*s%s%s", (int)(at - good_header), good_header,
-                 cases[c].to, at + strlen(cases[c].from));
         size_t len;
         unsigned char *img = st_image(hdr, data, sizeof data, &len);
+        free(hdr);
         qkv__st st;
         qkv_status s = qkv__st_parse(ctx, img, len, &st);
         CHECK(s == QKV_ERR_FORMAT && strstr(qkv_ctx_last_error(ctx), cases[c].msg),
@@ -836,14 +846,10 @@ void test_model_bad_files(void)
         QKV_ERR_FORMAT, QKV_ERR_FORMAT, QKV_ERR_FORMAT, QKV_ERR_FORMAT, QKV_ERR_UNSUPPORTED,
         QKV_ERR_FORMAT, QKV_ERR_UNSUPPORTED, QKV_ERR_FORMAT, QKV_ERR_FORMAT };
     for (size_t e = 0; cfg && e < sizeof edits / sizeof edits[0]; e++) {
-        const char *at = strstr(cfg, edits[e].from);
-        CHECK(at != NULL, "config edit %zu: '%s' not found", e, edits[e].from);
-        if (!at)
+        char *b = replace_first(cfg, edits[e].from, edits[e].to);
+        if (!b)
             continue;
-        char *b = xmalloc(cfg_len + 64);
-        int len = snprintf(b, cfg_len + 64, "%.*s%s%s", (int)(at - cfg), cfg, edits[e].to,
-                           at + strlen(edits[e].from));
-        write_all(cfg_path, b, (size_t)len);
+        write_all(cfg_path, b, strlen(b));
         free(b);
         char what[160];
         snprintf(what, sizeof what, "config '%s' -> '%s'", edits[e].from, edits[e].to);
@@ -925,16 +931,11 @@ static void minilm_copy(const char *src, const char *dst)
 /* Replaces the first `from` in file path by `to`. */
 static void edit_file(const char *path, const char *from, const char *to)
 {
-    size_t len;
-    char *t = read_all(path, &len);
-    const char *at = t ? strstr(t, from) : NULL;
-    CHECK(at != NULL, "%s: '%s' not found", path, from);
-    if (at) {
-        char *b = xmalloc(len + strlen(to) + 1);
-        int n = sprintf(b, "%.*s%s%s", (int)(at - t), t, to, at + strlen(from));
-        write_all(path, b, (size_t)n);
-        free(b);
-    }
+    char *t = read_all(path, NULL);
+    char *b = t ? replace_first(t, from, to) : NULL;
+    if (b)
+        write_all(path, b, strlen(b));
+    free(b);
     free(t);
 }
 

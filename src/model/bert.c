@@ -45,10 +45,9 @@ int64_t qkv__bert_dim(const qkv__bert *m) { return m->C; }
 int64_t qkv__bert_max_tokens(const qkv__bert *m) { return m->max_tokens; }
 const qkv__wordpiece *qkv__bert_vocab(const qkv__bert *m) { return &m->wp; }
 
-void qkv__bert_free(qkv__bert *m)
+static void bert_release(void *g)
 {
-    if (!m)
-        return;
+    qkv__bert *m = g;
     for (int64_t l = 0; m->layer && l < m->L; l++) {
         bert_layer *y = &m->layer[l];
         float *p[] = { y->wqkv, y->bqkv, y->wo, y->bo, y->ln1_g, y->ln1_b,
@@ -59,7 +58,6 @@ void qkv__bert_free(qkv__bert *m)
     free(m->layer);
     free(m->wemb); free(m->pemb); free(m->temb); free(m->ln_g); free(m->ln_b);
     qkv__wp_free(&m->wp);
-    free(m);
 }
 
 /* Stacks the separate query/key/value weights into one [3C, C] matrix. */
@@ -112,12 +110,10 @@ static qkv_status read_st_config(qkv_ctx *ctx, const char *dir, qkv__bert *m)
     return s;
 }
 
-qkv_status qkv__bert_load(qkv_ctx *ctx, const char *dir, const cJSON *cfg, qkv__bert **out)
+/* config.json, sentence_bert_config.json and vocab.txt */
+static qkv_status bert_config(qkv_ctx *ctx, const char *dir, const cJSON *cfg, void *g)
 {
-    *out = NULL;
-    qkv__bert *m = calloc(1, sizeof *m);
-    if (!m)
-        return qkv__fail(ctx, QKV_ERR_NOMEM, "out of memory");
+    qkv__bert *m = g;
     const char *f = "config.json";
     double eps;
     qkv_status s;
@@ -127,77 +123,65 @@ qkv_status qkv__bert_load(qkv_ctx *ctx, const char *dir, const cJSON *cfg, qkv__
         (s = qkv__json_int(ctx, cfg, f, "num_hidden_layers", 1, 1 << 10, &m->L)) ||
         (s = qkv__json_int(ctx, cfg, f, "vocab_size", 3, 1 << 24, &m->vocab)) ||
         (s = qkv__json_int(ctx, cfg, f, "max_position_embeddings", 2, 1 << 20, &m->max_pos)) ||
-        (s = qkv__json_num(ctx, cfg, f, "layer_norm_eps", 0.0, 1.0, 1, 1e-12, &eps))) {
-        qkv__bert_free(m);
+        (s = qkv__json_num(ctx, cfg, f, "layer_norm_eps", 0.0, 1.0, 1, 1e-12, &eps)))
         return s;
-    }
     const char *act = qkv__json_str(cfg, "hidden_act");
-    if (m->C % m->H != 0 || (act && strcmp(act, "gelu") != 0)) {
-        qkv__bert_free(m);
+    if (m->C % m->H != 0 || (act && strcmp(act, "gelu") != 0))
         return qkv__fail(ctx, QKV_ERR_FORMAT,
                          "config.json: hidden_size %% num_attention_heads != 0, or hidden_act "
                          "is not \"gelu\"");
-    }
     m->eps = (float)eps;
     m->normalize = 1;
     m->max_tokens = m->max_pos;
-    if ((s = read_st_config(ctx, dir, m)) != QKV_OK) {
-        qkv__bert_free(m);
+    if ((s = read_st_config(ctx, dir, m)) != QKV_OK)
         return s;
-    }
     char path[4096];
     if ((s = qkv__path_join(ctx, path, sizeof path, dir, "vocab.txt")) ||
-        (s = qkv__wp_load(ctx, path, &m->wp))) {
-        qkv__bert_free(m);
+        (s = qkv__wp_load(ctx, path, &m->wp)))
         return s;
-    }
-    if (m->wp.n != m->vocab) {
-        qkv__bert_free(m);
+    if (m->wp.n != m->vocab)
         return qkv__fail(ctx, QKV_ERR_FORMAT, "vocab.txt has %d tokens, config.json says %lld",
                          m->wp.n, (long long)m->vocab);
-    }
-    qkv__st st;
-    if ((s = qkv__path_join(ctx, path, sizeof path, dir, "model.safetensors")) ||
-        (s = qkv__st_open(ctx, path, &st))) {
-        qkv__bert_free(m);
-        return s;
-    }
-    /* checkpoints saved from BertForX carry a "bert." prefix */
-    qkv__loader L = { ctx, &st, qkv__st_find(&st, "bert.embeddings.word_embeddings.weight")
-                                ? "bert." : "", QKV_OK };
-    int64_t C = m->C;
-    m->wemb = qkv__ld(&L, "embeddings.word_embeddings.weight", 0, m->vocab, C);
-    m->pemb = qkv__ld(&L, "embeddings.position_embeddings.weight", 0, m->max_pos, C);
-    const qkv__st_tensor *tt = qkv__st_find(&st, "embeddings.token_type_embeddings.weight");
-    m->temb = qkv__ld(&L, "embeddings.token_type_embeddings.weight", 0,
-                      tt && tt->ndim == 2 && tt->shape[0] >= 1 ? tt->shape[0] : 1, C);
-    m->ln_g = qkv__ld(&L, "embeddings.LayerNorm.weight", 0, C, 0);
-    m->ln_b = qkv__ld(&L, "embeddings.LayerNorm.bias", 0, C, 0);
-    m->layer = calloc((size_t)m->L, sizeof *m->layer);
-    if (!m->layer && L.s == QKV_OK)
-        L.s = qkv__fail(ctx, QKV_ERR_NOMEM, "out of memory");
-    for (int l = 0; m->layer && l < (int)m->L && L.s == QKV_OK; l++) {
-        bert_layer *y = &m->layer[l];
-        load_qkv(&L, l, C, y);
-        y->wo = qkv__ld(&L, "encoder.layer.%d.attention.output.dense.weight", l, C, C);
-        y->bo = qkv__ld(&L, "encoder.layer.%d.attention.output.dense.bias", l, C, 0);
-        y->ln1_g = qkv__ld(&L, "encoder.layer.%d.attention.output.LayerNorm.weight", l, C, 0);
-        y->ln1_b = qkv__ld(&L, "encoder.layer.%d.attention.output.LayerNorm.bias", l, C, 0);
-        y->w1 = qkv__ld(&L, "encoder.layer.%d.intermediate.dense.weight", l, m->I, C);
-        y->b1 = qkv__ld(&L, "encoder.layer.%d.intermediate.dense.bias", l, m->I, 0);
-        y->w2 = qkv__ld(&L, "encoder.layer.%d.output.dense.weight", l, C, m->I);
-        y->b2 = qkv__ld(&L, "encoder.layer.%d.output.dense.bias", l, C, 0);
-        y->ln2_g = qkv__ld(&L, "encoder.layer.%d.output.LayerNorm.weight", l, C, 0);
-        y->ln2_b = qkv__ld(&L, "encoder.layer.%d.output.LayerNorm.bias", l, C, 0);
-    }
-    qkv__st_close(&st);
-    if (L.s != QKV_OK) {
-        qkv__bert_free(m);
-        return L.s;
-    }
-    *out = m;
     return QKV_OK;
 }
+
+static void bert_weights(qkv__loader *L, void *g)
+{
+    qkv__bert *m = g;
+    /* checkpoints saved from BertForX carry a "bert." prefix */
+    if (qkv__st_find(L->st, "bert.embeddings.word_embeddings.weight"))
+        L->prefix = "bert.";
+    int64_t C = m->C;
+    m->wemb = qkv__ld(L, "embeddings.word_embeddings.weight", 0, m->vocab, C);
+    m->pemb = qkv__ld(L, "embeddings.position_embeddings.weight", 0, m->max_pos, C);
+    /* the token-type table may have any number of rows: row 0 is used */
+    const qkv__st_tensor *tt = qkv__ld_find(L, "embeddings.token_type_embeddings.weight");
+    m->temb = qkv__ld(L, "embeddings.token_type_embeddings.weight", 0,
+                      tt && tt->ndim == 2 && tt->shape[0] >= 1 ? tt->shape[0] : 1, C);
+    m->ln_g = qkv__ld(L, "embeddings.LayerNorm.weight", 0, C, 0);
+    m->ln_b = qkv__ld(L, "embeddings.LayerNorm.bias", 0, C, 0);
+    m->layer = calloc((size_t)m->L, sizeof *m->layer);
+    if (!m->layer && L->s == QKV_OK)
+        L->s = qkv__fail(L->ctx, QKV_ERR_NOMEM, "out of memory");
+    for (int l = 0; m->layer && l < (int)m->L && L->s == QKV_OK; l++) {
+        bert_layer *y = &m->layer[l];
+        load_qkv(L, l, C, y);
+        y->wo = qkv__ld(L, "encoder.layer.%d.attention.output.dense.weight", l, C, C);
+        y->bo = qkv__ld(L, "encoder.layer.%d.attention.output.dense.bias", l, C, 0);
+        y->ln1_g = qkv__ld(L, "encoder.layer.%d.attention.output.LayerNorm.weight", l, C, 0);
+        y->ln1_b = qkv__ld(L, "encoder.layer.%d.attention.output.LayerNorm.bias", l, C, 0);
+        y->w1 = qkv__ld(L, "encoder.layer.%d.intermediate.dense.weight", l, m->I, C);
+        y->b1 = qkv__ld(L, "encoder.layer.%d.intermediate.dense.bias", l, m->I, 0);
+        y->w2 = qkv__ld(L, "encoder.layer.%d.output.dense.weight", l, C, m->I);
+        y->b2 = qkv__ld(L, "encoder.layer.%d.output.dense.bias", l, C, 0);
+        y->ln2_g = qkv__ld(L, "encoder.layer.%d.output.LayerNorm.weight", l, C, 0);
+        y->ln2_b = qkv__ld(L, "encoder.layer.%d.output.LayerNorm.bias", l, C, 0);
+    }
+}
+
+const qkv__graph qkv__bert_graph = {
+    "bert", sizeof(qkv__bert), bert_config, bert_weights, bert_release
+};
 
 /* The activations of one pass over T packed tokens. */
 typedef struct {

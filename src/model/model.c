@@ -10,13 +10,12 @@
 #include <stdlib.h>
 #include <string.h>
 
-typedef enum { KIND_BERT, KIND_VIT, KIND_SASREC } model_kind;
+static const qkv__graph *const graphs[] = { &qkv__bert_graph, &qkv__vit_graph,
+                                             &qkv__sasrec_graph };
 
 struct qkv_model {
-    model_kind   kind;
-    qkv__bert   *bert;
-    qkv__vit    *vit;
-    qkv__sasrec *sasrec;
+    const qkv__graph *graph;
+    void             *g;       /* the graph's state */
 };
 
 static float *load_named(qkv__loader *L, const char *fmt, int layer, int ndim,
@@ -30,6 +29,13 @@ static float *load_named(qkv__loader *L, const char *fmt, int layer, int ndim,
     float *p = NULL;
     L->s = qkv__st_load(L->ctx, L->st, name, ndim, shape, &p);
     return p;
+}
+
+const qkv__st_tensor *qkv__ld_find(const qkv__loader *L, const char *name)
+{
+    char full[300];
+    snprintf(full, sizeof full, "%s%s", L->prefix, name);
+    return qkv__st_find(L->st, full);
 }
 
 float *qkv__ld(qkv__loader *L, const char *fmt, int layer, int64_t d0, int64_t d1)
@@ -57,32 +63,39 @@ qkv_status qkv_model_load(qkv_ctx *ctx, const char *dir, qkv_model **model)
     qkv_status s = qkv__path_join(ctx, path, sizeof path, dir, "config.json");
     if (s != QKV_OK || (s = qkv__json_read(ctx, path, &cfg)) != QKV_OK)
         return s;
-    qkv_model *m = calloc(1, sizeof *m);
-    if (!m) {
-        cJSON_Delete(cfg);
-        return qkv__fail(ctx, QKV_ERR_NOMEM, "out of memory");
-    }
     const char *type = qkv__json_str(cfg, "model_type");
-    if (!type) {
+    const qkv__graph *graph = NULL;
+    for (size_t i = 0; type && i < sizeof graphs / sizeof graphs[0]; i++)
+        if (strcmp(type, graphs[i]->type) == 0)
+            graph = graphs[i];
+    qkv_model *m = graph ? calloc(1, sizeof *m) : NULL;
+    void *g = m ? calloc(1, graph->size) : NULL;
+    if (!type)
         s = qkv__fail(ctx, QKV_ERR_FORMAT, "config.json: 'model_type' is missing");
-    } else if (strcmp(type, "bert") == 0) {
-        m->kind = KIND_BERT;
-        s = qkv__bert_load(ctx, dir, cfg, &m->bert);
-    } else if (strcmp(type, "vit") == 0) {
-        m->kind = KIND_VIT;
-        s = qkv__vit_load(ctx, dir, cfg, &m->vit);
-    } else if (strcmp(type, "sasrec") == 0) {
-        m->kind = KIND_SASREC;
-        s = qkv__sasrec_load(ctx, dir, cfg, &m->sasrec);
-    } else {
+    else if (!graph)
         s = qkv__fail(ctx, QKV_ERR_UNSUPPORTED,
                       "config.json: model_type '%.64s' (bert, vit or sasrec supported)", type);
-    }
+    else if (!g)
+        s = qkv__fail(ctx, QKV_ERR_NOMEM, "out of memory");
+    else
+        s = graph->config(ctx, dir, cfg, g);
     cJSON_Delete(cfg);
+    qkv__st st;
+    if (s == QKV_OK && (s = qkv__st_open_dir(ctx, dir, &st)) == QKV_OK) {
+        qkv__loader L = { ctx, &st, "", QKV_OK };
+        graph->weights(&L, g);
+        s = L.s;
+        qkv__st_close(&st);
+    }
     if (s != QKV_OK) {
-        qkv_model_free(m);
+        if (g)
+            graph->release(g);
+        free(g);
+        free(m);
         return s;
     }
+    m->graph = graph;
+    m->g = g;
     *model = m;
     return QKV_OK;
 }
@@ -91,106 +104,104 @@ void qkv_model_free(qkv_model *model)
 {
     if (!model)
         return;
-    qkv__bert_free(model->bert);
-    qkv__vit_free(model->vit);
-    qkv__sasrec_free(model->sasrec);
+    model->graph->release(model->g);
+    free(model->g);
     free(model);
 }
 
 const char *qkv_model_type(const qkv_model *model)
 {
-    if (!model)
-        return "";
-    switch (model->kind) {
-    case KIND_BERT: return "bert";
-    case KIND_VIT:  return "vit";
-    default:        return "sasrec";
-    }
+    return model ? model->graph->type : "";
 }
 
 int64_t qkv_model_dim(const qkv_model *model)
 {
     if (!model)
         return 0;
-    switch (model->kind) {
-    case KIND_BERT: return qkv__bert_dim(model->bert);
-    case KIND_VIT:  return qkv__vit_classes(model->vit);
-    default:        return qkv__sasrec_items(model->sasrec);
-    }
+    if (model->graph == &qkv__bert_graph)
+        return qkv__bert_dim(model->g);
+    if (model->graph == &qkv__vit_graph)
+        return qkv__vit_classes(model->g);
+    return qkv__sasrec_items(model->g);
 }
 
 /* The common checks of the calls below: ctx, model, its kind. */
-static qkv_status want(qkv_ctx *ctx, const qkv_model *model, model_kind kind,
+static qkv_status want(qkv_ctx *ctx, const qkv_model *model, const qkv__graph *graph,
                        const char *call)
 {
-    static const char *const names[] = { "bert", "vit", "sasrec" };
     if (!ctx)
         return QKV_ERR_NULL;
     if (!model)
         return qkv__fail(ctx, QKV_ERR_NULL, "%s: model is NULL", call);
-    if (model->kind != kind)
+    if (model->graph != graph)
         return qkv__fail(ctx, QKV_ERR_UNSUPPORTED, "%s needs a %s model, this one is %s",
-                         call, names[kind], names[model->kind]);
+                         call, graph->type, model->graph->type);
+    return QKV_OK;
+}
+
+/* n >= 0 items, and both arrays present when n > 0. */
+static qkv_status batch_args(qkv_ctx *ctx, const char *call, int64_t n, const void *in,
+                             const char *in_name, const void *out, const char *out_name)
+{
+    if (n < 0)
+        return qkv__fail(ctx, QKV_ERR_SHAPE, "%s: n = %lld < 0", call, (long long)n);
+    if (n > 0 && (!in || !out))
+        return qkv__fail(ctx, QKV_ERR_NULL, "%s: %s is NULL", call, !in ? in_name : out_name);
     return QKV_OK;
 }
 
 qkv_status qkv_model_tokenize(qkv_ctx *ctx, const qkv_model *model, const char *text,
                               int32_t *ids, int64_t cap, int64_t *n_ids)
 {
-    qkv_status s = want(ctx, model, KIND_BERT, "qkv_model_tokenize");
+    qkv_status s = want(ctx, model, &qkv__bert_graph, "qkv_model_tokenize");
     if (s != QKV_OK)
         return s;
     if (!text || !ids || !n_ids)
         return qkv__fail(ctx, QKV_ERR_NULL, "qkv_model_tokenize: %s is NULL",
                          !text ? "text" : !ids ? "ids" : "n_ids");
-    int64_t max = qkv__bert_max_tokens(model->bert);
+    int64_t max = qkv__bert_max_tokens(model->g);
     if (cap < max)
         return qkv__fail(ctx, QKV_ERR_SHAPE, "qkv_model_tokenize: cap %lld < %lld tokens",
                          (long long)cap, (long long)max);
-    return qkv__wp_encode(ctx, qkv__bert_vocab(model->bert), text, strlen(text), ids, max,
+    return qkv__wp_encode(ctx, qkv__bert_vocab(model->g), text, strlen(text), ids, max,
                           n_ids);
 }
 
 int64_t qkv_model_max_tokens(const qkv_model *model)
 {
-    return model && model->kind == KIND_BERT ? qkv__bert_max_tokens(model->bert) : 0;
+    return model && model->graph == &qkv__bert_graph ? qkv__bert_max_tokens(model->g) : 0;
 }
 
 qkv_status qkv_model_embed(qkv_ctx *ctx, const qkv_model *model, const char *const *texts,
                            int64_t n, float *out)
 {
-    qkv_status s = want(ctx, model, KIND_BERT, "qkv_model_embed");
+    qkv_status s = want(ctx, model, &qkv__bert_graph, "qkv_model_embed");
     if (s != QKV_OK)
         return s;
-    if (n < 0)
-        return qkv__fail(ctx, QKV_ERR_SHAPE, "qkv_model_embed: n = %lld < 0", (long long)n);
-    if (n > 0 && (!texts || !out))
-        return qkv__fail(ctx, QKV_ERR_NULL, "qkv_model_embed: %s is NULL",
-                         !texts ? "texts" : "out");
-    return qkv__bert_embed(ctx, model->bert, texts, n, out);
+    if ((s = batch_args(ctx, "qkv_model_embed", n, texts, "texts", out, "out")) != QKV_OK)
+        return s;
+    return qkv__bert_embed(ctx, model->g, texts, n, out);
 }
 
 qkv_status qkv_model_classify(qkv_ctx *ctx, const qkv_model *model, const uint8_t *pixels,
                               int64_t n, float *logits)
 {
-    qkv_status s = want(ctx, model, KIND_VIT, "qkv_model_classify");
+    qkv_status s = want(ctx, model, &qkv__vit_graph, "qkv_model_classify");
     if (s != QKV_OK)
         return s;
-    if (n < 0)
-        return qkv__fail(ctx, QKV_ERR_SHAPE, "qkv_model_classify: n = %lld < 0", (long long)n);
-    if (n > 0 && (!pixels || !logits))
-        return qkv__fail(ctx, QKV_ERR_NULL, "qkv_model_classify: %s is NULL",
-                         !pixels ? "pixels" : "logits");
-    return qkv__vit_classify(ctx, model->vit, pixels, n, logits);
+    s = batch_args(ctx, "qkv_model_classify", n, pixels, "pixels", logits, "logits");
+    if (s != QKV_OK)
+        return s;
+    return qkv__vit_classify(ctx, model->g, pixels, n, logits);
 }
 
 qkv_status qkv_model_recommend(qkv_ctx *ctx, const qkv_model *model, const int32_t *history,
                                int64_t len, int64_t k, int32_t *items, float *scores)
 {
-    qkv_status s = want(ctx, model, KIND_SASREC, "qkv_model_recommend");
+    qkv_status s = want(ctx, model, &qkv__sasrec_graph, "qkv_model_recommend");
     if (s != QKV_OK)
         return s;
-    int64_t n_items = qkv__sasrec_items(model->sasrec);
+    int64_t n_items = qkv__sasrec_items(model->g);
     if (len < 1 || k < 1 || k > n_items)
         return qkv__fail(ctx, QKV_ERR_SHAPE,
                          "qkv_model_recommend: len %lld must be >= 1 and k %lld in [1, %lld]",
@@ -203,10 +214,10 @@ qkv_status qkv_model_recommend(qkv_ctx *ctx, const qkv_model *model, const int32
             return qkv__fail(ctx, QKV_ERR_ARG,
                              "qkv_model_recommend: history[%lld] = %d is not an item id in "
                              "[1, %lld]", (long long)i, history[i], (long long)n_items);
-    return qkv__sasrec_recommend(ctx, model->sasrec, history, len, k, items, scores);
+    return qkv__sasrec_recommend(ctx, model->g, history, len, k, items, scores);
 }
 
 int64_t qkv_model_image_pixels(const qkv_model *model)
 {
-    return model && model->kind == KIND_VIT ? qkv__vit_pixels(model->vit) : 0;
+    return model && model->graph == &qkv__vit_graph ? qkv__vit_pixels(model->g) : 0;
 }

@@ -23,6 +23,8 @@ typedef struct {
 /* Tensor named prefix + fmt (fmt may use one %d: layer) of shape [d0]
    (d1 == 0) or [d0, d1]; a fresh fp32 copy, or NULL after an error. */
 float *qkv__ld(qkv__loader *L, const char *fmt, int layer, int64_t d0, int64_t d1);
+/* The tensor prefix + name, or NULL. */
+const qkv__st_tensor *qkv__ld_find(const qkv__loader *L, const char *name);
 /* The same for a 3-d shape [d0, d1, d2]. */
 float *qkv__ld3(qkv__loader *L, const char *fmt, int layer, int64_t d0, int64_t d1,
                 int64_t d2);
@@ -54,28 +56,35 @@ qkv_status qkv__wp_encode(qkv_ctx *ctx, const qkv__wordpiece *wp, const char *te
 
 /* ---- the graphs --------------------------------------------------------------- */
 
+/* A model graph, as model.c loads it: zeroed state of `size` bytes, then
+   config() (config.json and any other small file of the folder), then
+   weights() on dir/model.safetensors; release() frees what the state holds
+   (not the state itself) after a failure at any step, or at the end. */
+typedef struct {
+    const char *type;   /* config.json's model_type */
+    size_t      size;
+    qkv_status (*config)(qkv_ctx *ctx, const char *dir, const cJSON *cfg, void *g);
+    void       (*weights)(qkv__loader *L, void *g);
+    void       (*release)(void *g);
+} qkv__graph;
+
+extern const qkv__graph qkv__bert_graph, qkv__vit_graph, qkv__sasrec_graph;
+
 typedef struct qkv__bert   qkv__bert;
 typedef struct qkv__vit    qkv__vit;
 typedef struct qkv__sasrec qkv__sasrec;
 
-qkv_status qkv__bert_load(qkv_ctx *ctx, const char *dir, const cJSON *cfg, qkv__bert **out);
-void       qkv__bert_free(qkv__bert *m);
 int64_t    qkv__bert_dim(const qkv__bert *m);
 const qkv__wordpiece *qkv__bert_vocab(const qkv__bert *m);
 int64_t    qkv__bert_max_tokens(const qkv__bert *m);
 qkv_status qkv__bert_embed(qkv_ctx *ctx, const qkv__bert *m, const char *const *texts,
                            int64_t n, float *out);
 
-qkv_status qkv__vit_load(qkv_ctx *ctx, const char *dir, const cJSON *cfg, qkv__vit **out);
-void       qkv__vit_free(qkv__vit *m);
 int64_t    qkv__vit_classes(const qkv__vit *m);
 int64_t    qkv__vit_pixels(const qkv__vit *m);
 qkv_status qkv__vit_classify(qkv_ctx *ctx, const qkv__vit *m, const uint8_t *pixels,
                              int64_t n, float *logits);
 
-qkv_status qkv__sasrec_load(qkv_ctx *ctx, const char *dir, const cJSON *cfg,
-                            qkv__sasrec **out);
-void       qkv__sasrec_free(qkv__sasrec *m);
 int64_t    qkv__sasrec_items(const qkv__sasrec *m);
 qkv_status qkv__sasrec_recommend(qkv_ctx *ctx, const qkv__sasrec *m, const int32_t *history,
                                  int64_t len, int64_t k, int32_t *items, float *scores);

@@ -222,6 +222,14 @@ qkv_status qkv__st_open(qkv_ctx *ctx, const char *path, qkv__st *st)
     return QKV_OK;
 }
 
+qkv_status qkv__st_open_dir(qkv_ctx *ctx, const char *dir, qkv__st *st)
+{
+    char path[4096];
+    memset(st, 0, sizeof *st);
+    qkv_status s = qkv__path_join(ctx, path, sizeof path, dir, "model.safetensors");
+    return s == QKV_OK ? qkv__st_open(ctx, path, st) : s;
+}
+
 const qkv__st_tensor *qkv__st_find(const qkv__st *st, const char *name)
 {
     for (int i = 0; i < st->n; i++)

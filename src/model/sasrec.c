@@ -35,10 +35,9 @@ struct qkv__sasrec {
 
 int64_t qkv__sasrec_items(const qkv__sasrec *m) { return m->items; }
 
-void qkv__sasrec_free(qkv__sasrec *m)
+static void sasrec_release(void *g)
 {
-    if (!m)
-        return;
+    qkv__sasrec *m = g;
     for (int64_t l = 0; m->layer && l < m->L; l++) {
         sasrec_layer *y = &m->layer[l];
         float *p[] = { y->lna_g, y->lna_b, y->win, y->bin, y->wo, y->bo,
@@ -48,11 +47,11 @@ void qkv__sasrec_free(qkv__sasrec *m)
     }
     free(m->layer);
     free(m->item); free(m->pos); free(m->last_g); free(m->last_b);
-    free(m);
 }
 
-static qkv_status read_config(qkv_ctx *ctx, const cJSON *cfg, qkv__sasrec *m)
+static qkv_status sasrec_config(qkv_ctx *ctx, const char *dir, const cJSON *cfg, void *g)
 {
+    qkv__sasrec *m = g;
     const char *f = "config.json";
     double eps;
     qkv_status s;
@@ -74,54 +73,37 @@ static qkv_status read_config(qkv_ctx *ctx, const cJSON *cfg, qkv__sasrec *m)
     return QKV_OK;
 }
 
-qkv_status qkv__sasrec_load(qkv_ctx *ctx, const char *dir, const cJSON *cfg,
-                            qkv__sasrec **out)
+static void sasrec_weights(qkv__loader *L, void *g)
 {
-    *out = NULL;
-    qkv__sasrec *m = calloc(1, sizeof *m);
-    if (!m)
-        return qkv__fail(ctx, QKV_ERR_NOMEM, "out of memory");
-    qkv_status s = read_config(ctx, cfg, m);
-    char path[4096];
-    qkv__st st = { 0 };
-    if (s == QKV_OK && (s = qkv__path_join(ctx, path, sizeof path, dir, "model.safetensors")) == QKV_OK)
-        s = qkv__st_open(ctx, path, &st);
-    if (s != QKV_OK) {
-        qkv__sasrec_free(m);
-        return s;
-    }
-    qkv__loader L = { ctx, &st, "", QKV_OK };
+    qkv__sasrec *m = g;
     int64_t C = m->C;
-    m->item = qkv__ld(&L, "item_emb.weight", 0, m->items + 1, C);
-    m->pos = qkv__ld(&L, "pos_emb.weight", 0, m->maxlen + 1, C);
-    m->last_g = qkv__ld(&L, "last_layernorm.weight", 0, C, 0);
-    m->last_b = qkv__ld(&L, "last_layernorm.bias", 0, C, 0);
+    m->item = qkv__ld(L, "item_emb.weight", 0, m->items + 1, C);
+    m->pos = qkv__ld(L, "pos_emb.weight", 0, m->maxlen + 1, C);
+    m->last_g = qkv__ld(L, "last_layernorm.weight", 0, C, 0);
+    m->last_b = qkv__ld(L, "last_layernorm.bias", 0, C, 0);
     m->layer = calloc((size_t)m->L, sizeof *m->layer);
-    if (!m->layer && L.s == QKV_OK)
-        L.s = qkv__fail(ctx, QKV_ERR_NOMEM, "out of memory");
-    for (int l = 0; m->layer && l < (int)m->L && L.s == QKV_OK; l++) {
+    if (!m->layer && L->s == QKV_OK)
+        L->s = qkv__fail(L->ctx, QKV_ERR_NOMEM, "out of memory");
+    for (int l = 0; m->layer && l < (int)m->L && L->s == QKV_OK; l++) {
         sasrec_layer *y = &m->layer[l];
-        y->lna_g = qkv__ld(&L, "attention_layernorms.%d.weight", l, C, 0);
-        y->lna_b = qkv__ld(&L, "attention_layernorms.%d.bias", l, C, 0);
-        y->win = qkv__ld(&L, "attention_layers.%d.in_proj_weight", l, 3 * C, C);
-        y->bin = qkv__ld(&L, "attention_layers.%d.in_proj_bias", l, 3 * C, 0);
-        y->wo = qkv__ld(&L, "attention_layers.%d.out_proj.weight", l, C, C);
-        y->bo = qkv__ld(&L, "attention_layers.%d.out_proj.bias", l, C, 0);
-        y->lnf_g = qkv__ld(&L, "forward_layernorms.%d.weight", l, C, 0);
-        y->lnf_b = qkv__ld(&L, "forward_layernorms.%d.bias", l, C, 0);
-        y->w1 = qkv__ld3(&L, "forward_layers.%d.conv1.weight", l, C, C, 1);
-        y->b1 = qkv__ld(&L, "forward_layers.%d.conv1.bias", l, C, 0);
-        y->w2 = qkv__ld3(&L, "forward_layers.%d.conv2.weight", l, C, C, 1);
-        y->b2 = qkv__ld(&L, "forward_layers.%d.conv2.bias", l, C, 0);
+        y->lna_g = qkv__ld(L, "attention_layernorms.%d.weight", l, C, 0);
+        y->lna_b = qkv__ld(L, "attention_layernorms.%d.bias", l, C, 0);
+        y->win = qkv__ld(L, "attention_layers.%d.in_proj_weight", l, 3 * C, C);
+        y->bin = qkv__ld(L, "attention_layers.%d.in_proj_bias", l, 3 * C, 0);
+        y->wo = qkv__ld(L, "attention_layers.%d.out_proj.weight", l, C, C);
+        y->bo = qkv__ld(L, "attention_layers.%d.out_proj.bias", l, C, 0);
+        y->lnf_g = qkv__ld(L, "forward_layernorms.%d.weight", l, C, 0);
+        y->lnf_b = qkv__ld(L, "forward_layernorms.%d.bias", l, C, 0);
+        y->w1 = qkv__ld3(L, "forward_layers.%d.conv1.weight", l, C, C, 1);
+        y->b1 = qkv__ld(L, "forward_layers.%d.conv1.bias", l, C, 0);
+        y->w2 = qkv__ld3(L, "forward_layers.%d.conv2.weight", l, C, C, 1);
+        y->b2 = qkv__ld(L, "forward_layers.%d.conv2.bias", l, C, 0);
     }
-    qkv__st_close(&st);
-    if (L.s != QKV_OK) {
-        qkv__sasrec_free(m);
-        return L.s;
-    }
-    *out = m;
-    return QKV_OK;
 }
+
+const qkv__graph qkv__sasrec_graph = {
+    "sasrec", sizeof(qkv__sasrec), sasrec_config, sasrec_weights, sasrec_release
+};
 
 qkv_status qkv__sasrec_recommend(qkv_ctx *ctx, const qkv__sasrec *m, const int32_t *history,
                                  int64_t len, int64_t k, int32_t *items, float *scores)

@@ -50,6 +50,8 @@ qkv_status qkv__st_parse(qkv_ctx *ctx, const void *buf, size_t size, qkv__st *st
 /* Maps the file read-only and parses it. QKV_ERR_IO when it cannot be
    opened or mapped. */
 qkv_status qkv__st_open(qkv_ctx *ctx, const char *path, qkv__st *st);
+/* qkv__st_open on dir/model.safetensors. */
+qkv_status qkv__st_open_dir(qkv_ctx *ctx, const char *dir, qkv__st *st);
 void       qkv__st_close(qkv__st *st);
 const qkv__st_tensor *qkv__st_find(const qkv__st *st, const char *name);
 

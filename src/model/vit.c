@@ -36,10 +36,9 @@ enum { IMAGE_CHUNK = 256 };
 int64_t qkv__vit_classes(const qkv__vit *m) { return m->classes; }
 int64_t qkv__vit_pixels(const qkv__vit *m) { return m->img * m->img; }
 
-void qkv__vit_free(qkv__vit *m)
+static void vit_release(void *g)
 {
-    if (!m)
-        return;
+    qkv__vit *m = g;
     for (int64_t l = 0; m->layer && l < m->L; l++) {
         vit_layer *y = &m->layer[l];
         float *p[] = { y->ln1_g, y->ln1_b, y->wqkv, y->wo, y->bo, y->ln2_g, y->ln2_b,
@@ -50,11 +49,11 @@ void qkv__vit_free(qkv__vit *m)
     free(m->layer);
     free(m->wpatch); free(m->bpatch); free(m->cls); free(m->pos);
     free(m->wh1); free(m->bh1); free(m->wh2); free(m->bh2);
-    free(m);
 }
 
-static qkv_status read_config(qkv_ctx *ctx, const cJSON *cfg, qkv__vit *m)
+static qkv_status vit_config(qkv_ctx *ctx, const char *dir, const cJSON *cfg, void *g)
 {
+    qkv__vit *m = g;
     const char *f = "config.json";
     int64_t ch;
     double scale, mean, std;
@@ -91,59 +90,43 @@ static qkv_status read_config(qkv_ctx *ctx, const cJSON *cfg, qkv__vit *m)
     return QKV_OK;
 }
 
-qkv_status qkv__vit_load(qkv_ctx *ctx, const char *dir, const cJSON *cfg, qkv__vit **out)
+static void vit_weights(qkv__loader *L, void *g)
 {
-    *out = NULL;
-    qkv__vit *m = calloc(1, sizeof *m);
-    if (!m)
-        return qkv__fail(ctx, QKV_ERR_NOMEM, "out of memory");
-    qkv_status s = read_config(ctx, cfg, m);
-    char path[4096];
-    qkv__st st = { 0 };
-    if (s == QKV_OK && (s = qkv__path_join(ctx, path, sizeof path, dir, "model.safetensors")) == QKV_OK)
-        s = qkv__st_open(ctx, path, &st);
-    if (s != QKV_OK) {
-        qkv__vit_free(m);
-        return s;
-    }
-    qkv__loader L = { ctx, &st, "", QKV_OK };
+    qkv__vit *m = g;
     int64_t C = m->C;
     /* the head's hidden width is the checkpoint's own */
-    const qkv__st_tensor *h1 = qkv__st_find(&st, "mlp_head.0.weight");
+    const qkv__st_tensor *h1 = qkv__ld_find(L, "mlp_head.0.weight");
     m->head_hidden = h1 && h1->ndim == 2 && h1->shape[0] > 0 ? h1->shape[0] : m->M;
-    m->cls = qkv__ld3(&L, "cls_token", 0, 1, 1, C);
-    m->pos = qkv__ld3(&L, "pos_embedding", 0, 1, m->tokens, C);
-    m->wpatch = qkv__ld(&L, "patch_to_embedding.weight", 0, C, m->patch * m->patch);
-    m->bpatch = qkv__ld(&L, "patch_to_embedding.bias", 0, C, 0);
-    m->wh1 = qkv__ld(&L, "mlp_head.0.weight", 0, m->head_hidden, C);
-    m->bh1 = qkv__ld(&L, "mlp_head.0.bias", 0, m->head_hidden, 0);
-    m->wh2 = qkv__ld(&L, "mlp_head.2.weight", 0, m->classes, m->head_hidden);
-    m->bh2 = qkv__ld(&L, "mlp_head.2.bias", 0, m->classes, 0);
+    m->cls = qkv__ld3(L, "cls_token", 0, 1, 1, C);
+    m->pos = qkv__ld3(L, "pos_embedding", 0, 1, m->tokens, C);
+    m->wpatch = qkv__ld(L, "patch_to_embedding.weight", 0, C, m->patch * m->patch);
+    m->bpatch = qkv__ld(L, "patch_to_embedding.bias", 0, C, 0);
+    m->wh1 = qkv__ld(L, "mlp_head.0.weight", 0, m->head_hidden, C);
+    m->bh1 = qkv__ld(L, "mlp_head.0.bias", 0, m->head_hidden, 0);
+    m->wh2 = qkv__ld(L, "mlp_head.2.weight", 0, m->classes, m->head_hidden);
+    m->bh2 = qkv__ld(L, "mlp_head.2.bias", 0, m->classes, 0);
     m->layer = calloc((size_t)m->L, sizeof *m->layer);
-    if (!m->layer && L.s == QKV_OK)
-        L.s = qkv__fail(ctx, QKV_ERR_NOMEM, "out of memory");
-    for (int l = 0; m->layer && l < (int)m->L && L.s == QKV_OK; l++) {
+    if (!m->layer && L->s == QKV_OK)
+        L->s = qkv__fail(L->ctx, QKV_ERR_NOMEM, "out of memory");
+    for (int l = 0; m->layer && l < (int)m->L && L->s == QKV_OK; l++) {
         vit_layer *y = &m->layer[l];
-        y->ln1_g = qkv__ld(&L, "transformer.layers.%d.0.fn.norm.weight", l, C, 0);
-        y->ln1_b = qkv__ld(&L, "transformer.layers.%d.0.fn.norm.bias", l, C, 0);
-        y->wqkv = qkv__ld(&L, "transformer.layers.%d.0.fn.fn.to_qkv.weight", l, 3 * C, C);
-        y->wo = qkv__ld(&L, "transformer.layers.%d.0.fn.fn.to_out.weight", l, C, C);
-        y->bo = qkv__ld(&L, "transformer.layers.%d.0.fn.fn.to_out.bias", l, C, 0);
-        y->ln2_g = qkv__ld(&L, "transformer.layers.%d.1.fn.norm.weight", l, C, 0);
-        y->ln2_b = qkv__ld(&L, "transformer.layers.%d.1.fn.norm.bias", l, C, 0);
-        y->w1 = qkv__ld(&L, "transformer.layers.%d.1.fn.fn.net.0.weight", l, m->M, C);
-        y->b1 = qkv__ld(&L, "transformer.layers.%d.1.fn.fn.net.0.bias", l, m->M, 0);
-        y->w2 = qkv__ld(&L, "transformer.layers.%d.1.fn.fn.net.2.weight", l, C, m->M);
-        y->b2 = qkv__ld(&L, "transformer.layers.%d.1.fn.fn.net.2.bias", l, C, 0);
+        y->ln1_g = qkv__ld(L, "transformer.layers.%d.0.fn.norm.weight", l, C, 0);
+        y->ln1_b = qkv__ld(L, "transformer.layers.%d.0.fn.norm.bias", l, C, 0);
+        y->wqkv = qkv__ld(L, "transformer.layers.%d.0.fn.fn.to_qkv.weight", l, 3 * C, C);
+        y->wo = qkv__ld(L, "transformer.layers.%d.0.fn.fn.to_out.weight", l, C, C);
+        y->bo = qkv__ld(L, "transformer.layers.%d.0.fn.fn.to_out.bias", l, C, 0);
+        y->ln2_g = qkv__ld(L, "transformer.layers.%d.1.fn.norm.weight", l, C, 0);
+        y->ln2_b = qkv__ld(L, "transformer.layers.%d.1.fn.norm.bias", l, C, 0);
+        y->w1 = qkv__ld(L, "transformer.layers.%d.1.fn.fn.net.0.weight", l, m->M, C);
+        y->b1 = qkv__ld(L, "transformer.layers.%d.1.fn.fn.net.0.bias", l, m->M, 0);
+        y->w2 = qkv__ld(L, "transformer.layers.%d.1.fn.fn.net.2.weight", l, C, m->M);
+        y->b2 = qkv__ld(L, "transformer.layers.%d.1.fn.fn.net.2.bias", l, C, 0);
     }
-    qkv__st_close(&st);
-    if (L.s != QKV_OK) {
-        qkv__vit_free(m);
-        return L.s;
-    }
-    *out = m;
-    return QKV_OK;
 }
+
+const qkv__graph qkv__vit_graph = {
+    "vit", sizeof(qkv__vit), vit_config, vit_weights, vit_release
+};
 
 /* Classifies n <= IMAGE_CHUNK images. */
 static qkv_status classify_chunk(qkv_ctx *ctx, const qkv__vit *m, const uint8_t *pixels,

@@ -36,6 +36,7 @@ typedef struct {
     int64_t      ldx, ldy, M, C, rows;
     const float *g, *b;
     float        eps;
+    int          relu;    /* activation_task: ReLU, else GELU */
 } rows_job;
 
 enum { ROWS_PER_TASK = 16 };
@@ -88,25 +89,19 @@ static inline float erf_rational(float x)
     return e < -1.0f ? -1.0f : e > 1.0f ? 1.0f : e;   /* GELU(x < 0) stays <= 0 */
 }
 
-static void gelu_task(void *arg, int64_t task, int worker)
+/* GELU or ReLU in place, on rows of the job's block */
+static void activation_task(void *arg, int64_t task, int worker)
 {
     const rows_job *j = arg;
     int64_t r1 = (task + 1) * j->rows < j->M ? (task + 1) * j->rows : j->M;
     for (int64_t r = task * j->rows; r < r1; r++) {
         float *y = j->y + r * j->ldy;
-        for (int64_t c = 0; c < j->C; c++)
-            y[c] = 0.5f * y[c] * (1.0f + erf_rational(y[c] * 0.70710678118654752f));
-    }
-}
-
-static void relu_task(void *arg, int64_t task, int worker)
-{
-    const rows_job *j = arg;
-    int64_t r1 = (task + 1) * j->rows < j->M ? (task + 1) * j->rows : j->M;
-    for (int64_t r = task * j->rows; r < r1; r++) {
-        float *y = j->y + r * j->ldy;
-        for (int64_t c = 0; c < j->C; c++)
-            y[c] = y[c] > 0.0f ? y[c] : 0.0f;
+        if (j->relu)
+            for (int64_t c = 0; c < j->C; c++)
+                y[c] = y[c] > 0.0f ? y[c] : 0.0f;
+        else
+            for (int64_t c = 0; c < j->C; c++)
+                y[c] = 0.5f * y[c] * (1.0f + erf_rational(y[c] * 0.70710678118654752f));
     }
 }
 
@@ -128,13 +123,13 @@ void qkv__layernorm(qkv_ctx *ctx, const float *x, int64_t ldx, int64_t M, int64_
 void qkv__gelu(qkv_ctx *ctx, float *x, int64_t M, int64_t C, int64_t ld)
 {
     rows_job j = { .y = x, .ldy = ld, .M = M, .C = C };
-    run_rows(ctx, &j, gelu_task, 20.0);
+    run_rows(ctx, &j, activation_task, 20.0);
 }
 
 void qkv__relu(qkv_ctx *ctx, float *x, int64_t M, int64_t C, int64_t ld)
 {
-    rows_job j = { .y = x, .ldy = ld, .M = M, .C = C };
-    run_rows(ctx, &j, relu_task, 1.0);
+    rows_job j = { .y = x, .ldy = ld, .M = M, .C = C, .relu = 1 };
+    run_rows(ctx, &j, activation_task, 1.0);
 }
 
 void qkv__add(float *y, int64_t ldy, const float *x, int64_t ldx, int64_t M, int64_t C)
