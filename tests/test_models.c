@@ -491,6 +491,16 @@ void test_tokenizer_wordpiece(void)
         CHECK(s == QKV_ERR_ARG && strstr(qkv_ctx_last_error(ctx), "not valid UTF-8"),
               "bad UTF-8 #%zu: status %d '%s'", i, s, qkv_ctx_last_error(ctx));
     }
+    /* the tokenizer config's switches: cased, accents kept, CJK not split */
+    wp.lower = 0;
+    expect_ids(ctx, &wp, "hello Hello", 64, (const int32_t[]){ CLS, HELLO, UNK, SEP }, 4);
+    wp.lower = 1;
+    wp.strip = 0;
+    expect_ids(ctx, &wp, "CAFE Caf\xc3\xa9", 64, (const int32_t[]){ CLS, CAFE, UNK, SEP }, 4);
+    wp.strip = 1;
+    wp.cjk = 0;
+    expect_ids(ctx, &wp, "hello\xe4\xb8\xad", 64, (const int32_t[]){ CLS, UNK, SEP }, 3);
+    wp.cjk = 1;
     qkv__wp_free(&wp);
     /* malformed vocabularies */
     static const char *const bad_vocab[] = { "", "[CLS]\n[SEP]\n", "[CLS]\n[SEP]\n[UNK]\n\nx\n",
@@ -906,14 +916,18 @@ void test_model_bad_files(void)
     qkv_ctx_free(ctx);
 }
 
-/* A MiniLM folder in dst with model.safetensors linked, config.json,
-   vocab.txt and sentence_bert_config.json copied. */
+/* The small files of a MiniLM folder (model.safetensors is linked). */
+static const char *const minilm_files[] = {
+    "config.json", "vocab.txt", "sentence_bert_config.json", "tokenizer_config.json",
+    "modules.json", "1_Pooling/config.json" };
+enum { N_MINILM_FILES = sizeof minilm_files / sizeof minilm_files[0] };
+
 static void minilm_copy(const char *src, const char *dst)
 {
-    static const char *const files[] = { "config.json", "vocab.txt",
-                                         "sentence_bert_config.json" };
-    copy_model(src, dst, files, 3);
     char a[4200], b[4200];
+    snprintf(b, sizeof b, "%s/1_Pooling", dst);
+    mkdir(b, 0700);
+    copy_model(src, dst, minilm_files, N_MINILM_FILES);
     snprintf(a, sizeof a, "%s/model.safetensors", src);
     snprintf(b, sizeof b, "%s/model.safetensors", dst);
     if (a[0] != '/') {   /* a relative target is taken from dst's folder */
@@ -926,6 +940,19 @@ static void minilm_copy(const char *src, const char *dst)
         fprintf(stderr, "cannot link %s\n", b);
         exit(2);
     }
+}
+
+static void minilm_clean(const char *dir)
+{
+    char p[4200];
+    for (int i = 0; i < N_MINILM_FILES; i++) {
+        snprintf(p, sizeof p, "%s/%s", dir, minilm_files[i]);
+        remove(p);
+    }
+    snprintf(p, sizeof p, "%s/model.safetensors", dir);
+    remove(p);
+    snprintf(p, sizeof p, "%s/1_Pooling", dir);
+    rmdir(p);
 }
 
 /* Replaces the first `from` in file path by `to`. */
@@ -950,10 +977,8 @@ void test_model_bad_bert(void)
         CHECK(0, "mkdtemp failed");
         return;
     }
-    char cfg[4200], vocab[4200], stc[4200], st[4200];
-    snprintf(cfg, sizeof cfg, "%s/config.json", dir);
+    char vocab[4200], st[4200];
     snprintf(vocab, sizeof vocab, "%s/vocab.txt", dir);
-    snprintf(stc, sizeof stc, "%s/sentence_bert_config.json", dir);
     snprintf(st, sizeof st, "%s/model.safetensors", dir);
     static const struct { const char *file, *from, *to, *msg; qkv_status want; } edits[] = {
         { "config.json", "\"vocab_size\": 30522", "\"vocab_size\": 30000", "vocab.txt has",
@@ -972,6 +997,15 @@ void test_model_bad_bert(void)
           "max_seq_length", QKV_ERR_FORMAT },
         { "vocab.txt", "[SEP]\n", "[SEX]\n", "[SEP]", QKV_ERR_FORMAT },
         { "vocab.txt", "the\n", "\xff\n", "not UTF-8", QKV_ERR_FORMAT },
+        { "tokenizer_config.json", "\"do_lower_case\": true", "\"do_lower_case\": 1",
+          "do_lower_case", QKV_ERR_FORMAT },
+        { "1_Pooling/config.json", "\"pooling_mode_mean_tokens\": true",
+          "\"pooling_mode_mean_tokens\": false", "mean pooling", QKV_ERR_UNSUPPORTED },
+        { "1_Pooling/config.json", "\"pooling_mode_cls_token\": false",
+          "\"pooling_mode_cls_token\": true", "mean pooling", QKV_ERR_UNSUPPORTED },
+        { "modules.json", "models.Normalize", "models.Dense", "models.Dense",
+          QKV_ERR_UNSUPPORTED },
+        { "modules.json", "[", "{", "modules.json", QKV_ERR_FORMAT },
     };
     for (size_t e = 0; e < sizeof edits / sizeof edits[0]; e++) {
         minilm_copy(src, dir);
@@ -982,12 +1016,30 @@ void test_model_bad_bert(void)
         snprintf(what, sizeof what, "%s: '%s' -> '%s'", edits[e].file, edits[e].from,
                  edits[e].to);
         expect_load(ctx, dir, edits[e].want, edits[e].msg, what);
-        remove(cfg); remove(vocab); remove(stc); remove(st);
+        minilm_clean(dir);
     }
     minilm_copy(src, dir);
     remove(vocab);
     expect_load(ctx, dir, QKV_ERR_IO, "vocab.txt", "no vocab.txt");
-    remove(cfg); remove(stc); remove(st);
+    minilm_clean(dir);
+    /* without modules.json's Normalize the vectors keep their length */
+    minilm_copy(src, dir);
+    char mods[4200];
+    snprintf(mods, sizeof mods, "%s/modules.json", dir);
+    edit_file(mods, "\"sentence_transformers.models.Normalize\"",
+              "\"sentence_transformers.models.Pooling\"");
+    qkv_model *mu = NULL;
+    CHECK(qkv_model_load(ctx, dir, &mu) == QKV_OK, "no Normalize: %s", qkv_ctx_last_error(ctx));
+    float eu[384];
+    const char *one = "A man is eating food.";
+    if (mu && qkv_model_embed(ctx, mu, &one, 1, eu) == QKV_OK) {
+        double nn = 0;
+        for (int c = 0; c < 384; c++)
+            nn += (double)eu[c] * eu[c];
+        CHECK(fabs(sqrt(nn) - 1.0) > 1e-3, "no Normalize: norm %.6f", sqrt(nn));
+    }
+    qkv_model_free(mu);
+    minilm_clean(dir);
 
     /* the same weights stored as F16 and BF16: loaded, and the embeddings
        stay close to the F32 model's */
@@ -1060,7 +1112,7 @@ void test_model_bad_bert(void)
             }
         }
         qkv_model_free(m);
-        remove(cfg); remove(vocab); remove(stc); remove(st);
+        minilm_clean(dir);
     }
     qkv_model_free(m32);
     qkv__st_close(&in);

@@ -9,9 +9,9 @@
  * A batch is packed without padding: the sentences' tokens are stacked
  * into one [T, C] matrix and attention runs once over all of them with
  * cu_seqlens, so no compute is spent on pad tokens and no mask is needed.
- * Not supported: pair inputs (token type 1), the pooler, cased vocabularies
- * with accents kept (the vocabulary is lower-cased when the tokenizer
- * config says so, which is the default).
+ * The tokenizer follows tokenizer_config.json (lower case, accents, CJK;
+ * all on when the file is absent), the truncation sentence_bert_config.json.
+ * Not supported: pair inputs (token type 1), the pooler, other poolings.
  */
 #include "model.h"
 #include "../nn/nn.h"
@@ -86,31 +86,70 @@ static void load_qkv(qkv__loader *L, int l, int64_t C, bert_layer *y)
     }
 }
 
-/* max_seq_length from sentence_bert_config.json when the folder has one. */
-static qkv_status read_st_config(qkv_ctx *ctx, const char *dir, qkv__bert *m)
+/* The optional configs: max_seq_length from sentence_bert_config.json,
+   the tokenizer's switches from tokenizer_config.json (strip_accents null
+   follows do_lower_case, as in the Hugging Face tokenizer). */
+static qkv_status read_optional_configs(qkv_ctx *ctx, const char *dir, qkv__bert *m)
 {
-    char path[4096];
-    qkv_status s = qkv__path_join(ctx, path, sizeof path, dir, "sentence_bert_config.json");
+    cJSON *j;
+    qkv_status s = qkv__json_read_optional(ctx, dir, "sentence_bert_config.json", &j);
+    if (s == QKV_OK && j && cJSON_GetObjectItemCaseSensitive(j, "max_seq_length"))
+        s = qkv__json_int(ctx, j, "sentence_bert_config.json", "max_seq_length", 2,
+                          m->max_pos, &m->max_tokens);
+    cJSON_Delete(j);
+    if (s != QKV_OK || (s = qkv__json_read_optional(ctx, dir, "tokenizer_config.json", &j)))
+        return s;
+    const char *f = "tokenizer_config.json";
+    if (j && ((s = qkv__json_bool(ctx, j, f, "do_lower_case", 1, &m->wp.lower)) ||
+              (s = qkv__json_bool(ctx, j, f, "strip_accents", m->wp.lower, &m->wp.strip)) ||
+              (s = qkv__json_bool(ctx, j, f, "tokenize_chinese_chars", 1, &m->wp.cjk)))) {
+        cJSON_Delete(j);
+        return s;
+    }
+    cJSON_Delete(j);
+    /* pooling: only the mean over the tokens */
+    if ((s = qkv__json_read_optional(ctx, dir, "1_Pooling/config.json", &j)) != QKV_OK)
+        return s;
+    int mean = 1, other = 0;
+    const char *const modes[] = { "pooling_mode_cls_token", "pooling_mode_max_tokens",
+                                  "pooling_mode_mean_sqrt_len_tokens" };
+    f = "1_Pooling/config.json";
+    s = j ? qkv__json_bool(ctx, j, f, "pooling_mode_mean_tokens", 1, &mean) : QKV_OK;
+    for (int i = 0; s == QKV_OK && j && i < 3; i++) {
+        int on = 0;
+        s = qkv__json_bool(ctx, j, f, modes[i], 0, &on);
+        other |= on;
+    }
+    cJSON_Delete(j);
+    if (s == QKV_OK && (!mean || other))
+        s = qkv__fail(ctx, QKV_ERR_UNSUPPORTED, "%s: only mean pooling is supported", f);
     if (s != QKV_OK)
         return s;
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        return QKV_OK;
-    fclose(f);
-    cJSON *j;
-    if ((s = qkv__json_read(ctx, path, &j)) != QKV_OK)
+    /* modules.json lists a Normalize module when the vectors are L2-normalized */
+    if ((s = qkv__json_read_optional(ctx, dir, "modules.json", &j)) != QKV_OK)
         return s;
-    int64_t v;
-    if (cJSON_GetObjectItemCaseSensitive(j, "max_seq_length"))
-        s = qkv__json_int(ctx, j, "sentence_bert_config.json", "max_seq_length", 2,
-                          m->max_pos, &v);
-    if (s == QKV_OK && cJSON_GetObjectItemCaseSensitive(j, "max_seq_length"))
-        m->max_tokens = v;
+    const cJSON *mod;
+    if (j)
+        m->normalize = 0;
+    cJSON_ArrayForEach(mod, j) {   /* no-op when j is NULL */
+        const char *type = qkv__json_str(mod, "type"), *known[] = {
+            "sentence_transformers.models.Transformer", "sentence_transformers.models.Pooling",
+            "sentence_transformers.models.Normalize" };
+        int k = 0;
+        while (k < 3 && !(type && strcmp(type, known[k]) == 0))
+            k++;
+        if (k == 3) {
+            s = qkv__fail(ctx, QKV_ERR_UNSUPPORTED, "modules.json: module '%.80s' is not "
+                          "supported (Transformer, Pooling, Normalize)", type ? type : "?");
+            break;
+        }
+        m->normalize |= k == 2;
+    }
     cJSON_Delete(j);
     return s;
 }
 
-/* config.json, sentence_bert_config.json and vocab.txt */
+/* config.json, vocab.txt, and the optional configs */
 static qkv_status bert_config(qkv_ctx *ctx, const char *dir, const cJSON *cfg, void *g)
 {
     qkv__bert *m = g;
@@ -133,11 +172,9 @@ static qkv_status bert_config(qkv_ctx *ctx, const char *dir, const cJSON *cfg, v
     m->eps = (float)eps;
     m->normalize = 1;
     m->max_tokens = m->max_pos;
-    if ((s = read_st_config(ctx, dir, m)) != QKV_OK)
-        return s;
     char path[4096];
     if ((s = qkv__path_join(ctx, path, sizeof path, dir, "vocab.txt")) ||
-        (s = qkv__wp_load(ctx, path, &m->wp)))
+        (s = qkv__wp_load(ctx, path, &m->wp)) || (s = read_optional_configs(ctx, dir, m)))
         return s;
     if (m->wp.n != m->vocab)
         return qkv__fail(ctx, QKV_ERR_FORMAT, "vocab.txt has %d tokens, config.json says %lld",

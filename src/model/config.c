@@ -60,7 +60,8 @@ qkv_status qkv__read_file(qkv_ctx *ctx, const char *path, size_t max, char **buf
     return QKV_OK;
 }
 
-qkv_status qkv__json_read(qkv_ctx *ctx, const char *path, cJSON **out)
+/* The JSON file at path: an object, or also an array when arrays are allowed. */
+static qkv_status read_json(qkv_ctx *ctx, const char *path, int allow_array, cJSON **out)
 {
     *out = NULL;
     char *buf;
@@ -70,15 +71,47 @@ qkv_status qkv__json_read(qkv_ctx *ctx, const char *path, cJSON **out)
         return s;
     const char *end = NULL;
     cJSON *j = cJSON_ParseWithLengthOpts(buf, n, &end, 0);
-    if (!j || !cJSON_IsObject(j)) {
+    if (!j || !(cJSON_IsObject(j) || (allow_array && cJSON_IsArray(j)))) {
         size_t at = j ? 0 : (end && end >= buf && end <= buf + n ? (size_t)(end - buf) : 0);
         cJSON_Delete(j);
         free(buf);
-        return qkv__fail(ctx, QKV_ERR_FORMAT, "'%s' is not a JSON object (error near byte %zu)",
-                         path, at);
+        return qkv__fail(ctx, QKV_ERR_FORMAT, "'%s' is not a JSON %s (error near byte %zu)",
+                         path, allow_array ? "object or array" : "object", at);
     }
     free(buf);
     *out = j;
+    return QKV_OK;
+}
+
+qkv_status qkv__json_read(qkv_ctx *ctx, const char *path, cJSON **out)
+{
+    return read_json(ctx, path, 0, out);
+}
+
+qkv_status qkv__json_read_optional(qkv_ctx *ctx, const char *dir, const char *name,
+                                  cJSON **out)
+{
+    char path[4096];
+    struct stat sb;
+    *out = NULL;
+    qkv_status s = qkv__path_join(ctx, path, sizeof path, dir, name);
+    if (s != QKV_OK || (stat(path, &sb) != 0 && errno == ENOENT))
+        return s;
+    return read_json(ctx, path, 1, out);
+}
+
+qkv_status qkv__json_bool(qkv_ctx *ctx, const cJSON *obj, const char *file,
+                          const char *key, int def, int *out)
+{
+    const cJSON *j = cJSON_GetObjectItemCaseSensitive(obj, key);
+    if (!j || cJSON_IsNull(j)) {
+        *out = def;
+        return QKV_OK;
+    }
+    if (!cJSON_IsBool(j))
+        return qkv__fail(ctx, QKV_ERR_FORMAT, "%s: '%s' must be true, false or null", file,
+                         key);
+    *out = cJSON_IsTrue(j);
     return QKV_OK;
 }
 

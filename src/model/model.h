@@ -37,7 +37,9 @@ typedef struct {
     int32_t  *slot;      /* open-addressing table of ids, -1 empty */
     uint32_t  mask;      /* table size - 1 */
     int32_t   cls, sep, unk;
-    int       lower;     /* lower-case and strip accents */
+    int       lower;     /* lower-case (default 1) */
+    int       strip;     /* strip accents: NFD, drop marks (default 1) */
+    int       cjk;       /* CJK ideographs are words of their own (default 1) */
     int       max_chars; /* longer words become [UNK] (100) */
 } qkv__wordpiece;
 

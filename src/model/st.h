@@ -69,6 +69,13 @@ qkv_status qkv__read_file(qkv_ctx *ctx, const char *path, size_t max, char **buf
                           size_t *len);
 /* Reads and parses a JSON file (at most 16 MiB). QKV_ERR_IO / _FORMAT. */
 qkv_status qkv__json_read(qkv_ctx *ctx, const char *path, cJSON **out);
+/* Reads dir/name like qkv__json_read, arrays allowed too; a file that
+   does not exist gives QKV_OK and *out NULL. */
+qkv_status qkv__json_read_optional(qkv_ctx *ctx, const char *dir, const char *name,
+                                   cJSON **out);
+/* A boolean member; absent or null gives def. QKV_ERR_FORMAT otherwise. */
+qkv_status qkv__json_bool(qkv_ctx *ctx, const cJSON *obj, const char *file,
+                          const char *key, int def, int *out);
 /* An integer member in [lo, hi]; QKV_ERR_FORMAT when absent, not an
    integer or out of range (the message names file and key). */
 qkv_status qkv__json_int(qkv_ctx *ctx, const cJSON *obj, const char *file,

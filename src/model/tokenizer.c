@@ -7,6 +7,7 @@
  *      characters (not \t \n \r); every white-space character becomes ' '
  *   2. put spaces around CJK ideographs (each becomes its own word)
  *   3. uncased models: NFD, drop non-spacing marks (accents), lower-case
+ *      (each step as the tokenizer config says; on by default)
  *   4. split on spaces, and every punctuation character (ASCII punctuation
  *      or a Unicode P* category) is a word of its own
  *   5. each word: longest vocabulary match from the left, continuations
@@ -114,6 +115,8 @@ qkv_status qkv__wp_from_buffer(qkv_ctx *ctx, const char *buf, size_t len, qkv__w
     wp->sep = qkv__wp_id(wp, "[SEP]", 5);
     wp->unk = qkv__wp_id(wp, "[UNK]", 5);
     wp->lower = 1;
+    wp->strip = 1;
+    wp->cjk = 1;
     wp->max_chars = 100;
     if (wp->cls < 0 || wp->sep < 0 || wp->unk < 0) {
         qkv__wp_free(wp);
@@ -220,14 +223,14 @@ static qkv_status normalize(qkv_ctx *ctx, const qkv__wordpiece *wp, const char *
             push(out, ' ');
             continue;
         }
-        if (is_cjk(c)) {
+        if (wp->cjk && is_cjk(c)) {
             push(out, ' ');
             push(out, c);
             push(out, ' ');
             continue;
         }
-        if (!wp->lower) {
-            push(out, c);
+        if (!wp->strip) {
+            push(out, wp->lower ? utf8proc_tolower(c) : c);
             continue;
         }
         utf8proc_int32_t d[32];
@@ -239,7 +242,7 @@ static qkv_status normalize(qkv_ctx *ctx, const qkv__wordpiece *wp, const char *
         }
         for (utf8proc_ssize_t j = 0; j < nd; j++)
             if (utf8proc_category(d[j]) != UTF8PROC_CATEGORY_MN)
-                push(out, utf8proc_tolower(d[j]));
+                push(out, wp->lower ? utf8proc_tolower(d[j]) : d[j]);
     }
     if (out->oom)
         return qkv__fail(ctx, QKV_ERR_NOMEM, "tokenizer: out of memory");
