@@ -238,6 +238,8 @@ void test_safetensors_mangled(void)
           "not an object" },
         { "{\"__metadata__\"", "[\"__metadata__\"", "not start with" },
         { "}}", "}", "not a JSON object" },
+        { "}}", "}}x", "not a JSON object" },
+        { "}}", "}}{}", "not a JSON object" },
     };
     qkv_ctx *ctx = qkv_ctx_create(1);
     unsigned char data[40];
@@ -850,11 +852,12 @@ void test_model_bad_files(void)
         { "\"timeline_mask\": false", "\"timeline_mask\": true", "timeline" },
         { "{", "[", "not a JSON object" },
         { "\"sasrec\"", "\"sasrec", "not a JSON object" },
+        { "\"dtype\": \"float32\"\n}", "\"dtype\": \"float32\"\n}}", "not a JSON object" },
     };
     static const qkv_status edit_status[] = {
         QKV_ERR_FORMAT, QKV_ERR_FORMAT, QKV_ERR_FORMAT, QKV_ERR_FORMAT, QKV_ERR_FORMAT,
         QKV_ERR_FORMAT, QKV_ERR_FORMAT, QKV_ERR_FORMAT, QKV_ERR_FORMAT, QKV_ERR_UNSUPPORTED,
-        QKV_ERR_FORMAT, QKV_ERR_UNSUPPORTED, QKV_ERR_FORMAT, QKV_ERR_FORMAT };
+        QKV_ERR_FORMAT, QKV_ERR_UNSUPPORTED, QKV_ERR_FORMAT, QKV_ERR_FORMAT, QKV_ERR_FORMAT };
     for (size_t e = 0; cfg && e < sizeof edits / sizeof edits[0]; e++) {
         char *b = replace_first(cfg, edits[e].from, edits[e].to);
         if (!b)

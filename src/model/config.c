@@ -15,6 +15,24 @@
 
 enum { MAX_JSON = 16 << 20 };
 
+cJSON *qkv__json_parse(const char *buf, size_t len, size_t *error_at)
+{
+    const char *end = NULL;
+    cJSON *j = cJSON_ParseWithLengthOpts(buf, len, &end, 0);
+    size_t at = end && end >= buf && end <= buf + len ? (size_t)(end - buf) : 0;
+    if (j) {   /* only white space may follow the value */
+        while (at < len && (buf[at] == ' ' || buf[at] == '\t' || buf[at] == '\n' ||
+                            buf[at] == '\r'))
+            at++;
+        if (at < len) {
+            cJSON_Delete(j);
+            j = NULL;
+        }
+    }
+    *error_at = at;
+    return j;
+}
+
 qkv_status qkv__path_join(qkv_ctx *ctx, char *buf, size_t cap, const char *dir,
                           const char *name)
 {
@@ -69,10 +87,9 @@ static qkv_status read_json(qkv_ctx *ctx, const char *path, int allow_array, cJS
     qkv_status s = qkv__read_file(ctx, path, MAX_JSON, &buf, &n);
     if (s != QKV_OK)
         return s;
-    const char *end = NULL;
-    cJSON *j = cJSON_ParseWithLengthOpts(buf, n, &end, 0);
+    size_t at;
+    cJSON *j = qkv__json_parse(buf, n, &at);
     if (!j || !(cJSON_IsObject(j) || (allow_array && cJSON_IsArray(j)))) {
-        size_t at = j ? 0 : (end && end >= buf && end <= buf + n ? (size_t)(end - buf) : 0);
         cJSON_Delete(j);
         free(buf);
         return qkv__fail(ctx, QKV_ERR_FORMAT, "'%s' is not a JSON %s (error near byte %zu)",

@@ -147,10 +147,12 @@ qkv_status qkv__st_parse(qkv_ctx *ctx, const void *buf, size_t size, qkv__st *st
     const char *hdr = (const char *)b + 8;
     if (hdr[0] != '{')
         return qkv__fail(ctx, QKV_ERR_FORMAT, "safetensors: header does not start with '{'");
-    cJSON *root = cJSON_ParseWithLength(hdr, (size_t)n);
+    size_t at;
+    cJSON *root = qkv__json_parse(hdr, (size_t)n, &at);
     if (!root || !cJSON_IsObject(root)) {
         cJSON_Delete(root);
-        return qkv__fail(ctx, QKV_ERR_FORMAT, "safetensors: header is not a JSON object");
+        return qkv__fail(ctx, QKV_ERR_FORMAT,
+                         "safetensors: header is not a JSON object (error near byte %zu)", at);
     }
     int count = cJSON_GetArraySize(root);
     st->t = calloc((size_t)count + 1, sizeof *st->t);

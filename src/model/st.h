@@ -63,6 +63,9 @@ qkv_status qkv__st_load(qkv_ctx *ctx, const qkv__st *st, const char *name,
 
 /* ---- config.json (config.c) ----------------------------------------------- */
 
+/* Parses len bytes of JSON text; NULL when it is not one JSON value
+   followed by nothing but white space (*error_at: where it went wrong). */
+cJSON *qkv__json_parse(const char *buf, size_t len, size_t *error_at);
 /* Reads a whole regular file of at most max bytes into a malloc'd,
    NUL-terminated buffer. QKV_ERR_IO / QKV_ERR_FORMAT (too large). */
 qkv_status qkv__read_file(qkv_ctx *ctx, const char *path, size_t max, char **buf,
