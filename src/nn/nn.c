@@ -3,6 +3,7 @@
  * multi-head attention that views fused projections in place. See nn.h.
  */
 #include "nn.h"
+#include "../cpu/kernels_nn.h"
 
 #include <cblas.h>
 #include <math.h>
@@ -37,6 +38,7 @@ typedef struct {
     const float *g, *b;
     float        eps;
     int          relu;    /* activation_task: ReLU, else GELU */
+    qkv__nn_kernels k;
 } rows_job;
 
 enum { ROWS_PER_TASK = 16 };
@@ -63,32 +65,6 @@ static void layernorm_task(void *arg, int64_t task, int worker)
     }
 }
 
-/* erf(x) for |x| <= 4 as x·P(x²)/Q(x²), a rational fit (weighted least
-   squares, then Lawson iterations toward minimax relative error) made for
-   this file: 2.5e-8 relative in exact arithmetic, within 4e-7 absolute in
-   fp32 (so GELU is within 1.2e-6 absolute, the most near x = -5). Past
-   |x| = 4, erf is ±1 to within 1.6e-8. Plain arithmetic on a clamped x, so
-   the loop below vectorizes, which libm's erff does not. */
-static inline float erf_rational(float x)
-{
-    x = x < -4.0f ? -4.0f : x > 4.0f ? 4.0f : x;
-    float t = x * x;
-    float p = 1.9867724653097436e-06f;
-    p = p * t + 2.845671184340529e-04f;
-    p = p * t + 3.8833974441678147e-03f;
-    p = p * t + 5.310190734590701e-02f;
-    p = p * t + 1.9354630612293072e-01f;
-    p = p * t + 1.1283791392956413f;
-    float q = 3.7420137338835844e-05f;
-    q = q * t + 1.1855842072022835e-03f;
-    q = q * t + 1.5207356876046756e-02f;
-    q = q * t + 1.1535051186845674e-01f;
-    q = q * t + 5.048585030825141e-01f;
-    q = q * t + 1.0f;
-    float e = x * p / q;
-    return e < -1.0f ? -1.0f : e > 1.0f ? 1.0f : e;   /* GELU(x < 0) stays <= 0 */
-}
-
 /* GELU or ReLU in place, on rows of the job's block */
 static void activation_task(void *arg, int64_t task, int worker)
 {
@@ -100,8 +76,7 @@ static void activation_task(void *arg, int64_t task, int worker)
             for (int64_t c = 0; c < j->C; c++)
                 y[c] = y[c] > 0.0f ? y[c] : 0.0f;
         else
-            for (int64_t c = 0; c < j->C; c++)
-                y[c] = 0.5f * y[c] * (1.0f + erf_rational(y[c] * 0.70710678118654752f));
+            j->k.gelu(y, j->C);
     }
 }
 
@@ -123,6 +98,7 @@ void qkv__layernorm(qkv_ctx *ctx, const float *x, int64_t ldx, int64_t M, int64_
 void qkv__gelu(qkv_ctx *ctx, float *x, int64_t M, int64_t C, int64_t ld)
 {
     rows_job j = { .y = x, .ldy = ld, .M = M, .C = C };
+    qkv__nn_kernels_for(qkv_ctx_isa(ctx), &j.k);
     run_rows(ctx, &j, activation_task, 20.0);
 }
 
