@@ -278,9 +278,11 @@ QKV_API qkv_status qkv_attention_backward_reference(qkv_ctx *ctx, const qkv_tens
  *
  *   "bert"    sentence embeddings (sentence-transformers' all-MiniLM-L6-v2
  *             and its kind): WordPiece tokens, mean pooling over each
- *             sentence's tokens, L2 normalization. max_seq_length from
- *             sentence_bert_config.json when present (longer texts are
- *             truncated), else max_position_embeddings.
+ *             sentence's tokens, L2 normalization (when modules.json lists
+ *             a Normalize module, or there is no modules.json).
+ *             max_seq_length from sentence_bert_config.json when present
+ *             (longer texts are truncated), else max_position_embeddings;
+ *             tokenizer_config.json's lower-casing and accent switches.
  *   "vit"     image classification (ViT for 28x28 MNIST digits).
  *   "sasrec"  next-item recommendation from a history of item ids.
  *
@@ -335,8 +337,8 @@ QKV_API qkv_status qkv_model_tokenize(qkv_ctx *ctx, const qkv_model *model,
                                       const char *text, int32_t *ids, int64_t cap,
                                       int64_t *n_ids);
 
-/* bert: writes out [n, qkv_model_dim()] with the unit-length embedding of
-   each NUL-terminated UTF-8 text. Texts of any lengths batch together
+/* bert: writes out [n, qkv_model_dim()] with the embedding (unit length
+   when the model normalizes) of each NUL-terminated UTF-8 text. Texts of any lengths batch together
    (packed, no padding). QKV_ERR_ARG (message names the text) when one is
    not valid UTF-8; out may be partly written then. */
 QKV_API qkv_status qkv_model_embed(qkv_ctx *ctx, const qkv_model *model,
