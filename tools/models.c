@@ -3,6 +3,7 @@
  *
  *   qkv embed DIR [-t N] [--tokens] [FILE]   one embedding (or id list) per line
  *   qkv recommend DIR [-t N] [-k K] ID...    the next items after a history
+ *   qkv classify DIR IMAGES [LABELS] [-q]   digits of an IDX image file
  *
  * Thin shells over qkv_model_*: they read text, call the library and print.
  */
@@ -13,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <zlib.h>
 
 enum { BATCH = 32 };
 
@@ -170,6 +172,102 @@ int qkv_cmd_recommend(int argc, char **argv)
         }
     }
     free(items); free(scores); free(hist);
+    qkv_model_free(m);
+    qkv_ctx_free(ctx);
+    return rc;
+}
+
+/* An IDX file (gzip'd or not: zlib reads both) with the given magic and
+   number of dimensions; returns its data (malloc'd) and the dimensions. */
+static unsigned char *read_idx(const char *path, uint32_t magic, int ndims,
+                               uint32_t dims[3], size_t *n_bytes)
+{
+    gzFile f = gzopen(path, "rb");
+    if (!f) {
+        fprintf(stderr, "qkv classify: cannot open '%s'\n", path);
+        return NULL;
+    }
+    unsigned char hdr[16];
+    int hb = 4 + 4 * ndims;
+    size_t total = 1;
+    int ok = gzread(f, hdr, (unsigned)hb) == hb &&
+             ((uint32_t)hdr[0] << 24 | (uint32_t)hdr[1] << 16 | hdr[2] << 8 | hdr[3]) == magic;
+    for (int d = 0; ok && d < ndims; d++) {
+        const unsigned char *p = hdr + 4 + 4 * d;
+        dims[d] = (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+        ok = dims[d] > 0 && dims[d] <= (1u << 24) && total <= ((size_t)1 << 31) / dims[d];
+        total *= ok ? dims[d] : 1;
+    }
+    unsigned char *b = ok ? malloc(total) : NULL;
+    if (!b || gzread(f, b, (unsigned)total) != (int)total) {
+        fprintf(stderr, "qkv classify: '%s' is not an IDX file of magic %u\n", path, magic);
+        free(b);
+        b = NULL;
+    }
+    gzclose(f);
+    *n_bytes = total;
+    return b;
+}
+
+int qkv_cmd_classify(int argc, char **argv)
+{
+    const char *args[3] = { 0 };
+    int threads = 0, n_args = 0, quiet = 0;
+    for (int i = 0; i < argc; i++) {
+        if ((!strcmp(argv[i], "-t") || !strcmp(argv[i], "--threads")) && i + 1 < argc)
+            threads = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "-q") || !strcmp(argv[i], "--quiet"))
+            quiet = 1;
+        else if (n_args < 3)
+            args[n_args++] = argv[i];
+        else {
+            fprintf(stderr, "qkv classify: unexpected argument '%s'\n", argv[i]);
+            return 2;
+        }
+    }
+    if (n_args < 2) {
+        fprintf(stderr, "usage: qkv classify MODEL_DIR IMAGES_IDX [LABELS_IDX] [-t N] [-q]\n");
+        return 2;
+    }
+    uint32_t dims[3], ldims[3];
+    size_t n_px = 0, n_lab = 0;
+    unsigned char *px = read_idx(args[1], 2051, 3, dims, &n_px);
+    unsigned char *lab = args[2] && px ? read_idx(args[2], 2049, 1, ldims, &n_lab) : NULL;
+    qkv_ctx *ctx = px && (!args[2] || lab) ? qkv_ctx_create(threads) : NULL;
+    qkv_model *m = ctx ? open_model(ctx, "classify", args[0]) : NULL;
+    int rc = 1;
+    if (m && strcmp(qkv_model_type(m), "vit") != 0) {
+        fprintf(stderr, "qkv classify: %s is a %s model, not an image classifier\n", args[0],
+                qkv_model_type(m));
+    } else if (m && qkv_model_image_pixels(m) != (int64_t)dims[1] * dims[2]) {
+        fprintf(stderr, "qkv classify: images are %ux%u, the model takes %lld pixels\n",
+                dims[1], dims[2], (long long)qkv_model_image_pixels(m));
+    } else if (m && lab && ldims[0] != dims[0]) {
+        fprintf(stderr, "qkv classify: %u images but %u labels\n", dims[0], ldims[0]);
+    } else if (m) {
+        int64_t n = dims[0], k = qkv_model_dim(m), correct = 0;
+        float *logits = malloc((size_t)(n * k) * sizeof(float));
+        if (!logits || qkv_model_classify(ctx, m, px, n, logits) != QKV_OK) {
+            fprintf(stderr, "qkv classify: %s\n", logits ? qkv_ctx_last_error(ctx) : "out of memory");
+        } else {
+            for (int64_t i = 0; i < n; i++) {
+                int64_t best = 0;
+                for (int64_t c = 1; c < k; c++)
+                    if (logits[i * k + c] > logits[i * k + best])
+                        best = c;
+                if (!quiet)
+                    printf("%lld\n", (long long)best);
+                correct += lab && best == lab[i];
+            }
+            if (lab)
+                fprintf(quiet ? stdout : stderr, "accuracy %.2f %% (%lld of %lld)\n",
+                        100.0 * (double)correct / (double)n, (long long)correct, (long long)n);
+            rc = 0;
+        }
+        free(logits);
+    }
+    free(px);
+    free(lab);
     qkv_model_free(m);
     qkv_ctx_free(ctx);
     return rc;

@@ -5,5 +5,6 @@
 /* argv holds the arguments after the command name; returns the exit status. */
 int qkv_cmd_embed(int argc, char **argv);
 int qkv_cmd_recommend(int argc, char **argv);
+int qkv_cmd_classify(int argc, char **argv);
 
 #endif

@@ -3,7 +3,7 @@
  *
  *   qkv bench [options]   time attention on a set of shapes, checked first
  *   qkv info              library version, kernel set, threads
- *   qkv embed / recommend run a pretrained model (tools/models.c)
+ *   qkv embed / recommend / classify   run a pretrained model (tools/models.c)
  *   qkv --help            every command and flag
  */
 #include <qkv.h>
@@ -31,6 +31,10 @@ static const char *usage =
 "  recommend DIR [-t N] [-k K] ID...\n"
 "            the K (default 10) most likely next items after the history\n"
 "            ID... (oldest first) with the SASRec model in DIR\n"
+"  classify DIR IMAGES [LABELS] [-t N] [-q]\n"
+"            classify the images of an IDX file (gzip'd or not, as MNIST's)\n"
+"            with the ViT model in DIR: one class per line; with LABELS, the\n"
+"            accuracy (-q: the accuracy only)\n"
 "  version   print the library version\n"
 "  help      print this text (also -h, --help)\n"
 "\n"
@@ -336,6 +340,8 @@ int main(int argc, char **argv)
         return qkv_cmd_embed(argc - 2, argv + 2);
     if (!strcmp(argv[1], "recommend"))
         return qkv_cmd_recommend(argc - 2, argv + 2);
+    if (!strcmp(argv[1], "classify"))
+        return qkv_cmd_classify(argc - 2, argv + 2);
     fprintf(stderr, "qkv: unknown command '%s'\n\n%s", argv[1], usage);
     return 2;
 }
