@@ -609,6 +609,18 @@ void test_model_minilm(void)
     for (int c = 0; c < 384; c++)
         d = fmax(d, fabs(one[c] - emb[(n - 1) * 384 + c]));
     CHECK(s == QKV_OK && d < 1e-5, "alone vs in a batch: max diff %g", d);
+    /* the same model from contexts of 1 and 3 threads: bitwise what 2 give */
+    float *e2 = xmalloc(3 * 8 * 384 * sizeof(float));
+    qkv_status st2 = qkv_model_embed(ctx, m, texts + n - 8, 8, e2);
+    for (int threads = 1; threads <= 3; threads += 2) {
+        qkv_ctx *c2 = qkv_ctx_create(threads);
+        float *et = e2 + (threads == 1 ? 1 : 2) * 8 * 384;
+        s = qkv_model_embed(c2, m, texts + n - 8, 8, et);
+        CHECK(st2 == QKV_OK && s == QKV_OK && memcmp(e2, et, 8 * 384 * sizeof(float)) == 0,
+              "%d threads: embeddings differ from 2 threads'", threads);
+        qkv_ctx_free(c2);
+    }
+    free(e2);
     /* invalid UTF-8 in one text of a batch: a clear error naming it */
     const char *bad[3] = { "fine", "also fine", "broken \xc3\x28 text" };
     s = qkv_model_embed(ctx, m, bad, 3, emb);
