@@ -295,6 +295,95 @@ QKV_API qkv_status qkv_attention_backward_dbias_reference(qkv_ctx *ctx, const qk
         const qkv_tensor *k, const qkv_tensor *v, const qkv_tensor *out,
         const qkv_tensor *dout, const float *lse, const qkv_attn_opts *opts,
         qkv_tensor *dq, qkv_tensor *dk, qkv_tensor *dv, qkv_tensor *dbias);
+/* ---- models -------------------------------------------------------------
+ *
+ * Pretrained transformers run on qkv's attention: a folder with
+ * config.json and model.safetensors (F32, F16 or BF16 weights; fp32
+ * compute), plus vocab.txt for text models. config.json's "model_type"
+ * picks the graph:
+ *
+ *   "bert"    sentence embeddings (sentence-transformers' all-MiniLM-L6-v2
+ *             and its kind): WordPiece tokens, mean pooling over each
+ *             sentence's tokens, L2 normalization (when modules.json lists
+ *             a Normalize module, or there is no modules.json).
+ *             max_seq_length from sentence_bert_config.json when present
+ *             (longer texts are truncated), else max_position_embeddings;
+ *             tokenizer_config.json's lower-casing and accent switches.
+ *   "vit"     image classification (ViT for 28x28 MNIST digits).
+ *   "sasrec"  next-item recommendation from a history of item ids.
+ *
+ *     qkv_model *m;
+ *     if (qkv_model_load(ctx, "all-MiniLM-L6-v2", &m) != QKV_OK) ... ;
+ *     const char *texts[2] = { "A cat.", "Un chat." };
+ *     float emb[2 * 384];                   // [n, qkv_model_dim(m)]
+ *     qkv_model_embed(ctx, m, texts, 2, emb);
+ *     qkv_model_free(m);
+ *
+ * Every file is checked before use (header lengths, dtypes, shapes and
+ * offsets of the safetensors file against its size; every tensor's shape
+ * against the config); a malformed one is refused with QKV_ERR_FORMAT and
+ * a message in ctx naming the file and field. A loaded model is read-only:
+ * calls on it from several threads are safe with one ctx per thread.
+ */
+
+enum {
+    QKV_ERR_IO     = -20,   /* a file cannot be opened, read or mapped */
+    QKV_ERR_FORMAT = -21    /* a model file is malformed or does not match its config */
+};
+
+typedef struct qkv_model qkv_model;
+
+/* Loads the model in folder dir into *model (NULL on error). Returns
+   QKV_OK, QKV_ERR_NULL, QKV_ERR_IO (missing file), QKV_ERR_FORMAT,
+   QKV_ERR_UNSUPPORTED (unknown model_type) or QKV_ERR_NOMEM; the message
+   is in ctx. The weights are copied: the files may change afterwards. */
+QKV_API qkv_status qkv_model_load(qkv_ctx *ctx, const char *dir, qkv_model **model);
+
+/* Frees the model; NULL is a no-op. */
+QKV_API void qkv_model_free(qkv_model *model);
+
+/* "bert", "vit" or "sasrec" ("" for NULL). */
+QKV_API const char *qkv_model_type(const qkv_model *model);
+
+/* The width of one result row: the embedding size (bert), the number of
+   classes (vit), the number of items (sasrec); 0 for NULL. */
+QKV_API int64_t qkv_model_dim(const qkv_model *model);
+
+/* bert: the most tokens one text gives, [CLS] and [SEP] included (longer
+   texts are truncated); 0 for other models. */
+QKV_API int64_t qkv_model_max_tokens(const qkv_model *model);
+
+/* vit: the bytes of one input image (28*28 for MNIST); 0 otherwise. */
+QKV_API int64_t qkv_model_image_pixels(const qkv_model *model);
+
+/* bert: the token ids of NUL-terminated UTF-8 text, as the model sees them
+   ([CLS] ... [SEP], truncated), into ids[0 .. *n_ids). cap must be at least
+   qkv_model_max_tokens(). QKV_ERR_ARG for text that is not valid UTF-8. */
+QKV_API qkv_status qkv_model_tokenize(qkv_ctx *ctx, const qkv_model *model,
+                                      const char *text, int32_t *ids, int64_t cap,
+                                      int64_t *n_ids);
+
+/* bert: writes out [n, qkv_model_dim()] with the embedding (unit length
+   when the model normalizes) of each NUL-terminated UTF-8 text. Texts of any lengths batch together
+   (packed, no padding). QKV_ERR_ARG (message names the text) when one is
+   not valid UTF-8; out may be partly written then. */
+QKV_API qkv_status qkv_model_embed(qkv_ctx *ctx, const qkv_model *model,
+                                   const char *const *texts, int64_t n, float *out);
+
+/* vit: pixels [n, qkv_model_image_pixels()] bytes (0 background .. 255
+   ink, row-major, as in the MNIST files) -> logits [n, qkv_model_dim()].
+   The model normalizes the pixels as its config says. */
+QKV_API qkv_status qkv_model_classify(qkv_ctx *ctx, const qkv_model *model,
+                                      const uint8_t *pixels, int64_t n, float *logits);
+
+/* sasrec: from history[0 .. len) (item ids 1..qkv_model_dim(), oldest
+   first; only the last maxlen count) writes the k best next items, best
+   first, to items[0 .. k) and their scores to scores (may be NULL). Ties
+   go to the smaller id. QKV_ERR_ARG for an id out of range,
+   QKV_ERR_SHAPE for len < 1 or k out of [1, items]. */
+QKV_API qkv_status qkv_model_recommend(qkv_ctx *ctx, const qkv_model *model,
+                                       const int32_t *history, int64_t len, int64_t k,
+                                       int32_t *items, float *scores);
 
 #ifdef __cplusplus
 }

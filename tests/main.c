@@ -30,6 +30,16 @@ void test_dbias_fd(void);
 void test_dbias_fast(void);
 void test_dbias_threads(void);
 void test_dbias_errors(void);
+/* test_models.c */
+void test_safetensors_read(void);
+void test_safetensors_mangled(void);
+void test_nn_layers(void);
+void test_tokenizer_wordpiece(void);
+void test_model_minilm(void);
+void test_model_vit_mnist(void);
+void test_model_sasrec(void);
+void test_model_bad_files(void);
+void test_model_bad_bert(void);
 
 static const struct { const char *name; void (*fn)(void); } tests[] = {
     { "convert_f16_exhaustive",  test_convert_f16_exhaustive },
@@ -86,6 +96,15 @@ static const struct { const char *name; void (*fn)(void); } tests[] = {
     { "dbias_threads",           test_dbias_threads },
     { "dbias_errors",            test_dbias_errors },
     { "train_copy",              test_train_copy },
+    { "safetensors_read",        test_safetensors_read },
+    { "safetensors_mangled",     test_safetensors_mangled },
+    { "nn_layers",               test_nn_layers },
+    { "tokenizer_wordpiece",     test_tokenizer_wordpiece },
+    { "model_minilm",            test_model_minilm },
+    { "model_vit_mnist",         test_model_vit_mnist },
+    { "model_sasrec",            test_model_sasrec },
+    { "model_bad_files",         test_model_bad_files },
+    { "model_bad_bert",          test_model_bad_bert },
 };
 
 int t_quick;

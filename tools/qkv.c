@@ -3,9 +3,11 @@
  *
  *   qkv bench [options]   time attention on a set of shapes, checked first
  *   qkv info              library version, kernel set, threads
+ *   qkv embed / recommend / classify   run a pretrained model (tools/models.c)
  *   qkv --help            every command and flag
  */
 #include <qkv.h>
+#include "models.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -22,6 +24,17 @@ static const char *usage =
 "            against the double-precision reference on its last query rows\n"
 "  info      print the library version, the kernel set, the thread count and\n"
 "            the measured fp32 FMA ceiling\n"
+"  embed DIR [-t N] [--tokens] [FILE]\n"
+"            sentence embeddings with the text model in DIR (all-MiniLM-L6-v2):\n"
+"            one line of FILE (default stdin) in, one line of floats out;\n"
+"            --tokens prints the token ids instead\n"
+"  recommend DIR [-t N] [-k K] ID...\n"
+"            the K (default 10) most likely next items after the history\n"
+"            ID... (oldest first) with the SASRec model in DIR\n"
+"  classify DIR IMAGES [LABELS] [-t N] [-q]\n"
+"            classify the images of an IDX file (gzip'd or not, as MNIST's)\n"
+"            with the ViT model in DIR: one class per line; with LABELS, the\n"
+"            accuracy (-q: the accuracy only)\n"
 "  version   print the library version\n"
 "  help      print this text (also -h, --help)\n"
 "\n"
@@ -323,6 +336,12 @@ int main(int argc, char **argv)
     }
     if (!strcmp(argv[1], "bench"))
         return bench(argc - 2, argv + 2);
+    if (!strcmp(argv[1], "embed"))
+        return qkv_cmd_embed(argc - 2, argv + 2);
+    if (!strcmp(argv[1], "recommend"))
+        return qkv_cmd_recommend(argc - 2, argv + 2);
+    if (!strcmp(argv[1], "classify"))
+        return qkv_cmd_classify(argc - 2, argv + 2);
     fprintf(stderr, "qkv: unknown command '%s'\n\n%s", argv[1], usage);
     return 2;
 }

@@ -26,6 +26,8 @@ const char *qkv_status_string(qkv_status s)
     case QKV_ERR_NOMEM:       return "out of memory";
     case QKV_ERR_UNSUPPORTED: return "unsupported";
     case QKV_ERR_THREAD:      return "thread creation failed";
+    case QKV_ERR_IO:          return "file not readable";
+    case QKV_ERR_FORMAT:      return "malformed model file";
     default:                  return "unknown status";
     }
 }

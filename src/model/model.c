@@ -1,0 +1,223 @@
+/*
+ * model.c — the qkv_model handle: reads config.json, picks the graph by
+ * "model_type" (bert, vit, sasrec) and forwards the public calls to it,
+ * checking that each call suits the loaded model. Also the weight loader
+ * the graphs share.
+ */
+#include "model.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static const qkv__graph *const graphs[] = { &qkv__bert_graph, &qkv__vit_graph,
+                                             &qkv__sasrec_graph };
+
+struct qkv_model {
+    const qkv__graph *graph;
+    void             *g;       /* the graph's state */
+};
+
+static float *load_named(qkv__loader *L, const char *fmt, int layer, int ndim,
+                         const int64_t *shape)
+{
+    if (L->s != QKV_OK)
+        return NULL;
+    char rel[256], name[300];
+    snprintf(rel, sizeof rel, fmt, layer);
+    snprintf(name, sizeof name, "%s%s", L->prefix, rel);
+    float *p = NULL;
+    L->s = qkv__st_load(L->ctx, L->st, name, ndim, shape, &p);
+    return p;
+}
+
+const qkv__st_tensor *qkv__ld_find(const qkv__loader *L, const char *name)
+{
+    char full[300];
+    snprintf(full, sizeof full, "%s%s", L->prefix, name);
+    return qkv__st_find(L->st, full);
+}
+
+float *qkv__ld(qkv__loader *L, const char *fmt, int layer, int64_t d0, int64_t d1)
+{
+    int64_t shape[2] = { d0, d1 };
+    return load_named(L, fmt, layer, d1 ? 2 : 1, shape);
+}
+
+float *qkv__ld3(qkv__loader *L, const char *fmt, int layer, int64_t d0, int64_t d1,
+                int64_t d2)
+{
+    int64_t shape[3] = { d0, d1, d2 };
+    return load_named(L, fmt, layer, 3, shape);
+}
+
+qkv_status qkv_model_load(qkv_ctx *ctx, const char *dir, qkv_model **model)
+{
+    if (!model)
+        return qkv__fail(ctx, QKV_ERR_NULL, "model is NULL");
+    *model = NULL;
+    if (!ctx || !dir)
+        return qkv__fail(ctx, QKV_ERR_NULL, "%s is NULL", ctx ? "dir" : "ctx");
+    char path[4096];
+    cJSON *cfg;
+    qkv_status s = qkv__path_join(ctx, path, sizeof path, dir, "config.json");
+    if (s != QKV_OK || (s = qkv__json_read(ctx, path, &cfg)) != QKV_OK)
+        return s;
+    const char *type = qkv__json_str(cfg, "model_type");
+    const qkv__graph *graph = NULL;
+    for (size_t i = 0; type && i < sizeof graphs / sizeof graphs[0]; i++)
+        if (strcmp(type, graphs[i]->type) == 0)
+            graph = graphs[i];
+    qkv_model *m = graph ? calloc(1, sizeof *m) : NULL;
+    void *g = m ? calloc(1, graph->size) : NULL;
+    if (!type)
+        s = qkv__fail(ctx, QKV_ERR_FORMAT, "config.json: 'model_type' is missing");
+    else if (!graph)
+        s = qkv__fail(ctx, QKV_ERR_UNSUPPORTED,
+                      "config.json: model_type '%.64s' (bert, vit or sasrec supported)", type);
+    else if (!g)
+        s = qkv__fail(ctx, QKV_ERR_NOMEM, "out of memory");
+    else
+        s = graph->config(ctx, dir, cfg, g);
+    cJSON_Delete(cfg);
+    qkv__st st;
+    if (s == QKV_OK && (s = qkv__st_open_dir(ctx, dir, &st)) == QKV_OK) {
+        qkv__loader L = { ctx, &st, "", QKV_OK };
+        graph->weights(&L, g);
+        s = L.s;
+        qkv__st_close(&st);
+    }
+    if (s != QKV_OK) {
+        if (g)
+            graph->release(g);
+        free(g);
+        free(m);
+        return s;
+    }
+    m->graph = graph;
+    m->g = g;
+    *model = m;
+    return QKV_OK;
+}
+
+void qkv_model_free(qkv_model *model)
+{
+    if (!model)
+        return;
+    model->graph->release(model->g);
+    free(model->g);
+    free(model);
+}
+
+const char *qkv_model_type(const qkv_model *model)
+{
+    return model ? model->graph->type : "";
+}
+
+int64_t qkv_model_dim(const qkv_model *model)
+{
+    if (!model)
+        return 0;
+    if (model->graph == &qkv__bert_graph)
+        return qkv__bert_dim(model->g);
+    if (model->graph == &qkv__vit_graph)
+        return qkv__vit_classes(model->g);
+    return qkv__sasrec_items(model->g);
+}
+
+/* The common checks of the calls below: ctx, model, its kind. */
+static qkv_status want(qkv_ctx *ctx, const qkv_model *model, const qkv__graph *graph,
+                       const char *call)
+{
+    if (!ctx)
+        return QKV_ERR_NULL;
+    if (!model)
+        return qkv__fail(ctx, QKV_ERR_NULL, "%s: model is NULL", call);
+    if (model->graph != graph)
+        return qkv__fail(ctx, QKV_ERR_UNSUPPORTED, "%s needs a %s model, this one is %s",
+                         call, graph->type, model->graph->type);
+    return QKV_OK;
+}
+
+/* n >= 0 items, and both arrays present when n > 0. */
+static qkv_status batch_args(qkv_ctx *ctx, const char *call, int64_t n, const void *in,
+                             const char *in_name, const void *out, const char *out_name)
+{
+    if (n < 0)
+        return qkv__fail(ctx, QKV_ERR_SHAPE, "%s: n = %lld < 0", call, (long long)n);
+    if (n > 0 && (!in || !out))
+        return qkv__fail(ctx, QKV_ERR_NULL, "%s: %s is NULL", call, !in ? in_name : out_name);
+    return QKV_OK;
+}
+
+qkv_status qkv_model_tokenize(qkv_ctx *ctx, const qkv_model *model, const char *text,
+                              int32_t *ids, int64_t cap, int64_t *n_ids)
+{
+    qkv_status s = want(ctx, model, &qkv__bert_graph, "qkv_model_tokenize");
+    if (s != QKV_OK)
+        return s;
+    if (!text || !ids || !n_ids)
+        return qkv__fail(ctx, QKV_ERR_NULL, "qkv_model_tokenize: %s is NULL",
+                         !text ? "text" : !ids ? "ids" : "n_ids");
+    int64_t max = qkv__bert_max_tokens(model->g);
+    if (cap < max)
+        return qkv__fail(ctx, QKV_ERR_SHAPE, "qkv_model_tokenize: cap %lld < %lld tokens",
+                         (long long)cap, (long long)max);
+    return qkv__wp_encode(ctx, qkv__bert_vocab(model->g), text, strlen(text), ids, max,
+                          n_ids);
+}
+
+int64_t qkv_model_max_tokens(const qkv_model *model)
+{
+    return model && model->graph == &qkv__bert_graph ? qkv__bert_max_tokens(model->g) : 0;
+}
+
+qkv_status qkv_model_embed(qkv_ctx *ctx, const qkv_model *model, const char *const *texts,
+                           int64_t n, float *out)
+{
+    qkv_status s = want(ctx, model, &qkv__bert_graph, "qkv_model_embed");
+    if (s != QKV_OK)
+        return s;
+    if ((s = batch_args(ctx, "qkv_model_embed", n, texts, "texts", out, "out")) != QKV_OK)
+        return s;
+    return qkv__bert_embed(ctx, model->g, texts, n, out);
+}
+
+qkv_status qkv_model_classify(qkv_ctx *ctx, const qkv_model *model, const uint8_t *pixels,
+                              int64_t n, float *logits)
+{
+    qkv_status s = want(ctx, model, &qkv__vit_graph, "qkv_model_classify");
+    if (s != QKV_OK)
+        return s;
+    s = batch_args(ctx, "qkv_model_classify", n, pixels, "pixels", logits, "logits");
+    if (s != QKV_OK)
+        return s;
+    return qkv__vit_classify(ctx, model->g, pixels, n, logits);
+}
+
+qkv_status qkv_model_recommend(qkv_ctx *ctx, const qkv_model *model, const int32_t *history,
+                               int64_t len, int64_t k, int32_t *items, float *scores)
+{
+    qkv_status s = want(ctx, model, &qkv__sasrec_graph, "qkv_model_recommend");
+    if (s != QKV_OK)
+        return s;
+    int64_t n_items = qkv__sasrec_items(model->g);
+    if (len < 1 || k < 1 || k > n_items)
+        return qkv__fail(ctx, QKV_ERR_SHAPE,
+                         "qkv_model_recommend: len %lld must be >= 1 and k %lld in [1, %lld]",
+                         (long long)len, (long long)k, (long long)n_items);
+    if (!history || !items)
+        return qkv__fail(ctx, QKV_ERR_NULL, "qkv_model_recommend: %s is NULL",
+                         !history ? "history" : "items");
+    for (int64_t i = 0; i < len; i++)
+        if (history[i] < 1 || history[i] > n_items)
+            return qkv__fail(ctx, QKV_ERR_ARG,
+                             "qkv_model_recommend: history[%lld] = %d is not an item id in "
+                             "[1, %lld]", (long long)i, history[i], (long long)n_items);
+    return qkv__sasrec_recommend(ctx, model->g, history, len, k, items, scores);
+}
+
+int64_t qkv_model_image_pixels(const qkv_model *model)
+{
+    return model && model->graph == &qkv__vit_graph ? qkv__vit_pixels(model->g) : 0;
+}
