@@ -1,0 +1,800 @@
+/*
+ * decode.c — attention from a KV cache: a few new queries per sequence
+ * (decoding, speculative verification, chunked prefill) against the cached
+ * keys of each sequence, with per-sequence cache lengths, from a contiguous
+ * cache or a paged one (block tables into pools of fixed-size blocks), and
+ * the append that writes new rows into a paged cache (int8 with per-row
+ * scales included).
+ *
+ * Both cache kinds are one description, kv_src: position p of sequence b
+ * lives in block table[b][p / bs], row p % bs; a contiguous cache is the
+ * special case of one block per sequence (no table, bs = Smax).
+ *
+ * A task is (sequence, kv head, tile of query positions, key part): the
+ * tile stacks the positions of every query head of the group, so each K/V
+ * row is read once for the whole group. The keys are walked in tiles of BK
+ * positions counted from the first key the tile sees, with the online
+ * softmax of forward.c; a key tile that crosses block boundaries is
+ * computed segment by segment (or gathered), and since the kernels'
+ * arithmetic per key does not depend on how rows are grouped, a paged
+ * cache gives bitwise the contiguous cache's result. When the call has few
+ * tiles, long caches are cut into parts whose partial (max, sum, acc)
+ * states are merged in part order (split-K, "flash-decoding"); the part
+ * count depends on the problem alone, never on the thread count.
+ *
+ * Not here: the inner loops (src/cpu), validation of q, out and the
+ * options (check.c).
+ */
+#include "attn.h"
+#include "tile.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Keys per tile: the scores [BK][R] and a widened K or V tile stay in L2. */
+enum { BK = 128 };
+
+/* Where the K and V rows of the keys live. */
+typedef struct {
+    qkv_tensor     k, v;      /* [blocks, bs, Hkv, D|Dv] views (dtype unused when i8) */
+    int            i8;        /* int8 codes with scales ks/vs [blocks, bs, Hkv] */
+    const float   *ks, *vs;
+    int64_t        bs;        /* positions per block */
+    const int32_t *table;     /* [n_seqs][max_blocks], or NULL: block b for sequence b */
+    int64_t        max_blocks;
+    const int32_t *lens;      /* [n_seqs] cached positions, or NULL: bs each */
+} kv_src;
+
+static int64_t seq_len(const kv_src *src, int64_t b)
+{
+    return src->lens ? src->lens[b] : src->bs;
+}
+
+static int64_t block_of(const kv_src *src, int64_t b, int64_t p)
+{
+    return src->table ? src->table[b * src->max_blocks + p / src->bs] : b;
+}
+
+/* Element offset of position p's row for kv head h in view t (k or v). */
+static int64_t row_off(const kv_src *src, const qkv_tensor *t, int64_t b, int64_t p, int64_t h)
+{
+    return block_of(src, b, p) * t->stride[0] + (p % src->bs) * t->stride[1] + h * t->stride[2];
+}
+
+/* The scale index of an int8 row: [block, row, head]. */
+static int64_t scale_idx(const kv_src *src, int64_t b, int64_t p, int64_t h, int64_t Hkv)
+{
+    return (block_of(src, b, p) * src->bs + p % src->bs) * Hkv + h;
+}
+
+/* Positions p0 .. p0+n-1 (n >= 1) of one block, as rows of element stride
+   t->stride[1] from the returned offset. n is clipped to the block. */
+static int64_t segment(const kv_src *src, const qkv_tensor *t, int64_t b, int64_t p0,
+                       int64_t h, int *n)
+{
+    const int64_t left = src->bs - p0 % src->bs;
+    if (*n > left)
+        *n = (int)left;
+    return row_off(src, t, b, p0, h);
+}
+
+/* n fp32 rows of cols elements (positions p0.., one block), in place or
+   widened/dequantized into buf; *ld their stride. */
+static const float *rows_f32(const qkv__kernels *kn, const kv_src *src, int is_v, int64_t b,
+                             int64_t p0, int64_t h, int n, int64_t cols, int64_t Hkv,
+                             float *buf, int64_t *ld)
+{
+    const qkv_tensor *t = is_v ? &src->v : &src->k;
+    const int64_t off = row_off(src, t, b, p0, h);
+    if (!src->i8)
+        return qkv__tile_rows_f32(kn, t, off, n, cols, buf, ld);
+    const int8_t *codes = t->data;
+    const float *sc = is_v ? src->vs : src->ks;
+    for (int c = 0; c < n; c++) {
+        const int8_t *r = codes + off + c * t->stride[1];
+        const float s = sc[scale_idx(src, b, p0 + c, h, Hkv)];
+        for (int64_t x = 0; x < cols; x++)
+            buf[c * cols + x] = (float)r[x * t->stride[3]] * s;
+    }
+    *ld = cols;
+    return buf;
+}
+
+/* Asks for the K and V rows of positions p0 .. p0+n-1 (the next tile). */
+static void prefetch_tile(const kv_src *src, int64_t b, int64_t p0, int n, int64_t h,
+                          int64_t D, int64_t Dv)
+{
+    if (src->i8 || src->k.stride[3] != 1 || src->v.stride[3] != 1)
+        return;
+    const size_t es = qkv_dtype_size(src->k.dtype);
+    for (int c = 0; c < n; c++) {
+        const char *kr = (const char *)src->k.data + row_off(src, &src->k, b, p0 + c, h) * (int64_t)es;
+        const char *vr = (const char *)src->v.data + row_off(src, &src->v, b, p0 + c, h) * (int64_t)es;
+        for (size_t o = 0; o < (size_t)D * es; o += 64)
+            __builtin_prefetch(kr + o);
+        for (size_t o = 0; o < (size_t)Dv * es; o += 64)
+            __builtin_prefetch(vr + o);
+    }
+}
+
+/* ---- the job ------------------------------------------------------------- */
+
+typedef struct {
+    qkv_ctx         *ctx;
+    const qkv__attn *a;
+    const kv_src    *src;
+    int64_t          P;        /* query positions per tile */
+    int64_t          R;        /* score columns: P·group rounded up to 16 */
+    int              bf;       /* the bf16 dot path (q and cache bf16) */
+    int64_t         *start;    /* [B+1] first task of each sequence */
+    int64_t         *tstart;   /* [B+1] first tile of each sequence */
+    int64_t         *split;    /* [B] key parts per tile of each sequence */
+    float           *part;     /* split-K partial states, part_size floats per task */
+    int64_t          part_size;
+} dec_job;
+
+static int64_t pairs(int64_t n) { return (n + 1) / 2; }
+
+typedef struct {               /* per-thread scratch */
+    float    *q;     /* [R][D]   fp32 queries, or bf16 rows [R][2·pairs(D)] */
+    float    *qt;    /* [D][R]   transposed, zero past m                    */
+    float    *kw;    /* [BK][D]  widened K rows                             */
+    float    *vw;    /* [BK][Dv] widened V rows                             */
+    float    *st;    /* [BK][R]  scores, keys by queries                    */
+    float    *acc;   /* [R][Dv]                                             */
+    float    *m, *l, *alpha, *mx, *mref, *sum, *ones;   /* [R]              */
+    uint16_t *kb;    /* [BK][2·pairs(D)] gathered bf16 K rows               */
+    uint32_t *vp;    /* [BK/2][Dv] V pairs along keys                       */
+    uint32_t *pp;    /* [BK/2][R]  P pairs along keys                       */
+    uint16_t *vr;    /* [2][Dv]    gathered bf16 V rows                     */
+} scratch;
+
+static size_t scratch_floats(int64_t R, int64_t D, int64_t Dv)
+{
+    return (size_t)(2 * R * D + BK * D + BK * Dv + BK * R + R * Dv + 7 * R +
+                    BK * pairs(D) + BK / 2 * Dv + BK / 2 * R + Dv + 16);
+}
+
+static scratch scratch_at(float *base, int64_t R, int64_t D, int64_t Dv)
+{
+    scratch s;
+    s.q = base;
+    s.qt = s.q + R * D;
+    s.kw = s.qt + R * D;
+    s.vw = s.kw + BK * D;
+    s.st = s.vw + BK * Dv;
+    s.acc = s.st + BK * R;
+    s.m = s.acc + R * Dv;
+    s.l = s.m + R;
+    s.alpha = s.l + R;
+    s.mx = s.alpha + R;
+    s.mref = s.mx + R;
+    s.sum = s.mref + R;
+    s.ones = s.sum + R;
+    s.kb = (uint16_t *)(s.ones + R);
+    s.vp = (uint32_t *)(s.kb + BK * 2 * pairs(D));
+    s.pp = s.vp + BK / 2 * Dv;
+    s.vr = (uint16_t *)(s.pp + BK / 2 * R);
+    return s;
+}
+
+/* The sequence, kv head, tile map and key part of a task. */
+static void task_of(const dec_job *job, int64_t task, qkv__seq *s, int64_t *hk,
+                    qkv__tile_map *tm, int64_t *part)
+{
+    const qkv__attn *a = job->a;
+    int64_t lo = 0, hi = a->B;        /* the sequence: start[lo] <= task < start[lo+1] */
+    while (hi - lo > 1) {
+        const int64_t mid = (lo + hi) / 2;
+        if (job->start[mid] <= task) lo = mid; else hi = mid;
+    }
+    const int64_t t = task - job->start[lo], ns = job->split[lo];
+    const int64_t n_qt = (a->Sq + job->P - 1) / job->P, tile = t / ns;
+    s->b = lo; s->q0 = 0; s->sq = a->Sq; s->k0 = 0; s->sk = seq_len(job->src, lo);
+    *part = t % ns;
+    *hk = tile / n_qt;
+    tm->h0 = *hk * a->group;
+    tm->i0 = (n_qt - 1 - tile % n_qt) * job->P;
+    tm->mp = (int)(a->Sq - tm->i0 < job->P ? a->Sq - tm->i0 : job->P);
+}
+
+/* Loads the tile's queries: bf16 rows for the bf16 path, else fp32 rows
+   and their transpose (zero columns m..R). */
+static void load_queries(const dec_job *job, const qkv__seq *s, const qkv__tile_map *tm,
+                         int m, const scratch *sc)
+{
+    const qkv__attn *a = job->a;
+    const qkv__kernels *kn = job->ctx->kernels;
+    const qkv_tensor *q = a->q;
+    const int64_t D = a->D, R = job->R, w = 2 * pairs(D);
+    for (int r = 0; r < m; r++) {
+        const int64_t h = tm->h0 + r / tm->mp, i = tm->i0 + r % tm->mp;
+        const int64_t off = s->b * q->stride[0] + i * q->stride[1] + h * q->stride[2];
+        if (job->bf) {
+            uint16_t *qr = (uint16_t *)sc->q + r * w;
+            for (int64_t x = 0; x < D; x++)
+                qr[x] = ((const uint16_t *)q->data)[off + x * q->stride[3]];
+            if (D % 2)
+                qr[D] = 0;
+        } else {
+            qkv__load_row(kn, q, off, q->stride[3], D, sc->q + r * D);
+        }
+    }
+    if (!job->bf)
+        for (int64_t d = 0; d < D; d++)
+            for (int64_t r = 0; r < R; r++)
+                sc->qt[d * R + r] = r < m ? sc->q[r * D + d] : 0.0f;
+}
+
+/* Scores of keys p0 .. p0+n-1 for the tile's m rows into st [n][R]. */
+static void tile_scores(const dec_job *job, const qkv__seq *s, int64_t hk, int64_t p0, int n,
+                        int m, const scratch *sc)
+{
+    const qkv__attn *a = job->a;
+    const kv_src *src = job->src;
+    const qkv__kernels *kn = job->ctx->kernels;
+    const int64_t D = a->D, R = job->R, w = 2 * pairs(D);
+    for (int c0 = 0; c0 < n;) {
+        int ns = n - c0;
+        const int64_t off = segment(src, &src->k, s->b, p0 + c0, hk, &ns);
+        float *st = sc->st + c0 * R;
+        if (job->bf) {
+            const uint16_t *kr = (const uint16_t *)src->k.data + off;
+            int64_t ldk = src->k.stride[1];
+            if (src->k.stride[3] != 1 || D % 2) {   /* gather rows of w elements */
+                for (int c = 0; c < ns; c++) {
+                    for (int64_t x = 0; x < D; x++)
+                        sc->kb[c * w + x] = kr[c * src->k.stride[1] + x * src->k.stride[3]];
+                    if (D % 2)
+                        sc->kb[c * w + D] = 0;
+                }
+                kr = sc->kb;
+                ldk = w;
+            }
+            kn->qk_bf16_rows(ns, m, (int)pairs(D), a->scale, kr, ldk, (const uint16_t *)sc->q,
+                             w, st, R);
+        } else {
+            int64_t ldk;
+            const float *kr = rows_f32(kn, src, 0, s->b, p0 + c0, hk, ns, D, a->Hkv, sc->kw, &ldk);
+            kn->qk(ns, m, (int)D, a->scale, kr, ldk, sc->qt, R, sc->q, D, st, R);
+        }
+        c0 += ns;
+    }
+}
+
+/* acc = alpha·acc + P·V over keys p0 .. p0+n-1 (P in st, or in pp for the
+   bf16 path). */
+static void tile_values(const dec_job *job, const qkv__seq *s, int64_t hk, int64_t p0, int n,
+                        int m, const scratch *sc)
+{
+    const qkv__attn *a = job->a;
+    const kv_src *src = job->src;
+    const qkv__kernels *kn = job->ctx->kernels;
+    const int64_t Dv = a->Dv, R = job->R;
+    if (job->bf) {
+        const uint16_t *vd = src->v.data;
+        for (int jj = 0; 2 * jj < n; jj++) {
+            const uint16_t *r[2] = { NULL, NULL };
+            for (int e = 0; e < 2 && 2 * jj + e < n; e++) {
+                const int64_t off = row_off(src, &src->v, s->b, p0 + 2 * jj + e, hk);
+                if (src->v.stride[3] == 1) {
+                    r[e] = vd + off;
+                    continue;
+                }
+                for (int64_t c = 0; c < Dv; c++)
+                    sc->vr[e * Dv + c] = vd[off + c * src->v.stride[3]];
+                r[e] = sc->vr + e * Dv;
+            }
+            kn->pack_pairs(r[0], r[1], Dv, sc->vp + jj * Dv);
+        }
+        kn->pv_bf16(m, (int)pairs(n), (int)Dv, sc->pp, R, sc->vp, Dv, sc->alpha, sc->acc, Dv);
+        return;
+    }
+    /* segment by segment: alpha scales acc once, later segments add */
+    for (int c0 = 0; c0 < n;) {
+        int ns = n - c0;
+        segment(src, &src->v, s->b, p0 + c0, hk, &ns);
+        int64_t ldv;
+        const float *vr = rows_f32(kn, src, 1, s->b, p0 + c0, hk, ns, Dv, a->Hkv, sc->vw, &ldv);
+        kn->pv(m, ns, (int)Dv, sc->st + c0 * R, 1, R, vr, ldv, c0 ? sc->ones : sc->alpha,
+               sc->acc, Dv);
+        c0 += ns;
+    }
+}
+
+/* Writes row r's output and lse from its softmax state. */
+static void store_row(const dec_job *job, const qkv__seq *s, const qkv__tile_map *tm, int r,
+                      float m, float l, const float *acc)
+{
+    const qkv__attn *a = job->a;
+    const qkv_tensor *out = a->out;
+    const int64_t h = tm->h0 + r / tm->mp, i = tm->i0 + r % tm->mp;
+    qkv__store_row(job->ctx->kernels, out,
+                   s->b * out->stride[0] + i * out->stride[1] + h * out->stride[2],
+                   out->stride[3], a->Dv, acc, l > 0.0f ? 1.0f / l : 0.0f);
+    if (a->lse)
+        a->lse[qkv__lse_index(a, s->b, h, i)] = l > 0.0f ? m + logf(l) : -INFINITY;
+}
+
+static void dec_task(void *arg, int64_t task, int worker)
+{
+    const dec_job *job = arg;
+    const qkv__attn *a = job->a;
+    const qkv__kernels *kn = job->ctx->kernels;
+    qkv__seq s;
+    qkv__tile_map tm;
+    int64_t hk, part;
+    task_of(job, task, &s, &hk, &tm, &part);
+    const int m = tm.mp * (int)a->group;
+    const int mpad = (m + QKV__PAD - 1) / QKV__PAD * QKV__PAD;
+    const int64_t R = job->R, Dv = a->Dv;
+    const scratch sc = scratch_at(job->ctx->scratch[worker], R, a->D, Dv);
+
+    load_queries(job, &s, &tm, m, &sc);
+    memset(sc.acc, 0, (size_t)m * (size_t)Dv * sizeof(float));
+    for (int r = 0; r < mpad; r++) {
+        sc.m[r] = -INFINITY;
+        sc.l[r] = 0.0f;
+        sc.ones[r] = 1.0f;
+    }
+
+    /* the keys any row of the tile sees (the band is monotone in i), and
+       this part's share of them in whole key tiles */
+    int64_t klo, khi, lo_last, hi_first;
+    qkv__key_range(a, &s, tm.i0, &klo, &hi_first);
+    qkv__key_range(a, &s, tm.i0 + tm.mp - 1, &lo_last, &khi);
+    if (khi < klo)
+        khi = klo;
+    const int64_t ns = job->split[s.b];
+    if (ns > 1) {
+        const int64_t per = ((khi - klo + ns - 1) / ns + BK - 1) / BK * BK;
+        const int64_t lo = klo + part * per;
+        khi = lo + per < khi ? lo + per : khi;
+        klo = lo < khi ? lo : khi;
+    }
+    const int modded = a->softcap > 0.0f || a->alibi;
+
+    for (int64_t j0 = klo; j0 < khi; j0 += BK) {
+        const int n = (int)(khi - j0 < BK ? khi - j0 : BK);
+        if (j0 + n < khi)
+            prefetch_tile(job->src, s.b, j0 + n, (int)(khi - j0 - n < BK ? khi - j0 - n : BK),
+                          hk, a->D, Dv);
+        tile_scores(job, &s, hk, j0, n, m, &sc);
+        const int band = !(lo_last <= j0 && hi_first >= j0 + n);
+        if (modded || band)
+            qkv__score_mods(a, &s, &tm, m, j0, n, band, sc.st, R, NULL);
+        for (int c = 0; c < n; c++)
+            for (int r = m; r < mpad; r++)
+                sc.st[c * R + r] = -INFINITY;
+        kn->col_max(sc.st, R, n, mpad, sc.mx);
+        for (int r = 0; r < mpad; r++) {
+            const float mn = sc.mx[r] > sc.m[r] ? sc.mx[r] : sc.m[r];
+            sc.mref[r] = mn == -INFINITY ? 0.0f : mn;   /* all hidden: P = 0 */
+            sc.alpha[r] = sc.m[r] == mn ? 1.0f : expf(sc.m[r] - sc.mref[r]);
+            sc.m[r] = mn;
+        }
+        if (job->bf)
+            kn->exp_pack_bf16(sc.st, R, n, mpad, sc.mref, sc.sum, sc.pp, R);
+        else
+            kn->exp_cols(sc.st, R, n, mpad, sc.mref, sc.sum);
+        for (int r = 0; r < mpad; r++)
+            sc.l[r] = sc.l[r] * sc.alpha[r] + sc.sum[r];
+        tile_values(job, &s, hk, j0, n, m, &sc);
+    }
+
+    if (ns == 1) {
+        for (int r = 0; r < m; r++)
+            store_row(job, &s, &tm, r, sc.m[r], sc.l[r], sc.acc + r * Dv);
+        return;
+    }
+    float *pm = job->part + task * job->part_size, *pl = pm + m, *pacc = pl + m;
+    memcpy(pm, sc.m, (size_t)m * sizeof *pm);
+    memcpy(pl, sc.l, (size_t)m * sizeof *pl);
+    memcpy(pacc, sc.acc, (size_t)m * (size_t)Dv * sizeof *pacc);
+}
+
+/* Merges the key parts of one tile in part order, row by row:
+   M = max m_p,  l = Σ l_p·e^(m_p - M),  acc = Σ acc_p·e^(m_p - M). */
+static void merge_task(void *arg, int64_t tile, int worker)
+{
+    const dec_job *job = arg;
+    const qkv__attn *a = job->a;
+    int64_t b = 0;
+    while (job->tstart[b + 1] <= tile)
+        b++;
+    const int64_t ns = job->split[b];
+    if (ns == 1)
+        return;
+    const int64_t first = job->start[b] + (tile - job->tstart[b]) * ns;
+    qkv__seq s;
+    qkv__tile_map tm;
+    int64_t hk, part;
+    task_of(job, first, &s, &hk, &tm, &part);
+    const int m = tm.mp * (int)a->group;
+    const int64_t Dv = a->Dv;
+    float *acc = job->ctx->scratch[worker];
+    for (int r = 0; r < m; r++) {
+        float mx = -INFINITY, l = 0.0f;
+        for (int64_t p = 0; p < ns; p++) {
+            const float mp = job->part[(first + p) * job->part_size + r];
+            mx = mp > mx ? mp : mx;
+        }
+        memset(acc, 0, (size_t)Dv * sizeof *acc);
+        for (int64_t p = 0; p < ns && mx > -INFINITY; p++) {
+            const float *pm = job->part + (first + p) * job->part_size;
+            if (pm[r] == -INFINITY)
+                continue;
+            const float wgt = expf(pm[r] - mx);
+            const float *pacc = pm + 2 * m + r * Dv;
+            l += pm[m + r] * wgt;
+            for (int64_t c = 0; c < Dv; c++)
+                acc[c] += pacc[c] * wgt;
+        }
+        store_row(job, &s, &tm, r, mx, l, acc);
+    }
+}
+
+/* Key parts per tile for each sequence: 1 when the call has enough tiles
+   to share out, else enough parts to reach about MIN_TASKS tasks, each
+   part at least MIN_KEYS keys. A function of the problem alone. */
+static void split_counts(const qkv__attn *a, const kv_src *src, int64_t n_qt, int64_t *split)
+{
+    enum { MIN_TASKS = 64, MIN_KEYS = 1024, MAX_SPLIT = 64 };
+    const int64_t tiles = a->B * a->Hkv * n_qt;
+    const int64_t want = tiles >= MIN_TASKS ? 1 : (MIN_TASKS + tiles - 1) / tiles;
+    for (int64_t b = 0; b < a->B; b++) {
+        int64_t n = seq_len(src, b) / MIN_KEYS;
+        if (n > want) n = want;
+        if (n > MAX_SPLIT) n = MAX_SPLIT;
+        split[b] = n > 1 ? n : 1;
+    }
+}
+
+static qkv_status run(qkv_ctx *ctx, const qkv__attn *a, const kv_src *src, int cache_bf16)
+{
+    /* bounds that keep the scratch arithmetic far from overflow */
+    if (a->D > (1 << 20) || a->Dv > (1 << 20))
+        return qkv__fail(ctx, QKV_ERR_UNSUPPORTED, "%s: head_dim above 1048576",
+                         a->D > (1 << 20) ? "q->shape[3]" : "head_dim_v");
+    if (a->group > (1 << 20))
+        return qkv__fail(ctx, QKV_ERR_UNSUPPORTED,
+                         "q->shape[2]: more than 1048576 query heads per kv head");
+    dec_job job;
+    memset(&job, 0, sizeof job);
+    job.ctx = ctx;
+    job.a = a;
+    job.src = src;
+    job.P = qkv__tile_positions(a->group);
+    if (job.P > a->Sq)
+        job.P = a->Sq;
+    job.R = (job.P * a->group + QKV__PAD - 1) / QKV__PAD * QKV__PAD;
+    /* bf16 dot products for a few rows; many rows (chunked prefill) run
+       the register-blocked fp32 kernels */
+    job.bf = cache_bf16 && a->dt == QKV_BF16 && ctx->kernels->qk_bf16_rows &&
+             job.P * a->group < QKV__PAD;
+    const int64_t n_qt = (a->Sq + job.P - 1) / job.P;
+    qkv_status st = qkv__scratch_reserve(ctx, scratch_floats(job.R, a->D, a->Dv) * sizeof(float));
+    if (st)
+        return st;
+    const size_t nb = (size_t)a->B;
+    job.start = malloc((2 * (nb + 1) + nb) * sizeof(int64_t));
+    if (!job.start)
+        return qkv__fail(ctx, QKV_ERR_NOMEM, "ctx: cannot allocate the task table");
+    job.tstart = job.start + nb + 1;
+    job.split = job.tstart + nb + 1;
+    split_counts(a, src, n_qt, job.split);
+    job.start[0] = job.tstart[0] = 0;
+    double work = 0.0;
+    for (int64_t b = 0; b < a->B; b++) {
+        job.tstart[b + 1] = job.tstart[b] + a->Hkv * n_qt;
+        job.start[b + 1] = job.start[b] + a->Hkv * n_qt * job.split[b];
+        work += 2.0 * (double)(a->D + a->Dv) * (double)a->Hq * (double)a->Sq *
+                (double)seq_len(src, b);
+    }
+    const int64_t tasks = job.start[a->B];
+    int split = 0;
+    for (int64_t b = 0; b < a->B; b++)
+        split |= job.split[b] > 1;
+    if (split) {
+        job.part_size = job.P * a->group * (2 + a->Dv);
+        job.part = malloc((size_t)tasks * (size_t)job.part_size * sizeof(float));
+        if (!job.part) {
+            free(job.start);
+            return qkv__fail(ctx, QKV_ERR_NOMEM, "ctx: cannot allocate split-K partial results");
+        }
+    }
+    qkv__parallel(ctx, tasks, work, dec_task, &job);
+    if (split)
+        qkv__parallel(ctx, job.tstart[a->B], 0.0, merge_task, &job);
+    free(job.part);
+    free(job.start);
+    return QKV_OK;
+}
+
+/* ---- contiguous cache ------------------------------------------------------ */
+
+qkv_status qkv_attention_kvcache(qkv_ctx *ctx, const qkv_tensor *q,
+        const qkv_tensor *k_cache, const qkv_tensor *v_cache, const int32_t *seqlens_k,
+        const qkv_attn_opts *opts, qkv_tensor *out, float *lse)
+{
+    if (!ctx)
+        return QKV_ERR_NULL;
+    ctx->err[0] = 0;
+    qkv_status st;
+    if ((st = qkv__check_tensor(ctx, k_cache, "k_cache")) ||
+        (st = qkv__check_tensor(ctx, v_cache, "v_cache")))
+        return st;
+    if (v_cache->dtype != k_cache->dtype)
+        return qkv__fail(ctx, QKV_ERR_DTYPE, "v_cache->dtype differs from k_cache->dtype");
+    for (int d = 0; d < 3; d++)
+        if (v_cache->shape[d] != k_cache->shape[d])
+            return qkv__fail(ctx, QKV_ERR_SHAPE, "v_cache->shape[%d] = %lld differs from "
+                             "k_cache->shape[%d] = %lld", d, (long long)v_cache->shape[d], d,
+                             (long long)k_cache->shape[d]);
+    const int64_t Smax = k_cache->shape[1];
+    qkv__attn a;
+    if ((st = qkv__attn_check_cache(ctx, q, opts, out, lse, Smax, k_cache->shape[2],
+                                    k_cache->shape[3], v_cache->shape[3], "k_cache", &a)))
+        return st;
+    if (k_cache->shape[0] != a.B)
+        return qkv__fail(ctx, QKV_ERR_SHAPE, "k_cache->shape[0] = %lld differs from "
+                         "q->shape[0] = %lld (batch)", (long long)k_cache->shape[0],
+                         (long long)a.B);
+    for (int64_t b = 0; seqlens_k && b < a.B; b++)
+        if (seqlens_k[b] < 0 || seqlens_k[b] > Smax)
+            return qkv__fail(ctx, QKV_ERR_SHAPE, "seqlens_k[%lld] = %d is outside [0, "
+                             "k_cache->shape[1] = %lld]", (long long)b, (int)seqlens_k[b],
+                             (long long)Smax);
+    kv_src src;
+    memset(&src, 0, sizeof src);
+    src.k = *k_cache;
+    src.v = *v_cache;
+    src.bs = Smax;
+    src.lens = seqlens_k;
+    return run(ctx, &a, &src, k_cache->dtype == QKV_BF16);
+}
+
+/* ---- paged cache ------------------------------------------------------------ */
+
+#define FAIL(st, ...) return qkv__fail(ctx, st, __VA_ARGS__)
+
+/* The cache description: pointers, dtype, sizes, and pools whose byte size
+   fits in int64; fills src's views (without table and lengths). */
+static qkv_status check_paged(qkv_ctx *ctx, const qkv_paged_cache *c, kv_src *src)
+{
+    if (!c)
+        FAIL(QKV_ERR_NULL, "cache: NULL");
+    if (!c->k || !c->v)
+        FAIL(QKV_ERR_NULL, "cache->%s: NULL pool", c->k ? "v" : "k");
+    const int i8 = c->dtype == QKV_KV_I8;
+    if (!i8 && c->dtype != QKV_KV_F32 && c->dtype != QKV_KV_F16 && c->dtype != QKV_KV_BF16)
+        FAIL(QKV_ERR_DTYPE, "cache->dtype = %d is not a qkv_kv_dtype", (int)c->dtype);
+    if (i8 && (!c->k_scale || !c->v_scale))
+        FAIL(QKV_ERR_NULL, "cache->%s: NULL with QKV_KV_I8", c->k_scale ? "v_scale" : "k_scale");
+    if (c->block_size < 8 || c->block_size > 256 || (c->block_size & (c->block_size - 1)))
+        FAIL(QKV_ERR_ARG, "cache->block_size = %lld must be a power of two from 8 to 256",
+             (long long)c->block_size);
+    static const char *const name[4] = { "n_blocks", "heads_kv", "head_dim", "head_dim_v" };
+    const int64_t size[4] = { c->n_blocks, c->heads_kv, c->head_dim, c->head_dim_v };
+    for (int i = 0; i < 4; i++)
+        if (size[i] <= 0)
+            FAIL(QKV_ERR_ARG, "cache->%s = %lld must be positive", name[i], (long long)size[i]);
+    const int64_t es = i8 ? 1 : (int64_t)qkv_dtype_size((qkv_dtype)c->dtype);
+    for (int v = 0; v < 2; v++) {
+        int64_t n;
+        if (__builtin_mul_overflow(c->n_blocks, c->block_size, &n) ||
+            __builtin_mul_overflow(n, c->heads_kv, &n) ||
+            __builtin_mul_overflow(n, v ? c->head_dim_v : c->head_dim, &n) ||
+            __builtin_mul_overflow(n, es, &n) || (uint64_t)n > SIZE_MAX)
+            FAIL(QKV_ERR_OVERFLOW, "cache: the %s pool's size overflows", v ? "v" : "k");
+    }
+    memset(src, 0, sizeof *src);
+    src->k = qkv_tensor_4d(c->k, i8 ? QKV_F32 : (qkv_dtype)c->dtype, c->n_blocks,
+                           c->block_size, c->heads_kv, c->head_dim);
+    src->v = qkv_tensor_4d(c->v, i8 ? QKV_F32 : (qkv_dtype)c->dtype, c->n_blocks,
+                           c->block_size, c->heads_kv, c->head_dim_v);
+    src->i8 = i8;
+    src->ks = c->k_scale;
+    src->vs = c->v_scale;
+    src->bs = c->block_size;
+    return QKV_OK;
+}
+
+/* The block table and lengths of B sequences: every sequence's positions
+   lo[b] .. hi[b]-1 (hi = lens + extra) must map to blocks in range. */
+static qkv_status check_table(qkv_ctx *ctx, const qkv_paged_cache *c, const int32_t *table,
+                              int64_t max_blocks, const int32_t *lens, const char *lens_name,
+                              int64_t B, int64_t extra, int from_len)
+{
+    if (!table)
+        FAIL(QKV_ERR_NULL, "block_table: NULL");
+    if (!lens)
+        FAIL(QKV_ERR_NULL, "%s: NULL", lens_name);
+    int64_t cap, cells;
+    if (max_blocks <= 0 || __builtin_mul_overflow(max_blocks, c->block_size, &cap) ||
+        __builtin_mul_overflow(max_blocks, B, &cells) || cap > INT32_MAX)
+        FAIL(QKV_ERR_SHAPE, "max_blocks = %lld must be positive with max_blocks x "
+             "block_size within int32", (long long)max_blocks);
+    for (int64_t b = 0; b < B; b++) {
+        if (lens[b] < 0 || lens[b] + extra > cap)
+            FAIL(QKV_ERR_SHAPE, "%s[%lld] = %d%s is outside [0, max_blocks x block_size = %lld]",
+                 lens_name, (long long)b, (int)lens[b], extra ? " plus the new rows" : "",
+                 (long long)cap);
+        const int64_t first = from_len ? lens[b] / c->block_size : 0;
+        const int64_t last = (lens[b] + extra + c->block_size - 1) / c->block_size;
+        for (int64_t i = first; i < last; i++) {
+            const int32_t id = table[b * max_blocks + i];
+            if (id < 0 || id >= c->n_blocks)
+                FAIL(QKV_ERR_SHAPE, "block_table[%lld][%lld] = %d is outside [0, cache->n_blocks "
+                     "= %lld)", (long long)b, (long long)i, (int)id, (long long)c->n_blocks);
+        }
+    }
+    return QKV_OK;
+}
+
+qkv_status qkv_attention_paged(qkv_ctx *ctx, const qkv_tensor *q,
+        const qkv_paged_cache *cache, const int32_t *block_table, int64_t max_blocks,
+        const int32_t *seqlens_k, const qkv_attn_opts *opts, qkv_tensor *out, float *lse)
+{
+    if (!ctx)
+        return QKV_ERR_NULL;
+    ctx->err[0] = 0;
+    kv_src src;
+    qkv_status st = check_paged(ctx, cache, &src);
+    if (st)
+        return st;
+    qkv__attn a;
+    if ((st = qkv__attn_check_cache(ctx, q, opts, out, lse, max_blocks > 0 && max_blocks <= INT32_MAX ?
+                                    max_blocks * cache->block_size : 0,
+                                    cache->heads_kv, cache->head_dim, cache->head_dim_v, "cache",
+                                    &a)) ||
+        (st = check_table(ctx, cache, block_table, max_blocks, seqlens_k, "seqlens_k", a.B, 0, 0)))
+        return st;
+    src.table = block_table;
+    src.max_blocks = max_blocks;
+    src.lens = seqlens_k;
+    return run(ctx, &a, &src, cache->dtype == QKV_KV_BF16);
+}
+
+/* ---- append ----------------------------------------------------------------- */
+
+typedef struct {
+    qkv_ctx          *ctx;
+    const kv_src     *src;
+    const qkv_tensor *kn, *vn;   /* [B, Snew, Hkv, D|Dv] */
+    int64_t           Hkv;
+} app_job;
+
+/* Row x (cols elements, fp32) into the cache at element offset off of t:
+   converted, or quantized with its scale *scale for int8. */
+static void put_row(const kv_src *src, const qkv_tensor *t, int64_t off, const float *x,
+                    int64_t cols, float *scale)
+{
+    if (!src->i8) {
+        for (int64_t c = 0; c < cols; c++)
+            qkv__store(t->data, t->dtype, off + c, x[c]);
+        return;
+    }
+    float amax = 0.0f;
+    for (int64_t c = 0; c < cols; c++)
+        amax = fabsf(x[c]) > amax || isnan(x[c]) ? fabsf(x[c]) : amax;
+    int8_t *dst = (int8_t *)t->data + off;
+    if (!isfinite(amax) || amax == 0.0f) {
+        *scale = isfinite(amax) ? 0.0f : NAN;
+        memset(dst, 0, (size_t)cols);
+        return;
+    }
+    const float s = amax / 127.0f;
+    *scale = s;
+    for (int64_t c = 0; c < cols; c++) {
+        float y = nearbyintf(x[c] / s);
+        dst[c] = (int8_t)(y > 127.0f ? 127.0f : y < -127.0f ? -127.0f : y);
+    }
+}
+
+/* Task: one new position (b, i) of every kv head. */
+static void app_task(void *arg, int64_t task, int worker)
+{
+    const app_job *job = arg;
+    const kv_src *src = job->src;
+    const qkv__kernels *kern = job->ctx->kernels;
+    const int64_t Snew = job->kn->shape[1], b = task / Snew, i = task % Snew;
+    const int64_t p = src->lens[b] + i;
+    float *x = job->ctx->scratch[worker];
+    for (int64_t h = 0; h < job->Hkv; h++)
+        for (int e = 0; e < 2; e++) {
+            const qkv_tensor *in = e ? job->vn : job->kn;
+            const qkv_tensor *t = e ? &src->v : &src->k;
+            const int64_t cols = in->shape[3];
+            qkv__load_row(kern, in, b * in->stride[0] + i * in->stride[1] + h * in->stride[2],
+                          in->stride[3], cols, x);
+            float *sc = src->i8 ? (float *)(e ? src->vs : src->ks) +
+                                  scale_idx(src, b, p, h, job->Hkv) : NULL;
+            put_row(src, t, row_off(src, t, b, p, h), x, cols, sc);
+        }
+}
+
+/* Orders (block id, table cell, written) triples by id, then cell. */
+static int cmp_cell(const void *x, const void *y)
+{
+    const int64_t *a = x, *b = y;
+    return a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : (a[1] > b[1]) - (a[1] < b[1]);
+}
+
+qkv_status qkv_paged_append(qkv_ctx *ctx, const qkv_paged_cache *cache,
+        const int32_t *block_table, int64_t max_blocks, const int32_t *seqlens,
+        const qkv_tensor *k_new, const qkv_tensor *v_new)
+{
+    if (!ctx)
+        return QKV_ERR_NULL;
+    ctx->err[0] = 0;
+    kv_src src;
+    qkv_status st;
+    if ((st = check_paged(ctx, cache, &src)) ||
+        (st = qkv__check_tensor(ctx, k_new, "k_new")) ||
+        (st = qkv__check_tensor(ctx, v_new, "v_new")))
+        return st;
+    if (v_new->dtype != k_new->dtype)
+        FAIL(QKV_ERR_DTYPE, "v_new->dtype differs from k_new->dtype");
+    const int64_t want_k[4] = { k_new->shape[0], k_new->shape[1], cache->heads_kv, cache->head_dim };
+    const int64_t want_v[4] = { k_new->shape[0], k_new->shape[1], cache->heads_kv, cache->head_dim_v };
+    static const char *const what[4] = { "k_new->shape[0]", "k_new->shape[1]", "cache->heads_kv",
+                                         "cache->head_dim" };
+    for (int d = 0; d < 4; d++) {
+        if (k_new->shape[d] != want_k[d])
+            FAIL(QKV_ERR_SHAPE, "k_new->shape[%d] = %lld differs from %s = %lld", d,
+                 (long long)k_new->shape[d], what[d], (long long)want_k[d]);
+        if (v_new->shape[d] != want_v[d])
+            FAIL(QKV_ERR_SHAPE, "v_new->shape[%d] = %lld differs from %s = %lld", d,
+                 (long long)v_new->shape[d], d == 3 ? "cache->head_dim_v" : what[d],
+                 (long long)want_v[d]);
+    }
+    const int64_t B = k_new->shape[0], Snew = k_new->shape[1];
+    if (Snew > INT32_MAX)
+        FAIL(QKV_ERR_SHAPE, "k_new->shape[1] = %lld: more new rows than int32 lengths hold",
+             (long long)Snew);
+    if ((st = check_table(ctx, cache, block_table, max_blocks, seqlens, "seqlens", B, Snew, 1)))
+        return st;
+
+    /* a block written belongs to one table cell only: no other sequence
+       reads it (a shared prefix block is copied before it is written) and
+       no two positions of one sequence land in it */
+    int64_t n = 0;
+    for (int64_t b = 0; b < B; b++)
+        n += (seqlens[b] + Snew + cache->block_size - 1) / cache->block_size;
+    int64_t *cells = malloc((size_t)n * 3 * sizeof *cells);
+    if (!cells)
+        FAIL(QKV_ERR_NOMEM, "ctx: cannot allocate the block check");
+    n = 0;
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t i = 0; i * cache->block_size < seqlens[b] + Snew; i++, n++) {
+            cells[3 * n] = block_table[b * max_blocks + i];
+            cells[3 * n + 1] = b * max_blocks + i;
+            cells[3 * n + 2] = (i + 1) * cache->block_size > seqlens[b];   /* written */
+        }
+    qsort(cells, (size_t)n, 3 * sizeof *cells, cmp_cell);
+    for (int64_t i = 1; i < n; i++)
+        if (cells[3 * i] == cells[3 * i - 3] && (cells[3 * i + 2] || cells[3 * i - 1])) {
+            const int64_t c0 = cells[3 * i - 2], c1 = cells[3 * i + 1], id = cells[3 * i];
+            free(cells);
+            FAIL(QKV_ERR_ARG, "block_table[%lld][%lld] and block_table[%lld][%lld] are both "
+                 "block %lld, which this append writes (a written block must have one owner)",
+                 (long long)(c0 / max_blocks), (long long)(c0 % max_blocks),
+                 (long long)(c1 / max_blocks), (long long)(c1 % max_blocks), (long long)id);
+        }
+    free(cells);
+
+    const int64_t cols = cache->head_dim > cache->head_dim_v ? cache->head_dim : cache->head_dim_v;
+    if (cols > (1 << 24))
+        FAIL(QKV_ERR_UNSUPPORTED, "cache->head_dim: above 16777216");
+    if ((st = qkv__scratch_reserve(ctx, (size_t)cols * sizeof(float))))
+        return st;
+    src.table = block_table;
+    src.max_blocks = max_blocks;
+    src.lens = seqlens;
+    app_job job = { ctx, &src, k_new, v_new, cache->heads_kv };
+    qkv__parallel(ctx, B * Snew, (double)(B * Snew) * (double)cache->heads_kv * (double)cols,
+                  app_task, &job);
+    return QKV_OK;
+}
