@@ -41,6 +41,7 @@ typedef struct {
     int            i8;        /* int8 codes with scales ks/vs [blocks, bs, Hkv] */
     const float   *ks, *vs;
     int64_t        bs;        /* positions per block */
+    int            shift;     /* log2(bs) for a table's power-of-two blocks */
     const int32_t *table;     /* [n_seqs][max_blocks], or NULL: block b for sequence b */
     int64_t        max_blocks;
     const int32_t *lens;      /* [n_seqs] cached positions, or NULL: bs each */
@@ -51,21 +52,30 @@ static int64_t seq_len(const kv_src *src, int64_t b)
     return src->lens ? src->lens[b] : src->bs;
 }
 
+/* Position p's block and its row in it: paged blocks are a power of two
+   long (shifts, no division); a contiguous cache is one block per
+   sequence. */
 static int64_t block_of(const kv_src *src, int64_t b, int64_t p)
 {
-    return src->table ? src->table[b * src->max_blocks + p / src->bs] : b;
+    return src->table ? src->table[b * src->max_blocks + (p >> src->shift)] : b;
+}
+
+static int64_t row_in_block(const kv_src *src, int64_t p)
+{
+    return src->table ? p & (src->bs - 1) : p;
 }
 
 /* Element offset of position p's row for kv head h in view t (k or v). */
 static int64_t row_off(const kv_src *src, const qkv_tensor *t, int64_t b, int64_t p, int64_t h)
 {
-    return block_of(src, b, p) * t->stride[0] + (p % src->bs) * t->stride[1] + h * t->stride[2];
+    return block_of(src, b, p) * t->stride[0] + row_in_block(src, p) * t->stride[1] +
+           h * t->stride[2];
 }
 
 /* The scale index of an int8 row: [block, row, head]. */
 static int64_t scale_idx(const kv_src *src, int64_t b, int64_t p, int64_t h, int64_t Hkv)
 {
-    return (block_of(src, b, p) * src->bs + p % src->bs) * Hkv + h;
+    return (block_of(src, b, p) * src->bs + row_in_block(src, p)) * Hkv + h;
 }
 
 /* Positions p0 .. p0+n-1 (n >= 1) of one block, as rows of element stride
@@ -73,7 +83,7 @@ static int64_t scale_idx(const kv_src *src, int64_t b, int64_t p, int64_t h, int
 static int64_t segment(const kv_src *src, const qkv_tensor *t, int64_t b, int64_t p0,
                        int64_t h, int *n)
 {
-    const int64_t left = src->bs - p0 % src->bs;
+    const int64_t left = src->bs - row_in_block(src, p0);
     if (*n > left)
         *n = (int)left;
     return row_off(src, t, b, p0, h);
@@ -101,20 +111,27 @@ static const float *rows_f32(const qkv__kernels *kn, const kv_src *src, int is_v
     return buf;
 }
 
-/* Asks for the K and V rows of positions p0 .. p0+n-1 (the next tile). */
-static void prefetch_tile(const kv_src *src, int64_t b, int64_t p0, int n, int64_t h,
-                          int64_t D, int64_t Dv)
+/* Decode reads each K/V row once, 2·D bytes at a stride of Hkv rows:
+   too sparse for the hardware's stream prefetchers. So while a key tile
+   is scored, CHUNK positions at a time, the same positions of the next
+   tile are asked for (K into L1, V into L2 for the products after the
+   softmax): one tile ahead, a few dozen lines in flight at any time. */
+enum { CHUNK = 8 };
+
+/* Prefetches K and V rows of positions p0 .. p0+n-1 below end. */
+static void prefetch_rows(const kv_src *src, int64_t b, int64_t h, int64_t p0, int64_t n,
+                          int64_t end, int64_t D, int64_t Dv)
 {
-    if (src->i8 || src->k.stride[3] != 1 || src->v.stride[3] != 1)
+    if (src->k.stride[3] != 1 || src->v.stride[3] != 1)
         return;
-    const size_t es = qkv_dtype_size(src->k.dtype);
-    for (int c = 0; c < n; c++) {
-        const char *kr = (const char *)src->k.data + row_off(src, &src->k, b, p0 + c, h) * (int64_t)es;
-        const char *vr = (const char *)src->v.data + row_off(src, &src->v, b, p0 + c, h) * (int64_t)es;
-        for (size_t o = 0; o < (size_t)D * es; o += 64)
-            __builtin_prefetch(kr + o);
-        for (size_t o = 0; o < (size_t)Dv * es; o += 64)
-            __builtin_prefetch(vr + o);
+    const int64_t ek = src->i8 ? 1 : (int64_t)qkv_dtype_size(src->k.dtype), ev = ek;
+    for (int64_t p = p0; p < p0 + n && p < end; p++) {
+        const char *kr = (const char *)src->k.data + row_off(src, &src->k, b, p, h) * ek;
+        const char *vr = (const char *)src->v.data + row_off(src, &src->v, b, p, h) * ev;
+        for (int64_t o = 0; o < D * ek; o += 64)
+            __builtin_prefetch(kr + o, 0, 3);
+        for (int64_t o = 0; o < Dv * ev; o += 64)
+            __builtin_prefetch(vr + o, 0, 2);
     }
 }
 
@@ -145,15 +162,14 @@ typedef struct {               /* per-thread scratch */
     float    *acc;   /* [R][Dv]                                             */
     float    *m, *l, *alpha, *mx, *mref, *sum, *ones;   /* [R]              */
     uint16_t *kb;    /* [BK][2·pairs(D)] gathered bf16 K rows               */
-    uint32_t *vp;    /* [BK/2][Dv] V pairs along keys                       */
+    uint16_t *vb;    /* [BK][Dv]   gathered bf16 V rows                     */
     uint32_t *pp;    /* [BK/2][R]  P pairs along keys                       */
-    uint16_t *vr;    /* [2][Dv]    gathered bf16 V rows                     */
 } scratch;
 
 static size_t scratch_floats(int64_t R, int64_t D, int64_t Dv)
 {
     return (size_t)(2 * R * D + BK * D + BK * Dv + BK * R + R * Dv + 7 * R +
-                    BK * pairs(D) + BK / 2 * Dv + BK / 2 * R + Dv + 16);
+                    BK * pairs(D) + BK / 2 * Dv + BK / 2 * R + 16);
 }
 
 static scratch scratch_at(float *base, int64_t R, int64_t D, int64_t Dv)
@@ -173,9 +189,8 @@ static scratch scratch_at(float *base, int64_t R, int64_t D, int64_t Dv)
     s.sum = s.mref + R;
     s.ones = s.sum + R;
     s.kb = (uint16_t *)(s.ones + R);
-    s.vp = (uint32_t *)(s.kb + BK * 2 * pairs(D));
-    s.pp = s.vp + BK / 2 * Dv;
-    s.vr = (uint16_t *)(s.pp + BK / 2 * R);
+    s.vb = s.kb + BK * 2 * pairs(D);
+    s.pp = (uint32_t *)(s.vb + BK * Dv);
     return s;
 }
 
@@ -227,44 +242,71 @@ static void load_queries(const dec_job *job, const qkv__seq *s, const qkv__tile_
                 sc->qt[d * R + r] = r < m ? sc->q[r * D + d] : 0.0f;
 }
 
-/* Scores of keys p0 .. p0+n-1 for the tile's m rows into st [n][R]. */
+/* Whether positions p0 .. p0+n-1 lie in one block (rows at one stride). */
+static int one_block(const kv_src *src, int64_t p0, int n)
+{
+    return row_in_block(src, p0) + n <= src->bs;
+}
+
+/* n bf16 rows of t (positions p0.., head h) for the dot kernels, each
+   `w` elements with zeros past cols: in place when they lie at one stride
+   with unit inner stride and w == cols, else gathered into buf. */
+static const uint16_t *rows_bf16(const kv_src *src, const qkv_tensor *t, int64_t b, int64_t p0,
+                                 int64_t h, int n, int64_t cols, int64_t w, uint16_t *buf,
+                                 int64_t *ld)
+{
+    const uint16_t *data = t->data;
+    if (one_block(src, p0, n) && t->stride[3] == 1 && w == cols) {
+        *ld = t->stride[1];
+        return data + row_off(src, t, b, p0, h);
+    }
+    for (int c = 0; c < n; c++) {
+        const uint16_t *r = data + row_off(src, t, b, p0 + c, h);
+        for (int64_t x = 0; x < cols; x++)
+            buf[c * w + x] = r[x * t->stride[3]];
+        for (int64_t x = cols; x < w; x++)
+            buf[c * w + x] = 0;
+    }
+    *ld = w;
+    return buf;
+}
+
+/* Scores of keys p0 .. p0+n-1 for the tile's m rows into st [n][R],
+   CHUNK keys at a time, prefetching the rows of the next tile (positions
+   p0+n onwards, below end). */
 static void tile_scores(const dec_job *job, const qkv__seq *s, int64_t hk, int64_t p0, int n,
-                        int m, const scratch *sc)
+                        int64_t end, int m, const scratch *sc)
 {
     const qkv__attn *a = job->a;
     const kv_src *src = job->src;
     const qkv__kernels *kn = job->ctx->kernels;
     const int64_t D = a->D, R = job->R, w = 2 * pairs(D);
-    for (int c0 = 0; c0 < n;) {
-        int ns = n - c0;
-        const int64_t off = segment(src, &src->k, s->b, p0 + c0, hk, &ns);
-        float *st = sc->st + c0 * R;
-        if (job->bf) {
-            const uint16_t *kr = (const uint16_t *)src->k.data + off;
-            int64_t ldk = src->k.stride[1];
-            if (src->k.stride[3] != 1 || D % 2) {   /* gather rows of w elements */
-                for (int c = 0; c < ns; c++) {
-                    for (int64_t x = 0; x < D; x++)
-                        sc->kb[c * w + x] = kr[c * src->k.stride[1] + x * src->k.stride[3]];
-                    if (D % 2)
-                        sc->kb[c * w + D] = 0;
-                }
-                kr = sc->kb;
-                ldk = w;
-            }
-            kn->qk_bf16_rows(ns, m, (int)pairs(D), a->scale, kr, ldk, (const uint16_t *)sc->q,
-                             w, st, R);
-        } else {
-            int64_t ldk;
-            const float *kr = rows_f32(kn, src, 0, s->b, p0 + c0, hk, ns, D, a->Hkv, sc->kw, &ldk);
-            kn->qk(ns, m, (int)D, a->scale, kr, ldk, sc->qt, R, sc->q, D, st, R);
+    if (job->bf) {
+        /* one row set for the tile, so the kernel's blocks of 4 keys
+           start at p0 for any cache layout */
+        int64_t ldk;
+        const uint16_t *kr = rows_bf16(src, &src->k, s->b, p0, hk, n, D, w, sc->kb, &ldk);
+        for (int c0 = 0; c0 < n; c0 += CHUNK) {
+            const int nc = n - c0 < CHUNK ? n - c0 : CHUNK;
+            prefetch_rows(src, s->b, hk, p0 + n + c0, nc, end, D, a->Dv);
+            kn->qk_bf16_dec(nc, m, (int)pairs(D), a->scale, kr + c0 * ldk, ldk,
+                            (const uint16_t *)sc->q, w, sc->st + c0 * R, R);
         }
-        c0 += ns;
+        return;
+    }
+    for (int c0 = 0; c0 < n;) {
+        int nc = n - c0 < CHUNK ? n - c0 : CHUNK;
+        segment(src, &src->k, s->b, p0 + c0, hk, &nc);
+        prefetch_rows(src, s->b, hk, p0 + n + c0, nc, end, D, a->Dv);
+        int64_t ldk;
+        const float *kr = rows_f32(kn, src, 0, s->b, p0 + c0, hk, nc, D, a->Hkv, sc->kw, &ldk);
+        kn->qk(nc, m, (int)D, a->scale, kr, ldk, sc->qt, R, sc->q, D, sc->st + c0 * R, R);
+        c0 += nc;
     }
 }
 
-/* acc = alpha·acc + P·V over keys p0 .. p0+n-1 (P in st, or in pp for the
-   bf16 path). */
+/* acc = alpha·acc + P·V over keys p0 .. p0+n-1 (P in st, or as bf16 pairs
+   in pp for the bf16 path). */
 static void tile_values(const dec_job *job, const qkv__seq *s, int64_t hk, int64_t p0, int n,
                         int m, const scratch *sc)
 {
@@ -273,22 +315,9 @@ static void tile_values(const dec_job *job, const qkv__seq *s, int64_t hk, int64
     const qkv__kernels *kn = job->ctx->kernels;
     const int64_t Dv = a->Dv, R = job->R;
     if (job->bf) {
-        const uint16_t *vd = src->v.data;
-        for (int jj = 0; 2 * jj < n; jj++) {
-            const uint16_t *r[2] = { NULL, NULL };
-            for (int e = 0; e < 2 && 2 * jj + e < n; e++) {
-                const int64_t off = row_off(src, &src->v, s->b, p0 + 2 * jj + e, hk);
-                if (src->v.stride[3] == 1) {
-                    r[e] = vd + off;
-                    continue;
-                }
-                for (int64_t c = 0; c < Dv; c++)
-                    sc->vr[e * Dv + c] = vd[off + c * src->v.stride[3]];
-                r[e] = sc->vr + e * Dv;
-            }
-            kn->pack_pairs(r[0], r[1], Dv, sc->vp + jj * Dv);
-        }
-        kn->pv_bf16(m, (int)pairs(n), (int)Dv, sc->pp, R, sc->vp, Dv, sc->alpha, sc->acc, Dv);
+        int64_t ldv;
+        const uint16_t *vr = rows_bf16(src, &src->v, s->b, p0, hk, n, Dv, Dv, sc->vb, &ldv);
+        kn->pv_bf16_dec(m, n, (int)Dv, sc->pp, R, vr, ldv, sc->alpha, sc->acc, Dv);
         return;
     }
     /* segment by segment: alpha scales acc once, later segments add */
@@ -354,19 +383,22 @@ static void dec_task(void *arg, int64_t task, int worker)
         klo = lo < khi ? lo : khi;
     }
     const int modded = a->softcap > 0.0f || a->alibi;
+    prefetch_rows(job->src, s.b, hk, klo, BK, khi, a->D, Dv);
+    if (job->bf)
+        for (int c = 0; c < BK; c++)
+            for (int r = m; r < mpad; r++)
+                sc.st[c * R + r] = -INFINITY;
 
     for (int64_t j0 = klo; j0 < khi; j0 += BK) {
         const int n = (int)(khi - j0 < BK ? khi - j0 : BK);
-        if (j0 + n < khi)
-            prefetch_tile(job->src, s.b, j0 + n, (int)(khi - j0 - n < BK ? khi - j0 - n : BK),
-                          hk, a->D, Dv);
-        tile_scores(job, &s, hk, j0, n, m, &sc);
+        tile_scores(job, &s, hk, j0, n, khi, m, &sc);
         const int band = !(lo_last <= j0 && hi_first >= j0 + n);
         if (modded || band)
             qkv__score_mods(a, &s, &tm, m, j0, n, band, sc.st, R, NULL);
-        for (int c = 0; c < n; c++)
-            for (int r = m; r < mpad; r++)
-                sc.st[c * R + r] = -INFINITY;
+        if (!job->bf)   /* qk may write the padding columns; qk_bf16_dec does not */
+            for (int c = 0; c < n; c++)
+                for (int r = m; r < mpad; r++)
+                    sc.st[c * R + r] = -INFINITY;
         kn->col_max(sc.st, R, n, mpad, sc.mx);
         for (int r = 0; r < mpad; r++) {
             const float mn = sc.mx[r] > sc.m[r] ? sc.mx[r] : sc.m[r];
@@ -471,7 +503,7 @@ static qkv_status run(qkv_ctx *ctx, const qkv__attn *a, const kv_src *src, int c
     job.R = (job.P * a->group + QKV__PAD - 1) / QKV__PAD * QKV__PAD;
     /* bf16 dot products for a few rows; many rows (chunked prefill) run
        the register-blocked fp32 kernels */
-    job.bf = cache_bf16 && a->dt == QKV_BF16 && ctx->kernels->qk_bf16_rows &&
+    job.bf = cache_bf16 && a->dt == QKV_BF16 && ctx->kernels->qk_bf16_dec &&
              job.P * a->group < QKV__PAD;
     const int64_t n_qt = (a->Sq + job.P - 1) / job.P;
     qkv_status st = qkv__scratch_reserve(ctx, scratch_floats(job.R, a->D, a->Dv) * sizeof(float));
@@ -598,6 +630,8 @@ static qkv_status check_paged(qkv_ctx *ctx, const qkv_paged_cache *c, kv_src *sr
     src->ks = c->k_scale;
     src->vs = c->v_scale;
     src->bs = c->block_size;
+    while ((int64_t)1 << src->shift < src->bs)
+        src->shift++;
     return QKV_OK;
 }
 

@@ -79,6 +79,25 @@ typedef struct qkv__kernels {
                     const uint32_t *vp, int64_t ldvp, const float *alpha,
                     float *acc, int64_t lda);
 
+    /* ---- decode: a few query rows against many keys (NULL where the CPU
+       has no bf16 dot) -------------------------------------------------- */
+
+    /* The scores of qk_bf16_rows, st[j][i] for j < n, i < m, computed in
+       blocks of 4 keys x 4 queries whose 16 dot products are reduced
+       together (only the last n % 4 keys are reduced one by one); q must
+       be readable up to row round_up(m, 4). Splitting the keys into calls
+       of multiples of 4 gives the same bits. */
+    void (*qk_bf16_dec)(int n, int m, int dp, float scale, const uint16_t *k, int64_t ldk,
+                        const uint16_t *q, int64_t ldq, float *st, int64_t ldst);
+
+    /* pv_bf16 with V read in place: acc[i][c] = alpha[i]·acc[i][c] +
+       Σ_jj pp[jj][i]·(v[2jj][c], v[2jj+1][c]) for i < m, c < dv, with v
+       bf16 rows [n][ldv] paired along keys on the fly (a last odd row
+       pairs with zero). Bit for bit what pv_bf16 gives on packed pairs. */
+    void (*pv_bf16_dec)(int m, int n, int dv, const uint32_t *pp, int64_t ldp,
+                        const uint16_t *v, int64_t ldv, const float *alpha,
+                        float *acc, int64_t lda);
+
     /* Runs iters rounds of independent fp32 vector FMAs (a ceiling probe
        for benchmarks); returns the flops done. */
     double (*fma_probe)(int64_t iters);

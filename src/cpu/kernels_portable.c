@@ -564,6 +564,156 @@ static void pv_bf16(int m, int np, int dv, const uint32_t *pp, int64_t ldp,
     for (; i < m; i++)
         PVB_COLS(1);
 }
+/* ---- decode: few queries, keys and values read in place ------------------- */
+
+/* Sum of lanes of v[0..15] into lane L of one vector (L = 4·key + query):
+   pairs of vectors add their interleaved halves, then pairs of those,
+   then the four 128-bit blocks; 15 adds and 30 shuffles instead of 16
+   full horizontal sums. */
+static inline __m512 reduce16(const __m512 *v)
+{
+    __m512 a[8], b[4];
+    for (int t = 0; t < 8; t++)
+        a[t] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * t], v[2 * t + 1]),
+                             _mm512_unpackhi_ps(v[2 * t], v[2 * t + 1]));
+    for (int t = 0; t < 4; t++) {
+        __m512d x = _mm512_castps_pd(a[2 * t]), y = _mm512_castps_pd(a[2 * t + 1]);
+        b[t] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
+                             _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+    }
+    /* b[t] holds sources 4t..4t+3 in each 128-bit block: add the blocks */
+    __m512 x01 = _mm512_add_ps(_mm512_shuffle_f32x4(b[0], b[1], 0x44),
+                               _mm512_shuffle_f32x4(b[0], b[1], 0xee));
+    __m512 x23 = _mm512_add_ps(_mm512_shuffle_f32x4(b[2], b[3], 0x44),
+                               _mm512_shuffle_f32x4(b[2], b[3], 0xee));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(x01, x23, 0x88),
+                         _mm512_shuffle_f32x4(x01, x23, 0xdd));
+}
+
+/* One key row against queries i..i+3 (the 16 lanes reduced one sum at a
+   time): the leftover keys of a tile. */
+static void qkd_key(int m, int i, int dp, float scale, const uint16_t *kr, const uint16_t *q,
+                    int64_t ldq, float *st)
+{
+    const int full = dp - dp % VW;
+    const __mmask16 tail = (__mmask16)((1u << (dp - full)) - 1);
+    for (int r = 0; r < 4 && i + r < m; r++) {
+        vf c = {0};
+        const uint16_t *qr = q + (i + r) * ldq;
+        for (int x = 0; x < full; x += VW)
+            c = dot2(c, _mm512_loadu_si512(kr + 2 * x), _mm512_loadu_si512(qr + 2 * x));
+        if (tail)
+            c = dot2(c, _mm512_maskz_loadu_epi32(tail, kr + 2 * full),
+                     _mm512_maskz_loadu_epi32(tail, qr + 2 * full));
+        st[i + r] = _mm512_reduce_add_ps((__m512)c) * scale;
+    }
+}
+
+static void qk_bf16_dec(int n, int m, int dp, float scale, const uint16_t *k, int64_t ldk,
+                        const uint16_t *q, int64_t ldq, float *st, int64_t ldst)
+{
+    const int full = dp - dp % VW;
+    const __mmask16 tail = (__mmask16)((1u << (dp - full)) - 1);
+    const __m512 sc = _mm512_set1_ps(scale);
+    for (int i = 0; i < m; i += 4) {
+        const __mmask16 live = (__mmask16)(m - i >= 4 ? 0xf : (1u << (m - i)) - 1);
+        const uint16_t *q0 = q + i * ldq;
+        int j = 0;
+        for (; j + 4 <= n; j += 4) {
+            __m512 c[16];
+            for (int t = 0; t < 16; t++)
+                c[t] = _mm512_setzero_ps();
+            const uint16_t *k0 = k + j * ldk;
+            for (int x = 0; x < full + (tail ? VW : 0); x += VW) {
+                const __mmask16 mk = x < full ? (__mmask16)0xffff : tail;
+                __m512i kv[4], qv[4];
+                for (int e = 0; e < 4; e++) {
+                    kv[e] = _mm512_maskz_loadu_epi32(mk, k0 + e * ldk + 2 * x);
+                    qv[e] = _mm512_maskz_loadu_epi32(mk, q0 + e * ldq + 2 * x);
+                }
+                for (int e = 0; e < 4; e++)
+                    for (int r = 0; r < 4; r++)
+                        c[4 * e + r] = (__m512)dot2((vf)c[4 * e + r], kv[e], qv[r]);
+            }
+            const __m512 s = _mm512_mul_ps(reduce16(c), sc);
+            _mm_mask_storeu_ps(st + (j + 0) * ldst + i, live, _mm512_extractf32x4_ps(s, 0));
+            _mm_mask_storeu_ps(st + (j + 1) * ldst + i, live, _mm512_extractf32x4_ps(s, 1));
+            _mm_mask_storeu_ps(st + (j + 2) * ldst + i, live, _mm512_extractf32x4_ps(s, 2));
+            _mm_mask_storeu_ps(st + (j + 3) * ldst + i, live, _mm512_extractf32x4_ps(s, 3));
+        }
+        for (; j < n; j++)
+            qkd_key(m, i, dp, scale, k + j * ldk, q, ldq, st + j * ldst);
+    }
+}
+
+/* Word indices that interleave two rows of 32 bf16 into pairs: the low
+   16 pairs (columns c..c+15) and the high 16 (c+16..c+31). */
+static inline void pair_index(__m512i *lo, __m512i *hi)
+{
+    int16_t a[32], b[32];
+    for (int t = 0; t < 16; t++) {
+        a[2 * t] = (int16_t)t;
+        a[2 * t + 1] = (int16_t)(32 + t);
+        b[2 * t] = (int16_t)(16 + t);
+        b[2 * t + 1] = (int16_t)(48 + t);
+    }
+    *lo = _mm512_loadu_si512(a);
+    *hi = _mm512_loadu_si512(b);
+}
+
+/* rows of acc x 32 columns (the ones past dv masked) over all pairs. */
+static inline __attribute__((always_inline))
+void pvd_block(const int rows, int n, int cols, const uint32_t *pp, int64_t ldp,
+               const uint16_t *v, int64_t ldv, const float *alpha, float *acc, int64_t lda,
+               __m512i ilo, __m512i ihi)
+{
+    const __mmask32 mw = cols >= 32 ? 0xffffffffu : (__mmask32)((1ull << cols) - 1);
+    const __mmask16 m0 = cols >= 16 ? 0xffff : (__mmask16)((1u << cols) - 1);
+    const __mmask16 m1 = cols >= 32 ? 0xffff : cols > 16 ? (__mmask16)((1u << (cols - 16)) - 1) : 0;
+    vf c[MR][2];
+    for (int r = 0; r < rows; r++) {
+        vf s = vset1(alpha[r]);
+        c[r][0] = (vf)_mm512_maskz_loadu_ps(m0, acc + r * lda) * s;
+        c[r][1] = (vf)_mm512_maskz_loadu_ps(m1, acc + r * lda + VW) * s;
+    }
+    for (int jj = 0; 2 * jj < n; jj++) {
+        const __m512i a = _mm512_maskz_loadu_epi16(mw, v + 2 * jj * ldv);
+        const __m512i b = 2 * jj + 1 < n ? _mm512_maskz_loadu_epi16(mw, v + (2 * jj + 1) * ldv)
+                                         : _mm512_setzero_si512();
+        const __m512i b0 = _mm512_permutex2var_epi16(a, ilo, b);
+        const __m512i b1 = _mm512_permutex2var_epi16(a, ihi, b);
+        for (int r = 0; r < rows; r++) {
+            __m512i p = _mm512_set1_epi32((int)pp[jj * ldp + r]);
+            c[r][0] = dot2(c[r][0], p, b0);
+            c[r][1] = dot2(c[r][1], p, b1);
+        }
+    }
+    for (int r = 0; r < rows; r++) {
+        _mm512_mask_storeu_ps(acc + r * lda, m0, (__m512)c[r][0]);
+        _mm512_mask_storeu_ps(acc + r * lda + VW, m1, (__m512)c[r][1]);
+    }
+}
+
+static void pv_bf16_dec(int m, int n, int dv, const uint32_t *pp, int64_t ldp,
+                        const uint16_t *v, int64_t ldv, const float *alpha,
+                        float *acc, int64_t lda)
+{
+    __m512i ilo, ihi;
+    pair_index(&ilo, &ihi);
+    for (int c0 = 0; c0 < dv; c0 += 2 * VW) {
+        const int cols = dv - c0 < 2 * VW ? dv - c0 : 2 * VW;
+        int i = 0;
+        for (; i + MR <= m; i += MR)
+            pvd_block(MR, n, cols, pp + i, ldp, v + c0, ldv, alpha + i, acc + i * lda + c0,
+                      lda, ilo, ihi);
+        for (; i + 4 <= m; i += 4)
+            pvd_block(4, n, cols, pp + i, ldp, v + c0, ldv, alpha + i, acc + i * lda + c0,
+                      lda, ilo, ihi);
+        for (; i < m; i++)
+            pvd_block(1, n, cols, pp + i, ldp, v + c0, ldv, alpha + i, acc + i * lda + c0,
+                      lda, ilo, ihi);
+    }
+}
 #endif /* __AVX512BF16__ */
 
 /* dst[c] = a[c] | b[c] << 16, c < n: two bf16 rows interleaved into pairs
@@ -620,10 +770,14 @@ void QKV_KERNEL_TABLE(qkv__kernels *t)
     t->qk_bf16_rows = qk_bf16_rows;
     t->exp_pack_bf16 = exp_pack_bf16;
     t->pv_bf16 = pv_bf16;
+    t->qk_bf16_dec = qk_bf16_dec;
+    t->pv_bf16_dec = pv_bf16_dec;
 #else
     t->qk_bf16 = NULL;
     t->qk_bf16_rows = NULL;
     t->exp_pack_bf16 = NULL;
     t->pv_bf16 = NULL;
+    t->qk_bf16_dec = NULL;
+    t->pv_bf16_dec = NULL;
 #endif
 }
