@@ -39,6 +39,7 @@ enum { BK = 128 };
 typedef struct {
     qkv_tensor     k, v;      /* [blocks, bs, Hkv, D|Dv] views (dtype unused when i8) */
     int            i8;        /* int8 codes with scales ks/vs [blocks, bs, Hkv] */
+    int64_t        es;        /* bytes per element */
     const float   *ks, *vs;
     int64_t        bs;        /* positions per block */
     int            shift;     /* log2(bs) for a table's power-of-two blocks */
@@ -112,26 +113,63 @@ static const float *rows_f32(const qkv__kernels *kn, const kv_src *src, int is_v
 }
 
 /* Decode reads each K/V row once, 2·D bytes at a stride of Hkv rows:
-   too sparse for the hardware's stream prefetchers. So while a key tile
-   is scored, CHUNK positions at a time, the same positions of the next
-   tile are asked for (K into L1, V into L2 for the products after the
-   softmax): one tile ahead, a few dozen lines in flight at any time. */
-enum { CHUNK = 8 };
+   too sparse for the hardware's stream prefetchers, and on virtual
+   machines every strided page costs a nested page walk. So a decode task
+   takes all the kv heads of its sequence, and while one head works on a
+   key tile, its share of the next tile's positions is asked for, every
+   head of each position in address order (K into L1, V into L2 for the
+   products after the softmax). */
 
-/* Prefetches K and V rows of positions p0 .. p0+n-1 below end. */
-static void prefetch_rows(const kv_src *src, int64_t b, int64_t h, int64_t p0, int64_t n,
-                          int64_t end, int64_t D, int64_t Dv)
+/* Asks for bytes [p, p + span) of the cache, line by line. */
+static void prefetch_span(const char *p, int64_t span, int locality)
 {
-    if (src->k.stride[3] != 1 || src->v.stride[3] != 1)
+    const uintptr_t lo = (uintptr_t)p & ~(uintptr_t)63, hi = (uintptr_t)p + (uintptr_t)span;
+    for (uintptr_t a = lo; a < hi; a += 64) {
+        if (locality == 3)
+            __builtin_prefetch((const void *)a, 0, 3);
+        else
+            __builtin_prefetch((const void *)a, 0, 2);
+    }
+}
+
+/* Prefetches the K and V rows of positions p0 .. p0+n-1 (below end) for
+   kv heads h0 .. h0+nh-1: one span per position when the heads are
+   adjacent rows, as in [S, Hkv, D] caches, else row by row. */
+static void prefetch_rows(const kv_src *src, int64_t b, int64_t h0, int64_t nh, int64_t p0,
+                          int64_t n, int64_t end, int64_t D, int64_t Dv)
+{
+    const qkv_tensor *k = &src->k, *v = &src->v;
+    if (k->stride[3] != 1 || v->stride[3] != 1)
         return;
-    const int64_t ek = src->i8 ? 1 : (int64_t)qkv_dtype_size(src->k.dtype), ev = ek;
-    for (int64_t p = p0; p < p0 + n && p < end; p++) {
-        const char *kr = (const char *)src->k.data + row_off(src, &src->k, b, p, h) * ek;
-        const char *vr = (const char *)src->v.data + row_off(src, &src->v, b, p, h) * ev;
-        for (int64_t o = 0; o < D * ek; o += 64)
-            __builtin_prefetch(kr + o, 0, 3);
-        for (int64_t o = 0; o < Dv * ev; o += 64)
-            __builtin_prefetch(vr + o, 0, 2);
+    const int64_t es = src->es;
+    const int adj = k->stride[2] == D && v->stride[2] == Dv;
+    const int64_t rows = adj ? 1 : nh, kspan = (adj ? nh * D : D) * es,
+                  vspan = (adj ? nh * Dv : Dv) * es;
+    for (int64_t p = p0; p < p0 + n && p < end; p++)
+        for (int64_t e = 0; e < rows; e++) {
+            prefetch_span((const char *)k->data + row_off(src, k, b, p, h0 + e) * es, kspan, 3);
+            prefetch_span((const char *)v->data + row_off(src, v, b, p, h0 + e) * es, vspan, 2);
+        }
+}
+
+/* The rows of the next key tile still to be asked for: position p, head
+   slot e of nh, below position end. Taken a few rows at a time between
+   the kernel calls on the current tile, so the requests stream in step
+   with the arithmetic instead of stalling it in bursts. */
+typedef struct {
+    int64_t b, h0, nh, p, e, end, per_call;
+} pf_cursor;
+
+enum { CHUNK = 8 };   /* keys per kernel call between two takes */
+
+static void pf_take(const kv_src *src, pf_cursor *c, int64_t D, int64_t Dv)
+{
+    for (int64_t t = 0; t < c->per_call && c->p < c->end; t++) {
+        prefetch_rows(src, c->b, c->h0 + c->e, 1, c->p, 1, c->end, D, Dv);
+        if (++c->e == c->nh) {
+            c->e = 0;
+            c->p++;
+        }
     }
 }
 
@@ -143,6 +181,7 @@ typedef struct {
     const kv_src    *src;
     int64_t          P;        /* query positions per tile */
     int64_t          R;        /* score columns: P·group rounded up to 16 */
+    int64_t          HB;       /* kv heads per task (a divisor of Hkv) */
     int              bf;       /* the bf16 dot path (q and cache bf16) */
     int64_t         *start;    /* [B+1] first task of each sequence */
     int64_t         *tstart;   /* [B+1] first tile of each sequence */
@@ -153,49 +192,59 @@ typedef struct {
 
 static int64_t pairs(int64_t n) { return (n + 1) / 2; }
 
-typedef struct {               /* per-thread scratch */
-    float    *q;     /* [R][D]   fp32 queries, or bf16 rows [R][2·pairs(D)] */
-    float    *qt;    /* [D][R]   transposed, zero past m                    */
+/* Per-thread scratch as one kv head of the task sees it: the key tile's
+   buffers are shared by the task's heads, the queries and the softmax
+   state are the head's own. */
+typedef struct {
     float    *kw;    /* [BK][D]  widened K rows                             */
     float    *vw;    /* [BK][Dv] widened V rows                             */
     float    *st;    /* [BK][R]  scores, keys by queries                    */
-    float    *acc;   /* [R][Dv]                                             */
-    float    *m, *l, *alpha, *mx, *mref, *sum, *ones;   /* [R]              */
+    float    *mx, *mref, *sum, *ones;                   /* [R]              */
     uint16_t *kb;    /* [BK][2·pairs(D)] gathered bf16 K rows               */
     uint16_t *vb;    /* [BK][Dv]   gathered bf16 V rows                     */
     uint32_t *pp;    /* [BK/2][R]  P pairs along keys                       */
+    /* the head's own */
+    float    *q;     /* [R][D]   fp32 queries, or bf16 rows [R][2·pairs(D)] */
+    float    *qt;    /* [D][R]   transposed, zero past m                    */
+    float    *acc;   /* [R][Dv]                                             */
+    float    *m, *l, *alpha;                            /* [R]              */
 } scratch;
 
-static size_t scratch_floats(int64_t R, int64_t D, int64_t Dv)
+static int64_t shared_floats(int64_t R, int64_t D, int64_t Dv)
 {
-    return (size_t)(2 * R * D + BK * D + BK * Dv + BK * R + R * Dv + 7 * R +
-                    BK * pairs(D) + BK / 2 * Dv + BK / 2 * R + 16);
+    return BK * D + BK * Dv + BK * R + 4 * R + BK * pairs(D) + BK / 2 * Dv + BK / 2 * R;
 }
 
-static scratch scratch_at(float *base, int64_t R, int64_t D, int64_t Dv)
+static int64_t head_floats(int64_t R, int64_t D, int64_t Dv)
+{
+    return 2 * R * D + R * Dv + 3 * R;
+}
+
+/* The scratch of head slot e (of HB). */
+static scratch scratch_at(float *base, int64_t e, int64_t R, int64_t D, int64_t Dv)
 {
     scratch s;
-    s.q = base;
-    s.qt = s.q + R * D;
-    s.kw = s.qt + R * D;
+    s.kw = base;
     s.vw = s.kw + BK * D;
     s.st = s.vw + BK * Dv;
-    s.acc = s.st + BK * R;
-    s.m = s.acc + R * Dv;
-    s.l = s.m + R;
-    s.alpha = s.l + R;
-    s.mx = s.alpha + R;
+    s.mx = s.st + BK * R;
     s.mref = s.mx + R;
     s.sum = s.mref + R;
     s.ones = s.sum + R;
     s.kb = (uint16_t *)(s.ones + R);
     s.vb = s.kb + BK * 2 * pairs(D);
     s.pp = (uint32_t *)(s.vb + BK * Dv);
+    s.q = base + shared_floats(R, D, Dv) + e * head_floats(R, D, Dv);
+    s.qt = s.q + R * D;
+    s.acc = s.qt + R * D;
+    s.m = s.acc + R * Dv;
+    s.l = s.m + R;
+    s.alpha = s.l + R;
     return s;
 }
 
-/* The sequence, kv head, tile map and key part of a task. */
-static void task_of(const dec_job *job, int64_t task, qkv__seq *s, int64_t *hk,
+/* The sequence, first kv head, query tile and key part of a task. */
+static void task_of(const dec_job *job, int64_t task, qkv__seq *s, int64_t *hk0,
                     qkv__tile_map *tm, int64_t *part)
 {
     const qkv__attn *a = job->a;
@@ -208,8 +257,8 @@ static void task_of(const dec_job *job, int64_t task, qkv__seq *s, int64_t *hk,
     const int64_t n_qt = (a->Sq + job->P - 1) / job->P, tile = t / ns;
     s->b = lo; s->q0 = 0; s->sq = a->Sq; s->k0 = 0; s->sk = seq_len(job->src, lo);
     *part = t % ns;
-    *hk = tile / n_qt;
-    tm->h0 = *hk * a->group;
+    *hk0 = tile / n_qt * job->HB;
+    tm->h0 = *hk0 * a->group;
     tm->i0 = (n_qt - 1 - tile % n_qt) * job->P;
     tm->mp = (int)(a->Sq - tm->i0 < job->P ? a->Sq - tm->i0 : job->P);
 }
@@ -272,43 +321,43 @@ static const uint16_t *rows_bf16(const kv_src *src, const qkv_tensor *t, int64_t
 }
 
 /* Scores of keys p0 .. p0+n-1 for the tile's m rows into st [n][R],
-   CHUNK keys at a time, prefetching the rows of the next tile (positions
-   p0+n onwards, below end). */
+   CHUNK keys per kernel call, each followed by a take of the cursor. */
 static void tile_scores(const dec_job *job, const qkv__seq *s, int64_t hk, int64_t p0, int n,
-                        int64_t end, int m, const scratch *sc)
+                        int m, const scratch *sc, pf_cursor *pf)
 {
     const qkv__attn *a = job->a;
     const kv_src *src = job->src;
     const qkv__kernels *kn = job->ctx->kernels;
     const int64_t D = a->D, R = job->R, w = 2 * pairs(D);
     if (job->bf) {
-        /* one row set for the tile, so the kernel's blocks of 4 keys
-           start at p0 for any cache layout */
+        /* one row set for the tile and chunks of a multiple of 4 keys, so
+           the kernel's blocks of 4 keys start at p0 for any cache layout */
         int64_t ldk;
         const uint16_t *kr = rows_bf16(src, &src->k, s->b, p0, hk, n, D, w, sc->kb, &ldk);
         for (int c0 = 0; c0 < n; c0 += CHUNK) {
-            const int nc = n - c0 < CHUNK ? n - c0 : CHUNK;
-            prefetch_rows(src, s->b, hk, p0 + n + c0, nc, end, D, a->Dv);
-            kn->qk_bf16_dec(nc, m, (int)pairs(D), a->scale, kr + c0 * ldk, ldk,
-                            (const uint16_t *)sc->q, w, sc->st + c0 * R, R);
+            kn->qk_bf16_dec(n - c0 < CHUNK ? n - c0 : CHUNK, m, (int)pairs(D), a->scale,
+                            kr + c0 * ldk, ldk, (const uint16_t *)sc->q, w, sc->st + c0 * R, R);
+            pf_take(src, pf, D, a->Dv);
         }
         return;
     }
     for (int c0 = 0; c0 < n;) {
         int nc = n - c0 < CHUNK ? n - c0 : CHUNK;
         segment(src, &src->k, s->b, p0 + c0, hk, &nc);
-        prefetch_rows(src, s->b, hk, p0 + n + c0, nc, end, D, a->Dv);
         int64_t ldk;
         const float *kr = rows_f32(kn, src, 0, s->b, p0 + c0, hk, nc, D, a->Hkv, sc->kw, &ldk);
         kn->qk(nc, m, (int)D, a->scale, kr, ldk, sc->qt, R, sc->q, D, sc->st + c0 * R, R);
+        pf_take(src, pf, D, a->Dv);
         c0 += nc;
     }
 }
 
 /* acc = alpha·acc + P·V over keys p0 .. p0+n-1 (P in st, or as bf16 pairs
-   in pp for the bf16 path). */
+   in pp for the bf16 path), CHUNK keys per call: the first call scales
+   acc by alpha, the later ones add (alpha 1), which gives the bits of one
+   call. */
 static void tile_values(const dec_job *job, const qkv__seq *s, int64_t hk, int64_t p0, int n,
-                        int m, const scratch *sc)
+                        int m, const scratch *sc, pf_cursor *pf)
 {
     const qkv__attn *a = job->a;
     const kv_src *src = job->src;
@@ -317,18 +366,22 @@ static void tile_values(const dec_job *job, const qkv__seq *s, int64_t hk, int64
     if (job->bf) {
         int64_t ldv;
         const uint16_t *vr = rows_bf16(src, &src->v, s->b, p0, hk, n, Dv, Dv, sc->vb, &ldv);
-        kn->pv_bf16_dec(m, n, (int)Dv, sc->pp, R, vr, ldv, sc->alpha, sc->acc, Dv);
+        for (int c0 = 0; c0 < n; c0 += CHUNK) {
+            kn->pv_bf16_dec(m, n - c0 < CHUNK ? n - c0 : CHUNK, (int)Dv, sc->pp + c0 / 2 * R, R,
+                            vr + c0 * ldv, ldv, c0 ? sc->ones : sc->alpha, sc->acc, Dv);
+            pf_take(src, pf, a->D, Dv);
+        }
         return;
     }
-    /* segment by segment: alpha scales acc once, later segments add */
     for (int c0 = 0; c0 < n;) {
-        int ns = n - c0;
-        segment(src, &src->v, s->b, p0 + c0, hk, &ns);
+        int nc = n - c0 < CHUNK ? n - c0 : CHUNK;
+        segment(src, &src->v, s->b, p0 + c0, hk, &nc);
         int64_t ldv;
-        const float *vr = rows_f32(kn, src, 1, s->b, p0 + c0, hk, ns, Dv, a->Hkv, sc->vw, &ldv);
-        kn->pv(m, ns, (int)Dv, sc->st + c0 * R, 1, R, vr, ldv, c0 ? sc->ones : sc->alpha,
+        const float *vr = rows_f32(kn, src, 1, s->b, p0 + c0, hk, nc, Dv, a->Hkv, sc->vw, &ldv);
+        kn->pv(m, nc, (int)Dv, sc->st + c0 * R, 1, R, vr, ldv, c0 ? sc->ones : sc->alpha,
                sc->acc, Dv);
-        c0 += ns;
+        pf_take(src, pf, a->D, Dv);
+        c0 += nc;
     }
 }
 
@@ -346,33 +399,76 @@ static void store_row(const dec_job *job, const qkv__seq *s, const qkv__tile_map
         a->lse[qkv__lse_index(a, s->b, h, i)] = l > 0.0f ? m + logf(l) : -INFINITY;
 }
 
+/* One key tile (keys j0 .. j0+n-1) for kv head hk: scores, masks and
+   modifications, the online softmax update, P·V. */
+static void head_tile(const dec_job *job, const qkv__seq *s, const qkv__tile_map *tm,
+                      int64_t hk, int64_t j0, int n, int m, int band, const scratch *sc,
+                      pf_cursor *pf)
+{
+    const qkv__attn *a = job->a;
+    const qkv__kernels *kn = job->ctx->kernels;
+    const int64_t R = job->R;
+    const int mpad = (m + QKV__PAD - 1) / QKV__PAD * QKV__PAD;
+    tile_scores(job, s, hk, j0, n, m, sc, pf);
+    if (a->softcap > 0.0f || a->alibi || band)
+        qkv__score_mods(a, s, tm, m, j0, n, band, sc->st, R, NULL);
+    if (!job->bf)   /* qk may write the padding columns; qk_bf16_dec does not */
+        for (int c = 0; c < n; c++)
+            for (int r = m; r < mpad; r++)
+                sc->st[c * R + r] = -INFINITY;
+    kn->col_max(sc->st, R, n, mpad, sc->mx);
+    for (int r = 0; r < mpad; r++) {
+        const float mn = sc->mx[r] > sc->m[r] ? sc->mx[r] : sc->m[r];
+        sc->mref[r] = mn == -INFINITY ? 0.0f : mn;   /* all hidden: P = 0 */
+        sc->alpha[r] = sc->m[r] == mn ? 1.0f : expf(sc->m[r] - sc->mref[r]);
+        sc->m[r] = mn;
+    }
+    if (job->bf)
+        kn->exp_pack_bf16(sc->st, R, n, mpad, sc->mref, sc->sum, sc->pp, R);
+    else
+        kn->exp_cols(sc->st, R, n, mpad, sc->mref, sc->sum);
+    for (int r = 0; r < mpad; r++)
+        sc->l[r] = sc->l[r] * sc->alpha[r] + sc->sum[r];
+    tile_values(job, s, hk, j0, n, m, sc, pf);
+}
+
 static void dec_task(void *arg, int64_t task, int worker)
 {
     const dec_job *job = arg;
     const qkv__attn *a = job->a;
-    const qkv__kernels *kn = job->ctx->kernels;
     qkv__seq s;
-    qkv__tile_map tm;
-    int64_t hk, part;
-    task_of(job, task, &s, &hk, &tm, &part);
-    const int m = tm.mp * (int)a->group;
+    qkv__tile_map tm0;
+    int64_t hk0, part;
+    task_of(job, task, &s, &hk0, &tm0, &part);
+    const int m = tm0.mp * (int)a->group;
     const int mpad = (m + QKV__PAD - 1) / QKV__PAD * QKV__PAD;
     const int64_t R = job->R, Dv = a->Dv;
-    const scratch sc = scratch_at(job->ctx->scratch[worker], R, a->D, Dv);
+    float *base = job->ctx->scratch[worker];
 
-    load_queries(job, &s, &tm, m, &sc);
-    memset(sc.acc, 0, (size_t)m * (size_t)Dv * sizeof(float));
-    for (int r = 0; r < mpad; r++) {
-        sc.m[r] = -INFINITY;
-        sc.l[r] = 0.0f;
-        sc.ones[r] = 1.0f;
+    for (int64_t e = 0; e < job->HB; e++) {
+        const scratch sc = scratch_at(base, e, R, a->D, Dv);
+        qkv__tile_map tm = tm0;
+        tm.h0 = (hk0 + e) * a->group;
+        load_queries(job, &s, &tm, m, &sc);
+        memset(sc.acc, 0, (size_t)m * (size_t)Dv * sizeof(float));
+        for (int r = 0; r < mpad; r++) {
+            sc.m[r] = -INFINITY;
+            sc.l[r] = 0.0f;
+        }
     }
+    const scratch sh = scratch_at(base, 0, R, a->D, Dv);
+    for (int r = 0; r < mpad; r++)
+        sh.ones[r] = 1.0f;
+    if (job->bf)   /* padding columns: qk_bf16_dec never writes them */
+        for (int c = 0; c < BK; c++)
+            for (int r = m; r < mpad; r++)
+                sh.st[c * R + r] = -INFINITY;
 
     /* the keys any row of the tile sees (the band is monotone in i), and
        this part's share of them in whole key tiles */
     int64_t klo, khi, lo_last, hi_first;
-    qkv__key_range(a, &s, tm.i0, &klo, &hi_first);
-    qkv__key_range(a, &s, tm.i0 + tm.mp - 1, &lo_last, &khi);
+    qkv__key_range(a, &s, tm0.i0, &klo, &hi_first);
+    qkv__key_range(a, &s, tm0.i0 + tm0.mp - 1, &lo_last, &khi);
     if (khi < klo)
         khi = klo;
     const int64_t ns = job->split[s.b];
@@ -382,52 +478,44 @@ static void dec_task(void *arg, int64_t task, int worker)
         khi = lo + per < khi ? lo + per : khi;
         klo = lo < khi ? lo : khi;
     }
-    const int modded = a->softcap > 0.0f || a->alibi;
-    prefetch_rows(job->src, s.b, hk, klo, BK, khi, a->D, Dv);
-    if (job->bf)
-        for (int c = 0; c < BK; c++)
-            for (int r = m; r < mpad; r++)
-                sc.st[c * R + r] = -INFINITY;
 
+    /* tile by tile, head by head; meanwhile the next tile's rows are
+       asked for, spread evenly over the kernel calls of this one */
+    prefetch_rows(job->src, s.b, hk0, job->HB, klo, BK, khi, a->D, Dv);
     for (int64_t j0 = klo; j0 < khi; j0 += BK) {
         const int n = (int)(khi - j0 < BK ? khi - j0 : BK);
-        tile_scores(job, &s, hk, j0, n, khi, m, &sc);
         const int band = !(lo_last <= j0 && hi_first >= j0 + n);
-        if (modded || band)
-            qkv__score_mods(a, &s, &tm, m, j0, n, band, sc.st, R, NULL);
-        if (!job->bf)   /* qk may write the padding columns; qk_bf16_dec does not */
-            for (int c = 0; c < n; c++)
-                for (int r = m; r < mpad; r++)
-                    sc.st[c * R + r] = -INFINITY;
-        kn->col_max(sc.st, R, n, mpad, sc.mx);
-        for (int r = 0; r < mpad; r++) {
-            const float mn = sc.mx[r] > sc.m[r] ? sc.mx[r] : sc.m[r];
-            sc.mref[r] = mn == -INFINITY ? 0.0f : mn;   /* all hidden: P = 0 */
-            sc.alpha[r] = sc.m[r] == mn ? 1.0f : expf(sc.m[r] - sc.mref[r]);
-            sc.m[r] = mn;
+        const int64_t next = khi - j0 - n < BK ? khi - j0 - n : BK;
+        const int64_t calls = job->HB * 2 * ((n + CHUNK - 1) / CHUNK);
+        pf_cursor pf = { s.b, hk0, job->HB, j0 + n, 0, j0 + n + next,
+                         (next * job->HB + calls - 1) / calls };
+        for (int64_t e = 0; e < job->HB; e++) {
+            qkv__tile_map tm = tm0;
+            tm.h0 = (hk0 + e) * a->group;
+            const scratch sc = scratch_at(base, e, R, a->D, Dv);
+            head_tile(job, &s, &tm, hk0 + e, j0, n, m, band, &sc, &pf);
         }
-        if (job->bf)
-            kn->exp_pack_bf16(sc.st, R, n, mpad, sc.mref, sc.sum, sc.pp, R);
-        else
-            kn->exp_cols(sc.st, R, n, mpad, sc.mref, sc.sum);
-        for (int r = 0; r < mpad; r++)
-            sc.l[r] = sc.l[r] * sc.alpha[r] + sc.sum[r];
-        tile_values(job, &s, hk, j0, n, m, &sc);
     }
 
-    if (ns == 1) {
-        for (int r = 0; r < m; r++)
-            store_row(job, &s, &tm, r, sc.m[r], sc.l[r], sc.acc + r * Dv);
-        return;
+    for (int64_t e = 0; e < job->HB; e++) {
+        const scratch sc = scratch_at(base, e, R, a->D, Dv);
+        qkv__tile_map tm = tm0;
+        tm.h0 = (hk0 + e) * a->group;
+        if (ns == 1) {
+            for (int r = 0; r < m; r++)
+                store_row(job, &s, &tm, r, sc.m[r], sc.l[r], sc.acc + r * Dv);
+            continue;
+        }
+        float *pm = job->part + task * job->part_size + e * m * (2 + Dv);
+        float *pl = pm + m, *pacc = pl + m;
+        memcpy(pm, sc.m, (size_t)m * sizeof *pm);
+        memcpy(pl, sc.l, (size_t)m * sizeof *pl);
+        memcpy(pacc, sc.acc, (size_t)m * (size_t)Dv * sizeof *pacc);
     }
-    float *pm = job->part + task * job->part_size, *pl = pm + m, *pacc = pl + m;
-    memcpy(pm, sc.m, (size_t)m * sizeof *pm);
-    memcpy(pl, sc.l, (size_t)m * sizeof *pl);
-    memcpy(pacc, sc.acc, (size_t)m * (size_t)Dv * sizeof *pacc);
 }
 
-/* Merges the key parts of one tile in part order, row by row:
-   M = max m_p,  l = Σ l_p·e^(m_p - M),  acc = Σ acc_p·e^(m_p - M). */
+/* Merges the key parts of one tile in part order, head by head and row by
+   row: M = max m_p,  l = Σ l_p·e^(m_p - M),  acc = Σ acc_p·e^(m_p - M). */
 static void merge_task(void *arg, int64_t tile, int worker)
 {
     const dec_job *job = arg;
@@ -441,39 +529,43 @@ static void merge_task(void *arg, int64_t tile, int worker)
     const int64_t first = job->start[b] + (tile - job->tstart[b]) * ns;
     qkv__seq s;
     qkv__tile_map tm;
-    int64_t hk, part;
-    task_of(job, first, &s, &hk, &tm, &part);
+    int64_t hk0, part;
+    task_of(job, first, &s, &hk0, &tm, &part);
     const int m = tm.mp * (int)a->group;
     const int64_t Dv = a->Dv;
     float *acc = job->ctx->scratch[worker];
-    for (int r = 0; r < m; r++) {
-        float mx = -INFINITY, l = 0.0f;
-        for (int64_t p = 0; p < ns; p++) {
-            const float mp = job->part[(first + p) * job->part_size + r];
-            mx = mp > mx ? mp : mx;
+    for (int64_t e = 0; e < job->HB; e++) {
+        tm.h0 = (hk0 + e) * a->group;
+        for (int r = 0; r < m; r++) {
+            float mx = -INFINITY, l = 0.0f;
+            for (int64_t p = 0; p < ns; p++) {
+                const float mp = job->part[(first + p) * job->part_size + e * m * (2 + Dv) + r];
+                mx = mp > mx ? mp : mx;
+            }
+            memset(acc, 0, (size_t)Dv * sizeof *acc);
+            for (int64_t p = 0; p < ns && mx > -INFINITY; p++) {
+                const float *pm = job->part + (first + p) * job->part_size + e * m * (2 + Dv);
+                if (pm[r] == -INFINITY)
+                    continue;
+                const float wgt = expf(pm[r] - mx);
+                const float *pacc = pm + 2 * m + r * Dv;
+                l += pm[m + r] * wgt;
+                for (int64_t c = 0; c < Dv; c++)
+                    acc[c] += pacc[c] * wgt;
+            }
+            store_row(job, &s, &tm, r, mx, l, acc);
         }
-        memset(acc, 0, (size_t)Dv * sizeof *acc);
-        for (int64_t p = 0; p < ns && mx > -INFINITY; p++) {
-            const float *pm = job->part + (first + p) * job->part_size;
-            if (pm[r] == -INFINITY)
-                continue;
-            const float wgt = expf(pm[r] - mx);
-            const float *pacc = pm + 2 * m + r * Dv;
-            l += pm[m + r] * wgt;
-            for (int64_t c = 0; c < Dv; c++)
-                acc[c] += pacc[c] * wgt;
-        }
-        store_row(job, &s, &tm, r, mx, l, acc);
     }
 }
 
 /* Key parts per tile for each sequence: 1 when the call has enough tiles
    to share out, else enough parts to reach about MIN_TASKS tasks, each
    part at least MIN_KEYS keys. A function of the problem alone. */
-static void split_counts(const qkv__attn *a, const kv_src *src, int64_t n_qt, int64_t *split)
+static void split_counts(const qkv__attn *a, const kv_src *src, int64_t n_qt, int64_t HB,
+                         int64_t *split)
 {
-    enum { MIN_TASKS = 64, MIN_KEYS = 1024, MAX_SPLIT = 64 };
-    const int64_t tiles = a->B * a->Hkv * n_qt;
+    enum { MIN_TASKS = 64, MIN_KEYS = 512, MAX_SPLIT = 64 };
+    const int64_t tiles = a->B * (a->Hkv / HB) * n_qt;
     const int64_t want = tiles >= MIN_TASKS ? 1 : (MIN_TASKS + tiles - 1) / tiles;
     for (int64_t b = 0; b < a->B; b++) {
         int64_t n = seq_len(src, b) / MIN_KEYS;
@@ -505,8 +597,18 @@ static qkv_status run(qkv_ctx *ctx, const qkv__attn *a, const kv_src *src, int c
        the register-blocked fp32 kernels */
     job.bf = cache_bf16 && a->dt == QKV_BF16 && ctx->kernels->qk_bf16_dec &&
              job.P * a->group < QKV__PAD;
-    const int64_t n_qt = (a->Sq + job.P - 1) / job.P;
-    qkv_status st = qkv__scratch_reserve(ctx, scratch_floats(job.R, a->D, a->Dv) * sizeof(float));
+    /* few rows per head (decode): all kv heads in one task, as many as
+       keep their states within 1 MiB; many rows (chunked prefill): one */
+    job.HB = 1;
+    if (job.P * a->group <= QKV__PAD)
+        for (int64_t hb = a->Hkv; hb > 1; hb--)
+            if (a->Hkv % hb == 0 && hb * head_floats(job.R, a->D, a->Dv) * 4 <= (1 << 20)) {
+                job.HB = hb;
+                break;
+            }
+    const int64_t n_qt = (a->Sq + job.P - 1) / job.P, n_hb = a->Hkv / job.HB;
+    qkv_status st = qkv__scratch_reserve(ctx, (size_t)(shared_floats(job.R, a->D, a->Dv) +
+                                         job.HB * head_floats(job.R, a->D, a->Dv)) * sizeof(float));
     if (st)
         return st;
     const size_t nb = (size_t)a->B;
@@ -515,12 +617,12 @@ static qkv_status run(qkv_ctx *ctx, const qkv__attn *a, const kv_src *src, int c
         return qkv__fail(ctx, QKV_ERR_NOMEM, "ctx: cannot allocate the task table");
     job.tstart = job.start + nb + 1;
     job.split = job.tstart + nb + 1;
-    split_counts(a, src, n_qt, job.split);
+    split_counts(a, src, n_qt, job.HB, job.split);
     job.start[0] = job.tstart[0] = 0;
     double work = 0.0;
     for (int64_t b = 0; b < a->B; b++) {
-        job.tstart[b + 1] = job.tstart[b] + a->Hkv * n_qt;
-        job.start[b + 1] = job.start[b] + a->Hkv * n_qt * job.split[b];
+        job.tstart[b + 1] = job.tstart[b] + n_hb * n_qt;
+        job.start[b + 1] = job.start[b] + n_hb * n_qt * job.split[b];
         work += 2.0 * (double)(a->D + a->Dv) * (double)a->Hq * (double)a->Sq *
                 (double)seq_len(src, b);
     }
@@ -529,7 +631,7 @@ static qkv_status run(qkv_ctx *ctx, const qkv__attn *a, const kv_src *src, int c
     for (int64_t b = 0; b < a->B; b++)
         split |= job.split[b] > 1;
     if (split) {
-        job.part_size = job.P * a->group * (2 + a->Dv);
+        job.part_size = job.HB * job.P * a->group * (2 + a->Dv);
         job.part = malloc((size_t)tasks * (size_t)job.part_size * sizeof(float));
         if (!job.part) {
             free(job.start);
@@ -583,6 +685,7 @@ qkv_status qkv_attention_kvcache(qkv_ctx *ctx, const qkv_tensor *q,
     src.k = *k_cache;
     src.v = *v_cache;
     src.bs = Smax;
+    src.es = (int64_t)qkv_dtype_size(k_cache->dtype);
     src.lens = seqlens_k;
     return run(ctx, &a, &src, k_cache->dtype == QKV_BF16);
 }
@@ -627,6 +730,7 @@ static qkv_status check_paged(qkv_ctx *ctx, const qkv_paged_cache *c, kv_src *sr
     src->v = qkv_tensor_4d(c->v, i8 ? QKV_F32 : (qkv_dtype)c->dtype, c->n_blocks,
                            c->block_size, c->heads_kv, c->head_dim_v);
     src->i8 = i8;
+    src->es = es;
     src->ks = c->k_scale;
     src->vs = c->v_scale;
     src->bs = c->block_size;

@@ -647,19 +647,14 @@ static void qk_bf16_dec(int n, int m, int dp, float scale, const uint16_t *k, in
 }
 
 /* Word indices that interleave two rows of 32 bf16 into pairs: the low
-   16 pairs (columns c..c+15) and the high 16 (c+16..c+31). */
-static inline void pair_index(__m512i *lo, __m512i *hi)
-{
-    int16_t a[32], b[32];
-    for (int t = 0; t < 16; t++) {
-        a[2 * t] = (int16_t)t;
-        a[2 * t + 1] = (int16_t)(32 + t);
-        b[2 * t] = (int16_t)(16 + t);
-        b[2 * t + 1] = (int16_t)(48 + t);
-    }
-    *lo = _mm512_loadu_si512(a);
-    *hi = _mm512_loadu_si512(b);
-}
+   16 pairs (columns c..c+15) and the high 16 (c+16..c+31); index 32 + t
+   is word t of the second row. */
+static const int16_t pair_lo[32] = {
+    0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+    8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47 };
+static const int16_t pair_hi[32] = {
+    16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+    24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63 };
 
 /* rows of acc x 32 columns (the ones past dv masked) over all pairs. */
 static inline __attribute__((always_inline))
@@ -698,8 +693,7 @@ static void pv_bf16_dec(int m, int n, int dv, const uint32_t *pp, int64_t ldp,
                         const uint16_t *v, int64_t ldv, const float *alpha,
                         float *acc, int64_t lda)
 {
-    __m512i ilo, ihi;
-    pair_index(&ilo, &ihi);
+    const __m512i ilo = _mm512_loadu_si512(pair_lo), ihi = _mm512_loadu_si512(pair_hi);
     for (int c0 = 0; c0 < dv; c0 += 2 * VW) {
         const int cols = dv - c0 < 2 * VW ? dv - c0 : 2 * VW;
         int i = 0;
