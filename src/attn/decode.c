@@ -112,13 +112,15 @@ static const float *rows_f32(const qkv__kernels *kn, const kv_src *src, int is_v
     return buf;
 }
 
-/* Decode reads each K/V row once, 2·D bytes at a stride of Hkv rows:
-   too sparse for the hardware's stream prefetchers, and on virtual
-   machines every strided page costs a nested page walk. So a decode task
-   takes all the kv heads of its sequence, and while one head works on a
-   key tile, its share of the next tile's positions is asked for, every
-   head of each position in address order (K into L1, V into L2 for the
-   products after the softmax). */
+/* Decode reads each K/V row once. In [S, Hkv, D] caches (and paged
+   pools) a head's rows are 2·D bytes at a stride of Hkv rows: too sparse
+   for the hardware's stream prefetchers, and on virtual machines every
+   strided page costs a nested page walk. So a decode task takes all the kv
+   heads of its sequence, and while one head works on a key tile, its
+   share of the next tile's positions is asked for, every head of each
+   position in address order (K into L1, V into L2 for the products after
+   the softmax). Caches whose head rows follow each other ([Hkv, S, D])
+   are left to the hardware. */
 
 /* Asks for bytes [p, p + span) of the cache, line by line. */
 static void prefetch_span(const char *p, int64_t span, int locality)
@@ -183,6 +185,7 @@ typedef struct {
     int64_t          R;        /* score columns: P·group rounded up to 16 */
     int64_t          HB;       /* kv heads per task (a divisor of Hkv) */
     int              bf;       /* the bf16 dot path (q and cache bf16) */
+    int              prefetch; /* a head's rows are not adjacent: prefetch them */
     int64_t         *start;    /* [B+1] first task of each sequence */
     int64_t         *tstart;   /* [B+1] first tile of each sequence */
     int64_t         *split;    /* [B] key parts per tile of each sequence */
@@ -320,6 +323,19 @@ static const uint16_t *rows_bf16(const kv_src *src, const qkv_tensor *t, int64_t
     return buf;
 }
 
+/* The length of the run of the tile's keys from offset c0 (of n, the
+   tile starting at position p0) that the kernels take in one row set: up
+   to the end of c0's block, or the whole rest when `align` does not
+   divide p0 (a block boundary inside the tile would then shift the
+   kernels' groups of `align` keys; the rows are gathered instead). */
+static int run_length(const kv_src *src, int64_t p0, int c0, int n, int align)
+{
+    const int64_t left = src->bs - row_in_block(src, p0 + c0);
+    if ((p0 % align == 0 || one_block(src, p0, n)) && left < n - c0)
+        return (int)left;
+    return n - c0;
+}
+
 /* Scores of keys p0 .. p0+n-1 for the tile's m rows into st [n][R],
    CHUNK keys per kernel call, each followed by a take of the cursor. */
 static void tile_scores(const dec_job *job, const qkv__seq *s, int64_t hk, int64_t p0, int n,
@@ -329,19 +345,24 @@ static void tile_scores(const dec_job *job, const qkv__seq *s, int64_t hk, int64
     const kv_src *src = job->src;
     const qkv__kernels *kn = job->ctx->kernels;
     const int64_t D = a->D, R = job->R, w = 2 * pairs(D);
-    if (job->bf) {
-        /* one row set for the tile and chunks of a multiple of 4 keys, so
-           the kernel's blocks of 4 keys start at p0 for any cache layout */
-        int64_t ldk;
-        const uint16_t *kr = rows_bf16(src, &src->k, s->b, p0, hk, n, D, w, sc->kb, &ldk);
-        for (int c0 = 0; c0 < n; c0 += CHUNK) {
-            kn->qk_bf16_dec(n - c0 < CHUNK ? n - c0 : CHUNK, m, (int)pairs(D), a->scale,
-                            kr + c0 * ldk, ldk, (const uint16_t *)sc->q, w, sc->st + c0 * R, R);
-            pf_take(src, pf, D, a->Dv);
-        }
-        return;
-    }
     for (int c0 = 0; c0 < n;) {
+        if (job->bf) {
+            /* runs start at multiples of 4 keys from p0, chunks are
+               multiples of 4: the kernel's blocks of 4 keys are the same
+               for every cache layout */
+            const int nr = run_length(src, p0, c0, n, 4);
+            int64_t ldk;
+            const uint16_t *kr = rows_bf16(src, &src->k, s->b, p0 + c0, hk, nr, D, w,
+                                           sc->kb + c0 * w, &ldk);
+            for (int c = 0; c < nr; c += CHUNK) {
+                kn->qk_bf16_dec(nr - c < CHUNK ? nr - c : CHUNK, m, (int)pairs(D), a->scale,
+                                kr + c * ldk, ldk, (const uint16_t *)sc->q, w,
+                                sc->st + (c0 + c) * R, R);
+                pf_take(src, pf, D, a->Dv);
+            }
+            c0 += nr;
+            continue;
+        }
         int nc = n - c0 < CHUNK ? n - c0 : CHUNK;
         segment(src, &src->k, s->b, p0 + c0, hk, &nc);
         int64_t ldk;
@@ -353,9 +374,9 @@ static void tile_scores(const dec_job *job, const qkv__seq *s, int64_t hk, int64
 }
 
 /* acc = alpha·acc + P·V over keys p0 .. p0+n-1 (P in st, or as bf16 pairs
-   in pp for the bf16 path), CHUNK keys per call: the first call scales
-   acc by alpha, the later ones add (alpha 1), which gives the bits of one
-   call. */
+   in pp for the bf16 path), run by run (bf16: CHUNK keys per call): the
+   first call scales acc by alpha, the later ones add (alpha 1), which
+   gives the bits of one call. */
 static void tile_values(const dec_job *job, const qkv__seq *s, int64_t hk, int64_t p0, int n,
                         int m, const scratch *sc, pf_cursor *pf)
 {
@@ -363,25 +384,31 @@ static void tile_values(const dec_job *job, const qkv__seq *s, int64_t hk, int64
     const kv_src *src = job->src;
     const qkv__kernels *kn = job->ctx->kernels;
     const int64_t Dv = a->Dv, R = job->R;
-    if (job->bf) {
-        int64_t ldv;
-        const uint16_t *vr = rows_bf16(src, &src->v, s->b, p0, hk, n, Dv, Dv, sc->vb, &ldv);
-        for (int c0 = 0; c0 < n; c0 += CHUNK) {
-            kn->pv_bf16_dec(m, n - c0 < CHUNK ? n - c0 : CHUNK, (int)Dv, sc->pp + c0 / 2 * R, R,
-                            vr + c0 * ldv, ldv, c0 ? sc->ones : sc->alpha, sc->acc, Dv);
-            pf_take(src, pf, a->D, Dv);
-        }
-        return;
-    }
     for (int c0 = 0; c0 < n;) {
-        int nc = n - c0 < CHUNK ? n - c0 : CHUNK;
-        segment(src, &src->v, s->b, p0 + c0, hk, &nc);
+        if (job->bf) {
+            /* pairs of keys counted from p0, as in the scores */
+            const int nr = run_length(src, p0, c0, n, 2);
+            int64_t ldv;
+            const uint16_t *vr = rows_bf16(src, &src->v, s->b, p0 + c0, hk, nr, Dv, Dv,
+                                           sc->vb + c0 * Dv, &ldv);
+            for (int c = 0; c < nr; c += CHUNK) {
+                kn->pv_bf16_dec(m, nr - c < CHUNK ? nr - c : CHUNK, (int)Dv,
+                                sc->pp + (c0 + c) / 2 * R, R, vr + c * ldv, ldv,
+                                c0 + c ? sc->ones : sc->alpha, sc->acc, Dv);
+                pf_take(src, pf, a->D, Dv);
+            }
+            c0 += nr;
+            continue;
+        }
+        int ns = n - c0;
+        segment(src, &src->v, s->b, p0 + c0, hk, &ns);
         int64_t ldv;
-        const float *vr = rows_f32(kn, src, 1, s->b, p0 + c0, hk, nc, Dv, a->Hkv, sc->vw, &ldv);
-        kn->pv(m, nc, (int)Dv, sc->st + c0 * R, 1, R, vr, ldv, c0 ? sc->ones : sc->alpha,
+        const float *vr = rows_f32(kn, src, 1, s->b, p0 + c0, hk, ns, Dv, a->Hkv, sc->vw, &ldv);
+        kn->pv(m, ns, (int)Dv, sc->st + c0 * R, 1, R, vr, ldv, c0 ? sc->ones : sc->alpha,
                sc->acc, Dv);
-        pf_take(src, pf, a->D, Dv);
-        c0 += nc;
+        for (int c = 0; c < ns; c += CHUNK)
+            pf_take(src, pf, a->D, Dv);
+        c0 += ns;
     }
 }
 
@@ -481,14 +508,15 @@ static void dec_task(void *arg, int64_t task, int worker)
 
     /* tile by tile, head by head; meanwhile the next tile's rows are
        asked for, spread evenly over the kernel calls of this one */
-    prefetch_rows(job->src, s.b, hk0, job->HB, klo, BK, khi, a->D, Dv);
+    if (job->prefetch)
+        prefetch_rows(job->src, s.b, hk0, job->HB, klo, BK, khi, a->D, Dv);
     for (int64_t j0 = klo; j0 < khi; j0 += BK) {
         const int n = (int)(khi - j0 < BK ? khi - j0 : BK);
         const int band = !(lo_last <= j0 && hi_first >= j0 + n);
         const int64_t next = khi - j0 - n < BK ? khi - j0 - n : BK;
         const int64_t calls = job->HB * 2 * ((n + CHUNK - 1) / CHUNK);
         pf_cursor pf = { s.b, hk0, job->HB, j0 + n, 0, j0 + n + next,
-                         (next * job->HB + calls - 1) / calls };
+                         job->prefetch ? (next * job->HB + calls - 1) / calls : 0 };
         for (int64_t e = 0; e < job->HB; e++) {
             qkv__tile_map tm = tm0;
             tm.h0 = (hk0 + e) * a->group;
@@ -596,11 +624,15 @@ static qkv_status run(qkv_ctx *ctx, const qkv__attn *a, const kv_src *src, int c
     /* bf16 dot products for a few rows; many rows (chunked prefill) run
        the register-blocked fp32 kernels */
     job.bf = cache_bf16 && a->dt == QKV_BF16 && ctx->kernels->qk_bf16_dec &&
-             job.P * a->group < QKV__PAD;
-    /* few rows per head (decode): all kv heads in one task, as many as
-       keep their states within 1 MiB; many rows (chunked prefill): one */
+             job.P * a->group <= QKV__PAD;
+    /* rows of one head that follow each other ([B, Hkv, S, D] caches) are
+       a stream the hardware prefetches by itself */
+    job.prefetch = src->k.stride[1] != a->D || src->v.stride[1] != a->Dv;
+    /* few rows per head (decode) of a cache that needs prefetching: all
+       kv heads in one task, as many as keep their states within 1 MiB;
+       else (chunked prefill, [B, Hkv, S, D] caches) one */
     job.HB = 1;
-    if (job.P * a->group <= QKV__PAD)
+    if (job.prefetch && job.P * a->group <= QKV__PAD)
         for (int64_t hb = a->Hkv; hb > 1; hb--)
             if (a->Hkv % hb == 0 && hb * head_floats(job.R, a->D, a->Dv) * 4 <= (1 << 20)) {
                 job.HB = hb;
