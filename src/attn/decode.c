@@ -102,12 +102,9 @@ static const float *rows_f32(const qkv__kernels *kn, const kv_src *src, int is_v
         return qkv__tile_rows_f32(kn, t, off, n, cols, buf, ld);
     const int8_t *codes = t->data;
     const float *sc = is_v ? src->vs : src->ks;
-    for (int c = 0; c < n; c++) {
-        const int8_t *r = codes + off + c * t->stride[1];
-        const float s = sc[scale_idx(src, b, p0 + c, h, Hkv)];
-        for (int64_t x = 0; x < cols; x++)
-            buf[c * cols + x] = (float)r[x * t->stride[3]] * s;
-    }
+    for (int c = 0; c < n; c++)   /* pools are row-major: unit inner stride */
+        kn->cvt_i8(codes + off + c * t->stride[1], sc[scale_idx(src, b, p0 + c, h, Hkv)],
+                   buf + c * cols, cols);
     *ld = cols;
     return buf;
 }

@@ -98,6 +98,9 @@ typedef struct qkv__kernels {
                         const uint16_t *v, int64_t ldv, const float *alpha,
                         float *acc, int64_t lda);
 
+    /* dst[j] = src[j]·scale, int8 codes widened to fp32, j < n. */
+    void (*cvt_i8)(const int8_t *src, float scale, float *dst, int64_t n);
+
     /* Runs iters rounds of independent fp32 vector FMAs (a ceiling probe
        for benchmarks); returns the flops done. */
     double (*fma_probe)(int64_t iters);

@@ -334,6 +334,22 @@ static void cvt_bf16(const uint16_t *src, float *dst, int64_t n)
     }
 }
 
+typedef int8_t vc __attribute__((vector_size(QKV_VW)));
+
+/* int8 cache rows: codes times their row's scale. */
+static void cvt_i8(const int8_t *src, float scale, float *dst, int64_t n)
+{
+    const vf s = vset1(scale);
+    int64_t j = 0;
+    for (; j + VW <= n; j += VW) {
+        vc c;
+        memcpy(&c, src + j, sizeof c);
+        vstore(dst + j, __builtin_convertvector(c, vf) * s);
+    }
+    for (; j < n; j++)
+        dst[j] = (float)src[j] * scale;
+}
+
 /* ---- fp32 -> fp16 / bf16, rounded to nearest even ------------------------- */
 
 /* The bit recipes of src/core/convert.c, lane by lane, without branches:
@@ -755,6 +771,7 @@ void QKV_KERNEL_TABLE(qkv__kernels *t)
     t->exp_cols = exp_cols;
     t->cvt_f16 = cvt_f16;
     t->cvt_bf16 = cvt_bf16;
+    t->cvt_i8 = cvt_i8;
     t->fma_probe = fma_probe;
     t->pack_pairs = pack_pairs;
     t->store_f16 = store_f16;
