@@ -114,20 +114,13 @@ static void dense_reference(qkv_ctx *ctx, const dcase *c, const float *kf, const
     }
 }
 
-static void tolerances(qkv_dtype dt, double *atol, double *rtol, double *lse_atol)
-{
-    *atol = dt == QKV_F32 ? 1e-5 : dt == QKV_F16 ? 1e-3 : 1e-2;
-    *rtol = dt == QKV_F32 ? 1e-5 : dt == QKV_F16 ? 1e-3 : 1.6e-2;
-    *lse_atol = dt == QKV_F32 ? 1e-5 : 1e-4;
-}
-
 /* Compares out (dtype dt) and lse with the reference; alibi widens atol as
    in test_forward.c (2 ulps of the largest score). */
 static double check_result(const char *what, const dcase *c, const void *out, qkv_dtype dt,
                            const float *lse, const float *ref_out, const float *ref_lse)
 {
     double atol, rtol, lse_atol;
-    tolerances(dt, &atol, &rtol, &lse_atol);
+    forward_tolerances(dt, &atol, &rtol, &lse_atol);
     if (c->opts.alibi_slopes)
         atol += ldexp(0.26 * (double)(c->Sq + c->Smax), -22);
     char name[600];
@@ -176,6 +169,16 @@ static void *run_kvcache(qkv_ctx *ctx, const dcase *c, float **lse)
                                           &ot, *lse);
     CHECK(st == QKV_OK, "kvcache returned %d: %s [%s]", st, qkv_ctx_last_error(ctx), dcase_str(c));
     return out;
+}
+
+/* One sequence holding the whole cache (long ones are split along the
+   keys), at most max_sq queries. */
+static void one_full_sequence(dcase *c, int64_t max_sq)
+{
+    c->B = 1;
+    c->lens[0] = (int32_t)c->Smax;
+    if (c->Sq > max_sq)
+        c->Sq = max_sq;
 }
 
 static void random_dcase(dcase *c, rng *r, int64_t max_len)
@@ -227,9 +230,7 @@ void test_decode_reference(void)
         /* every fourth case long enough to be split along the keys */
         random_dcase(&c, &r, it % 4 == 3 ? 6000 : 300);
         if (it % 4 == 3) {
-            c.B = 1;
-            c.lens[0] = (int32_t)c.Smax;
-            if (c.Sq > 16) c.Sq = 4;
+            one_full_sequence(&c, 16);
             if (c.D > 64) c.D = c.Dv = 64;
         }
         dcase_build(&c, &r);
@@ -373,11 +374,8 @@ void test_decode_paged_bitwise(void)
     for (int it = 0; it < n_cases; it++) {
         dcase c;
         random_dcase(&c, &r, it % 6 == 5 ? 5000 : 700);
-        if (it % 6 == 5) {
-            c.B = 1;
-            c.lens[0] = (int32_t)c.Smax;
-            if (c.Sq > 16) c.Sq = 2;
-        }
+        if (it % 6 == 5)
+            one_full_sequence(&c, 16);
         dcase_build(&c, &r);
         const int64_t bs = sizes[it % 6];
         for (int i = 0; i < s.n; i++) {
@@ -486,7 +484,7 @@ void test_decode_int8(void)
             for (size_t x = 0; x < c.n_out; x++)
                 e = fmax(e, fabs(got[x] - raw_out[x]));
             double atol, rtol, lse_atol;
-            tolerances(c.qdt, &atol, &rtol, &lse_atol);
+            forward_tolerances(c.qdt, &atol, &rtol, &lse_atol);
             CHECK(e <= bound + atol + rtol, "%s: int8 error %.3g past its bound %.3g [%s]",
                   s.name[i], e, bound + atol + rtol, dcase_str(&c));
             worst_out = fmax(worst_out, e);
@@ -521,11 +519,8 @@ void test_decode_threads(void)
         for (int it = 0; it < (t_quick ? 2 : 4); it++) {
             dcase c;
             random_dcase(&c, &r, it % 2 ? 5000 : 300);
-            if (it % 2) {   /* split along the keys */
-                c.B = 1;
-                c.lens[0] = (int32_t)c.Smax;
-                if (c.Sq > 16) c.Sq = 3;
-            }
+            if (it % 2)   /* split along the keys */
+                one_full_sequence(&c, 16);
             dcase_build(&c, &r);
             paged p;
             paged_fill(ctx[0], &p, &c, 16, it == 3, &r);
