@@ -285,10 +285,11 @@ QKV_API qkv_status qkv_attention_backward_reference(qkv_ctx *ctx, const qkv_tens
  * (QKV_ERR_UNSUPPORTED); every other option works as in
  * qkv_attention_forward.
  *
- * Work is split by (sequence, kv head, query tile); when that gives few
- * tasks, long caches are also split along the keys and the partial
- * softmax states merged in a fixed order. Each K/V row is read once for all
- * the query heads of its group. Split decisions depend on the problem
+ * Work is split by sequence and query tile (and kv head where the cache
+ * keeps each head's rows together); when that gives few tasks, long
+ * caches are also split along the keys and the partial softmax states
+ * merged in a fixed order (split-K). Each K/V row is read once for all the
+ * query heads of its group. Split decisions depend on the problem
  * alone: results are bitwise identical for any number of threads, and a
  * paged cache gives bitwise the result of the contiguous cache holding the
  * same rows.
@@ -304,8 +305,9 @@ QKV_API qkv_status qkv_attention_backward_reference(qkv_ctx *ctx, const qkv_tens
  * Writes  out [B, Sq, Hq, Dv], and lse [B, Hq, Sq] when lse != NULL.
  * q and out share one dtype, k_cache and v_cache one dtype (fp32, fp16 or
  * bf16 each; the two may differ); arithmetic is fp32. Strides are free as
- * in qkv_attention_forward. With every seqlens_k[b] = Smax this is
- * qkv_attention_forward on the same tensors.
+ * in qkv_attention_forward. With every seqlens_k[b] = Smax it computes
+ * what qkv_attention_forward computes on the same tensors (up to fp32
+ * rounding: the key tiles differ).
  *
  * Returns QKV_OK, or an error with out and lse untouched (message in ctx):
  * those of qkv_attention_forward, QKV_ERR_SHAPE for a length out of
