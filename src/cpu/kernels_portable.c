@@ -335,6 +335,7 @@ static void cvt_bf16(const uint16_t *src, float *dst, int64_t n)
 }
 
 typedef int8_t vc __attribute__((vector_size(QKV_VW)));
+typedef int16_t vs16 __attribute__((vector_size(QKV_VW * 2)));
 
 /* int8 cache rows: codes times their row's scale. */
 static void cvt_i8(const int8_t *src, float scale, float *dst, int64_t n)
@@ -344,7 +345,10 @@ static void cvt_i8(const int8_t *src, float scale, float *dst, int64_t n)
     for (; j + VW <= n; j += VW) {
         vc c;
         memcpy(&c, src + j, sizeof c);
-        vstore(dst + j, __builtin_convertvector(c, vf) * s);
+        /* through int16 and int32: GCC widens a step at a time in vector
+           registers, where a direct int8 -> float conversion goes scalar */
+        const vi w = __builtin_convertvector(__builtin_convertvector(c, vs16), vi);
+        vstore(dst + j, __builtin_convertvector(w, vf) * s);
     }
     for (; j < n; j++)
         dst[j] = (float)src[j] * scale;
