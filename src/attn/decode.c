@@ -97,14 +97,18 @@ static const float *rows_f32(const qkv__kernels *kn, const kv_src *src, int is_v
                              float *buf, int64_t *ld)
 {
     const qkv_tensor *t = is_v ? &src->v : &src->k;
-    const int64_t off = row_off(src, t, b, p0, h);
-    if (!src->i8)
-        return qkv__tile_rows_f32(kn, t, off, n, cols, buf, ld);
-    const int8_t *codes = t->data;
+    const int one = row_in_block(src, p0) + n <= src->bs;
+    if (!src->i8 && one)
+        return qkv__tile_rows_f32(kn, t, row_off(src, t, b, p0, h), n, cols, buf, ld);
     const float *sc = is_v ? src->vs : src->ks;
-    for (int c = 0; c < n; c++)   /* pools are row-major: unit inner stride */
-        kn->cvt_i8(codes + off + c * t->stride[1], sc[scale_idx(src, b, p0 + c, h, Hkv)],
-                   buf + c * cols, cols);
+    for (int c = 0; c < n; c++) {
+        const int64_t off = row_off(src, t, b, p0 + c, h);
+        if (src->i8)   /* pools are row-major: unit inner stride */
+            kn->cvt_i8((const int8_t *)t->data + off, sc[scale_idx(src, b, p0 + c, h, Hkv)],
+                       buf + c * cols, cols);
+        else
+            qkv__load_row(kn, t, off, t->stride[3], cols, buf + c * cols);
+    }
     *ld = cols;
     return buf;
 }
@@ -161,6 +165,12 @@ typedef struct {
 
 enum { CHUNK = 8 };   /* keys per kernel call between two takes */
 
+/* Keys per kernel call: CHUNK when prefetching, else the whole run. */
+static int chunk(const pf_cursor *pf)
+{
+    return pf->per_call ? CHUNK : BK;
+}
+
 static void pf_take(const kv_src *src, pf_cursor *c, int64_t D, int64_t Dv)
 {
     for (int64_t t = 0; t < c->per_call && c->p < c->end; t++) {
@@ -183,6 +193,7 @@ typedef struct {
     int64_t          HB;       /* kv heads per task (a divisor of Hkv) */
     int              bf;       /* the bf16 dot path (q and cache bf16) */
     int              prefetch; /* a head's rows are not adjacent: prefetch them */
+    int              dec_rows; /* fp32 scores by qk_dec (few rows, a kernel for it) */
     int64_t         *start;    /* [B+1] first task of each sequence */
     int64_t         *tstart;   /* [B+1] first tile of each sequence */
     int64_t         *split;    /* [B] key parts per tile of each sequence */
@@ -334,7 +345,7 @@ static int run_length(const kv_src *src, int64_t p0, int c0, int n, int align)
 }
 
 /* Scores of keys p0 .. p0+n-1 for the tile's m rows into st [n][R],
-   CHUNK keys per kernel call, each followed by a take of the cursor. */
+   chunk() keys per kernel call, each followed by a take of the cursor. */
 static void tile_scores(const dec_job *job, const qkv__seq *s, int64_t hk, int64_t p0, int n,
                         int m, const scratch *sc, pf_cursor *pf)
 {
@@ -351,8 +362,9 @@ static void tile_scores(const dec_job *job, const qkv__seq *s, int64_t hk, int64
             int64_t ldk;
             const uint16_t *kr = rows_bf16(src, &src->k, s->b, p0 + c0, hk, nr, D, w,
                                            sc->kb + c0 * w, &ldk);
-            for (int c = 0; c < nr; c += CHUNK) {
-                kn->qk_bf16_dec(nr - c < CHUNK ? nr - c : CHUNK, m, (int)pairs(D), a->scale,
+            const int ch = chunk(pf);
+            for (int c = 0; c < nr; c += ch) {
+                kn->qk_bf16_dec(nr - c < ch ? nr - c : ch, m, (int)pairs(D), a->scale,
                                 kr + c * ldk, ldk, (const uint16_t *)sc->q, w,
                                 sc->st + (c0 + c) * R, R);
                 pf_take(src, pf, D, a->Dv);
@@ -360,18 +372,28 @@ static void tile_scores(const dec_job *job, const qkv__seq *s, int64_t hk, int64
             c0 += nr;
             continue;
         }
-        int nc = n - c0 < CHUNK ? n - c0 : CHUNK;
-        segment(src, &src->k, s->b, p0 + c0, hk, &nc);
+        /* fp32 rows: in runs aligned as above for qk_dec; qk computes each
+           key alone */
+        const int nr = run_length(src, p0, c0, n, 4);
         int64_t ldk;
-        const float *kr = rows_f32(kn, src, 0, s->b, p0 + c0, hk, nc, D, a->Hkv, sc->kw, &ldk);
-        kn->qk(nc, m, (int)D, a->scale, kr, ldk, sc->qt, R, sc->q, D, sc->st + c0 * R, R);
-        pf_take(src, pf, D, a->Dv);
-        c0 += nc;
+        const float *kr = rows_f32(kn, src, 0, s->b, p0 + c0, hk, nr, D, a->Hkv,
+                                   sc->kw + c0 * D, &ldk);
+        const int ch = chunk(pf);
+        for (int c = 0; c < nr; c += ch) {
+            const int nc = nr - c < ch ? nr - c : ch;
+            float *st = sc->st + (c0 + c) * R;
+            if (job->dec_rows)
+                kn->qk_dec(nc, m, (int)D, a->scale, kr + c * ldk, ldk, sc->q, D, st, R);
+            else
+                kn->qk(nc, m, (int)D, a->scale, kr + c * ldk, ldk, sc->qt, R, sc->q, D, st, R);
+            pf_take(src, pf, D, a->Dv);
+        }
+        c0 += nr;
     }
 }
 
 /* acc = alpha·acc + P·V over keys p0 .. p0+n-1 (P in st, or as bf16 pairs
-   in pp for the bf16 path), run by run (bf16: CHUNK keys per call): the
+   in pp for the bf16 path), run by run (bf16: chunk() keys per call): the
    first call scales acc by alpha, the later ones add (alpha 1), which
    gives the bits of one call. */
 static void tile_values(const dec_job *job, const qkv__seq *s, int64_t hk, int64_t p0, int n,
@@ -388,8 +410,9 @@ static void tile_values(const dec_job *job, const qkv__seq *s, int64_t hk, int64
             int64_t ldv;
             const uint16_t *vr = rows_bf16(src, &src->v, s->b, p0 + c0, hk, nr, Dv, Dv,
                                            sc->vb + c0 * Dv, &ldv);
-            for (int c = 0; c < nr; c += CHUNK) {
-                kn->pv_bf16_dec(m, nr - c < CHUNK ? nr - c : CHUNK, (int)Dv,
+            const int ch = chunk(pf);
+            for (int c = 0; c < nr; c += ch) {
+                kn->pv_bf16_dec(m, nr - c < ch ? nr - c : ch, (int)Dv,
                                 sc->pp + (c0 + c) / 2 * R, R, vr + c * ldv, ldv,
                                 c0 + c ? sc->ones : sc->alpha, sc->acc, Dv);
                 pf_take(src, pf, a->D, Dv);
@@ -622,6 +645,7 @@ static qkv_status run(qkv_ctx *ctx, const qkv__attn *a, const kv_src *src, int c
        the register-blocked fp32 kernels */
     job.bf = cache_bf16 && a->dt == QKV_BF16 && ctx->kernels->qk_bf16_dec &&
              job.P * a->group <= QKV__PAD;
+    job.dec_rows = ctx->kernels->qk_dec && job.P * a->group <= QKV__PAD;
     /* rows of one head that follow each other ([B, Hkv, S, D] caches) are
        a stream the hardware prefetches by itself */
     job.prefetch = src->k.stride[1] != a->D || src->v.stride[1] != a->Dv;

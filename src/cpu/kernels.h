@@ -98,6 +98,13 @@ typedef struct qkv__kernels {
                         const uint16_t *v, int64_t ldv, const float *alpha,
                         float *acc, int64_t lda);
 
+    /* The scores of qk for a few queries (decode): q [m][ldq] fp32 rows,
+       readable up to row round_up(m, 4), k [n][ldk]; blocks of 4 keys x 4
+       queries reduced together as in qk_bf16_dec (same rule for splitting
+       the keys). NULL where the set has none (the driver uses qk). */
+    void (*qk_dec)(int n, int m, int d, float scale, const float *k, int64_t ldk,
+                   const float *q, int64_t ldq, float *st, int64_t ldst);
+
     /* dst[j] = src[j]·scale, int8 codes widened to fp32, j < n. */
     void (*cvt_i8)(const int8_t *src, float scale, float *dst, int64_t n);
 

@@ -403,6 +403,81 @@ typedef uint16_t vh_out __attribute__((vector_size(QKV_VW * 2)));
 STORE_HALF(store_f16, f32_to_f16_bits)
 STORE_HALF(store_bf16, f32_to_bf16_bits)
 
+/* ---- decode scores, fp32: 4 keys x 4 queries reduced together ------------- */
+
+#if defined(__AVX512F__) && QKV_VW == 16
+#include <immintrin.h>
+#define QKV_HAVE_DEC_F32 1
+
+/* Sum of lanes of v[0..15] into lane L of one vector (L = 4·key + query):
+   pairs of vectors add their interleaved halves, then pairs of those,
+   then the four 128-bit blocks; 15 adds and 30 shuffles instead of 16
+   full horizontal sums. */
+static inline __m512 reduce16(const __m512 *v)
+{
+    __m512 a[8], b[4];
+    for (int t = 0; t < 8; t++)
+        a[t] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * t], v[2 * t + 1]),
+                             _mm512_unpackhi_ps(v[2 * t], v[2 * t + 1]));
+    for (int t = 0; t < 4; t++) {
+        __m512d x = _mm512_castps_pd(a[2 * t]), y = _mm512_castps_pd(a[2 * t + 1]);
+        b[t] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
+                             _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+    }
+    /* b[t] holds sources 4t..4t+3 in each 128-bit block: add the blocks */
+    __m512 x01 = _mm512_add_ps(_mm512_shuffle_f32x4(b[0], b[1], 0x44),
+                               _mm512_shuffle_f32x4(b[0], b[1], 0xee));
+    __m512 x23 = _mm512_add_ps(_mm512_shuffle_f32x4(b[2], b[3], 0x44),
+                               _mm512_shuffle_f32x4(b[2], b[3], 0xee));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(x01, x23, 0x88),
+                         _mm512_shuffle_f32x4(x01, x23, 0xdd));
+}
+
+static void qk_f32_dec(int n, int m, int d, float scale, const float *k, int64_t ldk,
+                       const float *q, int64_t ldq, float *st, int64_t ldst)
+{
+    const int full = d - d % VW;
+    const __mmask16 tail = (__mmask16)((1u << (d - full)) - 1);
+    const __m512 sc = _mm512_set1_ps(scale);
+    for (int i = 0; i < m; i += 4) {
+        const __mmask16 live = (__mmask16)(m - i >= 4 ? 0xf : (1u << (m - i)) - 1);
+        const float *q0 = q + i * ldq;
+        int j = 0;
+        for (; j + 4 <= n; j += 4) {
+            __m512 c[16];
+            for (int t = 0; t < 16; t++)
+                c[t] = _mm512_setzero_ps();
+            const float *k0 = k + j * ldk;
+            for (int x = 0; x < full + (tail ? VW : 0); x += VW) {
+                const __mmask16 mk = x < full ? (__mmask16)0xffff : tail;
+                __m512 kv[4], qv[4];
+                for (int e = 0; e < 4; e++) {
+                    kv[e] = _mm512_maskz_loadu_ps(mk, k0 + e * ldk + x);
+                    qv[e] = _mm512_maskz_loadu_ps(mk, q0 + e * ldq + x);
+                }
+                for (int e = 0; e < 4; e++)
+                    for (int r = 0; r < 4; r++)
+                        c[4 * e + r] = _mm512_fmadd_ps(kv[e], qv[r], c[4 * e + r]);
+            }
+            const __m512 s = _mm512_mul_ps(reduce16(c), sc);
+            for (int e = 0; e < 4; e++)
+                _mm_mask_storeu_ps(st + (j + e) * ldst + i, live,
+                                   _mm512_extractf32x4_ps(s, e));
+        }
+        for (; j < n; j++)      /* leftover keys: one sum at a time */
+            for (int r = 0; r < 4 && i + r < m; r++) {
+                __m512 c = _mm512_setzero_ps();
+                for (int x = 0; x < full + (tail ? VW : 0); x += VW) {
+                    const __mmask16 mk = x < full ? (__mmask16)0xffff : tail;
+                    c = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, k + j * ldk + x),
+                                        _mm512_maskz_loadu_ps(mk, q0 + r * ldq + x), c);
+                }
+                st[j * ldst + i + r] = _mm512_reduce_add_ps(c) * scale;
+            }
+    }
+}
+#endif
+
 /* ---- bf16 dot products (vdpbf16ps) --------------------------------------- */
 
 #if defined(__AVX512BF16__) && QKV_VW == 16
@@ -586,30 +661,6 @@ static void pv_bf16(int m, int np, int dv, const uint32_t *pp, int64_t ldp,
 }
 /* ---- decode: few queries, keys and values read in place ------------------- */
 
-/* Sum of lanes of v[0..15] into lane L of one vector (L = 4·key + query):
-   pairs of vectors add their interleaved halves, then pairs of those,
-   then the four 128-bit blocks; 15 adds and 30 shuffles instead of 16
-   full horizontal sums. */
-static inline __m512 reduce16(const __m512 *v)
-{
-    __m512 a[8], b[4];
-    for (int t = 0; t < 8; t++)
-        a[t] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * t], v[2 * t + 1]),
-                             _mm512_unpackhi_ps(v[2 * t], v[2 * t + 1]));
-    for (int t = 0; t < 4; t++) {
-        __m512d x = _mm512_castps_pd(a[2 * t]), y = _mm512_castps_pd(a[2 * t + 1]);
-        b[t] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
-                             _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
-    }
-    /* b[t] holds sources 4t..4t+3 in each 128-bit block: add the blocks */
-    __m512 x01 = _mm512_add_ps(_mm512_shuffle_f32x4(b[0], b[1], 0x44),
-                               _mm512_shuffle_f32x4(b[0], b[1], 0xee));
-    __m512 x23 = _mm512_add_ps(_mm512_shuffle_f32x4(b[2], b[3], 0x44),
-                               _mm512_shuffle_f32x4(b[2], b[3], 0xee));
-    return _mm512_add_ps(_mm512_shuffle_f32x4(x01, x23, 0x88),
-                         _mm512_shuffle_f32x4(x01, x23, 0xdd));
-}
-
 /* One key row against queries i..i+3 (the 16 lanes reduced one sum at a
    time): the leftover keys of a tile. */
 static void qkd_key(int m, int i, int dp, float scale, const uint16_t *kr, const uint16_t *q,
@@ -776,6 +827,11 @@ void QKV_KERNEL_TABLE(qkv__kernels *t)
     t->cvt_f16 = cvt_f16;
     t->cvt_bf16 = cvt_bf16;
     t->cvt_i8 = cvt_i8;
+#ifdef QKV_HAVE_DEC_F32
+    t->qk_dec = qk_f32_dec;
+#else
+    t->qk_dec = NULL;
+#endif
     t->fma_probe = fma_probe;
     t->pack_pairs = pack_pairs;
     t->store_f16 = store_f16;
