@@ -120,8 +120,9 @@ static const float *rows_f32(const qkv__kernels *kn, const kv_src *src, int is_v
    heads of its sequence, and while one head works on a key tile, its
    share of the next tile's positions is asked for, every head of each
    position in address order (K into L1, V into L2 for the products after
-   the softmax). Caches whose head rows follow each other ([Hkv, S, D])
-   are left to the hardware. */
+   the softmax). Where a head's rows follow each other ([Hkv, S, D]) a
+   task takes one head, and its rows are asked for one tile ahead all the
+   same: that measured faster than leaving the stream to the hardware. */
 
 /* Asks for bytes [p, p + span) of the cache, line by line. */
 static void prefetch_span(const char *p, int64_t span, int locality)
@@ -165,7 +166,8 @@ typedef struct {
 
 enum { CHUNK = 8 };   /* keys per kernel call between two takes */
 
-/* Keys per kernel call: CHUNK when prefetching, else the whole run. */
+/* Keys per kernel call: CHUNK while there are rows to ask for, else the
+   whole run. */
 static int chunk(const pf_cursor *pf)
 {
     return pf->per_call ? CHUNK : BK;
@@ -192,7 +194,6 @@ typedef struct {
     int64_t          R;        /* score columns: P·group rounded up to 16 */
     int64_t          HB;       /* kv heads per task (a divisor of Hkv) */
     int              bf;       /* the bf16 dot path (q and cache bf16) */
-    int              prefetch; /* a head's rows are not adjacent: prefetch them */
     int              dec_rows; /* fp32 scores by qk_dec (few rows, a kernel for it) */
     int64_t         *start;    /* [B+1] first task of each sequence */
     int64_t         *tstart;   /* [B+1] first tile of each sequence */
@@ -528,15 +529,14 @@ static void dec_task(void *arg, int64_t task, int worker)
 
     /* tile by tile, head by head; meanwhile the next tile's rows are
        asked for, spread evenly over the kernel calls of this one */
-    if (job->prefetch)
-        prefetch_rows(job->src, s.b, hk0, job->HB, klo, BK, khi, a->D, Dv);
+    prefetch_rows(job->src, s.b, hk0, job->HB, klo, BK, khi, a->D, Dv);
     for (int64_t j0 = klo; j0 < khi; j0 += BK) {
         const int n = (int)(khi - j0 < BK ? khi - j0 : BK);
         const int band = !(lo_last <= j0 && hi_first >= j0 + n);
         const int64_t next = khi - j0 - n < BK ? khi - j0 - n : BK;
         const int64_t calls = job->HB * 2 * ((n + CHUNK - 1) / CHUNK);
         pf_cursor pf = { s.b, hk0, job->HB, j0 + n, 0, j0 + n + next,
-                         job->prefetch ? (next * job->HB + calls - 1) / calls : 0 };
+                         (next * job->HB + calls - 1) / calls };
         for (int64_t e = 0; e < job->HB; e++) {
             qkv__tile_map tm = tm0;
             tm.h0 = (hk0 + e) * a->group;
@@ -646,14 +646,14 @@ static qkv_status run(qkv_ctx *ctx, const qkv__attn *a, const kv_src *src, int c
     job.bf = cache_bf16 && a->dt == QKV_BF16 && ctx->kernels->qk_bf16_dec &&
              job.P * a->group <= QKV__PAD;
     job.dec_rows = ctx->kernels->qk_dec && job.P * a->group <= QKV__PAD;
-    /* rows of one head that follow each other ([B, Hkv, S, D] caches) are
-       a stream the hardware prefetches by itself */
-    job.prefetch = src->k.stride[1] != a->D || src->v.stride[1] != a->Dv;
-    /* few rows per head (decode) of a cache that needs prefetching: all
-       kv heads in one task, as many as keep their states within 1 MiB;
-       else (chunked prefill, [B, Hkv, S, D] caches) one */
+    /* rows of one head that follow each other ([B, Hkv, S, D] caches):
+       one stream per head, a task per head */
+    const int streams = src->k.stride[1] == a->D && src->v.stride[1] == a->Dv;
+    /* few rows per head (decode) from [S, Hkv, D] rows: all kv heads in
+       one task, as many as keep their states within 1 MiB; else (chunked
+       prefill, [Hkv, S, D] rows) one */
     job.HB = 1;
-    if (job.prefetch && job.P * a->group <= QKV__PAD)
+    if (!streams && job.P * a->group <= QKV__PAD)
         for (int64_t hb = a->Hkv; hb > 1; hb--)
             if (a->Hkv % hb == 0 && hb * head_floats(job.R, a->D, a->Dv) * 4 <= (1 << 20)) {
                 job.HB = hb;
