@@ -166,6 +166,11 @@ typedef struct {
 
 enum { CHUNK = 8 };   /* keys per kernel call between two takes */
 
+/* bf16 scores for more rows than this come from qk_bf16 (query pairs in
+   vectors, one pass over d per key for 16 rows); up to it from qk_bf16_dec
+   (dot products along d, 4 x 4 at a time), cheaper for a few rows. */
+enum { PAIRS_ROWS = 8 };
+
 /* Keys per kernel call: CHUNK while there are rows to ask for, else the
    whole run. */
 static int chunk(const pf_cursor *pf)
@@ -284,6 +289,11 @@ static void load_queries(const dec_job *job, const qkv__seq *s, const qkv__tile_
     const qkv__kernels *kn = job->ctx->kernels;
     const qkv_tensor *q = a->q;
     const int64_t D = a->D, R = job->R, w = 2 * pairs(D);
+    if (job->bf && m > PAIRS_ROWS) {   /* pairs for qk_bf16 */
+        qkv__load_q_pairs(a, s, tm, m, (m + QKV__PAD - 1) / QKV__PAD * QKV__PAD, R,
+                          (uint32_t *)sc->q);
+        return;
+    }
     for (int r = 0; r < m; r++) {
         const int64_t h = tm->h0 + r / tm->mp, i = tm->i0 + r % tm->mp;
         const int64_t off = s->b * q->stride[0] + i * q->stride[1] + h * q->stride[2];
@@ -365,9 +375,14 @@ static void tile_scores(const dec_job *job, const qkv__seq *s, int64_t hk, int64
                                            sc->kb + c0 * w, &ldk);
             const int ch = chunk(pf);
             for (int c = 0; c < nr; c += ch) {
-                kn->qk_bf16_dec(nr - c < ch ? nr - c : ch, m, (int)pairs(D), a->scale,
-                                kr + c * ldk, ldk, (const uint16_t *)sc->q, w,
-                                sc->st + (c0 + c) * R, R);
+                const int nc = nr - c < ch ? nr - c : ch;
+                float *st = sc->st + (c0 + c) * R;
+                if (m > PAIRS_ROWS)
+                    kn->qk_bf16(nc, (m + QKV__PAD - 1) / QKV__PAD * QKV__PAD, (int)pairs(D),
+                                a->scale, kr + c * ldk, ldk, (const uint32_t *)sc->q, R, st, R);
+                else
+                    kn->qk_bf16_dec(nc, m, (int)pairs(D), a->scale, kr + c * ldk, ldk,
+                                    (const uint16_t *)sc->q, w, st, R);
                 pf_take(src, pf, D, a->Dv);
             }
             c0 += nr;
@@ -460,7 +475,7 @@ static void head_tile(const dec_job *job, const qkv__seq *s, const qkv__tile_map
     tile_scores(job, s, hk, j0, n, m, sc, pf);
     if (a->softcap > 0.0f || a->alibi || band)
         qkv__score_mods(a, s, tm, m, j0, n, band, sc->st, R, NULL);
-    if (!job->bf)   /* qk may write the padding columns; qk_bf16_dec does not */
+    if (!job->bf || m > PAIRS_ROWS)   /* qk, qk_bf16 may write the padding columns */
         for (int c = 0; c < n; c++)
             for (int r = m; r < mpad; r++)
                 sc->st[c * R + r] = -INFINITY;
