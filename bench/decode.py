@@ -160,11 +160,15 @@ def rows_for(qkv, shape, dtype, reps):
         out = torch.empty_like(q)
         return qkv.call(qkv.lib.qkv_attention_forward, q, k, v, out, dtype, causal), lambda: out
     preps["forward"] = prep_forward
-    preps["sdpa"] = lambda: bench.prep_sdpa(cshape, dtype, q, k, v)
     # int8 rounds each element by up to 1/254 of its row's largest
     # magnitude: its bound is bf16's
     limits = {key: 3e-2 if key == "paged_i8" else limit for key in preps}
-    return interleaved(preps, error, limits, reps)
+    res = interleaved(preps, error, limits, reps)
+    # torch last and on its own: its OpenMP workers keep spinning for a
+    # while after a call, which would slow whatever ran next
+    res["sdpa"] = measure(lambda: bench.prep_sdpa(cshape, dtype, q, k, v), error, limit, reps)
+    time.sleep(0.3)      # ... and the next row's
+    return res
 
 
 def interleaved(preps, error, limits, reps):
@@ -324,10 +328,12 @@ def markdown(meta, rows, bw, l3, varlen):
               "prefill kernel); torch SDPA: `scaled_dot_product_attention` with a "
               "`[B,Hq,Sq,D]` query (`enable_gqa`, an explicit bottom-right mask "
               "when Sq > 1). Each output is checked against a float64 reference "
-              "first (bounds as above; int8 3e-2). Times are medians of 9 rounds that "
-              "run each implementation once (calls under 5 ms: repeated to 5 ms), "
-              "in rotating order, so that load from other processes falls on all "
-              "of them alike; "
+              "first (bounds as above; int8 3e-2). qkv's four calls are timed in 9 "
+              "rounds that run each once (calls under 5 ms: repeated to 5 ms), in "
+              "rotating order, so that load from other processes falls on all of "
+              "them alike, and quoted as medians; torch runs afterwards, timed as "
+              "above (its OpenMP workers spin on after a call and would slow what "
+              "runs next). "
               "GB/s is K and V bytes read per second (int8: codes and scales), "
               "\"of triad\" its share of the triad. In brackets: time relative to "
               "qkv kvcache (above 1× slower than it)."),
