@@ -10,17 +10,18 @@
  * lives in block table[b][p / bs], row p % bs; a contiguous cache is the
  * special case of one block per sequence (no table, bs = Smax).
  *
- * A task is (sequence, kv head, tile of query positions, key part): the
- * tile stacks the positions of every query head of the group, so each K/V
- * row is read once for the whole group. The keys are walked in tiles of BK
- * positions counted from the first key the tile sees, with the online
- * softmax of forward.c; a key tile that crosses block boundaries is
- * computed segment by segment (or gathered), and since the kernels'
- * arithmetic per key does not depend on how rows are grouped, a paged
- * cache gives bitwise the contiguous cache's result. When the call has few
- * tiles, long caches are cut into parts whose partial (max, sum, acc)
- * states are merged in part order (split-K, "flash-decoding"); the part
- * count depends on the problem alone, never on the thread count.
+ * A task is (sequence, kv heads, tile of query positions, key part): the
+ * tile stacks the positions of every query head of a group, so each K/V
+ * row is read once for the whole group; a task takes every kv head where a
+ * position's heads lie together (see the prefetch notes below). The keys
+ * are walked in tiles of BK positions counted from the first key the tile
+ * sees, with the online softmax of forward.c; a key tile that crosses
+ * block boundaries is computed run by run, or gathered where a boundary
+ * would shift the kernels' groups of keys, so a paged cache gives bitwise
+ * the contiguous cache's result. When the call has few tiles, long caches
+ * are cut into parts whose partial (max, sum, acc) states are merged in
+ * part order (split-K, "flash-decoding"); the part count depends on the
+ * problem alone, never on the thread count.
  *
  * Not here: the inner loops (src/cpu), validation of q, out and the
  * options (check.c).
@@ -79,19 +80,9 @@ static int64_t scale_idx(const kv_src *src, int64_t b, int64_t p, int64_t h, int
     return (block_of(src, b, p) * src->bs + row_in_block(src, p)) * Hkv + h;
 }
 
-/* Positions p0 .. p0+n-1 (n >= 1) of one block, as rows of element stride
-   t->stride[1] from the returned offset. n is clipped to the block. */
-static int64_t segment(const kv_src *src, const qkv_tensor *t, int64_t b, int64_t p0,
-                       int64_t h, int *n)
-{
-    const int64_t left = src->bs - row_in_block(src, p0);
-    if (*n > left)
-        *n = (int)left;
-    return row_off(src, t, b, p0, h);
-}
-
-/* n fp32 rows of cols elements (positions p0.., one block), in place or
-   widened/dequantized into buf; *ld their stride. */
+/* n fp32 rows of cols elements (positions p0.., head h): in place when
+   they lie in one block as fp32 with unit inner stride, else widened or
+   dequantized into buf; *ld their stride. */
 static const float *rows_f32(const qkv__kernels *kn, const kv_src *src, int is_v, int64_t b,
                              int64_t p0, int64_t h, int n, int64_t cols, int64_t Hkv,
                              float *buf, int64_t *ld)
@@ -436,8 +427,7 @@ static void tile_values(const dec_job *job, const qkv__seq *s, int64_t hk, int64
             c0 += nr;
             continue;
         }
-        int ns = n - c0;
-        segment(src, &src->v, s->b, p0 + c0, hk, &ns);
+        const int ns = run_length(src, p0, c0, n, 1);   /* to the block's end */
         int64_t ldv;
         const float *vr = rows_f32(kn, src, 1, s->b, p0 + c0, hk, ns, Dv, a->Hkv, sc->vw, &ldv);
         kn->pv(m, ns, (int)Dv, sc->st + c0 * R, 1, R, vr, ldv, c0 ? sc->ones : sc->alpha,
