@@ -361,14 +361,15 @@ typedef struct {
  *         every sequence (converted to the cache's dtype, rounding to
  *         nearest even; for int8 with their scales). seqlens is not
  *         changed: the caller adds Snew afterwards.
- * The blocks holding those positions must be in [0, n_blocks) and no two
- * sequences may write one block.
+ * The blocks holding those positions must be in [0, n_blocks), and a
+ * block the call writes must appear in no other cell of the tables' used
+ * part (positions below seqlens[b]+Snew): a block shared for reading is
+ * copied by the caller before new rows go into it.
  *
  * Returns QKV_OK, or an error with the cache untouched (message in ctx):
  * QKV_ERR_NULL, QKV_ERR_DTYPE, QKV_ERR_SHAPE (shapes, a length below 0 or
  * past max_blocks·block_size, a block id out of range), QKV_ERR_ARG (a
- * block written by two sequences, a bad cache description),
- * QKV_ERR_OVERFLOW.
+ * written block named twice, a bad cache description), QKV_ERR_OVERFLOW.
  */
 QKV_API qkv_status qkv_paged_append(qkv_ctx *ctx, const qkv_paged_cache *cache,
         const int32_t *block_table, int64_t max_blocks, const int32_t *seqlens,
