@@ -433,6 +433,16 @@ static inline __m512 reduce16(const __m512 *v)
                          _mm512_shuffle_f32x4(x01, x23, 0xdd));
 }
 
+/* The 4 keys x 4 queries of s (lane 4·key + query) into st rows 0..3,
+   the queries `live` only. */
+static inline void store4x4(__m512 s, __mmask16 live, float *st, int64_t ldst)
+{
+    _mm_mask_storeu_ps(st, live, _mm512_extractf32x4_ps(s, 0));
+    _mm_mask_storeu_ps(st + ldst, live, _mm512_extractf32x4_ps(s, 1));
+    _mm_mask_storeu_ps(st + 2 * ldst, live, _mm512_extractf32x4_ps(s, 2));
+    _mm_mask_storeu_ps(st + 3 * ldst, live, _mm512_extractf32x4_ps(s, 3));
+}
+
 static void qk_f32_dec(int n, int m, int d, float scale, const float *k, int64_t ldk,
                        const float *q, int64_t ldq, float *st, int64_t ldst)
 {
@@ -460,9 +470,7 @@ static void qk_f32_dec(int n, int m, int d, float scale, const float *k, int64_t
                         c[4 * e + r] = _mm512_fmadd_ps(kv[e], qv[r], c[4 * e + r]);
             }
             const __m512 s = _mm512_mul_ps(reduce16(c), sc);
-            for (int e = 0; e < 4; e++)
-                _mm_mask_storeu_ps(st + (j + e) * ldst + i, live,
-                                   _mm512_extractf32x4_ps(s, e));
+            store4x4(s, live, st + j * ldst + i, ldst);
         }
         for (; j < n; j++)      /* leftover keys: one sum at a time */
             for (int r = 0; r < 4 && i + r < m; r++) {
@@ -707,10 +715,7 @@ static void qk_bf16_dec(int n, int m, int dp, float scale, const uint16_t *k, in
                         c[4 * e + r] = (__m512)dot2((vf)c[4 * e + r], kv[e], qv[r]);
             }
             const __m512 s = _mm512_mul_ps(reduce16(c), sc);
-            _mm_mask_storeu_ps(st + (j + 0) * ldst + i, live, _mm512_extractf32x4_ps(s, 0));
-            _mm_mask_storeu_ps(st + (j + 1) * ldst + i, live, _mm512_extractf32x4_ps(s, 1));
-            _mm_mask_storeu_ps(st + (j + 2) * ldst + i, live, _mm512_extractf32x4_ps(s, 2));
-            _mm_mask_storeu_ps(st + (j + 3) * ldst + i, live, _mm512_extractf32x4_ps(s, 3));
+            store4x4(s, live, st + j * ldst + i, ldst);
         }
         for (; j < n; j++)
             qkd_key(m, i, dp, scale, k + j * ldk, q, ldq, st + j * ldst);
