@@ -443,46 +443,69 @@ static inline void store4x4(__m512 s, __mmask16 live, float *st, int64_t ldst)
     _mm_mask_storeu_ps(st + 3 * ldst, live, _mm512_extractf32x4_ps(s, 3));
 }
 
-static void qk_f32_dec(int n, int m, int d, float scale, const float *k, int64_t ldk,
-                       const float *q, int64_t ldq, float *st, int64_t ldst)
+/* c + a·b per lane: fp32 values, or (bf) pairs of bf16 values along the
+   reduction (vdpbf16ps, on sets that have it). */
+static inline __attribute__((always_inline))
+__m512 dot_step(const int bf, __m512 c, __m512i a, __m512i b)
 {
-    const int full = d - d % VW;
-    const __mmask16 tail = (__mmask16)((1u << (d - full)) - 1);
+#ifdef __AVX512BF16__
+    if (bf)
+        return _mm512_dpbf16_ps(c, (__m512bh)a, (__m512bh)b);
+#endif
+    return _mm512_fmadd_ps(_mm512_castsi512_ps(a), _mm512_castsi512_ps(b), c);
+}
+
+/* Scores of n keys by m queries in blocks of 4 keys x 4 queries, rows of
+   len 32-bit lanes (fp32 values, or bf16 pairs when bf) ldk / ldq bytes
+   apart; the last n % 4 keys one sum at a time. q is readable up to row
+   round_up(m, 4); only the m columns of st are written. */
+static inline __attribute__((always_inline))
+void qk_dec_blocks(const int bf, int n, int m, int len, float scale, const char *k,
+                   int64_t ldk, const char *q, int64_t ldq, float *st, int64_t ldst)
+{
+    const int full = len - len % VW;
+    const __mmask16 tail = (__mmask16)((1u << (len - full)) - 1);
     const __m512 sc = _mm512_set1_ps(scale);
     for (int i = 0; i < m; i += 4) {
         const __mmask16 live = (__mmask16)(m - i >= 4 ? 0xf : (1u << (m - i)) - 1);
-        const float *q0 = q + i * ldq;
+        const char *q0 = q + i * ldq;
         int j = 0;
         for (; j + 4 <= n; j += 4) {
             __m512 c[16];
             for (int t = 0; t < 16; t++)
                 c[t] = _mm512_setzero_ps();
-            const float *k0 = k + j * ldk;
+            const char *k0 = k + j * ldk;
             for (int x = 0; x < full + (tail ? VW : 0); x += VW) {
                 const __mmask16 mk = x < full ? (__mmask16)0xffff : tail;
-                __m512 kv[4], qv[4];
+                __m512i kv[4], qv[4];
                 for (int e = 0; e < 4; e++) {
-                    kv[e] = _mm512_maskz_loadu_ps(mk, k0 + e * ldk + x);
-                    qv[e] = _mm512_maskz_loadu_ps(mk, q0 + e * ldq + x);
+                    kv[e] = _mm512_maskz_loadu_epi32(mk, k0 + e * ldk + 4 * x);
+                    qv[e] = _mm512_maskz_loadu_epi32(mk, q0 + e * ldq + 4 * x);
                 }
                 for (int e = 0; e < 4; e++)
                     for (int r = 0; r < 4; r++)
-                        c[4 * e + r] = _mm512_fmadd_ps(kv[e], qv[r], c[4 * e + r]);
+                        c[4 * e + r] = dot_step(bf, c[4 * e + r], kv[e], qv[r]);
             }
-            const __m512 s = _mm512_mul_ps(reduce16(c), sc);
-            store4x4(s, live, st + j * ldst + i, ldst);
+            store4x4(_mm512_mul_ps(reduce16(c), sc), live, st + j * ldst + i, ldst);
         }
-        for (; j < n; j++)      /* leftover keys: one sum at a time */
+        for (; j < n; j++)
             for (int r = 0; r < 4 && i + r < m; r++) {
                 __m512 c = _mm512_setzero_ps();
                 for (int x = 0; x < full + (tail ? VW : 0); x += VW) {
                     const __mmask16 mk = x < full ? (__mmask16)0xffff : tail;
-                    c = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, k + j * ldk + x),
-                                        _mm512_maskz_loadu_ps(mk, q0 + r * ldq + x), c);
+                    c = dot_step(bf, c, _mm512_maskz_loadu_epi32(mk, k + j * ldk + 4 * x),
+                                 _mm512_maskz_loadu_epi32(mk, q0 + r * ldq + 4 * x));
                 }
                 st[j * ldst + i + r] = _mm512_reduce_add_ps(c) * scale;
             }
     }
+}
+
+static void qk_f32_dec(int n, int m, int d, float scale, const float *k, int64_t ldk,
+                       const float *q, int64_t ldq, float *st, int64_t ldst)
+{
+    qk_dec_blocks(0, n, m, d, scale, (const char *)k, ldk * 4, (const char *)q, ldq * 4, st,
+                  ldst);
 }
 #endif
 
@@ -669,57 +692,11 @@ static void pv_bf16(int m, int np, int dv, const uint32_t *pp, int64_t ldp,
 }
 /* ---- decode: few queries, keys and values read in place ------------------- */
 
-/* One key row against queries i..i+3 (the 16 lanes reduced one sum at a
-   time): the leftover keys of a tile. */
-static void qkd_key(int m, int i, int dp, float scale, const uint16_t *kr, const uint16_t *q,
-                    int64_t ldq, float *st)
-{
-    const int full = dp - dp % VW;
-    const __mmask16 tail = (__mmask16)((1u << (dp - full)) - 1);
-    for (int r = 0; r < 4 && i + r < m; r++) {
-        vf c = {0};
-        const uint16_t *qr = q + (i + r) * ldq;
-        for (int x = 0; x < full; x += VW)
-            c = dot2(c, _mm512_loadu_si512(kr + 2 * x), _mm512_loadu_si512(qr + 2 * x));
-        if (tail)
-            c = dot2(c, _mm512_maskz_loadu_epi32(tail, kr + 2 * full),
-                     _mm512_maskz_loadu_epi32(tail, qr + 2 * full));
-        st[i + r] = _mm512_reduce_add_ps((__m512)c) * scale;
-    }
-}
-
 static void qk_bf16_dec(int n, int m, int dp, float scale, const uint16_t *k, int64_t ldk,
                         const uint16_t *q, int64_t ldq, float *st, int64_t ldst)
 {
-    const int full = dp - dp % VW;
-    const __mmask16 tail = (__mmask16)((1u << (dp - full)) - 1);
-    const __m512 sc = _mm512_set1_ps(scale);
-    for (int i = 0; i < m; i += 4) {
-        const __mmask16 live = (__mmask16)(m - i >= 4 ? 0xf : (1u << (m - i)) - 1);
-        const uint16_t *q0 = q + i * ldq;
-        int j = 0;
-        for (; j + 4 <= n; j += 4) {
-            __m512 c[16];
-            for (int t = 0; t < 16; t++)
-                c[t] = _mm512_setzero_ps();
-            const uint16_t *k0 = k + j * ldk;
-            for (int x = 0; x < full + (tail ? VW : 0); x += VW) {
-                const __mmask16 mk = x < full ? (__mmask16)0xffff : tail;
-                __m512i kv[4], qv[4];
-                for (int e = 0; e < 4; e++) {
-                    kv[e] = _mm512_maskz_loadu_epi32(mk, k0 + e * ldk + 2 * x);
-                    qv[e] = _mm512_maskz_loadu_epi32(mk, q0 + e * ldq + 2 * x);
-                }
-                for (int e = 0; e < 4; e++)
-                    for (int r = 0; r < 4; r++)
-                        c[4 * e + r] = (__m512)dot2((vf)c[4 * e + r], kv[e], qv[r]);
-            }
-            const __m512 s = _mm512_mul_ps(reduce16(c), sc);
-            store4x4(s, live, st + j * ldst + i, ldst);
-        }
-        for (; j < n; j++)
-            qkd_key(m, i, dp, scale, k + j * ldk, q, ldq, st + j * ldst);
-    }
+    qk_dec_blocks(1, n, m, dp, scale, (const char *)k, ldk * 2, (const char *)q, ldq * 2, st,
+                  ldst);
 }
 
 /* Word indices that interleave two rows of 32 bf16 into pairs: the low
