@@ -295,6 +295,7 @@ QKV_API qkv_status qkv_attention_backward_dbias_reference(qkv_ctx *ctx, const qk
         const qkv_tensor *k, const qkv_tensor *v, const qkv_tensor *out,
         const qkv_tensor *dout, const float *lse, const qkv_attn_opts *opts,
         qkv_tensor *dq, qkv_tensor *dk, qkv_tensor *dv, qkv_tensor *dbias);
+
 /* ---- models -------------------------------------------------------------
  *
  * Pretrained transformers run on qkv's attention: a folder with
@@ -384,6 +385,139 @@ QKV_API qkv_status qkv_model_classify(qkv_ctx *ctx, const qkv_model *model,
 QKV_API qkv_status qkv_model_recommend(qkv_ctx *ctx, const qkv_model *model,
                                        const int32_t *history, int64_t len, int64_t k,
                                        int32_t *items, float *scores);
+/* ---- serving: decoding from a KV cache ------------------------------------
+ *
+ * A decoder keeps the keys and values of every token it has seen in a
+ * cache and, at each step, attends from a few new queries (one, or several
+ * when speculative decoding verifies a draft; a chunk of a prompt in
+ * chunked prefill) to the cached keys of each sequence. Sequences of one
+ * batch have their own cache lengths. The new tokens' keys and values are
+ * in the cache before the call, so the queries see themselves.
+ *
+ * Positions are bottom-right aligned as everywhere in qkv: with L keys
+ * cached for sequence b and Sq queries, query i sits at position
+ * L - Sq + i; causal lets it see keys j <= L - Sq + i, windows and ALiBi
+ * measure from there. opts->bias and varlen (cu_seqlens) are refused
+ * (QKV_ERR_UNSUPPORTED); every other option works as in
+ * qkv_attention_forward.
+ *
+ * Work is split by sequence and query tile (and kv head where the cache
+ * keeps each head's rows together); when that gives few tasks, long
+ * caches are also split along the keys and the partial softmax states
+ * merged in a fixed order (split-K). Each K/V row is read once for all the
+ * query heads of its group. Split decisions depend on the problem
+ * alone: results are bitwise identical for any number of threads, and a
+ * paged cache gives bitwise the result of the contiguous cache holding the
+ * same rows.
+ */
+
+/*
+ * qkv_attention_kvcache — attention from a contiguous cache.
+ *
+ * Reads   q       [B, Sq, Hq, D]
+ *         k_cache [B, Smax, Hkv, D]   v_cache [B, Smax, Hkv, Dv]
+ *         seqlens_k [B]: rows [0, seqlens_k[b]) of sequence b's cache are
+ *         its keys, 0 <= seqlens_k[b] <= Smax; NULL: Smax for every b.
+ * Writes  out [B, Sq, Hq, Dv], and lse [B, Hq, Sq] when lse != NULL.
+ * q and out share one dtype, k_cache and v_cache one dtype (fp32, fp16 or
+ * bf16 each; the two may differ); arithmetic is fp32. Strides are free as
+ * in qkv_attention_forward. With every seqlens_k[b] = Smax it computes
+ * what qkv_attention_forward computes on the same tensors (up to fp32
+ * rounding: the key tiles differ).
+ *
+ * Returns QKV_OK, or an error with out and lse untouched (message in ctx):
+ * those of qkv_attention_forward, QKV_ERR_SHAPE for a length out of
+ * [0, Smax].
+ */
+QKV_API qkv_status qkv_attention_kvcache(qkv_ctx *ctx, const qkv_tensor *q,
+        const qkv_tensor *k_cache, const qkv_tensor *v_cache, const int32_t *seqlens_k,
+        const qkv_attn_opts *opts, qkv_tensor *out, float *lse);
+
+/* Element types of a paged cache: the three float types of qkv_dtype, and
+   int8 with one fp32 scale per cached row of each kv head. */
+typedef enum {
+    QKV_KV_F32 = QKV_F32, QKV_KV_F16 = QKV_F16, QKV_KV_BF16 = QKV_BF16,
+    QKV_KV_I8 = 16
+} qkv_kv_dtype;
+
+/*
+ * A paged KV cache (as in vLLM): two caller-owned pools of fixed-size
+ * blocks, each block holding block_size consecutive positions of one
+ * sequence for every kv head:
+ *   k [n_blocks, block_size, heads_kv, head_dim]     row-major
+ *   v [n_blocks, block_size, heads_kv, head_dim_v]   row-major
+ * A sequence owns a block table, a row of int32 block ids: its position p
+ * lives in block table[p / block_size], row p % block_size. Blocks may be
+ * shared between sequences for reading (a common prompt prefix).
+ *
+ * QKV_KV_I8 stores x as round(x / s) in [-127, 127] with s = max|x| / 127
+ * over the head_dim values of that row; k_scale and v_scale
+ * [n_blocks, block_size, heads_kv] hold the s (fp32), written by
+ * qkv_paged_append. An element reads back as code·s, off by at most s/2
+ * (1/254 of its row's largest magnitude) plus fp32 rounding. A row holding a non-finite value
+ * gets a NaN scale (it reads back as NaN). Other dtypes leave the scales
+ * NULL.
+ *
+ * block_size is a power of two from 8 to 256.
+ */
+typedef struct {
+    void        *k, *v;
+    float       *k_scale, *v_scale;
+    qkv_kv_dtype dtype;
+    int64_t      n_blocks, block_size, heads_kv, head_dim, head_dim_v;
+} qkv_paged_cache;
+
+/*
+ * qkv_paged_append — writes new tokens' keys and values into a paged cache.
+ *
+ * Reads   k_new [B, Snew, Hkv, D], v_new [B, Snew, Hkv, Dv] (fp32, fp16 or
+ *         bf16, one dtype; any strides), block_table [B][max_blocks],
+ *         seqlens [B]: the rows already cached per sequence.
+ * Writes  the cache rows of positions seqlens[b] .. seqlens[b]+Snew-1 of
+ *         every sequence (converted to the cache's dtype, rounding to
+ *         nearest even; for int8 with their scales). seqlens is not
+ *         changed: the caller adds Snew afterwards.
+ * The blocks holding those positions must be in [0, n_blocks), and a
+ * block the call writes must appear in no other cell of the tables' used
+ * part (positions below seqlens[b]+Snew): a block shared for reading is
+ * copied by the caller before new rows go into it.
+ *
+ * Returns QKV_OK, or an error with the cache untouched (message in ctx):
+ * QKV_ERR_NULL, QKV_ERR_DTYPE, QKV_ERR_SHAPE (shapes, a length below 0 or
+ * past max_blocks·block_size, a block id out of range), QKV_ERR_ARG (a
+ * written block named twice, a bad cache description), QKV_ERR_OVERFLOW.
+ */
+QKV_API qkv_status qkv_paged_append(qkv_ctx *ctx, const qkv_paged_cache *cache,
+        const int32_t *block_table, int64_t max_blocks, const int32_t *seqlens,
+        const qkv_tensor *k_new, const qkv_tensor *v_new);
+
+/*
+ * qkv_attention_paged — attention from a paged cache.
+ *
+ * Reads   q [B, Sq, Hq, D] (fp32, fp16 or bf16), the cache, block_table
+ *         [B][max_blocks], seqlens_k [B]: sequence b's keys are its
+ *         positions 0 .. seqlens_k[b]-1.
+ * Writes  out [B, Sq, Hq, Dv] in q's dtype, and lse [B, Hq, Sq] when
+ *         lse != NULL.
+ * Semantics as qkv_attention_kvcache; Hkv, D and Dv come from the cache.
+ * Only the blocks holding positions below seqlens_k[b] are read, and each
+ * of those ids must be in [0, n_blocks).
+ *
+ * Returns QKV_OK, or an error with out and lse untouched (message in ctx):
+ * those of qkv_attention_kvcache, QKV_ERR_SHAPE for a length below 0 or
+ * past max_blocks·block_size or a block id out of range, QKV_ERR_ARG for a
+ * bad cache description.
+ */
+QKV_API qkv_status qkv_attention_paged(qkv_ctx *ctx, const qkv_tensor *q,
+        const qkv_paged_cache *cache, const int32_t *block_table, int64_t max_blocks,
+        const int32_t *seqlens_k, const qkv_attn_opts *opts, qkv_tensor *out, float *lse);
+
+/* Measures the memory bandwidth ctx's threads reach on a STREAM-style
+   triad (a[i] = b[i] + s·c[i]) over arrays far larger than the caches, in
+   GB/s counting 3 × 4 bytes per element (the best of several rounds,
+   about 0.3 s): the yardstick for memory-bound calls such as decoding.
+   Returns 0 for a NULL ctx or when the arrays cannot be allocated. */
+QKV_API double qkv_peak_bandwidth(qkv_ctx *ctx);
 
 #ifdef __cplusplus
 }

@@ -24,6 +24,12 @@ void test_bf16_options(void);
 void test_bf16_empty_rows(void);
 void test_bf16_large_values(void);
 void test_bf16_threads(void);
+/* test_decode.c */
+void test_decode_reference(void);
+void test_decode_paged_bitwise(void);
+void test_decode_int8(void);
+void test_decode_threads(void);
+void test_decode_errors(void);
 
 /* test_dbias.c */
 void test_dbias_fd(void);
@@ -105,6 +111,11 @@ static const struct { const char *name; void (*fn)(void); } tests[] = {
     { "model_sasrec",            test_model_sasrec },
     { "model_bad_files",         test_model_bad_files },
     { "model_bad_bert",          test_model_bad_bert },
+    { "decode_errors",           test_decode_errors },
+    { "decode_reference",        test_decode_reference },
+    { "decode_paged_bitwise",    test_decode_paged_bitwise },
+    { "decode_int8",             test_decode_int8 },
+    { "decode_threads",          test_decode_threads },
 };
 
 int t_quick;

@@ -154,6 +154,10 @@ float *acase_collect(const acase *c, const tbuf *out, float *lse, const char *la
 /* zeroes rows outside every sequence in a logical out / lse */
 void   acase_zero_unused(const acase *c, float *out, float *lse);
 
+/* The forward's tolerances per output dtype (test_forward.c): out atol and
+   rtol, lse atol. */
+void forward_tolerances(qkv_dtype dt, double *atol, double *rtol, double *lse_atol);
+
 /* ---- the tests (listed in main.c) ---------------------------------------- */
 
 void test_convert_f16_exhaustive(void);

@@ -71,7 +71,7 @@ static void isas_close(isas *s)
     qkv_ctx_free(s->ref);
 }
 
-static void tolerances(qkv_dtype dt, double *atol, double *rtol, double *lse_atol)
+void forward_tolerances(qkv_dtype dt, double *atol, double *rtol, double *lse_atol)
 {
     *atol = dt == QKV_F32 ? 1e-5 : dt == QKV_F16 ? 1e-3 : 1e-2;
     *rtol = dt == QKV_F32 ? 1e-5 : dt == QKV_F16 ? 1e-3 : 1.6e-2;
@@ -141,7 +141,7 @@ static void check_forward(qkv_ctx *ctx, const char *isa, const acase *c,
               isa, bad_empty, acase_str(c));
 
         double atol, rtol, lse_atol;
-        tolerances(c->dt, &atol, &rtol, &lse_atol);
+        forward_tolerances(c->dt, &atol, &rtol, &lse_atol);
         if (c->alibi) {
             /* ALiBi at long distances makes scores of magnitude slope *
                distance (hundreds); one fp32 ulp of such a score exceeds 1e-5
@@ -609,7 +609,7 @@ void test_forward_nonfinite(void)
         CHECK(qkv_attention_reference(s.ref, &q1, &k1, &v1, &c.opts, &o1, ref_lse) == QKV_OK,
               "reference, batch 1: %s", qkv_ctx_last_error(s.ref));
         double atol, rtol, lse_atol;
-        tolerances(c.dt, &atol, &rtol, &lse_atol);
+        forward_tolerances(c.dt, &atol, &rtol, &lse_atol);
         for (int i = 0; i < s.n; i++) {
             tbuf out;
             acase_make_out(&c, &out, c.dt);

@@ -52,6 +52,16 @@ qkv_status qkv__attn_check_backward(qkv_ctx *ctx, const qkv_tensor *q,
    g->dbias. */
 qkv_status qkv__attn_check_dbias(qkv_ctx *ctx, const qkv__attn *a, qkv__grads *g,
                                  const qkv_attn_opts *opts, qkv_tensor *dbias);
+/* The view checks of check.c for any tensor argument (name as in messages). */
+qkv_status qkv__check_tensor(qkv_ctx *ctx, const qkv_tensor *t, const char *name);
+
+/* Validates q, opts, out and lse of a call whose keys come from a cache
+   (named `keys` in messages) of Hkv heads, head_dim D and Dv, at most Smax
+   positions per sequence, and fills *a (a->k and a->v NULL, one sequence
+   per batch row). Refuses varlen and bias (QKV_ERR_UNSUPPORTED). */
+qkv_status qkv__attn_check_cache(qkv_ctx *ctx, const qkv_tensor *q, const qkv_attn_opts *opts,
+        const qkv_tensor *out, float *lse, int64_t Smax, int64_t Hkv, int64_t D, int64_t Dv,
+        const char *keys, qkv__attn *a);
 
 /* One sequence: batch row b, query rows [q0, q0+sq) and key rows [k0, k0+sk)
    along dim 1. */

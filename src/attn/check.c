@@ -104,6 +104,42 @@ static qkv_status check_bias(qkv_ctx *ctx, const qkv_tensor *b, qkv__attn *a)
     return QKV_OK;
 }
 
+/* The option values every attention call checks (varlen and bias apart). */
+static qkv_status check_opts(qkv_ctx *ctx, const qkv_attn_opts *opts)
+{
+    if (!isfinite(opts->scale))
+        FAIL(QKV_ERR_ARG, "opts->scale = %g must be finite (0 = 1/sqrt(head_dim))", opts->scale);
+    if (!(opts->softcap >= 0.0f) || isinf(opts->softcap))
+        FAIL(QKV_ERR_ARG, "opts->softcap = %g must be finite and >= 0 (0 = off)", opts->softcap);
+    if (opts->window_left < -1)
+        FAIL(QKV_ERR_ARG, "opts->window_left = %lld must be >= -1 (-1 = unbounded)",
+             (long long)opts->window_left);
+    if (opts->window_right < -1)
+        FAIL(QKV_ERR_ARG, "opts->window_right = %lld must be >= -1 (-1 = unbounded)",
+             (long long)opts->window_right);
+    return QKV_OK;
+}
+
+/* Sizes and options of *a from q, the keys' Sk, Hkv and Dv, and opts. */
+static void fill_attn(qkv__attn *a, const qkv_tensor *q, const qkv_attn_opts *opts,
+                      int64_t Sk, int64_t Hkv, int64_t Dv)
+{
+    const int64_t Sq = q->shape[1], D = q->shape[3];
+    a->dt = q->dtype;
+    a->B = q->shape[0]; a->Sq = Sq; a->Sk = Sk; a->Hq = q->shape[2]; a->Hkv = Hkv;
+    a->D = D; a->Dv = Dv;
+    a->group = a->Hq / Hkv;
+    a->scale = opts->scale != 0.0f ? opts->scale : (float)(1.0 / sqrt((double)D));
+    a->softcap = opts->softcap;
+    a->causal = opts->causal != 0;
+    /* a window wider than every sequence is no window; clamping here keeps
+       position arithmetic (p ± window) far from int64 overflow */
+    a->window_left = opts->window_left > Sq + Sk ? -1 : opts->window_left;
+    a->window_right = opts->window_right > Sq + Sk ? -1 : opts->window_right;
+    a->alibi = opts->alibi_slopes;
+    a->bias = NULL;
+}
+
 /* Everything a forward call checks; out_written says whether out is the
    call's output (then it must not overlap itself) or an input (backward). */
 static qkv_status check_attn(qkv_ctx *ctx, const qkv_tensor *q,
@@ -152,30 +188,9 @@ static qkv_status check_attn(qkv_ctx *ctx, const qkv_tensor *q,
     if (out_written && (st = check_no_overlap(ctx, out, "out")))
         return st;
 
-    /* options */
-    if (!isfinite(opts->scale))
-        FAIL(QKV_ERR_ARG, "opts->scale = %g must be finite (0 = 1/sqrt(head_dim))", opts->scale);
-    if (!(opts->softcap >= 0.0f) || isinf(opts->softcap))
-        FAIL(QKV_ERR_ARG, "opts->softcap = %g must be finite and >= 0 (0 = off)", opts->softcap);
-    if (opts->window_left < -1)
-        FAIL(QKV_ERR_ARG, "opts->window_left = %lld must be >= -1 (-1 = unbounded)",
-             (long long)opts->window_left);
-    if (opts->window_right < -1)
-        FAIL(QKV_ERR_ARG, "opts->window_right = %lld must be >= -1 (-1 = unbounded)",
-             (long long)opts->window_right);
-
-    a->dt = q->dtype;
-    a->B = B; a->Sq = Sq; a->Sk = Sk; a->Hq = Hq; a->Hkv = Hkv; a->D = D; a->Dv = Dv;
-    a->group = Hq / Hkv;
-    a->scale = opts->scale != 0.0f ? opts->scale : (float)(1.0 / sqrt((double)D));
-    a->softcap = opts->softcap;
-    a->causal = opts->causal != 0;
-    /* a window wider than every sequence is no window; clamping here keeps
-       position arithmetic (p ± window) far from int64 overflow */
-    a->window_left = opts->window_left > Sq + Sk ? -1 : opts->window_left;
-    a->window_right = opts->window_right > Sq + Sk ? -1 : opts->window_right;
-    a->alibi = opts->alibi_slopes;
-    a->bias = NULL;
+    if ((st = check_opts(ctx, opts)))
+        return st;
+    fill_attn(a, q, opts, Sk, Hkv, Dv);
     a->q = q; a->k = k; a->v = v; a->out = out; a->lse = lse;
 
     a->varlen = opts->cu_seqlens_q || opts->cu_seqlens_k;
@@ -424,5 +439,55 @@ qkv_status qkv__attn_check_dbias(qkv_ctx *ctx, const qkv__attn *a, qkv__grads *g
     if (lo < lhi && llo < hi)
         FAIL(QKV_ERR_ARG, "dbias and lse share memory (an output must not overwrite an input)");
     g->dbias = dbias;
+    return QKV_OK;
+}
+
+/* ---- attention from a KV cache (decode.c) --------------------------------- */
+
+qkv_status qkv__check_tensor(qkv_ctx *ctx, const qkv_tensor *t, const char *name)
+{
+    return check_view(ctx, t, name);
+}
+
+qkv_status qkv__attn_check_cache(qkv_ctx *ctx, const qkv_tensor *q, const qkv_attn_opts *opts,
+        const qkv_tensor *out, float *lse, int64_t Smax, int64_t Hkv, int64_t D, int64_t Dv,
+        const char *keys, qkv__attn *a)
+{
+    qkv_status st;
+    if ((st = check_view(ctx, q, "q")) || (st = check_view(ctx, out, "out")))
+        return st;
+    if (!opts)
+        FAIL(QKV_ERR_NULL, "opts: NULL (use qkv_attn_opts_default())");
+    if (out->dtype != q->dtype)
+        FAIL(QKV_ERR_DTYPE, "out->dtype differs from q->dtype (q and out share one dtype)");
+    const int64_t B = q->shape[0], Sq = q->shape[1], Hq = q->shape[2];
+    if (q->shape[3] != D)
+        FAIL(QKV_ERR_SHAPE, "q->shape[3] = %lld differs from the head_dim of %s = %lld",
+             (long long)q->shape[3], keys, (long long)D);
+    if (Hq % Hkv != 0)
+        FAIL(QKV_ERR_SHAPE, "%s: heads_kv = %lld must divide q->shape[2] = %lld (heads_q)",
+             keys, (long long)Hkv, (long long)Hq);
+    static const char *const what[4] = { "batch", "seqlen_q", "heads_q", "head_dim_v" };
+    const int64_t want[4] = { B, Sq, Hq, Dv };
+    for (int d = 0; d < 4; d++)
+        if (out->shape[d] != want[d])
+            FAIL(QKV_ERR_SHAPE, "out->shape[%d] = %lld, want %s = %lld", d,
+                 (long long)out->shape[d], what[d], (long long)want[d]);
+    if ((st = check_no_overlap(ctx, out, "out")) || (st = check_opts(ctx, opts)))
+        return st;
+    if (opts->cu_seqlens_q || opts->cu_seqlens_k)
+        FAIL(QKV_ERR_UNSUPPORTED, "opts->cu_seqlens_q/k: packed varlen is not supported with a "
+             "KV cache (per-sequence lengths come from seqlens_k)");
+    if (opts->bias)
+        FAIL(QKV_ERR_UNSUPPORTED, "opts->bias: not supported with a KV cache");
+    int64_t rows, bytes;
+    if (__builtin_mul_overflow(B, Hq, &rows) || __builtin_mul_overflow(rows, Sq, &rows) ||
+        __builtin_mul_overflow(rows, (int64_t)sizeof(float), &bytes))
+        FAIL(QKV_ERR_OVERFLOW, "lse: batch x heads_q x seqlen_q overflows");
+    fill_attn(a, q, opts, Smax, Hkv, Dv);
+    a->varlen = 0;
+    a->cu_q = a->cu_k = NULL;
+    a->n_seqs = B;
+    a->q = q; a->k = a->v = NULL; a->out = out; a->lse = lse;
     return QKV_OK;
 }

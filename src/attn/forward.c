@@ -117,7 +117,7 @@ static int use_bf16(const qkv__kernels *kn, const qkv__attn *a)
 /* The tile's queries as pairs along d: qp[x/2][r] holds row r's q[x] in
    its low half and q[x+1] in its high half; zero past D and in the padding
    rows m..mpad. */
-static void load_q_pairs(const qkv__attn *a, const qkv__seq *s, const qkv__tile_map *tm,
+void qkv__load_q_pairs(const qkv__attn *a, const qkv__seq *s, const qkv__tile_map *tm,
                          int m, int mpad, int64_t R, uint32_t *qp)
 {
     const qkv_tensor *q = a->q;
@@ -198,7 +198,7 @@ static void fwd_task(void *arg, int64_t task, int worker)
     if (bf_rows)
         qkv__tile_rows_bf16(a->q, &s, &tm, m, D, q_rows);
     else if (bf)
-        load_q_pairs(a, &s, &tm, m, mpad, R, tl.qp);
+        qkv__load_q_pairs(a, &s, &tm, m, mpad, R, tl.qp);
     else {
         for (int r = 0; r < m; r++) {
             const int64_t h = tm.h0 + r / tm.mp, i = s.q0 + tm.i0 + r % tm.mp;

@@ -54,6 +54,12 @@ void qkv__key_range(const qkv__attn *a, const qkv__seq *s, int64_t i,
 void qkv__score_mods(const qkv__attn *a, const qkv__seq *s, const qkv__tile_map *tm,
                      int m, int64_t j0, int n, int band, float *st, int64_t ld, float *dcap);
 
+/* The tile's m bf16 queries (of a->q) as pairs along d for qk_bf16:
+   qp[x/2][r] holds row r's q[x] low and q[x+1] high, zero past D and in
+   rows m..mpad; row stride R (forward.c). */
+void qkv__load_q_pairs(const qkv__attn *a, const qkv__seq *s, const qkv__tile_map *tm,
+                       int m, int mpad, int64_t R, uint32_t *qp);
+
 /* Prefetches the row `ahead` rows (dim 1) after element offset off. */
 void qkv__prefetch_row(const qkv_tensor *t, int64_t off, int64_t ahead, int64_t cols);
 

@@ -87,6 +87,34 @@ typedef struct qkv__kernels {
        three gradient products, their operands laid out as they come. */
     void (*mm_bf16)(int m, int np, int n, const uint32_t *a, int64_t asi, int64_t asj,
                     const uint32_t *b, int64_t ldb, float *acc, int64_t lda);
+    /* ---- decode: a few query rows against many keys (NULL where the CPU
+       has no bf16 dot) -------------------------------------------------- */
+
+    /* The scores of qk_bf16_rows, st[j][i] for j < n, i < m, computed in
+       blocks of 4 keys x 4 queries whose 16 dot products are reduced
+       together (only the last n % 4 keys are reduced one by one); q must
+       be readable up to row round_up(m, 4). Splitting the keys into calls
+       of multiples of 4 gives the same bits. */
+    void (*qk_bf16_dec)(int n, int m, int dp, float scale, const uint16_t *k, int64_t ldk,
+                        const uint16_t *q, int64_t ldq, float *st, int64_t ldst);
+
+    /* pv_bf16 with V read in place: acc[i][c] = alpha[i]·acc[i][c] +
+       Σ_jj pp[jj][i]·(v[2jj][c], v[2jj+1][c]) for i < m, c < dv, with v
+       bf16 rows [n][ldv] paired along keys on the fly (a last odd row
+       pairs with zero). Bit for bit what pv_bf16 gives on packed pairs. */
+    void (*pv_bf16_dec)(int m, int n, int dv, const uint32_t *pp, int64_t ldp,
+                        const uint16_t *v, int64_t ldv, const float *alpha,
+                        float *acc, int64_t lda);
+
+    /* The scores of qk for a few queries (decode): q [m][ldq] fp32 rows,
+       readable up to row round_up(m, 4), k [n][ldk]; blocks of 4 keys x 4
+       queries reduced together as in qk_bf16_dec (same rule for splitting
+       the keys). NULL where the set has none (the driver uses qk). */
+    void (*qk_dec)(int n, int m, int d, float scale, const float *k, int64_t ldk,
+                   const float *q, int64_t ldq, float *st, int64_t ldst);
+
+    /* dst[j] = src[j]·scale, int8 codes widened to fp32, j < n. */
+    void (*cvt_i8)(const int8_t *src, float scale, float *dst, int64_t n);
 
     /* Runs iters rounds of independent fp32 vector FMAs (a ceiling probe
        for benchmarks); returns the flops done. */

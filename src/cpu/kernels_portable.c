@@ -334,6 +334,26 @@ static void cvt_bf16(const uint16_t *src, float *dst, int64_t n)
     }
 }
 
+typedef int8_t vc __attribute__((vector_size(QKV_VW)));
+typedef int16_t vs16 __attribute__((vector_size(QKV_VW * 2)));
+
+/* int8 cache rows: codes times their row's scale. */
+static void cvt_i8(const int8_t *src, float scale, float *dst, int64_t n)
+{
+    const vf s = vset1(scale);
+    int64_t j = 0;
+    for (; j + VW <= n; j += VW) {
+        vc c;
+        memcpy(&c, src + j, sizeof c);
+        /* through int16 and int32: GCC widens a step at a time in vector
+           registers, where a direct int8 -> float conversion goes scalar */
+        const vi w = __builtin_convertvector(__builtin_convertvector(c, vs16), vi);
+        vstore(dst + j, __builtin_convertvector(w, vf) * s);
+    }
+    for (; j < n; j++)
+        dst[j] = (float)src[j] * scale;
+}
+
 /* ---- fp32 -> fp16 / bf16, rounded to nearest even ------------------------- */
 
 /* The bit recipes of src/core/convert.c, lane by lane, without branches:
@@ -382,6 +402,112 @@ typedef uint16_t vh_out __attribute__((vector_size(QKV_VW * 2)));
     }
 STORE_HALF(store_f16, f32_to_f16_bits)
 STORE_HALF(store_bf16, f32_to_bf16_bits)
+
+/* ---- decode scores, fp32: 4 keys x 4 queries reduced together ------------- */
+
+#if defined(__AVX512F__) && QKV_VW == 16
+#include <immintrin.h>
+#define QKV_HAVE_DEC_F32 1
+
+/* Sum of lanes of v[0..15] into lane L of one vector (L = 4·key + query):
+   pairs of vectors add their interleaved halves, then pairs of those,
+   then the four 128-bit blocks; 15 adds and 30 shuffles instead of 16
+   full horizontal sums. */
+static inline __m512 reduce16(const __m512 *v)
+{
+    __m512 a[8], b[4];
+    for (int t = 0; t < 8; t++)
+        a[t] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * t], v[2 * t + 1]),
+                             _mm512_unpackhi_ps(v[2 * t], v[2 * t + 1]));
+    for (int t = 0; t < 4; t++) {
+        __m512d x = _mm512_castps_pd(a[2 * t]), y = _mm512_castps_pd(a[2 * t + 1]);
+        b[t] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
+                             _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+    }
+    /* b[t] holds sources 4t..4t+3 in each 128-bit block: add the blocks */
+    __m512 x01 = _mm512_add_ps(_mm512_shuffle_f32x4(b[0], b[1], 0x44),
+                               _mm512_shuffle_f32x4(b[0], b[1], 0xee));
+    __m512 x23 = _mm512_add_ps(_mm512_shuffle_f32x4(b[2], b[3], 0x44),
+                               _mm512_shuffle_f32x4(b[2], b[3], 0xee));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(x01, x23, 0x88),
+                         _mm512_shuffle_f32x4(x01, x23, 0xdd));
+}
+
+/* The 4 keys x 4 queries of s (lane 4·key + query) into st rows 0..3,
+   the queries `live` only. */
+static inline void store4x4(__m512 s, __mmask16 live, float *st, int64_t ldst)
+{
+    _mm_mask_storeu_ps(st, live, _mm512_extractf32x4_ps(s, 0));
+    _mm_mask_storeu_ps(st + ldst, live, _mm512_extractf32x4_ps(s, 1));
+    _mm_mask_storeu_ps(st + 2 * ldst, live, _mm512_extractf32x4_ps(s, 2));
+    _mm_mask_storeu_ps(st + 3 * ldst, live, _mm512_extractf32x4_ps(s, 3));
+}
+
+/* c + a·b per lane: fp32 values, or (bf) pairs of bf16 values along the
+   reduction (vdpbf16ps, on sets that have it). */
+static inline __attribute__((always_inline))
+__m512 dot_step(const int bf, __m512 c, __m512i a, __m512i b)
+{
+#ifdef __AVX512BF16__
+    if (bf)
+        return _mm512_dpbf16_ps(c, (__m512bh)a, (__m512bh)b);
+#endif
+    return _mm512_fmadd_ps(_mm512_castsi512_ps(a), _mm512_castsi512_ps(b), c);
+}
+
+/* Scores of n keys by m queries in blocks of 4 keys x 4 queries, rows of
+   len 32-bit lanes (fp32 values, or bf16 pairs when bf) ldk / ldq bytes
+   apart; the last n % 4 keys one sum at a time. q is readable up to row
+   round_up(m, 4); only the m columns of st are written. */
+static inline __attribute__((always_inline))
+void qk_dec_blocks(const int bf, int n, int m, int len, float scale, const char *k,
+                   int64_t ldk, const char *q, int64_t ldq, float *st, int64_t ldst)
+{
+    const int full = len - len % VW;
+    const __mmask16 tail = (__mmask16)((1u << (len - full)) - 1);
+    const __m512 sc = _mm512_set1_ps(scale);
+    for (int i = 0; i < m; i += 4) {
+        const __mmask16 live = (__mmask16)(m - i >= 4 ? 0xf : (1u << (m - i)) - 1);
+        const char *q0 = q + i * ldq;
+        int j = 0;
+        for (; j + 4 <= n; j += 4) {
+            __m512 c[16];
+            for (int t = 0; t < 16; t++)
+                c[t] = _mm512_setzero_ps();
+            const char *k0 = k + j * ldk;
+            for (int x = 0; x < full + (tail ? VW : 0); x += VW) {
+                const __mmask16 mk = x < full ? (__mmask16)0xffff : tail;
+                __m512i kv[4], qv[4];
+                for (int e = 0; e < 4; e++) {
+                    kv[e] = _mm512_maskz_loadu_epi32(mk, k0 + e * ldk + 4 * x);
+                    qv[e] = _mm512_maskz_loadu_epi32(mk, q0 + e * ldq + 4 * x);
+                }
+                for (int e = 0; e < 4; e++)
+                    for (int r = 0; r < 4; r++)
+                        c[4 * e + r] = dot_step(bf, c[4 * e + r], kv[e], qv[r]);
+            }
+            store4x4(_mm512_mul_ps(reduce16(c), sc), live, st + j * ldst + i, ldst);
+        }
+        for (; j < n; j++)
+            for (int r = 0; r < 4 && i + r < m; r++) {
+                __m512 c = _mm512_setzero_ps();
+                for (int x = 0; x < full + (tail ? VW : 0); x += VW) {
+                    const __mmask16 mk = x < full ? (__mmask16)0xffff : tail;
+                    c = dot_step(bf, c, _mm512_maskz_loadu_epi32(mk, k + j * ldk + 4 * x),
+                                 _mm512_maskz_loadu_epi32(mk, q0 + r * ldq + 4 * x));
+                }
+                st[j * ldst + i + r] = _mm512_reduce_add_ps(c) * scale;
+            }
+    }
+}
+
+static void qk_f32_dec(int n, int m, int d, float scale, const float *k, int64_t ldk,
+                       const float *q, int64_t ldq, float *st, int64_t ldst)
+{
+    qk_dec_blocks(0, n, m, d, scale, (const char *)k, ldk * 4, (const char *)q, ldq * 4, st,
+                  ldst);
+}
+#endif
 
 /* ---- bf16 dot products (vdpbf16ps) --------------------------------------- */
 
@@ -582,6 +708,77 @@ static void mm_bf16(int m, int np, int dv, const uint32_t *pp, int64_t psi, int6
     for (; i < m; i++)
         PVB_COLS(1, psi, psj, NULL);
 }
+/* ---- decode: few queries, keys and values read in place ------------------- */
+
+static void qk_bf16_dec(int n, int m, int dp, float scale, const uint16_t *k, int64_t ldk,
+                        const uint16_t *q, int64_t ldq, float *st, int64_t ldst)
+{
+    qk_dec_blocks(1, n, m, dp, scale, (const char *)k, ldk * 2, (const char *)q, ldq * 2, st,
+                  ldst);
+}
+
+/* Word indices that interleave two rows of 32 bf16 into pairs: the low
+   16 pairs (columns c..c+15) and the high 16 (c+16..c+31); index 32 + t
+   is word t of the second row. */
+static const int16_t pair_lo[32] = {
+    0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+    8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47 };
+static const int16_t pair_hi[32] = {
+    16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+    24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63 };
+
+/* rows of acc x 32 columns (the ones past dv masked) over all pairs. */
+static inline __attribute__((always_inline))
+void pvd_block(const int rows, int n, int cols, const uint32_t *pp, int64_t ldp,
+               const uint16_t *v, int64_t ldv, const float *alpha, float *acc, int64_t lda,
+               __m512i ilo, __m512i ihi)
+{
+    const __mmask32 mw = cols >= 32 ? 0xffffffffu : (__mmask32)((1ull << cols) - 1);
+    const __mmask16 m0 = cols >= 16 ? 0xffff : (__mmask16)((1u << cols) - 1);
+    const __mmask16 m1 = cols >= 32 ? 0xffff : cols > 16 ? (__mmask16)((1u << (cols - 16)) - 1) : 0;
+    vf c[MR][2];
+    for (int r = 0; r < rows; r++) {
+        vf s = vset1(alpha[r]);
+        c[r][0] = (vf)_mm512_maskz_loadu_ps(m0, acc + r * lda) * s;
+        c[r][1] = (vf)_mm512_maskz_loadu_ps(m1, acc + r * lda + VW) * s;
+    }
+    for (int jj = 0; 2 * jj < n; jj++) {
+        const __m512i a = _mm512_maskz_loadu_epi16(mw, v + 2 * jj * ldv);
+        const __m512i b = 2 * jj + 1 < n ? _mm512_maskz_loadu_epi16(mw, v + (2 * jj + 1) * ldv)
+                                         : _mm512_setzero_si512();
+        const __m512i b0 = _mm512_permutex2var_epi16(a, ilo, b);
+        const __m512i b1 = _mm512_permutex2var_epi16(a, ihi, b);
+        for (int r = 0; r < rows; r++) {
+            __m512i p = _mm512_set1_epi32((int)pp[jj * ldp + r]);
+            c[r][0] = dot2(c[r][0], p, b0);
+            c[r][1] = dot2(c[r][1], p, b1);
+        }
+    }
+    for (int r = 0; r < rows; r++) {
+        _mm512_mask_storeu_ps(acc + r * lda, m0, (__m512)c[r][0]);
+        _mm512_mask_storeu_ps(acc + r * lda + VW, m1, (__m512)c[r][1]);
+    }
+}
+
+static void pv_bf16_dec(int m, int n, int dv, const uint32_t *pp, int64_t ldp,
+                        const uint16_t *v, int64_t ldv, const float *alpha,
+                        float *acc, int64_t lda)
+{
+    const __m512i ilo = _mm512_loadu_si512(pair_lo), ihi = _mm512_loadu_si512(pair_hi);
+    for (int c0 = 0; c0 < dv; c0 += 2 * VW) {
+        const int cols = dv - c0 < 2 * VW ? dv - c0 : 2 * VW;
+        int i = 0;
+        for (; i + MR <= m; i += MR)
+            pvd_block(MR, n, cols, pp + i, ldp, v + c0, ldv, alpha + i, acc + i * lda + c0,
+                      lda, ilo, ihi);
+        for (; i + 4 <= m; i += 4)
+            pvd_block(4, n, cols, pp + i, ldp, v + c0, ldv, alpha + i, acc + i * lda + c0,
+                      lda, ilo, ihi);
+        for (; i < m; i++)
+            pvd_block(1, n, cols, pp + i, ldp, v + c0, ldv, alpha + i, acc + i * lda + c0,
+                      lda, ilo, ihi);
+    }
+}
 #endif /* __AVX512BF16__ */
 
 /* dst[c] = a[c] | b[c] << 16, c < n: two bf16 rows interleaved into pairs
@@ -630,6 +827,12 @@ void QKV_KERNEL_TABLE(qkv__kernels *t)
     t->exp_cols = exp_cols;
     t->cvt_f16 = cvt_f16;
     t->cvt_bf16 = cvt_bf16;
+    t->cvt_i8 = cvt_i8;
+#ifdef QKV_HAVE_DEC_F32
+    t->qk_dec = qk_f32_dec;
+#else
+    t->qk_dec = NULL;
+#endif
     t->fma_probe = fma_probe;
     t->pack_pairs = pack_pairs;
     t->store_f16 = store_f16;
@@ -640,11 +843,15 @@ void QKV_KERNEL_TABLE(qkv__kernels *t)
     t->exp_pack_bf16 = exp_pack_bf16;
     t->pv_bf16 = pv_bf16;
     t->mm_bf16 = mm_bf16;
+    t->qk_bf16_dec = qk_bf16_dec;
+    t->pv_bf16_dec = pv_bf16_dec;
 #else
     t->qk_bf16 = NULL;
     t->qk_bf16_rows = NULL;
     t->exp_pack_bf16 = NULL;
     t->pv_bf16 = NULL;
     t->mm_bf16 = NULL;
+    t->qk_bf16_dec = NULL;
+    t->pv_bf16_dec = NULL;
 #endif
 }

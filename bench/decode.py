@@ -1,0 +1,456 @@
+#!/usr/bin/env python3
+"""Decode benchmark: qkv's KV-cache attention against the machine's memory
+bandwidth and its peers, one process.
+
+Each row is a decoding step: Sq new queries per sequence against a cache of
+Sk positions (Hq query heads sharing Hkv kv heads). qkv runs
+qkv_attention_kvcache on torch's [B,Hkv,Sk,D] cache tensors (strided views,
+the same memory torch reads), qkv_attention_paged on a paged copy of that
+cache (blocks of 16 positions in shuffled order, written by
+qkv_paged_append; int8 with per-row scales in the last column), and
+qkv_attention_forward with the same tensors (the prefill kernel, for
+comparison); torch runs scaled_dot_product_attention with a [B,Hq,Sq,D]
+query. Every output is checked against a float64 reference before it is
+timed. The memory bandwidth is qkv_peak_bandwidth (a STREAM triad on the
+same threads), measured before and after the rows; the higher is quoted.
+
+    python bench/decode.py --lib build/libqkv.so [--shapes B,Sq,Sk,Hq,Hkv,D ...]
+        [--dtypes bf16,f32] [--threads N] [--no-varlen] [--write-doc]
+
+A last line times packed variable-length prefill (cu_seqlens) against the
+same sequences in separate calls and against one padded batch.
+
+--write-doc rewrites the section between <!-- decode:begin --> and
+<!-- decode:end --> in docs/PERFORMANCE.md.
+"""
+import argparse
+import ctypes
+import datetime
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench  # noqa: E402  (the forward benchmark: bindings, timing, reference)
+from bench import (QKV_DTYPE, TORCH_DTYPE, Qkv, QkvOpts, QkvTensor, Shape,  # noqa: E402
+                   fmt_ms, fmt_x, measure, wrap)
+
+import torch  # noqa: E402
+
+DOC = bench.DOC
+BEGIN, END = "<!-- decode:begin -->", "<!-- decode:end -->"
+KV_I8 = 16                 # QKV_KV_I8 in qkv.h
+BLOCK = 16                 # positions per block of the paged rows
+ROUNDS = 9                 # timing rounds per row
+MIN_ROUND_S = 0.005        # short calls repeat within a round to last this long
+L3_NOTE = "fits the L3 cache"
+
+DEFAULT = [bench.S(x) for x in (
+    "1,1,8192,32,8,128",     # 32 MiB of bf16 K+V: the size of this machine's L3
+    "1,1,32768,32,8,128",
+    "8,1,8192,32,8,128",
+    "8,1,16384,32,8,128",
+    "1,4,32768,32,8,128",    # speculative decoding: 4 queries per sequence
+)]
+
+
+class PagedCache(ctypes.Structure):
+    _fields_ = [("k", ctypes.c_void_p), ("v", ctypes.c_void_p),
+                ("k_scale", ctypes.c_void_p), ("v_scale", ctypes.c_void_p),
+                ("dtype", ctypes.c_int), ("n_blocks", ctypes.c_int64),
+                ("block_size", ctypes.c_int64), ("heads_kv", ctypes.c_int64),
+                ("head_dim", ctypes.c_int64), ("head_dim_v", ctypes.c_int64)]
+
+
+def bind(qkv):
+    """The decode entry points of qkv.h on qkv's library."""
+    P, T = ctypes.POINTER, ctypes.POINTER(QkvTensor)
+    i32 = P(ctypes.c_int32)
+    sig = {
+        "qkv_attention_kvcache": ([ctypes.c_void_p, T, T, T, i32, P(QkvOpts), T,
+                                   P(ctypes.c_float)], ctypes.c_int),
+        "qkv_attention_paged": ([ctypes.c_void_p, T, P(PagedCache), i32, ctypes.c_int64, i32,
+                                 P(QkvOpts), T, P(ctypes.c_float)], ctypes.c_int),
+        "qkv_paged_append": ([ctypes.c_void_p, P(PagedCache), i32, ctypes.c_int64, i32, T, T],
+                             ctypes.c_int),
+        "qkv_peak_bandwidth": ([ctypes.c_void_p], ctypes.c_double),
+    }
+    for name, (args, res) in sig.items():
+        fn = getattr(qkv.lib, name)
+        fn.argtypes, fn.restype = args, res
+
+
+def check(qkv, st):
+    if st:
+        raise RuntimeError(f"{qkv.lib.qkv_status_string(st).decode()}: "
+                           f"{qkv.lib.qkv_ctx_last_error(qkv.ctx).decode()}")
+
+
+def i32p(t):
+    return ctypes.cast(t.data_ptr(), ctypes.POINTER(ctypes.c_int32))
+
+
+def paged_copy(qkv, shape, dtype, k, v, int8):
+    """A paged cache holding k, v ([B,Hkv,Sk,D] torch tensors) in shuffled
+    blocks, written by qkv_paged_append; returns what must stay alive."""
+    nb = -(-shape.Sk // BLOCK)
+    n_blocks = shape.B * nb
+    perm = torch.randperm(n_blocks, generator=torch.Generator().manual_seed(7))
+    table = perm.to(torch.int32).reshape(shape.B, nb).contiguous()
+    kdt = torch.int8 if int8 else TORCH_DTYPE[dtype]
+    pk = torch.empty(n_blocks, BLOCK, shape.Hkv, shape.D, dtype=kdt)
+    pv = torch.empty_like(pk)
+    ks = vs = None
+    c = PagedCache()
+    c.k, c.v = pk.data_ptr(), pv.data_ptr()
+    if int8:
+        ks = torch.empty(n_blocks, BLOCK, shape.Hkv)
+        vs = torch.empty_like(ks)
+        c.k_scale, c.v_scale = ks.data_ptr(), vs.data_ptr()
+    c.dtype = KV_I8 if int8 else QKV_DTYPE[dtype]
+    c.n_blocks, c.block_size, c.heads_kv = n_blocks, BLOCK, shape.Hkv
+    c.head_dim = c.head_dim_v = shape.D
+    zero = torch.zeros(shape.B, dtype=torch.int32)
+    kn, vn = qkv.view(k, dtype), qkv.view(v, dtype)
+    check(qkv, qkv.lib.qkv_paged_append(qkv.ctx, ctypes.byref(c), i32p(table), nb, i32p(zero),
+                                        ctypes.byref(kn), ctypes.byref(vn)))
+    return c, table, (pk, pv, ks, vs)
+
+
+def rows_for(qkv, shape, dtype, reps):
+    gen = torch.Generator().manual_seed(11)
+    tdt = TORCH_DTYPE[dtype]
+    q = torch.randn(shape.B, shape.Hq, shape.Sq, shape.D, generator=gen).to(tdt)
+    k = torch.randn(shape.B, shape.Hkv, shape.Sk, shape.D, generator=gen).to(tdt)
+    v = torch.randn(shape.B, shape.Hkv, shape.Sk, shape.D, generator=gen).to(tdt)
+    causal = shape.Sq > 1          # new queries see the cache and each other
+    cshape = Shape(shape.B, shape.Sq, shape.Sk, shape.Hq, shape.Hkv, shape.D, causal)
+    ref = bench.reference(cshape, q, k, v)
+    limit = bench.bound(dtype, v)
+    error = lambda got: bench.max_error(cshape, got, ref)
+    lens = torch.full((shape.B,), shape.Sk, dtype=torch.int32)
+    opts = qkv.lib.qkv_attn_opts_default()
+    opts.causal = int(causal)
+    preps = {}
+
+    def prep_kvcache():
+        out = torch.empty_like(q)
+        views = [qkv.view(t, dtype) for t in (q, k, v, out)]
+        args = (qkv.ctx, *(ctypes.byref(x) for x in views[:3]), i32p(lens), ctypes.byref(opts),
+                ctypes.byref(views[3]), None)
+        return qkv.runner(qkv.lib.qkv_attention_kvcache, args, (q, k, v, out, lens)), lambda: out
+    preps["kvcache"] = prep_kvcache
+
+    def paged(int8):
+        def prep():
+            c, table, keep = paged_copy(qkv, cshape, dtype, k, v, int8)
+            out = torch.empty_like(q)
+            qv, ov = qkv.view(q, dtype), qkv.view(out, dtype)
+            args = (qkv.ctx, ctypes.byref(qv), ctypes.byref(c), i32p(table), table.shape[1],
+                    i32p(lens), ctypes.byref(opts), ctypes.byref(ov), None)
+            return qkv.runner(qkv.lib.qkv_attention_paged, args, (q, out, table, lens, keep, c)), \
+                lambda: out
+        return prep
+    preps["paged"], preps["paged_i8"] = paged(False), paged(True)
+
+    def prep_forward():
+        out = torch.empty_like(q)
+        return qkv.call(qkv.lib.qkv_attention_forward, q, k, v, out, dtype, causal), lambda: out
+    preps["forward"] = prep_forward
+    # int8 rounds each element by up to 1/254 of its row's largest
+    # magnitude: its bound is bf16's
+    limits = {key: 3e-2 if key == "paged_i8" else limit for key in preps}
+    res = interleaved(preps, error, limits, reps)
+    # torch last and on its own: its OpenMP workers keep spinning for a
+    # while after a call, which would slow whatever ran next
+    res["sdpa"] = measure(lambda: bench.prep_sdpa(cshape, dtype, q, k, v), error, limit, reps)
+    time.sleep(0.3)      # ... and the next row's
+    return res
+
+
+def interleaved(preps, error, limits, reps):
+    """Checks each implementation (as bench.measure does), then times them
+    in rounds, one run of each per round in rotating order, so that load
+    from other processes falls on all of them alike; medians per
+    implementation."""
+    res, runs, batch = {}, {}, {}
+    for key, prep in preps.items():
+        r = res[key] = bench.Result()
+        try:
+            run, result = prep()
+            t0 = time.perf_counter()
+            run()                                    # warm-up, and the checked output
+            batch[key] = max(1, int(MIN_ROUND_S / max(time.perf_counter() - t0, 1e-6)))
+            r.err = error(result())
+            r.bad = not r.err <= limits[key]
+            if r.bad:
+                r.note = f"error {r.err:.2g} over the bound {limits[key]:.2g}"
+            runs[key] = run
+        except Exception as e:  # noqa: BLE001 - a failing implementation gets n/a
+            first = str(e).strip().splitlines()[0][:120] if str(e).strip() else ""
+            r.note = f"{type(e).__name__}: {first}"
+    times = {key: [] for key in runs}
+    keys = list(runs)
+    for n in range(reps or ROUNDS):
+        for key in keys[n % len(keys):] + keys[:n % len(keys)]:
+            t0 = time.perf_counter()
+            for _ in range(batch[key]):
+                runs[key]()
+            times[key].append((time.perf_counter() - t0) / batch[key])
+    for key in keys:
+        res[key].ms = statistics.median(times[key]) * 1e3
+    return res
+
+
+# ---- packed variable-length prefill ------------------------------------------
+
+VARLEN = (1500, 37, 800, 2048, 5, 300, 1024, 129)   # lengths of the packed sequences
+VARLEN_HEADS = (16, 4, 128)                         # Hq, Hkv, D
+
+
+def tensor(t, dtype):
+    """A contiguous torch [B,S,H,D] tensor as a qkv view."""
+    v = QkvTensor()
+    v.data, v.dtype = t.data_ptr(), QKV_DTYPE[dtype]
+    v.shape[:] = list(t.shape)
+    v.stride[:] = list(t.stride())
+    return v
+
+
+def varlen_row(qkv, dtype, reps):
+    """Causal prefill of VARLEN packed through cu_seqlens, against the same
+    sequences one call each and against one padded batch: packed should
+    cost the sum of its sequences, not B times the longest."""
+    Hq, Hkv, D = VARLEN_HEADS
+    tdt = TORCH_DTYPE[dtype]
+    gen = torch.Generator().manual_seed(5)
+    total = sum(VARLEN)
+    q = torch.randn(1, total, Hq, D, generator=gen).to(tdt)
+    k = torch.randn(1, total, Hkv, D, generator=gen).to(tdt)
+    v = torch.randn(1, total, Hkv, D, generator=gen).to(tdt)
+    out = torch.empty_like(q)
+    cu = torch.tensor([0, *torch.tensor(VARLEN).cumsum(0).tolist()], dtype=torch.int32)
+
+    def call(opts, views):
+        args = (qkv.ctx, *(ctypes.byref(x) for x in views[:3]), ctypes.byref(opts),
+                ctypes.byref(views[3]), None)
+        return qkv.runner(qkv.lib.qkv_attention_forward, args, (q, k, v, out, cu, opts))
+
+    opts = qkv.lib.qkv_attn_opts_default()
+    opts.causal = 1
+    opts.cu_seqlens_q = opts.cu_seqlens_k = cu.data_ptr()
+    opts.n_seqs = len(VARLEN)
+    packed = call(opts, [tensor(t, dtype) for t in (q, k, v, out)])
+    plain = qkv.lib.qkv_attn_opts_default()
+    plain.causal = 1
+    singles = []
+    for s in range(len(VARLEN)):
+        a, b = int(cu[s]), int(cu[s + 1])
+        singles.append(call(plain, [tensor(t[:, a:b], dtype) for t in (q, k, v, out)]))
+    n, S = len(VARLEN), max(VARLEN)
+    pq = torch.zeros(n, S, Hq, D, dtype=tdt)
+    pk = torch.zeros(n, S, Hkv, D, dtype=tdt)
+    po = torch.empty_like(pq)
+    padded = call(plain, [tensor(t, dtype) for t in (pq, pk, pk, po)])
+    for run in (packed, padded, *singles):
+        run()                                                       # warm-up
+    ms = {"packed": bench.time_ms(packed, reps), "padded": bench.time_ms(padded, reps),
+          "separate": sum(bench.time_ms(r, reps) for r in singles)}
+    return ms
+
+
+def kv_bytes(shape, dtype, int8=False):
+    if int8:       # codes, plus one fp32 scale per row of K and of V
+        return 2 * shape.B * shape.Hkv * shape.Sk * (shape.D + 4)
+    return shape.kv_bytes(dtype)
+
+
+def cache_note(shape, dtype, l3):
+    return f" ({L3_NOTE})" if l3 and kv_bytes(shape, dtype) <= l3 else ""
+
+
+def l3_bytes():
+    try:
+        with open("/sys/devices/system/cpu/cpu0/cache/index3/size") as f:
+            s = f.read().strip()
+        return int(s[:-1]) * {"K": 1 << 10, "M": 1 << 20}[s[-1]]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+COLS = ("kvcache", "paged", "paged_i8", "forward", "sdpa")
+TITLE = {"kvcache": "qkv kvcache", "paged": "qkv paged", "paged_i8": "qkv paged int8",
+         "forward": "qkv forward", "sdpa": "torch SDPA"}
+
+
+def cell(res, key, base):
+    r = res[key]
+    if r.ms is None:
+        return "n/a"
+    if r.bad:
+        return fmt_ms(r.ms) + " (err!)"
+    if key == "kvcache" or base.ms is None or base.bad:
+        return fmt_ms(r.ms)
+    return f"{fmt_ms(r.ms)} ({fmt_x(r.ms / base.ms)})"
+
+
+def gbs(shape, dtype, r, int8=False):
+    return kv_bytes(shape, dtype, int8) / r.ms / 1e6 if r.ms and not r.bad else None
+
+
+def markdown(meta, rows, bw, l3, varlen):
+    L = [BEGIN,
+         "<!-- Generated by bench/decode.py --write-doc: edit the script, not this section. -->",
+         "",
+         f"### Decode beside the memory bandwidth and torch, {meta['threads']} threads "
+         f"({meta['date']})",
+         "",
+         wrap(f"Machine: {meta['model']}, {meta['cores']} cores, L3 "
+              f"{(l3 or 0) >> 20} MiB. qkv {meta['qkv']}, kernel set `{meta['isa']}`; "
+              f"STREAM triad (`qkv_peak_bandwidth`, same threads, best of the runs "
+              f"before and after the rows) {bw:.1f} GB/s. torch {meta['torch']}."),
+         "",
+         wrap(f"Command: `{meta['command']}`"
+              + (f"; other processes kept {100 * meta['other']:.0f}% of the CPUs "
+                 "busy during the run." if meta["other"] is not None else ".")),
+         "",
+         wrap("One decoding step per row: Sq new queries per sequence (causal among "
+              "themselves when Sq > 1) against a cache of Sk positions, Hq query "
+              "heads over Hkv kv heads. The caches are torch `[B,Hkv,Sk,D]` tensors; "
+              "qkv reads them in place as strided views. kvcache: "
+              "`qkv_attention_kvcache`; paged: `qkv_attention_paged` on a copy in "
+              f"blocks of {BLOCK} positions in shuffled order (written by "
+              "`qkv_paged_append`), in the row's dtype or int8 with a scale per "
+              "row; forward: `qkv_attention_forward` on the same tensors (the "
+              "prefill kernel); torch SDPA: `scaled_dot_product_attention` with a "
+              "`[B,Hq,Sq,D]` query (`enable_gqa`, an explicit bottom-right mask "
+              "when Sq > 1). Each output is checked against a float64 reference "
+              "first (bounds as above; int8 3e-2). qkv's four calls are timed in 9 "
+              "rounds that run each once (calls under 5 ms: repeated to 5 ms), in "
+              "rotating order, so that load from other processes falls on all of "
+              "them alike, and quoted as medians; torch runs afterwards, timed as "
+              "above (its OpenMP workers spin on after a call and would slow what "
+              "runs next). "
+              "GB/s is K and V bytes read per second (int8: codes and scales), "
+              "\"of triad\" its share of the triad. In brackets: time relative to "
+              "qkv kvcache (above 1× slower than it)."),
+         "",
+         "| B,Sq,Sk,Hq,Hkv,D | dtype | kvcache ms | GB/s | of triad | paged ms | "
+         "paged GB/s | paged int8 ms | forward ms | torch SDPA ms |",
+         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for shape, dtype, res in rows:
+        base = res["kvcache"]
+        g, gp = gbs(shape, dtype, base), gbs(shape, dtype, res["paged"])
+        L.append(f"| {shape.label}{cache_note(shape, dtype, l3)} | {dtype} | "
+                 f"{cell(res, 'kvcache', base)} | {f'{g:.1f}' if g else '—'} | "
+                 f"{f'{100 * g / bw:.0f}%' if g else '—'} | {cell(res, 'paged', base)} | "
+                 f"{f'{gp:.1f}' if gp else '—'} | {cell(res, 'paged_i8', base)} | "
+                 f"{cell(res, 'forward', base)} | {cell(res, 'sdpa', base)} |")
+    notes = [f"{shape.label} {dtype} {TITLE[k]}: {res[k].note}"
+             for shape, dtype, res in rows for k in COLS if res[k].note]
+    if notes:
+        L += ["", "Notes: " + "; ".join(notes) + "."]
+    worst = {}
+    for shape, dtype, res in rows:
+        for k in COLS:
+            e = res[k].err
+            if e is not None and e == e:
+                worst[k, dtype] = max(worst.get((k, dtype), 0.0), e)
+    L += ["", "Largest max-abs error against the float64 reference: "
+          + ", ".join(f"{TITLE[k]} {d} {e:.1e}" for (k, d), e in sorted(worst.items())) + "."]
+    if varlen:
+        Hq, Hkv, D = VARLEN_HEADS
+        L += ["", wrap(f"Packed variable-length prefill (`qkv_attention_forward` with "
+                       f"`cu_seqlens`, causal, bf16, Hq={Hq}, Hkv={Hkv}, D={D}, sequence "
+                       f"lengths {', '.join(map(str, VARLEN))}): packed "
+                       f"{fmt_ms(varlen['packed'])} ms, the same sequences one call each "
+                       f"{fmt_ms(varlen['separate'])} ms in total, one padded batch "
+                       f"[{len(VARLEN)}, {max(VARLEN)}] {fmt_ms(varlen['padded'])} ms.")]
+    L += [END]
+    return "\n".join(L)
+
+
+def write_doc(section):
+    with open(DOC) as f:
+        text = f.read()
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + section + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    with open(DOC, "w") as f:
+        f.write(text)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--lib", default=os.path.join(bench.ROOT, "build", "libqkv.so"))
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--shapes", nargs="+", type=bench.parse_shape, metavar="B,Sq,Sk,Hq,Hkv,D")
+    ap.add_argument("--dtypes", default="bf16,f32", help="comma list of bf16,f32,f16")
+    ap.add_argument("--reps", type=int, default=0)
+    ap.add_argument("--no-varlen", action="store_true", help="skip the packed prefill line")
+    ap.add_argument("--write-doc", action="store_true")
+    a = ap.parse_args()
+    dtypes = [d for d in a.dtypes.split(",") if d]
+    for d in dtypes:
+        if d not in TORCH_DTYPE:
+            ap.error(f"unknown dtype '{d}'")
+    if not os.path.exists(a.lib):
+        sys.exit(f"decode.py: {a.lib} not found (build it: make)")
+    threads = max(1, a.threads)
+    torch.set_num_threads(threads)
+    qkv = Qkv(a.lib, threads)
+    bind(qkv)
+    shapes = a.shapes or DEFAULT
+    # f32 doubles the bytes: the default list runs it on the first B=1 row
+    # above the L3 only
+    cases = [(s, d) for s in shapes for d in dtypes
+             if d == "bf16" or a.shapes or (s.B == 1 and s.Sq == 1 and s.Sk == 32768)]
+    l3 = l3_bytes()
+    m = bench.machine()
+    meta = dict(m, threads=threads, qkv=qkv.version, isa=qkv.isa, torch=torch.__version__,
+                python=platform.python_version(), date=datetime.date.today().isoformat(),
+                command="python bench/decode.py " + shlex.join(sys.argv[1:]))
+    other = bench.OtherLoad().start()
+    bw0 = qkv.lib.qkv_peak_bandwidth(qkv.ctx)
+    print(f"qkv {qkv.version}: kernel set {qkv.isa}, {qkv.threads} threads; "
+          f"triad {bw0:.1f} GB/s")
+    print(f"{'B,Sq,Sk,Hq,Hkv,D':<22} {'dtype':<5} | " + " | ".join(f"{TITLE[k]:>15}" for k in COLS)
+          + " | kvcache GB/s")
+    rows = []
+    for shape, dtype in cases:
+        res = rows_for(qkv, shape, dtype, a.reps)
+        rows.append((shape, dtype, res))
+        g = gbs(shape, dtype, res["kvcache"])
+        print(f"{shape.label:<22} {dtype:<5} | "
+              + " | ".join(f"{cell(res, k, res['kvcache']):>15}" for k in COLS)
+              + (f" | {g:.1f}" if g else " | —"), flush=True)
+        for k in COLS:
+            if res[k].note:
+                print(f"  {TITLE[k]}: {res[k].note}")
+    varlen = None
+    if not a.no_varlen:
+        varlen = varlen_row(qkv, "bf16", a.reps)
+        print(f"packed varlen prefill {fmt_ms(varlen['packed'])} ms, separate calls "
+              f"{fmt_ms(varlen['separate'])} ms, padded batch {fmt_ms(varlen['padded'])} ms")
+    bw1 = qkv.lib.qkv_peak_bandwidth(qkv.ctx)
+    bw = max(bw0, bw1)
+    meta["other"] = other.share()
+    print(f"triad after the rows {bw1:.1f} GB/s; quoted {bw:.1f} GB/s")
+    for shape, dtype, res in rows:
+        g = gbs(shape, dtype, res["kvcache"])
+        if g:
+            print(f"{shape.label} {dtype}: {g:.1f} GB/s = {100 * g / bw:.0f}% of the triad"
+                  + cache_note(shape, dtype, l3))
+    if a.write_doc:
+        write_doc(markdown(meta, rows, bw, l3, varlen))
+        print(f"wrote {os.path.relpath(DOC)}")
+    qkv.lib.qkv_ctx_free(qkv.ctx)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,996 @@
+/*
+ * decode.c — attention from a KV cache: a few new queries per sequence
+ * (decoding, speculative verification, chunked prefill) against the cached
+ * keys of each sequence, with per-sequence cache lengths, from a contiguous
+ * cache or a paged one (block tables into pools of fixed-size blocks), and
+ * the append that writes new rows into a paged cache (int8 with per-row
+ * scales included).
+ *
+ * Both cache kinds are one description, kv_src: position p of sequence b
+ * lives in block table[b][p / bs], row p % bs; a contiguous cache is the
+ * special case of one block per sequence (no table, bs = Smax).
+ *
+ * A task is (sequence, kv heads, tile of query positions, key part): the
+ * tile stacks the positions of every query head of a group, so each K/V
+ * row is read once for the whole group; a task takes every kv head where a
+ * position's heads lie together (see the prefetch notes below). The keys
+ * are walked in tiles of BK positions counted from the first key the tile
+ * sees, with the online softmax of forward.c; a key tile that crosses
+ * block boundaries is computed run by run, or gathered where a boundary
+ * would shift the kernels' groups of keys, so a paged cache gives bitwise
+ * the contiguous cache's result. When the call has few tiles, long caches
+ * are cut into parts whose partial (max, sum, acc) states are merged in
+ * part order (split-K, "flash-decoding"); the part count depends on the
+ * problem alone, never on the thread count.
+ *
+ * Not here: the inner loops (src/cpu), validation of q, out and the
+ * options (check.c).
+ */
+#include "attn.h"
+#include "tile.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Keys per tile: the scores [BK][R] and a widened K or V tile stay in L2. */
+enum { BK = 128 };
+
+/* Where the K and V rows of the keys live. */
+typedef struct {
+    qkv_tensor     k, v;      /* [blocks, bs, Hkv, D|Dv] views (dtype unused when i8) */
+    int            i8;        /* int8 codes with scales ks/vs [blocks, bs, Hkv] */
+    int64_t        es;        /* bytes per element */
+    const float   *ks, *vs;
+    int64_t        bs;        /* positions per block */
+    int            shift;     /* log2(bs) for a table's power-of-two blocks */
+    const int32_t *table;     /* [n_seqs][max_blocks], or NULL: block b for sequence b */
+    int64_t        max_blocks;
+    const int32_t *lens;      /* [n_seqs] cached positions, or NULL: bs each */
+} kv_src;
+
+static int64_t seq_len(const kv_src *src, int64_t b)
+{
+    return src->lens ? src->lens[b] : src->bs;
+}
+
+/* Position p's block and its row in it: paged blocks are a power of two
+   long (shifts, no division); a contiguous cache is one block per
+   sequence. */
+static int64_t block_of(const kv_src *src, int64_t b, int64_t p)
+{
+    return src->table ? src->table[b * src->max_blocks + (p >> src->shift)] : b;
+}
+
+static int64_t row_in_block(const kv_src *src, int64_t p)
+{
+    return src->table ? p & (src->bs - 1) : p;
+}
+
+/* Element offset of position p's row for kv head h in view t (k or v). */
+static int64_t row_off(const kv_src *src, const qkv_tensor *t, int64_t b, int64_t p, int64_t h)
+{
+    return block_of(src, b, p) * t->stride[0] + row_in_block(src, p) * t->stride[1] +
+           h * t->stride[2];
+}
+
+/* The scale index of an int8 row: [block, row, head]. */
+static int64_t scale_idx(const kv_src *src, int64_t b, int64_t p, int64_t h, int64_t Hkv)
+{
+    return (block_of(src, b, p) * src->bs + row_in_block(src, p)) * Hkv + h;
+}
+
+/* n fp32 rows of cols elements (positions p0.., head h): in place when
+   they lie in one block as fp32 with unit inner stride, else widened or
+   dequantized into buf; *ld their stride. */
+static const float *rows_f32(const qkv__kernels *kn, const kv_src *src, int is_v, int64_t b,
+                             int64_t p0, int64_t h, int n, int64_t cols, int64_t Hkv,
+                             float *buf, int64_t *ld)
+{
+    const qkv_tensor *t = is_v ? &src->v : &src->k;
+    const int one = row_in_block(src, p0) + n <= src->bs;
+    if (!src->i8 && one)
+        return qkv__tile_rows_f32(kn, t, row_off(src, t, b, p0, h), n, cols, buf, ld);
+    const float *sc = is_v ? src->vs : src->ks;
+    for (int c = 0; c < n; c++) {
+        const int64_t off = row_off(src, t, b, p0 + c, h);
+        if (src->i8)   /* pools are row-major: unit inner stride */
+            kn->cvt_i8((const int8_t *)t->data + off, sc[scale_idx(src, b, p0 + c, h, Hkv)],
+                       buf + c * cols, cols);
+        else
+            qkv__load_row(kn, t, off, t->stride[3], cols, buf + c * cols);
+    }
+    *ld = cols;
+    return buf;
+}
+
+/* Decode reads each K/V row once. In [S, Hkv, D] caches (and paged
+   pools) a head's rows are 2·D bytes at a stride of Hkv rows: too sparse
+   for the hardware's stream prefetchers, and on virtual machines every
+   strided page costs a nested page walk. So a decode task takes all the kv
+   heads of its sequence, and while one head works on a key tile, its
+   share of the next tile's positions is asked for, every head of each
+   position in address order (K into L1, V into L2 for the products after
+   the softmax). Where a head's rows follow each other ([Hkv, S, D]) a
+   task takes one head, and its rows are asked for one tile ahead all the
+   same: that measured faster than leaving the stream to the hardware. */
+
+/* Asks for bytes [p, p + span) of the cache, line by line. */
+static void prefetch_span(const char *p, int64_t span, int locality)
+{
+    const uintptr_t lo = (uintptr_t)p & ~(uintptr_t)63, hi = (uintptr_t)p + (uintptr_t)span;
+    for (uintptr_t a = lo; a < hi; a += 64) {
+        if (locality == 3)
+            __builtin_prefetch((const void *)a, 0, 3);
+        else
+            __builtin_prefetch((const void *)a, 0, 2);
+    }
+}
+
+/* Prefetches the K and V rows of positions p0 .. p0+n-1 (below end) for
+   kv heads h0 .. h0+nh-1: one span per position when the heads are
+   adjacent rows, as in [S, Hkv, D] caches, else row by row. */
+static void prefetch_rows(const kv_src *src, int64_t b, int64_t h0, int64_t nh, int64_t p0,
+                          int64_t n, int64_t end, int64_t D, int64_t Dv)
+{
+    const qkv_tensor *k = &src->k, *v = &src->v;
+    if (k->stride[3] != 1 || v->stride[3] != 1)
+        return;
+    const int64_t es = src->es;
+    const int adj = k->stride[2] == D && v->stride[2] == Dv;
+    const int64_t rows = adj ? 1 : nh, kspan = (adj ? nh * D : D) * es,
+                  vspan = (adj ? nh * Dv : Dv) * es;
+    for (int64_t p = p0; p < p0 + n && p < end; p++)
+        for (int64_t e = 0; e < rows; e++) {
+            prefetch_span((const char *)k->data + row_off(src, k, b, p, h0 + e) * es, kspan, 3);
+            prefetch_span((const char *)v->data + row_off(src, v, b, p, h0 + e) * es, vspan, 2);
+        }
+}
+
+/* The rows of the next key tile still to be asked for: position p, head
+   slot e of nh, below position end. Taken a few rows at a time between
+   the kernel calls on the current tile, so the requests stream in step
+   with the arithmetic instead of stalling it in bursts. */
+typedef struct {
+    int64_t b, h0, nh, p, e, end, per_call;
+} pf_cursor;
+
+enum { CHUNK = 8 };   /* keys per kernel call between two takes */
+
+/* bf16 scores for more rows than this come from qk_bf16 (query pairs in
+   vectors, one pass over d per key for 16 rows); up to it from qk_bf16_dec
+   (dot products along d, 4 x 4 at a time), cheaper for a few rows. */
+enum { PAIRS_ROWS = 8 };
+
+/* Keys per kernel call: CHUNK while there are rows to ask for, else the
+   whole run. */
+static int chunk(const pf_cursor *pf)
+{
+    return pf->per_call ? CHUNK : BK;
+}
+
+static void pf_take(const kv_src *src, pf_cursor *c, int64_t D, int64_t Dv)
+{
+    for (int64_t t = 0; t < c->per_call && c->p < c->end; t++) {
+        prefetch_rows(src, c->b, c->h0 + c->e, 1, c->p, 1, c->end, D, Dv);
+        if (++c->e == c->nh) {
+            c->e = 0;
+            c->p++;
+        }
+    }
+}
+
+/* ---- the job ------------------------------------------------------------- */
+
+typedef struct {
+    qkv_ctx         *ctx;
+    const qkv__attn *a;
+    const kv_src    *src;
+    int64_t          P;        /* query positions per tile */
+    int64_t          R;        /* score columns: P·group rounded up to 16 */
+    int64_t          HB;       /* kv heads per task (a divisor of Hkv) */
+    int              bf;       /* the bf16 dot path (q and cache bf16) */
+    int              dec_rows; /* fp32 scores by qk_dec (few rows, a kernel for it) */
+    int64_t         *start;    /* [B+1] first task of each sequence */
+    int64_t         *tstart;   /* [B+1] first tile of each sequence */
+    int64_t         *split;    /* [B] key parts per tile of each sequence */
+    float           *part;     /* split-K partial states, part_size floats per task */
+    int64_t          part_size;
+} dec_job;
+
+static int64_t pairs(int64_t n) { return (n + 1) / 2; }
+
+/* Per-thread scratch as one kv head of the task sees it: the key tile's
+   buffers are shared by the task's heads, the queries and the softmax
+   state are the head's own. */
+typedef struct {
+    float    *kw;    /* [BK][D]  widened K rows                             */
+    float    *vw;    /* [BK][Dv] widened V rows                             */
+    float    *st;    /* [BK][R]  scores, keys by queries                    */
+    float    *mx, *mref, *sum, *ones;                   /* [R]              */
+    uint16_t *kb;    /* [BK][2·pairs(D)] gathered bf16 K rows               */
+    uint16_t *vb;    /* [BK][Dv]   gathered bf16 V rows                     */
+    uint32_t *pp;    /* [BK/2][R]  P pairs along keys                       */
+    /* the head's own */
+    float    *q;     /* [R][D]   fp32 queries, or bf16 rows [R][2·pairs(D)] */
+    float    *qt;    /* [D][R]   transposed, zero past m                    */
+    float    *acc;   /* [R][Dv]                                             */
+    float    *m, *l, *alpha;                            /* [R]              */
+} scratch;
+
+static int64_t shared_floats(int64_t R, int64_t D, int64_t Dv)
+{
+    return BK * D + BK * Dv + BK * R + 4 * R + BK * pairs(D) + BK / 2 * Dv + BK / 2 * R;
+}
+
+static int64_t head_floats(int64_t R, int64_t D, int64_t Dv)
+{
+    return 2 * R * D + R * Dv + 3 * R;
+}
+
+/* The scratch of head slot e (of HB). */
+static scratch scratch_at(float *base, int64_t e, int64_t R, int64_t D, int64_t Dv)
+{
+    scratch s;
+    s.kw = base;
+    s.vw = s.kw + BK * D;
+    s.st = s.vw + BK * Dv;
+    s.mx = s.st + BK * R;
+    s.mref = s.mx + R;
+    s.sum = s.mref + R;
+    s.ones = s.sum + R;
+    s.kb = (uint16_t *)(s.ones + R);
+    s.vb = s.kb + BK * 2 * pairs(D);
+    s.pp = (uint32_t *)(s.vb + BK * Dv);
+    s.q = base + shared_floats(R, D, Dv) + e * head_floats(R, D, Dv);
+    s.qt = s.q + R * D;
+    s.acc = s.qt + R * D;
+    s.m = s.acc + R * Dv;
+    s.l = s.m + R;
+    s.alpha = s.l + R;
+    return s;
+}
+
+/* The sequence, first kv head, query tile and key part of a task. */
+static void task_of(const dec_job *job, int64_t task, qkv__seq *s, int64_t *hk0,
+                    qkv__tile_map *tm, int64_t *part)
+{
+    const qkv__attn *a = job->a;
+    int64_t lo = 0, hi = a->B;        /* the sequence: start[lo] <= task < start[lo+1] */
+    while (hi - lo > 1) {
+        const int64_t mid = (lo + hi) / 2;
+        if (job->start[mid] <= task) lo = mid; else hi = mid;
+    }
+    const int64_t t = task - job->start[lo], ns = job->split[lo];
+    const int64_t n_qt = (a->Sq + job->P - 1) / job->P, tile = t / ns;
+    s->b = lo; s->q0 = 0; s->sq = a->Sq; s->k0 = 0; s->sk = seq_len(job->src, lo);
+    *part = t % ns;
+    *hk0 = tile / n_qt * job->HB;
+    tm->h0 = *hk0 * a->group;
+    tm->i0 = (n_qt - 1 - tile % n_qt) * job->P;
+    tm->mp = (int)(a->Sq - tm->i0 < job->P ? a->Sq - tm->i0 : job->P);
+}
+
+/* Loads the tile's queries: bf16 rows for the bf16 path, else fp32 rows
+   and their transpose (zero columns m..R). */
+static void load_queries(const dec_job *job, const qkv__seq *s, const qkv__tile_map *tm,
+                         int m, const scratch *sc)
+{
+    const qkv__attn *a = job->a;
+    const qkv__kernels *kn = job->ctx->kernels;
+    const qkv_tensor *q = a->q;
+    const int64_t D = a->D, R = job->R, w = 2 * pairs(D);
+    if (job->bf && m > PAIRS_ROWS) {   /* pairs for qk_bf16 */
+        qkv__load_q_pairs(a, s, tm, m, (m + QKV__PAD - 1) / QKV__PAD * QKV__PAD, R,
+                          (uint32_t *)sc->q);
+        return;
+    }
+    for (int r = 0; r < m; r++) {
+        const int64_t h = tm->h0 + r / tm->mp, i = tm->i0 + r % tm->mp;
+        const int64_t off = s->b * q->stride[0] + i * q->stride[1] + h * q->stride[2];
+        if (job->bf) {
+            uint16_t *qr = (uint16_t *)sc->q + r * w;
+            for (int64_t x = 0; x < D; x++)
+                qr[x] = ((const uint16_t *)q->data)[off + x * q->stride[3]];
+            if (D % 2)
+                qr[D] = 0;
+        } else {
+            qkv__load_row(kn, q, off, q->stride[3], D, sc->q + r * D);
+        }
+    }
+    if (!job->bf)
+        for (int64_t d = 0; d < D; d++)
+            for (int64_t r = 0; r < R; r++)
+                sc->qt[d * R + r] = r < m ? sc->q[r * D + d] : 0.0f;
+}
+
+/* Whether positions p0 .. p0+n-1 lie in one block (rows at one stride). */
+static int one_block(const kv_src *src, int64_t p0, int n)
+{
+    return row_in_block(src, p0) + n <= src->bs;
+}
+
+/* n bf16 rows of t (positions p0.., head h) for the dot kernels, each
+   `w` elements with zeros past cols: in place when they lie at one stride
+   with unit inner stride and w == cols, else gathered into buf. */
+static const uint16_t *rows_bf16(const kv_src *src, const qkv_tensor *t, int64_t b, int64_t p0,
+                                 int64_t h, int n, int64_t cols, int64_t w, uint16_t *buf,
+                                 int64_t *ld)
+{
+    const uint16_t *data = t->data;
+    if (one_block(src, p0, n) && t->stride[3] == 1 && w == cols) {
+        *ld = t->stride[1];
+        return data + row_off(src, t, b, p0, h);
+    }
+    for (int c = 0; c < n; c++) {
+        const uint16_t *r = data + row_off(src, t, b, p0 + c, h);
+        for (int64_t x = 0; x < cols; x++)
+            buf[c * w + x] = r[x * t->stride[3]];
+        for (int64_t x = cols; x < w; x++)
+            buf[c * w + x] = 0;
+    }
+    *ld = w;
+    return buf;
+}
+
+/* The length of the run of the tile's keys from offset c0 (of n, the
+   tile starting at position p0) that the kernels take in one row set: up
+   to the end of c0's block, or the whole rest when `align` does not
+   divide p0 (a block boundary inside the tile would then shift the
+   kernels' groups of `align` keys; the rows are gathered instead). */
+static int run_length(const kv_src *src, int64_t p0, int c0, int n, int align)
+{
+    const int64_t left = src->bs - row_in_block(src, p0 + c0);
+    if ((p0 % align == 0 || one_block(src, p0, n)) && left < n - c0)
+        return (int)left;
+    return n - c0;
+}
+
+/* Scores of keys p0 .. p0+n-1 for the tile's m rows into st [n][R],
+   chunk() keys per kernel call, each followed by a take of the cursor. */
+static void tile_scores(const dec_job *job, const qkv__seq *s, int64_t hk, int64_t p0, int n,
+                        int m, const scratch *sc, pf_cursor *pf)
+{
+    const qkv__attn *a = job->a;
+    const kv_src *src = job->src;
+    const qkv__kernels *kn = job->ctx->kernels;
+    const int64_t D = a->D, R = job->R, w = 2 * pairs(D);
+    for (int c0 = 0; c0 < n;) {
+        if (job->bf) {
+            /* runs start at multiples of 4 keys from p0, chunks are
+               multiples of 4: the kernel's blocks of 4 keys are the same
+               for every cache layout */
+            const int nr = run_length(src, p0, c0, n, 4);
+            int64_t ldk;
+            const uint16_t *kr = rows_bf16(src, &src->k, s->b, p0 + c0, hk, nr, D, w,
+                                           sc->kb + c0 * w, &ldk);
+            const int ch = chunk(pf);
+            for (int c = 0; c < nr; c += ch) {
+                const int nc = nr - c < ch ? nr - c : ch;
+                float *st = sc->st + (c0 + c) * R;
+                if (m > PAIRS_ROWS)
+                    kn->qk_bf16(nc, (m + QKV__PAD - 1) / QKV__PAD * QKV__PAD, (int)pairs(D),
+                                a->scale, kr + c * ldk, ldk, (const uint32_t *)sc->q, R, st, R);
+                else
+                    kn->qk_bf16_dec(nc, m, (int)pairs(D), a->scale, kr + c * ldk, ldk,
+                                    (const uint16_t *)sc->q, w, st, R);
+                pf_take(src, pf, D, a->Dv);
+            }
+            c0 += nr;
+            continue;
+        }
+        /* fp32 rows: in runs aligned as above for qk_dec; qk computes each
+           key alone */
+        const int nr = run_length(src, p0, c0, n, 4);
+        int64_t ldk;
+        const float *kr = rows_f32(kn, src, 0, s->b, p0 + c0, hk, nr, D, a->Hkv,
+                                   sc->kw + c0 * D, &ldk);
+        const int ch = chunk(pf);
+        for (int c = 0; c < nr; c += ch) {
+            const int nc = nr - c < ch ? nr - c : ch;
+            float *st = sc->st + (c0 + c) * R;
+            if (job->dec_rows)
+                kn->qk_dec(nc, m, (int)D, a->scale, kr + c * ldk, ldk, sc->q, D, st, R);
+            else
+                kn->qk(nc, m, (int)D, a->scale, kr + c * ldk, ldk, sc->qt, R, sc->q, D, st, R);
+            pf_take(src, pf, D, a->Dv);
+        }
+        c0 += nr;
+    }
+}
+
+/* acc = alpha·acc + P·V over keys p0 .. p0+n-1 (P in st, or as bf16 pairs
+   in pp for the bf16 path), run by run (bf16: chunk() keys per call): the
+   first call scales acc by alpha, the later ones add (alpha 1), which
+   gives the bits of one call. */
+static void tile_values(const dec_job *job, const qkv__seq *s, int64_t hk, int64_t p0, int n,
+                        int m, const scratch *sc, pf_cursor *pf)
+{
+    const qkv__attn *a = job->a;
+    const kv_src *src = job->src;
+    const qkv__kernels *kn = job->ctx->kernels;
+    const int64_t Dv = a->Dv, R = job->R;
+    for (int c0 = 0; c0 < n;) {
+        if (job->bf) {
+            /* pairs of keys counted from p0, as in the scores */
+            const int nr = run_length(src, p0, c0, n, 2);
+            int64_t ldv;
+            const uint16_t *vr = rows_bf16(src, &src->v, s->b, p0 + c0, hk, nr, Dv, Dv,
+                                           sc->vb + c0 * Dv, &ldv);
+            const int ch = chunk(pf);
+            for (int c = 0; c < nr; c += ch) {
+                kn->pv_bf16_dec(m, nr - c < ch ? nr - c : ch, (int)Dv,
+                                sc->pp + (c0 + c) / 2 * R, R, vr + c * ldv, ldv,
+                                c0 + c ? sc->ones : sc->alpha, sc->acc, Dv);
+                pf_take(src, pf, a->D, Dv);
+            }
+            c0 += nr;
+            continue;
+        }
+        const int ns = run_length(src, p0, c0, n, 1);   /* to the block's end */
+        int64_t ldv;
+        const float *vr = rows_f32(kn, src, 1, s->b, p0 + c0, hk, ns, Dv, a->Hkv, sc->vw, &ldv);
+        kn->pv(m, ns, (int)Dv, sc->st + c0 * R, 1, R, vr, ldv, c0 ? sc->ones : sc->alpha,
+               sc->acc, Dv);
+        for (int c = 0; c < ns; c += CHUNK)
+            pf_take(src, pf, a->D, Dv);
+        c0 += ns;
+    }
+}
+
+/* Writes row r's output and lse from its softmax state. */
+static void store_row(const dec_job *job, const qkv__seq *s, const qkv__tile_map *tm, int r,
+                      float m, float l, const float *acc)
+{
+    const qkv__attn *a = job->a;
+    const qkv_tensor *out = a->out;
+    const int64_t h = tm->h0 + r / tm->mp, i = tm->i0 + r % tm->mp;
+    qkv__store_row(job->ctx->kernels, out,
+                   s->b * out->stride[0] + i * out->stride[1] + h * out->stride[2],
+                   out->stride[3], a->Dv, acc, l > 0.0f ? 1.0f / l : 0.0f);
+    if (a->lse)
+        a->lse[qkv__lse_index(a, s->b, h, i)] = l > 0.0f ? m + logf(l) : -INFINITY;
+}
+
+/* One key tile (keys j0 .. j0+n-1) for kv head hk: scores, masks and
+   modifications, the online softmax update, P·V. */
+static void head_tile(const dec_job *job, const qkv__seq *s, const qkv__tile_map *tm,
+                      int64_t hk, int64_t j0, int n, int m, int band, const scratch *sc,
+                      pf_cursor *pf)
+{
+    const qkv__attn *a = job->a;
+    const qkv__kernels *kn = job->ctx->kernels;
+    const int64_t R = job->R;
+    const int mpad = (m + QKV__PAD - 1) / QKV__PAD * QKV__PAD;
+    tile_scores(job, s, hk, j0, n, m, sc, pf);
+    if (a->softcap > 0.0f || a->alibi || band)
+        qkv__score_mods(a, s, tm, m, j0, n, band, sc->st, R, NULL);
+    if (!job->bf || m > PAIRS_ROWS)   /* qk, qk_bf16 may write the padding columns */
+        for (int c = 0; c < n; c++)
+            for (int r = m; r < mpad; r++)
+                sc->st[c * R + r] = -INFINITY;
+    kn->col_max(sc->st, R, n, mpad, sc->mx);
+    for (int r = 0; r < mpad; r++) {
+        const float mn = sc->mx[r] > sc->m[r] ? sc->mx[r] : sc->m[r];
+        sc->mref[r] = mn == -INFINITY ? 0.0f : mn;   /* all hidden: P = 0 */
+        sc->alpha[r] = sc->m[r] == mn ? 1.0f : expf(sc->m[r] - sc->mref[r]);
+        sc->m[r] = mn;
+    }
+    if (job->bf)
+        kn->exp_pack_bf16(sc->st, R, n, mpad, sc->mref, sc->sum, sc->pp, R);
+    else
+        kn->exp_cols(sc->st, R, n, mpad, sc->mref, sc->sum);
+    for (int r = 0; r < mpad; r++)
+        sc->l[r] = sc->l[r] * sc->alpha[r] + sc->sum[r];
+    tile_values(job, s, hk, j0, n, m, sc, pf);
+}
+
+static void dec_task(void *arg, int64_t task, int worker)
+{
+    const dec_job *job = arg;
+    const qkv__attn *a = job->a;
+    qkv__seq s;
+    qkv__tile_map tm0;
+    int64_t hk0, part;
+    task_of(job, task, &s, &hk0, &tm0, &part);
+    const int m = tm0.mp * (int)a->group;
+    const int mpad = (m + QKV__PAD - 1) / QKV__PAD * QKV__PAD;
+    const int64_t R = job->R, Dv = a->Dv;
+    float *base = job->ctx->scratch[worker];
+
+    for (int64_t e = 0; e < job->HB; e++) {
+        const scratch sc = scratch_at(base, e, R, a->D, Dv);
+        qkv__tile_map tm = tm0;
+        tm.h0 = (hk0 + e) * a->group;
+        load_queries(job, &s, &tm, m, &sc);
+        memset(sc.acc, 0, (size_t)m * (size_t)Dv * sizeof(float));
+        for (int r = 0; r < mpad; r++) {
+            sc.m[r] = -INFINITY;
+            sc.l[r] = 0.0f;
+        }
+    }
+    const scratch sh = scratch_at(base, 0, R, a->D, Dv);
+    for (int r = 0; r < mpad; r++)
+        sh.ones[r] = 1.0f;
+    if (job->bf)   /* padding columns: qk_bf16_dec never writes them */
+        for (int c = 0; c < BK; c++)
+            for (int r = m; r < mpad; r++)
+                sh.st[c * R + r] = -INFINITY;
+
+    /* the keys any row of the tile sees (the band is monotone in i), and
+       this part's share of them in whole key tiles */
+    int64_t klo, khi, lo_last, hi_first;
+    qkv__key_range(a, &s, tm0.i0, &klo, &hi_first);
+    qkv__key_range(a, &s, tm0.i0 + tm0.mp - 1, &lo_last, &khi);
+    if (khi < klo)
+        khi = klo;
+    const int64_t ns = job->split[s.b];
+    if (ns > 1) {
+        const int64_t per = ((khi - klo + ns - 1) / ns + BK - 1) / BK * BK;
+        const int64_t lo = klo + part * per;
+        khi = lo + per < khi ? lo + per : khi;
+        klo = lo < khi ? lo : khi;
+    }
+
+    /* tile by tile, head by head; meanwhile the next tile's rows are
+       asked for, spread evenly over the kernel calls of this one */
+    prefetch_rows(job->src, s.b, hk0, job->HB, klo, BK, khi, a->D, Dv);
+    for (int64_t j0 = klo; j0 < khi; j0 += BK) {
+        const int n = (int)(khi - j0 < BK ? khi - j0 : BK);
+        const int band = !(lo_last <= j0 && hi_first >= j0 + n);
+        const int64_t next = khi - j0 - n < BK ? khi - j0 - n : BK;
+        const int64_t calls = job->HB * 2 * ((n + CHUNK - 1) / CHUNK);
+        pf_cursor pf = { s.b, hk0, job->HB, j0 + n, 0, j0 + n + next,
+                         (next * job->HB + calls - 1) / calls };
+        for (int64_t e = 0; e < job->HB; e++) {
+            qkv__tile_map tm = tm0;
+            tm.h0 = (hk0 + e) * a->group;
+            const scratch sc = scratch_at(base, e, R, a->D, Dv);
+            head_tile(job, &s, &tm, hk0 + e, j0, n, m, band, &sc, &pf);
+        }
+    }
+
+    for (int64_t e = 0; e < job->HB; e++) {
+        const scratch sc = scratch_at(base, e, R, a->D, Dv);
+        qkv__tile_map tm = tm0;
+        tm.h0 = (hk0 + e) * a->group;
+        if (ns == 1) {
+            for (int r = 0; r < m; r++)
+                store_row(job, &s, &tm, r, sc.m[r], sc.l[r], sc.acc + r * Dv);
+            continue;
+        }
+        float *pm = job->part + task * job->part_size + e * m * (2 + Dv);
+        float *pl = pm + m, *pacc = pl + m;
+        memcpy(pm, sc.m, (size_t)m * sizeof *pm);
+        memcpy(pl, sc.l, (size_t)m * sizeof *pl);
+        memcpy(pacc, sc.acc, (size_t)m * (size_t)Dv * sizeof *pacc);
+    }
+}
+
+/* Merges the key parts of one tile in part order, head by head and row by
+   row: M = max m_p,  l = Σ l_p·e^(m_p - M),  acc = Σ acc_p·e^(m_p - M). */
+static void merge_task(void *arg, int64_t tile, int worker)
+{
+    const dec_job *job = arg;
+    const qkv__attn *a = job->a;
+    int64_t b = 0;
+    while (job->tstart[b + 1] <= tile)
+        b++;
+    const int64_t ns = job->split[b];
+    if (ns == 1)
+        return;
+    const int64_t first = job->start[b] + (tile - job->tstart[b]) * ns;
+    qkv__seq s;
+    qkv__tile_map tm;
+    int64_t hk0, part;
+    task_of(job, first, &s, &hk0, &tm, &part);
+    const int m = tm.mp * (int)a->group;
+    const int64_t Dv = a->Dv;
+    float *acc = job->ctx->scratch[worker];
+    for (int64_t e = 0; e < job->HB; e++) {
+        tm.h0 = (hk0 + e) * a->group;
+        for (int r = 0; r < m; r++) {
+            float mx = -INFINITY, l = 0.0f;
+            for (int64_t p = 0; p < ns; p++) {
+                const float mp = job->part[(first + p) * job->part_size + e * m * (2 + Dv) + r];
+                mx = mp > mx ? mp : mx;
+            }
+            memset(acc, 0, (size_t)Dv * sizeof *acc);
+            for (int64_t p = 0; p < ns && mx > -INFINITY; p++) {
+                const float *pm = job->part + (first + p) * job->part_size + e * m * (2 + Dv);
+                if (pm[r] == -INFINITY)
+                    continue;
+                const float wgt = expf(pm[r] - mx);
+                const float *pacc = pm + 2 * m + r * Dv;
+                l += pm[m + r] * wgt;
+                for (int64_t c = 0; c < Dv; c++)
+                    acc[c] += pacc[c] * wgt;
+            }
+            store_row(job, &s, &tm, r, mx, l, acc);
+        }
+    }
+}
+
+/* Key parts per tile for each sequence: 1 when the call has enough tiles
+   to share out, else enough parts to reach about MIN_TASKS tasks, each
+   part at least MIN_KEYS keys. A function of the problem alone. */
+static void split_counts(const qkv__attn *a, const kv_src *src, int64_t n_qt, int64_t HB,
+                         int64_t *split)
+{
+    enum { MIN_TASKS = 64, MIN_KEYS = 512, MAX_SPLIT = 64 };
+    const int64_t tiles = a->B * (a->Hkv / HB) * n_qt;
+    const int64_t want = tiles >= MIN_TASKS ? 1 : (MIN_TASKS + tiles - 1) / tiles;
+    for (int64_t b = 0; b < a->B; b++) {
+        int64_t n = seq_len(src, b) / MIN_KEYS;
+        if (n > want) n = want;
+        if (n > MAX_SPLIT) n = MAX_SPLIT;
+        split[b] = n > 1 ? n : 1;
+    }
+}
+
+static qkv_status run(qkv_ctx *ctx, const qkv__attn *a, const kv_src *src, int cache_bf16)
+{
+    /* bounds that keep the scratch arithmetic far from overflow */
+    if (a->D > (1 << 20) || a->Dv > (1 << 20))
+        return qkv__fail(ctx, QKV_ERR_UNSUPPORTED, "%s: head_dim above 1048576",
+                         a->D > (1 << 20) ? "q->shape[3]" : "head_dim_v");
+    if (a->group > (1 << 20))
+        return qkv__fail(ctx, QKV_ERR_UNSUPPORTED,
+                         "q->shape[2]: more than 1048576 query heads per kv head");
+    dec_job job;
+    memset(&job, 0, sizeof job);
+    job.ctx = ctx;
+    job.a = a;
+    job.src = src;
+    job.P = qkv__tile_positions(a->group);
+    if (job.P > a->Sq)
+        job.P = a->Sq;
+    job.R = (job.P * a->group + QKV__PAD - 1) / QKV__PAD * QKV__PAD;
+    /* bf16 dot products for a few rows; many rows (chunked prefill) run
+       the register-blocked fp32 kernels */
+    job.bf = cache_bf16 && a->dt == QKV_BF16 && ctx->kernels->qk_bf16_dec &&
+             job.P * a->group <= QKV__PAD;
+    job.dec_rows = ctx->kernels->qk_dec && job.P * a->group <= QKV__PAD;
+    /* rows of one head that follow each other ([B, Hkv, S, D] caches):
+       one stream per head, a task per head */
+    const int streams = src->k.stride[1] == a->D && src->v.stride[1] == a->Dv;
+    /* few rows per head (decode) from [S, Hkv, D] rows: all kv heads in
+       one task, as many as keep their states within 1 MiB; else (chunked
+       prefill, [Hkv, S, D] rows) one */
+    job.HB = 1;
+    if (!streams && job.P * a->group <= QKV__PAD)
+        for (int64_t hb = a->Hkv; hb > 1; hb--)
+            if (a->Hkv % hb == 0 && hb * head_floats(job.R, a->D, a->Dv) * 4 <= (1 << 20)) {
+                job.HB = hb;
+                break;
+            }
+    const int64_t n_qt = (a->Sq + job.P - 1) / job.P, n_hb = a->Hkv / job.HB;
+    qkv_status st = qkv__scratch_reserve(ctx, (size_t)(shared_floats(job.R, a->D, a->Dv) +
+                                         job.HB * head_floats(job.R, a->D, a->Dv)) * sizeof(float));
+    if (st)
+        return st;
+    const size_t nb = (size_t)a->B;
+    job.start = malloc((2 * (nb + 1) + nb) * sizeof(int64_t));
+    if (!job.start)
+        return qkv__fail(ctx, QKV_ERR_NOMEM, "ctx: cannot allocate the task table");
+    job.tstart = job.start + nb + 1;
+    job.split = job.tstart + nb + 1;
+    split_counts(a, src, n_qt, job.HB, job.split);
+    job.start[0] = job.tstart[0] = 0;
+    double work = 0.0;
+    for (int64_t b = 0; b < a->B; b++) {
+        job.tstart[b + 1] = job.tstart[b] + n_hb * n_qt;
+        job.start[b + 1] = job.start[b] + n_hb * n_qt * job.split[b];
+        work += 2.0 * (double)(a->D + a->Dv) * (double)a->Hq * (double)a->Sq *
+                (double)seq_len(src, b);
+    }
+    const int64_t tasks = job.start[a->B];
+    int split = 0;
+    for (int64_t b = 0; b < a->B; b++)
+        split |= job.split[b] > 1;
+    if (split) {
+        job.part_size = job.HB * job.P * a->group * (2 + a->Dv);
+        job.part = malloc((size_t)tasks * (size_t)job.part_size * sizeof(float));
+        if (!job.part) {
+            free(job.start);
+            return qkv__fail(ctx, QKV_ERR_NOMEM, "ctx: cannot allocate split-K partial results");
+        }
+    }
+    qkv__parallel(ctx, tasks, work, dec_task, &job);
+    if (split)
+        qkv__parallel(ctx, job.tstart[a->B], 0.0, merge_task, &job);
+    free(job.part);
+    free(job.start);
+    return QKV_OK;
+}
+
+/* ---- contiguous cache ------------------------------------------------------ */
+
+qkv_status qkv_attention_kvcache(qkv_ctx *ctx, const qkv_tensor *q,
+        const qkv_tensor *k_cache, const qkv_tensor *v_cache, const int32_t *seqlens_k,
+        const qkv_attn_opts *opts, qkv_tensor *out, float *lse)
+{
+    if (!ctx)
+        return QKV_ERR_NULL;
+    ctx->err[0] = 0;
+    qkv_status st;
+    if ((st = qkv__check_tensor(ctx, k_cache, "k_cache")) ||
+        (st = qkv__check_tensor(ctx, v_cache, "v_cache")))
+        return st;
+    if (v_cache->dtype != k_cache->dtype)
+        return qkv__fail(ctx, QKV_ERR_DTYPE, "v_cache->dtype differs from k_cache->dtype");
+    for (int d = 0; d < 3; d++)
+        if (v_cache->shape[d] != k_cache->shape[d])
+            return qkv__fail(ctx, QKV_ERR_SHAPE, "v_cache->shape[%d] = %lld differs from "
+                             "k_cache->shape[%d] = %lld", d, (long long)v_cache->shape[d], d,
+                             (long long)k_cache->shape[d]);
+    const int64_t Smax = k_cache->shape[1];
+    qkv__attn a;
+    if ((st = qkv__attn_check_cache(ctx, q, opts, out, lse, Smax, k_cache->shape[2],
+                                    k_cache->shape[3], v_cache->shape[3], "k_cache", &a)))
+        return st;
+    if (k_cache->shape[0] != a.B)
+        return qkv__fail(ctx, QKV_ERR_SHAPE, "k_cache->shape[0] = %lld differs from "
+                         "q->shape[0] = %lld (batch)", (long long)k_cache->shape[0],
+                         (long long)a.B);
+    for (int64_t b = 0; seqlens_k && b < a.B; b++)
+        if (seqlens_k[b] < 0 || seqlens_k[b] > Smax)
+            return qkv__fail(ctx, QKV_ERR_SHAPE, "seqlens_k[%lld] = %d is outside [0, "
+                             "k_cache->shape[1] = %lld]", (long long)b, (int)seqlens_k[b],
+                             (long long)Smax);
+    kv_src src;
+    memset(&src, 0, sizeof src);
+    src.k = *k_cache;
+    src.v = *v_cache;
+    src.bs = Smax;
+    src.es = (int64_t)qkv_dtype_size(k_cache->dtype);
+    src.lens = seqlens_k;
+    return run(ctx, &a, &src, k_cache->dtype == QKV_BF16);
+}
+
+/* ---- paged cache ------------------------------------------------------------ */
+
+#define FAIL(st, ...) return qkv__fail(ctx, st, __VA_ARGS__)
+
+/* The cache description: pointers, dtype, sizes, and pools whose byte size
+   fits in int64; fills src's views (without table and lengths). */
+static qkv_status check_paged(qkv_ctx *ctx, const qkv_paged_cache *c, kv_src *src)
+{
+    if (!c)
+        FAIL(QKV_ERR_NULL, "cache: NULL");
+    if (!c->k || !c->v)
+        FAIL(QKV_ERR_NULL, "cache->%s: NULL pool", c->k ? "v" : "k");
+    const int i8 = c->dtype == QKV_KV_I8;
+    if (!i8 && c->dtype != QKV_KV_F32 && c->dtype != QKV_KV_F16 && c->dtype != QKV_KV_BF16)
+        FAIL(QKV_ERR_DTYPE, "cache->dtype = %d is not a qkv_kv_dtype", (int)c->dtype);
+    if (i8 && (!c->k_scale || !c->v_scale))
+        FAIL(QKV_ERR_NULL, "cache->%s: NULL with QKV_KV_I8", c->k_scale ? "v_scale" : "k_scale");
+    if (c->block_size < 8 || c->block_size > 256 || (c->block_size & (c->block_size - 1)))
+        FAIL(QKV_ERR_ARG, "cache->block_size = %lld must be a power of two from 8 to 256",
+             (long long)c->block_size);
+    static const char *const name[4] = { "n_blocks", "heads_kv", "head_dim", "head_dim_v" };
+    const int64_t size[4] = { c->n_blocks, c->heads_kv, c->head_dim, c->head_dim_v };
+    for (int i = 0; i < 4; i++)
+        if (size[i] <= 0)
+            FAIL(QKV_ERR_ARG, "cache->%s = %lld must be positive", name[i], (long long)size[i]);
+    const int64_t es = i8 ? 1 : (int64_t)qkv_dtype_size((qkv_dtype)c->dtype);
+    for (int v = 0; v < 2; v++) {
+        int64_t n;
+        if (__builtin_mul_overflow(c->n_blocks, c->block_size, &n) ||
+            __builtin_mul_overflow(n, c->heads_kv, &n) ||
+            __builtin_mul_overflow(n, v ? c->head_dim_v : c->head_dim, &n) ||
+            __builtin_mul_overflow(n, es, &n) || (uint64_t)n > SIZE_MAX)
+            FAIL(QKV_ERR_OVERFLOW, "cache: the %s pool's size overflows", v ? "v" : "k");
+    }
+    memset(src, 0, sizeof *src);
+    src->k = qkv_tensor_4d(c->k, i8 ? QKV_F32 : (qkv_dtype)c->dtype, c->n_blocks,
+                           c->block_size, c->heads_kv, c->head_dim);
+    src->v = qkv_tensor_4d(c->v, i8 ? QKV_F32 : (qkv_dtype)c->dtype, c->n_blocks,
+                           c->block_size, c->heads_kv, c->head_dim_v);
+    src->i8 = i8;
+    src->es = es;
+    src->ks = c->k_scale;
+    src->vs = c->v_scale;
+    src->bs = c->block_size;
+    while ((int64_t)1 << src->shift < src->bs)
+        src->shift++;
+    return QKV_OK;
+}
+
+/* The block table and lengths of B sequences: every sequence's positions
+   lo[b] .. hi[b]-1 (hi = lens + extra) must map to blocks in range. */
+static qkv_status check_table(qkv_ctx *ctx, const qkv_paged_cache *c, const int32_t *table,
+                              int64_t max_blocks, const int32_t *lens, const char *lens_name,
+                              int64_t B, int64_t extra, int from_len)
+{
+    if (!table)
+        FAIL(QKV_ERR_NULL, "block_table: NULL");
+    if (!lens)
+        FAIL(QKV_ERR_NULL, "%s: NULL", lens_name);
+    int64_t cap, cells;
+    if (max_blocks <= 0 || __builtin_mul_overflow(max_blocks, c->block_size, &cap) ||
+        __builtin_mul_overflow(max_blocks, B, &cells) || cap > INT32_MAX)
+        FAIL(QKV_ERR_SHAPE, "max_blocks = %lld must be positive with max_blocks x "
+             "block_size within int32", (long long)max_blocks);
+    for (int64_t b = 0; b < B; b++) {
+        if (lens[b] < 0 || lens[b] + extra > cap)
+            FAIL(QKV_ERR_SHAPE, "%s[%lld] = %d%s is outside [0, max_blocks x block_size = %lld]",
+                 lens_name, (long long)b, (int)lens[b], extra ? " plus the new rows" : "",
+                 (long long)cap);
+        const int64_t first = from_len ? lens[b] / c->block_size : 0;
+        const int64_t last = (lens[b] + extra + c->block_size - 1) / c->block_size;
+        for (int64_t i = first; i < last; i++) {
+            const int32_t id = table[b * max_blocks + i];
+            if (id < 0 || id >= c->n_blocks)
+                FAIL(QKV_ERR_SHAPE, "block_table[%lld][%lld] = %d is outside [0, cache->n_blocks "
+                     "= %lld)", (long long)b, (long long)i, (int)id, (long long)c->n_blocks);
+        }
+    }
+    return QKV_OK;
+}
+
+qkv_status qkv_attention_paged(qkv_ctx *ctx, const qkv_tensor *q,
+        const qkv_paged_cache *cache, const int32_t *block_table, int64_t max_blocks,
+        const int32_t *seqlens_k, const qkv_attn_opts *opts, qkv_tensor *out, float *lse)
+{
+    if (!ctx)
+        return QKV_ERR_NULL;
+    ctx->err[0] = 0;
+    kv_src src;
+    qkv_status st = check_paged(ctx, cache, &src);
+    if (st)
+        return st;
+    qkv__attn a;
+    if ((st = qkv__attn_check_cache(ctx, q, opts, out, lse, max_blocks > 0 && max_blocks <= INT32_MAX ?
+                                    max_blocks * cache->block_size : 0,
+                                    cache->heads_kv, cache->head_dim, cache->head_dim_v, "cache",
+                                    &a)) ||
+        (st = check_table(ctx, cache, block_table, max_blocks, seqlens_k, "seqlens_k", a.B, 0, 0)))
+        return st;
+    src.table = block_table;
+    src.max_blocks = max_blocks;
+    src.lens = seqlens_k;
+    return run(ctx, &a, &src, cache->dtype == QKV_KV_BF16);
+}
+
+/* ---- append ----------------------------------------------------------------- */
+
+typedef struct {
+    qkv_ctx          *ctx;
+    const kv_src     *src;
+    const qkv_tensor *kn, *vn;   /* [B, Snew, Hkv, D|Dv] */
+    int64_t           Hkv;
+} app_job;
+
+/* Row x (cols elements, fp32) into the cache at element offset off of t:
+   converted, or quantized with its scale *scale for int8. */
+static void put_row(const kv_src *src, const qkv_tensor *t, int64_t off, const float *x,
+                    int64_t cols, float *scale)
+{
+    if (!src->i8) {
+        for (int64_t c = 0; c < cols; c++)
+            qkv__store(t->data, t->dtype, off + c, x[c]);
+        return;
+    }
+    float amax = 0.0f;
+    for (int64_t c = 0; c < cols; c++)
+        amax = fabsf(x[c]) > amax || isnan(x[c]) ? fabsf(x[c]) : amax;
+    int8_t *dst = (int8_t *)t->data + off;
+    if (!isfinite(amax) || amax == 0.0f) {
+        *scale = isfinite(amax) ? 0.0f : NAN;
+        memset(dst, 0, (size_t)cols);
+        return;
+    }
+    const float s = amax / 127.0f;
+    *scale = s;
+    for (int64_t c = 0; c < cols; c++) {
+        float y = nearbyintf(x[c] / s);
+        dst[c] = (int8_t)(y > 127.0f ? 127.0f : y < -127.0f ? -127.0f : y);
+    }
+}
+
+/* Task: one new position (b, i) of every kv head. */
+static void app_task(void *arg, int64_t task, int worker)
+{
+    const app_job *job = arg;
+    const kv_src *src = job->src;
+    const qkv__kernels *kern = job->ctx->kernels;
+    const int64_t Snew = job->kn->shape[1], b = task / Snew, i = task % Snew;
+    const int64_t p = src->lens[b] + i;
+    float *x = job->ctx->scratch[worker];
+    for (int64_t h = 0; h < job->Hkv; h++)
+        for (int e = 0; e < 2; e++) {
+            const qkv_tensor *in = e ? job->vn : job->kn;
+            const qkv_tensor *t = e ? &src->v : &src->k;
+            const int64_t cols = in->shape[3];
+            qkv__load_row(kern, in, b * in->stride[0] + i * in->stride[1] + h * in->stride[2],
+                          in->stride[3], cols, x);
+            float *sc = src->i8 ? (float *)(e ? src->vs : src->ks) +
+                                  scale_idx(src, b, p, h, job->Hkv) : NULL;
+            put_row(src, t, row_off(src, t, b, p, h), x, cols, sc);
+        }
+}
+
+/* Orders (block id, table cell, written) triples by id, then cell. */
+static int cmp_cell(const void *x, const void *y)
+{
+    const int64_t *a = x, *b = y;
+    return a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : (a[1] > b[1]) - (a[1] < b[1]);
+}
+
+qkv_status qkv_paged_append(qkv_ctx *ctx, const qkv_paged_cache *cache,
+        const int32_t *block_table, int64_t max_blocks, const int32_t *seqlens,
+        const qkv_tensor *k_new, const qkv_tensor *v_new)
+{
+    if (!ctx)
+        return QKV_ERR_NULL;
+    ctx->err[0] = 0;
+    kv_src src;
+    qkv_status st;
+    if ((st = check_paged(ctx, cache, &src)) ||
+        (st = qkv__check_tensor(ctx, k_new, "k_new")) ||
+        (st = qkv__check_tensor(ctx, v_new, "v_new")))
+        return st;
+    if (v_new->dtype != k_new->dtype)
+        FAIL(QKV_ERR_DTYPE, "v_new->dtype differs from k_new->dtype");
+    const int64_t want_k[4] = { k_new->shape[0], k_new->shape[1], cache->heads_kv, cache->head_dim };
+    const int64_t want_v[4] = { k_new->shape[0], k_new->shape[1], cache->heads_kv, cache->head_dim_v };
+    static const char *const what[4] = { "k_new->shape[0]", "k_new->shape[1]", "cache->heads_kv",
+                                         "cache->head_dim" };
+    for (int d = 0; d < 4; d++) {
+        if (k_new->shape[d] != want_k[d])
+            FAIL(QKV_ERR_SHAPE, "k_new->shape[%d] = %lld differs from %s = %lld", d,
+                 (long long)k_new->shape[d], what[d], (long long)want_k[d]);
+        if (v_new->shape[d] != want_v[d])
+            FAIL(QKV_ERR_SHAPE, "v_new->shape[%d] = %lld differs from %s = %lld", d,
+                 (long long)v_new->shape[d], d == 3 ? "cache->head_dim_v" : what[d],
+                 (long long)want_v[d]);
+    }
+    const int64_t B = k_new->shape[0], Snew = k_new->shape[1];
+    if (Snew > INT32_MAX)
+        FAIL(QKV_ERR_SHAPE, "k_new->shape[1] = %lld: more new rows than int32 lengths hold",
+             (long long)Snew);
+    if ((st = check_table(ctx, cache, block_table, max_blocks, seqlens, "seqlens", B, Snew, 1)))
+        return st;
+
+    /* a block written belongs to one table cell only: no other sequence
+       reads it (a shared prefix block is copied before it is written) and
+       no two positions of one sequence land in it */
+    int64_t n = 0;
+    for (int64_t b = 0; b < B; b++)
+        n += (seqlens[b] + Snew + cache->block_size - 1) / cache->block_size;
+    int64_t *cells = malloc((size_t)n * 3 * sizeof *cells);
+    if (!cells)
+        FAIL(QKV_ERR_NOMEM, "ctx: cannot allocate the block check");
+    n = 0;
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t i = 0; i * cache->block_size < seqlens[b] + Snew; i++, n++) {
+            cells[3 * n] = block_table[b * max_blocks + i];
+            cells[3 * n + 1] = b * max_blocks + i;
+            cells[3 * n + 2] = (i + 1) * cache->block_size > seqlens[b];   /* written */
+        }
+    qsort(cells, (size_t)n, 3 * sizeof *cells, cmp_cell);
+    for (int64_t i = 1; i < n; i++)
+        if (cells[3 * i] == cells[3 * i - 3] && (cells[3 * i + 2] || cells[3 * i - 1])) {
+            const int64_t c0 = cells[3 * i - 2], c1 = cells[3 * i + 1], id = cells[3 * i];
+            free(cells);
+            FAIL(QKV_ERR_ARG, "block_table[%lld][%lld] and block_table[%lld][%lld] are both "
+                 "block %lld, which this append writes (a written block must have one owner)",
+                 (long long)(c0 / max_blocks), (long long)(c0 % max_blocks),
+                 (long long)(c1 / max_blocks), (long long)(c1 % max_blocks), (long long)id);
+        }
+    free(cells);
+
+    const int64_t cols = cache->head_dim > cache->head_dim_v ? cache->head_dim : cache->head_dim_v;
+    if (cols > (1 << 24))
+        FAIL(QKV_ERR_UNSUPPORTED, "cache->head_dim: above 16777216");
+    if ((st = qkv__scratch_reserve(ctx, (size_t)cols * sizeof(float))))
+        return st;
+    src.table = block_table;
+    src.max_blocks = max_blocks;
+    src.lens = seqlens;
+    app_job job = { ctx, &src, k_new, v_new, cache->heads_kv };
+    qkv__parallel(ctx, B * Snew, (double)(B * Snew) * (double)cache->heads_kv * (double)cols,
+                  app_task, &job);
+    return QKV_OK;
+}

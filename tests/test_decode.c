@@ -1,0 +1,787 @@
+/*
+ * test_decode.c — attention from a KV cache (qkv_attention_kvcache,
+ * qkv_attention_paged, qkv_paged_append).
+ *
+ * - Against the reference: each sequence's cached rows form a dense
+ *   problem (B = 1, Sk = its length) run through qkv_attention_reference on
+ *   fp32 copies of the rounded inputs; tolerances are test_forward.c's,
+ *   chosen by the output dtype (bf16 queries with a bf16 cache take the
+ *   bf16 dot path, hence bf16's). Every kernel set, every dtype pair,
+ *   lengths 0 to past the split-K threshold, Sq 1 to 70 (chunked prefill),
+ *   GQA/MQA, strided views, every option but bias and varlen.
+ * - Paged equals contiguous bitwise: the same logical cache, scattered by
+ *   qkv_paged_append into shuffled blocks of every block size 8..256.
+ * - int8: per-element quantization error within s/2 of its row, attention
+ *   within fp32 tolerance of the reference on the dequantized cache, and
+ *   within a derived bound of the reference on the unquantized cache (the
+ *   accuracy cost is printed).
+ * - Thread counts 1, 2, 3, 5 give identical bits.
+ * - Every bad argument is refused with its status, a message naming it,
+ *   and outputs (or the cache) untouched.
+ */
+#include "test.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { MAXB = 8, MAX_ISAS = 8 };
+
+/* One decode problem: contiguous caches [B, Smax, Hkv, D|Dv] as views of
+   layout lay (q/out contiguous unless lay_q), lengths per sequence. */
+typedef struct {
+    int64_t   B, Sq, Smax, Hq, Hkv, D, Dv;
+    qkv_dtype qdt, kdt;
+    int32_t   lens[MAXB];
+    int       lay_k, lay_q;
+    qkv_attn_opts opts;
+    float     slopes[64];
+    tbuf      q, k, v;
+    float    *qf, *kf, *vf;     /* logical fp32 copies, row-major */
+    size_t    n_out, n_lse;
+} dcase;
+
+static void dcase_build(dcase *c, rng *r)
+{
+    const int64_t qs[4] = { c->B, c->Sq, c->Hq, c->D };
+    const int64_t ks[4] = { c->B, c->Smax, c->Hkv, c->D };
+    const int64_t vs[4] = { c->B, c->Smax, c->Hkv, c->Dv };
+    tbuf_make_layout(&c->q, c->qdt, qs, c->lay_q);
+    tbuf_make_layout(&c->k, c->kdt, ks, c->lay_k);
+    tbuf_make_layout(&c->v, c->kdt, vs, c->lay_k);
+    tbuf_fill_random(&c->q, r);
+    tbuf_fill_random(&c->k, r);
+    tbuf_fill_random(&c->v, r);
+    const size_t nq = (size_t)(c->B * c->Sq * c->Hq * c->D);
+    const size_t nk = (size_t)(c->B * c->Smax * c->Hkv * c->D);
+    const size_t nv = (size_t)(c->B * c->Smax * c->Hkv * c->Dv);
+    void *tmp = xmalloc(4 * (nq > nk ? (nq > nv ? nq : nv) : (nk > nv ? nk : nv)));
+    view_gather(&c->q.t, tmp); c->qf = to_f32(tmp, c->qdt, nq);
+    view_gather(&c->k.t, tmp); c->kf = to_f32(tmp, c->kdt, nk);
+    view_gather(&c->v.t, tmp); c->vf = to_f32(tmp, c->kdt, nv);
+    free(tmp);
+    c->n_out = (size_t)(c->B * c->Sq * c->Hq * c->Dv);
+    c->n_lse = (size_t)(c->B * c->Hq * c->Sq);
+    if (c->opts.alibi_slopes) {
+        for (int64_t h = 0; h < c->Hq && h < 64; h++)
+            c->slopes[h] = (float)(0.5 * (rng_unif(r) + 1.0) / 2.0 + 0.01);
+        c->opts.alibi_slopes = c->slopes;
+    }
+}
+
+static void dcase_free(dcase *c)
+{
+    tbuf_free(&c->q); tbuf_free(&c->k); tbuf_free(&c->v);
+    free(c->qf); free(c->kf); free(c->vf);
+}
+
+static const char *dcase_str(const dcase *c)
+{
+    static char s[400];
+    snprintf(s, sizeof s, "B=%lld Sq=%lld Smax=%lld Hq=%lld Hkv=%lld D=%lld Dv=%lld q %s cache %s "
+             "lay %s/%s causal=%d win=%lld,%lld cap=%g alibi=%d lens[0]=%d",
+             (long long)c->B, (long long)c->Sq, (long long)c->Smax, (long long)c->Hq,
+             (long long)c->Hkv, (long long)c->D, (long long)c->Dv, dtype_name(c->qdt),
+             dtype_name(c->kdt), lay_name[c->lay_q], lay_name[c->lay_k], c->opts.causal,
+             (long long)c->opts.window_left, (long long)c->opts.window_right,
+             (double)c->opts.softcap, c->opts.alibi_slopes != NULL, (int)c->lens[0]);
+    return s;
+}
+
+/* The reference per sequence on the fp32 copies (kf, vf: [B, Smax, ...]):
+   out [B, Sq, Hq, Dv], lse [B, Hq, Sq]. */
+static void dense_reference(qkv_ctx *ctx, const dcase *c, const float *kf, const float *vf,
+                            float *out, float *lse)
+{
+    for (int64_t b = 0; b < c->B; b++) {
+        float *o = out + b * c->Sq * c->Hq * c->Dv, *l = lse + b * c->Hq * c->Sq;
+        const int64_t L = c->lens[b];
+        if (L == 0) {
+            memset(o, 0, (size_t)(c->Sq * c->Hq * c->Dv) * sizeof(float));
+            for (int64_t i = 0; i < c->Hq * c->Sq; i++)
+                l[i] = -INFINITY;
+            continue;
+        }
+        qkv_tensor q = qkv_tensor_4d(c->qf + b * c->Sq * c->Hq * c->D, QKV_F32, 1, c->Sq, c->Hq, c->D);
+        qkv_tensor k = qkv_tensor_4d((float *)kf + b * c->Smax * c->Hkv * c->D, QKV_F32, 1, L,
+                                     c->Hkv, c->D);
+        qkv_tensor v = qkv_tensor_4d((float *)vf + b * c->Smax * c->Hkv * c->Dv, QKV_F32, 1, L,
+                                     c->Hkv, c->Dv);
+        qkv_tensor ot = qkv_tensor_4d(o, QKV_F32, 1, c->Sq, c->Hq, c->Dv);
+        qkv_status st = qkv_attention_reference(ctx, &q, &k, &v, &c->opts, &ot, l);
+        CHECK(st == QKV_OK, "reference: %s [%s]", qkv_ctx_last_error(ctx), dcase_str(c));
+    }
+}
+
+/* Compares out (dtype dt) and lse with the reference; alibi widens atol as
+   in test_forward.c (2 ulps of the largest score). */
+static double check_result(const char *what, const dcase *c, const void *out, qkv_dtype dt,
+                           const float *lse, const float *ref_out, const float *ref_lse)
+{
+    double atol, rtol, lse_atol;
+    forward_tolerances(dt, &atol, &rtol, &lse_atol);
+    if (c->opts.alibi_slopes)
+        atol += ldexp(0.26 * (double)(c->Sq + c->Smax), -22);
+    char name[600];
+    snprintf(name, sizeof name, "%s out [%s]", what, dcase_str(c));
+    double e = compare(name, out, dt, ref_out, c->n_out, atol, rtol);
+    snprintf(name, sizeof name, "%s lse [%s]", what, dcase_str(c));
+    compare(name, lse, QKV_F32, ref_lse, c->n_lse, lse_atol, 2e-6);
+    return e;
+}
+
+typedef struct {
+    int      n;
+    qkv_ctx *ctx[MAX_ISAS];
+    const char *name[MAX_ISAS];
+} isas;
+
+static void isas_open(isas *s, int n_threads)
+{
+    memset(s, 0, sizeof *s);
+    for (int i = 0; qkv_isa_name(i) && s->n < MAX_ISAS; i++) {
+        const char *isa = qkv_isa_name(i);
+        if (!qkv_isa_supported(isa))
+            continue;
+        qkv_ctx *ctx = qkv_ctx_create(n_threads);
+        CHECK(ctx && qkv_ctx_set_isa(ctx, isa) == QKV_OK, "context for %s", isa);
+        if (!ctx) continue;
+        s->ctx[s->n] = ctx;
+        s->name[s->n++] = isa;
+    }
+}
+
+static void isas_close(isas *s)
+{
+    for (int i = 0; i < s->n; i++)
+        qkv_ctx_free(s->ctx[i]);
+}
+
+/* Runs qkv_attention_kvcache into a fresh out/lse (malloc'd, out in q's
+   dtype, contiguous); NULL out on failure. */
+static void *run_kvcache(qkv_ctx *ctx, const dcase *c, float **lse)
+{
+    void *out = xmalloc(c->n_out * qkv_dtype_size(c->qdt));
+    *lse = xmalloc(c->n_lse * sizeof(float));
+    qkv_tensor ot = qkv_tensor_4d(out, c->qdt, c->B, c->Sq, c->Hq, c->Dv);
+    qkv_status st = qkv_attention_kvcache(ctx, &c->q.t, &c->k.t, &c->v.t, c->lens, &c->opts,
+                                          &ot, *lse);
+    CHECK(st == QKV_OK, "kvcache returned %d: %s [%s]", st, qkv_ctx_last_error(ctx), dcase_str(c));
+    return out;
+}
+
+/* One sequence holding the whole cache (long ones are split along the
+   keys), at most max_sq queries. */
+static void one_full_sequence(dcase *c, int64_t max_sq)
+{
+    c->B = 1;
+    c->lens[0] = (int32_t)c->Smax;
+    if (c->Sq > max_sq)
+        c->Sq = max_sq;
+}
+
+static void random_dcase(dcase *c, rng *r, int64_t max_len)
+{
+    static const int64_t groups[][2] = { { 1, 1 }, { 4, 1 }, { 8, 2 }, { 6, 3 }, { 4, 4 },
+                                         { 32, 8 }, { 2, 1 } };
+    static const int64_t dims[] = { 1, 3, 8, 16, 33, 64, 80, 128 };
+    static const int64_t sqs[] = { 1, 1, 2, 3, 4, 5, 8, 16, 70 };
+    static const qkv_dtype dts[] = { QKV_F32, QKV_F16, QKV_BF16 };
+    memset(c, 0, sizeof *c);
+    const int g = (int)rng_int(r, 0, 6);
+    c->Hq = groups[g][0];
+    c->Hkv = groups[g][1];
+    c->B = rng_int(r, 1, 4);
+    c->Sq = RNG_PICK(r, sqs);
+    c->D = RNG_PICK(r, dims);
+    c->Dv = rng_int(r, 0, 3) ? c->D : RNG_PICK(r, dims);
+    c->Smax = rng_int(r, 1, max_len);
+    c->qdt = RNG_PICK(r, dts);
+    c->kdt = rng_int(r, 0, 2) ? c->qdt : RNG_PICK(r, dts);
+    static const int lays[] = { LAY_CONTIG, LAY_CONTIG, LAY_BHSD, LAY_PAD, LAY_NEG, LAY_INNER2,
+                                LAY_REVD };
+    c->lay_k = RNG_PICK(r, lays);
+    c->lay_q = rng_int(r, 0, 3) ? LAY_CONTIG : RNG_PICK(r, lays);
+    for (int64_t b = 0; b < c->B; b++) {
+        const int64_t kind = rng_int(r, 0, 5);
+        c->lens[b] = (int32_t)(kind == 0 ? 0 : kind == 1 ? c->Smax : rng_int(r, 0, c->Smax));
+    }
+    c->opts = qkv_attn_opts_default();
+    const int64_t o = rng_int(r, 0, 15);
+    c->opts.causal = (o & 1) != 0;
+    if (o & 2) c->opts.window_left = rng_int(r, 0, c->Smax);
+    if (o & 4) c->opts.softcap = 3.0f;
+    if (o & 8) c->opts.alibi_slopes = c->slopes;   /* filled by dcase_build */
+    if (rng_int(r, 0, 4) == 0) c->opts.scale = (float)rng_unif(r) * 0.5f;
+    if (rng_int(r, 0, 4) == 0) c->opts.window_right = rng_int(r, 0, 4);
+}
+
+void test_decode_reference(void)
+{
+    isas s;
+    isas_open(&s, 0);
+    qkv_ctx *ref = qkv_ctx_create(0);
+    rng r = rng_seed(501);
+    const int n_cases = t_quick ? 40 : 160;
+    double worst[3] = { 0, 0, 0 };
+    for (int it = 0; it < n_cases; it++) {
+        dcase c;
+        /* every fourth case long enough to be split along the keys */
+        random_dcase(&c, &r, it % 4 == 3 ? 6000 : 300);
+        if (it % 4 == 3) {
+            one_full_sequence(&c, 16);
+            if (c.D > 64) c.D = c.Dv = 64;
+        }
+        dcase_build(&c, &r);
+        float *ref_out = xmalloc(c.n_out * sizeof(float)), *ref_lse = xmalloc(c.n_lse * sizeof(float));
+        dense_reference(ref, &c, c.kf, c.vf, ref_out, ref_lse);
+        for (int i = 0; i < s.n; i++) {
+            float *lse;
+            void *out = run_kvcache(s.ctx[i], &c, &lse);
+            double e = check_result(s.name[i], &c, out, c.qdt, lse, ref_out, ref_lse);
+            if (e > worst[c.qdt]) worst[c.qdt] = e;
+            free(out);
+            free(lse);
+        }
+        free(ref_out);
+        free(ref_lse);
+        dcase_free(&c);
+    }
+    t_note("max |out - ref| by output dtype: f32 %.2e  f16 %.2e  bf16 %.2e",
+           worst[0], worst[1], worst[2]);
+    qkv_ctx_free(ref);
+    isas_close(&s);
+}
+
+/* ---- paged -------------------------------------------------------------------- */
+
+/* A paged cache holding the same logical rows as c's contiguous cache,
+   written by qkv_paged_append in chunks of random sizes into shuffled
+   blocks (block_size bs, dtype kdt, or int8 when i8). */
+typedef struct {
+    qkv_paged_cache pc;
+    int32_t        *table;
+    int64_t         max_blocks;
+} paged;
+
+static void paged_fill(qkv_ctx *ctx, paged *p, const dcase *c, int64_t bs, int i8, rng *r)
+{
+    memset(p, 0, sizeof *p);
+    p->max_blocks = (c->Smax + bs - 1) / bs + 1;
+    const int64_t n_blocks = c->B * p->max_blocks + 3;
+    p->pc.dtype = i8 ? QKV_KV_I8 : (qkv_kv_dtype)c->kdt;
+    p->pc.n_blocks = n_blocks;
+    p->pc.block_size = bs;
+    p->pc.heads_kv = c->Hkv;
+    p->pc.head_dim = c->D;
+    p->pc.head_dim_v = c->Dv;
+    const size_t es = i8 ? 1 : qkv_dtype_size(c->kdt);
+    const size_t rows = (size_t)(n_blocks * bs * c->Hkv);
+    p->pc.k = xmalloc(rows * (size_t)c->D * es);
+    p->pc.v = xmalloc(rows * (size_t)c->Dv * es);
+    memset(p->pc.k, 0x7f, rows * (size_t)c->D * es);   /* unused rows: large garbage */
+    memset(p->pc.v, 0x7f, rows * (size_t)c->Dv * es);
+    if (i8) {
+        p->pc.k_scale = xmalloc(rows * sizeof(float));
+        p->pc.v_scale = xmalloc(rows * sizeof(float));
+        memset(p->pc.k_scale, 0x7f, rows * sizeof(float));
+        memset(p->pc.v_scale, 0x7f, rows * sizeof(float));
+    }
+    /* a shuffled assignment of blocks */
+    int32_t *perm = xmalloc((size_t)n_blocks * sizeof *perm);
+    for (int64_t i = 0; i < n_blocks; i++)
+        perm[i] = (int32_t)i;
+    for (int64_t i = n_blocks - 1; i > 0; i--) {
+        const int64_t j = rng_int(r, 0, i);
+        int32_t t = perm[i]; perm[i] = perm[j]; perm[j] = t;
+    }
+    p->table = xmalloc((size_t)(c->B * p->max_blocks) * sizeof *p->table);
+    for (int64_t i = 0; i < c->B * p->max_blocks; i++)
+        p->table[i] = perm[i];
+    free(perm);
+    /* append each sequence's rows in chunks, one sequence per call */
+    for (int64_t b = 0; b < c->B; b++) {
+        int32_t len = 0;
+        while (len < c->lens[b]) {
+            int32_t n = (int32_t)rng_int(r, 1, 40);
+            if (n > c->lens[b] - len) n = c->lens[b] - len;
+            qkv_tensor kn = c->k.t, vn = c->v.t;
+            kn.data = (char *)c->k.t.data + (b * kn.stride[0] + len * kn.stride[1]) *
+                                            (int64_t)qkv_dtype_size(c->kdt);
+            vn.data = (char *)c->v.t.data + (b * vn.stride[0] + len * vn.stride[1]) *
+                                            (int64_t)qkv_dtype_size(c->kdt);
+            kn.shape[0] = vn.shape[0] = 1;
+            kn.shape[1] = vn.shape[1] = n;
+            qkv_status st = qkv_paged_append(ctx, &p->pc, p->table + b * p->max_blocks,
+                                             p->max_blocks, &len, &kn, &vn);
+            CHECK(st == QKV_OK, "append: %s", qkv_ctx_last_error(ctx));
+            len += n;
+        }
+    }
+}
+
+static void paged_free(paged *p)
+{
+    free(p->pc.k); free(p->pc.v); free(p->pc.k_scale); free(p->pc.v_scale);
+    free(p->table);
+}
+
+static void *run_paged(qkv_ctx *ctx, const dcase *c, const paged *p, float **lse)
+{
+    void *out = xmalloc(c->n_out * qkv_dtype_size(c->qdt));
+    *lse = xmalloc(c->n_lse * sizeof(float));
+    qkv_tensor ot = qkv_tensor_4d(out, c->qdt, c->B, c->Sq, c->Hq, c->Dv);
+    qkv_status st = qkv_attention_paged(ctx, &c->q.t, &p->pc, p->table, p->max_blocks, c->lens,
+                                        &c->opts, &ot, *lse);
+    CHECK(st == QKV_OK, "paged returned %d: %s [%s]", st, qkv_ctx_last_error(ctx), dcase_str(c));
+    return out;
+}
+
+/* The paged cache's rows, read back through the table, equal the
+   contiguous cache's (bitwise; same dtype). */
+static void check_rows(const dcase *c, const paged *p)
+{
+    const size_t es = qkv_dtype_size(c->kdt);
+    size_t bad = 0;
+    for (int64_t b = 0; b < c->B; b++)
+        for (int64_t j = 0; j < c->lens[b]; j++)
+            for (int64_t h = 0; h < c->Hkv; h++)
+                for (int e = 0; e < 2; e++) {
+                    const tbuf *t = e ? &c->v : &c->k;
+                    const int64_t cols = e ? c->Dv : c->D;
+                    const int64_t blk = p->table[b * p->max_blocks + j / p->pc.block_size];
+                    const char *pr = (const char *)(e ? p->pc.v : p->pc.k) +
+                        (((blk * p->pc.block_size + j % p->pc.block_size) * c->Hkv + h) * cols) *
+                        (int64_t)es;
+                    for (int64_t x = 0; x < cols; x++) {
+                        const int64_t off = b * t->t.stride[0] + j * t->t.stride[1] +
+                                            h * t->t.stride[2] + x * t->t.stride[3];
+                        bad += memcmp(pr + x * (int64_t)es,
+                                      (const char *)t->t.data + off * (int64_t)es, es) != 0;
+                    }
+                }
+    CHECK(bad == 0, "%zu appended elements differ from the source [%s]", bad, dcase_str(c));
+}
+
+void test_decode_paged_bitwise(void)
+{
+    isas s;
+    isas_open(&s, 0);
+    rng r = rng_seed(502);
+    static const int64_t sizes[] = { 8, 16, 32, 64, 128, 256 };
+    const int n_cases = t_quick ? 12 : 48;
+    for (int it = 0; it < n_cases; it++) {
+        dcase c;
+        random_dcase(&c, &r, it % 6 == 5 ? 5000 : 700);
+        if (it % 6 == 5)
+            one_full_sequence(&c, 16);
+        dcase_build(&c, &r);
+        const int64_t bs = sizes[it % 6];
+        for (int i = 0; i < s.n; i++) {
+            paged p;
+            paged_fill(s.ctx[i], &p, &c, bs, 0, &r);
+            if (i == 0)
+                check_rows(&c, &p);
+            float *l1, *l2;
+            void *o1 = run_kvcache(s.ctx[i], &c, &l1), *o2 = run_paged(s.ctx[i], &c, &p, &l2);
+            CHECK(memcmp(o1, o2, c.n_out * qkv_dtype_size(c.qdt)) == 0 &&
+                  memcmp(l1, l2, c.n_lse * sizeof(float)) == 0,
+                  "%s: paged (block_size %lld) differs from contiguous [%s]", s.name[i],
+                  (long long)bs, dcase_str(&c));
+            free(o1); free(o2); free(l1); free(l2);
+            paged_free(&p);
+        }
+        dcase_free(&c);
+    }
+    isas_close(&s);
+}
+
+/* ---- int8 --------------------------------------------------------------------- */
+
+/* The dequantized paged cache as contiguous fp32 [B, Smax, Hkv, cols], and
+   the largest element error against src relative to its row's max. */
+static float *dequantized(const dcase *c, const paged *p, int is_v, double *rel_err)
+{
+    const int64_t cols = is_v ? c->Dv : c->D;
+    const float *src = is_v ? c->vf : c->kf;
+    float *d = xmalloc((size_t)(c->B * c->Smax * c->Hkv * cols) * sizeof(float));
+    memset(d, 0, (size_t)(c->B * c->Smax * c->Hkv * cols) * sizeof(float));
+    *rel_err = 0;
+    for (int64_t b = 0; b < c->B; b++)
+        for (int64_t j = 0; j < c->lens[b]; j++)
+            for (int64_t h = 0; h < c->Hkv; h++) {
+                const int64_t blk = p->table[b * p->max_blocks + j / p->pc.block_size];
+                const int64_t row = (blk * p->pc.block_size + j % p->pc.block_size) * c->Hkv + h;
+                const int8_t *codes = (const int8_t *)(is_v ? p->pc.v : p->pc.k) + row * cols;
+                const float sc = (is_v ? p->pc.v_scale : p->pc.k_scale)[row];
+                const float *x = src + ((b * c->Smax + j) * c->Hkv + h) * cols;
+                float *o = d + ((b * c->Smax + j) * c->Hkv + h) * cols;
+                double amax = 0;
+                for (int64_t e = 0; e < cols; e++)
+                    amax = fmax(amax, fabs(x[e]));
+                for (int64_t e = 0; e < cols; e++) {
+                    o[e] = (float)codes[e] * sc;
+                    if (amax > 0)
+                        *rel_err = fmax(*rel_err, fabs(o[e] - x[e]) / amax);
+                }
+            }
+    return d;
+}
+
+void test_decode_int8(void)
+{
+    isas s;
+    isas_open(&s, 0);
+    qkv_ctx *ref = qkv_ctx_create(0);
+    rng r = rng_seed(503);
+    double worst_q = 0, worst_out = 0, worst_ratio = 0;
+    const int n_cases = t_quick ? 10 : 30;
+    for (int it = 0; it < n_cases; it++) {
+        dcase c;
+        random_dcase(&c, &r, it % 5 == 4 ? 4000 : 400);
+        c.kdt = QKV_F32;
+        c.lay_k = LAY_CONTIG;
+        c.opts.softcap = 0.0f;    /* the bound below assumes plain scores */
+        c.opts.alibi_slopes = NULL;
+        dcase_build(&c, &r);
+        paged p;
+        paged_fill(s.ctx[0], &p, &c, (int64_t)8 << (it % 6), 1, &r);
+        double ek, ev;
+        float *kd = dequantized(&c, &p, 0, &ek), *vd = dequantized(&c, &p, 1, &ev);
+        /* s/2 relative to the row max, plus the fp32 roundings of x/s and
+           code·s (an ulp of the row max each) */
+        const double half = 0.5 / 127.0 + ldexp(1.0, -22);
+        CHECK(ek <= half && ev <= half, "int8 element error %.3g / %.3g of the row max, "
+              "bound %.3g [%s]", ek, ev, half, dcase_str(&c));
+        worst_q = fmax(worst_q, fmax(ek, ev));
+        float *deq_out = xmalloc(c.n_out * sizeof(float)), *deq_lse = xmalloc(c.n_lse * sizeof(float));
+        float *raw_out = xmalloc(c.n_out * sizeof(float)), *raw_lse = xmalloc(c.n_lse * sizeof(float));
+        dense_reference(ref, &c, kd, vd, deq_out, deq_lse);
+        dense_reference(ref, &c, c.kf, c.vf, raw_out, raw_lse);
+        /* the cost of int8 against the unquantized cache: scores move by
+           at most delta = |scale|·max_i Σ_x|q_ix|·max|k|/254, so each
+           weight by a factor within e^(±2·delta), and the output by at
+           most (e^(2·delta) - 1)·max|v| + max|v|/254 */
+        double qsum = 0;
+        for (int64_t i = 0; i < c.B * c.Sq * c.Hq; i++) {
+            double t = 0;
+            for (int64_t x = 0; x < c.D; x++)
+                t += fabs(c.qf[i * c.D + x]);
+            qsum = fmax(qsum, t);
+        }
+        const double scale = c.opts.scale != 0.0f ? fabs(c.opts.scale) : 1.0 / sqrt((double)c.D);
+        const double delta = scale * qsum * half;   /* |k|, |v| <= 1 */
+        const double bound = expm1(2 * delta) + half + 1e-5;
+        for (int i = 0; i < s.n; i++) {
+            float *lse;
+            void *out = run_paged(s.ctx[i], &c, &p, &lse);
+            char what[64];
+            snprintf(what, sizeof what, "%s int8 vs dequantized", s.name[i]);
+            check_result(what, &c, out, c.qdt, lse, deq_out, deq_lse);
+            float *got = to_f32(out, c.qdt, c.n_out);
+            double e = 0;
+            for (size_t x = 0; x < c.n_out; x++)
+                e = fmax(e, fabs(got[x] - raw_out[x]));
+            double atol, rtol, lse_atol;
+            forward_tolerances(c.qdt, &atol, &rtol, &lse_atol);
+            CHECK(e <= bound + atol + rtol, "%s: int8 error %.3g past its bound %.3g [%s]",
+                  s.name[i], e, bound + atol + rtol, dcase_str(&c));
+            worst_out = fmax(worst_out, e);
+            worst_ratio = fmax(worst_ratio, e / bound);
+            free(got); free(out); free(lse);
+        }
+        free(kd); free(vd); free(deq_out); free(deq_lse); free(raw_out); free(raw_lse);
+        paged_free(&p);
+        dcase_free(&c);
+    }
+    t_note("int8 cache: max element error %.2e of its row max (bound %.2e); max |out - ref on "
+           "unquantized cache| %.2e, at most %.0f%% of the derived bound",
+           worst_q, 0.5 / 127, worst_out, 100 * worst_ratio);
+    qkv_ctx_free(ref);
+    isas_close(&s);
+}
+
+/* ---- threads ------------------------------------------------------------------ */
+
+void test_decode_threads(void)
+{
+    static const int nthreads[4] = { 1, 2, 3, 5 };
+    rng r = rng_seed(504);
+    for (int isa = 0; qkv_isa_name(isa); isa++) {
+        const char *name = qkv_isa_name(isa);
+        if (!qkv_isa_supported(name)) continue;
+        qkv_ctx *ctx[4];
+        for (int t = 0; t < 4; t++) {
+            ctx[t] = qkv_ctx_create(nthreads[t]);
+            CHECK(ctx[t] && qkv_ctx_set_isa(ctx[t], name) == QKV_OK, "context %s", name);
+        }
+        for (int it = 0; it < (t_quick ? 2 : 4); it++) {
+            dcase c;
+            random_dcase(&c, &r, it % 2 ? 5000 : 300);
+            if (it % 2)   /* split along the keys */
+                one_full_sequence(&c, 16);
+            dcase_build(&c, &r);
+            paged p;
+            paged_fill(ctx[0], &p, &c, 16, it == 3, &r);
+            void *o0 = NULL, *p0 = NULL;
+            float *l0 = NULL, *pl0 = NULL;
+            for (int t = 0; t < 4; t++) {
+                float *l, *pl;
+                void *o = run_kvcache(ctx[t], &c, &l), *po = run_paged(ctx[t], &c, &p, &pl);
+                if (t == 0) {
+                    o0 = o; l0 = l; p0 = po; pl0 = pl;
+                    continue;
+                }
+                CHECK(memcmp(o, o0, c.n_out * qkv_dtype_size(c.qdt)) == 0 &&
+                      memcmp(l, l0, c.n_lse * sizeof(float)) == 0 &&
+                      memcmp(po, p0, c.n_out * qkv_dtype_size(c.qdt)) == 0 &&
+                      memcmp(pl, pl0, c.n_lse * sizeof(float)) == 0,
+                      "%s: %d threads differ from 1 [%s]", name, nthreads[t], dcase_str(&c));
+                free(o); free(l); free(po); free(pl);
+            }
+            free(o0); free(l0); free(p0); free(pl0);
+            paged_free(&p);
+            dcase_free(&c);
+        }
+        for (int t = 0; t < 4; t++)
+            qkv_ctx_free(ctx[t]);
+    }
+}
+
+/* ---- errors ------------------------------------------------------------------- */
+
+/* A valid small problem: 2 sequences, Sq 2, Hq 4, Hkv 2, D 8, Dv 6; a
+   paged fp32 cache of 8 blocks of 8 and an int8 twin; a contiguous cache
+   of Smax 16. Each case breaks one thing. */
+enum { EB = 2, ESQ = 2, EHQ = 4, EHKV = 2, ED = 8, EDV = 6, ESMAX = 16, ENB = 8, EBS = 8,
+       EMAXB = 3, ECAP = 2048 };
+
+typedef struct {
+    qkv_ctx        *ctx;
+    qkv_tensor      q, out, kc, vc, kn, vn;
+    qkv_paged_cache pc;
+    int32_t         table[EB * EMAXB], lens[EB];
+    int64_t         max_blocks;
+    qkv_attn_opts   opts;
+    float           qb[ECAP], kb[ECAP], vb[ECAP], knb[ECAP], vnb[ECAP];
+    float           pk[ENB * EBS * EHKV * ED], pv[ENB * EBS * EHKV * EDV];
+    unsigned char   ob[ECAP * 4], lb[ECAP * 4];
+} eset;
+
+static void eset_init(eset *e, qkv_ctx *ctx)
+{
+    memset(e, 0, sizeof *e);
+    e->ctx = ctx;
+    rng r = rng_seed(77);
+    fill_random(e->qb, QKV_F32, ECAP, &r);
+    fill_random(e->kb, QKV_F32, ECAP, &r);
+    fill_random(e->vb, QKV_F32, ECAP, &r);
+    fill_random(e->knb, QKV_F32, ECAP, &r);
+    fill_random(e->vnb, QKV_F32, ECAP, &r);
+    e->q = qkv_tensor_4d(e->qb, QKV_F32, EB, ESQ, EHQ, ED);
+    e->out = qkv_tensor_4d(e->ob, QKV_F32, EB, ESQ, EHQ, EDV);
+    e->kc = qkv_tensor_4d(e->kb, QKV_F32, EB, ESMAX, EHKV, ED);
+    e->vc = qkv_tensor_4d(e->vb, QKV_F32, EB, ESMAX, EHKV, EDV);
+    e->kn = qkv_tensor_4d(e->knb, QKV_F32, EB, 3, EHKV, ED);
+    e->vn = qkv_tensor_4d(e->vnb, QKV_F32, EB, 3, EHKV, EDV);
+    e->pc.k = e->pk;
+    e->pc.v = e->pv;
+    e->pc.dtype = QKV_KV_F32;
+    e->pc.n_blocks = ENB;
+    e->pc.block_size = EBS;
+    e->pc.heads_kv = EHKV;
+    e->pc.head_dim = ED;
+    e->pc.head_dim_v = EDV;
+    const int32_t table[EB * EMAXB] = { 5, 2, 7, 0, 3, 1 };
+    memcpy(e->table, table, sizeof table);
+    e->lens[0] = 13;   /* blocks 5, 2 (and 7 when 3 rows are appended) */
+    e->lens[1] = 9;    /* blocks 0, 3 */
+    e->max_blocks = EMAXB;
+    e->opts = qkv_attn_opts_default();
+    memset(e->ob, OUT_SENTINEL, sizeof e->ob);
+    memset(e->lb, LSE_SENTINEL, sizeof e->lb);
+    fill_random(e->pk, QKV_F32, sizeof e->pk / sizeof(float), &r);
+    fill_random(e->pv, QKV_F32, sizeof e->pv / sizeof(float), &r);
+}
+
+enum { CALL_KVCACHE, CALL_PAGED, CALL_APPEND };
+
+static qkv_status ecall(eset *e, int which)
+{
+    switch (which) {
+    case CALL_KVCACHE:
+        return qkv_attention_kvcache(e->ctx, &e->q, &e->kc, &e->vc, e->lens, &e->opts, &e->out,
+                                     (float *)e->lb);
+    case CALL_PAGED:
+        return qkv_attention_paged(e->ctx, &e->q, &e->pc, e->table, e->max_blocks, e->lens,
+                                   &e->opts, &e->out, (float *)e->lb);
+    default:
+        return qkv_paged_append(e->ctx, &e->pc, e->table, e->max_blocks, e->lens, &e->kn, &e->vn);
+    }
+}
+
+/* The call fails with want, names `names`, and writes nothing. */
+static void expect(eset *e, int which, qkv_status want, const char *names, const char *what)
+{
+    static float pk0[sizeof ((eset *)0)->pk / sizeof(float)], pv0[sizeof ((eset *)0)->pv / sizeof(float)];
+    memcpy(pk0, e->pk, sizeof pk0);
+    memcpy(pv0, e->pv, sizeof pv0);
+    qkv_status st = ecall(e, which);
+    const char *msg = qkv_ctx_last_error(e->ctx);
+    CHECK(st == want, "%s: status %d (%s), want %d; message: %s", what, st,
+          qkv_status_string(st), want, msg);
+    CHECK(msg_names(msg, names), "%s: message '%s' does not name %s", what, msg, names);
+    size_t touched = 0;
+    for (size_t i = 0; i < sizeof e->ob; i++)
+        touched += e->ob[i] != OUT_SENTINEL;
+    for (size_t i = 0; i < sizeof e->lb; i++)
+        touched += e->lb[i] != LSE_SENTINEL;
+    touched += memcmp(pk0, e->pk, sizeof pk0) != 0;
+    touched += memcmp(pv0, e->pv, sizeof pv0) != 0;
+    CHECK(touched == 0, "%s: the failed call wrote to its outputs (%zu)", what, touched);
+}
+
+void test_decode_errors(void)
+{
+    qkv_ctx *ctx = qkv_ctx_create(2);
+    eset e;
+    /* the baselines work */
+    for (int w = 0; w < 3; w++) {
+        eset_init(&e, ctx);
+        qkv_status st = ecall(&e, w);
+        CHECK(st == QKV_OK, "baseline %d: %s", w, qkv_ctx_last_error(ctx));
+    }
+    eset_init(&e, ctx);
+    CHECK(qkv_attention_kvcache(NULL, &e.q, &e.kc, &e.vc, e.lens, &e.opts, &e.out, NULL) ==
+          QKV_ERR_NULL, "NULL ctx");
+    CHECK(qkv_attention_paged(NULL, &e.q, &e.pc, e.table, EMAXB, e.lens, &e.opts, &e.out, NULL) ==
+          QKV_ERR_NULL, "NULL ctx");
+    CHECK(qkv_paged_append(NULL, &e.pc, e.table, EMAXB, e.lens, &e.kn, &e.vn) == QKV_ERR_NULL,
+          "NULL ctx");
+
+    /* contiguous cache */
+    eset_init(&e, ctx); e.lens[1] = ESMAX + 1;
+    expect(&e, CALL_KVCACHE, QKV_ERR_SHAPE, "seqlens_k[1]&k_cache->shape[1]", "length past Smax");
+    eset_init(&e, ctx); e.lens[0] = -1;
+    expect(&e, CALL_KVCACHE, QKV_ERR_SHAPE, "seqlens_k[0]", "negative length");
+    eset_init(&e, ctx); e.vc.shape[1] = ESMAX - 1;
+    expect(&e, CALL_KVCACHE, QKV_ERR_SHAPE, "v_cache->shape[1]", "v_cache rows");
+    eset_init(&e, ctx); e.vc.dtype = QKV_BF16;
+    expect(&e, CALL_KVCACHE, QKV_ERR_DTYPE, "v_cache->dtype", "v_cache dtype");
+    eset_init(&e, ctx); e.kc.shape[0] = 1; e.vc.shape[0] = 1;
+    expect(&e, CALL_KVCACHE, QKV_ERR_SHAPE, "k_cache->shape[0]", "cache batch");
+    eset_init(&e, ctx); e.kc.shape[3] = ED - 1;
+    expect(&e, CALL_KVCACHE, QKV_ERR_SHAPE, "q->shape[3]&k_cache", "head_dim");
+    eset_init(&e, ctx); e.kc.data = NULL;
+    expect(&e, CALL_KVCACHE, QKV_ERR_NULL, "k_cache->data", "NULL k_cache data");
+    eset_init(&e, ctx); e.out.shape[3] = EDV + 1;
+    expect(&e, CALL_KVCACHE, QKV_ERR_SHAPE, "out->shape[3]", "out head_dim");
+    eset_init(&e, ctx); e.out.dtype = QKV_F16;
+    expect(&e, CALL_KVCACHE, QKV_ERR_DTYPE, "out->dtype", "out dtype");
+    eset_init(&e, ctx); e.out.stride[1] = 0;
+    expect(&e, CALL_KVCACHE, QKV_ERR_STRIDE, "out->stride[1]", "out overlapping");
+    int32_t cu[3] = { 0, 1, 2 };
+    eset_init(&e, ctx); e.opts.cu_seqlens_q = cu; e.opts.cu_seqlens_k = cu; e.opts.n_seqs = 2;
+    expect(&e, CALL_KVCACHE, QKV_ERR_UNSUPPORTED, "opts->cu_seqlens_q", "varlen");
+    float bias[4] = { 0 };
+    qkv_tensor bt = qkv_tensor_4d(bias, QKV_F32, 1, 1, 1, 1);
+    eset_init(&e, ctx); e.opts.bias = &bt;
+    expect(&e, CALL_PAGED, QKV_ERR_UNSUPPORTED, "opts->bias", "bias");
+    eset_init(&e, ctx); e.opts.window_left = -2;
+    expect(&e, CALL_PAGED, QKV_ERR_ARG, "opts->window_left", "window");
+    eset_init(&e, ctx); e.opts.scale = NAN;
+    expect(&e, CALL_KVCACHE, QKV_ERR_ARG, "opts->scale", "scale");
+
+    /* the paged cache description, for attention and append alike */
+    for (int w = CALL_PAGED; w <= CALL_APPEND; w++) {
+        eset_init(&e, ctx); e.pc.k = NULL;
+        expect(&e, w, QKV_ERR_NULL, "cache->k", "NULL pool");
+        eset_init(&e, ctx); e.pc.dtype = (qkv_kv_dtype)7;
+        expect(&e, w, QKV_ERR_DTYPE, "cache->dtype", "bad dtype");
+        eset_init(&e, ctx); e.pc.dtype = QKV_KV_I8;
+        expect(&e, w, QKV_ERR_NULL, "cache->k_scale", "int8 without scales");
+        static const int64_t bad_bs[] = { 0, 4, 12, 512, -8 };
+        for (size_t i = 0; i < sizeof bad_bs / sizeof bad_bs[0]; i++) {
+            eset_init(&e, ctx); e.pc.block_size = bad_bs[i];
+            expect(&e, w, QKV_ERR_ARG, "cache->block_size", "block size");
+        }
+        eset_init(&e, ctx); e.pc.n_blocks = 0;
+        expect(&e, w, QKV_ERR_ARG, "cache->n_blocks", "no blocks");
+        eset_init(&e, ctx); e.pc.n_blocks = INT64_MAX / 4;
+        expect(&e, w, QKV_ERR_OVERFLOW, "cache", "pool size overflow");
+        eset_init(&e, ctx); e.pc.heads_kv = 0;
+        expect(&e, w, QKV_ERR_ARG, "cache->heads_kv", "no heads");
+        eset_init(&e, ctx); e.table[1] = ENB;
+        expect(&e, w, QKV_ERR_SHAPE, "block_table[0][1]&cache->n_blocks", "block id past the pool");
+        eset_init(&e, ctx); e.table[4] = -1;
+        expect(&e, w, QKV_ERR_SHAPE, "block_table[1][1]", "negative block id");
+        eset_init(&e, ctx); e.max_blocks = 0;
+        expect(&e, w, QKV_ERR_SHAPE, "max_blocks", "no table columns");
+        eset_init(&e, ctx); e.lens[1] = -3;
+        expect(&e, w, QKV_ERR_SHAPE, w == CALL_PAGED ? "seqlens_k[1]" : "seqlens[1]",
+               "negative length");
+        eset_init(&e, ctx); e.lens[0] = EMAXB * EBS + 1;
+        expect(&e, w, QKV_ERR_SHAPE, w == CALL_PAGED ? "seqlens_k[0]" : "seqlens[0]",
+               "length past the table");
+        eset_init(&e, ctx);
+        if (w == CALL_PAGED) e.q.shape[2] = 3; else e.kn.shape[2] = 3;
+        expect(&e, w, QKV_ERR_SHAPE, w == CALL_PAGED ? "q->shape[2]&cache" : "k_new->shape[2]",
+               "heads");
+    }
+    /* blocks the call does not reach are not checked */
+    eset_init(&e, ctx); e.table[5] = -1;
+    CHECK(ecall(&e, CALL_PAGED) == QKV_OK, "an unused table cell refused: %s",
+          qkv_ctx_last_error(ctx));
+
+    /* append: room, shapes, dtypes, blocks written twice */
+    eset_init(&e, ctx); e.lens[1] = 2 * EBS - 2;   /* 3 more rows need a third block */
+    e.table[5] = ENB + 4;
+    expect(&e, CALL_APPEND, QKV_ERR_SHAPE, "block_table[1][2]", "append into a bad block");
+    eset_init(&e, ctx); e.lens[0] = EMAXB * EBS - 2;
+    expect(&e, CALL_APPEND, QKV_ERR_SHAPE, "seqlens[0]", "append past the table");
+    eset_init(&e, ctx); e.table[4] = 2;   /* sequence 1's block 1 is sequence 0's block 1 */
+    expect(&e, CALL_APPEND, QKV_ERR_ARG, "block_table[0][1]&block_table[1][1]", "shared block");
+    eset_init(&e, ctx); e.table[1] = 5;   /* sequence 0 lists block 5 twice */
+    expect(&e, CALL_APPEND, QKV_ERR_ARG, "block_table[0][0]&block_table[0][1]", "repeated block");
+    eset_init(&e, ctx); e.table[3] = 2;   /* sequence 1 reads the block sequence 0 writes */
+    expect(&e, CALL_APPEND, QKV_ERR_ARG, "block_table[0][1]&block_table[1][0]",
+           "writing a shared block");
+    eset_init(&e, ctx); e.table[3] = 5;   /* a read-only shared prefix block is fine */
+    CHECK(ecall(&e, CALL_APPEND) == QKV_OK, "a shared read-only block refused: %s",
+          qkv_ctx_last_error(ctx));
+    eset_init(&e, ctx); e.vn.dtype = QKV_F16;
+    expect(&e, CALL_APPEND, QKV_ERR_DTYPE, "v_new->dtype", "v_new dtype");
+    eset_init(&e, ctx); e.vn.shape[3] = EDV + 1;
+    expect(&e, CALL_APPEND, QKV_ERR_SHAPE, "v_new->shape[3]&cache->head_dim_v", "v_new head_dim");
+    eset_init(&e, ctx); e.vn.shape[1] = 2;
+    expect(&e, CALL_APPEND, QKV_ERR_SHAPE, "v_new->shape[1]&k_new->shape[1]", "v_new rows");
+    eset_init(&e, ctx); e.kn.data = NULL;
+    expect(&e, CALL_APPEND, QKV_ERR_NULL, "k_new->data", "NULL k_new data");
+
+    /* random tables and lengths, a few ids and lengths just out of range:
+       refused exactly when a used cell or a length is bad, else computed
+       (the sanitizer build sees any read outside the pools) */
+    rng r = rng_seed(505);
+    for (int it = 0; it < 400; it++) {
+        eset_init(&e, ctx);
+        int bad = 0;
+        for (int b = 0; b < EB; b++) {
+            e.lens[b] = (int32_t)rng_int(&r, -1, EMAXB * EBS + 1);
+            bad |= e.lens[b] < 0 || e.lens[b] > EMAXB * EBS;
+            for (int i = 0; i < EMAXB; i++) {
+                int32_t id = (int32_t)rng_int(&r, -1, ENB);
+                e.table[b * EMAXB + i] = id;
+                if ((int64_t)i * EBS < e.lens[b] && (id < 0 || id >= ENB))
+                    bad = 1;
+            }
+        }
+        if (bad) {
+            expect(&e, CALL_PAGED, QKV_ERR_SHAPE, "seqlens_k|block_table", "random table");
+        } else {
+            qkv_status st = ecall(&e, CALL_PAGED);
+            CHECK(st == QKV_OK, "random valid table refused: %s", qkv_ctx_last_error(ctx));
+        }
+    }
+    qkv_ctx_free(ctx);
+}
