@@ -385,6 +385,7 @@ QKV_API qkv_status qkv_model_classify(qkv_ctx *ctx, const qkv_model *model,
 QKV_API qkv_status qkv_model_recommend(qkv_ctx *ctx, const qkv_model *model,
                                        const int32_t *history, int64_t len, int64_t k,
                                        int32_t *items, float *scores);
+
 /* ---- serving: decoding from a KV cache ------------------------------------
  *
  * A decoder keeps the keys and values of every token it has seen in a

@@ -22,7 +22,7 @@ from . import _lib
 from ._lib import Error
 
 __all__ = ["attention", "attention_backward", "reference", "Error", "version",
-           "isa", "isa_names"]
+           "isa", "isa_names", "kvcache_attention", "PagedCache", "Model"]
 
 __version__ = _lib.lib.qkv_version().decode()
 
@@ -301,3 +301,7 @@ def attention_backward(q, k, v, out, dout, lse, *, causal=False, window=(-1, -1)
     st = _lib.lib.qkv_attention_backward(ctx, *args)
     _lib.check(st, ctx)
     return tuple(grads)
+
+
+from .serving import kvcache_attention, PagedCache  # noqa: E402
+from .models import Model  # noqa: E402
