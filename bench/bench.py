@@ -589,6 +589,9 @@ class Ggml:
 
 # ---- timing ----------------------------------------------------------------
 
+SETTLE_S = 0.05   # pause before each timing (see measure)
+
+
 def time_ms(run, reps):
     """Median of timed runs: `reps` of them, or at least MIN_REPS and
     MIN_TIME seconds, at most MAX_REPS. The caller has warmed up."""
@@ -632,6 +635,9 @@ def measure(prepare, error, limit, reps):
         r.bad = not r.err <= limit
         if r.bad:
             r.note = f"error {r.err:.2g} over the bound {limit:.2g}"
+        # torch's OpenMP workers spin for milliseconds after a call and
+        # would take cores from whatever is timed next: let them go idle
+        time.sleep(SETTLE_S)
         r.ms = time_ms(run, reps)
     except Unavailable as e:
         r.note = str(e)

@@ -2,9 +2,11 @@
  * pool.c — a small fixed thread pool. The caller of qkv__pool_run works too,
  * so a pool of n threads starts n-1 workers. Tasks are handed out through
  * one atomic counter. A worker that finds no job polls for the next one
- * for at most SPIN_NS (back-to-back calls, such as decode steps, then
- * start without a wake-up), and then sleeps on a condition variable: qkv
- * never keeps a core busy between calls, beside NumPy or PyTorch.
+ * for at most SPIN_NS, yielding the CPU between polls (back-to-back calls,
+ * such as decode steps or a Python loop, then start without a wake-up,
+ * which can cost a quarter of a millisecond on a virtual machine), and then
+ * sleeps on a condition variable: qkv never keeps a core busy between
+ * bursts of calls, beside NumPy or PyTorch.
  *
  * Not here: work splitting or reduction order — callers make each task's
  * result independent of the thread that runs it.
@@ -16,7 +18,7 @@
 #include <stdlib.h>
 #include <time.h>
 
-enum { SPIN_NS = 100000 };   /* 0.1 ms */
+enum { SPIN_NS = 1000000 };   /* 1 ms */
 
 static inline void cpu_relax(void)
 {
