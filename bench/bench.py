@@ -636,8 +636,10 @@ def measure(prepare, error, limit, reps):
         if r.bad:
             r.note = f"error {r.err:.2g} over the bound {limit:.2g}"
         # torch's OpenMP workers spin for milliseconds after a call and
-        # would take cores from whatever is timed next: let them go idle
+        # would take cores from whatever is timed next: let them go idle,
+        # then wake this implementation's own threads with an untimed call
         time.sleep(SETTLE_S)
+        run()
         r.ms = time_ms(run, reps)
     except Unavailable as e:
         r.note = str(e)
