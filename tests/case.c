@@ -277,3 +277,12 @@ int msg_names(const char *msg, const char *names)
     }
     return 0;
 }
+
+int kernel_sets(const char **sets)
+{
+    int n = 0;
+    for (int i = 0; qkv_isa_name(i) && n < 8; i++)
+        if (qkv_isa_supported(qkv_isa_name(i)))
+            sets[n++] = qkv_isa_name(i);
+    return n;
+}

@@ -158,6 +158,10 @@ void   acase_zero_unused(const acase *c, float *out, float *lse);
    rtol, lse atol. */
 void forward_tolerances(qkv_dtype dt, double *atol, double *rtol, double *lse_atol);
 
+/* The kernel sets this CPU runs (at most 8), least preferred first;
+   returns their number. */
+int kernel_sets(const char **sets);
+
 /* ---- the tests (listed in main.c) ---------------------------------------- */
 
 void test_convert_f16_exhaustive(void);

@@ -204,15 +204,6 @@ static void run_case(acase *c, const char *const *sets, int n_sets, qkv_ctx *ref
     acase_free(c);
 }
 
-static int kernel_sets(const char **sets)
-{
-    int n = 0;
-    for (int i = 0; qkv_isa_name(i) && n < 8; i++)
-        if (qkv_isa_supported(qkv_isa_name(i)))
-            sets[n++] = qkv_isa_name(i);
-    return n;
-}
-
 static void report(const char *what)
 {
     t_note("%s: worst error / allowed: f32 %.2f  f16 %.2f  bf16 %.2f", what, worst[QKV_F32],

@@ -187,16 +187,6 @@ void test_dbias_fd(void)
     qkv_ctx_free(ctx);
 }
 
-/* The kernel sets this CPU runs. */
-static int kernel_sets(const char **sets)
-{
-    int n = 0;
-    for (int i = 0; qkv_isa_name(i) && n < 8; i++)
-        if (qkv_isa_supported(qkv_isa_name(i)))
-            sets[n++] = qkv_isa_name(i);
-    return n;
-}
-
 static int same_view(const tbuf *a, const tbuf *b)
 {
     return a->bytes == b->bytes && memcmp(a->buf, b->buf, a->bytes) == 0;

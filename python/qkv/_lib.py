@@ -90,9 +90,15 @@ _SIGS = {
     "qkv_attention_backward_dbias": ([ctypes.c_void_p, _T, _T, _T, _T, _T, P(ctypes.c_float),
                                       P(Opts), _T, _T, _T, _T], ctypes.c_int),
 }
-for _name, (_args, _res) in _SIGS.items():
-    _fn = getattr(lib, _name)
-    _fn.argtypes, _fn.restype = _args, _res
+def bind(sigs):
+    """Sets the argument and result types of the library's functions named
+    in sigs ({name: ([argtypes], restype)})."""
+    for name, (args, res) in sigs.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, res
+
+
+bind(_SIGS)
 
 _d = lib.qkv_attn_opts_default()
 if (_d.window_left, _d.window_right, _d.scale, _d.n_seqs) != (-1, -1, 0.0, 0):

@@ -28,9 +28,7 @@ _SIGS = {
 }
 
 
-for _name, (_args, _res) in _SIGS.items():
-    _f = getattr(_lib.lib, _name)
-    _f.argtypes, _f.restype = _args, _res
+_lib.bind(_SIGS)
 
 
 def _fn(name):

@@ -384,6 +384,21 @@ static void query_tile(const bwd_job *job, const qkv__seq *s, int64_t hk,
     }
 }
 
+/* Whether the query tile tm sees any of keys j0..j0+n (the band is
+   monotone in i, so its first and last rows bound it), and in *band
+   whether some of its (row, key) pairs are masked. */
+static int tile_sees_keys(const qkv__attn *a, const qkv__seq *s, const qkv__tile_map *tm,
+                          int64_t j0, int n, int *band)
+{
+    int64_t lo_first, hi_first, lo_last, hi_last;
+    qkv__key_range(a, s, tm->i0, &lo_first, &hi_first);
+    qkv__key_range(a, s, tm->i0 + tm->mp - 1, &lo_last, &hi_last);
+    if (hi_last <= j0 || lo_first >= j0 + n || hi_last <= lo_first)
+        return 0;
+    *band = !(lo_last <= j0 && hi_first >= j0 + n);
+    return 1;
+}
+
 /* Pass 1: task = (sequence, kv head, tile of BKB keys); dK and dV of those
    keys over every query row of the group that sees them. */
 static void dkv_task(void *arg, int64_t task, int worker)
@@ -406,13 +421,9 @@ static void dkv_task(void *arg, int64_t task, int worker)
 
     for (int64_t i0 = 0; i0 < s.sq; i0 += P) {
         qkv__tile_map tm = { hk * a->group, i0, (int)(s.sq - i0 < P ? s.sq - i0 : P) };
-        /* the band is monotone in i: skip query tiles that miss these keys */
-        int64_t lo_first, hi_first, lo_last, hi_last;
-        qkv__key_range(a, &s, i0, &lo_first, &hi_first);
-        qkv__key_range(a, &s, i0 + tm.mp - 1, &lo_last, &hi_last);
-        if (hi_last <= j0 || lo_first >= j0 + n || hi_last <= lo_first)
+        int band;
+        if (!tile_sees_keys(a, &s, &tm, j0, n, &band))
             continue;
-        const int band = !(lo_last <= j0 && hi_first >= j0 + n);
         const int m = tm.mp * (int)a->group;
         const int mpad = (int)((m + QKV__PAD - 1) / QKV__PAD * QKV__PAD);
         load_query_tile(kn, job, &s, &tm, m, mpad, R, &tl);
@@ -544,12 +555,9 @@ static void dbias_task(void *arg, int64_t task, int worker)
                     const qkv__tile_map tm = { hk * a->group, i0,
                                                (int)(s.sq - i0 < P ? s.sq - i0 : P) };
                     const int n = (int)(s.sk - j0 < BKB ? s.sk - j0 : BKB);
-                    int64_t lo_first, hi_first, lo_last, hi_last;
-                    qkv__key_range(a, &s, i0, &lo_first, &hi_first);
-                    qkv__key_range(a, &s, i0 + tm.mp - 1, &lo_last, &hi_last);
-                    if (hi_last <= j0 || lo_first >= j0 + n || hi_last <= lo_first)
+                    int band;
+                    if (!tile_sees_keys(a, &s, &tm, j0, n, &band))
                         continue;
-                    const int band = !(lo_last <= j0 && hi_first >= j0 + n);
                     const int m = tm.mp * (int)a->group;
                     const int mpad = (int)((m + QKV__PAD - 1) / QKV__PAD * QKV__PAD);
                     load_query_tile(kn, job, &s, &tm, m, mpad, R, &tl);
