@@ -26,8 +26,11 @@ BENCH_ARGS ?=
 all: $(BUILD)/Makefile
 	cmake --build $(BUILD) -j $(JOBS)
 
+# scripts/setup.sh installs only what is missing (build tools, the model
+# runtime's libraries, the MiniLM files), so a fresh machine needs no step
+# before `make test`
 $(BUILD)/Makefile: CMakeLists.txt
-	@command -v cmake >/dev/null || bash scripts/setup.sh
+	bash scripts/setup.sh
 	cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release -DCMAKE_INSTALL_PREFIX=$(PREFIX)
 
 run: all
@@ -38,7 +41,7 @@ test: all
 	bash scripts/test.sh $(BUILD) $(PYENV)
 
 san:
-	@command -v cmake >/dev/null || bash scripts/setup.sh
+	bash scripts/setup.sh
 	cmake -S . -B $(SAN_BUILD) -DCMAKE_BUILD_TYPE=Debug -DQKV_SANITIZE=ON
 	cmake --build $(SAN_BUILD) -j $(JOBS)
 	QKV_TEST_QUICK=1 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
