@@ -153,9 +153,11 @@ static void prefetch_rows(const kv_src *src, int64_t b, int64_t h0, int64_t nh, 
    with the arithmetic instead of stalling it in bursts. */
 typedef struct {
     int64_t b, h0, nh, p, e, end, per_call;
+    int     ch;       /* keys per kernel call while there are rows to ask for */
 } pf_cursor;
 
 enum { CHUNK = 8 };   /* keys per kernel call between two takes */
+enum { MANY_CHUNK = 32 };   /* the same for tiles of more than QKV__PAD rows */
 
 /* bf16 scores for more rows than this come from qk_bf16 (query pairs in
    vectors, one pass over d per key for 16 rows); up to it from qk_bf16_dec
@@ -166,7 +168,7 @@ enum { PAIRS_ROWS = 8 };
    whole run. */
 static int chunk(const pf_cursor *pf)
 {
-    return pf->per_call ? CHUNK : BK;
+    return pf->per_call ? pf->ch : BK;
 }
 
 static void pf_take(const kv_src *src, pf_cursor *c, int64_t D, int64_t Dv)
@@ -417,6 +419,29 @@ static void tile_values(const dec_job *job, const qkv__seq *s, int64_t hk, int64
             int64_t ldv;
             const uint16_t *vr = rows_bf16(src, &src->v, s->b, p0 + c0, hk, nr, Dv, Dv,
                                            sc->vb + c0 * Dv, &ldv);
+            if (m > PAIRS_ROWS) {
+                /* many rows: pair the V rows once (into the fp32 path's
+                   buffer), as the forward does, rather than per row block;
+                   acc scaled by alpha before the first run, as the fused
+                   kernels do it */
+                uint32_t *vp = (uint32_t *)sc->vw;
+                for (int jj = 0; 2 * jj < nr; jj++)
+                    kn->pack_pairs(vr + 2 * jj * ldv,
+                                   2 * jj + 1 < nr ? vr + (2 * jj + 1) * ldv : NULL, Dv,
+                                   vp + jj * Dv);
+                /* the dot-product kernel (AMX tiles would split a run
+                   differently at a paged cache's block boundaries) */
+                if (!c0)
+                    for (int r = 0; r < m; r++)
+                        for (int64_t c = 0; c < Dv; c++)
+                            sc->acc[r * Dv + c] *= sc->alpha[r];
+                kn->mm_bf16(m, (int)pairs(nr), (int)Dv, sc->pp + c0 / 2 * R, 1, R, vp, Dv,
+                            sc->acc, Dv);
+                for (int c = 0; c < nr; c += pf->ch)
+                    pf_take(src, pf, a->D, Dv);
+                c0 += nr;
+                continue;
+            }
             const int ch = chunk(pf);
             for (int c = 0; c < nr; c += ch) {
                 kn->pv_bf16_dec(m, nr - c < ch ? nr - c : ch, (int)Dv,
@@ -432,7 +457,7 @@ static void tile_values(const dec_job *job, const qkv__seq *s, int64_t hk, int64
         const float *vr = rows_f32(kn, src, 1, s->b, p0 + c0, hk, ns, Dv, a->Hkv, sc->vw, &ldv);
         kn->pv(m, ns, (int)Dv, sc->st + c0 * R, 1, R, vr, ldv, c0 ? sc->ones : sc->alpha,
                sc->acc, Dv);
-        for (int c = 0; c < ns; c += CHUNK)
+        for (int c = 0; c < ns; c += pf->ch)
             pf_take(src, pf, a->D, Dv);
         c0 += ns;
     }
@@ -539,9 +564,12 @@ static void dec_task(void *arg, int64_t task, int worker)
         const int n = (int)(khi - j0 < BK ? khi - j0 : BK);
         const int band = !(lo_last <= j0 && hi_first >= j0 + n);
         const int64_t next = khi - j0 - n < BK ? khi - j0 - n : BK;
-        const int64_t calls = job->HB * 2 * ((n + CHUNK - 1) / CHUNK);
+        /* many rows (chunked prefill) do more arithmetic per key: longer
+           kernel calls between the takes */
+        const int ch = m > QKV__PAD ? MANY_CHUNK : CHUNK;
+        const int64_t calls = job->HB * 2 * ((n + ch - 1) / ch);
         pf_cursor pf = { s.b, hk0, job->HB, j0 + n, 0, j0 + n + next,
-                         (next * job->HB + calls - 1) / calls };
+                         (next * job->HB + calls - 1) / calls, ch };
         for (int64_t e = 0; e < job->HB; e++) {
             qkv__tile_map tm = tm0;
             tm.h0 = (hk0 + e) * a->group;
@@ -646,10 +674,9 @@ static qkv_status run(qkv_ctx *ctx, const qkv__attn *a, const kv_src *src, int c
     if (job.P > a->Sq)
         job.P = a->Sq;
     job.R = (job.P * a->group + QKV__PAD - 1) / QKV__PAD * QKV__PAD;
-    /* bf16 dot products for a few rows; many rows (chunked prefill) run
-       the register-blocked fp32 kernels */
-    job.bf = cache_bf16 && a->dt == QKV_BF16 && ctx->kernels->qk_bf16_dec &&
-             job.P * a->group <= QKV__PAD;
+    /* bf16 dot products: along d for a few rows, on query pairs for more
+       (chunked prefill, as the forward's bf16 path) */
+    job.bf = cache_bf16 && a->dt == QKV_BF16 && ctx->kernels->qk_bf16_dec;
     job.dec_rows = ctx->kernels->qk_dec && job.P * a->group <= QKV__PAD;
     /* rows of one head that follow each other ([B, Hkv, S, D] caches):
        one stream per head, a task per head */

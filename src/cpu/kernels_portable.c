@@ -697,16 +697,28 @@ static void pv_bf16(int m, int np, int dv, const uint32_t *pp, int64_t ldp,
         PVB_COLS(1, 1, ldp, alpha + i);
 }
 
+#define MM_ROWS(psi, psj)                                                       \
+    do {                                                                        \
+        int i = 0;                                                              \
+        for (; i + MR <= m; i += MR)                                            \
+            PVB_COLS(MR, psi, psj, NULL);                                       \
+        for (; i + 4 <= m; i += 4)                                              \
+            PVB_COLS(4, psi, psj, NULL);                                        \
+        for (; i < m; i++)                                                      \
+            PVB_COLS(1, psi, psj, NULL);                                        \
+    } while (0)
+
+/* A unit stride on either side (every caller's case) is a constant in
+   the inner loops: the broadcasts need no multiply. */
 static void mm_bf16(int m, int np, int dv, const uint32_t *pp, int64_t psi, int64_t psj,
                     const uint32_t *vp, int64_t ldvp, float *acc, int64_t lda)
 {
-    int i = 0;
-    for (; i + MR <= m; i += MR)
-        PVB_COLS(MR, psi, psj, NULL);
-    for (; i + 4 <= m; i += 4)
-        PVB_COLS(4, psi, psj, NULL);
-    for (; i < m; i++)
-        PVB_COLS(1, psi, psj, NULL);
+    if (psi == 1)
+        MM_ROWS(1, psj);
+    else if (psj == 1)
+        MM_ROWS(psi, 1);
+    else
+        MM_ROWS(psi, psj);
 }
 /* ---- decode: few queries, keys and values read in place ------------------- */
 
