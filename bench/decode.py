@@ -3,9 +3,10 @@
 bandwidth and its peers, one process.
 
 Each row is a decoding step: Sq new queries per sequence against a cache of
-Sk positions (Hq query heads sharing Hkv kv heads). qkv runs
-qkv_attention_kvcache on torch's [B,Hkv,Sk,D] cache tensors (strided views,
-the same memory torch reads), qkv_attention_paged on a paged copy of that
+Sk positions (Hq query heads sharing Hkv kv heads). The caches are torch
+tensors in qkv_alloc memory (transparent huge pages, as the triad's arrays);
+qkv runs qkv_attention_kvcache on those [B,Hkv,Sk,D] tensors (strided
+views, the same memory torch reads), qkv_attention_paged on a paged copy of that
 cache (blocks of 16 positions in shuffled order, written by
 qkv_paged_append; int8 with per-row scales in the last column), and
 qkv_attention_forward with the same tensors (the prefill kernel, for
@@ -32,6 +33,7 @@ import shlex
 import statistics
 import sys
 import time
+import weakref
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench  # noqa: E402  (the forward benchmark: bindings, timing, reference)
@@ -77,6 +79,8 @@ def bind(qkv):
         "qkv_paged_append": ([ctypes.c_void_p, P(PagedCache), i32, ctypes.c_int64, i32, T, T],
                              ctypes.c_int),
         "qkv_peak_bandwidth": ([ctypes.c_void_p], ctypes.c_double),
+        "qkv_alloc": ([ctypes.c_size_t], ctypes.c_void_p),
+        "qkv_free": ([ctypes.c_void_p], None),
     }
     for name, (args, res) in sig.items():
         fn = getattr(qkv.lib, name)
@@ -87,6 +91,22 @@ def check(qkv, st):
     if st:
         raise RuntimeError(f"{qkv.lib.qkv_status_string(st).decode()}: "
                            f"{qkv.lib.qkv_ctx_last_error(qkv.ctx).decode()}")
+
+
+def cache_tensor(qkv, shape, dtype):
+    """An uninitialized torch tensor in qkv_alloc memory (transparent huge
+    pages from 2 MiB up): every cache of the benchmark lives there, and
+    torch and qkv read the same memory."""
+    n = 1
+    for d in shape:
+        n *= d
+    nbytes = max(n * torch.empty(0, dtype=dtype).element_size(), 1)
+    ptr = qkv.lib.qkv_alloc(nbytes)
+    if not ptr:
+        raise MemoryError(f"qkv_alloc({nbytes})")
+    buf = (ctypes.c_char * nbytes).from_address(ptr)
+    weakref.finalize(buf, qkv.lib.qkv_free, ptr)
+    return torch.frombuffer(buf, dtype=dtype, count=n).reshape(shape)
 
 
 def i32p(t):
@@ -101,8 +121,8 @@ def paged_copy(qkv, shape, dtype, k, v, int8):
     perm = torch.randperm(n_blocks, generator=torch.Generator().manual_seed(7))
     table = perm.to(torch.int32).reshape(shape.B, nb).contiguous()
     kdt = torch.int8 if int8 else TORCH_DTYPE[dtype]
-    pk = torch.empty(n_blocks, BLOCK, shape.Hkv, shape.D, dtype=kdt)
-    pv = torch.empty_like(pk)
+    pk = cache_tensor(qkv, (n_blocks, BLOCK, shape.Hkv, shape.D), kdt)
+    pv = cache_tensor(qkv, (n_blocks, BLOCK, shape.Hkv, shape.D), kdt)
     ks = vs = None
     c = PagedCache()
     c.k, c.v = pk.data_ptr(), pv.data_ptr()
@@ -124,8 +144,10 @@ def rows_for(qkv, shape, dtype, reps):
     gen = torch.Generator().manual_seed(11)
     tdt = TORCH_DTYPE[dtype]
     q = torch.randn(shape.B, shape.Hq, shape.Sq, shape.D, generator=gen).to(tdt)
-    k = torch.randn(shape.B, shape.Hkv, shape.Sk, shape.D, generator=gen).to(tdt)
-    v = torch.randn(shape.B, shape.Hkv, shape.Sk, shape.D, generator=gen).to(tdt)
+    k = cache_tensor(qkv, (shape.B, shape.Hkv, shape.Sk, shape.D), tdt)
+    v = cache_tensor(qkv, (shape.B, shape.Hkv, shape.Sk, shape.D), tdt)
+    k.copy_(torch.randn(shape.B, shape.Hkv, shape.Sk, shape.D, generator=gen))
+    v.copy_(torch.randn(shape.B, shape.Hkv, shape.Sk, shape.D, generator=gen))
     causal = shape.Sq > 1          # new queries see the cache and each other
     cshape = Shape(shape.B, shape.Sq, shape.Sk, shape.Hq, shape.Hkv, shape.D, causal)
     ref = bench.reference(cshape, q, k, v)
@@ -319,7 +341,8 @@ def markdown(meta, rows, bw, l3, varlen):
          "",
          wrap("One decoding step per row: Sq new queries per sequence (causal among "
               "themselves when Sq > 1) against a cache of Sk positions, Hq query "
-              "heads over Hkv kv heads. The caches are torch `[B,Hkv,Sk,D]` tensors; "
+              "heads over Hkv kv heads. The caches are torch `[B,Hkv,Sk,D]` tensors in "
+              "`qkv_alloc` memory (transparent huge pages, as the triad's arrays); "
               "qkv reads them in place as strided views. kvcache: "
               "`qkv_attention_kvcache`; paged: `qkv_attention_paged` on a copy in "
               f"blocks of {BLOCK} positions in shuffled order (written by "

@@ -117,6 +117,20 @@ QKV_API size_t qkv_dtype_size(qkv_dtype dtype);
 QKV_API qkv_status qkv_convert(const void *src, qkv_dtype src_dtype,
                                void *dst, qkv_dtype dst_dtype, size_t n);
 
+/* ---- memory ------------------------------------------------------------- */
+
+/* Memory for KV caches, paged pools and other large tensors: 64-byte
+   aligned, and from 2 MiB up 2 MiB aligned and advised for transparent
+   huge pages (Linux madvise; it takes effect where
+   /sys/kernel/mm/transparent_hugepage/enabled is "always" or "madvise").
+   Decoding streams the whole cache each step: on 4 KiB pages every 4 KiB
+   costs a TLB walk, a nested one on virtual machines, and a cache in this
+   memory decoded 1.5x faster there (docs/PERFORMANCE.md). Contents are
+   not initialized. Returns NULL for 0 bytes or when out of memory; free
+   with qkv_free (NULL is a no-op). */
+QKV_API void *qkv_alloc(size_t bytes);
+QKV_API void qkv_free(void *p);
+
 /* ---- context ------------------------------------------------------------ */
 
 typedef struct qkv_ctx qkv_ctx;
@@ -514,8 +528,8 @@ QKV_API qkv_status qkv_attention_paged(qkv_ctx *ctx, const qkv_tensor *q,
         const int32_t *seqlens_k, const qkv_attn_opts *opts, qkv_tensor *out, float *lse);
 
 /* Measures the memory bandwidth ctx's threads reach on a STREAM-style
-   triad (a[i] = b[i] + s·c[i]) over arrays far larger than the caches, in
-   GB/s counting 3 × 4 bytes per element (the best of several rounds,
+   triad (a[i] = b[i] + s·c[i]) over arrays far larger than the caches,
+   allocated as qkv_alloc does, in GB/s counting 3 × 4 bytes per element (the best of several rounds,
    about 0.3 s): the yardstick for memory-bound calls such as decoding.
    Returns 0 for a NULL ctx or when the arrays cannot be allocated. */
 QKV_API double qkv_peak_bandwidth(qkv_ctx *ctx);

@@ -89,6 +89,7 @@ static const struct { const char *name; void (*fn)(void); } tests[] = {
     { "masks_padding_varlen",    test_masks_padding_equals_varlen },
     { "masks_row_bias_scale",    test_masks_row_bias_and_negative_scale },
     { "api_peak",                test_api_peak },
+    { "api_alloc",               test_api_alloc },
     { "fuzz_arguments",          test_fuzz_arguments },
     { "backward_ref_errors",     test_backward_ref_errors },
     { "backward_ref_closed_form", test_backward_ref_closed_form },

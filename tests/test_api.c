@@ -12,3 +12,28 @@ void test_api_peak(void)
     t_note("fp32 FMA ceiling with %s kernels, 2 threads: %.0f GFLOP/s", qkv_ctx_isa(ctx), g);
     qkv_ctx_free(ctx);
 }
+
+/* qkv_alloc: alignment by size, every byte writable, 0 bytes and NULL. */
+void test_api_alloc(void)
+{
+    CHECK(qkv_alloc(0) == NULL, "qkv_alloc(0) must be NULL");
+    qkv_free(NULL);
+    const size_t sizes[] = { 1, 63, 4096, (2u << 20) - 1, 2u << 20, (5u << 20) + 3 };
+    for (size_t t = 0; t < sizeof sizes / sizeof *sizes; t++) {
+        const size_t n = sizes[t];
+        unsigned char *p = qkv_alloc(n);
+        CHECK(p != NULL, "qkv_alloc(%zu) failed", n);
+        if (!p)
+            continue;
+        const uintptr_t align = n >= (2u << 20) ? (2u << 20) : 64;
+        CHECK((uintptr_t)p % align == 0, "qkv_alloc(%zu) = %p, not %zu-byte aligned", n,
+              (void *)p, (size_t)align);
+        for (size_t i = 0; i < n; i++)
+            p[i] = (unsigned char)i;
+        size_t bad = 0;
+        for (size_t i = 0; i < n; i++)
+            bad += p[i] != (unsigned char)i;
+        CHECK(bad == 0, "qkv_alloc(%zu): %zu bytes did not read back", n, bad);
+        qkv_free(p);
+    }
+}

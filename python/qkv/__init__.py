@@ -22,9 +22,28 @@ from . import _lib
 from ._lib import Error
 
 __all__ = ["attention", "attention_backward", "reference", "Error", "version",
-           "isa", "isa_names", "kvcache_attention", "PagedCache", "Model"]
+           "isa", "isa_names", "empty", "kvcache_attention", "PagedCache", "Model"]
 
 __version__ = _lib.lib.qkv_version().decode()
+
+
+def empty(shape, dtype=np.float32):
+    """An uninitialized NumPy array in qkv_alloc memory: from 2 MiB up on
+    transparent huge pages, which decoding streams faster than 4 KiB pages
+    (the memory for KV caches). Freed when the array and its views are."""
+    import weakref
+    dt = np.dtype(dtype)
+    shape = tuple(int(d) for d in (shape if np.ndim(shape) else (shape,)))
+    if any(d < 0 for d in shape):
+        raise ValueError(f"shape: negative dimension in {shape}")
+    count = int(np.prod(shape, dtype=np.int64))
+    nbytes = max(count * dt.itemsize, 1)
+    ptr = _lib.lib.qkv_alloc(nbytes)
+    if not ptr:
+        raise MemoryError(f"qkv_alloc({nbytes}) failed")
+    buf = (ctypes.c_char * nbytes).from_address(ptr)
+    weakref.finalize(buf, _lib.lib.qkv_free, ptr)
+    return np.frombuffer(buf, dtype=dt, count=count).reshape(shape)
 
 
 def version():

@@ -68,6 +68,8 @@ lib = _load()
 _T = P(Tensor)
 _SIGS = {
     "qkv_version": ([], ctypes.c_char_p),
+    "qkv_alloc": ([ctypes.c_size_t], ctypes.c_void_p),
+    "qkv_free": ([ctypes.c_void_p], None),
     "qkv_status_string": ([ctypes.c_int], ctypes.c_char_p),
     "qkv_ctx_create": ([ctypes.c_int], ctypes.c_void_p),
     "qkv_ctx_free": ([ctypes.c_void_p], None),

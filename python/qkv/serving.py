@@ -6,7 +6,7 @@ import ctypes
 import numpy as np
 
 from . import _lib
-from . import _Call, _empty, _floats_ptr, _is_torch, _view
+from . import _Call, _empty, _floats_ptr, _is_torch, _view, empty
 
 P = ctypes.POINTER
 KV_DTYPES = {"float32": 0, "float16": 1, "bfloat16": 2, "int8": 16}
@@ -100,8 +100,11 @@ class PagedCache:
         else:
             npdt = np.dtype(dtype)
         self.dtype = dtype
-        self.k = np.zeros((n_blocks, block_size, heads_kv, head_dim), npdt)
-        self.v = np.zeros((n_blocks, block_size, heads_kv, head_dim_v), npdt)
+        # pools in qkv_alloc memory (huge pages), zeroed
+        self.k = empty((n_blocks, block_size, heads_kv, head_dim), npdt)
+        self.v = empty((n_blocks, block_size, heads_kv, head_dim_v), npdt)
+        self.k[...] = 0
+        self.v[...] = 0
         self.k_scale = self.v_scale = None
         if dtype == "int8":
             self.k_scale = np.zeros((n_blocks, block_size, heads_kv), np.float32)

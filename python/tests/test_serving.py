@@ -67,3 +67,21 @@ def test_paged_errors():
         cache.attention(q, np.array([[0]], np.int32), np.array([9], np.int32))
     with pytest.raises(ValueError, match="dtype"):
         qkv.PagedCache(4, 8, 1, 16, dtype="float64")
+
+
+def test_empty_is_aligned_and_freed():
+    import gc
+    import ml_dtypes
+    for shape, dt, align in [((3, 5), np.float32, 64), (7, np.int8, 64),
+                             ((4, 1024, 8, 128), ml_dtypes.bfloat16, 2 << 20)]:
+        a = qkv.empty(shape, dt)
+        assert a.shape == (shape if isinstance(shape, tuple) else (shape,))
+        assert a.dtype == np.dtype(dt) and a.flags.writeable and a.flags.c_contiguous
+        assert a.ctypes.data % align == 0
+        a[...] = 1
+        view = a.reshape(-1)[::2]
+        del a
+        gc.collect()
+        assert (np.asarray(view, np.float32) == 1).all()   # the view keeps it alive
+    with pytest.raises(ValueError):
+        qkv.empty((2, -1))

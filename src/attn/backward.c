@@ -276,7 +276,7 @@ static void tile_grads(const qkv__kernels *kn, const qkv__attn *a, const qkv__se
         kn->qk(n, m, (int)a->D, a->scale, kt->k, kt->ldk, tl->qt, R, tl->q, a->D, tl->st, R);
     const int cap = a->softcap > 0.0f;
     if (cap || a->alibi || a->bias || band)
-        qkv__score_mods(a, s, tm, m, j0, n, band, tl->st, R, cap ? tl->dcap : NULL);
+        qkv__score_mods(a, s, tm, m, j0, n, band, tl->st, 1, R, cap ? tl->dcap : NULL);
     for (int c = 0; c < n; c++)
         for (int r = m; r < mpad; r++)
             tl->st[c * R + r] = -INFINITY;

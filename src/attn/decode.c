@@ -104,16 +104,22 @@ static const float *rows_f32(const qkv__kernels *kn, const kv_src *src, int is_v
     return buf;
 }
 
-/* Decode reads each K/V row once. In [S, Hkv, D] caches (and paged
-   pools) a head's rows are 2·D bytes at a stride of Hkv rows: too sparse
-   for the hardware's stream prefetchers, and on virtual machines every
-   strided page costs a nested page walk. So a decode task takes all the kv
-   heads of its sequence, and while one head works on a key tile, its
-   share of the next tile's positions is asked for, every head of each
-   position in address order (K into L1, V into L2 for the products after
-   the softmax). Where a head's rows follow each other ([Hkv, S, D]) a
-   task takes one head, and its rows are asked for one tile ahead all the
-   same: that measured faster than leaving the stream to the hardware. */
+/* Decode reads each K/V row once, with little arithmetic per byte, so it
+   runs at the speed the cache lines arrive. Measured on the virtual
+   machines this is tuned on, a core's own loads keep too few lines in
+   flight once the kernels' arithmetic fills the reorder window, and the
+   hardware prefetchers do not make up for it; software prefetch one key
+   tile ahead (into L2) does: 1.6x. In [S, Hkv, D] caches (and paged
+   pools) a head's rows are 2·D bytes at a stride of Hkv rows, too sparse
+   for the stream prefetchers, so a decode task takes all the kv heads of
+   its sequence, and while one head works on a key tile, it asks for its
+   share of the next tile's positions, every head of each position in
+   address order. Where a head's rows follow each other ([Hkv, S, D]) a
+   task takes one head and asks for its own next tile. The few-row bf16
+   kernels ask as they go (qkv__pf, next_rows); the other paths take a few
+   rows between kernel calls (pf_cursor). Pages: a cache on 4 KiB pages
+   costs a TLB walk (nested on a VM) every 16 rows of 256 bytes; qkv_alloc
+   gives transparent huge pages, measured 1.5x faster to decode from. */
 
 /* Asks for bytes [p, p + span) of the cache, line by line. */
 static void prefetch_span(const char *p, int64_t span, int locality)
@@ -159,10 +165,12 @@ typedef struct {
 enum { CHUNK = 8 };   /* keys per kernel call between two takes */
 enum { MANY_CHUNK = 32 };   /* the same for tiles of more than QKV__PAD rows */
 
-/* bf16 scores for more rows than this come from qk_bf16 (query pairs in
-   vectors, one pass over d per key for 16 rows); up to it from qk_bf16_dec
-   (dot products along d, 4 x 4 at a time), cheaper for a few rows. */
-enum { PAIRS_ROWS = 8 };
+/* bf16 tiles of up to this many rows (decoding, speculative verification)
+   take head_tile_rows: scores from qk_bf16_dec (dot products along d,
+   4 x 4 at a time), the softmax along rows, P·V with the accumulators in
+   registers; more rows (chunked prefill) take the forward's layout, qk_bf16
+   on query pairs and mm_bf16 on V paired once per tile. */
+enum { PAIRS_ROWS = 16 };
 
 /* Keys per kernel call: CHUNK while there are rows to ask for, else the
    whole run. */
@@ -369,13 +377,9 @@ static void tile_scores(const dec_job *job, const qkv__seq *s, int64_t hk, int64
             const int ch = chunk(pf);
             for (int c = 0; c < nr; c += ch) {
                 const int nc = nr - c < ch ? nr - c : ch;
-                float *st = sc->st + (c0 + c) * R;
-                if (m > PAIRS_ROWS)
-                    kn->qk_bf16(nc, (m + QKV__PAD - 1) / QKV__PAD * QKV__PAD, (int)pairs(D),
-                                a->scale, kr + c * ldk, ldk, (const uint32_t *)sc->q, R, st, R);
-                else
-                    kn->qk_bf16_dec(nc, m, (int)pairs(D), a->scale, kr + c * ldk, ldk,
-                                    (const uint16_t *)sc->q, w, st, R);
+                kn->qk_bf16(nc, (m + QKV__PAD - 1) / QKV__PAD * QKV__PAD, (int)pairs(D),
+                            a->scale, kr + c * ldk, ldk, (const uint32_t *)sc->q, R,
+                            sc->st + (c0 + c) * R, R);
                 pf_take(src, pf, D, a->Dv);
             }
             c0 += nr;
@@ -419,36 +423,24 @@ static void tile_values(const dec_job *job, const qkv__seq *s, int64_t hk, int64
             int64_t ldv;
             const uint16_t *vr = rows_bf16(src, &src->v, s->b, p0 + c0, hk, nr, Dv, Dv,
                                            sc->vb + c0 * Dv, &ldv);
-            if (m > PAIRS_ROWS) {
-                /* many rows: pair the V rows once (into the fp32 path's
-                   buffer), as the forward does, rather than per row block;
-                   acc scaled by alpha before the first run, as the fused
-                   kernels do it */
-                uint32_t *vp = (uint32_t *)sc->vw;
-                for (int jj = 0; 2 * jj < nr; jj++)
-                    kn->pack_pairs(vr + 2 * jj * ldv,
-                                   2 * jj + 1 < nr ? vr + (2 * jj + 1) * ldv : NULL, Dv,
-                                   vp + jj * Dv);
-                /* the dot-product kernel (AMX tiles would split a run
-                   differently at a paged cache's block boundaries) */
-                if (!c0)
-                    for (int r = 0; r < m; r++)
-                        for (int64_t c = 0; c < Dv; c++)
-                            sc->acc[r * Dv + c] *= sc->alpha[r];
-                kn->mm_bf16(m, (int)pairs(nr), (int)Dv, sc->pp + c0 / 2 * R, 1, R, vp, Dv,
-                            sc->acc, Dv);
-                for (int c = 0; c < nr; c += pf->ch)
-                    pf_take(src, pf, a->D, Dv);
-                c0 += nr;
-                continue;
-            }
-            const int ch = chunk(pf);
-            for (int c = 0; c < nr; c += ch) {
-                kn->pv_bf16_dec(m, nr - c < ch ? nr - c : ch, (int)Dv,
-                                sc->pp + (c0 + c) / 2 * R, R, vr + c * ldv, ldv,
-                                c0 + c ? sc->ones : sc->alpha, sc->acc, Dv);
+            /* pair the V rows once (into the fp32 path's buffer), as the
+               forward does, rather than per row block; acc scaled by
+               alpha before the first run, as the fused kernels do it */
+            uint32_t *vp = (uint32_t *)sc->vw;
+            for (int jj = 0; 2 * jj < nr; jj++)
+                kn->pack_pairs(vr + 2 * jj * ldv,
+                               2 * jj + 1 < nr ? vr + (2 * jj + 1) * ldv : NULL, Dv,
+                               vp + jj * Dv);
+            /* the dot-product kernel (AMX tiles would split a run
+               differently at a paged cache's block boundaries) */
+            if (!c0)
+                for (int r = 0; r < m; r++)
+                    for (int64_t c = 0; c < Dv; c++)
+                        sc->acc[r * Dv + c] *= sc->alpha[r];
+            kn->mm_bf16(m, (int)pairs(nr), (int)Dv, sc->pp + c0 / 2 * R, 1, R, vp, Dv,
+                        sc->acc, Dv);
+            for (int c = 0; c < nr; c += pf->ch)
                 pf_take(src, pf, a->D, Dv);
-            }
             c0 += nr;
             continue;
         }
@@ -477,6 +469,58 @@ static void store_row(const dec_job *job, const qkv__seq *s, const qkv__tile_map
         a->lse[qkv__lse_index(a, s->b, h, i)] = l > 0.0f ? m + logf(l) : -INFINITY;
 }
 
+/* The online softmax update of rows 0..m-1 from the tile's maxima mx. */
+static void new_max(const scratch *sc, int m)
+{
+    for (int r = 0; r < m; r++) {
+        const float mn = sc->mx[r] > sc->m[r] ? sc->mx[r] : sc->m[r];
+        sc->mref[r] = mn == -INFINITY ? 0.0f : mn;   /* all hidden: P = 0 */
+        sc->alpha[r] = sc->m[r] == mn ? 1.0f : expf(sc->m[r] - sc->mref[r]);
+        sc->m[r] = mn;
+    }
+}
+
+/* A key tile for a few bf16 rows (decoding): scores query-major in st
+   [m][BK], the softmax along each row, P·V with the accumulators in
+   registers for the whole run; the kernels ask for the next tile's K
+   (pfk) and V (pfv) lines as they go. Runs split as in tile_scores and
+   tile_values, so every cache layout gives the same bits. */
+static void head_tile_rows(const dec_job *job, const qkv__seq *s, const qkv__tile_map *tm,
+                           int64_t hk, int64_t j0, int n, int m, int band, const scratch *sc,
+                           qkv__pf *pfk, qkv__pf *pfv)
+{
+    const qkv__attn *a = job->a;
+    const kv_src *src = job->src;
+    const qkv__kernels *kn = job->ctx->kernels;
+    const int64_t D = a->D, Dv = a->Dv, w = 2 * pairs(D);
+    uint16_t *p = (uint16_t *)sc->pp;
+    for (int c0 = 0; c0 < n;) {
+        const int nr = run_length(src, j0, c0, n, 4);
+        int64_t ldk;
+        const uint16_t *kr = rows_bf16(src, &src->k, s->b, j0 + c0, hk, nr, D, w,
+                                       sc->kb + c0 * w, &ldk);
+        kn->qk_bf16_dec(nr, m, (int)pairs(D), a->scale, kr, ldk, (const uint16_t *)sc->q, w,
+                        sc->st + c0, BK, pfk);
+        c0 += nr;
+    }
+    if (a->softcap > 0.0f || a->alibi || band)
+        qkv__score_mods(a, s, tm, m, j0, n, band, sc->st, BK, 1, NULL);
+    kn->row_max(sc->st, BK, m, n, sc->mx);
+    new_max(sc, m);
+    kn->exp_rows_bf16(sc->st, BK, m, n, sc->mref, sc->sum, p, BK);
+    for (int r = 0; r < m; r++)
+        sc->l[r] = sc->l[r] * sc->alpha[r] + sc->sum[r];
+    for (int c0 = 0; c0 < n;) {
+        const int nr = run_length(src, j0, c0, n, 2);
+        int64_t ldv;
+        const uint16_t *vr = rows_bf16(src, &src->v, s->b, j0 + c0, hk, nr, Dv, Dv,
+                                       sc->vb + c0 * Dv, &ldv);
+        kn->pv_bf16_dec(m, nr, (int)Dv, p + c0, BK, vr, ldv, c0 ? NULL : sc->alpha, sc->acc,
+                        Dv, pfv);
+        c0 += nr;
+    }
+}
+
 /* One key tile (keys j0 .. j0+n-1) for kv head hk: scores, masks and
    modifications, the online softmax update, P·V. */
 static void head_tile(const dec_job *job, const qkv__seq *s, const qkv__tile_map *tm,
@@ -489,18 +533,12 @@ static void head_tile(const dec_job *job, const qkv__seq *s, const qkv__tile_map
     const int mpad = (m + QKV__PAD - 1) / QKV__PAD * QKV__PAD;
     tile_scores(job, s, hk, j0, n, m, sc, pf);
     if (a->softcap > 0.0f || a->alibi || band)
-        qkv__score_mods(a, s, tm, m, j0, n, band, sc->st, R, NULL);
-    if (!job->bf || m > PAIRS_ROWS)   /* qk, qk_bf16 may write the padding columns */
-        for (int c = 0; c < n; c++)
+        qkv__score_mods(a, s, tm, m, j0, n, band, sc->st, 1, R, NULL);
+    for (int c = 0; c < n; c++)   /* qk, qk_bf16 may write the padding columns */
             for (int r = m; r < mpad; r++)
                 sc->st[c * R + r] = -INFINITY;
     kn->col_max(sc->st, R, n, mpad, sc->mx);
-    for (int r = 0; r < mpad; r++) {
-        const float mn = sc->mx[r] > sc->m[r] ? sc->mx[r] : sc->m[r];
-        sc->mref[r] = mn == -INFINITY ? 0.0f : mn;   /* all hidden: P = 0 */
-        sc->alpha[r] = sc->m[r] == mn ? 1.0f : expf(sc->m[r] - sc->mref[r]);
-        sc->m[r] = mn;
-    }
+    new_max(sc, mpad);
     if (job->bf)
         kn->exp_pack_bf16(sc->st, R, n, mpad, sc->mref, sc->sum, sc->pp, R);
     else
@@ -508,6 +546,46 @@ static void head_tile(const dec_job *job, const qkv__seq *s, const qkv__tile_map
     for (int r = 0; r < mpad; r++)
         sc->l[r] = sc->l[r] * sc->alpha[r] + sc->sum[r];
     tile_values(job, s, hk, j0, n, m, sc, pf);
+}
+
+/* What head slot e of a task asks for while it works on a tile of n keys:
+   its share of the next tile's rows of t (positions p .. p+next-1), as
+   far as they lie in one block. Where the task's heads are adjacent rows
+   ([S, Hkv, D] caches), slot e takes positions e/HB .. (e+1)/HB of the
+   next tile, every head of each (one span per position); else its own
+   head's rows. */
+static qkv__pf next_rows(const dec_job *job, const qkv_tensor *t, int64_t b, int64_t hk0,
+                         int64_t e, int64_t p, int64_t next, int64_t cols, int n)
+{
+    const kv_src *src = job->src;
+    qkv__pf pf;
+    memset(&pf, 0, sizeof pf);
+    const int64_t HB = job->HB;
+    const int adj = HB > 1 && t->stride[2] == cols;
+    int64_t lo = p, cnt = next, h = hk0 + e, span = cols * src->es;
+    if (adj) {
+        lo = p + next * e / HB;
+        cnt = p + next * (e + 1) / HB - lo;
+        h = hk0;
+        span *= HB;
+    }
+    if (cnt <= 0 || t->stride[3] != 1)
+        return pf;
+    const int64_t left = src->bs - row_in_block(src, lo);
+    cnt = cnt < left ? cnt : left;
+    const uintptr_t at = (uintptr_t)((const char *)t->data + row_off(src, t, b, lo, h) * src->es);
+    pf.base = (const char *)(at & ~(uintptr_t)63);
+    pf.ld = t->stride[1] * src->es;
+    pf.lines = (int32_t)((at % 64 + (uintptr_t)span + 63) / 64 + (pf.ld % 64 != 0));
+    pf.rows = (int32_t)cnt;
+    if (pf.ld == 64 * (int64_t)pf.lines) {   /* one run of lines */
+        pf.lines *= pf.rows;
+        pf.rows = 1;
+    }
+    const int64_t steps = (n + 3) / 4;
+    pf.per4 = (int32_t)(((int64_t)pf.rows * pf.lines + steps - 1) / steps);
+    pf.l2 = 1;
+    return pf;
 }
 
 static void dec_task(void *arg, int64_t task, int worker)
@@ -537,10 +615,7 @@ static void dec_task(void *arg, int64_t task, int worker)
     const scratch sh = scratch_at(base, 0, R, a->D, Dv);
     for (int r = 0; r < mpad; r++)
         sh.ones[r] = 1.0f;
-    if (job->bf)   /* padding columns: qk_bf16_dec never writes them */
-        for (int c = 0; c < BK; c++)
-            for (int r = m; r < mpad; r++)
-                sh.st[c * R + r] = -INFINITY;
+    const int rows = job->bf && m <= PAIRS_ROWS;   /* head_tile_rows */
 
     /* the keys any row of the tile sees (the band is monotone in i), and
        this part's share of them in whole key tiles */
@@ -574,7 +649,13 @@ static void dec_task(void *arg, int64_t task, int worker)
             qkv__tile_map tm = tm0;
             tm.h0 = (hk0 + e) * a->group;
             const scratch sc = scratch_at(base, e, R, a->D, Dv);
-            head_tile(job, &s, &tm, hk0 + e, j0, n, m, band, &sc, &pf);
+            if (rows) {
+                qkv__pf pfk = next_rows(job, &job->src->k, s.b, hk0, e, j0 + n, next, a->D, n),
+                        pfv = next_rows(job, &job->src->v, s.b, hk0, e, j0 + n, next, Dv, n);
+                head_tile_rows(job, &s, &tm, hk0 + e, j0, n, m, band, &sc, &pfk, &pfv);
+            } else {
+                head_tile(job, &s, &tm, hk0 + e, j0, n, m, band, &sc, &pf);
+            }
         }
     }
 

@@ -251,7 +251,7 @@ static void fwd_task(void *arg, int64_t task, int worker)
         /* the band cuts this tile unless every row sees all of it */
         const int band = !(lo_last <= j0 && hi_first >= j0 + n);
         if (modded || band)
-            qkv__score_mods(a, &s, &tm, m, j0, n, band, tl.st, R, NULL);
+            qkv__score_mods(a, &s, &tm, m, j0, n, band, tl.st, 1, R, NULL);
         if (mpad > m)
             for (int c = 0; c < n; c++)
                 for (int r = m; r < mpad; r++)

@@ -67,11 +67,12 @@ void qkv__key_range(const qkv__attn *a, const qkv__seq *s, int64_t i,
    this tile. With softcap, dcap (same layout, or NULL) receives the
    derivative of the cap, 1 - tanh²(s/softcap), for the backward. */
 void qkv__score_mods(const qkv__attn *a, const qkv__seq *s, const qkv__tile_map *tm,
-                     int m, int64_t j0, int n, int band, float *st, int64_t ld, float *dcap)
+                     int m, int64_t j0, int n, int band, float *st, int64_t ldr, int64_t ld,
+                     float *dcap)
 {
     const float cap = a->softcap;
     for (int r = 0; r < m; r++) {
-        float *col = st + r;
+        float *col = st + r * ldr;
         const int64_t h = tm->h0 + r / tm->mp, i = tm->i0 + r % tm->mp;
         const int64_t p = i + s->sk - s->sq;
         if (cap > 0.0f)

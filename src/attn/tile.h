@@ -49,10 +49,11 @@ void qkv__store_row(const qkv__kernels *kn, const qkv_tensor *t, int64_t off,
 void qkv__key_range(const qkv__attn *a, const qkv__seq *s, int64_t i,
                     int64_t *lo, int64_t *hi);
 
-/* Softcap, ALiBi, bias and the band mask on a tile of scores st[c·ld + r]
-   (keys j0..j0+n by m rows); see tile.c. */
+/* Softcap, ALiBi, bias and the band mask on a tile of scores st[r·ldr + c·ld]
+   (keys j0..j0+n by m rows; dcap, when given, [c·ld + r]); see tile.c. */
 void qkv__score_mods(const qkv__attn *a, const qkv__seq *s, const qkv__tile_map *tm,
-                     int m, int64_t j0, int n, int band, float *st, int64_t ld, float *dcap);
+                     int m, int64_t j0, int n, int band, float *st, int64_t ldr, int64_t ld,
+                     float *dcap);
 
 /* The tile's m bf16 queries (of a->q) as pairs along d for qk_bf16:
    qp[x/2][r] holds row r's q[x] low and q[x+1] high, zero past D and in

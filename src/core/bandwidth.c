@@ -1,7 +1,8 @@
 /*
  * bandwidth.c — the memory-bandwidth yardstick: a STREAM-style triad on
- * the context's threads over arrays far larger than any cache, the ceiling
- * memory-bound calls (decoding) are quoted against.
+ * the context's threads over arrays far larger than any cache (allocated
+ * as caches should be, by qkv_alloc), the ceiling memory-bound calls
+ * (decoding) are quoted against.
  */
 #define _POSIX_C_SOURCE 200809L   /* clock_gettime */
 #include "internal.h"
@@ -44,10 +45,13 @@ double qkv_peak_bandwidth(qkv_ctx *ctx)
         return 0.0;
     triad_job job = { NULL, NULL, NULL, 0.5f, 1 };
     const size_t bytes = (size_t)TRIAD_FLOATS * sizeof(float);
-    if (posix_memalign((void **)&job.a, 64, bytes) || posix_memalign((void **)&job.b, 64, bytes) ||
-        posix_memalign((void **)&job.c, 64, bytes)) {
-        free(job.a);
-        free(job.b);
+    job.a = qkv_alloc(bytes);
+    job.b = qkv_alloc(bytes);
+    job.c = qkv_alloc(bytes);
+    if (!job.a || !job.b || !job.c) {
+        qkv_free(job.a);
+        qkv_free(job.b);
+        qkv_free(job.c);
         return 0.0;
     }
     qkv__parallel(ctx, TRIAD_CHUNKS, 0.0, triad_task, &job);
@@ -63,8 +67,8 @@ double qkv_peak_bandwidth(qkv_ctx *ctx)
         const double gbs = dt > 0.0 ? 3.0 * (double)bytes / dt * 1e-9 : 0.0;
         best = gbs > best ? gbs : best;
     }
-    free(job.a);
-    free(job.b);
-    free(job.c);
+    qkv_free(job.a);
+    qkv_free(job.b);
+    qkv_free(job.c);
     return best;
 }

@@ -10,6 +10,17 @@
 
 #include <stdint.h>
 
+/* Cache lines a decode kernel asks for while it works (software
+   prefetch): `rows` rows `ld` bytes apart from base, `lines` lines of 64
+   bytes each, `per4` lines after each 4 keys until all are asked for;
+   row/line is the progress, kept across calls. l2: into L2 only. */
+typedef struct {
+    const char *base;
+    int64_t     ld;
+    int32_t     rows, lines, per4, l2;
+    int32_t     row, line;
+} qkv__pf;
+
 typedef struct qkv__kernels {
     const char *name;
 
@@ -90,21 +101,38 @@ typedef struct qkv__kernels {
     /* ---- decode: a few query rows against many keys (NULL where the CPU
        has no bf16 dot) -------------------------------------------------- */
 
-    /* The scores of qk_bf16_rows, st[j][i] for j < n, i < m, computed in
-       blocks of 4 keys x 4 queries whose 16 dot products are reduced
-       together (only the last n % 4 keys are reduced one by one); q must
-       be readable up to row round_up(m, 4). Splitting the keys into calls
-       of multiples of 4 gives the same bits. */
+    /* The scores of qk_bf16_rows, query-major: st[i·ldst + j] for j < n,
+       i < m, computed in blocks of 4 keys x 4 queries whose 16 dot
+       products are reduced together (only the last n % 4 keys are reduced
+       one by one); q must be readable up to row round_up(m, 4). Splitting
+       the keys into calls of multiples of 4 gives the same bits. Asks for
+       the lines of pf (NULL: none) as it goes. */
     void (*qk_bf16_dec)(int n, int m, int dp, float scale, const uint16_t *k, int64_t ldk,
-                        const uint16_t *q, int64_t ldq, float *st, int64_t ldst);
+                        const uint16_t *q, int64_t ldq, float *st, int64_t ldst,
+                        qkv__pf *pf);
 
-    /* pv_bf16 with V read in place: acc[i][c] = alpha[i]·acc[i][c] +
-       Σ_jj pp[jj][i]·(v[2jj][c], v[2jj+1][c]) for i < m, c < dv, with v
-       bf16 rows [n][ldv] paired along keys on the fly (a last odd row
-       pairs with zero). Bit for bit what pv_bf16 gives on packed pairs. */
-    void (*pv_bf16_dec)(int m, int n, int dv, const uint32_t *pp, int64_t ldp,
+    /* mx[i] = max_j st[i·ld + j] (-inf when all are), and then, with
+       mref[i] = max(mx[i], m_old) (0 when -inf) handed back by the caller:
+       exp_rows_bf16 below. i < m, j < n. */
+    void (*row_max)(const float *st, int64_t ld, int m, int n, float *mx);
+
+    /* P = exp(st[i·ld + j] - mref[i]) rounded to bf16 into p[i·ldp + j],
+       zero from j = n up to round_up(n, 32), and sum[i] = Σ_j of the
+       unrounded P; mref finite. Row i of p read as uint32 is P's pairs
+       of keys (j even low, j + 1 high). */
+    void (*exp_rows_bf16)(const float *st, int64_t ld, int m, int n, const float *mref,
+                          float *sum, uint16_t *p, int64_t ldp);
+
+    /* acc[i][c] = alpha[i]·acc[i][c] + Σ_jj P(i,jj)·(v[2jj][c], v[2jj+1][c])
+       for i < m, c < dv, jj < (n+1)/2, where P(i,jj) is pair jj of row i of
+       p ([m][ldp] bf16 from exp_rows_bf16) and v bf16 rows [n][ldv],
+       paired along keys on the fly (a last odd row pairs with zero);
+       alpha NULL: no rescaling. The sums run pair by pair in fp32, so
+       calls split at even key counts give the same bits as one call.
+       Asks for the lines of pf (NULL: none) as it goes. */
+    void (*pv_bf16_dec)(int m, int n, int dv, const uint16_t *p, int64_t ldp,
                         const uint16_t *v, int64_t ldv, const float *alpha,
-                        float *acc, int64_t lda);
+                        float *acc, int64_t lda, qkv__pf *pf);
 
     /* The scores of qk for a few queries (decode): q [m][ldq] fp32 rows,
        readable up to row round_up(m, 4), k [n][ldk]; blocks of 4 keys x 4

@@ -722,11 +722,117 @@ static void mm_bf16(int m, int np, int dv, const uint32_t *pp, int64_t psi, int6
 }
 /* ---- decode: few queries, keys and values read in place ------------------- */
 
-static void qk_bf16_dec(int n, int m, int dp, float scale, const uint16_t *k, int64_t ldk,
-                        const uint16_t *q, int64_t ldq, float *st, int64_t ldst)
+/* Asks for up to `count` more lines of pf. */
+static inline void pf_lines(qkv__pf *pf, int count)
 {
-    qk_dec_blocks(1, n, m, dp, scale, (const char *)k, ldk * 2, (const char *)q, ldq * 2, st,
-                  ldst);
+    while (count > 0 && pf->row < pf->rows) {
+        const char *r = pf->base + pf->row * pf->ld;
+        int l = pf->line;
+        const int e = count < pf->lines - l ? l + count : pf->lines;
+        count -= e - l;
+        if (pf->l2)
+            for (; l < e; l++)
+                __builtin_prefetch(r + 64 * l, 0, 2);
+        else
+            for (; l < e; l++)
+                __builtin_prefetch(r + 64 * l, 0, 3);
+        if (e == pf->lines) {
+            pf->line = 0;
+            pf->row++;
+        } else {
+            pf->line = e;
+        }
+    }
+}
+
+/* Row r (< live) of st gets the 4 keys of query r in s: reduce16 leaves
+   source 4·r + e (query r, key e) in lane 4·r + e. */
+static inline void store_rows4(__m512 s, int live, float *st, int64_t ldst)
+{
+    _mm_storeu_ps(st, _mm512_extractf32x4_ps(s, 0));
+    if (live > 1)
+        _mm_storeu_ps(st + ldst, _mm512_extractf32x4_ps(s, 1));
+    if (live > 2)
+        _mm_storeu_ps(st + 2 * ldst, _mm512_extractf32x4_ps(s, 2));
+    if (live > 3)
+        _mm_storeu_ps(st + 3 * ldst, _mm512_extractf32x4_ps(s, 3));
+}
+
+static void qk_bf16_dec(int n, int m, int dp, float scale, const uint16_t *k, int64_t ldk,
+                        const uint16_t *q, int64_t ldq, float *st, int64_t ldst, qkv__pf *pf)
+{
+    const int full = dp - dp % VW;
+    const __mmask16 tail = (__mmask16)((1u << (dp - full)) - 1);
+    const __m512 sc = _mm512_set1_ps(scale);
+    for (int i = 0; i < m; i += 4) {
+        const int live = m - i < 4 ? m - i : 4;
+        const uint16_t *q0 = q + i * ldq;
+        int j = 0;
+        for (; j + 4 <= n; j += 4) {
+            __m512 c[16];
+            for (int t = 0; t < 16; t++)
+                c[t] = _mm512_setzero_ps();
+            const uint16_t *k0 = k + j * ldk;
+            for (int x = 0; x < full + (tail ? VW : 0); x += VW) {
+                const __mmask16 mk = x < full ? (__mmask16)0xffff : tail;
+                __m512i kv[4], qv[4];
+                for (int e = 0; e < 4; e++) {
+                    kv[e] = _mm512_maskz_loadu_epi32(mk, k0 + e * ldk + 2 * x);
+                    qv[e] = _mm512_maskz_loadu_epi32(mk, q0 + e * ldq + 2 * x);
+                }
+                for (int r = 0; r < 4; r++)
+                    for (int e = 0; e < 4; e++)
+                        c[4 * r + e] = dot_step(1, c[4 * r + e], kv[e], qv[r]);
+            }
+            store_rows4(_mm512_mul_ps(reduce16(c), sc), live, st + i * ldst + j, ldst);
+            if (pf && i == 0)
+                pf_lines(pf, pf->per4);
+        }
+        for (; j < n; j++)
+            for (int r = 0; r < live; r++) {
+                __m512 c = _mm512_setzero_ps();
+                for (int x = 0; x < full + (tail ? VW : 0); x += VW) {
+                    const __mmask16 mk = x < full ? (__mmask16)0xffff : tail;
+                    c = dot_step(1, c, _mm512_maskz_loadu_epi32(mk, k + j * ldk + 2 * x),
+                                 _mm512_maskz_loadu_epi32(mk, q0 + r * ldq + 2 * x));
+                }
+                st[(i + r) * ldst + j] = _mm512_reduce_add_ps(c) * scale;
+            }
+    }
+}
+
+static void row_max(const float *st, int64_t ld, int m, int n, float *mx)
+{
+    for (int i = 0; i < m; i++) {
+        __m512 acc = _mm512_set1_ps(-INFINITY);
+        for (int j = 0; j < n; j += VW) {
+            const __mmask16 mk = n - j >= VW ? (__mmask16)0xffff : (__mmask16)((1u << (n - j)) - 1);
+            acc = _mm512_mask_max_ps(acc, mk, acc, _mm512_maskz_loadu_ps(mk, st + i * ld + j));
+        }
+        mx[i] = _mm512_reduce_max_ps(acc);
+    }
+}
+
+static void exp_rows_bf16(const float *st, int64_t ld, int m, int n, const float *mref,
+                          float *sum, uint16_t *p, int64_t ldp)
+{
+    for (int i = 0; i < m; i++) {
+        const vf mv = vset1(mref[i]);
+        vf acc = {0};
+        for (int j = 0; j < n; j += 2 * VW) {
+            const int l0 = n - j, l1 = n - j - VW;
+            const __mmask16 m0 = l0 >= VW ? (__mmask16)0xffff : (__mmask16)((1u << l0) - 1);
+            const __mmask16 m1 = l1 >= VW ? (__mmask16)0xffff
+                                 : l1 > 0 ? (__mmask16)((1u << l1) - 1) : 0;
+            const float *s = st + i * ld + j;
+            const vf e0 = (vf)_mm512_maskz_mov_ps(m0, (__m512)vexp((vf)_mm512_maskz_loadu_ps(m0, s) - mv));
+            const vf e1 = (vf)_mm512_maskz_mov_ps(m1, (__m512)vexp((vf)_mm512_maskz_loadu_ps(m1, s + VW) - mv));
+            acc += e0 + e1;
+            _mm512_storeu_si512(p + i * ldp + j,
+                                (__m512i)_mm512_cvtne2ps_pbh((__m512)e1, (__m512)e0));
+        }
+        sum[i] = _mm512_reduce_add_ps((__m512)acc);
+    }
 }
 
 /* Word indices that interleave two rows of 32 bf16 into pairs: the low
@@ -739,56 +845,102 @@ static const int16_t pair_hi[32] = {
     16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
     24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63 };
 
-/* rows of acc x 32 columns (the ones past dv masked) over all pairs. */
+/* rows (<= 4) of acc x nw·32 columns (nw 1 or 2; the ones past cols
+   masked) over the pairs of n keys; pf asked for along the way, and with
+   `touch` the rest of each V row (bytes 128 .. 2·dv) brought into L1, so
+   the cache lines of the rows are first read in address order. */
 static inline __attribute__((always_inline))
-void pvd_block(const int rows, int n, int cols, const uint32_t *pp, int64_t ldp,
+void pvd_block(const int rows, const int nw, int n, int cols, const uint32_t *pp, int64_t ldp,
                const uint16_t *v, int64_t ldv, const float *alpha, float *acc, int64_t lda,
-               __m512i ilo, __m512i ihi)
+               __m512i ilo, __m512i ihi, int touch, qkv__pf *pf)
 {
-    const __mmask32 mw = cols >= 32 ? 0xffffffffu : (__mmask32)((1ull << cols) - 1);
-    const __mmask16 m0 = cols >= 16 ? 0xffff : (__mmask16)((1u << cols) - 1);
-    const __mmask16 m1 = cols >= 32 ? 0xffff : cols > 16 ? (__mmask16)((1u << (cols - 16)) - 1) : 0;
-    vf c[MR][2];
-    for (int r = 0; r < rows; r++) {
-        vf s = vset1(alpha[r]);
-        c[r][0] = (vf)_mm512_maskz_loadu_ps(m0, acc + r * lda) * s;
-        c[r][1] = (vf)_mm512_maskz_loadu_ps(m1, acc + r * lda + VW) * s;
+    __mmask32 mw[2];
+    __mmask16 mc[4];
+    for (int w = 0; w < 2; w++) {
+        const int left = cols - 32 * w;
+        mw[w] = left >= 32 ? 0xffffffffu : left > 0 ? (__mmask32)((1ull << left) - 1) : 0;
     }
-    for (int jj = 0; 2 * jj < n; jj++) {
-        const __m512i a = _mm512_maskz_loadu_epi16(mw, v + 2 * jj * ldv);
-        const __m512i b = 2 * jj + 1 < n ? _mm512_maskz_loadu_epi16(mw, v + (2 * jj + 1) * ldv)
-                                         : _mm512_setzero_si512();
-        const __m512i b0 = _mm512_permutex2var_epi16(a, ilo, b);
-        const __m512i b1 = _mm512_permutex2var_epi16(a, ihi, b);
-        for (int r = 0; r < rows; r++) {
-            __m512i p = _mm512_set1_epi32((int)pp[jj * ldp + r]);
-            c[r][0] = dot2(c[r][0], p, b0);
-            c[r][1] = dot2(c[r][1], p, b1);
+    for (int t = 0; t < 4; t++) {
+        const int left = cols - 16 * t;
+        mc[t] = left >= 16 ? 0xffff : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
+    }
+    vf c[4][4];
+    for (int r = 0; r < rows; r++) {
+        const vf s = vset1(alpha ? alpha[r] : 1.0f);
+        for (int t = 0; t < 2 * nw; t++) {
+            c[r][t] = (vf)_mm512_maskz_loadu_ps(mc[t], acc + r * lda + 16 * t);
+            if (alpha)
+                c[r][t] *= s;
         }
     }
-    for (int r = 0; r < rows; r++) {
-        _mm512_mask_storeu_ps(acc + r * lda, m0, (__m512)c[r][0]);
-        _mm512_mask_storeu_ps(acc + r * lda + VW, m1, (__m512)c[r][1]);
+    for (int jj = 0; 2 * jj < n; jj++) {
+        const uint16_t *v0 = v + 2 * jj * ldv, *v1 = v0 + ldv;
+        const int odd = 2 * jj + 1 < n;
+        for (int x = 128; x < touch; x += 64) {
+            __builtin_prefetch((const char *)v0 + x, 0, 3);
+            if (odd)
+                __builtin_prefetch((const char *)v1 + x, 0, 3);
+        }
+        __m512i b[4];
+        for (int w = 0; w < nw; w++) {
+            const __m512i x = _mm512_maskz_loadu_epi16(mw[w], v0 + 32 * w);
+            const __m512i y = odd ? _mm512_maskz_loadu_epi16(mw[w], v1 + 32 * w)
+                                  : _mm512_setzero_si512();
+            b[2 * w] = _mm512_permutex2var_epi16(x, ilo, y);
+            b[2 * w + 1] = _mm512_permutex2var_epi16(x, ihi, y);
+        }
+        for (int r = 0; r < rows; r++) {
+            const __m512i a = _mm512_set1_epi32((int)pp[r * ldp + jj]);
+            for (int t = 0; t < 2 * nw; t++)
+                c[r][t] = dot2(c[r][t], a, b[t]);
+        }
+        if (pf && jj % 2 == 1)
+            pf_lines(pf, pf->per4);
     }
+    for (int r = 0; r < rows; r++)
+        for (int t = 0; t < 2 * nw; t++)
+            _mm512_mask_storeu_ps(acc + r * lda + 16 * t, mc[t], (__m512)c[r][t]);
 }
 
-static void pv_bf16_dec(int m, int n, int dv, const uint32_t *pp, int64_t ldp,
+/* One row group over keys [0, n) of a chunk: column blocks of 64 (then
+   32); the first block touches the rest of the rows and asks for pf. */
+#define PVD_ROWS(rows)                                                          \
+    do {                                                                        \
+        int c0 = 0;                                                             \
+        for (; c0 + 64 <= dv; c0 += 64)                                         \
+            pvd_block(rows, 2, nk, 64, pp + i * ldpp + kc / 2, ldpp,            \
+                      v + kc * ldv + c0, ldv, al ? al + i : NULL,               \
+                      acc + i * lda + c0, lda, ilo, ihi, c0 || i ? 0 : 2 * dv,  \
+                      c0 || i ? NULL : pf);                                     \
+        for (; c0 < dv; c0 += 32)                                               \
+            pvd_block(rows, 1, nk, dv - c0, pp + i * ldpp + kc / 2, ldpp,       \
+                      v + kc * ldv + c0, ldv, al ? al + i : NULL,               \
+                      acc + i * lda + c0, lda, ilo, ihi, c0 || i ? 0 : 2 * dv,  \
+                      c0 || i ? NULL : pf);                                     \
+    } while (0)
+
+/* Keys per chunk: the chunk's V rows stay in L1 while the row groups and
+   column blocks pass over them. */
+enum { PV_CHUNK = 32 };
+
+static void pv_bf16_dec(int m, int n, int dv, const uint16_t *p, int64_t ldp,
                         const uint16_t *v, int64_t ldv, const float *alpha,
-                        float *acc, int64_t lda)
+                        float *acc, int64_t lda, qkv__pf *pf)
 {
     const __m512i ilo = _mm512_loadu_si512(pair_lo), ihi = _mm512_loadu_si512(pair_hi);
-    for (int c0 = 0; c0 < dv; c0 += 2 * VW) {
-        const int cols = dv - c0 < 2 * VW ? dv - c0 : 2 * VW;
-        int i = 0;
-        for (; i + MR <= m; i += MR)
-            pvd_block(MR, n, cols, pp + i, ldp, v + c0, ldv, alpha + i, acc + i * lda + c0,
-                      lda, ilo, ihi);
-        for (; i + 4 <= m; i += 4)
-            pvd_block(4, n, cols, pp + i, ldp, v + c0, ldv, alpha + i, acc + i * lda + c0,
-                      lda, ilo, ihi);
-        for (; i < m; i++)
-            pvd_block(1, n, cols, pp + i, ldp, v + c0, ldv, alpha + i, acc + i * lda + c0,
-                      lda, ilo, ihi);
+    const uint32_t *pp = (const uint32_t *)p;
+    const int64_t ldpp = ldp / 2;
+    for (int kc = 0; kc < n; kc += PV_CHUNK) {
+        const int nk = n - kc < PV_CHUNK ? n - kc : PV_CHUNK;
+        const float *al = kc ? NULL : alpha;
+        for (int i = 0; i < m; i += 4) {
+            switch (m - i) {
+            case 1: PVD_ROWS(1); break;
+            case 2: PVD_ROWS(2); break;
+            case 3: PVD_ROWS(3); break;
+            default: PVD_ROWS(4); break;
+            }
+        }
     }
 }
 #endif /* __AVX512BF16__ */
@@ -856,6 +1008,8 @@ void QKV_KERNEL_TABLE(qkv__kernels *t)
     t->pv_bf16 = pv_bf16;
     t->mm_bf16 = mm_bf16;
     t->qk_bf16_dec = qk_bf16_dec;
+    t->row_max = row_max;
+    t->exp_rows_bf16 = exp_rows_bf16;
     t->pv_bf16_dec = pv_bf16_dec;
 #else
     t->qk_bf16 = NULL;
@@ -864,6 +1018,8 @@ void QKV_KERNEL_TABLE(qkv__kernels *t)
     t->pv_bf16 = NULL;
     t->mm_bf16 = NULL;
     t->qk_bf16_dec = NULL;
+    t->row_max = NULL;
+    t->exp_rows_bf16 = NULL;
     t->pv_bf16_dec = NULL;
 #endif
 }
