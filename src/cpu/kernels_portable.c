@@ -764,6 +764,9 @@ static void qk_bf16_dec(int n, int m, int dp, float scale, const uint16_t *k, in
     const int full = dp - dp % VW;
     const __mmask16 tail = (__mmask16)((1u << (dp - full)) - 1);
     const __m512 sc = _mm512_set1_ps(scale);
+    /* pf's lines for 4 keys, spread over the steps along d */
+    const int steps = (dp + VW - 1) / VW;
+    const int spread = pf ? (pf->per4 + steps - 1) / steps : 0;
     for (int i = 0; i < m; i += 4) {
         const int live = m - i < 4 ? m - i : 4;
         const uint16_t *q0 = q + i * ldq;
@@ -783,10 +786,10 @@ static void qk_bf16_dec(int n, int m, int dp, float scale, const uint16_t *k, in
                 for (int r = 0; r < 4; r++)
                     for (int e = 0; e < 4; e++)
                         c[4 * r + e] = dot_step(1, c[4 * r + e], kv[e], qv[r]);
+                if (pf && i == 0)
+                    pf_lines(pf, spread);
             }
             store_rows4(_mm512_mul_ps(reduce16(c), sc), live, st + i * ldst + j, ldst);
-            if (pf && i == 0)
-                pf_lines(pf, pf->per4);
         }
         for (; j < n; j++)
             for (int r = 0; r < live; r++) {
@@ -894,8 +897,8 @@ void pvd_block(const int rows, const int nw, int n, int cols, const uint32_t *pp
             for (int t = 0; t < 2 * nw; t++)
                 c[r][t] = dot2(c[r][t], a, b[t]);
         }
-        if (pf && jj % 2 == 1)
-            pf_lines(pf, pf->per4);
+        if (pf)
+            pf_lines(pf, (pf->per4 + 1) / 2);
     }
     for (int r = 0; r < rows; r++)
         for (int t = 0; t < 2 * nw; t++)
