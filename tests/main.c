@@ -55,6 +55,7 @@ static const struct { const char *name; void (*fn)(void); } tests[] = {
     { "convert_pairs",           test_convert_pairs },
     { "convert_errors",          test_convert_errors },
     { "convert_store_kernels",   test_convert_store_kernels },
+    { "convert_i8_bf16_kernels", test_convert_i8_bf16_kernels },
     { "errors_api",              test_errors_api },
     { "errors_pointers",         test_errors_pointers },
     { "errors_dtypes",           test_errors_dtypes },

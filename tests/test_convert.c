@@ -403,3 +403,36 @@ void test_convert_store_kernels(void)
     t_note("%d kernel sets, %lld patterns each", sets, (long long)(2 * n));
     free(src); free(got); free(want[0]); free(want[1]);
 }
+
+/* cvt_i8_bf16 on every kernel set: every code, rows at a stride, lengths
+   1..70 (the vector bodies and their tails); only the row's n elements
+   written. */
+void test_convert_i8_bf16_kernels(void)
+{
+    int8_t src[3 * 80];
+    for (int i = 0; i < 3 * 80; i++)
+        src[i] = (int8_t)(i * 37 - 128);
+    for (int k = 0; qkv__kernels_name(k); k++) {
+        int known;
+        const qkv__kernels *kn = qkv__kernels_by_name(qkv__kernels_name(k), &known);
+        if (!kn)
+            continue;
+        int64_t bad = 0;
+        for (int n = 1; n <= 70; n++) {
+            uint16_t dst[3 * 72];
+            for (int i = 0; i < 3 * 72; i++)
+                dst[i] = 0xdead;
+            kn->cvt_i8_bf16(src + 3, 80, 3, n, dst, 72);
+            for (int r = 0; r < 3; r++)
+                for (int j = 0; j < 72; j++) {
+                    const float f = (float)src[3 + r * 80 + j];
+                    uint32_t u;
+                    memcpy(&u, &f, sizeof u);
+                    const uint16_t want = j < n ? (uint16_t)(u >> 16) : 0xdead;
+                    bad += dst[r * 72 + j] != want;
+                }
+        }
+        CHECK(bad == 0, "%s: cvt_i8_bf16 wrote %lld wrong elements", qkv__kernels_name(k),
+              (long long)bad);
+    }
+}

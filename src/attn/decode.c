@@ -221,6 +221,7 @@ typedef struct {
     uint16_t *kb;    /* [BK][2·pairs(D)] gathered bf16 K rows               */
     uint16_t *vb;    /* [BK][Dv]   gathered bf16 V rows                     */
     uint32_t *pp;    /* [BK/2][R]  P pairs along keys                       */
+    float    *ksc, *vsc;   /* [BK] an int8 tile's row scales                */
     /* the head's own */
     float    *q;     /* [R][D]   fp32 queries, or bf16 rows [R][2·pairs(D)] */
     float    *qt;    /* [D][R]   transposed, zero past m                    */
@@ -230,7 +231,8 @@ typedef struct {
 
 static int64_t shared_floats(int64_t R, int64_t D, int64_t Dv)
 {
-    return BK * D + BK * Dv + BK * R + 4 * R + BK * pairs(D) + BK / 2 * Dv + BK / 2 * R;
+    return BK * D + BK * Dv + BK * R + 4 * R + BK * pairs(D) + BK / 2 * Dv + BK / 2 * R +
+           2 * BK;
 }
 
 static int64_t head_floats(int64_t R, int64_t D, int64_t Dv)
@@ -252,6 +254,8 @@ static scratch scratch_at(float *base, int64_t e, int64_t R, int64_t D, int64_t 
     s.kb = (uint16_t *)(s.ones + R);
     s.vb = s.kb + BK * 2 * pairs(D);
     s.pp = (uint32_t *)(s.vb + BK * Dv);
+    s.ksc = (float *)(s.pp + BK / 2 * R);
+    s.vsc = s.ksc + BK;
     s.q = base + shared_floats(R, D, Dv) + e * head_floats(R, D, Dv);
     s.qt = s.q + R * D;
     s.acc = s.qt + R * D;
@@ -480,6 +484,35 @@ static void new_max(const scratch *sc, int m)
     }
 }
 
+/* n int8 rows of K (is_v 0) or V (positions p0.. of one block, head h)
+   as bf16 codes in the tile's buffer at key offset c0, zero-padded to the
+   kernels' width, and their scales into ksc / vsc; *ld the row stride.
+   The scales multiply the scores (K) and P (V). */
+static const uint16_t *i8_rows(const dec_job *job, int64_t b, int is_v, int64_t p0, int64_t h,
+                               int n, const scratch *sc, int c0, int64_t *ld)
+{
+    const kv_src *src = job->src;
+    const qkv_tensor *t = is_v ? &src->v : &src->k;
+    const int64_t cols = is_v ? job->a->Dv : job->a->D, w = is_v ? cols : 2 * pairs(cols);
+    uint16_t *dst = (is_v ? sc->vb : sc->kb) + c0 * w;
+    const float *scales = is_v ? src->vs : src->ks;
+    float *sk = (is_v ? sc->vsc : sc->ksc) + c0;
+    const qkv__kernels *kn = job->ctx->kernels;
+    const int8_t *data = t->data;
+    if (one_block(src, p0, n))
+        kn->cvt_i8_bf16(data + row_off(src, t, b, p0, h), t->stride[1], n, cols, dst, w);
+    else
+        for (int c = 0; c < n; c++)
+            kn->cvt_i8_bf16(data + row_off(src, t, b, p0 + c, h), 0, 1, cols, dst + c * w, w);
+    for (int c = 0; c < n; c++) {
+        if (w > cols)
+            dst[c * w + cols] = 0;
+        sk[c] = scales[scale_idx(src, b, p0 + c, h, job->a->Hkv)];
+    }
+    *ld = w;
+    return dst;
+}
+
 /* A key tile for a few bf16 rows (decoding): scores query-major in st
    [m][BK], the softmax along each row, P·V with the accumulators in
    registers for the whole run; the kernels ask for the next tile's K
@@ -497,24 +530,37 @@ static void head_tile_rows(const dec_job *job, const qkv__seq *s, const qkv__til
     for (int c0 = 0; c0 < n;) {
         const int nr = run_length(src, j0, c0, n, 4);
         int64_t ldk;
-        const uint16_t *kr = rows_bf16(src, &src->k, s->b, j0 + c0, hk, nr, D, w,
-                                       sc->kb + c0 * w, &ldk);
+        const uint16_t *kr = src->i8 ? i8_rows(job, s->b, 0, j0 + c0, hk, nr, sc, c0, &ldk)
+                                     : rows_bf16(src, &src->k, s->b, j0 + c0, hk, nr, D, w,
+                                                 sc->kb + c0 * w, &ldk);
         kn->qk_bf16_dec(nr, m, (int)pairs(D), a->scale, kr, ldk, (const uint16_t *)sc->q, w,
                         sc->st + c0, BK, pfk);
         c0 += nr;
     }
+    if (src->i8)   /* the keys' scales: s = scale·q·(code·ks) */
+        for (int r = 0; r < m; r++)
+            for (int c = 0; c < n; c++)
+                sc->st[r * BK + c] *= sc->ksc[c];
     if (a->softcap > 0.0f || a->alibi || band)
         qkv__score_mods(a, s, tm, m, j0, n, band, sc->st, BK, 1, NULL);
     kn->row_max(sc->st, BK, m, n, sc->mx);
     new_max(sc, m);
-    kn->exp_rows_bf16(sc->st, BK, m, n, sc->mref, sc->sum, p, BK);
+    if (src->i8)   /* the V codes and their scales, which P takes */
+        for (int c0 = 0; c0 < n;) {
+            const int nr = run_length(src, j0, c0, n, 2);
+            int64_t ldv;
+            i8_rows(job, s->b, 1, j0 + c0, hk, nr, sc, c0, &ldv);
+            c0 += nr;
+        }
+    kn->exp_rows_bf16(sc->st, BK, m, n, sc->mref, src->i8 ? sc->vsc : NULL, sc->sum, p, BK);
     for (int r = 0; r < m; r++)
         sc->l[r] = sc->l[r] * sc->alpha[r] + sc->sum[r];
     for (int c0 = 0; c0 < n;) {
         const int nr = run_length(src, j0, c0, n, 2);
-        int64_t ldv;
-        const uint16_t *vr = rows_bf16(src, &src->v, s->b, j0 + c0, hk, nr, Dv, Dv,
-                                       sc->vb + c0 * Dv, &ldv);
+        int64_t ldv = Dv;   /* int8: the codes converted above */
+        const uint16_t *vr = src->i8 ? sc->vb + c0 * Dv
+                                     : rows_bf16(src, &src->v, s->b, j0 + c0, hk, nr, Dv, Dv,
+                                                 sc->vb + c0 * Dv, &ldv);
         kn->pv_bf16_dec(m, nr, (int)Dv, p + c0, BK, vr, ldv, c0 ? NULL : sc->alpha, sc->acc,
                         Dv, pfv);
         c0 += nr;
@@ -758,6 +804,12 @@ static qkv_status run(qkv_ctx *ctx, const qkv__attn *a, const kv_src *src, int c
     /* bf16 dot products: along d for a few rows, on query pairs for more
        (chunked prefill, as the forward's bf16 path) */
     job.bf = cache_bf16 && a->dt == QKV_BF16 && ctx->kernels->qk_bf16_dec;
+    /* int8 codes are exact in bf16: with bf16 queries and few rows per
+       tile they take head_tile_rows too, scales applied to the scores and
+       to P (more rows: widened to fp32) */
+    if (src->i8 && a->dt == QKV_BF16 && ctx->kernels->qk_bf16_dec &&
+        job.P * a->group <= PAIRS_ROWS)
+        job.bf = 1;
     job.dec_rows = ctx->kernels->qk_dec && job.P * a->group <= QKV__PAD;
     /* rows of one head that follow each other ([B, Hkv, S, D] caches):
        one stream per head, a task per head */

@@ -116,12 +116,12 @@ typedef struct qkv__kernels {
        exp_rows_bf16 below. i < m, j < n. */
     void (*row_max)(const float *st, int64_t ld, int m, int n, float *mx);
 
-    /* P = exp(st[i·ld + j] - mref[i]) rounded to bf16 into p[i·ldp + j],
-       zero from j = n up to round_up(n, 32), and sum[i] = Σ_j of the
-       unrounded P; mref finite. Row i of p read as uint32 is P's pairs
-       of keys (j even low, j + 1 high). */
+    /* P = exp(st[i·ld + j] - mref[i]) and sum[i] = Σ_j P (fp32); P·pmul[j]
+       (pmul NULL: P) rounded to bf16 into p[i·ldp + j], zero from j = n up
+       to round_up(n, 32); mref finite. Row i of p read as uint32 is its
+       pairs of keys (j even low, j + 1 high). */
     void (*exp_rows_bf16)(const float *st, int64_t ld, int m, int n, const float *mref,
-                          float *sum, uint16_t *p, int64_t ldp);
+                          const float *pmul, float *sum, uint16_t *p, int64_t ldp);
 
     /* acc[i][c] = alpha[i]·acc[i][c] + Σ_jj P(i,jj)·(v[2jj][c], v[2jj+1][c])
        for i < m, c < dv, jj < (n+1)/2, where P(i,jj) is pair jj of row i of
@@ -143,6 +143,11 @@ typedef struct qkv__kernels {
 
     /* dst[j] = src[j]·scale, int8 codes widened to fp32, j < n. */
     void (*cvt_i8)(const int8_t *src, float scale, float *dst, int64_t n);
+
+    /* dst[r·ldd + j] = src[r·lds + j] as bf16 (exact: codes have at most
+       8 significant bits), r < rows, j < n. */
+    void (*cvt_i8_bf16)(const int8_t *src, int64_t lds, int rows, int64_t n, uint16_t *dst,
+                        int64_t ldd);
 
     /* Runs iters rounds of independent fp32 vector FMAs (a ceiling probe
        for benchmarks); returns the flops done. */

@@ -354,6 +354,31 @@ static void cvt_i8(const int8_t *src, float scale, float *dst, int64_t n)
         dst[j] = (float)src[j] * scale;
 }
 
+/* int8 codes to bf16: the float's upper half, exact for 8-bit integers. */
+static void cvt_i8_bf16(const int8_t *src, int64_t lds, int rows, int64_t n, uint16_t *dst,
+                        int64_t ldd)
+{
+    for (int r = 0; r < rows; r++) {
+        const int8_t *s = src + r * lds;
+        uint16_t *d = dst + r * ldd;
+        int64_t j = 0;
+        for (; j + VW <= n; j += VW) {
+            vc c;
+            memcpy(&c, s + j, sizeof c);
+            const vf f = __builtin_convertvector(__builtin_convertvector(
+                                                     __builtin_convertvector(c, vs16), vi), vf);
+            const vh h = __builtin_convertvector((vu)f >> 16, vh);
+            memcpy(d + j, &h, sizeof h);
+        }
+        for (; j < n; j++) {
+            const float f = (float)s[j];
+            uint32_t u;
+            memcpy(&u, &f, sizeof u);
+            d[j] = (uint16_t)(u >> 16);
+        }
+    }
+}
+
 /* ---- fp32 -> fp16 / bf16, rounded to nearest even ------------------------- */
 
 /* The bit recipes of src/core/convert.c, lane by lane, without branches:
@@ -804,6 +829,26 @@ static void qk_bf16_dec(int n, int m, int dp, float scale, const uint16_t *k, in
     }
 }
 
+/* cvt_i8_bf16 with the conversion instructions: 32 codes through int32
+   and fp32 to bf16 (exact) at a time. */
+static void cvt_i8_bf16_dot(const int8_t *src, int64_t lds, int rows, int64_t n, uint16_t *dst,
+                            int64_t ldd)
+{
+    for (int r = 0; r < rows; r++) {
+        const int8_t *s = src + r * lds;
+        uint16_t *d = dst + r * ldd;
+        for (int64_t j = 0; j < n; j += 32) {
+            const int64_t left = n - j;
+            const __mmask16 m0 = left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1);
+            const __mmask16 m1 = left >= 32 ? 0xffff : left > 16 ? (__mmask16)((1u << (left - 16)) - 1) : 0;
+            const __m512 f0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m0, s + j)));
+            const __m512 f1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m1, s + j + 16)));
+            const __mmask32 mw = left >= 32 ? 0xffffffffu : (__mmask32)((1ull << left) - 1);
+            _mm512_mask_storeu_epi16(d + j, mw, (__m512i)_mm512_cvtne2ps_pbh(f1, f0));
+        }
+    }
+}
+
 static void row_max(const float *st, int64_t ld, int m, int n, float *mx)
 {
     for (int i = 0; i < m; i++) {
@@ -817,7 +862,7 @@ static void row_max(const float *st, int64_t ld, int m, int n, float *mx)
 }
 
 static void exp_rows_bf16(const float *st, int64_t ld, int m, int n, const float *mref,
-                          float *sum, uint16_t *p, int64_t ldp)
+                          const float *pmul, float *sum, uint16_t *p, int64_t ldp)
 {
     for (int i = 0; i < m; i++) {
         const vf mv = vset1(mref[i]);
@@ -831,8 +876,13 @@ static void exp_rows_bf16(const float *st, int64_t ld, int m, int n, const float
             const vf e0 = (vf)_mm512_maskz_mov_ps(m0, (__m512)vexp((vf)_mm512_maskz_loadu_ps(m0, s) - mv));
             const vf e1 = (vf)_mm512_maskz_mov_ps(m1, (__m512)vexp((vf)_mm512_maskz_loadu_ps(m1, s + VW) - mv));
             acc += e0 + e1;
+            vf w0 = e0, w1 = e1;
+            if (pmul) {
+                w0 *= (vf)_mm512_maskz_loadu_ps(m0, pmul + j);
+                w1 *= (vf)_mm512_maskz_loadu_ps(m1, pmul + j + VW);
+            }
             _mm512_storeu_si512(p + i * ldp + j,
-                                (__m512i)_mm512_cvtne2ps_pbh((__m512)e1, (__m512)e0));
+                                (__m512i)_mm512_cvtne2ps_pbh((__m512)w1, (__m512)w0));
         }
         sum[i] = _mm512_reduce_add_ps((__m512)acc);
     }
@@ -995,6 +1045,7 @@ void QKV_KERNEL_TABLE(qkv__kernels *t)
     t->cvt_f16 = cvt_f16;
     t->cvt_bf16 = cvt_bf16;
     t->cvt_i8 = cvt_i8;
+    t->cvt_i8_bf16 = cvt_i8_bf16;
 #ifdef QKV_HAVE_DEC_F32
     t->qk_dec = qk_f32_dec;
 #else
@@ -1011,6 +1062,7 @@ void QKV_KERNEL_TABLE(qkv__kernels *t)
     t->pv_bf16 = pv_bf16;
     t->mm_bf16 = mm_bf16;
     t->qk_bf16_dec = qk_bf16_dec;
+    t->cvt_i8_bf16 = cvt_i8_bf16_dot;
     t->row_max = row_max;
     t->exp_rows_bf16 = exp_rows_bf16;
     t->pv_bf16_dec = pv_bf16_dec;
