@@ -11,8 +11,9 @@ cache (blocks of 16 positions in shuffled order, written by
 qkv_paged_append; int8 with per-row scales in the last column), and
 qkv_attention_forward with the same tensors (the prefill kernel, for
 comparison); torch runs scaled_dot_product_attention with a [B,Hq,Sq,D]
-query. Every output is checked against a float64 reference before it is
-timed. The memory bandwidth is qkv_peak_bandwidth (a STREAM triad on the
+query, and ggml's flash attention (ggml-python, where it installs) on the
+same cache memory. Every output is checked against a float64 reference
+before it is timed. The memory bandwidth is qkv_peak_bandwidth (a STREAM triad on the
 same threads), measured before and after the rows; the higher is quoted.
 
     python bench/decode.py --lib build/libqkv.so [--shapes B,Sq,Sk,Hq,Hkv,D ...]
@@ -140,7 +141,7 @@ def paged_copy(qkv, shape, dtype, k, v, int8):
     return c, table, (pk, pv, ks, vs)
 
 
-def rows_for(qkv, shape, dtype, reps):
+def rows_for(qkv, ggml, shape, dtype, reps):
     gen = torch.Generator().manual_seed(11)
     tdt = TORCH_DTYPE[dtype]
     q = torch.randn(shape.B, shape.Hq, shape.Sq, shape.D, generator=gen).to(tdt)
@@ -190,6 +191,16 @@ def rows_for(qkv, shape, dtype, reps):
     # while after a call, which would slow whatever ran next
     res["sdpa"] = measure(lambda: bench.prep_sdpa(cshape, dtype, q, k, v), error, limit, reps)
     time.sleep(0.3)      # ... and the next row's
+    if ggml is not None and ggml.error is None:
+        # ggml_flash_attn_ext on the same [B,Hkv,Sk,D] cache memory; its
+        # thread pool is freed before the next row
+        try:
+            res["ggml"] = measure(lambda: ggml.prepare(cshape, dtype, q, k, v), error, limit,
+                                  reps)
+        finally:
+            ggml.release()
+    else:
+        res["ggml"] = bench.Result()   # the header says why it did not run
     return res
 
 
@@ -303,9 +314,9 @@ def l3_bytes():
         return None
 
 
-COLS = ("kvcache", "paged", "paged_i8", "forward", "sdpa")
+COLS = ("kvcache", "paged", "paged_i8", "forward", "sdpa", "ggml")
 TITLE = {"kvcache": "qkv kvcache", "paged": "qkv paged", "paged_i8": "qkv paged int8",
-         "forward": "qkv forward", "sdpa": "torch SDPA"}
+         "forward": "qkv forward", "sdpa": "torch SDPA", "ggml": "ggml FA"}
 
 
 def cell(res, key, base):
@@ -333,7 +344,9 @@ def markdown(meta, rows, bw, l3, varlen):
          wrap(f"Machine: {meta['model']}, {meta['cores']} cores, L3 "
               f"{(l3 or 0) >> 20} MiB. qkv {meta['qkv']}, kernel set `{meta['isa']}`; "
               f"STREAM triad (`qkv_peak_bandwidth`, same threads, best of the runs "
-              f"before and after the rows) {bw:.1f} GB/s. torch {meta['torch']}."),
+              f"before and after the rows) {bw:.1f} GB/s. torch {meta['torch']}"
+              + (f"; ggml-python {meta['ggml']}." if meta.get("ggml") else
+                 "; ggml-python did not run.")),
          "",
          wrap(f"Command: `{meta['command']}`"
               + (f"; other processes kept {100 * meta['other']:.0f}% of the CPUs "
@@ -350,20 +363,23 @@ def markdown(meta, rows, bw, l3, varlen):
               "row; forward: `qkv_attention_forward` on the same tensors (the "
               "prefill kernel); torch SDPA: `scaled_dot_product_attention` with a "
               "`[B,Hq,Sq,D]` query (`enable_gqa`, an explicit bottom-right mask "
-              "when Sq > 1). Each output is checked against a float64 reference "
+              "when Sq > 1); ggml FA: `ggml_flash_attn_ext` on its CPU backend "
+              "through ggml-python, reading the same cache memory (an fp32 query, "
+              "K/V in the row's dtype; it has no int8 or paged variant here). "
+              "Each output is checked against a float64 reference "
               "first (bounds as above; int8 3e-2). qkv's four calls are timed in 9 "
               "rounds that run each once (calls under 5 ms: repeated to 5 ms), in "
               "rotating order, so that load from other processes falls on all of "
-              "them alike, and quoted as medians; torch runs afterwards, timed as "
-              "above (its OpenMP workers spin on after a call and would slow what "
-              "runs next). "
+              "them alike, and quoted as medians; torch and then ggml run "
+              "afterwards, timed as above (torch's OpenMP workers spin on after a "
+              "call and would slow what runs next). "
               "GB/s is K and V bytes read per second (int8: codes and scales), "
               "\"of triad\" its share of the triad. In brackets: time relative to "
               "qkv kvcache (above 1× slower than it)."),
          "",
          "| B,Sq,Sk,Hq,Hkv,D | dtype | kvcache ms | GB/s | of triad | paged ms | "
-         "paged GB/s | paged int8 ms | forward ms | torch SDPA ms |",
-         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+         "paged GB/s | paged int8 ms | forward ms | torch SDPA ms | ggml FA ms |",
+         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for shape, dtype, res in rows:
         base = res["kvcache"]
         g, gp = gbs(shape, dtype, base), gbs(shape, dtype, res["paged"])
@@ -371,7 +387,8 @@ def markdown(meta, rows, bw, l3, varlen):
                  f"{cell(res, 'kvcache', base)} | {f'{g:.1f}' if g else '—'} | "
                  f"{f'{100 * g / bw:.0f}%' if g else '—'} | {cell(res, 'paged', base)} | "
                  f"{f'{gp:.1f}' if gp else '—'} | {cell(res, 'paged_i8', base)} | "
-                 f"{cell(res, 'forward', base)} | {cell(res, 'sdpa', base)} |")
+                 f"{cell(res, 'forward', base)} | {cell(res, 'sdpa', base)} | "
+                 f"{cell(res, 'ggml', base)} |")
     notes = [f"{shape.label} {dtype} {TITLE[k]}: {res[k].note}"
              for shape, dtype, res in rows for k in COLS if res[k].note]
     if notes:
@@ -438,6 +455,10 @@ def main():
     meta = dict(m, threads=threads, qkv=qkv.version, isa=qkv.isa, torch=torch.__version__,
                 python=platform.python_version(), date=datetime.date.today().isoformat(),
                 command="python bench/decode.py " + shlex.join(sys.argv[1:]))
+    ggml = bench.Ggml(threads)
+    if ggml.error:
+        print(f"ggml: not run ({ggml.error})")
+    meta["ggml"] = ggml.version
     other = bench.OtherLoad().start()
     bw0 = qkv.lib.qkv_peak_bandwidth(qkv.ctx)
     print(f"qkv {qkv.version}: kernel set {qkv.isa}, {qkv.threads} threads; "
@@ -446,7 +467,7 @@ def main():
           + " | kvcache GB/s")
     rows = []
     for shape, dtype in cases:
-        res = rows_for(qkv, shape, dtype, a.reps)
+        res = rows_for(qkv, ggml, shape, dtype, a.reps)
         rows.append((shape, dtype, res))
         g = gbs(shape, dtype, res["kvcache"])
         print(f"{shape.label:<22} {dtype:<5} | "
