@@ -18,6 +18,11 @@ void qkv__blas_threads(qkv_ctx *ctx)
     openblas_set_num_threads(ctx ? ctx->n_threads : 1);
 }
 
+void qkv__blas_single_thread(void)
+{
+    openblas_set_num_threads(1);
+}
+
 void qkv__linear(qkv_ctx *ctx, const float *x, int64_t M, int64_t K, int64_t ldx,
                  const float *W, const float *b, int64_t N, float *y, int64_t ldy)
 {

@@ -42,5 +42,7 @@ qkv_status qkv__mha(qkv_ctx *ctx, const float *q, int64_t ldq, const float *k,
 
 /* Sets the BLAS library's thread count to the context's. */
 void qkv__blas_threads(qkv_ctx *ctx);
+/* Sets it to one (for BLAS calls from several threads at once). */
+void qkv__blas_single_thread(void);
 
 #endif /* QKV_NN_H */
