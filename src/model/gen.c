@@ -6,18 +6,20 @@
  *
  * A step runs every sequence's pending tokens: first the prompts (more
  * than one pending token) one after another on the context's threads
- * (GEMMs and the forward attention kernel), then every sequence with one
+ * (GEMMs in fixed blocks of rows, the forward attention kernel), then
+ * every sequence with one
  * pending token in parallel, one sequence per task, each task on a
  * single-threaded context of its own with one-threaded BLAS
  * (matrix-vector products and the paged attention kernel).
  *
- * Why so: a sequence's numbers must not depend on the batch it runs in.
- * OpenBLAS's GEMM rows change in the last bits with the number of rows of
- * the call, and the attention kernels choose their split-K by the whole
- * call's size, so a batched GEMM or one attention call over the batch
- * would make a sequence's logits depend on its neighbours. One sequence
- * per task with fixed code and thread counts gives bitwise the logits of
- * generating it alone, whatever shares the step.
+ * Why so: a sequence's numbers must not depend on the batch it runs in,
+ * nor on the thread count. OpenBLAS's GEMM rows change in the last bits
+ * with the number of rows of the call and with its thread count, and the
+ * attention kernels choose their split-K by the whole call's size, so a
+ * batched GEMM or one attention call over the batch would make a
+ * sequence's logits depend on its neighbours. One sequence per task with
+ * fixed code and single-threaded BLAS gives bitwise the logits of
+ * generating it alone, whatever shares the step, on any thread count.
  */
 #include "model.h"
 #include "../nn/nn.h"
@@ -377,14 +379,10 @@ qkv_status qkv_gen_step(qkv_gen *g)
     /* prompts: one at a time, on the context's threads */
     qkv_status first = QKV_OK;
     double t0 = now_s();
-    int any = 0;
     for (int64_t i = 0; i < g->max_seqs; i++) {
         gen_seq *s = &g->seq[i];
         if (!s->used || s->n_pending < 2)
             continue;
-        if (!any)
-            qkv__blas_threads(ctx);
-        any = 1;
         double attn = 0.0;
         const double ts = now_s();
         qkv_status st = qkv__llama_forward(ctx, g->m, g->cache, g->table + i * g->max_blocks,

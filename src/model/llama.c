@@ -13,7 +13,8 @@
  * permuted at load time (and back at export) and one forward serves both.
  *
  * Keys and values go into a paged KV cache (one per layer, one block
- * table per sequence): a prompt is prefilled with GEMMs and the forward
+ * table per sequence): a prompt is prefilled with GEMMs (in fixed blocks
+ * of rows, so that no result depends on the thread count) and the forward
  * attention kernel (or, on top of cached positions, the paged kernel with
  * every new query), a decode step runs matrix-vector products and the
  * paged kernel. The computation of a sequence depends on its own tokens
@@ -557,7 +558,7 @@ static qkv_status prefill(qkv_ctx *ctx, const qkv__llama *m, const qkv_paged_cac
         const qkv__llama_layer *y = &m->layer[l];
         for (int64_t i = 0; i < n; i++)
             rmsnorm(h + i * D, x + i * D, y->att_norm, D, m->eps);
-        qkv__linear(ctx, h, n, D, D, y->wqkv, NULL, W, qkv, W);
+        qkv__linear_rows(ctx, h, n, D, D, y->wqkv, W, qkv, W);
         for (int64_t i = 0; i < n; i++) {
             const float *c = cs + i * hs, *sn = c + hs / 2;
             rope(qkv + i * W, m->Hq, hs, c, sn);
@@ -573,14 +574,14 @@ static qkv_status prefill(qkv_ctx *ctx, const qkv__llama *m, const qkv_paged_cac
         *attn_s += now_s() - t0;
         if (s != QKV_OK)
             goto done;
-        qkv__linear(ctx, att, n, QD, QD, y->wo, NULL, D, t, D);
+        qkv__linear_rows(ctx, att, n, QD, QD, y->wo, D, t, D);
         qkv__add(x, D, t, D, n, D);
         for (int64_t i = 0; i < n; i++)
             rmsnorm(h + i * D, x + i * D, y->ffn_norm, D, m->eps);
-        qkv__linear(ctx, h, n, D, D, y->w13, NULL, 2 * F, gu, 2 * F);
+        qkv__linear_rows(ctx, h, n, D, D, y->w13, 2 * F, gu, 2 * F);
         for (int64_t i = 0; i < n; i++)
             swiglu(gu + i * 2 * F, gu + i * 2 * F + F, F);
-        qkv__linear(ctx, gu, n, F, 2 * F, y->w2, NULL, D, t, D);
+        qkv__linear_rows(ctx, gu, n, F, 2 * F, y->w2, D, t, D);
         qkv__add(x, D, t, D, n, D);
     }
     rmsnorm(h, x + (n - 1) * D, m->norm, D, m->eps);

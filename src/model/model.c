@@ -268,22 +268,37 @@ int32_t qkv_model_eos(const qkv_model *model)
     return m ? m->eos[0] : -1;
 }
 
-int qkv_model_is_stop(const qkv_model *model, int32_t id)
+/* id is an EOS id of m */
+static int is_eos(const qkv__llama *m, int32_t id)
 {
-    const qkv__llama *m = qkv__model_llama(model);
-    if (!m)
-        return 0;
     for (int i = 0; i < m->n_eos; i++)
         if (m->eos[i] == id)
             return 1;
-    return id == m->bos;
+    return 0;
+}
+
+int qkv_model_is_stop(const qkv_model *model, int32_t id)
+{
+    const qkv__llama *m = qkv__model_llama(model);
+    return m && (id == m->bos || is_eos(m, id));
+}
+
+/* The piece of id after prev: BOS and EOS print nothing. */
+static const char *piece(const qkv__llama *m, int32_t prev, int32_t id, int64_t *len)
+{
+    const char *p = qkv__bpe_piece(&m->tok, prev, m->bos, id, len);
+    if (p && (id == m->bos || is_eos(m, id))) {
+        *len = 0;
+        return "";
+    }
+    return p;
 }
 
 const char *qkv_model_piece(const qkv_model *model, int32_t prev, int32_t id, int64_t *len)
 {
     const qkv__llama *m = qkv__model_llama(model);
     int64_t n = 0;
-    const char *p = m ? qkv__bpe_piece(&m->tok, prev, m->bos, id, &n) : NULL;
+    const char *p = m ? piece(m, prev, id, &n) : NULL;
     if (len)
         *len = n;
     return p;
@@ -307,7 +322,7 @@ qkv_status qkv_model_detokenize(qkv_ctx *ctx, const qkv_model *model, const int3
     int64_t total = 0;
     for (int64_t i = 0; i < n; i++) {
         int64_t k;
-        if (!qkv__bpe_piece(&m->tok, i ? ids[i - 1] : -1, m->bos, ids[i], &k))
+        if (!piece(m, i ? ids[i - 1] : -1, ids[i], &k))
             return qkv__fail(ctx, QKV_ERR_ARG, "qkv_model_detokenize: ids[%lld] = %d is not a "
                              "token id in [0, %lld)", (long long)i, ids[i], (long long)m->V);
         total += k;
@@ -320,7 +335,7 @@ qkv_status qkv_model_detokenize(qkv_ctx *ctx, const qkv_model *model, const int3
     int64_t at = 0;
     for (int64_t i = 0; i < n; i++) {
         int64_t k;
-        const char *p = qkv__bpe_piece(&m->tok, i ? ids[i - 1] : -1, m->bos, ids[i], &k);
+        const char *p = piece(m, i ? ids[i - 1] : -1, ids[i], &k);
         memcpy(text + at, p, (size_t)k);
         at += k;
     }

@@ -208,11 +208,14 @@ qkv_status qkv_sampler_sample(qkv_ctx *ctx, qkv_sampler *s, const float *logits,
             }
         qsort(cd, (size_t)k, sizeof *cd, by_prob);
     }
+    /* the mass top-p measures against: what top-k kept, else everything
+       (the candidates of the cut are not all of it) */
     double kept = 0.0;
     for (int64_t i = 0; i < k; i++)
         kept += cd[i].p;
+    const double base = o->top_k > 0 && o->top_k < n ? kept : total;
     if (o->top_p < 1.0f) {
-        const double want = (double)o->top_p * kept;
+        const double want = (double)o->top_p * base;
         double c = 0.0;
         int64_t i = 0;
         while (i < k) {
