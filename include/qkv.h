@@ -592,7 +592,8 @@ QKV_API int qkv_model_is_stop(const qkv_model *model, int32_t id);
 
 /* llama: the bytes token id stands for when it follows token prev: its
    text, the raw byte for a byte token <0xHH>, without its leading space
-   right after BOS. *len (may be NULL) gets the length: the bytes are not
+   right after BOS (the tokenizer's dummy prefix); nothing for BOS and the
+   EOS ids. *len (may be NULL) gets the length: the bytes are not
    NUL-terminated (a byte piece may be a NUL). Points into the model, valid
    while it lives. NULL (len 0) for an id out of range or another model. */
 QKV_API const char *qkv_model_piece(const qkv_model *model, int32_t prev, int32_t id,
