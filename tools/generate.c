@@ -358,6 +358,18 @@ int qkv_cmd_generate(int argc, char **argv)
         free(prompts);
         return 2;
     }
+    const char *bad = !(o.sampler.temperature >= 0.0f) || isinf(o.sampler.temperature)
+                          ? "-t: the temperature must be >= 0"
+                    : o.sampler.top_k < 0 ? "-k: top-k must be >= 0"
+                    : !(o.sampler.top_p > 0.0f && o.sampler.top_p <= 1.0f)
+                          ? "-P: top-p must be in (0, 1]"
+                    : o.steps < 0 ? "-n: the positions must be >= 0 (0: the model's context)"
+                    : NULL;
+    if (bad) {
+        fprintf(stderr, "qkv generate: %s\n", bad);
+        free(prompts);
+        return 2;
+    }
     char **lines = NULL;
     if (file) {
         lines = read_lines(file, &n_prompts);

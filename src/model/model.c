@@ -6,6 +6,7 @@
  */
 #include "model.h"
 
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -85,6 +86,9 @@ static qkv_status load(qkv_ctx *ctx, const char *dir, const char *tokenizer, int
     *model = NULL;
     if (!ctx || !dir)
         return qkv__fail(ctx, QKV_ERR_NULL, "%s is NULL", ctx ? "path" : "ctx");
+    struct stat sb;
+    if (stat(dir, &sb) != 0)
+        return qkv__fail(ctx, QKV_ERR_IO, "cannot open '%s': %s", dir, strerror(errno));
     if (is_file(dir))
         return load_llama_file(ctx, dir, tokenizer, model);
     char path[4096];
