@@ -602,7 +602,8 @@ QKV_API const char *qkv_model_piece(const qkv_model *model, int32_t prev, int32_
 /* llama: the text of ids[0 .. n) (the pieces of qkv_model_piece, each after
    its predecessor) into text, NUL-terminated; *len gets its length in
    bytes (not counting the NUL) even when cap is too small, which is
-   QKV_ERR_SHAPE. QKV_ERR_ARG for an id out of range. */
+   QKV_ERR_SHAPE (text may be NULL with cap 0, to ask for the length).
+   QKV_ERR_ARG for an id out of range. */
 QKV_API qkv_status qkv_model_detokenize(qkv_ctx *ctx, const qkv_model *model,
                                         const int32_t *ids, int64_t n, char *text,
                                         int64_t cap, int64_t *len);

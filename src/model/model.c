@@ -319,10 +319,10 @@ qkv_status qkv_model_detokenize(qkv_ctx *ctx, const qkv_model *model, const int3
     if (!m)
         return qkv__fail(ctx, QKV_ERR_UNSUPPORTED, "qkv_model_detokenize needs a llama "
                          "model, this one is %s", model->graph->type);
-    if (n < 0 || (n > 0 && !ids) || !text || !len)
+    if (n < 0 || (n > 0 && !ids) || (!text && cap > 0) || !len)
         return qkv__fail(ctx, n < 0 ? QKV_ERR_SHAPE : QKV_ERR_NULL,
-                         "qkv_model_detokenize: %s", n < 0 ? "n < 0" : !text ? "text is NULL"
-                         : !len ? "len is NULL" : "ids is NULL");
+                         "qkv_model_detokenize: %s", n < 0 ? "n < 0" : !len ? "len is NULL"
+                         : n > 0 && !ids ? "ids is NULL" : "text is NULL");
     int64_t total = 0;
     for (int64_t i = 0; i < n; i++) {
         int64_t k;
