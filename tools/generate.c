@@ -408,6 +408,7 @@ int qkv_cmd_generate(int argc, char **argv)
 int qkv_cmd_convert_llama(int argc, char **argv)
 {
     const char *in = NULL, *out = NULL, *tok = NULL;
+    int extra = 0;
     for (int i = 0; i < argc; i++) {
         if ((!strcmp(argv[i], "-z") || !strcmp(argv[i], "--tokenizer")) && i + 1 < argc)
             tok = argv[++i];
@@ -416,9 +417,9 @@ int qkv_cmd_convert_llama(int argc, char **argv)
         else if (!out)
             out = argv[i];
         else
-            in = NULL, out = NULL, i = argc;
+            extra = 1;
     }
-    if (!in || !out) {
+    if (!in || !out || extra) {
         fprintf(stderr, "usage: qkv convert-llama CHECKPOINT OUTDIR [-z TOKENIZER]\n"
                 "  writes a Hugging Face Llama folder (config.json, model.safetensors in\n"
                 "  F32, tokenizer.bin) from a llama2.c checkpoint (or another Llama folder)\n");

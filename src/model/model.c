@@ -88,7 +88,8 @@ static qkv_status load(qkv_ctx *ctx, const char *dir, const char *tokenizer, int
         return qkv__fail(ctx, QKV_ERR_NULL, "%s is NULL", ctx ? "path" : "ctx");
     struct stat sb;
     if (stat(dir, &sb) != 0)
-        return qkv__fail(ctx, QKV_ERR_IO, "cannot open '%s': %s", dir, strerror(errno));
+        return qkv__fail(ctx, QKV_ERR_IO, "cannot open '%s' (a folder with config.json, or a "
+                         "llama2.c checkpoint): %s", dir, strerror(errno));
     if (is_file(dir))
         return load_llama_file(ctx, dir, tokenizer, model);
     char path[4096];
