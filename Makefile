@@ -7,6 +7,8 @@
 #                 then `make fuzz`
 #   make fuzz     the libFuzzer targets of fuzz/ (clang, ASan), FUZZ_SECONDS each
 #   make bench-models  MiniLM embeddings beside sentence-transformers (bench/models.py)
+#   make bench-generate  stories260K tokens/s at batch 1 and 32 beside a NumPy Llama
+#                 (bench/generate.py); rewrites its section of docs/PERFORMANCE.md
 #   make bench    side-by-side benchmark against torch and ggml (bench/.venv,
 #                 or BENCH_VENV=DIR); rewrites its section of docs/PERFORMANCE.md
 #   make install  cmake --install build (PREFIX=/usr/local)
@@ -14,14 +16,14 @@ BUILD ?= build
 SAN_BUILD ?= build-san
 FUZZ_BUILD ?= build-fuzz
 FUZZ_SECONDS ?= 30
-FUZZ_TARGETS = safetensors config tokenizer
+FUZZ_TARGETS = safetensors config tokenizer llama2c llama_tok
 PREFIX ?= /usr/local
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 BENCH_VENV ?= bench/.venv
 PYENV ?= .venv
 BENCH_ARGS ?=
 
-.PHONY: all run test san fuzz bench bench-models install clean deps
+.PHONY: all run test san fuzz bench bench-models bench-generate install clean deps
 
 all: $(BUILD)/Makefile
 	cmake --build $(BUILD) -j $(JOBS)
@@ -75,6 +77,11 @@ bench-models: all
 	  $(BENCH_VENV)/bin/python -m pip install -q sentence-transformers
 	bash scripts/setup_models.sh
 	$(BENCH_VENV)/bin/python bench/models.py --lib $(BUILD)/libqkv.so --write-doc
+
+# numpy from the test environment (scripts/pyenv.sh) is all it needs
+bench-generate: all
+	bash scripts/pyenv.sh $(PYENV) $(BUILD)
+	$(PYENV)/bin/python bench/generate.py --qkv $(BUILD)/qkv --lib $(BUILD)/libqkv.so --write-doc
 
 install: all
 	cmake --install $(BUILD)

@@ -326,6 +326,8 @@ QKV_API qkv_status qkv_attention_backward_dbias_reference(qkv_ctx *ctx, const qk
  *             tokenizer_config.json's lower-casing and accent switches.
  *   "vit"     image classification (ViT for 28x28 MNIST digits).
  *   "sasrec"  next-item recommendation from a history of item ids.
+ *   "llama"   text generation with a Llama-family decoder (see "generation"
+ *             below); also from a llama2.c checkpoint file.
  *
  *     qkv_model *m;
  *     if (qkv_model_load(ctx, "all-MiniLM-L6-v2", &m) != QKV_OK) ... ;
@@ -348,24 +350,28 @@ enum {
 
 typedef struct qkv_model qkv_model;
 
-/* Loads the model in folder dir into *model (NULL on error). Returns
-   QKV_OK, QKV_ERR_NULL, QKV_ERR_IO (missing file), QKV_ERR_FORMAT,
-   QKV_ERR_UNSUPPORTED (unknown model_type) or QKV_ERR_NOMEM; the message
-   is in ctx. The weights are copied: the files may change afterwards. */
+/* Loads the model in folder dir into *model (NULL on error). dir may also
+   be a llama2.c checkpoint file (loaded as qkv_model_load_llama does with
+   the tokenizer beside it). Returns QKV_OK, QKV_ERR_NULL, QKV_ERR_IO
+   (missing file), QKV_ERR_FORMAT, QKV_ERR_UNSUPPORTED (unknown
+   model_type) or QKV_ERR_NOMEM; the message is in ctx. The weights are
+   copied: the files may change afterwards. */
 QKV_API qkv_status qkv_model_load(qkv_ctx *ctx, const char *dir, qkv_model **model);
 
 /* Frees the model; NULL is a no-op. */
 QKV_API void qkv_model_free(qkv_model *model);
 
-/* "bert", "vit" or "sasrec" ("" for NULL). */
+/* "bert", "vit", "sasrec" or "llama" ("" for NULL). */
 QKV_API const char *qkv_model_type(const qkv_model *model);
 
 /* The width of one result row: the embedding size (bert), the number of
-   classes (vit), the number of items (sasrec); 0 for NULL. */
+   classes (vit), the number of items (sasrec), the vocabulary size
+   (llama: one row of logits); 0 for NULL. */
 QKV_API int64_t qkv_model_dim(const qkv_model *model);
 
 /* bert: the most tokens one text gives, [CLS] and [SEP] included (longer
-   texts are truncated); 0 for other models. */
+   texts are truncated); llama: the context (positions a sequence may
+   reach); 0 for other models. */
 QKV_API int64_t qkv_model_max_tokens(const qkv_model *model);
 
 /* vit: the bytes of one input image (28*28 for MNIST); 0 otherwise. */
@@ -373,7 +379,10 @@ QKV_API int64_t qkv_model_image_pixels(const qkv_model *model);
 
 /* bert: the token ids of NUL-terminated UTF-8 text, as the model sees them
    ([CLS] ... [SEP], truncated), into ids[0 .. *n_ids). cap must be at least
-   qkv_model_max_tokens(). QKV_ERR_ARG for text that is not valid UTF-8. */
+   qkv_model_max_tokens(). QKV_ERR_ARG for text that is not valid UTF-8.
+   llama: BOS and the BPE tokens of the text (any bytes: a character
+   without a token becomes its byte tokens), never truncated; when they
+   are more than cap, QKV_ERR_SHAPE with the count needed in *n_ids. */
 QKV_API qkv_status qkv_model_tokenize(qkv_ctx *ctx, const qkv_model *model,
                                       const char *text, int32_t *ids, int64_t cap,
                                       int64_t *n_ids);
@@ -533,6 +542,225 @@ QKV_API qkv_status qkv_attention_paged(qkv_ctx *ctx, const qkv_tensor *q,
    about 0.3 s): the yardstick for memory-bound calls such as decoding.
    Returns 0 for a NULL ctx or when the arrays cannot be allocated. */
 QKV_API double qkv_peak_bandwidth(qkv_ctx *ctx);
+
+/* ---- generation: Llama-family decoders -------------------------------------
+ *
+ * A "llama" model is a Llama-architecture decoder (RMSNorm, rotary
+ * embeddings, SwiGLU, grouped-query attention) with a llama2.c tokenizer
+ * (sentencepiece-style BPE by merge scores, byte fallback). It loads from
+ *   - a llama2.c checkpoint file ("version 0": a 7-int32 header, then fp32
+ *     arrays), its tokenizer beside it (tokenizer.bin, tok<vocab>.bin or
+ *     the only tok*.bin in its folder) or named;
+ *   - a Hugging Face folder: config.json with model_type "llama",
+ *     model.safetensors (model.embed_tokens.weight, model.layers.N.*,
+ *     model.norm.weight, lm_head.weight unless tie_word_embeddings), and a
+ *     llama2.c tokenizer in the folder or named (qkv_model_export writes
+ *     one there).
+ * Every size in either file is checked against the file before use
+ * (QKV_ERR_FORMAT names file and field), and the tokenizer must hold
+ * exactly the model's vocab_size tokens.
+ *
+ *     qkv_model *m;
+ *     qkv_model_load(ctx, "stories260K/stories260K.bin", &m);
+ *     int32_t ids[512];
+ *     int64_t n;
+ *     qkv_model_tokenize(ctx, m, "Once upon a time", ids, 512, &n);
+ *     qkv_gen_opts go = qkv_gen_opts_default();       // one sequence
+ *     qkv_gen *g;
+ *     qkv_gen_create(ctx, m, &go, &g);
+ *     qkv_sampler_opts so = qkv_sampler_opts_default();
+ *     so.temperature = 0.8f; so.seed = 42;
+ *     qkv_sampler *smp;
+ *     qkv_sampler_create(ctx, &so, &smp);
+ *     int32_t seq, prev = ids[n - 1], next;
+ *     qkv_gen_add(g, ids, n, &seq);                     // the prompt
+ *     while (qkv_gen_step(g) == QKV_OK && qkv_gen_length(g, seq) < 256) {
+ *         qkv_sampler_sample(ctx, smp, qkv_gen_logits(g, seq), qkv_model_dim(m), &next);
+ *         if (qkv_model_is_stop(m, next)) break;
+ *         int64_t len;
+ *         const char *piece = qkv_model_piece(m, prev, next, &len);
+ *         fwrite(piece, 1, len, stdout);
+ *         qkv_gen_feed(g, seq, &next, 1);               // decoded at the next step
+ *         prev = next;
+ *     }
+ *     qkv_sampler_free(smp); qkv_gen_free(g); qkv_model_free(m);
+ */
+
+/* Loads a llama model from path (a llama2.c checkpoint file or a Hugging
+   Face folder) with the tokenizer file `tokenizer`, or, when it is NULL,
+   the one beside the model. Errors as qkv_model_load's; QKV_ERR_FORMAT
+   when the tokenizer does not hold exactly vocab_size tokens,
+   QKV_ERR_UNSUPPORTED for a folder of another model_type, a llama2.c
+   export of version 1 or 2, rope_scaling or biases. */
+QKV_API qkv_status qkv_model_load_llama(qkv_ctx *ctx, const char *path, const char *tokenizer,
+                                        qkv_model **model);
+
+/* llama: the BOS id the tokenizer starts with, and the (first) EOS id;
+   -1 for other models. */
+QKV_API int32_t qkv_model_bos(const qkv_model *model);
+QKV_API int32_t qkv_model_eos(const qkv_model *model);
+
+/* llama: 1 when a sampled id ends the text: BOS (llama2.c's stories
+   separate texts with it) or an EOS id of the model; else 0. */
+QKV_API int qkv_model_is_stop(const qkv_model *model, int32_t id);
+
+/* llama: the bytes token id stands for when it follows token prev: its
+   text, the raw byte for a byte token <0xHH>, without its leading space
+   right after BOS (the tokenizer's dummy prefix); nothing for BOS and the
+   EOS ids. *len (may be NULL) gets the length: the bytes are not
+   NUL-terminated (a byte piece may be a NUL). Points into the model, valid
+   while it lives. NULL (len 0) for an id out of range or another model. */
+QKV_API const char *qkv_model_piece(const qkv_model *model, int32_t prev, int32_t id,
+                                    int64_t *len);
+
+/* llama: the text of ids[0 .. n) (the pieces of qkv_model_piece, each after
+   its predecessor) into text, NUL-terminated; *len gets its length in
+   bytes (not counting the NUL) even when cap is too small, which is
+   QKV_ERR_SHAPE (text may be NULL with cap 0, to ask for the length).
+   QKV_ERR_ARG for an id out of range. */
+QKV_API qkv_status qkv_model_detokenize(qkv_ctx *ctx, const qkv_model *model,
+                                        const int32_t *ids, int64_t n, char *text,
+                                        int64_t cap, int64_t *len);
+
+/* llama: writes the model as a Hugging Face Llama folder dir (made when
+   missing): config.json, model.safetensors (F32; q and k rows permuted
+   to Hugging Face's split-half rotary convention) and tokenizer.bin. So a
+   llama2.c checkpoint converts: qkv_model_load, then qkv_model_export;
+   the folder loads back to the same logits, bit for bit. QKV_ERR_IO when
+   a file cannot be written. */
+QKV_API qkv_status qkv_model_export(qkv_ctx *ctx, const qkv_model *model, const char *dir);
+
+/*
+ * qkv_gen — generation with a llama model for several sequences at once,
+ * each growing its own keys and values in one paged KV pool (blocks of
+ * block_size positions; see qkv_paged_cache), each added, run and removed
+ * on its own (continuous batching).
+ *
+ * A sequence's tokens are queued (qkv_gen_add, qkv_gen_feed) and run by
+ * the next qkv_gen_step, which runs every sequence's queued tokens:
+ * several (a prompt) through matrix products and qkv_attention_forward
+ * (qkv_attention_paged with all of them as queries when the sequence has
+ * cached positions), one (decoding) through matrix-vector products and
+ * qkv_attention_paged against its cache: the prefix is never recomputed.
+ * After the step, qkv_gen_logits gives the logits that follow each run
+ * sequence's last token.
+ *
+ * A sequence's logits are bitwise the same whatever other sequences share
+ * its steps, and whether its tokens arrive in one step or are fed one by
+ * one after a prompt; so batched generation gives exactly the text of
+ * generating each sequence alone. Single tokens of different sequences
+ * run in parallel on ctx's threads (one sequence per thread at a time);
+ * prompts run one after another on all of them.
+ *
+ * The generator keeps ctx (its errors go there; the thread rule of ctx
+ * applies to gen) and model: both must outlive it.
+ */
+typedef struct qkv_gen qkv_gen;
+
+typedef struct {
+    int64_t      max_seqs;       /* sequences alive at once (default 1) */
+    int64_t      max_positions;  /* positions the KV pool holds, all sequences
+                                    together; 0 (default): max_seqs x the
+                                    model's context */
+    int64_t      block_size;     /* positions per block, a power of two from
+                                    8 to 256 (default 16) */
+    qkv_kv_dtype kv_dtype;       /* cache elements (default QKV_KV_F32) */
+} qkv_gen_opts;
+
+/* max_seqs 1, max_positions 0, block_size 16, fp32 cache. */
+QKV_API qkv_gen_opts qkv_gen_opts_default(void);
+
+/* Creates a generator for model (a llama model) with its KV pool (2 x
+   layers x positions x heads_kv x head_dim elements). QKV_ERR_UNSUPPORTED
+   for another kind of model, QKV_ERR_ARG / QKV_ERR_DTYPE for bad options
+   (max_positions below the model's context included), QKV_ERR_NOMEM. */
+QKV_API qkv_status qkv_gen_create(qkv_ctx *ctx, const qkv_model *model,
+                                  const qkv_gen_opts *opts, qkv_gen **gen);
+
+/* Frees the generator and its pool; NULL is a no-op. */
+QKV_API void qkv_gen_free(qkv_gen *gen);
+
+/* Starts a sequence with tokens ids[0 .. n) (usually BOS and a prompt) to
+   run at the next step; *seq gets its id, in [0, max_seqs) (the id of a
+   removed sequence is given out again). QKV_ERR_ARG when max_seqs
+   sequences are alive or an id is not in [0, vocab); QKV_ERR_SHAPE for
+   n < 1 or more tokens than the context. */
+QKV_API qkv_status qkv_gen_add(qkv_gen *gen, const int32_t *ids, int64_t n, int32_t *seq);
+
+/* Queues ids[0 .. n) after sequence seq's tokens (the sampled one, or
+   more text), to run at the next step. QKV_ERR_ARG for a dead sequence or
+   a bad id, QKV_ERR_SHAPE when the context would overflow. */
+QKV_API qkv_status qkv_gen_feed(qkv_gen *gen, int32_t seq, const int32_t *ids, int64_t n);
+
+/* Runs the queued tokens of every sequence. QKV_ERR_NOMEM when the pool
+   lacks the blocks they need (nothing runs then); any other error leaves
+   the sequences that failed with their tokens still queued. */
+QKV_API qkv_status qkv_gen_step(qkv_gen *gen);
+
+/* The logits [vocab] after sequence seq's last run token, valid until the
+   next step or removal; NULL before its first step or for a dead id. */
+QKV_API const float *qkv_gen_logits(const qkv_gen *gen, int32_t seq);
+
+/* Positions of seq held in the cache (its run tokens); -1 for a dead id. */
+QKV_API int64_t qkv_gen_length(const qkv_gen *gen, int32_t seq);
+
+/* Positions the pool has free (whole blocks). */
+QKV_API int64_t qkv_gen_free_positions(const qkv_gen *gen);
+
+/* Ends sequence seq: its blocks go back to the pool, its id may be given
+   out again. QKV_ERR_ARG for a dead id. */
+QKV_API qkv_status qkv_gen_remove(qkv_gen *gen, int32_t seq);
+
+/* Where the time of the steps went. */
+typedef struct {
+    int64_t steps;
+    int64_t prefill_tokens;    /* tokens run in prompts (several at once) */
+    int64_t decode_tokens;     /* tokens run one per sequence */
+    double  prefill_s;         /* wall seconds of the steps' prompt phase */
+    double  decode_s;          /* wall seconds of their single-token phase */
+    double  compute_s;         /* seconds in the forward, summed over the
+                                  threads that ran sequences */
+    double  attention_s;       /* of which in qkv's attention: the KV-cache
+                                  appends and the attention calls */
+} qkv_gen_stats;
+
+/* Copies the counters (summed since creation or the last reset). */
+QKV_API void qkv_gen_get_stats(const qkv_gen *gen, qkv_gen_stats *stats);
+QKV_API void qkv_gen_reset_stats(qkv_gen *gen);
+
+/*
+ * qkv_sampler — the next token from a row of logits: greedy (temperature
+ * 0, or top_k 1: the largest logit, the smaller id on ties), or a draw
+ * from softmax(logits / temperature) kept to the top_k most probable ids,
+ * then to the smallest set of the most probable (the smaller id first on
+ * ties) whose probability reaches top_p of what is left. Draws come from
+ * SplitMix64 seeded with seed, u = (x >> 11)·2^-53 in [0, 1), one per
+ * sampled token; the same seed and logits give the same tokens anywhere.
+ * A sampler is one stream of draws: use one per sequence.
+ */
+typedef struct {
+    float    temperature;   /* >= 0 (default 1); 0: greedy */
+    int64_t  top_k;         /* >= 0 (default 0: all tokens) */
+    float    top_p;         /* in (0, 1] (default 1: all tokens) */
+    uint64_t seed;          /* default 0 */
+} qkv_sampler_opts;
+
+typedef struct qkv_sampler qkv_sampler;
+
+/* temperature 1, top_k 0, top_p 1, seed 0. */
+QKV_API qkv_sampler_opts qkv_sampler_opts_default(void);
+
+/* QKV_ERR_ARG for an option out of its domain. */
+QKV_API qkv_status qkv_sampler_create(qkv_ctx *ctx, const qkv_sampler_opts *opts,
+                                      qkv_sampler **sampler);
+/* NULL is a no-op. */
+QKV_API void qkv_sampler_free(qkv_sampler *sampler);
+
+/* Picks *token from logits[0 .. n). QKV_ERR_ARG for a NaN or +inf logit or
+   when every logit is -inf (-inf marks a banned id), QKV_ERR_SHAPE for
+   n < 1. */
+QKV_API qkv_status qkv_sampler_sample(qkv_ctx *ctx, qkv_sampler *sampler, const float *logits,
+                                      int64_t n, int32_t *token);
 
 #ifdef __cplusplus
 }

@@ -31,6 +31,17 @@ void test_decode_int8(void);
 void test_decode_threads(void);
 void test_decode_errors(void);
 
+/* test_llama.c */
+void test_llama_tokenizer(void);
+void test_llama_tokenizer_bad(void);
+void test_llama_checkpoint_bad(void);
+void test_llama_logits(void);
+void test_llama_golden(void);
+void test_llama_batched(void);
+void test_llama_sampler(void);
+void test_llama_convert(void);
+void test_llama_bad_input(void);
+
 /* test_dbias.c */
 void test_dbias_fd(void);
 void test_dbias_fast(void);
@@ -113,6 +124,15 @@ static const struct { const char *name; void (*fn)(void); } tests[] = {
     { "model_sasrec",            test_model_sasrec },
     { "model_bad_files",         test_model_bad_files },
     { "model_bad_bert",          test_model_bad_bert },
+    { "llama_tokenizer",         test_llama_tokenizer },
+    { "llama_tokenizer_bad",     test_llama_tokenizer_bad },
+    { "llama_checkpoint_bad",    test_llama_checkpoint_bad },
+    { "llama_logits",            test_llama_logits },
+    { "llama_golden",            test_llama_golden },
+    { "llama_batched",           test_llama_batched },
+    { "llama_sampler",           test_llama_sampler },
+    { "llama_convert",           test_llama_convert },
+    { "llama_bad_input",         test_llama_bad_input },
     { "decode_errors",           test_decode_errors },
     { "decode_reference",        test_decode_reference },
     { "decode_paged_bitwise",    test_decode_paged_bitwise },

@@ -4,6 +4,8 @@
  *   qkv bench [options]   time attention on a set of shapes, checked first
  *   qkv info              library version, kernel set, threads
  *   qkv embed / recommend / classify   run a pretrained model (tools/models.c)
+ *   qkv generate / convert-llama        text generation (tools/generate.c)
+ *   qkv demo              a short tour (tools/demo.c)
  *   qkv --help            every command and flag
  */
 #include <qkv.h>
@@ -35,6 +37,15 @@ static const char *usage =
 "            classify the images of an IDX file (gzip'd or not, as MNIST's)\n"
 "            with the ViT model in DIR: one class per line; with LABELS, the\n"
 "            accuracy (-q: the accuracy only)\n"
+"  generate -m MODEL [-z TOKENIZER] -p PROMPT [-n STEPS] [-t TEMP] [-s SEED] ...\n"
+"            text from a Llama-family model (a llama2.c checkpoint or a Llama\n"
+"            safetensors folder): prompt and continuation on stdout, tokens/s on\n"
+"            stderr; several -p (or -b FILE) run together; `qkv generate` alone\n"
+"            lists every option\n"
+"  convert-llama CHECKPOINT OUTDIR [-z TOKENIZER]\n"
+"            write a llama2.c checkpoint as a Hugging Face Llama folder\n"
+"  demo      a short tour: attention checked and timed, decoding from a paged\n"
+"            KV cache, a story from stories260K when it is found\n"
 "  version   print the library version\n"
 "  help      print this text (also -h, --help)\n"
 "\n"
@@ -342,6 +353,12 @@ int main(int argc, char **argv)
         return qkv_cmd_recommend(argc - 2, argv + 2);
     if (!strcmp(argv[1], "classify"))
         return qkv_cmd_classify(argc - 2, argv + 2);
+    if (!strcmp(argv[1], "generate"))
+        return qkv_cmd_generate(argc - 2, argv + 2);
+    if (!strcmp(argv[1], "convert-llama"))
+        return qkv_cmd_convert_llama(argc - 2, argv + 2);
+    if (!strcmp(argv[1], "demo"))
+        return qkv_cmd_demo(argc - 2, argv + 2);
     fprintf(stderr, "qkv: unknown command '%s'\n\n%s", argv[1], usage);
     return 2;
 }

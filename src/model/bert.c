@@ -217,7 +217,7 @@ static void bert_weights(qkv__loader *L, void *g)
 }
 
 const qkv__graph qkv__bert_graph = {
-    "bert", sizeof(qkv__bert), bert_config, bert_weights, bert_release
+    "bert", sizeof(qkv__bert), bert_config, bert_weights, bert_release, NULL
 };
 
 /* The activations of one pass over T packed tokens. */

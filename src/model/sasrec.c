@@ -102,7 +102,7 @@ static void sasrec_weights(qkv__loader *L, void *g)
 }
 
 const qkv__graph qkv__sasrec_graph = {
-    "sasrec", sizeof(qkv__sasrec), sasrec_config, sasrec_weights, sasrec_release
+    "sasrec", sizeof(qkv__sasrec), sasrec_config, sasrec_weights, sasrec_release, NULL
 };
 
 qkv_status qkv__sasrec_recommend(qkv_ctx *ctx, const qkv__sasrec *m, const int32_t *history,

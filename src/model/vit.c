@@ -125,7 +125,7 @@ static void vit_weights(qkv__loader *L, void *g)
 }
 
 const qkv__graph qkv__vit_graph = {
-    "vit", sizeof(qkv__vit), vit_config, vit_weights, vit_release
+    "vit", sizeof(qkv__vit), vit_config, vit_weights, vit_release, NULL
 };
 
 /* Classifies n <= IMAGE_CHUNK images. */

@@ -18,6 +18,11 @@ void qkv__blas_threads(qkv_ctx *ctx)
     openblas_set_num_threads(ctx ? ctx->n_threads : 1);
 }
 
+void qkv__blas_single_thread(void)
+{
+    openblas_set_num_threads(1);
+}
+
 void qkv__linear(qkv_ctx *ctx, const float *x, int64_t M, int64_t K, int64_t ldx,
                  const float *W, const float *b, int64_t N, float *y, int64_t ldy)
 {
@@ -28,6 +33,35 @@ void qkv__linear(qkv_ctx *ctx, const float *x, int64_t M, int64_t K, int64_t ldx
             memcpy(y + i * ldy, b, (size_t)N * sizeof(float));
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)M, (int)N, (int)K, 1.0f,
                 x, (int)ldx, W, (int)K, b ? 1.0f : 0.0f, y, (int)ldy);
+}
+
+typedef struct {
+    const float *x, *W;
+    float       *y;
+    int64_t      M, K, ldx, N, ldy;
+} linear_job;
+
+enum { LINEAR_ROWS = 32 };   /* rows per block of qkv__linear_rows */
+
+static void linear_task(void *arg, int64_t task, int worker)
+{
+    const linear_job *j = arg;
+    const int64_t r0 = task * LINEAR_ROWS;
+    const int64_t m = j->M - r0 < LINEAR_ROWS ? j->M - r0 : LINEAR_ROWS;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)m, (int)j->N, (int)j->K, 1.0f,
+                j->x + r0 * j->ldx, (int)j->ldx, j->W, (int)j->K, 0.0f, j->y + r0 * j->ldy,
+                (int)j->ldy);
+}
+
+void qkv__linear_rows(qkv_ctx *ctx, const float *x, int64_t M, int64_t K, int64_t ldx,
+                      const float *W, int64_t N, float *y, int64_t ldy)
+{
+    if (M <= 0 || N <= 0)
+        return;
+    qkv__blas_single_thread();
+    linear_job j = { x, W, y, M, K, ldx, N, ldy };
+    qkv__parallel(ctx, (M + LINEAR_ROWS - 1) / LINEAR_ROWS, 2.0 * (double)M * (double)N * (double)K,
+                  linear_task, &j);
 }
 
 /* Element-wise jobs split into row blocks over the context's threads. */

@@ -19,6 +19,14 @@
 void qkv__linear(qkv_ctx *ctx, const float *x, int64_t M, int64_t K, int64_t ldx,
                  const float *W, const float *b, int64_t N, float *y, int64_t ldy);
 
+/* The same product in fixed blocks of rows spread over the context's
+   threads, each block one single-threaded BLAS call: a row's result
+   depends on M (its block's size) alone, never on the thread count
+   (OpenBLAS's threaded GEMM gives other last bits for other counts).
+   Sets BLAS to one thread. */
+void qkv__linear_rows(qkv_ctx *ctx, const float *x, int64_t M, int64_t K, int64_t ldx,
+                      const float *W, int64_t N, float *y, int64_t ldy);
+
 /* y[M, C] = (x - mean) / sqrt(var + eps) * g + b per row (biased
    variance); y may be x. Rows of ld elements. */
 void qkv__layernorm(qkv_ctx *ctx, const float *x, int64_t ldx, int64_t M, int64_t C,
@@ -42,5 +50,7 @@ qkv_status qkv__mha(qkv_ctx *ctx, const float *q, int64_t ldq, const float *k,
 
 /* Sets the BLAS library's thread count to the context's. */
 void qkv__blas_threads(qkv_ctx *ctx);
+/* Sets it to one (for BLAS calls from several threads at once). */
+void qkv__blas_single_thread(void);
 
 #endif /* QKV_NN_H */
