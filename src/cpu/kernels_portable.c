@@ -27,6 +27,10 @@
 #define QKV_KERNEL_NAME "generic"
 #endif
 
+#if QKV_VW == 16 && defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 typedef float   vf __attribute__((vector_size(QKV_VW * 4)));
 typedef int32_t vi __attribute__((vector_size(QKV_VW * 4)));
 typedef uint32_t vu __attribute__((vector_size(QKV_VW * 4)));  /* bit work */
@@ -197,12 +201,25 @@ static void pv_edge(int m, int n, int dv, const float *p, int64_t psi, int64_t p
                 x += vset1(pi[j * psj]) * vload(v + j * ldv + c);
             vstore(a + c, x);
         }
+#if QKV_VW == 16 && defined(__AVX512F__)
+        /* the last columns as one masked vector (a head_dim below 16 is all
+           tail) */
+        if (cfull < dv) {
+            const __mmask16 mk = (__mmask16)((1u << (dv - cfull)) - 1);
+            __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, a + cfull), _mm512_set1_ps(alpha[i]));
+            for (int j = 0; j < n; j++)
+                x = _mm512_fmadd_ps(_mm512_set1_ps(pi[j * psj]),
+                                    _mm512_maskz_loadu_ps(mk, v + j * ldv + cfull), x);
+            _mm512_mask_storeu_ps(a + cfull, mk, x);
+        }
+#else
         for (int c = cfull; c < dv; c++) {
             float x = a[c] * alpha[i];
             for (int j = 0; j < n; j++)
                 x += pi[j * psj] * v[j * ldv + c];
             a[c] = x;
         }
+#endif
     }
 }
 

@@ -89,7 +89,7 @@ void qkv_gen_free(qkv_gen *g)
     for (int w = 0; g->wctx && w < g->n_workers; w++)
         qkv_ctx_free(g->wctx[w]);
     free(g->wctx);
-    free(g->cache); free(g->kpool); free(g->vpool); free(g->kscale); free(g->vscale);
+    free(g->cache); qkv_free(g->kpool); qkv_free(g->vpool); free(g->kscale); free(g->vscale);
     free(g->table); free(g->free_ids); free(g->seq); free(g->logits); free(g->work);
     free(g->run); free(g->run_status); free(g->run_worker); free(g->w_attn); free(g->w_busy);
     free(g);
@@ -150,8 +150,8 @@ qkv_status qkv_gen_create(qkv_ctx *ctx, const qkv_model *model, const qkv_gen_op
     g->work_floats = (qkv__llama_tok_floats(m) + 15) / 16 * 16;
     const size_t S = (size_t)g->max_seqs;
     g->cache = calloc((size_t)m->L, sizeof *g->cache);
-    g->kpool = malloc((size_t)bytes);
-    g->vpool = malloc((size_t)bytes);
+    g->kpool = qkv_alloc((size_t)bytes);   /* huge pages: decode streams the pool */
+    g->vpool = qkv_alloc((size_t)bytes);
     if (dt == QKV_KV_I8) {
         g->kscale = malloc((size_t)(rows * m->L) * sizeof(float));
         g->vscale = malloc((size_t)(rows * m->L) * sizeof(float));
