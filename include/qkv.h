@@ -432,7 +432,11 @@ QKV_API qkv_status qkv_model_recommend(qkv_ctx *ctx, const qkv_model *model,
  * query heads of its group. Split decisions depend on the problem
  * alone: results are bitwise identical for any number of threads, and a
  * paged cache gives bitwise the result of the contiguous cache holding the
- * same rows.
+ * same rows. The problem is the whole call, though: the split of one
+ * sequence's keys depends on how many tasks the batch gives, so a
+ * sequence of 1024 or more cached keys may round differently in a batch
+ * than alone. Batch-invariant serving calls once per sequence (as qkv_gen
+ * does).
  */
 
 /*
