@@ -165,11 +165,11 @@ typedef struct {
 enum { CHUNK = 8 };   /* keys per kernel call between two takes */
 enum { MANY_CHUNK = 32 };   /* the same for tiles of more than QKV__PAD rows */
 
-/* bf16 tiles of up to this many rows (decoding, speculative verification)
-   take head_tile_rows: scores from qk_bf16_dec (dot products along d,
-   4 x 4 at a time), the softmax along rows, P·V with the accumulators in
-   registers; more rows (chunked prefill) take the forward's layout, qk_bf16
-   on query pairs and mm_bf16 on V paired once per tile. */
+/* Tiles of up to this many rows (decoding, speculative verification)
+   take head_tile_rows: scores from qk_bf16_dec / qk_dec (dot products
+   along d, 4 x 4 at a time), the softmax along rows, then P·V; more rows
+   (chunked prefill) take the forward's layout: qk or qk_bf16 on query
+   vectors or pairs, and pv or mm_bf16 on V paired once per tile. */
 enum { PAIRS_ROWS = 16 };
 
 /* Keys per kernel call: CHUNK while there are rows to ask for, else the
@@ -200,7 +200,6 @@ typedef struct {
     int64_t          R;        /* score columns: P·group rounded up to 16 */
     int64_t          HB;       /* kv heads per task (a divisor of Hkv) */
     int              bf;       /* the bf16 dot path (q and cache bf16) */
-    int              dec_rows; /* fp32 scores by qk_dec (few rows, a kernel for it) */
     int64_t         *start;    /* [B+1] first task of each sequence */
     int64_t         *tstart;   /* [B+1] first tile of each sequence */
     int64_t         *split;    /* [B] key parts per tile of each sequence */
@@ -389,8 +388,8 @@ static void tile_scores(const dec_job *job, const qkv__seq *s, int64_t hk, int64
             c0 += nr;
             continue;
         }
-        /* fp32 rows: in runs aligned as above for qk_dec; qk computes each
-           key alone */
+        /* fp32 rows (more than PAIRS_ROWS of them): qk computes each key
+           alone */
         const int nr = run_length(src, p0, c0, n, 4);
         int64_t ldk;
         const float *kr = rows_f32(kn, src, 0, s->b, p0 + c0, hk, nr, D, a->Hkv,
@@ -399,10 +398,7 @@ static void tile_scores(const dec_job *job, const qkv__seq *s, int64_t hk, int64
         for (int c = 0; c < nr; c += ch) {
             const int nc = nr - c < ch ? nr - c : ch;
             float *st = sc->st + (c0 + c) * R;
-            if (job->dec_rows)
-                kn->qk_dec(nc, m, (int)D, a->scale, kr + c * ldk, ldk, sc->q, D, st, R);
-            else
-                kn->qk(nc, m, (int)D, a->scale, kr + c * ldk, ldk, sc->qt, R, sc->q, D, st, R);
+            kn->qk(nc, m, (int)D, a->scale, kr + c * ldk, ldk, sc->qt, R, sc->q, D, st, R);
             pf_take(src, pf, D, a->Dv);
         }
         c0 += nr;
@@ -513,11 +509,12 @@ static const uint16_t *i8_rows(const dec_job *job, int64_t b, int is_v, int64_t 
     return dst;
 }
 
-/* A key tile for a few bf16 rows (decoding): scores query-major in st
-   [m][BK], the softmax along each row, P·V with the accumulators in
-   registers for the whole run; the kernels ask for the next tile's K
-   (pfk) and V (pfv) lines as they go. Runs split as in tile_scores and
-   tile_values, so every cache layout gives the same bits. */
+/* A key tile for a few rows (decoding): scores query-major in st
+   [m][BK] and the softmax along each row; then, with bf16 (or int8)
+   rows, P rounded to bf16 and P·V with the accumulators in registers
+   for the whole run, else fp32 P·V. The kernels ask for the next tile's
+   K (pfk) and V (pfv) lines as they go. Runs split as in tile_scores
+   and tile_values, so every cache layout gives the same bits. */
 static void head_tile_rows(const dec_job *job, const qkv__seq *s, const qkv__tile_map *tm,
                            int64_t hk, int64_t j0, int n, int m, int band, const scratch *sc,
                            qkv__pf *pfk, qkv__pf *pfv)
@@ -526,18 +523,25 @@ static void head_tile_rows(const dec_job *job, const qkv__seq *s, const qkv__til
     const kv_src *src = job->src;
     const qkv__kernels *kn = job->ctx->kernels;
     const int64_t D = a->D, Dv = a->Dv, w = 2 * pairs(D);
+    const int bf = job->bf, i8 = bf && src->i8;   /* int8 codes as bf16 */
     uint16_t *p = (uint16_t *)sc->pp;
     for (int c0 = 0; c0 < n;) {
         const int nr = run_length(src, j0, c0, n, 4);
         int64_t ldk;
-        const uint16_t *kr = src->i8 ? i8_rows(job, s->b, 0, j0 + c0, hk, nr, sc, c0, &ldk)
-                                     : rows_bf16(src, &src->k, s->b, j0 + c0, hk, nr, D, w,
-                                                 sc->kb + c0 * w, &ldk);
-        kn->qk_bf16_dec(nr, m, (int)pairs(D), a->scale, kr, ldk, (const uint16_t *)sc->q, w,
-                        sc->st + c0, BK, pfk);
+        if (bf) {
+            const uint16_t *kr = i8 ? i8_rows(job, s->b, 0, j0 + c0, hk, nr, sc, c0, &ldk)
+                                    : rows_bf16(src, &src->k, s->b, j0 + c0, hk, nr, D, w,
+                                                sc->kb + c0 * w, &ldk);
+            kn->qk_bf16_dec(nr, m, (int)pairs(D), a->scale, kr, ldk, (const uint16_t *)sc->q,
+                            w, sc->st + c0, BK, pfk);
+        } else {
+            const float *kr = rows_f32(kn, src, 0, s->b, j0 + c0, hk, nr, D, a->Hkv,
+                                       sc->kw + c0 * D, &ldk);
+            kn->qk_dec(nr, m, (int)D, a->scale, kr, ldk, sc->q, D, sc->st + c0, BK, pfk);
+        }
         c0 += nr;
     }
-    if (src->i8)   /* the keys' scales: s = scale·q·(code·ks) */
+    if (i8)   /* the keys' scales: s = scale·q·(code·ks) */
         for (int r = 0; r < m; r++)
             for (int c = 0; c < n; c++)
                 sc->st[r * BK + c] *= sc->ksc[c];
@@ -545,22 +549,43 @@ static void head_tile_rows(const dec_job *job, const qkv__seq *s, const qkv__til
         qkv__score_mods(a, s, tm, m, j0, n, band, sc->st, BK, 1, NULL);
     kn->row_max(sc->st, BK, m, n, sc->mx);
     new_max(sc, m);
-    if (src->i8)   /* the V codes and their scales, which P takes */
+    if (i8)   /* the V codes and their scales, which P takes */
         for (int c0 = 0; c0 < n;) {
             const int nr = run_length(src, j0, c0, n, 2);
             int64_t ldv;
             i8_rows(job, s->b, 1, j0 + c0, hk, nr, sc, c0, &ldv);
             c0 += nr;
         }
-    kn->exp_rows_bf16(sc->st, BK, m, n, sc->mref, src->i8 ? sc->vsc : NULL, sc->sum, p, BK);
+    if (bf)
+        kn->exp_rows_bf16(sc->st, BK, m, n, sc->mref, i8 ? sc->vsc : NULL, sc->sum, p, BK);
+    else
+        kn->exp_rows(sc->st, BK, m, n, sc->mref, sc->sum);
     for (int r = 0; r < m; r++)
         sc->l[r] = sc->l[r] * sc->alpha[r] + sc->sum[r];
+    if (!bf) {
+        /* fp32 P·V run by run, in calls of 16 keys with the next tile's V
+           lines asked for between them (the first call scales acc by
+           alpha, the later ones by 1: the bits of one call) */
+        for (int c0 = 0; c0 < n;) {
+            const int nr = run_length(src, j0, c0, n, 1);
+            int64_t ldv;
+            const float *vr = rows_f32(kn, src, 1, s->b, j0 + c0, hk, nr, Dv, a->Hkv, sc->vw,
+                                       &ldv);
+            for (int c = 0; c < nr; c += 16) {
+                kn->pv(m, nr - c < 16 ? nr - c : 16, (int)Dv, sc->st + c0 + c, BK, 1,
+                       vr + c * ldv, ldv, c0 + c ? sc->ones : sc->alpha, sc->acc, Dv);
+                qkv__pf_lines(pfv, 4 * pfv->per4);
+            }
+            c0 += nr;
+        }
+        return;
+    }
     for (int c0 = 0; c0 < n;) {
         const int nr = run_length(src, j0, c0, n, 2);
         int64_t ldv = Dv;   /* int8: the codes converted above */
-        const uint16_t *vr = src->i8 ? sc->vb + c0 * Dv
-                                     : rows_bf16(src, &src->v, s->b, j0 + c0, hk, nr, Dv, Dv,
-                                                 sc->vb + c0 * Dv, &ldv);
+        const uint16_t *vr = i8 ? sc->vb + c0 * Dv
+                                : rows_bf16(src, &src->v, s->b, j0 + c0, hk, nr, Dv, Dv,
+                                            sc->vb + c0 * Dv, &ldv);
         kn->pv_bf16_dec(m, nr, (int)Dv, p + c0, BK, vr, ldv, c0 ? NULL : sc->alpha, sc->acc,
                         Dv, pfv);
         c0 += nr;
@@ -661,7 +686,7 @@ static void dec_task(void *arg, int64_t task, int worker)
     const scratch sh = scratch_at(base, 0, R, a->D, Dv);
     for (int r = 0; r < mpad; r++)
         sh.ones[r] = 1.0f;
-    const int rows = job->bf && m <= PAIRS_ROWS;   /* head_tile_rows */
+    const int rows = m <= PAIRS_ROWS;   /* head_tile_rows */
 
     /* the keys any row of the tile sees (the band is monotone in i), and
        this part's share of them in whole key tiles */
@@ -810,7 +835,6 @@ static qkv_status run(qkv_ctx *ctx, const qkv__attn *a, const kv_src *src, int c
     if (src->i8 && a->dt == QKV_BF16 && ctx->kernels->qk_bf16_dec &&
         job.P * a->group <= PAIRS_ROWS)
         job.bf = 1;
-    job.dec_rows = ctx->kernels->qk_dec && job.P * a->group <= QKV__PAD;
     /* rows of one head that follow each other ([B, Hkv, S, D] caches):
        one stream per head, a task per head */
     const int streams = src->k.stride[1] == a->D && src->v.stride[1] == a->Dv;

@@ -21,6 +21,29 @@ typedef struct {
     int32_t     row, line;
 } qkv__pf;
 
+/* Asks for up to `count` more lines of pf. */
+static inline void qkv__pf_lines(qkv__pf *pf, int count)
+{
+    while (count > 0 && pf->row < pf->rows) {
+        const char *r = pf->base + pf->row * pf->ld;
+        int l = pf->line;
+        const int e = count < pf->lines - l ? l + count : pf->lines;
+        count -= e - l;
+        if (pf->l2)
+            for (; l < e; l++)
+                __builtin_prefetch(r + 64 * l, 0, 2);
+        else
+            for (; l < e; l++)
+                __builtin_prefetch(r + 64 * l, 0, 3);
+        if (e == pf->lines) {
+            pf->line = 0;
+            pf->row++;
+        } else {
+            pf->line = e;
+        }
+    }
+}
+
 typedef struct qkv__kernels {
     const char *name;
 
@@ -111,11 +134,6 @@ typedef struct qkv__kernels {
                         const uint16_t *q, int64_t ldq, float *st, int64_t ldst,
                         qkv__pf *pf);
 
-    /* mx[i] = max_j st[i·ld + j] (-inf when all are), and then, with
-       mref[i] = max(mx[i], m_old) (0 when -inf) handed back by the caller:
-       exp_rows_bf16 below. i < m, j < n. */
-    void (*row_max)(const float *st, int64_t ld, int m, int n, float *mx);
-
     /* P = exp(st[i·ld + j] - mref[i]) and sum[i] = Σ_j P (fp32); P·pmul[j]
        (pmul NULL: P) rounded to bf16 into p[i·ldp + j], zero from j = n up
        to round_up(n, 32); mref finite. Row i of p read as uint32 is its
@@ -134,12 +152,21 @@ typedef struct qkv__kernels {
                         const uint16_t *v, int64_t ldv, const float *alpha,
                         float *acc, int64_t lda, qkv__pf *pf);
 
-    /* The scores of qk for a few queries (decode): q [m][ldq] fp32 rows,
-       readable up to row round_up(m, 4), k [n][ldk]; blocks of 4 keys x 4
-       queries reduced together as in qk_bf16_dec (same rule for splitting
-       the keys). NULL where the set has none (the driver uses qk). */
+    /* ---- decode, every set ---------------------------------------------- */
+
+    /* The scores of qk for a few queries, query-major as qk_bf16_dec:
+       st[i·ldst + j] for j < n, i < m; q [m][ldq] fp32 rows, readable up to
+       row round_up(m, 4), k [n][ldk]. Splitting the keys into calls of
+       multiples of 4 gives the same bits. Asks for pf's lines as it goes. */
     void (*qk_dec)(int n, int m, int d, float scale, const float *k, int64_t ldk,
-                   const float *q, int64_t ldq, float *st, int64_t ldst);
+                   const float *q, int64_t ldq, float *st, int64_t ldst, qkv__pf *pf);
+
+    /* mx[i] = max_j st[i·ld + j] (-inf when all are), i < m, j < n. */
+    void (*row_max)(const float *st, int64_t ld, int m, int n, float *mx);
+
+    /* st[i·ld + j] = exp(st[i·ld + j] - mref[i]) in place (exp(-inf) = 0)
+       and sum[i] = Σ_j of them, i < m, j < n; mref finite. */
+    void (*exp_rows)(float *st, int64_t ld, int m, int n, const float *mref, float *sum);
 
     /* dst[j] = src[j]·scale, int8 codes widened to fp32, j < n. */
     void (*cvt_i8)(const int8_t *src, float scale, float *dst, int64_t n);

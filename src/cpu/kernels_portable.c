@@ -300,6 +300,83 @@ static void exp_cols(float *st, int64_t ld, int n, int m, const float *mref,
     }
 }
 
+/* ---- softmax pieces, per query row (decode) ------------------------------- */
+
+static inline float hmax(vf v)
+{
+    float x = v[0];
+    for (int l = 1; l < VW; l++)
+        x = v[l] > x ? v[l] : x;
+    return x;
+}
+
+static void row_max(const float *st, int64_t ld, int m, int n, float *mx)
+{
+    for (int i = 0; i < m; i++) {
+        const float *s = st + i * ld;
+        vf acc = vset1(-INFINITY);
+        int j = 0;
+        for (; j + VW <= n; j += VW)
+            acc = vmax(vload(s + j), acc);
+        float x = hmax(acc);
+        for (; j < n; j++)
+            x = s[j] > x ? s[j] : x;
+        mx[i] = x;
+    }
+}
+
+static void exp_rows(float *st, int64_t ld, int m, int n, const float *mref, float *sum)
+{
+    for (int i = 0; i < m; i++) {
+        float *s = st + i * ld;
+        const vf mv = vset1(mref[i]);
+        vf acc = {0};
+        int j = 0;
+        for (; j + VW <= n; j += VW) {
+            const vf e = vexp(vload(s + j) - mv);
+            vstore(s + j, e);
+            acc += e;
+        }
+        if (j < n) {   /* the tail as one vector, -inf past n */
+            float t[VW];
+            for (int l = 0; l < VW; l++)
+                t[l] = j + l < n ? s[j + l] : -INFINITY;
+            const vf e = vexp(vload(t) - mv);
+            vstore(t, e);
+            for (int l = 0; j + l < n; l++)
+                s[j + l] = t[l];
+            acc += e;
+        }
+        sum[i] = hsum(acc);
+    }
+}
+
+#if !(defined(__AVX512F__) && QKV_VW == 16)   /* else qk_f32_dec below */
+/* Decode scores where the set has no blocked kernel: query-major, each
+   key's dot products one at a time (any split of the keys gives the same
+   bits). */
+static void qk_rows_plain(int n, int m, int d, float scale, const float *k, int64_t ldk,
+                          const float *q, int64_t ldq, float *st, int64_t ldst, qkv__pf *pf)
+{
+    for (int j = 0; j < n; j++) {
+        const float *kj = k + j * ldk;
+        for (int i = 0; i < m; i++) {
+            const float *qi = q + i * ldq;
+            vf acc = {0};
+            int x = 0;
+            for (; x + VW <= d; x += VW)
+                acc += vload(kj + x) * vload(qi + x);
+            float t = hsum(acc);
+            for (; x < d; x++)
+                t += kj[x] * qi[x];
+            st[i * ldst + j] = t * scale;
+        }
+        if (pf && j % 4 == 3)
+            qkv__pf_lines(pf, pf->per4);
+    }
+}
+#endif
+
 /* ---- fp16 / bf16 -> fp32 --------------------------------------------------- */
 
 typedef uint16_t vh __attribute__((vector_size(QKV_VW * 2)));
@@ -475,14 +552,17 @@ static inline __m512 reduce16(const __m512 *v)
                          _mm512_shuffle_f32x4(x01, x23, 0xdd));
 }
 
-/* The 4 keys x 4 queries of s (lane 4·key + query) into st rows 0..3,
-   the queries `live` only. */
-static inline void store4x4(__m512 s, __mmask16 live, float *st, int64_t ldst)
+/* Row r (< live) of st gets the 4 keys of query r in s: reduce16 leaves
+   source 4·r + e (query r, key e) in lane 4·r + e. */
+static inline void store_rows4(__m512 s, int live, float *st, int64_t ldst)
 {
-    _mm_mask_storeu_ps(st, live, _mm512_extractf32x4_ps(s, 0));
-    _mm_mask_storeu_ps(st + ldst, live, _mm512_extractf32x4_ps(s, 1));
-    _mm_mask_storeu_ps(st + 2 * ldst, live, _mm512_extractf32x4_ps(s, 2));
-    _mm_mask_storeu_ps(st + 3 * ldst, live, _mm512_extractf32x4_ps(s, 3));
+    _mm_storeu_ps(st, _mm512_extractf32x4_ps(s, 0));
+    if (live > 1)
+        _mm_storeu_ps(st + ldst, _mm512_extractf32x4_ps(s, 1));
+    if (live > 2)
+        _mm_storeu_ps(st + 2 * ldst, _mm512_extractf32x4_ps(s, 2));
+    if (live > 3)
+        _mm_storeu_ps(st + 3 * ldst, _mm512_extractf32x4_ps(s, 3));
 }
 
 /* c + a·b per lane: fp32 values, or (bf) pairs of bf16 values along the
@@ -497,19 +577,23 @@ __m512 dot_step(const int bf, __m512 c, __m512i a, __m512i b)
     return _mm512_fmadd_ps(_mm512_castsi512_ps(a), _mm512_castsi512_ps(b), c);
 }
 
-/* Scores of n keys by m queries in blocks of 4 keys x 4 queries, rows of
-   len 32-bit lanes (fp32 values, or bf16 pairs when bf) ldk / ldq bytes
-   apart; the last n % 4 keys one sum at a time. q is readable up to row
-   round_up(m, 4); only the m columns of st are written. */
+/* Query-major scores st[i·ldst + j] of n keys by m queries in blocks of 4
+   keys x 4 queries, rows of len 32-bit lanes (fp32 values, or bf16 pairs
+   when bf) ldk / ldq bytes apart; the last n % 4 keys one sum at a time.
+   q is readable up to row round_up(m, 4). pf's lines are asked for along
+   the first 4 queries' pass, spread over the steps along the row. */
 static inline __attribute__((always_inline))
-void qk_dec_blocks(const int bf, int n, int m, int len, float scale, const char *k,
-                   int64_t ldk, const char *q, int64_t ldq, float *st, int64_t ldst)
+void qk_rows_blocks(const int bf, int n, int m, int len, float scale, const char *k,
+                    int64_t ldk, const char *q, int64_t ldq, float *st, int64_t ldst,
+                    qkv__pf *pf)
 {
     const int full = len - len % VW;
     const __mmask16 tail = (__mmask16)((1u << (len - full)) - 1);
     const __m512 sc = _mm512_set1_ps(scale);
+    const int steps = (len + VW - 1) / VW;
+    const int spread = pf ? (pf->per4 + steps - 1) / steps : 0;
     for (int i = 0; i < m; i += 4) {
-        const __mmask16 live = (__mmask16)(m - i >= 4 ? 0xf : (1u << (m - i)) - 1);
+        const int live = m - i < 4 ? m - i : 4;
         const char *q0 = q + i * ldq;
         int j = 0;
         for (; j + 4 <= n; j += 4) {
@@ -524,30 +608,32 @@ void qk_dec_blocks(const int bf, int n, int m, int len, float scale, const char 
                     kv[e] = _mm512_maskz_loadu_epi32(mk, k0 + e * ldk + 4 * x);
                     qv[e] = _mm512_maskz_loadu_epi32(mk, q0 + e * ldq + 4 * x);
                 }
-                for (int e = 0; e < 4; e++)
-                    for (int r = 0; r < 4; r++)
-                        c[4 * e + r] = dot_step(bf, c[4 * e + r], kv[e], qv[r]);
+                for (int r = 0; r < 4; r++)
+                    for (int e = 0; e < 4; e++)
+                        c[4 * r + e] = dot_step(bf, c[4 * r + e], kv[e], qv[r]);
+                if (pf && i == 0)
+                    qkv__pf_lines(pf, spread);
             }
-            store4x4(_mm512_mul_ps(reduce16(c), sc), live, st + j * ldst + i, ldst);
+            store_rows4(_mm512_mul_ps(reduce16(c), sc), live, st + i * ldst + j, ldst);
         }
         for (; j < n; j++)
-            for (int r = 0; r < 4 && i + r < m; r++) {
+            for (int r = 0; r < live; r++) {
                 __m512 c = _mm512_setzero_ps();
                 for (int x = 0; x < full + (tail ? VW : 0); x += VW) {
                     const __mmask16 mk = x < full ? (__mmask16)0xffff : tail;
                     c = dot_step(bf, c, _mm512_maskz_loadu_epi32(mk, k + j * ldk + 4 * x),
                                  _mm512_maskz_loadu_epi32(mk, q0 + r * ldq + 4 * x));
                 }
-                st[j * ldst + i + r] = _mm512_reduce_add_ps(c) * scale;
+                st[(i + r) * ldst + j] = _mm512_reduce_add_ps(c) * scale;
             }
     }
 }
 
 static void qk_f32_dec(int n, int m, int d, float scale, const float *k, int64_t ldk,
-                       const float *q, int64_t ldq, float *st, int64_t ldst)
+                       const float *q, int64_t ldq, float *st, int64_t ldst, qkv__pf *pf)
 {
-    qk_dec_blocks(0, n, m, d, scale, (const char *)k, ldk * 4, (const char *)q, ldq * 4, st,
-                  ldst);
+    qk_rows_blocks(0, n, m, d, scale, (const char *)k, ldk * 4, (const char *)q, ldq * 4, st,
+                   ldst, pf);
 }
 #endif
 
@@ -764,86 +850,11 @@ static void mm_bf16(int m, int np, int dv, const uint32_t *pp, int64_t psi, int6
 }
 /* ---- decode: few queries, keys and values read in place ------------------- */
 
-/* Asks for up to `count` more lines of pf. */
-static inline void pf_lines(qkv__pf *pf, int count)
-{
-    while (count > 0 && pf->row < pf->rows) {
-        const char *r = pf->base + pf->row * pf->ld;
-        int l = pf->line;
-        const int e = count < pf->lines - l ? l + count : pf->lines;
-        count -= e - l;
-        if (pf->l2)
-            for (; l < e; l++)
-                __builtin_prefetch(r + 64 * l, 0, 2);
-        else
-            for (; l < e; l++)
-                __builtin_prefetch(r + 64 * l, 0, 3);
-        if (e == pf->lines) {
-            pf->line = 0;
-            pf->row++;
-        } else {
-            pf->line = e;
-        }
-    }
-}
-
-/* Row r (< live) of st gets the 4 keys of query r in s: reduce16 leaves
-   source 4·r + e (query r, key e) in lane 4·r + e. */
-static inline void store_rows4(__m512 s, int live, float *st, int64_t ldst)
-{
-    _mm_storeu_ps(st, _mm512_extractf32x4_ps(s, 0));
-    if (live > 1)
-        _mm_storeu_ps(st + ldst, _mm512_extractf32x4_ps(s, 1));
-    if (live > 2)
-        _mm_storeu_ps(st + 2 * ldst, _mm512_extractf32x4_ps(s, 2));
-    if (live > 3)
-        _mm_storeu_ps(st + 3 * ldst, _mm512_extractf32x4_ps(s, 3));
-}
-
 static void qk_bf16_dec(int n, int m, int dp, float scale, const uint16_t *k, int64_t ldk,
                         const uint16_t *q, int64_t ldq, float *st, int64_t ldst, qkv__pf *pf)
 {
-    const int full = dp - dp % VW;
-    const __mmask16 tail = (__mmask16)((1u << (dp - full)) - 1);
-    const __m512 sc = _mm512_set1_ps(scale);
-    /* pf's lines for 4 keys, spread over the steps along d */
-    const int steps = (dp + VW - 1) / VW;
-    const int spread = pf ? (pf->per4 + steps - 1) / steps : 0;
-    for (int i = 0; i < m; i += 4) {
-        const int live = m - i < 4 ? m - i : 4;
-        const uint16_t *q0 = q + i * ldq;
-        int j = 0;
-        for (; j + 4 <= n; j += 4) {
-            __m512 c[16];
-            for (int t = 0; t < 16; t++)
-                c[t] = _mm512_setzero_ps();
-            const uint16_t *k0 = k + j * ldk;
-            for (int x = 0; x < full + (tail ? VW : 0); x += VW) {
-                const __mmask16 mk = x < full ? (__mmask16)0xffff : tail;
-                __m512i kv[4], qv[4];
-                for (int e = 0; e < 4; e++) {
-                    kv[e] = _mm512_maskz_loadu_epi32(mk, k0 + e * ldk + 2 * x);
-                    qv[e] = _mm512_maskz_loadu_epi32(mk, q0 + e * ldq + 2 * x);
-                }
-                for (int r = 0; r < 4; r++)
-                    for (int e = 0; e < 4; e++)
-                        c[4 * r + e] = dot_step(1, c[4 * r + e], kv[e], qv[r]);
-                if (pf && i == 0)
-                    pf_lines(pf, spread);
-            }
-            store_rows4(_mm512_mul_ps(reduce16(c), sc), live, st + i * ldst + j, ldst);
-        }
-        for (; j < n; j++)
-            for (int r = 0; r < live; r++) {
-                __m512 c = _mm512_setzero_ps();
-                for (int x = 0; x < full + (tail ? VW : 0); x += VW) {
-                    const __mmask16 mk = x < full ? (__mmask16)0xffff : tail;
-                    c = dot_step(1, c, _mm512_maskz_loadu_epi32(mk, k + j * ldk + 2 * x),
-                                 _mm512_maskz_loadu_epi32(mk, q0 + r * ldq + 2 * x));
-                }
-                st[(i + r) * ldst + j] = _mm512_reduce_add_ps(c) * scale;
-            }
-    }
+    qk_rows_blocks(1, n, m, dp, scale, (const char *)k, ldk * 2, (const char *)q, ldq * 2, st,
+                   ldst, pf);
 }
 
 /* cvt_i8_bf16 with the conversion instructions: 32 codes through int32
@@ -863,18 +874,6 @@ static void cvt_i8_bf16_dot(const int8_t *src, int64_t lds, int rows, int64_t n,
             const __mmask32 mw = left >= 32 ? 0xffffffffu : (__mmask32)((1ull << left) - 1);
             _mm512_mask_storeu_epi16(d + j, mw, (__m512i)_mm512_cvtne2ps_pbh(f1, f0));
         }
-    }
-}
-
-static void row_max(const float *st, int64_t ld, int m, int n, float *mx)
-{
-    for (int i = 0; i < m; i++) {
-        __m512 acc = _mm512_set1_ps(-INFINITY);
-        for (int j = 0; j < n; j += VW) {
-            const __mmask16 mk = n - j >= VW ? (__mmask16)0xffff : (__mmask16)((1u << (n - j)) - 1);
-            acc = _mm512_mask_max_ps(acc, mk, acc, _mm512_maskz_loadu_ps(mk, st + i * ld + j));
-        }
-        mx[i] = _mm512_reduce_max_ps(acc);
     }
 }
 
@@ -965,7 +964,7 @@ void pvd_block(const int rows, const int nw, int n, int cols, const uint32_t *pp
                 c[r][t] = dot2(c[r][t], a, b[t]);
         }
         if (pf)
-            pf_lines(pf, (pf->per4 + 1) / 2);
+            qkv__pf_lines(pf, (pf->per4 + 1) / 2);
     }
     for (int r = 0; r < rows; r++)
         for (int t = 0; t < 2 * nw; t++)
@@ -1066,8 +1065,10 @@ void QKV_KERNEL_TABLE(qkv__kernels *t)
 #ifdef QKV_HAVE_DEC_F32
     t->qk_dec = qk_f32_dec;
 #else
-    t->qk_dec = NULL;
+    t->qk_dec = qk_rows_plain;
 #endif
+    t->row_max = row_max;
+    t->exp_rows = exp_rows;
     t->fma_probe = fma_probe;
     t->pack_pairs = pack_pairs;
     t->store_f16 = store_f16;
@@ -1080,7 +1081,6 @@ void QKV_KERNEL_TABLE(qkv__kernels *t)
     t->mm_bf16 = mm_bf16;
     t->qk_bf16_dec = qk_bf16_dec;
     t->cvt_i8_bf16 = cvt_i8_bf16_dot;
-    t->row_max = row_max;
     t->exp_rows_bf16 = exp_rows_bf16;
     t->pv_bf16_dec = pv_bf16_dec;
 #else
@@ -1090,7 +1090,6 @@ void QKV_KERNEL_TABLE(qkv__kernels *t)
     t->pv_bf16 = NULL;
     t->mm_bf16 = NULL;
     t->qk_bf16_dec = NULL;
-    t->row_max = NULL;
     t->exp_rows_bf16 = NULL;
     t->pv_bf16_dec = NULL;
 #endif
