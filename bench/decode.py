@@ -38,6 +38,7 @@ import weakref
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench  # noqa: E402  (the forward benchmark: bindings, timing, reference)
+from docsection import write_section  # noqa: E402
 from bench import (QKV_DTYPE, TORCH_DTYPE, Qkv, QkvOpts, QkvTensor, Shape,  # noqa: E402
                    fmt_ms, fmt_x, measure, wrap)
 
@@ -413,18 +414,6 @@ def markdown(meta, rows, bw, l3, varlen):
     return "\n".join(L)
 
 
-def write_doc(section):
-    with open(DOC) as f:
-        text = f.read()
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    with open(DOC, "w") as f:
-        f.write(text)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--lib", default=os.path.join(bench.ROOT, "build", "libqkv.so"))
@@ -491,7 +480,7 @@ def main():
             print(f"{shape.label} {dtype}: {g:.1f} GB/s = {100 * g / bw:.0f}% of the triad"
                   + cache_note(shape, dtype, l3))
     if a.write_doc:
-        write_doc(markdown(meta, rows, bw, l3, varlen))
+        write_section(DOC, markdown(meta, rows, bw, l3, varlen), BEGIN, END)
         print(f"wrote {os.path.relpath(DOC)}")
     qkv.lib.qkv_ctx_free(qkv.ctx)
 

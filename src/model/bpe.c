@@ -28,17 +28,9 @@
 
 enum { MAX_TOKEN_LEN = 1 << 16, MAX_VOCAB = 1 << 22 };
 
-static uint32_t hash(const char *s, size_t len)
-{
-    uint32_t h = 2166136261u;   /* FNV-1a */
-    for (size_t i = 0; i < len; i++)
-        h = (h ^ (unsigned char)s[i]) * 16777619u;
-    return h;
-}
-
 int32_t qkv__bpe_id(const qkv__bpe *t, const char *s, size_t len)
 {
-    for (uint32_t i = hash(s, len) & t->mask;; i = (i + 1) & t->mask) {
+    for (uint32_t i = qkv__str_hash(s, len) & t->mask;; i = (i + 1) & t->mask) {
         const int32_t id = t->slot[i];
         if (id < 0)
             return -1;
@@ -155,7 +147,7 @@ qkv_status qkv__bpe_parse(qkv_ctx *ctx, const void *buf, size_t size, int64_t vo
         /* texts that repeat keep their smallest id for lookups */
         const char *s = t->text + t->off[i];
         if (qkv__bpe_id(t, s, (size_t)t->len[i]) < 0) {
-            uint32_t h = hash(s, (size_t)t->len[i]) & t->mask;
+            uint32_t h = qkv__str_hash(s, (size_t)t->len[i]) & t->mask;
             while (t->slot[h] >= 0)
                 h = (h + 1) & t->mask;
             t->slot[h] = i;

@@ -29,6 +29,15 @@ const qkv__st_tensor *qkv__ld_find(const qkv__loader *L, const char *name);
 float *qkv__ld3(qkv__loader *L, const char *fmt, int layer, int64_t d0, int64_t d1,
                 int64_t d2);
 
+/* FNV-1a of s[0 .. len): the vocabularies' open-addressing tables. */
+static inline uint32_t qkv__str_hash(const char *s, size_t len)
+{
+    uint32_t h = 2166136261u;
+    for (size_t i = 0; i < len; i++)
+        h = (h ^ (unsigned char)s[i]) * 16777619u;
+    return h;
+}
+
 /* ---- WordPiece tokenizer (tokenizer.c) ---------------------------------------- */
 
 typedef struct {

@@ -28,17 +28,9 @@
 
 enum { MAX_TOKEN_BYTES = 256 };
 
-static uint32_t hash(const char *s, size_t len)
-{
-    uint32_t h = 2166136261u;   /* FNV-1a */
-    for (size_t i = 0; i < len; i++)
-        h = (h ^ (unsigned char)s[i]) * 16777619u;
-    return h;
-}
-
 int32_t qkv__wp_id(const qkv__wordpiece *wp, const char *s, size_t len)
 {
-    for (uint32_t i = hash(s, len) & wp->mask;; i = (i + 1) & wp->mask) {
+    for (uint32_t i = qkv__str_hash(s, len) & wp->mask;; i = (i + 1) & wp->mask) {
         int32_t id = wp->slot[i];
         if (id < 0)
             return -1;
@@ -105,7 +97,7 @@ qkv_status qkv__wp_from_buffer(qkv_ctx *ctx, const char *buf, size_t len, qkv__w
         memcpy(wp->tok[id], buf + pos, n);
         wp->tok[id][n] = '\0';
         wp->n++;
-        uint32_t i = hash(buf + pos, n) & wp->mask;
+        uint32_t i = qkv__str_hash(buf + pos, n) & wp->mask;
         while (wp->slot[i] >= 0)
             i = (i + 1) & wp->mask;
         wp->slot[i] = id;
