@@ -37,6 +37,11 @@ int64_t  rng_int(rng *r, int64_t lo, int64_t hi);  /* uniform in [lo, hi] */
 #define RNG_PICK(r, arr) ((arr)[rng_int((r), 0, (int64_t)(sizeof(arr) / sizeof((arr)[0])) - 1)])
 
 void  *xmalloc(size_t n);                          /* exits on failure */
+int    t_exists(const char *path);
+/* The whole file, NUL-terminated (len, when not NULL, its size), or NULL
+   when it cannot be opened. */
+char  *t_read_file(const char *path, size_t *len);
+void   t_write_file(const char *path, const void *buf, size_t len);   /* exits on failure */
 double now_sec(void);
 const char *dtype_name(qkv_dtype dt);
 

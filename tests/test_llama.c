@@ -30,12 +30,6 @@
 
 /* ---- files -------------------------------------------------------------------- */
 
-static int exists(const char *path)
-{
-    struct stat sb;
-    return stat(path, &sb) == 0;
-}
-
 /* The stories260K folder, or NULL with a note. */
 static const char *stories_dir(char *buf, size_t cap)
 {
@@ -46,36 +40,11 @@ static const char *stories_dir(char *buf, size_t cap)
         snprintf(buf, cap, "%s/../shared/models/stories260K", QKV_SOURCE_DIR);
     char p[4300];
     snprintf(p, sizeof p, "%s/stories260K.bin", buf);
-    if (!exists(p)) {
+    if (!t_exists(p)) {
         t_note("SKIPPED: %s not found (set QKV_MODELS to the models folder)", p);
         return NULL;
     }
     return buf;
-}
-
-static unsigned char *read_bytes(const char *path, size_t *len)
-{
-    *len = 0;
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        return NULL;
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    unsigned char *b = xmalloc((size_t)n + 1);
-    *len = fread(b, 1, (size_t)n, f);
-    fclose(f);
-    return b;
-}
-
-static void write_bytes(const char *path, const void *buf, size_t len)
-{
-    FILE *f = fopen(path, "wb");
-    if (!f || (len && fwrite(buf, 1, len, f) != len)) {
-        fprintf(stderr, "cannot write %s\n", path);
-        exit(2);
-    }
-    fclose(f);
 }
 
 /* Removes the files a test put in dir, then dir. */
@@ -485,7 +454,7 @@ static cJSON *read_golden(void)
     char p[4200];
     snprintf(p, sizeof p, "%s/tests/models/llama_golden.json", QKV_SOURCE_DIR);
     size_t len;
-    unsigned char *b = read_bytes(p, &len);
+    unsigned char *b = (unsigned char *)t_read_file(p, &len);
     if (!b) {
         t_note("SKIPPED: %s not found (made by tests/models/make_llama_golden.py)", p);
         return NULL;
@@ -809,14 +778,14 @@ void test_llama_tokenizer_bad(void)
         snprintf(model, sizeof model, "%s/stories260K.bin", sdir);
         CHECK(mkdtemp(tmp) != NULL, "mkdtemp");
         snprintf(tok, sizeof tok, "%s/tok.bin", tmp);
-        write_bytes(tok, tb, len);
+        t_write_file(tok, tb, len);
         qkv_model *m = (qkv_model *)1;
         qkv_status s = qkv_model_load_llama(ctx, model, tok, &m);
         CHECK(s == QKV_ERR_FORMAT && !m && strstr(qkv_ctx_last_error(ctx), "vocab_size") &&
               strstr(qkv_ctx_last_error(ctx), "tok.bin"),
               "300-token tokenizer for a 512-token model: %d '%s'", s, qkv_ctx_last_error(ctx));
         unsigned char *big = make_tok(600, 0, &len);
-        write_bytes(tok, big, len);
+        t_write_file(tok, big, len);
         free(big);
         s = qkv_model_load_llama(ctx, model, tok, &m);
         CHECK(s == QKV_ERR_FORMAT && strstr(qkv_ctx_last_error(ctx), "follow the 512 tokens"),
@@ -829,8 +798,8 @@ void test_llama_tokenizer_bad(void)
         char copy[4300];
         snprintf(copy, sizeof copy, "%s/model.bin", tmp);
         size_t ml;
-        unsigned char *mb = read_bytes(model, &ml);
-        write_bytes(copy, mb, ml);
+        unsigned char *mb = (unsigned char *)t_read_file(model, &ml);
+        t_write_file(copy, mb, ml);
         free(mb);
         s = qkv_model_load(ctx, copy, &m);
         CHECK(s == QKV_ERR_IO && strstr(qkv_ctx_last_error(ctx), "no tokenizer"),
@@ -933,13 +902,13 @@ void test_llama_checkpoint_bad(void)
         snprintf(copy, sizeof copy, "%s/model.bin", tmp);
         snprintf(tok, sizeof tok, "%s/tokenizer.bin", tmp);
         size_t ml, tl;
-        unsigned char *mb = read_bytes(model, &ml);
+        unsigned char *mb = (unsigned char *)t_read_file(model, &ml);
         snprintf(model, sizeof model, "%s/tok512.bin", sdir);
-        unsigned char *tk = read_bytes(model, &tl);
-        write_bytes(tok, tk, tl);
+        unsigned char *tk = (unsigned char *)t_read_file(model, &tl);
+        t_write_file(tok, tk, tl);
         const size_t cuts[] = { 0, 4, 27, 28, 29, 1000, ml / 2, ml - 4, ml - 1 };
         for (size_t i = 0; i < sizeof cuts / sizeof cuts[0]; i++) {
-            write_bytes(copy, mb, cuts[i]);
+            t_write_file(copy, mb, cuts[i]);
             qkv_model *mm = (qkv_model *)1;
             s = qkv_model_load(ctx, copy, &mm);
             CHECK(s == QKV_ERR_FORMAT && !mm && strstr(qkv_ctx_last_error(ctx), "model.bin"),
@@ -948,18 +917,18 @@ void test_llama_checkpoint_bad(void)
         unsigned char *longer = xmalloc(ml + 4);
         memcpy(longer, mb, ml);
         memset(longer + ml, 0, 4);
-        write_bytes(copy, longer, ml + 4);
+        t_write_file(copy, longer, ml + 4);
         qkv_model *mm = NULL;
         s = qkv_model_load(ctx, copy, &mm);
         CHECK(s == QKV_ERR_FORMAT && strstr(qkv_ctx_last_error(ctx), "needs exactly 1056540"),
               "stories260K + 4 bytes: %d '%s'", s, qkv_ctx_last_error(ctx));
         /* a tokenizer cut short, beside a good checkpoint */
-        write_bytes(copy, mb, ml);
-        write_bytes(tok, tk, tl - 3);
+        t_write_file(copy, mb, ml);
+        t_write_file(tok, tk, tl - 3);
         s = qkv_model_load(ctx, copy, &mm);
         CHECK(s == QKV_ERR_FORMAT && strstr(qkv_ctx_last_error(ctx), "tokenizer.bin"),
               "tokenizer cut by 3 bytes: %d '%s'", s, qkv_ctx_last_error(ctx));
-        write_bytes(tok, tk, tl);
+        t_write_file(tok, tk, tl);
         s = qkv_model_load(ctx, copy, &mm);
         CHECK(s == QKV_OK && !strcmp(qkv_model_type(mm), "llama") && qkv_model_dim(mm) == 512 &&
               qkv_model_max_tokens(mm) == 512, "the copy loads: %s", qkv_ctx_last_error(ctx));
@@ -1025,7 +994,7 @@ void test_llama_logits(void)
     char path[4300];
     snprintf(path, sizeof path, "%s/stories260K.bin", dir);
     size_t len;
-    unsigned char *ck = read_bytes(path, &len);
+    unsigned char *ck = (unsigned char *)t_read_file(path, &len);
     ref_model r;
     ref_load(&r, ck);
     free(ck);
@@ -1654,7 +1623,7 @@ static void expect_config(qkv_ctx *ctx, const char *dir, const char *from, const
     char path[4200];
     snprintf(path, sizeof path, "%s/config.json", dir);
     size_t len;
-    unsigned char *orig = read_bytes(path, &len);
+    unsigned char *orig = (unsigned char *)t_read_file(path, &len);
     orig[len] = '\0';
     char *at = strstr((char *)orig, from);
     CHECK(at != NULL, "'%s' not in config.json", from);
@@ -1665,7 +1634,7 @@ static void expect_config(qkv_ctx *ctx, const char *dir, const char *from, const
     char *edit = xmalloc(len + strlen(to) + 1);
     snprintf(edit, len + strlen(to) + 1, "%.*s%s%s", (int)(at - (char *)orig), (char *)orig, to,
              at + strlen(from));
-    write_bytes(path, edit, strlen(edit));
+    t_write_file(path, edit, strlen(edit));
     qkv_model *m = (qkv_model *)1;
     qkv_status s = qkv_model_load(ctx, dir, &m);
     CHECK(s == want && (want == QKV_OK ? m != NULL : !m && strstr(qkv_ctx_last_error(ctx), msg)),
@@ -1673,7 +1642,7 @@ static void expect_config(qkv_ctx *ctx, const char *dir, const char *from, const
           qkv_ctx_last_error(ctx), msg);
     if (s == QKV_OK)
         qkv_model_free(m);
-    write_bytes(path, orig, len);
+    t_write_file(path, orig, len);
     free(orig);
     free(edit);
 }
@@ -1694,8 +1663,8 @@ void test_llama_convert(void)
         char mp[4300], tp[4300];
         snprintf(mp, sizeof mp, "%s/model.bin", tmp);
         snprintf(tp, sizeof tp, "%s/tokenizer.bin", tmp);
-        write_bytes(mp, cb, cl);
-        write_bytes(tp, tb, tl);
+        t_write_file(mp, cb, cl);
+        t_write_file(tp, tb, tl);
         qkv_model *a = NULL, *b = NULL;
         qkv_status s = qkv_model_load(ctx, mp, &a);
         CHECK(s == QKV_OK, "synthetic %d: %s", k, qkv_ctx_last_error(ctx));
@@ -1727,7 +1696,7 @@ void test_llama_convert(void)
             char cfg[4300];
             snprintf(cfg, sizeof cfg, "%s/config.json", tmp2);
             size_t n;
-            unsigned char *c = read_bytes(cfg, &n);
+            unsigned char *c = (unsigned char *)t_read_file(cfg, &n);
             c[n] = '\0';
             CHECK(strstr((char *)c, ds[k].shared ? "\"tie_word_embeddings\":\ttrue"
                                                   : "\"tie_word_embeddings\":\tfalse") != NULL,
@@ -1763,7 +1732,7 @@ void test_llama_convert(void)
         snprintf(a, sizeof a, "%s/tok512.bin", dir);
         snprintf(b, sizeof b, "%s/tokenizer.bin", tmp2);
         size_t la, lb;
-        unsigned char *ta = read_bytes(a, &la), *tb = read_bytes(b, &lb);
+        unsigned char *ta = (unsigned char *)t_read_file(a, &la), *tb = (unsigned char *)t_read_file(b, &lb);
         CHECK(ta && tb && la == lb && !memcmp(ta, tb, la), "tokenizer.bin differs from tok512.bin");
         free(ta);
         free(tb);
@@ -1907,7 +1876,7 @@ void test_llama_bad_input(void)
     char sas[4200];
     snprintf(sas, sizeof sas, "%s/../sasrec-ml1m", dir);
     qkv_model *other = NULL;
-    if (exists(sas) && qkv_model_load(ctx, sas, &other) == QKV_OK) {
+    if (t_exists(sas) && qkv_model_load(ctx, sas, &other) == QKV_OK) {
         s = qkv_gen_create(ctx, other, &go, &g);
         CHECK(s == QKV_ERR_UNSUPPORTED && strstr(qkv_ctx_last_error(ctx), "sasrec"),
               "gen on sasrec: %d '%s'", s, qkv_ctx_last_error(ctx));

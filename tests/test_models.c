@@ -38,12 +38,6 @@ static const char *in_repo(const char *rel, char *buf, size_t cap)
     return buf;
 }
 
-static int exists(const char *path)
-{
-    struct stat sb;
-    return stat(path, &sb) == 0;
-}
-
 /* The folder of a shared model, or NULL (with a note) when absent. */
 static const char *shared_model(const char *name, char *buf, size_t cap)
 {
@@ -51,7 +45,7 @@ static const char *shared_model(const char *name, char *buf, size_t cap)
     char def[2048];
     snprintf(buf, cap, "%s/%s", root && *root ? root : in_repo("../shared/models", def,
                                                                  sizeof def), name);
-    if (!exists(buf)) {
+    if (!t_exists(buf)) {
         t_note("SKIPPED: %s not found (set QKV_MODELS to the models folder)", buf);
         return NULL;
     }
@@ -75,7 +69,7 @@ static const char *minilm_dir(char *buf, size_t cap)
     }
     char p[4200];
     snprintf(p, sizeof p, "%s/model.safetensors", buf);
-    if (!buf[0] || !exists(p)) {
+    if (!buf[0] || !t_exists(p)) {
         t_note("SKIPPED: all-MiniLM-L6-v2 not found (run scripts/setup_models.sh or set "
                "QKV_MINILM)");
         return NULL;
@@ -83,36 +77,9 @@ static const char *minilm_dir(char *buf, size_t cap)
     return buf;
 }
 
-static char *read_all(const char *path, size_t *len)
-{
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        return NULL;
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *b = xmalloc((size_t)n + 1);
-    size_t got = fread(b, 1, (size_t)n, f);
-    fclose(f);
-    b[got] = '\0';
-    if (len)
-        *len = got;
-    return b;
-}
-
-static void write_all(const char *path, const void *buf, size_t len)
-{
-    FILE *f = fopen(path, "wb");
-    if (!f || fwrite(buf, 1, len, f) != len) {
-        fprintf(stderr, "cannot write %s\n", path);
-        exit(2);
-    }
-    fclose(f);
-}
-
 static cJSON *read_json(const char *path)
 {
-    char *b = read_all(path, NULL);
+    char *b = t_read_file(path, NULL);
     cJSON *j = b ? cJSON_Parse(b) : NULL;
     free(b);
     return j;
@@ -829,12 +796,12 @@ static void copy_model(const char *src, const char *dst, const char *const *file
         snprintf(a, sizeof a, "%s/%s", src, files[i]);
         snprintf(b, sizeof b, "%s/%s", dst, files[i]);
         size_t len;
-        char *buf = read_all(a, &len);
+        char *buf = t_read_file(a, &len);
         if (!buf) {
             fprintf(stderr, "cannot read %s\n", a);
             exit(2);
         }
-        write_all(b, buf, len);
+        t_write_file(b, buf, len);
         free(buf);
     }
 }
@@ -878,7 +845,7 @@ void test_model_bad_files(void)
 
     /* the config: wrong shapes for the weights, bad values, bad JSON */
     size_t cfg_len, st_len;
-    char *cfg = read_all(cfg_path, &cfg_len);
+    char *cfg = t_read_file(cfg_path, &cfg_len);
     static const struct { const char *from, *to, *msg; } edits[] = {
         { "\"hidden_units\": 50", "\"hidden_units\": 64", "the config needs" },
         { "\"item_num\": 3416", "\"item_num\": 3000", "the config needs" },
@@ -904,21 +871,21 @@ void test_model_bad_files(void)
         char *b = replace_first(cfg, edits[e].from, edits[e].to);
         if (!b)
             continue;
-        write_all(cfg_path, b, strlen(b));
+        t_write_file(cfg_path, b, strlen(b));
         free(b);
         char what[160];
         snprintf(what, sizeof what, "config '%s' -> '%s'", edits[e].from, edits[e].to);
         expect_load(ctx, dir, edit_status[e], edits[e].msg, what);
     }
     if (cfg)
-        write_all(cfg_path, cfg, cfg_len);
+        t_write_file(cfg_path, cfg, cfg_len);
     free(cfg);
 
     /* the weights: truncated anywhere, or with header bytes damaged */
-    char *st = read_all(st_path, &st_len);
+    char *st = t_read_file(st_path, &st_len);
     const size_t cuts[] = { 0, 4, 8, 100, 2000, st_len / 2, st_len - 4, st_len - 1 };
     for (size_t i = 0; st && i < sizeof cuts / sizeof cuts[0]; i++) {
-        write_all(st_path, st, cuts[i]);
+        t_write_file(st_path, st, cuts[i]);
         char what[80];
         snprintf(what, sizeof what, "weights truncated to %zu bytes", cuts[i]);
         expect_load(ctx, dir, QKV_ERR_FORMAT, "safetensors", what);
@@ -932,7 +899,7 @@ void test_model_bad_files(void)
         char *d = xmalloc(st_len);
         memcpy(d, st, st_len);
         d[rng_int(&r, 0, (int64_t)(8 + hlen - 1))] = (char)rng_u64(&r);
-        write_all(st_path, d, st_len);
+        t_write_file(st_path, d, st_len);
         free(d);
         m = NULL;
         s = qkv_model_load(ctx, dir, &m);
@@ -944,7 +911,7 @@ void test_model_bad_files(void)
     t_note("%d of %d damaged SASRec headers refused, the rest still well-formed", refused,
            rounds);
     if (st)
-        write_all(st_path, st, st_len);
+        t_write_file(st_path, st, st_len);
     free(st);
     remove(cfg_path);
     remove(st_path);
@@ -1003,10 +970,10 @@ static void minilm_clean(const char *dir)
 /* Replaces the first `from` in file path by `to`. */
 static void edit_file(const char *path, const char *from, const char *to)
 {
-    char *t = read_all(path, NULL);
+    char *t = t_read_file(path, NULL);
     char *b = t ? replace_first(t, from, to) : NULL;
     if (b)
-        write_all(path, b, strlen(b));
+        t_write_file(path, b, strlen(b));
     free(b);
     free(t);
 }
@@ -1140,7 +1107,7 @@ void test_model_bad_bert(void)
         unsigned char *img = st_image(hdr, data, data_cap, &len);
         minilm_copy(src, dir);
         remove(st);
-        write_all(st, img, len);
+        t_write_file(st, img, len);
         free(img); free(data); free(hdr);
         qkv_model *m = NULL;
         s = qkv_model_load(ctx, dir, &m);
