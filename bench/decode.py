@@ -66,7 +66,8 @@ class PagedCache(ctypes.Structure):
                 ("k_scale", ctypes.c_void_p), ("v_scale", ctypes.c_void_p),
                 ("dtype", ctypes.c_int), ("n_blocks", ctypes.c_int64),
                 ("block_size", ctypes.c_int64), ("heads_kv", ctypes.c_int64),
-                ("head_dim", ctypes.c_int64), ("head_dim_v", ctypes.c_int64)]
+                ("head_dim", ctypes.c_int64), ("head_dim_v", ctypes.c_int64),
+                ("head_major", ctypes.c_int)]
 
 
 def bind(qkv):
@@ -115,9 +116,10 @@ def i32p(t):
     return ctypes.cast(t.data_ptr(), ctypes.POINTER(ctypes.c_int32))
 
 
-def paged_copy(qkv, shape, dtype, k, v, int8):
+def paged_copy(qkv, shape, dtype, k, v, int8, head_major=False):
     """A paged cache holding k, v ([B,Hkv,Sk,D] torch tensors) in shuffled
-    blocks, written by qkv_paged_append; returns what must stay alive."""
+    blocks (position-major, or head-major inside a block), written by
+    qkv_paged_append; returns what must stay alive."""
     nb = -(-shape.Sk // BLOCK)
     n_blocks = shape.B * nb
     perm = torch.randperm(n_blocks, generator=torch.Generator().manual_seed(7))
@@ -135,6 +137,7 @@ def paged_copy(qkv, shape, dtype, k, v, int8):
     c.dtype = KV_I8 if int8 else QKV_DTYPE[dtype]
     c.n_blocks, c.block_size, c.heads_kv = n_blocks, BLOCK, shape.Hkv
     c.head_dim = c.head_dim_v = shape.D
+    c.head_major = int(head_major)
     zero = torch.zeros(shape.B, dtype=torch.int32)
     kn, vn = qkv.view(k, dtype), qkv.view(v, dtype)
     check(qkv, qkv.lib.qkv_paged_append(qkv.ctx, ctypes.byref(c), i32p(table), nb, i32p(zero),
@@ -168,9 +171,9 @@ def rows_for(qkv, ggml, shape, dtype, reps):
         return qkv.runner(qkv.lib.qkv_attention_kvcache, args, (q, k, v, out, lens)), lambda: out
     preps["kvcache"] = prep_kvcache
 
-    def paged(int8):
+    def paged(int8, head_major=False):
         def prep():
-            c, table, keep = paged_copy(qkv, cshape, dtype, k, v, int8)
+            c, table, keep = paged_copy(qkv, cshape, dtype, k, v, int8, head_major)
             out = torch.empty_like(q)
             qv, ov = qkv.view(q, dtype), qkv.view(out, dtype)
             args = (qkv.ctx, ctypes.byref(qv), ctypes.byref(c), i32p(table), table.shape[1],
@@ -178,7 +181,8 @@ def rows_for(qkv, ggml, shape, dtype, reps):
             return qkv.runner(qkv.lib.qkv_attention_paged, args, (q, out, table, lens, keep, c)), \
                 lambda: out
         return prep
-    preps["paged"], preps["paged_i8"] = paged(False), paged(True)
+    preps["paged"], preps["paged_hm"] = paged(False), paged(False, True)
+    preps["paged_i8"] = paged(True)
 
     def prep_forward():
         out = torch.empty_like(q)
@@ -315,8 +319,9 @@ def l3_bytes():
         return None
 
 
-COLS = ("kvcache", "paged", "paged_i8", "forward", "sdpa", "ggml")
-TITLE = {"kvcache": "qkv kvcache", "paged": "qkv paged", "paged_i8": "qkv paged int8",
+COLS = ("kvcache", "paged", "paged_hm", "paged_i8", "forward", "sdpa", "ggml")
+TITLE = {"kvcache": "qkv kvcache", "paged": "qkv paged", "paged_hm": "qkv paged hm",
+         "paged_i8": "qkv paged int8",
          "forward": "qkv forward", "sdpa": "torch SDPA", "ggml": "ggml FA"}
 
 
@@ -361,14 +366,15 @@ def markdown(meta, rows, bw, l3, varlen):
               "`qkv_attention_kvcache`; paged: `qkv_attention_paged` on a copy in "
               f"blocks of {BLOCK} positions in shuffled order (written by "
               "`qkv_paged_append`), in the row's dtype or int8 with a scale per "
-              "row; forward: `qkv_attention_forward` on the same tensors (the "
+              "row; paged head-major: the same with each head's rows of a block "
+              "together (`head_major = 1`); forward: `qkv_attention_forward` on the same tensors (the "
               "prefill kernel); torch SDPA: `scaled_dot_product_attention` with a "
               "`[B,Hq,Sq,D]` query (`enable_gqa`, an explicit bottom-right mask "
               "when Sq > 1); ggml FA: `ggml_flash_attn_ext` on its CPU backend "
               "through ggml-python, reading the same cache memory (an fp32 query, "
               "K/V in the row's dtype; it has no int8 or paged variant here). "
               "Each output is checked against a float64 reference "
-              "first (bounds as above; int8 3e-2). qkv's four calls are timed in 9 "
+              "first (bounds as above; int8 3e-2). qkv's five calls are timed in 9 "
               "rounds that run each once (calls under 5 ms: repeated to 5 ms), in "
               "rotating order, so that load from other processes falls on all of "
               "them alike, and quoted as medians; torch and then ggml run "
@@ -379,15 +385,17 @@ def markdown(meta, rows, bw, l3, varlen):
               "qkv kvcache (above 1× slower than it)."),
          "",
          "| B,Sq,Sk,Hq,Hkv,D | dtype | kvcache ms | GB/s | of triad | paged ms | "
-         "paged GB/s | paged int8 ms | forward ms | torch SDPA ms | ggml FA ms |",
-         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+         "paged GB/s | paged head-major ms | paged int8 ms | forward ms | torch SDPA ms | "
+         "ggml FA ms |",
+         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for shape, dtype, res in rows:
         base = res["kvcache"]
         g, gp = gbs(shape, dtype, base), gbs(shape, dtype, res["paged"])
         L.append(f"| {shape.label}{cache_note(shape, dtype, l3)} | {dtype} | "
                  f"{cell(res, 'kvcache', base)} | {f'{g:.1f}' if g else '—'} | "
                  f"{f'{100 * g / bw:.0f}%' if g else '—'} | {cell(res, 'paged', base)} | "
-                 f"{f'{gp:.1f}' if gp else '—'} | {cell(res, 'paged_i8', base)} | "
+                 f"{f'{gp:.1f}' if gp else '—'} | {cell(res, 'paged_hm', base)} | "
+                 f"{cell(res, 'paged_i8', base)} | "
                  f"{cell(res, 'forward', base)} | {cell(res, 'sdpa', base)} | "
                  f"{cell(res, 'ggml', base)} |")
     notes = [f"{shape.label} {dtype} {TITLE[k]}: {res[k].note}"

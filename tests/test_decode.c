@@ -258,16 +258,19 @@ void test_decode_reference(void)
 
 /* A paged cache holding the same logical rows as c's contiguous cache,
    written by qkv_paged_append in chunks of random sizes into shuffled
-   blocks (block_size bs, dtype kdt, or int8 when i8). */
+   blocks (block_size bs, dtype kdt, or int8 when i8; head-major pools
+   when hm). */
 typedef struct {
     qkv_paged_cache pc;
     int32_t        *table;
     int64_t         max_blocks;
 } paged;
 
-static void paged_fill(qkv_ctx *ctx, paged *p, const dcase *c, int64_t bs, int i8, rng *r)
+static void paged_fill(qkv_ctx *ctx, paged *p, const dcase *c, int64_t bs, int i8, int hm,
+                       rng *r)
 {
     memset(p, 0, sizeof *p);
+    p->pc.head_major = hm;
     p->max_blocks = (c->Smax + bs - 1) / bs + 1;
     const int64_t n_blocks = c->B * p->max_blocks + 3;
     p->pc.dtype = i8 ? QKV_KV_I8 : (qkv_kv_dtype)c->kdt;
@@ -351,9 +354,11 @@ static void check_rows(const dcase *c, const paged *p)
                     const tbuf *t = e ? &c->v : &c->k;
                     const int64_t cols = e ? c->Dv : c->D;
                     const int64_t blk = p->table[b * p->max_blocks + j / p->pc.block_size];
+                    const int64_t bs = p->pc.block_size,
+                                  row = p->pc.head_major ? (blk * c->Hkv + h) * bs + j % bs
+                                                         : (blk * bs + j % bs) * c->Hkv + h;
                     const char *pr = (const char *)(e ? p->pc.v : p->pc.k) +
-                        (((blk * p->pc.block_size + j % p->pc.block_size) * c->Hkv + h) * cols) *
-                        (int64_t)es;
+                                     row * cols * (int64_t)es;
                     for (int64_t x = 0; x < cols; x++) {
                         const int64_t off = b * t->t.stride[0] + j * t->t.stride[1] +
                                             h * t->t.stride[2] + x * t->t.stride[3];
@@ -380,15 +385,15 @@ void test_decode_paged_bitwise(void)
         const int64_t bs = sizes[it % 6];
         for (int i = 0; i < s.n; i++) {
             paged p;
-            paged_fill(s.ctx[i], &p, &c, bs, 0, &r);
+            paged_fill(s.ctx[i], &p, &c, bs, 0, it % 2, &r);
             if (i == 0)
                 check_rows(&c, &p);
             float *l1, *l2;
             void *o1 = run_kvcache(s.ctx[i], &c, &l1), *o2 = run_paged(s.ctx[i], &c, &p, &l2);
             CHECK(memcmp(o1, o2, c.n_out * qkv_dtype_size(c.qdt)) == 0 &&
                   memcmp(l1, l2, c.n_lse * sizeof(float)) == 0,
-                  "%s: paged (block_size %lld) differs from contiguous [%s]", s.name[i],
-                  (long long)bs, dcase_str(&c));
+                  "%s: paged (block_size %lld%s) differs from contiguous [%s]", s.name[i],
+                  (long long)bs, it % 2 ? ", head-major" : "", dcase_str(&c));
             free(o1); free(o2); free(l1); free(l2);
             paged_free(&p);
         }
@@ -446,7 +451,7 @@ void test_decode_int8(void)
         c.opts.alibi_slopes = NULL;
         dcase_build(&c, &r);
         paged p;
-        paged_fill(s.ctx[0], &p, &c, (int64_t)8 << (it % 6), 1, &r);
+        paged_fill(s.ctx[0], &p, &c, (int64_t)8 << (it % 6), 1, 0, &r);
         double ek, ev;
         float *kd = dequantized(&c, &p, 0, &ek), *vd = dequantized(&c, &p, 1, &ev);
         /* s/2 relative to the row max, plus the fp32 roundings of x/s and
@@ -523,7 +528,7 @@ void test_decode_threads(void)
                 one_full_sequence(&c, 16);
             dcase_build(&c, &r);
             paged p;
-            paged_fill(ctx[0], &p, &c, 16, it == 3, &r);
+            paged_fill(ctx[0], &p, &c, 16, it == 3, it == 2, &r);
             void *o0 = NULL, *p0 = NULL;
             float *l0 = NULL, *pl0 = NULL;
             for (int t = 0; t < 4; t++) {
@@ -706,6 +711,8 @@ void test_decode_errors(void)
             eset_init(&e, ctx); e.pc.block_size = bad_bs[i];
             expect(&e, w, QKV_ERR_ARG, "cache->block_size", "block size");
         }
+        eset_init(&e, ctx); e.pc.head_major = 2;
+        expect(&e, w, QKV_ERR_ARG, "cache->head_major", "unknown layout");
         eset_init(&e, ctx); e.pc.n_blocks = 0;
         expect(&e, w, QKV_ERR_ARG, "cache->n_blocks", "no blocks");
         eset_init(&e, ctx); e.pc.n_blocks = INT64_MAX / 4;

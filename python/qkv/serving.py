@@ -18,7 +18,8 @@ class _Paged(ctypes.Structure):
                 ("k_scale", P(ctypes.c_float)), ("v_scale", P(ctypes.c_float)),
                 ("dtype", ctypes.c_int), ("n_blocks", ctypes.c_int64),
                 ("block_size", ctypes.c_int64), ("heads_kv", ctypes.c_int64),
-                ("head_dim", ctypes.c_int64), ("head_dim_v", ctypes.c_int64)]
+                ("head_dim", ctypes.c_int64), ("head_dim_v", ctypes.c_int64),
+                ("head_major", ctypes.c_int)]
 
 
 _T = P(_lib.Tensor)
@@ -85,12 +86,15 @@ def kvcache_attention(q, k_cache, v_cache, seqlens_k=None, *, causal=False,
 class PagedCache:
     """A paged KV cache owned by Python: pools k [n_blocks, block_size,
     heads_kv, head_dim] and v (NumPy arrays; int8 rows with one float32
-    scale per row and head in k_scale / v_scale). Sequences address it
-    through block tables, int32 [B, max_blocks] arrays of block ids the
-    caller manages (blocks may be shared for reading)."""
+    scale per row and head in k_scale / v_scale [n_blocks, block_size,
+    heads_kv]), or with head_major=True [n_blocks, heads_kv, block_size,
+    head_dim], each head's rows of a block together (decodes faster).
+    Sequences address it through block tables, int32 [B, max_blocks]
+    arrays of block ids the caller manages (blocks may be shared for
+    reading)."""
 
     def __init__(self, n_blocks, block_size, heads_kv, head_dim, head_dim_v=None,
-                 dtype="bfloat16"):
+                 dtype="bfloat16", head_major=False):
         if dtype not in KV_DTYPES:
             raise ValueError(f"dtype: one of {', '.join(KV_DTYPES)}, got {dtype!r}")
         head_dim_v = head_dim if head_dim_v is None else head_dim_v
@@ -101,8 +105,10 @@ class PagedCache:
             npdt = np.dtype(dtype)
         self.dtype = dtype
         # pools in qkv_alloc memory (huge pages), zeroed
-        self.k = empty((n_blocks, block_size, heads_kv, head_dim), npdt)
-        self.v = empty((n_blocks, block_size, heads_kv, head_dim_v), npdt)
+        self.head_major = bool(head_major)
+        mid = (heads_kv, block_size) if self.head_major else (block_size, heads_kv)
+        self.k = empty((n_blocks, *mid, head_dim), npdt)
+        self.v = empty((n_blocks, *mid, head_dim_v), npdt)
         self.k[...] = 0
         self.v[...] = 0
         self.k_scale = self.v_scale = None
@@ -117,6 +123,7 @@ class PagedCache:
         c.dtype = KV_DTYPES[dtype]
         c.n_blocks, c.block_size, c.heads_kv = n_blocks, block_size, heads_kv
         c.head_dim, c.head_dim_v = head_dim, head_dim_v
+        c.head_major = int(self.head_major)
 
     def append(self, k_new, v_new, block_table, seqlens, threads=None):
         """Writes k_new [B, Snew, Hkv, D] and v_new into positions

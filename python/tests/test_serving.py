@@ -34,11 +34,13 @@ def test_kvcache_equals_attention_per_sequence():
 
 @pytest.mark.parametrize("dtype", CACHE_DTYPES)
 @pytest.mark.parametrize("block", [8, 16, 256])
-def test_paged_cache(dtype, block):
+@pytest.mark.parametrize("head_major", [False, True])
+def test_paged_cache(dtype, block, head_major):
     q, kc, vc, lens = problem(1)
     B, S, Hkv, D = kc.shape
     per = -(-S // block)
-    cache = qkv.PagedCache(B * per + 1, block, Hkv, D, dtype=dtype)
+    cache = qkv.PagedCache(B * per + 1, block, Hkv, D, dtype=dtype, head_major=head_major)
+    assert cache.k.shape[1:3] == ((Hkv, block) if head_major else (block, Hkv))
     # scattered blocks: sequence b owns ids b, b + B, b + 2B, ... (+1)
     table = (np.arange(per)[None, :] * B + np.arange(B)[:, None] + 1).astype(np.int32)
     half = S // 2

@@ -509,6 +509,46 @@ static const uint16_t *i8_rows(const dec_job *job, int64_t b, int is_v, int64_t 
     return dst;
 }
 
+/* What head slot e of a task asks for while it works on a tile of n keys:
+   its share of the next tile's rows of t (positions p .. p+next-1), as
+   far as they lie in one block. Where the task's heads are adjacent rows
+   ([S, Hkv, D] caches), slot e takes positions e/HB .. (e+1)/HB of the
+   next tile, every head of each (one span per position); else its own
+   head's rows. */
+static qkv__pf next_rows(const dec_job *job, const qkv_tensor *t, int64_t b, int64_t hk0,
+                         int64_t e, int64_t p, int64_t next, int64_t cols, int n)
+{
+    const kv_src *src = job->src;
+    qkv__pf pf;
+    memset(&pf, 0, sizeof pf);
+    const int64_t HB = job->HB;
+    const int adj = HB > 1 && t->stride[2] == cols;
+    int64_t lo = p, cnt = next, h = hk0 + e, span = cols * src->es;
+    if (adj) {
+        lo = p + next * e / HB;
+        cnt = p + next * (e + 1) / HB - lo;
+        h = hk0;
+        span *= HB;
+    }
+    if (cnt <= 0 || t->stride[3] != 1)
+        return pf;
+    const int64_t left = src->bs - row_in_block(src, lo);
+    cnt = cnt < left ? cnt : left;
+    const uintptr_t at = (uintptr_t)((const char *)t->data + row_off(src, t, b, lo, h) * src->es);
+    pf.base = (const char *)(at & ~(uintptr_t)63);
+    pf.ld = t->stride[1] * src->es;
+    pf.lines = (int32_t)((at % 64 + (uintptr_t)span + 63) / 64 + (pf.ld % 64 != 0));
+    pf.rows = (int32_t)cnt;
+    if (pf.ld == 64 * (int64_t)pf.lines) {   /* one run of lines */
+        pf.lines *= pf.rows;
+        pf.rows = 1;
+    }
+    const int64_t steps = (n + 3) / 4;
+    pf.per4 = (int32_t)(((int64_t)pf.rows * pf.lines + steps - 1) / steps);
+    pf.l2 = 1;
+    return pf;
+}
+
 /* A key tile for a few rows (decoding): scores query-major in st
    [m][BK] and the softmax along each row; then, with bf16 (or int8)
    rows, P rounded to bf16 and P·V with the accumulators in registers
@@ -519,6 +559,10 @@ static void head_tile_rows(const dec_job *job, const qkv__seq *s, const qkv__til
                            int64_t hk, int64_t j0, int n, int m, int band, const scratch *sc,
                            qkv__pf *pfk, qkv__pf *pfv)
 {
+    /* a paged cache's head rows lie together block by block: each run
+       asks for the same run of the next tile (its block) */
+    const int per_run = job->HB == 1 && job->src->table != NULL;
+    const int64_t send = seq_len(job->src, s->b);
     const qkv__attn *a = job->a;
     const kv_src *src = job->src;
     const qkv__kernels *kn = job->ctx->kernels;
@@ -532,8 +576,13 @@ static void head_tile_rows(const dec_job *job, const qkv__seq *s, const qkv__til
             const uint16_t *kr = i8 ? i8_rows(job, s->b, 0, j0 + c0, hk, nr, sc, c0, &ldk)
                                     : rows_bf16(src, &src->k, s->b, j0 + c0, hk, nr, D, w,
                                                 sc->kb + c0 * w, &ldk);
+            qkv__pf pr;
+            if (per_run) {
+                const int64_t lo = j0 + BK + c0, cnt = send - lo < nr ? send - lo : nr;
+                pr = next_rows(job, &src->k, s->b, hk, 0, lo, cnt, D, nr);
+            }
             kn->qk_bf16_dec(nr, m, (int)pairs(D), a->scale, kr, ldk, (const uint16_t *)sc->q,
-                            w, sc->st + c0, BK, pfk);
+                            w, sc->st + c0, BK, per_run ? &pr : pfk);
         } else {
             const float *kr = rows_f32(kn, src, 0, s->b, j0 + c0, hk, nr, D, a->Hkv,
                                        sc->kw + c0 * D, &ldk);
@@ -586,8 +635,13 @@ static void head_tile_rows(const dec_job *job, const qkv__seq *s, const qkv__til
         const uint16_t *vr = i8 ? sc->vb + c0 * Dv
                                 : rows_bf16(src, &src->v, s->b, j0 + c0, hk, nr, Dv, Dv,
                                             sc->vb + c0 * Dv, &ldv);
+        qkv__pf pr;
+        if (per_run) {
+            const int64_t lo = j0 + BK + c0, cnt = send - lo < nr ? send - lo : nr;
+            pr = next_rows(job, &src->v, s->b, hk, 0, lo, cnt, Dv, nr);
+        }
         kn->pv_bf16_dec(m, nr, (int)Dv, p + c0, BK, vr, ldv, c0 ? NULL : sc->alpha, sc->acc,
-                        Dv, pfv);
+                        Dv, per_run ? &pr : pfv);
         c0 += nr;
     }
 }
@@ -617,46 +671,6 @@ static void head_tile(const dec_job *job, const qkv__seq *s, const qkv__tile_map
     for (int r = 0; r < mpad; r++)
         sc->l[r] = sc->l[r] * sc->alpha[r] + sc->sum[r];
     tile_values(job, s, hk, j0, n, m, sc, pf);
-}
-
-/* What head slot e of a task asks for while it works on a tile of n keys:
-   its share of the next tile's rows of t (positions p .. p+next-1), as
-   far as they lie in one block. Where the task's heads are adjacent rows
-   ([S, Hkv, D] caches), slot e takes positions e/HB .. (e+1)/HB of the
-   next tile, every head of each (one span per position); else its own
-   head's rows. */
-static qkv__pf next_rows(const dec_job *job, const qkv_tensor *t, int64_t b, int64_t hk0,
-                         int64_t e, int64_t p, int64_t next, int64_t cols, int n)
-{
-    const kv_src *src = job->src;
-    qkv__pf pf;
-    memset(&pf, 0, sizeof pf);
-    const int64_t HB = job->HB;
-    const int adj = HB > 1 && t->stride[2] == cols;
-    int64_t lo = p, cnt = next, h = hk0 + e, span = cols * src->es;
-    if (adj) {
-        lo = p + next * e / HB;
-        cnt = p + next * (e + 1) / HB - lo;
-        h = hk0;
-        span *= HB;
-    }
-    if (cnt <= 0 || t->stride[3] != 1)
-        return pf;
-    const int64_t left = src->bs - row_in_block(src, lo);
-    cnt = cnt < left ? cnt : left;
-    const uintptr_t at = (uintptr_t)((const char *)t->data + row_off(src, t, b, lo, h) * src->es);
-    pf.base = (const char *)(at & ~(uintptr_t)63);
-    pf.ld = t->stride[1] * src->es;
-    pf.lines = (int32_t)((at % 64 + (uintptr_t)span + 63) / 64 + (pf.ld % 64 != 0));
-    pf.rows = (int32_t)cnt;
-    if (pf.ld == 64 * (int64_t)pf.lines) {   /* one run of lines */
-        pf.lines *= pf.rows;
-        pf.rows = 1;
-    }
-    const int64_t steps = (n + 3) / 4;
-    pf.per4 = (int32_t)(((int64_t)pf.rows * pf.lines + steps - 1) / steps);
-    pf.l2 = 1;
-    return pf;
 }
 
 static void dec_task(void *arg, int64_t task, int worker)
@@ -949,6 +963,8 @@ static qkv_status check_paged(qkv_ctx *ctx, const qkv_paged_cache *c, kv_src *sr
         FAIL(QKV_ERR_DTYPE, "cache->dtype = %d is not a qkv_kv_dtype", (int)c->dtype);
     if (i8 && (!c->k_scale || !c->v_scale))
         FAIL(QKV_ERR_NULL, "cache->%s: NULL with QKV_KV_I8", c->k_scale ? "v_scale" : "k_scale");
+    if (c->head_major != 0 && c->head_major != 1)
+        FAIL(QKV_ERR_ARG, "cache->head_major = %d must be 0 or 1", c->head_major);
     if (c->block_size < 8 || c->block_size > 256 || (c->block_size & (c->block_size - 1)))
         FAIL(QKV_ERR_ARG, "cache->block_size = %lld must be a power of two from 8 to 256",
              (long long)c->block_size);
@@ -971,6 +987,12 @@ static qkv_status check_paged(qkv_ctx *ctx, const qkv_paged_cache *c, kv_src *sr
                            c->block_size, c->heads_kv, c->head_dim);
     src->v = qkv_tensor_4d(c->v, i8 ? QKV_F32 : (qkv_dtype)c->dtype, c->n_blocks,
                            c->block_size, c->heads_kv, c->head_dim_v);
+    if (c->head_major) {   /* [n_blocks, heads_kv, block_size, head_dim] */
+        src->k.stride[1] = c->head_dim;
+        src->k.stride[2] = c->block_size * c->head_dim;
+        src->v.stride[1] = c->head_dim_v;
+        src->v.stride[2] = c->block_size * c->head_dim_v;
+    }
     src->i8 = i8;
     src->es = es;
     src->ks = c->k_scale;
