@@ -549,6 +549,20 @@ static qkv__pf next_rows(const dec_job *job, const qkv_tensor *t, int64_t b, int
     return pf;
 }
 
+/* What a run of keys (offsets c0 .. c0+nr-1 of the tile at j0) asks for:
+   where a paged cache keeps a head's rows of a block together, the same
+   run of the next tile (its block), in *own; else the tile's pf. */
+static qkv__pf *run_pf(const dec_job *job, const qkv__seq *s, const qkv_tensor *t, int64_t hk,
+                       int64_t j0, int c0, int nr, qkv__pf *own, qkv__pf *tile_pf)
+{
+    if (job->HB != 1 || !job->src->table)
+        return tile_pf;
+    const int64_t lo = j0 + BK + c0, end = seq_len(job->src, s->b);
+    *own = next_rows(job, t, s->b, hk, 0, lo, end - lo < nr ? end - lo : nr,
+                     t == &job->src->k ? job->a->D : job->a->Dv, nr);
+    return own;
+}
+
 /* A key tile for a few rows (decoding): scores query-major in st
    [m][BK] and the softmax along each row; then, with bf16 (or int8)
    rows, P rounded to bf16 and P·V with the accumulators in registers
@@ -559,16 +573,13 @@ static void head_tile_rows(const dec_job *job, const qkv__seq *s, const qkv__til
                            int64_t hk, int64_t j0, int n, int m, int band, const scratch *sc,
                            qkv__pf *pfk, qkv__pf *pfv)
 {
-    /* a paged cache's head rows lie together block by block: each run
-       asks for the same run of the next tile (its block) */
-    const int per_run = job->HB == 1 && job->src->table != NULL;
-    const int64_t send = seq_len(job->src, s->b);
     const qkv__attn *a = job->a;
     const kv_src *src = job->src;
     const qkv__kernels *kn = job->ctx->kernels;
     const int64_t D = a->D, Dv = a->Dv, w = 2 * pairs(D);
     const int bf = job->bf, i8 = bf && src->i8;   /* int8 codes as bf16 */
     uint16_t *p = (uint16_t *)sc->pp;
+    qkv__pf own;
     for (int c0 = 0; c0 < n;) {
         const int nr = run_length(src, j0, c0, n, 4);
         int64_t ldk;
@@ -576,17 +587,13 @@ static void head_tile_rows(const dec_job *job, const qkv__seq *s, const qkv__til
             const uint16_t *kr = i8 ? i8_rows(job, s->b, 0, j0 + c0, hk, nr, sc, c0, &ldk)
                                     : rows_bf16(src, &src->k, s->b, j0 + c0, hk, nr, D, w,
                                                 sc->kb + c0 * w, &ldk);
-            qkv__pf pr;
-            if (per_run) {
-                const int64_t lo = j0 + BK + c0, cnt = send - lo < nr ? send - lo : nr;
-                pr = next_rows(job, &src->k, s->b, hk, 0, lo, cnt, D, nr);
-            }
             kn->qk_bf16_dec(nr, m, (int)pairs(D), a->scale, kr, ldk, (const uint16_t *)sc->q,
-                            w, sc->st + c0, BK, per_run ? &pr : pfk);
+                            w, sc->st + c0, BK, run_pf(job, s, &src->k, hk, j0, c0, nr, &own, pfk));
         } else {
             const float *kr = rows_f32(kn, src, 0, s->b, j0 + c0, hk, nr, D, a->Hkv,
                                        sc->kw + c0 * D, &ldk);
-            kn->qk_dec(nr, m, (int)D, a->scale, kr, ldk, sc->q, D, sc->st + c0, BK, pfk);
+            kn->qk_dec(nr, m, (int)D, a->scale, kr, ldk, sc->q, D, sc->st + c0, BK,
+                       run_pf(job, s, &src->k, hk, j0, c0, nr, &own, pfk));
         }
         c0 += nr;
     }
@@ -620,10 +627,11 @@ static void head_tile_rows(const dec_job *job, const qkv__seq *s, const qkv__til
             int64_t ldv;
             const float *vr = rows_f32(kn, src, 1, s->b, j0 + c0, hk, nr, Dv, a->Hkv, sc->vw,
                                        &ldv);
+            qkv__pf *pf = run_pf(job, s, &src->v, hk, j0, c0, nr, &own, pfv);
             for (int c = 0; c < nr; c += 16) {
                 kn->pv(m, nr - c < 16 ? nr - c : 16, (int)Dv, sc->st + c0 + c, BK, 1,
                        vr + c * ldv, ldv, c0 + c ? sc->ones : sc->alpha, sc->acc, Dv);
-                qkv__pf_lines(pfv, 4 * pfv->per4);
+                qkv__pf_lines(pf, 4 * pf->per4);
             }
             c0 += nr;
         }
@@ -635,13 +643,8 @@ static void head_tile_rows(const dec_job *job, const qkv__seq *s, const qkv__til
         const uint16_t *vr = i8 ? sc->vb + c0 * Dv
                                 : rows_bf16(src, &src->v, s->b, j0 + c0, hk, nr, Dv, Dv,
                                             sc->vb + c0 * Dv, &ldv);
-        qkv__pf pr;
-        if (per_run) {
-            const int64_t lo = j0 + BK + c0, cnt = send - lo < nr ? send - lo : nr;
-            pr = next_rows(job, &src->v, s->b, hk, 0, lo, cnt, Dv, nr);
-        }
         kn->pv_bf16_dec(m, nr, (int)Dv, p + c0, BK, vr, ldv, c0 ? NULL : sc->alpha, sc->acc,
-                        Dv, per_run ? &pr : pfv);
+                        Dv, run_pf(job, s, &src->v, hk, j0, c0, nr, &own, pfv));
         c0 += nr;
     }
 }
