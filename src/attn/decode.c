@@ -311,7 +311,14 @@ static void load_queries(const dec_job *job, const qkv__seq *s, const qkv__tile_
             qkv__load_row(kn, q, off, q->stride[3], D, sc->q + r * D);
         }
     }
-    if (!job->bf)
+    if (m <= PAIRS_ROWS) {
+        /* head_tile_rows: the kernels read rows up to round_up(m, 4) */
+        const int64_t row = job->bf ? w / 2 : D;   /* floats per row */
+        const int m4 = (m + 3) / 4 * 4;
+        memset(sc->q + m * row, 0, (size_t)((m4 - m) * row) * sizeof(float));
+        return;
+    }
+    if (!job->bf)   /* the transpose qk reads */
         for (int64_t d = 0; d < D; d++)
             for (int64_t r = 0; r < R; r++)
                 sc->qt[d * R + r] = r < m ? sc->q[r * D + d] : 0.0f;
