@@ -602,11 +602,19 @@ void qk_rows_blocks(const int bf, int n, int m, int len, float scale, const char
                 c[t] = _mm512_setzero_ps();
             const char *k0 = k + j * ldk;
             for (int x = 0; x < full + (tail ? VW : 0); x += VW) {
-                const __mmask16 mk = x < full ? (__mmask16)0xffff : tail;
+                /* whole steps load unmasked: masked loads do not train
+                   the hardware prefetchers */
                 __m512i kv[4], qv[4];
-                for (int e = 0; e < 4; e++) {
-                    kv[e] = _mm512_maskz_loadu_epi32(mk, k0 + e * ldk + 4 * x);
-                    qv[e] = _mm512_maskz_loadu_epi32(mk, q0 + e * ldq + 4 * x);
+                if (x < full) {
+                    for (int e = 0; e < 4; e++) {
+                        kv[e] = _mm512_loadu_si512(k0 + e * ldk + 4 * x);
+                        qv[e] = _mm512_loadu_si512(q0 + e * ldq + 4 * x);
+                    }
+                } else {
+                    for (int e = 0; e < 4; e++) {
+                        kv[e] = _mm512_maskz_loadu_epi32(tail, k0 + e * ldk + 4 * x);
+                        qv[e] = _mm512_maskz_loadu_epi32(tail, q0 + e * ldq + 4 * x);
+                    }
                 }
                 for (int r = 0; r < 4; r++)
                     for (int e = 0; e < 4; e++)
@@ -952,9 +960,12 @@ void pvd_block(const int rows, const int nw, int n, int cols, const uint32_t *pp
         }
         __m512i b[4];
         for (int w = 0; w < nw; w++) {
-            const __m512i x = _mm512_maskz_loadu_epi16(mw[w], v0 + 32 * w);
-            const __m512i y = odd ? _mm512_maskz_loadu_epi16(mw[w], v1 + 32 * w)
-                                  : _mm512_setzero_si512();
+            const int whole = mw[w] == 0xffffffffu;   /* unmasked: as in qk_rows_blocks */
+            const __m512i x = whole ? _mm512_loadu_si512(v0 + 32 * w)
+                                    : _mm512_maskz_loadu_epi16(mw[w], v0 + 32 * w);
+            const __m512i y = !odd ? _mm512_setzero_si512()
+                              : whole ? _mm512_loadu_si512(v1 + 32 * w)
+                                      : _mm512_maskz_loadu_epi16(mw[w], v1 + 32 * w);
             b[2 * w] = _mm512_permutex2var_epi16(x, ilo, y);
             b[2 * w + 1] = _mm512_permutex2var_epi16(x, ihi, y);
         }
