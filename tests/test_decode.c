@@ -228,7 +228,7 @@ void test_decode_reference(void)
     for (int it = 0; it < n_cases; it++) {
         dcase c;
         /* every fourth case long enough to be split along the keys */
-        random_dcase(&c, &r, it % 4 == 3 ? 6000 : 300);
+        random_dcase(&c, &r, it % 4 == 3 ? 12000 : 300);
         if (it % 4 == 3) {
             one_full_sequence(&c, 16);
             if (c.D > 64) c.D = c.Dv = 64;
@@ -523,7 +523,7 @@ void test_decode_threads(void)
         }
         for (int it = 0; it < (t_quick ? 2 : 4); it++) {
             dcase c;
-            random_dcase(&c, &r, it % 2 ? 5000 : 300);
+            random_dcase(&c, &r, it % 2 ? 10000 : 300);
             if (it % 2)   /* split along the keys */
                 one_full_sequence(&c, 16);
             dcase_build(&c, &r);
