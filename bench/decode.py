@@ -171,6 +171,20 @@ def rows_for(qkv, ggml, shape, dtype, reps):
         return qkv.runner(qkv.lib.qkv_attention_kvcache, args, (q, k, v, out, lens)), lambda: out
     preps["kvcache"] = prep_kvcache
 
+    def prep_kvcache_pm():
+        # the same cache copied to qkv's own [B,Sk,Hkv,D] (position-major) layout
+        kp, vp = (cache_tensor(qkv, (shape.B, shape.Sk, shape.Hkv, shape.D), tdt)
+                  for _ in range(2))
+        kp.copy_(k.transpose(1, 2))
+        vp.copy_(v.transpose(1, 2))
+        out = torch.empty_like(q)
+        views = [qkv.view(t, dtype) for t in (q, kp.transpose(1, 2), vp.transpose(1, 2), out)]
+        args = (qkv.ctx, *(ctypes.byref(x) for x in views[:3]), i32p(lens), ctypes.byref(opts),
+                ctypes.byref(views[3]), None)
+        return qkv.runner(qkv.lib.qkv_attention_kvcache, args, (q, kp, vp, out, lens)), \
+            lambda: out
+    preps["kvcache_pm"] = prep_kvcache_pm
+
     def paged(int8, head_major=False):
         def prep():
             c, table, keep = paged_copy(qkv, cshape, dtype, k, v, int8, head_major)
@@ -367,8 +381,9 @@ def l3_bytes():
         return None
 
 
-COLS = ("kvcache", "paged", "paged_hm", "paged_i8", "forward", "sdpa", "ggml")
-TITLE = {"kvcache": "qkv kvcache", "paged": "qkv paged", "paged_hm": "qkv paged hm",
+COLS = ("kvcache", "kvcache_pm", "paged", "paged_hm", "paged_i8", "forward", "sdpa", "ggml")
+TITLE = {"kvcache": "qkv kvcache", "kvcache_pm": "qkv kvcache pm", "paged": "qkv paged",
+         "paged_hm": "qkv paged hm",
          "paged_i8": "qkv paged int8",
          "forward": "qkv forward", "sdpa": "torch SDPA", "ggml": "ggml FA"}
 
@@ -411,7 +426,8 @@ def markdown(meta, rows, bw, l3, varlen, pair=None, rounds=0):
               "heads over Hkv kv heads. The caches are torch `[B,Hkv,Sk,D]` tensors in "
               "`qkv_alloc` memory (transparent huge pages, as the triad's arrays); "
               "qkv reads them in place as strided views. kvcache: "
-              "`qkv_attention_kvcache`; paged: `qkv_attention_paged` on a copy in "
+              "`qkv_attention_kvcache`; kvcache pm: the same on a copy in qkv's own "
+              "`[B,Sk,Hkv,D]` (position-major) layout; paged: `qkv_attention_paged` on a copy in "
               f"blocks of {BLOCK} positions in shuffled order (written by "
               "`qkv_paged_append`), in the row's dtype or int8 with a scale per "
               "row; paged head-major: the same with each head's rows of a block "
@@ -422,7 +438,7 @@ def markdown(meta, rows, bw, l3, varlen, pair=None, rounds=0):
               "through ggml-python, reading the same cache memory (an fp32 query, "
               "K/V in the row's dtype; it has no int8 or paged variant here). "
               "Each output is checked against a float64 reference "
-              "first (bounds as above; int8 3e-2). qkv's five calls are timed in 9 "
+              "first (bounds as above; int8 3e-2). qkv's six calls are timed in 9 "
               "rounds that run each once (calls under 5 ms: repeated to 5 ms), in "
               "rotating order, so that load from other processes falls on all of "
               "them alike, and quoted as medians; torch and then ggml run "
@@ -432,16 +448,19 @@ def markdown(meta, rows, bw, l3, varlen, pair=None, rounds=0):
               "\"of triad\" its share of the triad. In brackets: time relative to "
               "qkv kvcache (above 1× slower than it)."),
          "",
-         "| B,Sq,Sk,Hq,Hkv,D | dtype | kvcache ms | GB/s | of triad | paged ms | "
-         "paged GB/s | paged head-major ms | paged int8 ms | forward ms | torch SDPA ms | "
-         "ggml FA ms |",
-         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+         "| B,Sq,Sk,Hq,Hkv,D | dtype | kvcache ms | GB/s | of triad | kvcache pm ms | "
+         "kvcache pm GB/s | paged ms | paged GB/s | paged head-major ms | paged int8 ms | "
+         "forward ms | torch SDPA ms | ggml FA ms |",
+         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | "
+         "---: | ---: |"]
     for shape, dtype, res in rows:
         base = res["kvcache"]
         g, gp = gbs(shape, dtype, base), gbs(shape, dtype, res["paged"])
+        gm = gbs(shape, dtype, res["kvcache_pm"])
         L.append(f"| {shape.label}{cache_note(shape, dtype, l3)} | {dtype} | "
                  f"{cell(res, 'kvcache', base)} | {f'{g:.1f}' if g else '—'} | "
-                 f"{f'{100 * g / bw:.0f}%' if g else '—'} | {cell(res, 'paged', base)} | "
+                 f"{f'{100 * g / bw:.0f}%' if g else '—'} | {cell(res, 'kvcache_pm', base)} | "
+                 f"{f'{gm:.1f}' if gm else '—'} | {cell(res, 'paged', base)} | "
                  f"{f'{gp:.1f}' if gp else '—'} | {cell(res, 'paged_hm', base)} | "
                  f"{cell(res, 'paged_i8', base)} | "
                  f"{cell(res, 'forward', base)} | {cell(res, 'sdpa', base)} | "
