@@ -192,7 +192,8 @@ class QkvOpts(ctypes.Structure):
                 ("softcap", ctypes.c_float),
                 ("alibi_slopes", ctypes.c_void_p), ("bias", ctypes.c_void_p),
                 ("cu_seqlens_q", ctypes.c_void_p), ("cu_seqlens_k", ctypes.c_void_p),
-                ("n_seqs", ctypes.c_int32)]
+                ("n_seqs", ctypes.c_int32),
+                ("dropout_p", ctypes.c_float), ("dropout_seed", ctypes.c_uint64)]
 
 
 class Qkv:

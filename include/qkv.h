@@ -188,6 +188,8 @@ typedef struct {
     const int32_t    *cu_seqlens_q;     /* packed variable-length: n_seqs+1 offsets; NULL */
     const int32_t    *cu_seqlens_k;
     int32_t           n_seqs;           /* sequences in a varlen call */
+    float             dropout_p;        /* 0 = off; in [0, 1): P dropped after the softmax */
+    uint64_t          dropout_seed;     /* the dropout mask is a function of this */
 } qkv_attn_opts;
 
 /* Options for plain attention: scale 1/sqrt(D), no mask, no varlen. */
@@ -218,6 +220,16 @@ QKV_API qkv_attn_opts qkv_attn_opts_default(void);
  *   window_right >= 0: j <= p + window_right.
  * A row that sees no key (or whose every visible score is -inf) gets output
  * 0 and lse -inf.
+ *
+ * Dropout (dropout_p > 0, as torch.nn.functional.dropout on the softmax's
+ * output in training): out = (P ∘ Z)·V, where P is the softmax and Z holds
+ * 0 with probability dropout_p and 1/(1 - dropout_p) otherwise. Element
+ * Z[b, h, i, j] (batch row, query head, rows i of q and j of k along dim 1)
+ * is a pure function of dropout_seed and those four indices, so the
+ * backward (given the same opts) regenerates it, and results do not depend
+ * on tiles or threads. lse is that of the softmax before dropout.
+ * dropout_p must be in [0, 1) (QKV_ERR_ARG otherwise); calls that read a
+ * KV cache refuse dropout (QKV_ERR_UNSUPPORTED).
  *
  * Varlen (cu_seqlens_q and cu_seqlens_k both set, n_seqs >= 1): q, k, v and
  * out have batch 1 and hold n_seqs sequences packed along dim 1; sequence
@@ -258,7 +270,9 @@ QKV_API qkv_status qkv_attention_reference(qkv_ctx *ctx, const qkv_tensor *q,
  *         sum over the query heads of each group. Every tensor shares q's
  *         dtype; arithmetic is fp32.
  *
- * Scores are recomputed from q, k and lse (no Sq x Sk matrix is kept);
+ * Scores are recomputed from q, k and lse (no Sq x Sk matrix is kept), and
+ * with dropout the mask from opts->dropout_p and dropout_seed (pass the
+ * forward's);
  * memory beyond the gradients is a few tiles per thread. The bias is not
  * differentiated (qkv_attention_backward_dbias does that). Rows that saw
  * no key (lse -inf) contribute nothing and get dq 0. Results are bitwise

@@ -84,6 +84,8 @@ void acase_build(acase *c)
     c->opts.window_left = c->wl;
     c->opts.window_right = c->wr;
     c->opts.softcap = c->softcap;
+    c->opts.dropout_p = c->dropout;
+    c->opts.dropout_seed = (c->seed + 1) * 0x9e3779b97f4a7c15ull;
     if (c->alibi) {
         c->slopes = xmalloc((size_t)c->Hq * sizeof(float));
         for (int64_t h = 0; h < c->Hq; h++)
@@ -152,6 +154,7 @@ const char *acase_str(const acase *c)
     if (c->scale != 0) ADD(" scale%g", (double)c->scale);
     if (c->softcap != 0) ADD(" softcap%g", (double)c->softcap);
     if (c->alibi) ADD(" alibi");
+    if (c->dropout) ADD(" dropout%g", (double)c->dropout);
     if (c->bias) ADD(" bias%d%s", c->bias, c->bias_neg_row ? "(-inf row)" : "");
     if (c->n_seqs) {
         ADD(" varlen q[");

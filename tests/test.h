@@ -127,6 +127,7 @@ typedef struct {
     int       lay_q, lay_k, lay_v, lay_o;
     int       packed;         /* q, k, v are slices of one [B, S, 3, H, D] buffer */
     int       no_lse;         /* pass lse = NULL to the call under test */
+    float     dropout;        /* opts.dropout_p (its seed drawn from seed) */
     uint64_t  seed;
     /* made by acase_build */
     tbuf          q, k, v, qkv, bias_t;
@@ -195,6 +196,10 @@ void test_forward_nonfinite(void);
 void test_backward_shapes(void);    /* test_backward.c */
 void test_backward_options(void);
 void test_backward_threads(void);
+
+void test_dropout_mask(void);       /* test_dropout.c */
+void test_dropout_threads(void);
+void test_dropout_errors(void);
 
 void test_million_window(void);   /* test_million.c */
 void test_million_keys(void);

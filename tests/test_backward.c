@@ -278,6 +278,8 @@ void test_backward_options(void)
         c.lay_k = (int)rng_int(&r, 0, LAY_COUNT - 1);
         c.lay_v = (int)rng_int(&r, 0, LAY_COUNT - 1);
         c.lay_o = (int)rng_int(&r, 0, LAY_COUNT - 2);   /* no broadcast for dout */
+        if (it % 3 == 2)   /* dropout on a third of the cases */
+            c.dropout = RNG_PICK(&r, ((const float[]){ 0.1f, 0.5f, 0.9f }));
         run_case(&c, sets, n_sets, ref);
     }
     qkv_ctx_free(ref);

@@ -382,7 +382,13 @@ void test_errors_options(void)
     A(e.opts.scale, -INFINITY, "opts->scale", "scale -inf");
     A(e.opts.softcap, -1.0f, "opts->softcap", "softcap -1");
     A(e.opts.softcap, NAN, "opts->softcap", "softcap NaN");
+    A(e.opts.dropout_p, -0.1f, "opts->dropout_p", "dropout_p -0.1");
+    A(e.opts.dropout_p, 1.0f, "opts->dropout_p", "dropout_p 1");
+    A(e.opts.dropout_p, 2.5f, "opts->dropout_p", "dropout_p 2.5");
+    A(e.opts.dropout_p, NAN, "opts->dropout_p", "dropout_p NaN");
+    A(e.opts.dropout_p, INFINITY, "opts->dropout_p", "dropout_p inf");
 #undef A
+    setup(&e, ctx); e.opts.dropout_p = 0.999f; expect_ok(&e, "dropout_p 0.999");
     setup(&e, ctx); e.opts.window_left = 0; e.opts.window_right = 0; expect_ok(&e, "window (0, 0)");
     setup(&e, ctx); e.opts.causal = 1; e.opts.softcap = 0; expect_ok(&e, "causal");
 

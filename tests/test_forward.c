@@ -285,6 +285,8 @@ void test_forward_options(void)
             random_shape(&c, &r, dtypes[di], 131);
             random_options(&c, &r, bits);
             if (bits & O_VARLEN) acase_random_varlen(&c, &r, (int)rng_int(&r, 1, 5), 80);
+            if (rep % 3 == 1)   /* dropout on a third of the cases */
+                c.dropout = RNG_PICK(&r, ((const float[]){ 0.1f, 0.5f, 0.9f }));
             run_case(&s, &c);
         }
     }

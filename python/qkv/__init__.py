@@ -166,8 +166,13 @@ class _Call:
             raise ValueError(f"alibi_slopes: {self.n_slopes} slopes for {hq} query heads")
 
     def __init__(self, q, causal, window, scale, softcap, alibi_slopes, bias,
-                 cu_seqlens_q, cu_seqlens_k):
+                 cu_seqlens_q, cu_seqlens_k, dropout_p=0.0, dropout_seed=0):
         o = self.opts = _lib.lib.qkv_attn_opts_default()
+        o.dropout_p = float(dropout_p)
+        seed = int(dropout_seed)
+        if not 0 <= seed < 1 << 64:
+            raise ValueError(f"dropout_seed: {seed} is not in [0, 2**64)")
+        o.dropout_seed = seed
         self.keep, self.n_slopes = [], None
         o.scale = 0.0 if scale is None else float(scale)
         o.causal = int(bool(causal))
@@ -223,9 +228,9 @@ def _lse_array(q, call, B, Sq, Hq):
 
 
 def _forward(fn, q, k, v, causal, window, scale, softcap, alibi_slopes, bias,
-             cu_seqlens_q, cu_seqlens_k, return_lse, threads):
+             cu_seqlens_q, cu_seqlens_k, return_lse, threads, dropout_p, dropout_seed):
     call = _Call(q, causal, window, scale, softcap, alibi_slopes, bias,
-                 cu_seqlens_q, cu_seqlens_k)
+                 cu_seqlens_q, cu_seqlens_k, dropout_p, dropout_seed)
     rank = 3 if call.varlen and len(q.shape) == 3 else 4
     tq, tk, tv = _view(q, "q", rank), _view(k, "k", rank), _view(v, "v", rank)
     B, Sq, Hq, Dv = tq.shape[0], tq.shape[1], tq.shape[2], tv.shape[3]
@@ -242,7 +247,7 @@ def _forward(fn, q, k, v, causal, window, scale, softcap, alibi_slopes, bias,
 
 def attention(q, k, v, *, causal=False, window=(-1, -1), scale=None, softcap=0.0,
               alibi_slopes=None, bias=None, cu_seqlens_q=None, cu_seqlens_k=None,
-              return_lse=False, threads=None):
+              return_lse=False, threads=None, dropout_p=0.0, dropout_seed=0):
     """softmax(mask(q·kᵀ·scale))·v, exactly, in tiles (memory never grows
     with Sq·Sk).
 
@@ -263,34 +268,42 @@ def attention(q, k, v, *, causal=False, window=(-1, -1), scale=None, softcap=0.0
     natural-log sum-exp of each row's scores, float32 [B, Hq, Sq] (varlen:
     [Hq, total]). A row that sees no key gets 0 and lse -inf. threads: the
     number of threads (default: one per core).
+
+    dropout_p in [0, 1) drops each softmax element with that probability
+    and scales the rest by 1/(1 - dropout_p) (training). The mask is a
+    function of dropout_seed (an integer in [0, 2**64)) and the element's
+    (batch, head, query row, key row) alone: pass the same seed to
+    attention_backward. lse stays that of the softmax before dropout.
     """
     return _forward(_lib.lib.qkv_attention_forward, q, k, v, causal, window, scale, softcap,
-                    alibi_slopes, bias, cu_seqlens_q, cu_seqlens_k, return_lse, threads)
+                    alibi_slopes, bias, cu_seqlens_q, cu_seqlens_k, return_lse, threads,
+                    dropout_p, dropout_seed)
 
 
 def reference(q, k, v, *, causal=False, window=(-1, -1), scale=None, softcap=0.0,
               alibi_slopes=None, bias=None, cu_seqlens_q=None, cu_seqlens_k=None,
-              return_lse=False, threads=None):
+              return_lse=False, threads=None, dropout_p=0.0, dropout_seed=0):
     """attention() computed by the library's double-precision reference
     (plain loops; slow): the specification, for checking."""
     return _forward(_lib.lib.qkv_attention_reference, q, k, v, causal, window, scale,
                     softcap, alibi_slopes, bias, cu_seqlens_q, cu_seqlens_k, return_lse,
-                    threads)
+                    threads, dropout_p, dropout_seed)
 
 
 def attention_backward(q, k, v, out, dout, lse, *, causal=False, window=(-1, -1),
                        scale=None, softcap=0.0, alibi_slopes=None, bias=None,
                        cu_seqlens_q=None, cu_seqlens_k=None, return_dbias=False,
-                       threads=None):
+                       threads=None, dropout_p=0.0, dropout_seed=0):
     """The gradients (dq, dk, dv) of attention() for the upstream gradient
     dout, from its inputs, its output and its lse (return_lse=True), with
     the same options. Scores are recomputed; results are bitwise identical
     for any thread count. For grouped heads dk and dv sum over each
     group's query heads. With return_dbias (a float bias required) also
     the bias's gradient, float32 of the bias's shape, summed over the
-    dimensions it broadcasts: (dq, dk, dv, dbias)."""
+    dimensions it broadcasts: (dq, dk, dv, dbias). With dropout, give the
+    forward's dropout_p and dropout_seed: the mask is regenerated."""
     call = _Call(q, causal, window, scale, softcap, alibi_slopes, bias,
-                 cu_seqlens_q, cu_seqlens_k)
+                 cu_seqlens_q, cu_seqlens_k, dropout_p, dropout_seed)
     rank = 3 if call.varlen and len(q.shape) == 3 else 4
     views = [_view(x, n, rank) for x, n in ((q, "q"), (k, "k"), (v, "v"), (out, "out"),
                                             (dout, "dout"))]

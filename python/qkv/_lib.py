@@ -23,7 +23,8 @@ class Opts(ctypes.Structure):
                 ("softcap", ctypes.c_float),
                 ("alibi_slopes", P(ctypes.c_float)), ("bias", P(Tensor)),
                 ("cu_seqlens_q", P(ctypes.c_int32)), ("cu_seqlens_k", P(ctypes.c_int32)),
-                ("n_seqs", ctypes.c_int32)]
+                ("n_seqs", ctypes.c_int32),
+                ("dropout_p", ctypes.c_float), ("dropout_seed", ctypes.c_uint64)]
 
 
 class Error(RuntimeError):
@@ -103,7 +104,8 @@ def bind(sigs):
 bind(_SIGS)
 
 _d = lib.qkv_attn_opts_default()
-if (_d.window_left, _d.window_right, _d.scale, _d.n_seqs) != (-1, -1, 0.0, 0):
+if (_d.window_left, _d.window_right, _d.scale, _d.n_seqs, _d.dropout_p, _d.dropout_seed) != \
+        (-1, -1, 0.0, 0, 0.0, 0):
     raise ImportError("qkv: the library's qkv_attn_opts does not match these bindings")
 
 

@@ -8,9 +8,12 @@ Same signature and [B, H, S, D] semantics as PyTorch's, including its
 top-left aligned `is_causal` and `enable_gqa`. q, k and v are passed to
 libqkv by strides, never copied; the output is a contiguous [B, H, L, Ev]
 tensor. A float attn_mask that requires grad gets its gradient (summed over
-the dimensions it broadcasts). Differences: dropout is not implemented
-(dropout_p > 0 raises), and a query row that every mask entry hides gets 0
-rather than NaN.
+the dimensions it broadcasts). dropout_p > 0 drops softmax elements as
+PyTorch does in training, with a mask that qkv derives from a seed drawn
+from torch's default generator (so torch.manual_seed makes it repeat) and
+regenerates in the backward; the mask differs from PyTorch's own random
+stream. Differences: dropout_p must be below 1, and a query row that every
+mask entry hides gets 0 rather than NaN.
 """
 import ctypes
 import math
@@ -45,9 +48,10 @@ def _bias32(mask):
 
 class _Attention(torch.autograd.Function):
     @staticmethod
-    def forward(fctx, q, k, v, mask, causal, window_right, scale, threads):
+    def forward(fctx, q, k, v, mask, causal, window_right, scale, threads, dropout):
         bias = _bias32(mask)
-        call = _Call(q, causal, (-1, window_right), scale, 0.0, None, bias, None, None)
+        call = _Call(q, causal, (-1, window_right), scale, 0.0, None, bias, None, None,
+                     *dropout)
         B, H, L, Ev = q.shape[0], q.shape[1], q.shape[2], v.shape[3]
         out = torch.empty((B, H, L, Ev), dtype=q.dtype)
         lse = torch.empty((B, H, L), dtype=torch.float32)
@@ -60,7 +64,7 @@ class _Attention(torch.autograd.Function):
         _lib.check(st, ctx)
         fctx.save_for_backward(q, k, v, out, lse)
         fctx.bias, fctx.causal, fctx.window_right = bias, causal, window_right
-        fctx.scale, fctx.threads = scale, threads
+        fctx.scale, fctx.threads, fctx.dropout = scale, threads, dropout
         fctx.mask_shape = None if mask is None else (tuple(mask.shape), mask.dtype)
         return out
 
@@ -68,7 +72,7 @@ class _Attention(torch.autograd.Function):
     def backward(fctx, dout):
         q, k, v, out, lse = fctx.saved_tensors
         call = _Call(q, fctx.causal, (-1, fctx.window_right), fctx.scale, 0.0, None,
-                     fctx.bias, None, None)
+                     fctx.bias, None, None, *fctx.dropout)
         dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype) for t in (q, k, v))
         views = [_bhsd(t, n) for t, n in ((q, "query"), (k, "key"), (v, "value"),
                                           (out, "out"), (dout, "grad"))]
@@ -86,7 +90,7 @@ class _Attention(torch.autograd.Function):
         else:
             st = _lib.lib.qkv_attention_backward(ctx, *args)
         _lib.check(st, ctx)
-        return dq, dk, dv, dmask, None, None, None, None
+        return dq, dk, dv, dmask, None, None, None, None, None
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
@@ -98,11 +102,14 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     float32, float16 or bfloat16. attn_mask: bool (True takes part) or
     float (added to the scores), broadcastable to [B, Hq, L, S]. is_causal:
     query i sees keys j <= i (top-left, as PyTorch). scale: default
-    1/sqrt(E). enable_gqa: Hq may be a multiple of Hkv.
+    1/sqrt(E). enable_gqa: Hq may be a multiple of Hkv. dropout_p in
+    [0, 1): the softmax's elements dropped with that probability, the rest
+    scaled by 1/(1 - dropout_p); the mask's seed comes from torch's default
+    generator.
     """
-    if dropout_p != 0.0:
-        raise NotImplementedError("qkv.torch.scaled_dot_product_attention: dropout_p > 0 is "
-                                  "not supported (qkv has no dropout)")
+    dropout_p = float(dropout_p)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p: {dropout_p} is not in [0, 1)")
     if is_causal and attn_mask is not None:
         raise ValueError("attn_mask and is_causal: give one or the other, as in PyTorch")
     for t, n in ((query, "query"), (key, "key"), (value, "value")):
@@ -148,6 +155,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if attn_mask is not None and attn_mask.dtype != torch.bool and \
             not attn_mask.dtype.is_floating_point:
         raise TypeError(f"attn_mask: dtype {attn_mask.dtype} is neither bool nor floating")
+    # the mask's seed, from torch's generator: torch.manual_seed repeats it
+    seed = int(torch.randint(0, 2**62, (), dtype=torch.int64)) if dropout_p > 0.0 else 0
     out = _Attention.apply(query, k, v, attn_mask, causal, window_right, float(scale),
-                           torch.get_num_threads())
+                           torch.get_num_threads(), (dropout_p, seed))
     return out.squeeze(1) if squeeze else out

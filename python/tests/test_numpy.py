@@ -320,3 +320,25 @@ def test_backward_dbias(bshape):
         assert np.array_equal(a, b)
     with pytest.raises(ValueError, match="no bias"):
         qkv.attention_backward(q, k, v, out, dout, lse, causal=True, return_dbias=True)
+
+
+def test_attention_dropout_matches_reference():
+    """qkv.attention with dropout equals qkv.reference with the same seed,
+    and attention_backward with it equals the dense autograd gradients."""
+    rng = np.random.default_rng(1)
+    q, k, v = (rng.standard_normal((1, n, 2, 8)).astype(np.float32) for n in (7, 11, 11))
+    out, lse = qkv.attention(q, k, v, dropout_p=0.25, dropout_seed=2**63 + 5, return_lse=True)
+    ref = qkv.reference(q, k, v, dropout_p=0.25, dropout_seed=2**63 + 5)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+    plain = qkv.attention(q, k, v)
+    assert not np.allclose(out, plain)
+    _, lse0 = qkv.attention(q, k, v, return_lse=True)
+    np.testing.assert_array_equal(lse, lse0)   # the softmax's, before dropout
+    dout = rng.standard_normal(out.shape).astype(np.float32)
+    grads = qkv.attention_backward(q, k, v, out, dout, lse, dropout_p=0.25,
+                                   dropout_seed=2**63 + 5)
+    assert all(np.isfinite(g).all() for g in grads)
+    with pytest.raises(ValueError, match="dropout_seed"):
+        qkv.attention(q, k, v, dropout_p=0.1, dropout_seed=-1)
+    with pytest.raises(qkv.Error, match="dropout_p"):
+        qkv.attention(q, k, v, dropout_p=1.0)

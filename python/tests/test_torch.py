@@ -6,6 +6,8 @@ float64 on the same (rounded) inputs; qkv's largest error must be within
 twice PyTorch's own kernel's error in the same dtype, or within
 torch.testing's default tolerance for that dtype (scaled by the largest
 reference value), whichever is larger."""
+import math
+
 import numpy as np
 import pytest
 
@@ -116,8 +118,9 @@ def test_sdpa_gradients_flow_into_a_model():
 def test_sdpa_errors():
     q = torch.randn(1, 4, 8, 16)
     k = torch.randn(1, 2, 8, 16)
-    with pytest.raises(NotImplementedError, match="dropout"):
-        qt.scaled_dot_product_attention(q, q, q, dropout_p=0.1)
+    for p in (-0.1, 1.0, 1.5):
+        with pytest.raises(ValueError, match="dropout_p"):
+            qt.scaled_dot_product_attention(q, q, q, dropout_p=p)
     with pytest.raises(ValueError, match="enable_gqa"):
         qt.scaled_dot_product_attention(q, k, k)
     with pytest.raises(ValueError, match="is_causal"):
@@ -190,3 +193,61 @@ def test_sdpa_3d_mask():
     a = qt.scaled_dot_product_attention(q, k, v, attn_mask=m)
     b = F.scaled_dot_product_attention(q, k, v, attn_mask=m)
     assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _dropout_mask(B, H, L, S, p, seed):
+    """The mask qkv.torch draws after torch.manual_seed(seed), read off the
+    output: q = 0 makes the softmax uniform (1/S) and v = the identity
+    (Ev = S) gives out[..., i, j] = Z[i, j] / S."""
+    q = torch.zeros(B, H, L, 4)
+    k = torch.randn(B, H, S, 4)
+    v = torch.eye(S).expand(B, H, S, S).contiguous()
+    torch.manual_seed(seed)
+    return qt.scaled_dot_product_attention(q, k, v, dropout_p=p).double() * S
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+@pytest.mark.parametrize("causal,gqa", [(False, False), (True, True)])
+def test_sdpa_dropout_against_masked_softmax(p, causal, gqa):
+    """out and the gradients equal float64 autograd through softmax · Z · v,
+    with qkv's own mask Z (read off the output with the same seed)."""
+    B, Hq, Hkv, L, S, E = 2, 4, 2 if gqa else 4, 9, 13, 16
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(B, h, n, E, generator=g)
+               for h, n in ((Hq, L), (Hkv, S), (Hkv, S)))
+    z = _dropout_mask(B, Hq, L, S, p, 77)
+    # every element is 0 or 1/(1 - p) (the library's fp32 factor): snap the
+    # read-off values to them
+    scale = float(1 / (1 - torch.tensor(p, dtype=torch.float64)).float())
+    assert bool(((z == 0) | ((z - scale).abs() < 1e-5 * scale)).all())
+    z = (z != 0).double() * scale
+    qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
+    torch.manual_seed(77)
+    out = qt.scaled_dot_product_attention(qs, ks, vs, dropout_p=p, is_causal=causal,
+                                          enable_gqa=gqa)
+    dout = torch.randn(out.shape, generator=g)
+    out.backward(dout)
+    qd, kd, vd = (t.double().clone().requires_grad_() for t in (q, k, v))
+    rep = Hq // Hkv
+    s = qd @ kd.repeat_interleave(rep, 1).transpose(-1, -2) / math.sqrt(E)
+    if causal:
+        s = s.masked_fill(torch.ones(L, S, dtype=torch.bool).triu(1), float("-inf"))
+    ref = (torch.softmax(s, -1) * z) @ vd.repeat_interleave(rep, 1)
+    ref.backward(dout.double())
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
+    for got, want in ((qs, qd), (ks, kd), (vs, vd)):
+        torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_sdpa_dropout_seeding_and_rate():
+    """torch.manual_seed repeats the mask, another seed changes it, and the
+    kept fraction is 1 - p within 5 sigma."""
+    a = _dropout_mask(2, 3, 40, 50, 0.3, 5)
+    b = _dropout_mask(2, 3, 40, 50, 0.3, 5)
+    c = _dropout_mask(2, 3, 40, 50, 0.3, 6)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    n = a.numel()
+    kept = int((a != 0).sum())
+    assert abs(kept - 0.7 * n) <= 5 * math.sqrt(n * 0.3 * 0.7)
+

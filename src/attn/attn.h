@@ -23,7 +23,48 @@ typedef struct {
     int64_t   bias_stride[4];              /* 0 on broadcast dims */
     const qkv_tensor *q, *k, *v, *out;
     float    *lse;
+    int       dropout;                     /* opts->dropout_p > 0 */
+    uint32_t  drop_thresh;                 /* drop when the hash is below it */
+    uint32_t  drop_seed[2];
+    float     drop_scale;                  /* 1 / (1 - dropout_p) */
 } qkv__attn;
+
+/* ---- dropout mask --------------------------------------------------------
+   Element (b, h, i, j) of the mask (batch row, query head, rows of q and k
+   along dim 1) is kept when mix(row(b, h, i) + col(j)) >= drop_thresh,
+   with mix a 32-bit integer hash (lowbias32: two multiply–xorshift
+   rounds) and row and col hashes of the indices and the seed. Every path
+   (forward, backward, references) calls these, so they agree element by
+   element. */
+static inline uint32_t qkv__mix32(uint32_t x)
+{
+    x ^= x >> 16;
+    x *= 0x7feb352du;
+    x ^= x >> 15;
+    x *= 0x846ca68bu;
+    x ^= x >> 16;
+    return x;
+}
+
+static inline uint32_t qkv__drop_row(const qkv__attn *a, int64_t b, int64_t h, int64_t i)
+{
+    uint32_t x = qkv__mix32((uint32_t)b ^ a->drop_seed[0]);
+    x = qkv__mix32(x + (uint32_t)h + 0x9e3779b9u);
+    x = qkv__mix32(x ^ (uint32_t)i ^ (uint32_t)((uint64_t)i >> 32));
+    return qkv__mix32(x + a->drop_seed[1]);
+}
+
+static inline uint32_t qkv__drop_col(const qkv__attn *a, int64_t j)
+{
+    return qkv__mix32(qkv__mix32((uint32_t)j ^ (uint32_t)((uint64_t)j >> 32) ^ 0x85ebca6bu) +
+                      a->drop_seed[0]);
+}
+
+/* The factor element (row, col) multiplies P by: 0 or 1/(1 - p). */
+static inline float qkv__drop_factor(const qkv__attn *a, uint32_t row, uint32_t col)
+{
+    return qkv__mix32(row + col) >= a->drop_thresh ? a->drop_scale : 0.0f;
+}
 
 /* The extra arguments of a backward call. */
 typedef struct {

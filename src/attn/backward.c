@@ -288,6 +288,9 @@ static void tile_grads(const qkv__kernels *kn, const qkv__attn *a, const qkv__se
     else
         kn->qk(n, m, (int)a->Dv, 1.0f, kt->v, kt->ldv, tl->doutt, R, tl->dout, a->Dv,
                tl->dpt, R);
+    /* dropout: dP·Z in dS's place, then P·Z (what weighs V) in P's */
+    if (a->dropout)
+        qkv__dropout_tile(a, s, tm, m, j0, n, tl->dpt, 1, R);
     for (int c = 0; c < n; c++) {
         float *p = tl->st + c * R, *ds = tl->dpt + c * R;
         const float *dc = tl->dcap + c * R;
@@ -296,11 +299,14 @@ static void tile_grads(const qkv__kernels *kn, const qkv__attn *a, const qkv__se
                 raw[c * R + r] = p[r] * (ds[r] - tl->dd[r]);
         for (int r = 0; r < mpad; r++)
             ds[r] = p[r] * (ds[r] - tl->dd[r]) * (cap ? dc[r] : 1.0f);
-        if (bf) {
-            kn->store_bf16(p, 1.0f, tl->pb + c * R, mpad);
-            kn->store_bf16(ds, 1.0f, tl->dsb + c * R, mpad);
-        }
     }
+    if (a->dropout)
+        qkv__dropout_tile(a, s, tm, m, j0, n, tl->st, 1, R);
+    if (bf)
+        for (int c = 0; c < n; c++) {
+            kn->store_bf16(tl->st + c * R, 1.0f, tl->pb + c * R, mpad);
+            kn->store_bf16(tl->dpt + c * R, 1.0f, tl->dsb + c * R, mpad);
+        }
 }
 
 /* dV += Pᵀ·dO and dK += dSᵀ·Q for the tile's n keys (the output rows). */

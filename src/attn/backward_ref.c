@@ -8,9 +8,10 @@
  *   x_j  = scale·q_i·k_j;  with softcap: t_j = tanh(x_j / cap), x_j = cap·t_j
  *   x_j -= slope_h·|i + Sk - Sq - j|;  x_j += bias        (constants)
  *   P_j  = exp(x_j - lse_i)               (the lse passed in)
- *   dP_j = dout_i·v_j,   Dd_i = dout_i·out_i   (the out passed in)
+ *   dP_j = dout_i·v_j·Z_j, Dd_i = dout_i·out_i   (the out passed in; Z_j
+ *                                         dropout's factor, 1 without)
  *   dS_j = P_j·(dP_j - Dd_i),  times (1 - t_j²) with softcap
- *   dq_i += scale·dS_j·k_j,  dk_j += scale·dS_j·q_i,  dv_j += P_j·dout_i
+ *   dq_i += scale·dS_j·k_j,  dk_j += scale·dS_j·q_i,  dv_j += P_j·Z_j·dout_i
  *
  * A row whose lse is -inf contributes nothing (and gets dq 0). The bias's
  * gradient, when asked for, is dS_j without the softcap factor, summed over
@@ -60,12 +61,13 @@ static int load_row(const qkv__attn *a, const qkv__grads *g, const qkv__seq *s,
     return 1;
 }
 
-/* For visible key j of row i (head h): P_j in *p and dS_j, with the softcap
-   derivative, as the return value; *raw (when not NULL) receives dS_j
-   without it, the gradient of the bias. *p = 0 (and 0 returned) for a -inf
-   score. */
+/* For visible key j of row i (head h): P_j in *p, the P_j·Z_j that
+   weighs V in *pz (dropout's factor Z_j, 1 without dropout), and dS_j,
+   with the softcap derivative, as the return value; *raw (when not NULL)
+   receives dS_j without it, the gradient of the bias. *p = *pz = 0 (and 0
+   returned) for a -inf score. With dropout dP_j is dout_i·v_j·Z_j. */
 static double grad_score(const qkv__attn *a, const qkv__seq *s, int64_t h, int64_t i,
-                         int64_t j, const qrow *r, double *p, double *raw)
+                         int64_t j, const qrow *r, double *p, double *pz, double *raw)
 {
     const int64_t hk = h / a->group, kj = s->k0 + j;
     double dot = 0.0;
@@ -73,7 +75,7 @@ static double grad_score(const qkv__attn *a, const qkv__seq *s, int64_t h, int64
         dot += r->q[d] * at(a->k, s->b, kj, hk, d);
     double dcap;
     const double x = score_mods(a, s, h, i, j, (double)a->scale * dot, &dcap);
-    *p = 0.0;
+    *p = *pz = 0.0;
     if (raw)
         *raw = 0.0;
     if (x == -INFINITY)
@@ -82,6 +84,11 @@ static double grad_score(const qkv__attn *a, const qkv__seq *s, int64_t h, int64
     double dp = 0.0;
     for (int64_t c = 0; c < a->Dv; c++)
         dp += r->dout[c] * at(a->v, s->b, kj, hk, c);
+    const double z = a->dropout ? qkv__drop_factor(a, qkv__drop_row(a, s->b, h, s->q0 + i),
+                                                   qkv__drop_col(a, kj))
+                                : 1.0;
+    dp *= z;
+    *pz = *p * z;
     if (raw)
         *raw = *p * (dp - r->delta);
     return *p * (dp - r->delta) * dcap;
@@ -106,10 +113,10 @@ static void dq_task(void *arg, int64_t task, int worker)
             acc[d] = 0.0;
         if (load_row(a, g, &s, h, i, &r))
             for (int64_t j = 0; j < s.sk; j++) {
-                double p;
+                double p, pz;
                 if (!visible(a, i, j, &s))
                     continue;
-                double ds = grad_score(a, &s, h, i, j, &r, &p, NULL);
+                double ds = grad_score(a, &s, h, i, j, &r, &p, &pz, NULL);
                 if (p == 0.0)
                     continue;
                 for (int64_t d = 0; d < a->D; d++)
@@ -145,16 +152,16 @@ static void dkv_task(void *arg, int64_t task, int worker)
             if (!load_row(a, g, &s, h, i, &r))
                 continue;
             for (int64_t j = j0; j < j1; j++) {
-                double p;
+                double p, pz;
                 if (!visible(a, i, j, &s))
                     continue;
-                double ds = grad_score(a, &s, h, i, j, &r, &p, NULL);
+                double ds = grad_score(a, &s, h, i, j, &r, &p, &pz, NULL);
                 if (p == 0.0)
                     continue;
                 for (int64_t d = 0; d < D; d++)
                     dk[(j - j0) * D + d] += ds * r.q[d];
                 for (int64_t c = 0; c < Dv; c++)
-                    dv[(j - j0) * Dv + c] += p * r.dout[c];
+                    dv[(j - j0) * Dv + c] += pz * r.dout[c];
             }
         }
     for (int64_t j = j0; j < j1; j++) {
@@ -188,10 +195,10 @@ static void dbias_task(void *arg, int64_t task, int worker)
                 if (!load_row(a, g, &s, h, i, &r))
                     continue;
                 for (int64_t j = 0; j < s.sk; j++) {
-                    double p, raw;
+                    double p, pz, raw;
                     if (!visible(a, i, j, &s))
                         continue;
-                    grad_score(a, &s, h, i, j, &r, &p, &raw);
+                    grad_score(a, &s, h, i, j, &r, &p, &pz, &raw);
                     acc[nj == 1 ? 0 : j] += raw;
                 }
             }

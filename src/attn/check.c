@@ -117,6 +117,9 @@ static qkv_status check_opts(qkv_ctx *ctx, const qkv_attn_opts *opts)
     if (opts->window_right < -1)
         FAIL(QKV_ERR_ARG, "opts->window_right = %lld must be >= -1 (-1 = unbounded)",
              (long long)opts->window_right);
+    if (!(opts->dropout_p >= 0.0f && opts->dropout_p < 1.0f))
+        FAIL(QKV_ERR_ARG, "opts->dropout_p = %g must be in [0, 1) (0 = off)",
+             (double)opts->dropout_p);
     return QKV_OK;
 }
 
@@ -138,6 +141,13 @@ static void fill_attn(qkv__attn *a, const qkv_tensor *q, const qkv_attn_opts *op
     a->window_right = opts->window_right > Sq + Sk ? -1 : opts->window_right;
     a->alibi = opts->alibi_slopes;
     a->bias = NULL;
+    a->dropout = opts->dropout_p > 0.0f;
+    /* drop when a uniform 32-bit hash is below p·2^32 */
+    const double t = ldexp((double)opts->dropout_p, 32);
+    a->drop_thresh = a->dropout ? (t >= 4294967295.0 ? 0xffffffffu : (uint32_t)t) : 0;
+    a->drop_seed[0] = (uint32_t)opts->dropout_seed;
+    a->drop_seed[1] = (uint32_t)(opts->dropout_seed >> 32);
+    a->drop_scale = a->dropout ? (float)(1.0 / (1.0 - (double)opts->dropout_p)) : 1.0f;
 }
 
 /* Everything a forward call checks; out_written says whether out is the
@@ -480,6 +490,9 @@ qkv_status qkv__attn_check_cache(qkv_ctx *ctx, const qkv_tensor *q, const qkv_at
              "KV cache (per-sequence lengths come from seqlens_k)");
     if (opts->bias)
         FAIL(QKV_ERR_UNSUPPORTED, "opts->bias: not supported with a KV cache");
+    if (opts->dropout_p != 0.0f)
+        FAIL(QKV_ERR_UNSUPPORTED, "opts->dropout_p = %g: dropout is for training; attention "
+             "from a KV cache does not drop out", (double)opts->dropout_p);
     int64_t rows, bytes;
     if (__builtin_mul_overflow(B, Hq, &rows) || __builtin_mul_overflow(rows, Sq, &rows) ||
         __builtin_mul_overflow(rows, (int64_t)sizeof(float), &bytes))

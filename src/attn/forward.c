@@ -263,10 +263,15 @@ static void fwd_task(void *arg, int64_t task, int worker)
             tl.alpha[r] = tl.m[r] == mn ? 1.0f : expf(tl.m[r] - tl.mref[r]);
             tl.m[r] = mn;
         }
-        if (bf)
+        if (bf && !a->dropout) {
             kn->exp_pack_bf16(tl.st, R, n, mpad, tl.mref, tl.sum, tl.pp, R);
-        else
+        } else {
             kn->exp_cols(tl.st, R, n, mpad, tl.mref, tl.sum);
+            if (a->dropout)   /* after the sums: l is the softmax's */
+                qkv__dropout_tile(a, &s, &tm, m, j0, n, tl.st, 1, R);
+            if (bf)
+                qkv__pack_p_bf16(kn, tl.st, R, n, mpad, tl.pp);
+        }
         for (int r = 0; r < mpad; r++)
             tl.l[r] = tl.l[r] * tl.alpha[r] + tl.sum[r];
         if (bf) {

@@ -215,3 +215,40 @@ void qkv__key_pairs_bf16(const qkv__kernels *kn, const qkv_tensor *t, int64_t ro
         kn->pack_pairs(r[0], r[1], cols, dst + jj * cols);
     }
 }
+
+void qkv__dropout_tile(const qkv__attn *a, const qkv__seq *s, const qkv__tile_map *tm, int m,
+                       int64_t j0, int n, float *st, int64_t ldr, int64_t ld)
+{
+    enum { ROWS = 64 };
+    for (int r0 = 0; r0 < m; r0 += ROWS) {
+        const int rn = m - r0 < ROWS ? m - r0 : ROWS;
+        uint32_t rk[ROWS];
+        for (int r = 0; r < rn; r++) {
+            const int rr = r0 + r;
+            rk[r] = qkv__drop_row(a, s->b, tm->h0 + rr / tm->mp, s->q0 + tm->i0 + rr % tm->mp);
+        }
+        for (int c = 0; c < n; c++) {
+            const uint32_t ck = qkv__drop_col(a, s->k0 + j0 + c);
+            float *p = st + c * ld + r0 * ldr;
+            for (int r = 0; r < rn; r++)
+                p[r * ldr] *= qkv__drop_factor(a, rk[r], ck);
+        }
+    }
+}
+
+void qkv__pack_p_bf16(const qkv__kernels *kn, const float *st, int64_t R, int n, int m,
+                      uint32_t *pp)
+{
+    enum { ROWS = 256 };
+    uint16_t lo[ROWS], hi[ROWS];
+    for (int jj = 0; 2 * jj < n; jj++) {
+        const int odd = 2 * jj + 1 < n;
+        for (int r0 = 0; r0 < m; r0 += ROWS) {
+            const int rn = m - r0 < ROWS ? m - r0 : ROWS;
+            kn->store_bf16(st + 2 * jj * R + r0, 1.0f, lo, rn);
+            if (odd)
+                kn->store_bf16(st + (2 * jj + 1) * R + r0, 1.0f, hi, rn);
+            kn->pack_pairs(lo, odd ? hi : NULL, rn, pp + jj * R + r0);
+        }
+    }
+}
