@@ -224,10 +224,12 @@ QKV_API qkv_attn_opts qkv_attn_opts_default(void);
  * Dropout (dropout_p > 0, as torch.nn.functional.dropout on the softmax's
  * output in training): out = (P ∘ Z)·V, where P is the softmax and Z holds
  * 0 with probability dropout_p and 1/(1 - dropout_p) otherwise. Element
- * Z[b, h, i, j] (batch row, query head, rows i of q and j of k along dim 1)
- * is a pure function of dropout_seed and those four indices, so the
- * backward (given the same opts) regenerates it, and results do not depend
- * on tiles or threads. lse is that of the softmax before dropout.
+ * Z[b, h, i, j] is a pure function of dropout_seed, the batch row b (and a
+ * varlen sequence's first row), the query head h, the query's position
+ * i + Sk - Sq and the key j (within the sequence), so the backward (given
+ * the same opts) regenerates it, results do not depend on tiles or
+ * threads, and a call on the last queries of a sequence draws the mask the
+ * full call draws for them. lse is that of the softmax before dropout.
  * dropout_p must be in [0, 1) (QKV_ERR_ARG otherwise); calls that read a
  * KV cache refuse dropout (QKV_ERR_UNSUPPORTED).
  *

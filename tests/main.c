@@ -93,6 +93,7 @@ static const struct { const char *name; void (*fn)(void); } tests[] = {
     { "dropout_mask",            test_dropout_mask },
     { "dropout_threads",         test_dropout_threads },
     { "dropout_errors",          test_dropout_errors },
+    { "dropout_last_rows",       test_dropout_last_rows },
     { "million_window",          test_million_window },
     { "million_keys",            test_million_keys },
     { "forward_nonfinite",       test_forward_nonfinite },

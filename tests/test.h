@@ -200,6 +200,7 @@ void test_backward_threads(void);
 void test_dropout_mask(void);       /* test_dropout.c */
 void test_dropout_threads(void);
 void test_dropout_errors(void);
+void test_dropout_last_rows(void);
 
 void test_million_window(void);   /* test_million.c */
 void test_million_keys(void);

@@ -11,6 +11,9 @@
  *   masks of different seeds agree where two independent masks would.
  * - The same seed gives the same bits on every kernel set and 1, 2, 3, 5
  *   threads, forward and backward; dropout_p 0 gives no-dropout bits.
+ * - The mask is keyed by the query's position: a call on the last rows of
+ *   q (the queries' positions kept, bottom-right) gives those rows of the
+ *   full call; the first rows (positions moved) do not.
  * - Calls that read a KV cache refuse dropout; the backward refuses a bad
  *   dropout_p like the forward (test_errors.c covers the forward).
  */
@@ -249,4 +252,57 @@ void test_dropout_errors(void)
         CHECK(same, "backward dropout_p %g wrote a gradient", (double)bad[i]);
     }
     qkv_ctx_free(ctx);
+}
+
+/* The last r rows of q alone equal those rows of the full call (their
+   positions i + Sk - Sq are the same); the first r rows alone do not. */
+void test_dropout_last_rows(void)
+{
+    const char *sets[8];
+    const int n_sets = kernel_sets(sets);
+    for (int si = 0; si < n_sets; si++) {
+        acase c;
+        acase_init(&c, 2, 40, 70, 4, 2, 32, 32, QKV_F32);
+        c.causal = si % 2;   /* the last rows keep their causal band */
+        c.dropout = 0.4f;
+        c.seed = 31;
+        acase_build(&c);
+        qkv_ctx *ctx = qkv_ctx_create(2);
+        CHECK(ctx && qkv_ctx_set_isa(ctx, sets[si]) == QKV_OK, "context %s", sets[si]);
+        enum { R = 7 };
+        const int64_t Sq = c.Sq, row = c.Hq * c.Dv;
+        float *full = xmalloc((size_t)(c.B * Sq * row) * sizeof(float));
+        float *part = xmalloc((size_t)(c.B * R * row) * sizeof(float));
+        qkv_tensor to = qkv_tensor_4d(full, QKV_F32, c.B, Sq, c.Hq, c.Dv);
+        CHECK(qkv_attention_forward(ctx, &c.tq, &c.tk, &c.tv, &c.opts, &to, NULL) == QKV_OK,
+              "full: %s", qkv_ctx_last_error(ctx));
+        for (int last = 1; last >= 0; last--) {
+            qkv_tensor q = c.tq;
+            q.shape[1] = R;
+            q.data = (char *)q.data + (last ? (Sq - R) : 0) * q.stride[1] * 4;
+            qkv_tensor tp = qkv_tensor_4d(part, QKV_F32, c.B, R, c.Hq, c.Dv);
+            if (!last && c.causal)   /* the first rows alone would see other keys */
+                continue;
+            CHECK(qkv_attention_forward(ctx, &q, &c.tk, &c.tv, &c.opts, &tp, NULL) == QKV_OK,
+                  "part: %s", qkv_ctx_last_error(ctx));
+            double worst = 0.0;
+            for (int64_t b = 0; b < c.B; b++)
+                for (int64_t i = 0; i < R; i++)
+                    for (int64_t x = 0; x < row; x++) {
+                        const double e = fabs((double)part[(b * R + i) * row + x] -
+                                              full[(b * Sq + (last ? Sq - R : 0) + i) * row + x]);
+                        worst = e > worst ? e : worst;
+                    }
+            if (last)
+                CHECK(worst <= 1e-5, "%s: the last %d rows alone differ by %g", sets[si], R,
+                      worst);
+            else
+                CHECK(worst > 1e-2, "%s: the first %d rows alone give the full call's dropout "
+                      "(%g): the mask ignores positions", sets[si], R, worst);
+        }
+        free(full);
+        free(part);
+        qkv_ctx_free(ctx);
+        acase_free(&c);
+    }
 }

@@ -60,22 +60,23 @@ static const char *usage =
 "      --isa NAME      kernel set: generic, avx2, avx512, avx512bf16, amx (default: best)\n"
 "      --no-check      skip the check against the reference\n"
 "  -b, --backward      time qkv_attention_backward (FLOPs: 2.5x the forward's)\n"
+"  -p, --dropout P     dropout with probability P (seed 1) on the --shape entries\n"
 "\n"
 "FLOPs are counted as 4*Hq*D per visible (query, key) pair per batch (so a\n"
 "causal square shape counts about half of 4*B*Hq*Sq*Sk*D); %peak compares\n"
 "with the fp32 FMA ceiling measured at the start of the run.\n"
 "The environment variable QKV_ISA also selects the kernel set.\n";
 
-typedef struct { int64_t B, Sq, Sk, Hq, Hkv, D; int causal; int64_t wl, wr; } shape;
+typedef struct { int64_t B, Sq, Sk, Hq, Hkv, D; int causal; int64_t wl, wr; float drop; } shape;
 
 static const shape default_shapes[] = {
-    { 1,   64,   64,  8,  8,  64, 0, -1, -1 },
-    { 1,  512,  512, 12, 12,  64, 0, -1, -1 },
-    { 1, 1024, 1024, 12, 12, 128, 0, -1, -1 },
-    { 1, 1024, 1024, 12, 12, 128, 1, -1, -1 },
-    { 1, 2048, 2048, 16,  4, 128, 1, -1, -1 },
-    { 2,  512,  512,  8,  8,  64, 0, 128, 0 },
-    { 8,    1, 4096, 32,  8, 128, 0, -1, -1 },
+    { 1,   64,   64,  8,  8,  64, 0, -1, -1, 0.0f },
+    { 1,  512,  512, 12, 12,  64, 0, -1, -1, 0.0f },
+    { 1, 1024, 1024, 12, 12, 128, 0, -1, -1, 0.0f },
+    { 1, 1024, 1024, 12, 12, 128, 1, -1, -1, 0.0f },
+    { 1, 2048, 2048, 16,  4, 128, 1, -1, -1, 0.0f },
+    { 2,  512,  512,  8,  8,  64, 0, 128, 0, 0.0f },
+    { 8,    1, 4096, 32,  8, 128, 0, -1, -1, 0.0f },
 };
 
 static double now_s(void)
@@ -150,6 +151,7 @@ static int bench(int argc, char **argv)
 {
     int threads = 0, reps = 5, do_check = 1, causal = 0, backward = 0;
     int64_t wl = -1, wr = -1;
+    float dropout = 0.0f;
     const char *isa = NULL;
     qkv_dtype dtypes[3] = { QKV_F32, QKV_BF16 };
     int n_dtypes = 2;
@@ -171,7 +173,7 @@ static int bench(int argc, char **argv)
                 dtypes[0] = QKV_F32; dtypes[1] = QKV_F16; dtypes[2] = QKV_BF16; n_dtypes = 3;
             } else { fprintf(stderr, "qkv bench: unknown dtype '%s'\n", val); return 2; }
         } else if (!strcmp(a, "-s") || !strcmp(a, "--shape")) {
-            shape s = { 0, 0, 0, 0, 0, 0, 0, -1, -1 };
+            shape s = { 0, 0, 0, 0, 0, 0, 0, -1, -1, 0.0f };
             long long v[6];
             if (!val || sscanf(val, "%lld,%lld,%lld,%lld,%lld,%lld", &v[0], &v[1], &v[2],
                                &v[3], &v[4], &v[5]) != 6 || n_shapes == 64) {
@@ -189,6 +191,8 @@ static int bench(int argc, char **argv)
             wl = l; wr = r;
         } else if (!strcmp(a, "--isa")) {
             isa = val;
+        } else if (!strcmp(a, "-p") || !strcmp(a, "--dropout")) {
+            if (val) dropout = (float)atof(val);
         } else {
             takes = 0;
             if (!strcmp(a, "-c") || !strcmp(a, "--causal")) causal = 1;
@@ -208,6 +212,7 @@ static int bench(int argc, char **argv)
     } else {
         for (int i = 0; i < n_shapes; i++) {
             shapes[i].causal = causal; shapes[i].wl = wl; shapes[i].wr = wr;
+            shapes[i].drop = dropout;
         }
     }
     qkv_ctx *ctx = qkv_ctx_create(threads);
@@ -220,7 +225,7 @@ static int bench(int argc, char **argv)
     double peak = qkv_peak_gflops(ctx);
     printf("qkv %s, kernels %s, %d threads, median of %d; fp32 FMA ceiling %.0f GFLOP/s\n",
            qkv_version(), qkv_ctx_isa(ctx), qkv_ctx_threads(ctx), reps, peak);
-    printf("%-24s %-5s %-10s %10s %9s %6s %9s\n", "B,Sq,Sk,Hq,Hkv,D", "dtype", "mask", "ms",
+    printf("%-24s %-5s %-18s %10s %9s %6s %9s\n", "B,Sq,Sk,Hq,Hkv,D", "dtype", "mask", "ms",
            "GFLOP/s", "%peak", "max err");
     int failed = 0;
     for (int si = 0; si < n_shapes; si++)
@@ -245,7 +250,9 @@ static int bench(int argc, char **argv)
             opts.causal = s->causal;
             opts.window_left = s->wl;
             opts.window_right = s->wr;
-            char name[64], mask[32];
+            opts.dropout_p = s->drop;
+            opts.dropout_seed = 1;
+            char name[64], mask[48];
             snprintf(name, sizeof name, "%lld,%lld,%lld,%lld,%lld,%lld", (long long)s->B,
                      (long long)s->Sq, (long long)s->Sk, (long long)s->Hq, (long long)s->Hkv,
                      (long long)s->D);
@@ -254,11 +261,16 @@ static int bench(int argc, char **argv)
                          (long long)s->wl, (long long)s->wr);
             else
                 snprintf(mask, sizeof mask, "%s", s->causal ? "causal" : "none");
+            if (s->drop > 0.0f) {
+                char d[32];
+                snprintf(d, sizeof d, " drop%g", (double)s->drop);
+                strncat(mask, d, sizeof mask - strlen(mask) - 1);
+            }
             if (backward)
                 strncat(mask, " bwd", sizeof mask - strlen(mask) - 1);
             qkv_status st = qkv_attention_forward(ctx, &q, &k, &v, &opts, &o, NULL);
             if (st != QKV_OK) {
-                printf("%-24s %-5s %-10s error: %s\n", name, dtype_name(dt), mask,
+                printf("%-24s %-5s %-18s error: %s\n", name, dtype_name(dt), mask,
                        qkv_ctx_last_error(ctx));
                 failed = 1;
             } else {
@@ -311,7 +323,7 @@ static int bench(int argc, char **argv)
                 /* backward: 2.5 times the forward's, as FlashAttention counts */
                 double flops = 4.0 * s->B * s->Hq * pairs * s->D * (backward ? 2.5 : 1.0);
                 double gf = flops / med * 1e-9;
-                printf("%-24s %-5s %-10s %10.3f %9.1f %5.0f%% %9.2e%s\n", name, dtype_name(dt),
+                printf("%-24s %-5s %-18s %10.3f %9.1f %5.0f%% %9.2e%s\n", name, dtype_name(dt),
                        mask, med * 1e3, gf, peak > 0 ? 100.0 * gf / peak : 0.0, err,
                        !do_check ? "" : ok ? "" : "  MISMATCH");
                 if (!ok) failed = 1;

@@ -29,11 +29,18 @@ typedef struct {
     float     drop_scale;                  /* 1 / (1 - dropout_p) */
 } qkv__attn;
 
+/* One sequence: batch row b, query rows [q0, q0+sq) and key rows [k0, k0+sk)
+   along dim 1. */
+typedef struct { int64_t b, q0, sq, k0, sk; } qkv__seq;
+
 /* ---- dropout mask --------------------------------------------------------
-   Element (b, h, i, j) of the mask (batch row, query head, rows of q and k
-   along dim 1) is kept when mix(row(b, h, i) + col(j)) >= drop_thresh,
-   with mix a 32-bit integer hash (lowbias32: two multiply–xorshift
-   rounds) and row and col hashes of the indices and the seed. Every path
+   Element (query row i, key j) of sequence s for query head h is kept
+   when mix(row + col) >= drop_thresh, with mix a 32-bit integer hash
+   (lowbias32: two multiply–xorshift rounds), row a hash of the seed, the
+   batch row, the sequence's first query row (varlen), h and the query's
+   position p = i + sk - sq, and col a hash of the seed and j (both within
+   the sequence). Keyed by position, a call on the last queries of a
+   sequence draws the mask the full call draws for them. Every path
    (forward, backward, references) calls these, so they agree element by
    element. */
 static inline uint32_t qkv__mix32(uint32_t x)
@@ -46,11 +53,14 @@ static inline uint32_t qkv__mix32(uint32_t x)
     return x;
 }
 
-static inline uint32_t qkv__drop_row(const qkv__attn *a, int64_t b, int64_t h, int64_t i)
+static inline uint32_t qkv__drop_row(const qkv__attn *a, const qkv__seq *s, int64_t h,
+                                     int64_t i)
 {
-    uint32_t x = qkv__mix32((uint32_t)b ^ a->drop_seed[0]);
+    const uint64_t p = (uint64_t)(i + s->sk - s->sq);
+    uint32_t x = qkv__mix32((uint32_t)s->b ^ a->drop_seed[0]);
+    x = qkv__mix32(x + (uint32_t)s->q0 + (uint32_t)((uint64_t)s->q0 >> 32));
     x = qkv__mix32(x + (uint32_t)h + 0x9e3779b9u);
-    x = qkv__mix32(x ^ (uint32_t)i ^ (uint32_t)((uint64_t)i >> 32));
+    x = qkv__mix32(x ^ (uint32_t)p ^ (uint32_t)(p >> 32));
     return qkv__mix32(x + a->drop_seed[1]);
 }
 
@@ -103,10 +113,6 @@ qkv_status qkv__check_tensor(qkv_ctx *ctx, const qkv_tensor *t, const char *name
 qkv_status qkv__attn_check_cache(qkv_ctx *ctx, const qkv_tensor *q, const qkv_attn_opts *opts,
         const qkv_tensor *out, float *lse, int64_t Smax, int64_t Hkv, int64_t D, int64_t Dv,
         const char *keys, qkv__attn *a);
-
-/* One sequence: batch row b, query rows [q0, q0+sq) and key rows [k0, k0+sk)
-   along dim 1. */
-typedef struct { int64_t b, q0, sq, k0, sk; } qkv__seq;
 
 /* Validates every argument of a forward call (before anything is written)
    and fills *a. */

@@ -290,7 +290,7 @@ static void tile_grads(const qkv__kernels *kn, const qkv__attn *a, const qkv__se
                tl->dpt, R);
     /* dropout: dP·Z in dS's place, then P·Z (what weighs V) in P's */
     if (a->dropout)
-        qkv__dropout_tile(a, s, tm, m, j0, n, tl->dpt, 1, R);
+        qkv__dropout_tile(kn, a, s, tm, m, j0, n, tl->dpt, R);
     for (int c = 0; c < n; c++) {
         float *p = tl->st + c * R, *ds = tl->dpt + c * R;
         const float *dc = tl->dcap + c * R;
@@ -301,7 +301,7 @@ static void tile_grads(const qkv__kernels *kn, const qkv__attn *a, const qkv__se
             ds[r] = p[r] * (ds[r] - tl->dd[r]) * (cap ? dc[r] : 1.0f);
     }
     if (a->dropout)
-        qkv__dropout_tile(a, s, tm, m, j0, n, tl->st, 1, R);
+        qkv__dropout_tile(kn, a, s, tm, m, j0, n, tl->st, R);
     if (bf)
         for (int c = 0; c < n; c++) {
             kn->store_bf16(tl->st + c * R, 1.0f, tl->pb + c * R, mpad);

@@ -84,8 +84,8 @@ static double grad_score(const qkv__attn *a, const qkv__seq *s, int64_t h, int64
     double dp = 0.0;
     for (int64_t c = 0; c < a->Dv; c++)
         dp += r->dout[c] * at(a->v, s->b, kj, hk, c);
-    const double z = a->dropout ? qkv__drop_factor(a, qkv__drop_row(a, s->b, h, s->q0 + i),
-                                                   qkv__drop_col(a, kj))
+    const double z = a->dropout ? qkv__drop_factor(a, qkv__drop_row(a, s, h, i),
+                                                   qkv__drop_col(a, j))
                                 : 1.0;
     dp *= z;
     *pz = *p * z;

@@ -268,7 +268,7 @@ static void fwd_task(void *arg, int64_t task, int worker)
         } else {
             kn->exp_cols(tl.st, R, n, mpad, tl.mref, tl.sum);
             if (a->dropout)   /* after the sums: l is the softmax's */
-                qkv__dropout_tile(a, &s, &tm, m, j0, n, tl.st, 1, R);
+                qkv__dropout_tile(kn, a, &s, &tm, m, j0, n, tl.st, R);
             if (bf)
                 qkv__pack_p_bf16(kn, tl.st, R, n, mpad, tl.pp);
         }

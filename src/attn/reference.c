@@ -43,14 +43,14 @@ static void ref_row(const qkv__attn *a, const qkv__seq *s, int64_t h, int64_t i,
         acc[c] = 0.0;
     double l = 0.0;
     if (m > -INFINITY) {
-        const uint32_t row = a->dropout ? qkv__drop_row(a, s->b, h, qi) : 0;
+        const uint32_t row = a->dropout ? qkv__drop_row(a, s, h, i) : 0;
         for (int64_t j = 0; j < s->sk; j++) {
             if (score[j] == -INFINITY)
                 continue;
             double p = exp(score[j] - m);
             l += p;   /* the softmax's sum: dropout comes after it */
             if (a->dropout)
-                p *= qkv__drop_factor(a, row, qkv__drop_col(a, s->k0 + j));
+                p *= qkv__drop_factor(a, row, qkv__drop_col(a, j));
             for (int64_t c = 0; c < a->Dv; c++)
                 acc[c] += p * at(a->v, s->b, s->k0 + j, hk, c);
         }

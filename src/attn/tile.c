@@ -216,22 +216,24 @@ void qkv__key_pairs_bf16(const qkv__kernels *kn, const qkv_tensor *t, int64_t ro
     }
 }
 
-void qkv__dropout_tile(const qkv__attn *a, const qkv__seq *s, const qkv__tile_map *tm, int m,
-                       int64_t j0, int n, float *st, int64_t ldr, int64_t ld)
+void qkv__dropout_tile(const qkv__kernels *kn, const qkv__attn *a, const qkv__seq *s,
+                       const qkv__tile_map *tm, int m, int64_t j0, int n, float *st,
+                       int64_t ld)
 {
-    enum { ROWS = 64 };
-    for (int r0 = 0; r0 < m; r0 += ROWS) {
-        const int rn = m - r0 < ROWS ? m - r0 : ROWS;
-        uint32_t rk[ROWS];
-        for (int r = 0; r < rn; r++) {
-            const int rr = r0 + r;
-            rk[r] = qkv__drop_row(a, s->b, tm->h0 + rr / tm->mp, s->q0 + tm->i0 + rr % tm->mp);
-        }
-        for (int c = 0; c < n; c++) {
-            const uint32_t ck = qkv__drop_col(a, s->k0 + j0 + c);
-            float *p = st + c * ld + r0 * ldr;
-            for (int r = 0; r < rn; r++)
-                p[r * ldr] *= qkv__drop_factor(a, rk[r], ck);
+    enum { ROWS = 64, KEYS = 256 };
+    uint32_t rk[ROWS], ck[KEYS];
+    for (int c0 = 0; c0 < n; c0 += KEYS) {
+        const int cn = n - c0 < KEYS ? n - c0 : KEYS;
+        for (int c = 0; c < cn; c++)
+            ck[c] = qkv__drop_col(a, j0 + c0 + c);
+        for (int r0 = 0; r0 < m; r0 += ROWS) {
+            const int rn = m - r0 < ROWS ? m - r0 : ROWS;
+            for (int r = 0; r < rn; r++) {
+                const int rr = r0 + r;
+                rk[r] = qkv__drop_row(a, s, tm->h0 + rr / tm->mp, tm->i0 + rr % tm->mp);
+            }
+            kn->drop_cols(st + c0 * ld + r0, ld, cn, rn, rk, ck, a->drop_thresh,
+                          a->drop_scale);
         }
     }
 }

@@ -103,10 +103,11 @@ void qkv__key_pairs_bf16(const qkv__kernels *kn, const qkv_tensor *t, int64_t ro
                          int64_t cols, uint16_t *rows2, uint32_t *dst);
 
 /* Dropout on a tile of P (keys j0..j0+n of sequence s by the m rows of
-   tm): st[r·ldr + c·ld] times element (r, c)'s factor, 0 or 1/(1 - p)
+   tm): st[c·ld + r] times element (r, c)'s factor, 0 or 1/(1 - p)
    (attn.h). */
-void qkv__dropout_tile(const qkv__attn *a, const qkv__seq *s, const qkv__tile_map *tm, int m,
-                       int64_t j0, int n, float *st, int64_t ldr, int64_t ld);
+void qkv__dropout_tile(const qkv__kernels *kn, const qkv__attn *a, const qkv__seq *s,
+                       const qkv__tile_map *tm, int m, int64_t j0, int n, float *st,
+                       int64_t ld);
 
 /* P tile st [n][R] (fp32, m rows) rounded to bf16 as pairs of keys
    pp[j/2][r] (row stride R; the high half of a last odd key 0): what

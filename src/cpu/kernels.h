@@ -176,6 +176,12 @@ typedef struct qkv__kernels {
     void (*cvt_i8_bf16)(const int8_t *src, int64_t lds, int rows, int64_t n, uint16_t *dst,
                         int64_t ldd);
 
+    /* Dropout on a tile of P: st[j·ld + i] times scale where
+       mix32(row[i] + col[j]) >= thresh, else 0 (mix32: attn.h's
+       qkv__mix32, bit for bit), i < m, j < n. */
+    void (*drop_cols)(float *st, int64_t ld, int n, int m, const uint32_t *row,
+                      const uint32_t *col, uint32_t thresh, float scale);
+
     /* Runs iters rounds of independent fp32 vector FMAs (a ceiling probe
        for benchmarks); returns the flops done. */
     double (*fma_probe)(int64_t iters);

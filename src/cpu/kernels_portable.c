@@ -1025,6 +1025,44 @@ static void pv_bf16_dec(int m, int n, int dv, const uint16_t *p, int64_t ldp,
 }
 #endif /* __AVX512BF16__ */
 
+/* qkv__mix32 (attn.h) lane by lane. */
+static inline vu vmix32(vu x)
+{
+    x ^= x >> 16;
+    x *= 0x7feb352du;
+    x ^= x >> 15;
+    x *= 0x846ca68bu;
+    x ^= x >> 16;
+    return x;
+}
+
+static void drop_cols(float *st, int64_t ld, int n, int m, const uint32_t *row,
+                      const uint32_t *col, uint32_t thresh, float scale)
+{
+    const vu th = thresh - (vu){0};
+    const vi sc = (vi)vset1(scale);
+    for (int j = 0; j < n; j++) {
+        float *p = st + j * ld;
+        const vu c = col[j] - (vu){0};
+        int i = 0;
+        for (; i + VW <= m; i += VW) {
+            vu r;
+            memcpy(&r, row + i, sizeof r);
+            const vi keep = (vi)(vmix32(r + c) >= th);
+            vstore(p + i, vload(p + i) * (vf)(sc & keep));
+        }
+        for (; i < m; i++) {
+            uint32_t x = row[i] + col[j];
+            x ^= x >> 16;
+            x *= 0x7feb352du;
+            x ^= x >> 15;
+            x *= 0x846ca68bu;
+            x ^= x >> 16;
+            p[i] *= x >= thresh ? scale : 0.0f;
+        }
+    }
+}
+
 /* dst[c] = a[c] | b[c] << 16, c < n: two bf16 rows interleaved into pairs
    (b NULL: zeros). */
 static void pack_pairs(const uint16_t *a, const uint16_t *b, int64_t n, uint32_t *dst)
@@ -1080,6 +1118,7 @@ void QKV_KERNEL_TABLE(qkv__kernels *t)
 #endif
     t->row_max = row_max;
     t->exp_rows = exp_rows;
+    t->drop_cols = drop_cols;
     t->fma_probe = fma_probe;
     t->pack_pairs = pack_pairs;
     t->store_f16 = store_f16;
