@@ -215,12 +215,16 @@ def test_sdpa_dropout_against_masked_softmax(p, causal, gqa):
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(B, h, n, E, generator=g)
                for h, n in ((Hq, L), (Hkv, S), (Hkv, S)))
-    z = _dropout_mask(B, Hq, L, S, p, 77)
+    # top-left causal with L < S runs on the first L keys: the mask's key
+    # positions are those of that call (the other keys have P = 0)
+    Sm = min(L, S) if causal else S
+    z = _dropout_mask(B, Hq, L, Sm, p, 77)
     # every element is 0 or 1/(1 - p) (the library's fp32 factor): snap the
     # read-off values to them
     scale = float(1 / (1 - torch.tensor(p, dtype=torch.float64)).float())
     assert bool(((z == 0) | ((z - scale).abs() < 1e-5 * scale)).all())
     z = (z != 0).double() * scale
+    z = torch.cat([z, torch.ones(B, Hq, L, S - Sm, dtype=torch.float64)], -1)
     qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
     torch.manual_seed(77)
     out = qt.scaled_dot_product_attention(qs, ks, vs, dropout_p=p, is_causal=causal,
