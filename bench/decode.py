@@ -145,14 +145,32 @@ def paged_copy(qkv, shape, dtype, k, v, int8, head_major=False):
     return c, table, (pk, pv, ks, vs)
 
 
-def rows_for(qkv, ggml, shape, dtype, reps):
-    gen = torch.Generator().manual_seed(11)
+def decode_inputs(qkv, shape, dtype, seed):
+    """A random [B,Hq,Sq,D] query and [B,Hkv,Sk,D] K and V caches in
+    qkv_alloc memory, in the row's dtype."""
+    gen = torch.Generator().manual_seed(seed)
     tdt = TORCH_DTYPE[dtype]
     q = torch.randn(shape.B, shape.Hq, shape.Sq, shape.D, generator=gen).to(tdt)
     k = cache_tensor(qkv, (shape.B, shape.Hkv, shape.Sk, shape.D), tdt)
     v = cache_tensor(qkv, (shape.B, shape.Hkv, shape.Sk, shape.D), tdt)
     k.copy_(torch.randn(shape.B, shape.Hkv, shape.Sk, shape.D, generator=gen))
     v.copy_(torch.randn(shape.B, shape.Hkv, shape.Sk, shape.D, generator=gen))
+    return q, k, v
+
+
+def kvcache_runner(qkv, dtype, q, k, v, lens, opts):
+    """qkv_attention_kvcache on torch [B,H,S,D] tensors (read as strided
+    views): the runner and its output."""
+    out = torch.empty_like(q)
+    views = [qkv.view(t, dtype) for t in (q, k, v, out)]
+    args = (qkv.ctx, *(ctypes.byref(x) for x in views[:3]), i32p(lens), ctypes.byref(opts),
+            ctypes.byref(views[3]), None)
+    return qkv.runner(qkv.lib.qkv_attention_kvcache, args, (q, k, v, out, lens)), out
+
+
+def rows_for(qkv, ggml, shape, dtype, reps):
+    tdt = TORCH_DTYPE[dtype]
+    q, k, v = decode_inputs(qkv, shape, dtype, 11)
     causal = shape.Sq > 1          # new queries see the cache and each other
     cshape = Shape(shape.B, shape.Sq, shape.Sk, shape.Hq, shape.Hkv, shape.D, causal)
     ref = bench.reference(cshape, q, k, v)
@@ -164,11 +182,8 @@ def rows_for(qkv, ggml, shape, dtype, reps):
     preps = {}
 
     def prep_kvcache():
-        out = torch.empty_like(q)
-        views = [qkv.view(t, dtype) for t in (q, k, v, out)]
-        args = (qkv.ctx, *(ctypes.byref(x) for x in views[:3]), i32p(lens), ctypes.byref(opts),
-                ctypes.byref(views[3]), None)
-        return qkv.runner(qkv.lib.qkv_attention_kvcache, args, (q, k, v, out, lens)), lambda: out
+        run, out = kvcache_runner(qkv, dtype, q, k, v, lens, opts)
+        return run, lambda: out
     preps["kvcache"] = prep_kvcache
 
     def prep_kvcache_pm():
@@ -177,12 +192,9 @@ def rows_for(qkv, ggml, shape, dtype, reps):
                   for _ in range(2))
         kp.copy_(k.transpose(1, 2))
         vp.copy_(v.transpose(1, 2))
-        out = torch.empty_like(q)
-        views = [qkv.view(t, dtype) for t in (q, kp.transpose(1, 2), vp.transpose(1, 2), out)]
-        args = (qkv.ctx, *(ctypes.byref(x) for x in views[:3]), i32p(lens), ctypes.byref(opts),
-                ctypes.byref(views[3]), None)
-        return qkv.runner(qkv.lib.qkv_attention_kvcache, args, (q, kp, vp, out, lens)), \
-            lambda: out
+        run, out = kvcache_runner(qkv, dtype, q, kp.transpose(1, 2), vp.transpose(1, 2), lens,
+                                  opts)
+        return run, lambda: out
     preps["kvcache_pm"] = prep_kvcache_pm
 
     def paged(int8, head_major=False):
@@ -267,20 +279,10 @@ def paired(qkv, shape, dtype, rounds):
     that each decode time has a bandwidth measured a moment before it: the
     memory bandwidth of a shared host moves between levels from one minute
     to the next. Returns [(triad GB/s, decode GB/s)] per round."""
-    gen = torch.Generator().manual_seed(12)
-    tdt = TORCH_DTYPE[dtype]
-    q = torch.randn(shape.B, shape.Hq, shape.Sq, shape.D, generator=gen).to(tdt)
-    k = cache_tensor(qkv, (shape.B, shape.Hkv, shape.Sk, shape.D), tdt)
-    v = cache_tensor(qkv, (shape.B, shape.Hkv, shape.Sk, shape.D), tdt)
-    k.copy_(torch.randn(shape.B, shape.Hkv, shape.Sk, shape.D, generator=gen))
-    v.copy_(torch.randn(shape.B, shape.Hkv, shape.Sk, shape.D, generator=gen))
-    out = torch.empty_like(q)
+    q, k, v = decode_inputs(qkv, shape, dtype, 12)
     lens = torch.full((shape.B,), shape.Sk, dtype=torch.int32)
     opts = qkv.lib.qkv_attn_opts_default()
-    views = [qkv.view(t, dtype) for t in (q, k, v, out)]
-    args = (qkv.ctx, *(ctypes.byref(x) for x in views[:3]), i32p(lens), ctypes.byref(opts),
-            ctypes.byref(views[3]), None)
-    run = qkv.runner(qkv.lib.qkv_attention_kvcache, args, (q, k, v, out, lens))
+    run, _ = kvcache_runner(qkv, dtype, q, k, v, lens, opts)
     run()
     pairs = []
     for _ in range(rounds):

@@ -7,6 +7,7 @@
 #define QKV_ATTN_H
 
 #include "../core/internal.h"
+#include "../cpu/kernels.h"   /* qkv__mix32 */
 
 typedef struct {
     qkv_dtype dt;
@@ -35,24 +36,13 @@ typedef struct { int64_t b, q0, sq, k0, sk; } qkv__seq;
 
 /* ---- dropout mask --------------------------------------------------------
    Element (query row i, key j) of sequence s for query head h is kept
-   when mix(row + col) >= drop_thresh, with mix a 32-bit integer hash
-   (lowbias32: two multiply–xorshift rounds), row a hash of the seed, the
-   batch row, the sequence's first query row (varlen), h and the query's
-   position p = i + sk - sq, and col a hash of the seed and j (both within
-   the sequence). Keyed by position, a call on the last queries of a
+   when qkv__mix32(row + col) >= drop_thresh (kernels.h: a 32-bit integer
+   hash), with row a hash of the seed, the batch row, the sequence's first
+   query row (varlen), h and the query's position p = i + sk - sq, and col
+   a hash of the seed and j (both within the sequence). Keyed by position, a call on the last queries of a
    sequence draws the mask the full call draws for them. Every path
    (forward, backward, references) calls these, so they agree element by
    element. */
-static inline uint32_t qkv__mix32(uint32_t x)
-{
-    x ^= x >> 16;
-    x *= 0x7feb352du;
-    x ^= x >> 15;
-    x *= 0x846ca68bu;
-    x ^= x >> 16;
-    return x;
-}
-
 static inline uint32_t qkv__drop_row(const qkv__attn *a, const qkv__seq *s, int64_t h,
                                      int64_t i)
 {

@@ -44,6 +44,18 @@ static inline void qkv__pf_lines(qkv__pf *pf, int count)
     }
 }
 
+/* A 32-bit integer hash (lowbias32: two multiply–xorshift rounds): the
+   dropout mask's (attn.h, drop_cols). */
+static inline uint32_t qkv__mix32(uint32_t x)
+{
+    x ^= x >> 16;
+    x *= 0x7feb352du;
+    x ^= x >> 15;
+    x *= 0x846ca68bu;
+    x ^= x >> 16;
+    return x;
+}
+
 typedef struct qkv__kernels {
     const char *name;
 
@@ -177,8 +189,7 @@ typedef struct qkv__kernels {
                         int64_t ldd);
 
     /* Dropout on a tile of P: st[j·ld + i] times scale where
-       mix32(row[i] + col[j]) >= thresh, else 0 (mix32: attn.h's
-       qkv__mix32, bit for bit), i < m, j < n. */
+       qkv__mix32(row[i] + col[j]) >= thresh, else 0, i < m, j < n. */
     void (*drop_cols)(float *st, int64_t ld, int n, int m, const uint32_t *row,
                       const uint32_t *col, uint32_t thresh, float scale);
 

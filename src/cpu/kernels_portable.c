@@ -1025,7 +1025,7 @@ static void pv_bf16_dec(int m, int n, int dv, const uint16_t *p, int64_t ldp,
 }
 #endif /* __AVX512BF16__ */
 
-/* qkv__mix32 (attn.h) lane by lane. */
+/* qkv__mix32 (kernels.h) lane by lane. */
 static inline vu vmix32(vu x)
 {
     x ^= x >> 16;
@@ -1051,15 +1051,8 @@ static void drop_cols(float *st, int64_t ld, int n, int m, const uint32_t *row,
             const vi keep = (vi)(vmix32(r + c) >= th);
             vstore(p + i, vload(p + i) * (vf)(sc & keep));
         }
-        for (; i < m; i++) {
-            uint32_t x = row[i] + col[j];
-            x ^= x >> 16;
-            x *= 0x7feb352du;
-            x ^= x >> 15;
-            x *= 0x846ca68bu;
-            x ^= x >> 16;
-            p[i] *= x >= thresh ? scale : 0.0f;
-        }
+        for (; i < m; i++)
+            p[i] *= qkv__mix32(row[i] + col[j]) >= thresh ? scale : 0.0f;
     }
 }
 
