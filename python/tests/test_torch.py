@@ -207,10 +207,12 @@ def _dropout_mask(B, H, L, S, p, seed):
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
-@pytest.mark.parametrize("causal,gqa", [(False, False), (True, True)])
-def test_sdpa_dropout_against_masked_softmax(p, causal, gqa):
-    """out and the gradients equal float64 autograd through softmax · Z · v,
-    with qkv's own mask Z (read off the output with the same seed)."""
+@pytest.mark.parametrize("causal,gqa,bias", [(False, False, False), (True, True, False),
+                                             (False, True, True)])
+def test_sdpa_dropout_against_masked_softmax(p, causal, gqa, bias):
+    """out and the gradients (of a float attn_mask too) equal float64
+    autograd through softmax · Z · v, with qkv's own mask Z (read off the
+    output with the same seed)."""
     B, Hq, Hkv, L, S, E = 2, 4, 2 if gqa else 4, 9, 13, 16
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(B, h, n, E, generator=g)
@@ -225,21 +227,27 @@ def test_sdpa_dropout_against_masked_softmax(p, causal, gqa):
     assert bool(((z == 0) | ((z - scale).abs() < 1e-5 * scale)).all())
     z = (z != 0).double() * scale
     z = torch.cat([z, torch.ones(B, Hq, L, S - Sm, dtype=torch.float64)], -1)
+    m = torch.randn(L, S, generator=g) if bias else None
     qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
+    ms = m.clone().requires_grad_() if bias else None
     torch.manual_seed(77)
-    out = qt.scaled_dot_product_attention(qs, ks, vs, dropout_p=p, is_causal=causal,
-                                          enable_gqa=gqa)
+    out = qt.scaled_dot_product_attention(qs, ks, vs, attn_mask=ms, dropout_p=p,
+                                          is_causal=causal, enable_gqa=gqa)
     dout = torch.randn(out.shape, generator=g)
     out.backward(dout)
     qd, kd, vd = (t.double().clone().requires_grad_() for t in (q, k, v))
+    md = m.double().clone().requires_grad_() if bias else None
     rep = Hq // Hkv
     s = qd @ kd.repeat_interleave(rep, 1).transpose(-1, -2) / math.sqrt(E)
     if causal:
         s = s.masked_fill(torch.ones(L, S, dtype=torch.bool).triu(1), float("-inf"))
+    if bias:
+        s = s + md
     ref = (torch.softmax(s, -1) * z) @ vd.repeat_interleave(rep, 1)
     ref.backward(dout.double())
     torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
-    for got, want in ((qs, qd), (ks, kd), (vs, vd)):
+    pairs = [(qs, qd), (ks, kd), (vs, vd)] + ([(ms, md)] if bias else [])
+    for got, want in pairs:
         torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-4, atol=1e-4)
 
 
