@@ -225,6 +225,8 @@ void test_backward_shapes(void)
         { 2, 33, 9, 8, 2, 7, 5 },    { 1, 129, 65, 3, 3, 80, 16 }, { 1, 300, 90, 2, 1, 48, 32 },
         /* eight or more (batch, kv head) pairs: one task per kv head */
         { 2, 40, 50, 8, 4, 32, 32 },  { 1, 30, 170, 8, 8, 16, 24 }, { 4, 65, 65, 4, 2, 64, 64 },
+        /* tiles of more than 64 and 256 rows (wide groups) */
+        { 1, 3, 50, 96, 1, 32, 32 },  { 1, 2, 40, 272, 1, 16, 24 },
     };
     const char *sets[8];
     const int n_sets = kernel_sets(sets);
@@ -240,6 +242,8 @@ void test_backward_shapes(void)
                 acase_init(&c, x[0], x[1], x[2], x[3], x[4], x[5], x[6], (qkv_dtype)d);
                 c.causal = causal;
                 c.seed = (uint64_t)(100 + si * 6 + d * 2 + causal);
+                if ((si + causal) % 3 == 2)   /* dropout on a third of them */
+                    c.dropout = 0.25f;
                 run_case(&c, sets, n_sets, ref);
             }
     qkv_ctx_free(ref);

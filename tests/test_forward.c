@@ -211,6 +211,8 @@ void test_forward_shapes(void)
         { 1, 17, 67, 2, 1, 512, 64 },
         { 2, 9, 9, 1, 1, 64, 512 },
         { 1, 5, 40, 1, 1, 256, 80 },
+        { 1, 3, 50, 96, 1, 32, 32 },       /* tiles of more than 64 rows */
+        { 1, 2, 40, 272, 1, 16, 24 },      /* ... and of more than 256 */
     };
     isas s;
     isas_open(&s, 0);
@@ -225,6 +227,8 @@ void test_forward_shapes(void)
                 acase_init(&c, x[0], x[1], x[2], x[3], x[4], x[5], x[6], dtypes[di]);
                 c.causal = causal;
                 c.seed = seed++;
+                if ((i + (size_t)causal) % 3 == 2 || x[3] > 64)   /* a third, and wide groups */
+                    c.dropout = 0.25f;
                 run_case(&s, &c);
             }
     report();
