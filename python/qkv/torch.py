@@ -12,8 +12,9 @@ the dimensions it broadcasts). dropout_p > 0 drops softmax elements as
 PyTorch does in training, with a mask that qkv derives from a seed drawn
 from torch's default generator (so torch.manual_seed makes it repeat) and
 regenerates in the backward; the mask differs from PyTorch's own random
-stream. Differences: dropout_p must be below 1, and a query row that every
-mask entry hides gets 0 rather than NaN.
+stream (dropout_p = 1 gives zeros and zero gradients, as PyTorch's).
+Difference: a query row that every mask entry hides gets 0 rather than
+NaN.
 """
 import ctypes
 import math
@@ -49,6 +50,11 @@ def _bias32(mask):
 class _Attention(torch.autograd.Function):
     @staticmethod
     def forward(fctx, q, k, v, mask, causal, window_right, scale, threads, dropout):
+        fctx.all_dropped = dropout[0] == 1.0
+        if fctx.all_dropped:   # as PyTorch: every weight dropped, zeros
+            fctx.mask_shape = None if mask is None else (tuple(mask.shape), mask.dtype)
+            fctx.save_for_backward(q, k, v)
+            return torch.zeros((q.shape[0], q.shape[1], q.shape[2], v.shape[3]), dtype=q.dtype)
         bias = _bias32(mask)
         call = _Call(q, causal, (-1, window_right), scale, 0.0, None, bias, None, None,
                      *dropout)
@@ -70,6 +76,14 @@ class _Attention(torch.autograd.Function):
 
     @staticmethod
     def backward(fctx, dout):
+        if fctx.all_dropped:
+            q, k, v = fctx.saved_tensors
+            dmask = None
+            if fctx.needs_input_grad[3]:
+                shape, dtype = fctx.mask_shape
+                dmask = torch.zeros(shape, dtype=dtype)
+            return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dmask,
+                    None, None, None, None, None)
         q, k, v, out, lse = fctx.saved_tensors
         call = _Call(q, fctx.causal, (-1, fctx.window_right), fctx.scale, 0.0, None,
                      fctx.bias, None, None, *fctx.dropout)
@@ -103,13 +117,13 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     float (added to the scores), broadcastable to [B, Hq, L, S]. is_causal:
     query i sees keys j <= i (top-left, as PyTorch). scale: default
     1/sqrt(E). enable_gqa: Hq may be a multiple of Hkv. dropout_p in
-    [0, 1): the softmax's elements dropped with that probability, the rest
+    [0, 1]: the softmax's elements dropped with that probability, the rest
     scaled by 1/(1 - dropout_p); the mask's seed comes from torch's default
     generator.
     """
     dropout_p = float(dropout_p)
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p: {dropout_p} is not in [0, 1)")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout_p: {dropout_p} is not in [0, 1]")
     if is_causal and attn_mask is not None:
         raise ValueError("attn_mask and is_causal: give one or the other, as in PyTorch")
     for t, n in ((query, "query"), (key, "key"), (value, "value")):
@@ -156,7 +170,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             not attn_mask.dtype.is_floating_point:
         raise TypeError(f"attn_mask: dtype {attn_mask.dtype} is neither bool nor floating")
     # the mask's seed, from torch's generator: torch.manual_seed repeats it
-    seed = int(torch.randint(0, 2**62, (), dtype=torch.int64)) if dropout_p > 0.0 else 0
+    seed = int(torch.randint(0, 2**62, (), dtype=torch.int64)) if 0.0 < dropout_p < 1.0 else 0
     out = _Attention.apply(query, k, v, attn_mask, causal, window_right, float(scale),
                            torch.get_num_threads(), (dropout_p, seed))
     return out.squeeze(1) if squeeze else out

@@ -118,7 +118,7 @@ def test_sdpa_gradients_flow_into_a_model():
 def test_sdpa_errors():
     q = torch.randn(1, 4, 8, 16)
     k = torch.randn(1, 2, 8, 16)
-    for p in (-0.1, 1.0, 1.5):
+    for p in (-0.1, 1.5):
         with pytest.raises(ValueError, match="dropout_p"):
             qt.scaled_dot_product_attention(q, q, q, dropout_p=p)
     with pytest.raises(ValueError, match="enable_gqa"):
@@ -263,3 +263,16 @@ def test_sdpa_dropout_seeding_and_rate():
     kept = int((a != 0).sum())
     assert abs(kept - 0.7 * n) <= 5 * math.sqrt(n * 0.3 * 0.7)
 
+
+
+def test_sdpa_dropout_one_gives_zeros():
+    """dropout_p = 1 drops every weight: zeros and zero gradients, mask
+    gradient included, as PyTorch's."""
+    q, k, v = (torch.randn(2, 3, 5, 8, requires_grad=True) for _ in range(3))
+    m = torch.randn(5, 5, requires_grad=True)
+    out = qt.scaled_dot_product_attention(q, k, v, attn_mask=m, dropout_p=1.0)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=m, dropout_p=1.0)
+    assert out.shape == ref.shape and not out.any()
+    out.sum().backward()
+    for t in (q, k, v, m):
+        assert t.grad is not None and not t.grad.any()
