@@ -142,9 +142,8 @@ static void fill_attn(qkv__attn *a, const qkv_tensor *q, const qkv_attn_opts *op
     a->alibi = opts->alibi_slopes;
     a->bias = NULL;
     a->dropout = opts->dropout_p > 0.0f;
-    /* drop when a uniform 32-bit hash is below p·2^32 */
-    const double t = ldexp((double)opts->dropout_p, 32);
-    a->drop_thresh = a->dropout ? (t >= 4294967295.0 ? 0xffffffffu : (uint32_t)t) : 0;
+    /* drop when a uniform 32-bit hash is below p·2^32 (p < 1: it fits) */
+    a->drop_thresh = (uint32_t)ldexp((double)opts->dropout_p, 32);
     a->drop_seed[0] = (uint32_t)opts->dropout_seed;
     a->drop_seed[1] = (uint32_t)(opts->dropout_seed >> 32);
     a->drop_scale = a->dropout ? (float)(1.0 / (1.0 - (double)opts->dropout_p)) : 1.0f;
