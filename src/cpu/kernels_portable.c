@@ -923,13 +923,14 @@ static const int16_t pair_hi[32] = {
     24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63 };
 
 /* rows (<= 4) of acc x nw·32 columns (nw 1 or 2; the ones past cols
-   masked) over the pairs of n keys; pf asked for along the way, and with
-   `touch` the rest of each V row (bytes 128 .. 2·dv) brought into L1, so
-   the cache lines of the rows are first read in address order. */
+   masked) over the pairs of n keys; pf_pair of pf's lines asked for after
+   each pair, and with `touch` the rest of each V row (bytes 128 .. 2·dv)
+   brought into L1, so the cache lines of the rows are first read in
+   address order. */
 static inline __attribute__((always_inline))
 void pvd_block(const int rows, const int nw, int n, int cols, const uint32_t *pp, int64_t ldp,
                const uint16_t *v, int64_t ldv, const float *alpha, float *acc, int64_t lda,
-               __m512i ilo, __m512i ihi, int touch, qkv__pf *pf)
+               __m512i ilo, __m512i ihi, int touch, qkv__pf *pf, int pf_pair)
 {
     __mmask32 mw[2];
     __mmask16 mc[4];
@@ -975,7 +976,7 @@ void pvd_block(const int rows, const int nw, int n, int cols, const uint32_t *pp
                 c[r][t] = dot2(c[r][t], a, b[t]);
         }
         if (pf)
-            qkv__pf_lines(pf, (pf->per4 + 1) / 2);
+            qkv__pf_lines(pf, pf_pair);
     }
     for (int r = 0; r < rows; r++)
         for (int t = 0; t < 2 * nw; t++)
@@ -983,7 +984,10 @@ void pvd_block(const int rows, const int nw, int n, int cols, const uint32_t *pp
 }
 
 /* One row group over keys [0, n) of a chunk: column blocks of 64 (then
-   32); the first block touches the rest of the rows and asks for pf. */
+   32); the first block touches the rest of the rows, and the first row
+   group's blocks share asking for pf: all in the first block, beside the
+   V rows' own first reads, they left one thread reading a bf16 cache at
+   22 GB/s, spread over the blocks at 26. */
 #define PVD_ROWS(rows)                                                          \
     do {                                                                        \
         int c0 = 0;                                                             \
@@ -991,12 +995,12 @@ void pvd_block(const int rows, const int nw, int n, int cols, const uint32_t *pp
             pvd_block(rows, 2, nk, 64, pp + i * ldpp + kc / 2, ldpp,            \
                       v + kc * ldv + c0, ldv, al ? al + i : NULL,               \
                       acc + i * lda + c0, lda, ilo, ihi, c0 || i ? 0 : 2 * dv,  \
-                      c0 || i ? NULL : pf);                                     \
+                      i ? NULL : pf, pf_pair);                                  \
         for (; c0 < dv; c0 += 32)                                               \
             pvd_block(rows, 1, nk, dv - c0, pp + i * ldpp + kc / 2, ldpp,       \
                       v + kc * ldv + c0, ldv, al ? al + i : NULL,               \
                       acc + i * lda + c0, lda, ilo, ihi, c0 || i ? 0 : 2 * dv,  \
-                      c0 || i ? NULL : pf);                                     \
+                      i ? NULL : pf, pf_pair);                                  \
     } while (0)
 
 /* Keys per chunk: the chunk's V rows stay in L1 while the row groups and
@@ -1010,6 +1014,8 @@ static void pv_bf16_dec(int m, int n, int dv, const uint16_t *p, int64_t ldp,
     const __m512i ilo = _mm512_loadu_si512(pair_lo), ihi = _mm512_loadu_si512(pair_hi);
     const uint32_t *pp = (const uint32_t *)p;
     const int64_t ldpp = ldp / 2;
+    const int blocks = dv / 64 + (dv % 64 + 31) / 32;
+    const int pf_pair = pf ? (pf->per4 + 2 * blocks - 1) / (2 * blocks) : 0;
     for (int kc = 0; kc < n; kc += PV_CHUNK) {
         const int nk = n - kc < PV_CHUNK ? n - kc : PV_CHUNK;
         const float *al = kc ? NULL : alpha;
