@@ -8,6 +8,7 @@
 #ifndef QKV_KERNELS_H
 #define QKV_KERNELS_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 /* Cache lines a decode kernel asks for while it works (software
@@ -41,6 +42,57 @@ static inline void qkv__pf_lines(qkv__pf *pf, int count)
         } else {
             pf->line = e;
         }
+    }
+}
+
+/* pf while it is one run of lines (rows == 1), as a cursor an inner loop
+   steps along 4 lines at a time: a pointer compare and four prefetches.
+   The bf16 decode scores kernel asks this way: from L2 it took 25.4
+   cycles per key through qkv__pf_lines, 21.8 through a run, as without
+   prefetches. (P·V keeps qkv__pf_lines: its lines in groups of 4 slowed
+   a thread reading from memory by 5–10%.) end is NULL for other pfs,
+   which go through qkv__pf_lines. */
+typedef struct {
+    const char *at, *end;
+} qkv__pf_run;
+
+static inline qkv__pf_run qkv__pf_run_begin(const qkv__pf *pf)
+{
+    qkv__pf_run r = { NULL, NULL };
+    if (pf && pf->rows == 1 && pf->row == 0) {
+        r.at = pf->base + 64 * (int64_t)pf->line;
+        r.end = pf->base + 64 * (int64_t)pf->lines;
+    }
+    return r;
+}
+
+/* Asks for about `count` more lines of r, in groups of 4 (the last group
+   may reach up to 3 lines past the run: prefetches never fault). */
+static inline void qkv__pf_run_lines(qkv__pf_run *r, int count)
+{
+    for (int c = 0; c < count && r->at < r->end; c += 4, r->at += 256) {
+        __builtin_prefetch(r->at, 0, 2);
+        __builtin_prefetch(r->at + 64, 0, 2);
+        __builtin_prefetch(r->at + 128, 0, 2);
+        __builtin_prefetch(r->at + 192, 0, 2);
+    }
+}
+
+/* Asks for count more lines of pf, through r while it is a run. */
+static inline void qkv__pf_ask(qkv__pf *pf, qkv__pf_run *r, int count)
+{
+    if (r->end)
+        qkv__pf_run_lines(r, count);
+    else if (pf)
+        qkv__pf_lines(pf, count);
+}
+
+/* Keeps r's progress in pf, for the next kernel call on it. */
+static inline void qkv__pf_run_end(qkv__pf *pf, const qkv__pf_run *r)
+{
+    if (r->end) {
+        const int64_t l = (r->at - pf->base) / 64;
+        pf->line = l < pf->lines ? (int32_t)l : pf->lines;
     }
 }
 

@@ -592,6 +592,7 @@ void qk_rows_blocks(const int bf, int n, int m, int len, float scale, const char
     const __m512 sc = _mm512_set1_ps(scale);
     const int steps = (len + VW - 1) / VW;
     const int spread = pf ? (pf->per4 + steps - 1) / steps : 0;
+    qkv__pf_run run = qkv__pf_run_begin(pf);
     for (int i = 0; i < m; i += 4) {
         const int live = m - i < 4 ? m - i : 4;
         const char *q0 = q + i * ldq;
@@ -619,8 +620,8 @@ void qk_rows_blocks(const int bf, int n, int m, int len, float scale, const char
                 for (int r = 0; r < 4; r++)
                     for (int e = 0; e < 4; e++)
                         c[4 * r + e] = dot_step(bf, c[4 * r + e], kv[e], qv[r]);
-                if (pf && i == 0)
-                    qkv__pf_lines(pf, spread);
+                if (i == 0)
+                    qkv__pf_ask(pf, &run, spread);
             }
             store_rows4(_mm512_mul_ps(reduce16(c), sc), live, st + i * ldst + j, ldst);
         }
@@ -635,6 +636,7 @@ void qk_rows_blocks(const int bf, int n, int m, int len, float scale, const char
                 st[(i + r) * ldst + j] = _mm512_reduce_add_ps(c) * scale;
             }
     }
+    qkv__pf_run_end(pf, &run);
 }
 
 static void qk_f32_dec(int n, int m, int d, float scale, const float *k, int64_t ldk,
