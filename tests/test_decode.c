@@ -434,6 +434,67 @@ static float *dequantized(const dcase *c, const paged *p, int is_v, double *rel_
     return d;
 }
 
+/* One int8 case: the pool's elements within half a step of their row
+   max, the output against the dequantized cache as any call, and against
+   the unquantized one within the derived bound, on every kernel set. */
+static void int8_case(const isas *s, qkv_ctx *ref, dcase *c, rng *r, int64_t bs, double *worst_q,
+                      double *worst_out, double *worst_ratio)
+{
+    c->kdt = QKV_F32;
+    c->lay_k = LAY_CONTIG;
+    c->opts.softcap = 0.0f;    /* the bound below assumes plain scores */
+    c->opts.alibi_slopes = NULL;
+    dcase_build(c, r);
+    paged p;
+    paged_fill(s->ctx[0], &p, c, bs, 1, 0, r);
+    double ek, ev;
+    float *kd = dequantized(c, &p, 0, &ek), *vd = dequantized(c, &p, 1, &ev);
+    /* s/2 relative to the row max, plus the fp32 roundings of x/s and
+       code·s (an ulp of the row max each) */
+    const double half = 0.5 / 127.0 + ldexp(1.0, -22);
+    CHECK(ek <= half && ev <= half, "int8 element error %.3g / %.3g of the row max, "
+          "bound %.3g [%s]", ek, ev, half, dcase_str(c));
+    *worst_q = fmax(*worst_q, fmax(ek, ev));
+    float *deq_out = xmalloc(c->n_out * sizeof(float)), *deq_lse = xmalloc(c->n_lse * sizeof(float));
+    float *raw_out = xmalloc(c->n_out * sizeof(float)), *raw_lse = xmalloc(c->n_lse * sizeof(float));
+    dense_reference(ref, c, kd, vd, deq_out, deq_lse);
+    dense_reference(ref, c, c->kf, c->vf, raw_out, raw_lse);
+    /* the cost of int8 against the unquantized cache: scores move by
+       at most delta = |scale|·max_i Σ_x|q_ix|·max|k|/254, so each
+       weight by a factor within e^(±2·delta), and the output by at
+       most (e^(2·delta) - 1)·max|v| + max|v|/254 */
+    double qsum = 0;
+    for (int64_t i = 0; i < c->B * c->Sq * c->Hq; i++) {
+        double t = 0;
+        for (int64_t x = 0; x < c->D; x++)
+            t += fabs(c->qf[i * c->D + x]);
+        qsum = fmax(qsum, t);
+    }
+    const double scale = c->opts.scale != 0.0f ? fabs(c->opts.scale) : 1.0 / sqrt((double)c->D);
+    const double delta = scale * qsum * half;   /* |k|, |v| <= 1 */
+    const double bound = expm1(2 * delta) + half + 1e-5;
+    for (int i = 0; i < s->n; i++) {
+        float *lse;
+        void *out = run_paged(s->ctx[i], c, &p, &lse);
+        char what[64];
+        snprintf(what, sizeof what, "%s int8 vs dequantized", s->name[i]);
+        check_result(what, c, out, c->qdt, lse, deq_out, deq_lse);
+        float *got = to_f32(out, c->qdt, c->n_out);
+        double e = 0;
+        for (size_t x = 0; x < c->n_out; x++)
+            e = fmax(e, fabs(got[x] - raw_out[x]));
+        double atol, rtol, lse_atol;
+        forward_tolerances(c->qdt, &atol, &rtol, &lse_atol);
+        CHECK(e <= bound + atol + rtol, "%s: int8 error %.3g past its bound %.3g [%s]",
+              s->name[i], e, bound + atol + rtol, dcase_str(c));
+        *worst_out = fmax(*worst_out, e);
+        *worst_ratio = fmax(*worst_ratio, e / bound);
+        free(got); free(out); free(lse);
+    }
+    free(kd); free(vd); free(deq_out); free(deq_lse); free(raw_out); free(raw_lse);
+    paged_free(&p);
+}
+
 void test_decode_int8(void)
 {
     isas s;
@@ -445,59 +506,29 @@ void test_decode_int8(void)
     for (int it = 0; it < n_cases; it++) {
         dcase c;
         random_dcase(&c, &r, it % 5 == 4 ? 4000 : 400);
-        c.kdt = QKV_F32;
-        c.lay_k = LAY_CONTIG;
-        c.opts.softcap = 0.0f;    /* the bound below assumes plain scores */
-        c.opts.alibi_slopes = NULL;
-        dcase_build(&c, &r);
-        paged p;
-        paged_fill(s.ctx[0], &p, &c, (int64_t)8 << (it % 6), 1, 0, &r);
-        double ek, ev;
-        float *kd = dequantized(&c, &p, 0, &ek), *vd = dequantized(&c, &p, 1, &ev);
-        /* s/2 relative to the row max, plus the fp32 roundings of x/s and
-           code·s (an ulp of the row max each) */
-        const double half = 0.5 / 127.0 + ldexp(1.0, -22);
-        CHECK(ek <= half && ev <= half, "int8 element error %.3g / %.3g of the row max, "
-              "bound %.3g [%s]", ek, ev, half, dcase_str(&c));
-        worst_q = fmax(worst_q, fmax(ek, ev));
-        float *deq_out = xmalloc(c.n_out * sizeof(float)), *deq_lse = xmalloc(c.n_lse * sizeof(float));
-        float *raw_out = xmalloc(c.n_out * sizeof(float)), *raw_lse = xmalloc(c.n_lse * sizeof(float));
-        dense_reference(ref, &c, kd, vd, deq_out, deq_lse);
-        dense_reference(ref, &c, c.kf, c.vf, raw_out, raw_lse);
-        /* the cost of int8 against the unquantized cache: scores move by
-           at most delta = |scale|·max_i Σ_x|q_ix|·max|k|/254, so each
-           weight by a factor within e^(±2·delta), and the output by at
-           most (e^(2·delta) - 1)·max|v| + max|v|/254 */
-        double qsum = 0;
-        for (int64_t i = 0; i < c.B * c.Sq * c.Hq; i++) {
-            double t = 0;
-            for (int64_t x = 0; x < c.D; x++)
-                t += fabs(c.qf[i * c.D + x]);
-            qsum = fmax(qsum, t);
-        }
-        const double scale = c.opts.scale != 0.0f ? fabs(c.opts.scale) : 1.0 / sqrt((double)c.D);
-        const double delta = scale * qsum * half;   /* |k|, |v| <= 1 */
-        const double bound = expm1(2 * delta) + half + 1e-5;
-        for (int i = 0; i < s.n; i++) {
-            float *lse;
-            void *out = run_paged(s.ctx[i], &c, &p, &lse);
-            char what[64];
-            snprintf(what, sizeof what, "%s int8 vs dequantized", s.name[i]);
-            check_result(what, &c, out, c.qdt, lse, deq_out, deq_lse);
-            float *got = to_f32(out, c.qdt, c.n_out);
-            double e = 0;
-            for (size_t x = 0; x < c.n_out; x++)
-                e = fmax(e, fabs(got[x] - raw_out[x]));
-            double atol, rtol, lse_atol;
-            forward_tolerances(c.qdt, &atol, &rtol, &lse_atol);
-            CHECK(e <= bound + atol + rtol, "%s: int8 error %.3g past its bound %.3g [%s]",
-                  s.name[i], e, bound + atol + rtol, dcase_str(&c));
-            worst_out = fmax(worst_out, e);
-            worst_ratio = fmax(worst_ratio, e / bound);
-            free(got); free(out); free(lse);
-        }
-        free(kd); free(vd); free(deq_out); free(deq_lse); free(raw_out); free(raw_lse);
-        paged_free(&p);
+        int8_case(&s, ref, &c, &r, (int64_t)8 << (it % 6), &worst_q, &worst_out, &worst_ratio);
+        dcase_free(&c);
+    }
+    /* bf16 queries with head dims the int16 dot products take (multiples
+       of 32 up to 256): every row count up to 16, key counts with odd
+       tails and split-K, blocks of 8 to 256 */
+    static const int64_t dd[][2] = { { 32, 32 }, { 64, 96 }, { 128, 128 }, { 256, 64 } };
+    static const int64_t gs[][3] = { { 1, 1, 1 }, { 4, 1, 1 }, { 4, 1, 4 }, { 8, 2, 2 },
+                                     { 16, 1, 1 } };   /* Hq, Hkv, Sq */
+    static const int64_t lens[] = { 1, 3, 37, 130, 1000, 5000 };
+    for (int it = 0; it < (t_quick ? 12 : 40); it++) {
+        dcase c;
+        random_dcase(&c, &r, 400);
+        c.qdt = QKV_BF16;
+        c.D = dd[it % 4][0];
+        c.Dv = dd[it % 4][1];
+        c.Hq = gs[it % 5][0];
+        c.Hkv = gs[it % 5][1];
+        c.Sq = gs[it % 5][2];
+        c.Smax = lens[it % 6];
+        for (int64_t b = 0; b < c.B; b++)
+            c.lens[b] = (int32_t)(b == 0 ? c.Smax : rng_int(&r, 0, c.Smax));
+        int8_case(&s, ref, &c, &r, (int64_t)8 << (it % 6), &worst_q, &worst_out, &worst_ratio);
         dcase_free(&c);
     }
     t_note("int8 cache: max element error %.2e of its row max (bound %.2e); max |out - ref on "

@@ -200,6 +200,7 @@ typedef struct {
     int64_t          R;        /* score columns: P·group rounded up to 16 */
     int64_t          HB;       /* kv heads per task (a divisor of Hkv) */
     int              bf;       /* the bf16 dot path (q and cache bf16) */
+    int              i8dot;    /* int8 codes read as codes (qk_i8_dec, pv_i8_dec) */
     int64_t         *start;    /* [B+1] first task of each sequence */
     int64_t         *tstart;   /* [B+1] first tile of each sequence */
     int64_t         *split;    /* [B] key parts per tile of each sequence */
@@ -286,6 +287,33 @@ static void task_of(const dec_job *job, int64_t task, qkv__seq *s, int64_t *hk0,
 
 /* Loads the tile's queries: bf16 rows for the bf16 path, else fp32 rows
    and their transpose (zero columns m..R). */
+/* The int16 queries qk_i8_dec reads (in qt, which the few-row path does
+   not use): row r is q_r / qsc[r] rounded, qsc[r] = max_d |q_r| / 32767;
+   rows m .. m4-1 zero. */
+static int16_t *queries_i16(const scratch *sc) { return (int16_t *)sc->qt; }
+static float *query_scales(const scratch *sc, int m4, int64_t D)
+{
+    return (float *)(queries_i16(sc) + m4 * D);
+}
+
+static void quantize_queries(const scratch *sc, int m, int m4, int64_t D, int64_t w)
+{
+    int16_t *q16 = queries_i16(sc);
+    float *qs = query_scales(sc, m4, D);
+    for (int r = 0; r < m4; r++) {
+        const uint16_t *qr = (const uint16_t *)sc->q + r * w;
+        float big = 0.0f;
+        for (int64_t x = 0; r < m && x < D; x++) {
+            const float v = fabsf(qkv__bf16_to_f32(qr[x]));
+            big = v > big ? v : big;
+        }
+        qs[r] = big > 0.0f ? big / 32767.0f : 0.0f;
+        const float inv = big > 0.0f ? 32767.0f / big : 0.0f;
+        for (int64_t x = 0; x < D; x++)
+            q16[r * D + x] = r < m ? (int16_t)lrintf(qkv__bf16_to_f32(qr[x]) * inv) : 0;
+    }
+}
+
 static void load_queries(const dec_job *job, const qkv__seq *s, const qkv__tile_map *tm,
                          int m, const scratch *sc)
 {
@@ -316,6 +344,8 @@ static void load_queries(const dec_job *job, const qkv__seq *s, const qkv__tile_
         const int64_t row = job->bf ? w / 2 : D;   /* floats per row */
         const int m4 = (m + 3) / 4 * 4;
         memset(sc->q + m * row, 0, (size_t)((m4 - m) * row) * sizeof(float));
+        if (job->i8dot)
+            quantize_queries(sc, m, m4, D, w);
         return;
     }
     if (!job->bf)   /* the transpose qk reads */
@@ -576,10 +606,90 @@ static qkv__pf *run_pf(const dec_job *job, const qkv__seq *s, const qkv_tensor *
    for the whole run, else fp32 P·V. The kernels ask for the next tile's
    K (pfk) and V (pfv) lines as they go. Runs split as in tile_scores
    and tile_values, so every cache layout gives the same bits. */
+/* An int8 run of keys p0 .. p0+n-1 as codes at one stride (in place when
+   the run lies in one block, else gathered into the tile's bf16 buffer),
+   its row scales into ksc / vsc from offset c0. */
+static const int8_t *i8_codes(const dec_job *job, int64_t b, int is_v, int64_t p0, int64_t h,
+                              int n, const scratch *sc, int c0, int64_t *ld)
+{
+    const kv_src *src = job->src;
+    const qkv_tensor *t = is_v ? &src->v : &src->k;
+    const int64_t cols = is_v ? job->a->Dv : job->a->D;
+    const float *scales = is_v ? src->vs : src->ks;
+    float *sk = (is_v ? sc->vsc : sc->ksc) + c0;
+    const int8_t *data = t->data;
+    for (int c = 0; c < n; c++)
+        sk[c] = scales[scale_idx(src, b, p0 + c, h, job->a->Hkv)];
+    if (one_block(src, p0, n)) {
+        *ld = t->stride[1];
+        return data + row_off(src, t, b, p0, h);
+    }
+    int8_t *dst = (int8_t *)(is_v ? sc->vb : sc->kb) + c0 * cols;
+    for (int c = 0; c < n; c++)
+        memcpy(dst + c * cols, data + row_off(src, t, b, p0 + c, h), (size_t)cols);
+    *ld = cols;
+    return dst;
+}
+
+/* head_tile_rows on int8 codes (job->i8dot): int16 queries against int8
+   K rows in int32, times the query and key scales; P times the V scales,
+   as int16 on one scale for the tile (the largest V scale over 32767),
+   against int8 V rows in int32, added to acc in fp32. */
+static void head_tile_i8(const dec_job *job, const qkv__seq *s, const qkv__tile_map *tm,
+                         int64_t hk, int64_t j0, int n, int m, int band, const scratch *sc,
+                         qkv__pf *pfk, qkv__pf *pfv)
+{
+    const qkv__attn *a = job->a;
+    const kv_src *src = job->src;
+    const qkv__kernels *kn = job->ctx->kernels;
+    const int64_t D = a->D, Dv = a->Dv;
+    const int m4 = (m + 3) / 4 * 4;
+    int16_t *p = (int16_t *)sc->pp;
+    qkv__pf own;
+    for (int c0 = 0; c0 < n;) {
+        const int nr = run_length(src, j0, c0, n, 4);
+        int64_t ldk;
+        const int8_t *kr = i8_codes(job, s->b, 0, j0 + c0, hk, nr, sc, c0, &ldk);
+        kn->qk_i8_dec(nr, m, (int)D, a->scale, kr, ldk, queries_i16(sc), D,
+                      query_scales(sc, m4, D), sc->st + c0, BK,
+                      run_pf(job, s, &src->k, hk, j0, c0, nr, &own, pfk));
+        c0 += nr;
+    }
+    for (int r = 0; r < m; r++)
+        for (int c = 0; c < n; c++)
+            sc->st[r * BK + c] *= sc->ksc[c];
+    if (a->softcap > 0.0f || a->alibi || band)
+        qkv__score_mods(a, s, tm, m, j0, n, band, sc->st, BK, 1, NULL);
+    kn->row_max(sc->st, BK, m, n, sc->mx);
+    new_max(sc, m);
+    float vmax = 0.0f;
+    for (int c = 0; c < n; c++) {
+        sc->vsc[c] = src->vs[scale_idx(src, s->b, j0 + c, hk, a->Hkv)];
+        vmax = sc->vsc[c] > vmax ? sc->vsc[c] : vmax;
+    }
+    kn->exp_rows_i16(sc->st, BK, m, n, sc->mref, sc->vsc, vmax > 0.0f ? 32767.0f / vmax : 0.0f,
+                     sc->sum, p, BK);
+    for (int r = 0; r < m; r++)
+        sc->l[r] = sc->l[r] * sc->alpha[r] + sc->sum[r];
+    for (int c0 = 0; c0 < n;) {
+        const int nr = run_length(src, j0, c0, n, 2);
+        int64_t ldv;
+        const int8_t *vr = i8_codes(job, s->b, 1, j0 + c0, hk, nr, sc, c0, &ldv);
+        kn->pv_i8_dec(m, nr, (int)Dv, p + c0, BK, vr, ldv, c0 ? NULL : sc->alpha,
+                      vmax / 32767.0f, sc->acc, Dv,
+                      run_pf(job, s, &src->v, hk, j0, c0, nr, &own, pfv));
+        c0 += nr;
+    }
+}
+
 static void head_tile_rows(const dec_job *job, const qkv__seq *s, const qkv__tile_map *tm,
                            int64_t hk, int64_t j0, int n, int m, int band, const scratch *sc,
                            qkv__pf *pfk, qkv__pf *pfv)
 {
+    if (job->i8dot) {
+        head_tile_i8(job, s, tm, hk, j0, n, m, band, sc, pfk, pfv);
+        return;
+    }
     const qkv__attn *a = job->a;
     const kv_src *src = job->src;
     const qkv__kernels *kn = job->ctx->kernels;
@@ -864,6 +974,10 @@ static qkv_status run(qkv_ctx *ctx, const qkv__attn *a, const kv_src *src, int c
     if (src->i8 && a->dt == QKV_BF16 && ctx->kernels->qk_bf16_dec &&
         job.P * a->group <= PAIRS_ROWS)
         job.bf = 1;
+    /* where the set has int16 dot products, the codes are read as they
+       are (d up to 256 keeps the int32 sums of the scores exact) */
+    job.i8dot = job.bf && src->i8 && ctx->kernels->qk_i8_dec && a->D % 32 == 0 &&
+                a->D <= 256 && a->Dv % 32 == 0;
     /* rows of one head that follow each other ([B, Hkv, S, D] caches):
        one stream per head, a task per head */
     const int streams = src->k.stride[1] == a->D && src->v.stride[1] == a->Dv;

@@ -64,7 +64,7 @@ static void detect(void)
     if (__get_cpuid_max(0, NULL) < 7)
         return;
     __cpuid_count(7, 0, a, b, c, d);
-    unsigned max_subleaf = a, edx7 = d;
+    unsigned max_subleaf = a, edx7 = d, ecx7 = c;
     int avx2 = (b >> 5) & 1;
     int avx512f = (b >> 16) & 1, avx512dq = (b >> 17) & 1;
     int avx512bw = (b >> 30) & 1, avx512vl = (b >> 31) & 1;
@@ -76,7 +76,10 @@ static void detect(void)
         __cpuid_count(7, 1, a, b, c, d);
         avx512bf16 = (a >> 5) & 1;
     }
-    supported[ISA_AVX512BF16] = supported[ISA_AVX512] && avx512bf16;
+    /* the bf16 sets also use AVX512-VNNI (int8 caches), which every CPU
+       with AVX512-BF16 has */
+    const int avx512vnni = (ecx7 >> 11) & 1;
+    supported[ISA_AVX512BF16] = supported[ISA_AVX512] && avx512bf16 && avx512vnni;
     supported[ISA_AMX_EMU] = supported[ISA_AVX512BF16];
     int amx_bf16 = (edx7 >> 22) & 1, amx_tile = (edx7 >> 24) & 1;
     int tiles_os = (xcr0 & 0x60000) == 0x60000;   /* XTILECFG + XTILEDATA */

@@ -216,6 +216,30 @@ typedef struct qkv__kernels {
                         const uint16_t *v, int64_t ldv, const float *alpha,
                         float *acc, int64_t lda, qkv__pf *pf);
 
+    /* int8 caches read as codes (sets with AVX512-VNNI, else NULL): the
+       scores of qk_bf16_dec from int8 K rows k [n][ldk bytes] and int16
+       queries q [m][ldq] (readable up to row round_up(m, 4)), the dot
+       products exact in int32 (d even, d <= 256), then times
+       scale·qsc[i]. */
+    void (*qk_i8_dec)(int n, int m, int d, float scale, const int8_t *k, int64_t ldk,
+                      const int16_t *q, int64_t ldq, const float *qsc, float *st,
+                      int64_t ldst, qkv__pf *pf);
+
+    /* P = exp(st[i·ld + j] - mref[i]), sum[i] = Σ_j P (fp32), and
+       P·pmul[j]·inv rounded to int16 into p[i·ldp + j] (it must fit: inv
+       at most 32767 / max pmul), zero from j = n up to round_up(n, 32);
+       mref finite. Row i of p read as uint32 is its pairs of keys. */
+    void (*exp_rows_i16)(const float *st, int64_t ld, int m, int n, const float *mref,
+                         const float *pmul, float inv, float *sum, int16_t *p, int64_t ldp);
+
+    /* pv_bf16_dec with int16 P (exp_rows_i16) and int8 V rows v [n][ldv
+       bytes]: acc[i][c] = alpha[i]·acc[i][c] + pscale·Σ_j P(i,j)·v[j][c],
+       the sum exact in int32 (n <= 128 keys per call), dv a multiple of
+       32. */
+    void (*pv_i8_dec)(int m, int n, int dv, const int16_t *p, int64_t ldp, const int8_t *v,
+                      int64_t ldv, const float *alpha, float pscale, float *acc, int64_t lda,
+                      qkv__pf *pf);
+
     /* ---- decode, every set ---------------------------------------------- */
 
     /* The scores of qk for a few queries, query-major as qk_bf16_dec:

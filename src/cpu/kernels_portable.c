@@ -552,6 +552,25 @@ static inline __m512 reduce16(const __m512 *v)
                          _mm512_shuffle_f32x4(x01, x23, 0xdd));
 }
 
+/* reduce16 of int32 sums, converted to fp32 at the end. */
+static inline __m512 reduce16_i32(const __m512 *v)
+{
+    __m512i a[8], b[4];
+    for (int t = 0; t < 8; t++) {
+        const __m512i x = _mm512_castps_si512(v[2 * t]), y = _mm512_castps_si512(v[2 * t + 1]);
+        a[t] = _mm512_add_epi32(_mm512_unpacklo_epi32(x, y), _mm512_unpackhi_epi32(x, y));
+    }
+    for (int t = 0; t < 4; t++)
+        b[t] = _mm512_add_epi32(_mm512_unpacklo_epi64(a[2 * t], a[2 * t + 1]),
+                                _mm512_unpackhi_epi64(a[2 * t], a[2 * t + 1]));
+    const __m512i x01 = _mm512_add_epi32(_mm512_shuffle_i32x4(b[0], b[1], 0x44),
+                                         _mm512_shuffle_i32x4(b[0], b[1], 0xee));
+    const __m512i x23 = _mm512_add_epi32(_mm512_shuffle_i32x4(b[2], b[3], 0x44),
+                                         _mm512_shuffle_i32x4(b[2], b[3], 0xee));
+    return _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_shuffle_i32x4(x01, x23, 0x88),
+                                               _mm512_shuffle_i32x4(x01, x23, 0xdd)));
+}
+
 /* Row r (< live) of st gets the 4 keys of query r in s: reduce16 leaves
    source 4·r + e (query r, key e) in lane 4·r + e. */
 static inline void store_rows4(__m512 s, int live, float *st, int64_t ldst)
@@ -565,27 +584,34 @@ static inline void store_rows4(__m512 s, int live, float *st, int64_t ldst)
         _mm_storeu_ps(st + 3 * ldst, _mm512_extractf32x4_ps(s, 3));
 }
 
-/* c + a·b per lane: fp32 values, or (bf) pairs of bf16 values along the
-   reduction (vdpbf16ps, on sets that have it). */
+/* c + a·b per lane: fp32 values, (bf 1) pairs of bf16 values along the
+   reduction (vdpbf16ps), or (bf 2) pairs of int16 values into int32 sums
+   (vpdpwssd), on sets that have them. */
 static inline __attribute__((always_inline))
 __m512 dot_step(const int bf, __m512 c, __m512i a, __m512i b)
 {
+#ifdef __AVX512VNNI__
+    if (bf == 2)
+        return _mm512_castsi512_ps(_mm512_dpwssd_epi32(_mm512_castps_si512(c), a, b));
+#endif
 #ifdef __AVX512BF16__
-    if (bf)
+    if (bf == 1)
         return _mm512_dpbf16_ps(c, (__m512bh)a, (__m512bh)b);
 #endif
     return _mm512_fmadd_ps(_mm512_castsi512_ps(a), _mm512_castsi512_ps(b), c);
 }
 
 /* Query-major scores st[i·ldst + j] of n keys by m queries in blocks of 4
-   keys x 4 queries, rows of len 32-bit lanes (fp32 values, or bf16 pairs
-   when bf) ldk / ldq bytes apart; the last n % 4 keys one sum at a time.
-   q is readable up to row round_up(m, 4). pf's lines are asked for along
-   the first 4 queries' pass, spread over the steps along the row. */
+   keys x 4 queries, rows of len 32-bit lanes (fp32 values, bf16 pairs when
+   bf is 1; bf 2: int8 K rows, 2 codes per lane, widened to int16 pairs for
+   int16 queries, len a multiple of 16, sums in int32 times qsc[i]) ldk /
+   ldq bytes apart; the last n % 4 keys one sum at a time. q (and qsc) are
+   readable up to row round_up(m, 4). pf's lines are asked for along the
+   first 4 queries' pass, spread over the steps along the row. */
 static inline __attribute__((always_inline))
 void qk_rows_blocks(const int bf, int n, int m, int len, float scale, const char *k,
-                    int64_t ldk, const char *q, int64_t ldq, float *st, int64_t ldst,
-                    qkv__pf *pf)
+                    int64_t ldk, const char *q, int64_t ldq, const float *qsc, float *st,
+                    int64_t ldst, qkv__pf *pf)
 {
     const int full = len - len % VW;
     const __mmask16 tail = (__mmask16)((1u << (len - full)) - 1);
@@ -596,6 +622,12 @@ void qk_rows_blocks(const int bf, int n, int m, int len, float scale, const char
     for (int i = 0; i < m; i += 4) {
         const int live = m - i < 4 ? m - i : 4;
         const char *q0 = q + i * ldq;
+        __m512 sv = sc;
+        if (bf == 2)
+            sv = _mm512_mul_ps(sc, _mm512_setr_ps(qsc[i], qsc[i], qsc[i], qsc[i], qsc[i + 1],
+                                                  qsc[i + 1], qsc[i + 1], qsc[i + 1], qsc[i + 2],
+                                                  qsc[i + 2], qsc[i + 2], qsc[i + 2], qsc[i + 3],
+                                                  qsc[i + 3], qsc[i + 3], qsc[i + 3]));
         int j = 0;
         for (; j + 4 <= n; j += 4) {
             __m512 c[16];
@@ -606,7 +638,13 @@ void qk_rows_blocks(const int bf, int n, int m, int len, float scale, const char
                 /* whole steps load unmasked: masked loads do not train
                    the hardware prefetchers */
                 __m512i kv[4], qv[4];
-                if (x < full) {
+                if (bf == 2) {
+                    for (int e = 0; e < 4; e++) {
+                        kv[e] = _mm512_cvtepi8_epi16(
+                            _mm256_loadu_si256((const __m256i *)(k0 + e * ldk + 2 * x)));
+                        qv[e] = _mm512_loadu_si512(q0 + e * ldq + 4 * x);
+                    }
+                } else if (x < full) {
                     for (int e = 0; e < 4; e++) {
                         kv[e] = _mm512_loadu_si512(k0 + e * ldk + 4 * x);
                         qv[e] = _mm512_loadu_si512(q0 + e * ldq + 4 * x);
@@ -623,17 +661,23 @@ void qk_rows_blocks(const int bf, int n, int m, int len, float scale, const char
                 if (i == 0)
                     qkv__pf_ask(pf, &run, spread);
             }
-            store_rows4(_mm512_mul_ps(reduce16(c), sc), live, st + i * ldst + j, ldst);
+            store_rows4(_mm512_mul_ps(bf == 2 ? reduce16_i32(c) : reduce16(c), sv), live,
+                        st + i * ldst + j, ldst);
         }
         for (; j < n; j++)
             for (int r = 0; r < live; r++) {
                 __m512 c = _mm512_setzero_ps();
                 for (int x = 0; x < full + (tail ? VW : 0); x += VW) {
                     const __mmask16 mk = x < full ? (__mmask16)0xffff : tail;
-                    c = dot_step(bf, c, _mm512_maskz_loadu_epi32(mk, k + j * ldk + 4 * x),
-                                 _mm512_maskz_loadu_epi32(mk, q0 + r * ldq + 4 * x));
+                    const __m512i kx = bf == 2 ? _mm512_cvtepi8_epi16(_mm256_loadu_si256(
+                                                     (const __m256i *)(k + j * ldk + 2 * x)))
+                                               : _mm512_maskz_loadu_epi32(mk, k + j * ldk + 4 * x);
+                    c = dot_step(bf, c, kx, _mm512_maskz_loadu_epi32(mk, q0 + r * ldq + 4 * x));
                 }
-                st[(i + r) * ldst + j] = _mm512_reduce_add_ps(c) * scale;
+                st[(i + r) * ldst + j] =
+                    bf == 2 ? (float)_mm512_reduce_add_epi32(_mm512_castps_si512(c)) * scale *
+                                  qsc[i + r]
+                            : _mm512_reduce_add_ps(c) * scale;
             }
     }
     qkv__pf_run_end(pf, &run);
@@ -642,8 +686,8 @@ void qk_rows_blocks(const int bf, int n, int m, int len, float scale, const char
 static void qk_f32_dec(int n, int m, int d, float scale, const float *k, int64_t ldk,
                        const float *q, int64_t ldq, float *st, int64_t ldst, qkv__pf *pf)
 {
-    qk_rows_blocks(0, n, m, d, scale, (const char *)k, ldk * 4, (const char *)q, ldq * 4, st,
-                   ldst, pf);
+    qk_rows_blocks(0, n, m, d, scale, (const char *)k, ldk * 4, (const char *)q, ldq * 4, NULL,
+                   st, ldst, pf);
 }
 #endif
 
@@ -863,8 +907,8 @@ static void mm_bf16(int m, int np, int dv, const uint32_t *pp, int64_t psi, int6
 static void qk_bf16_dec(int n, int m, int dp, float scale, const uint16_t *k, int64_t ldk,
                         const uint16_t *q, int64_t ldq, float *st, int64_t ldst, qkv__pf *pf)
 {
-    qk_rows_blocks(1, n, m, dp, scale, (const char *)k, ldk * 2, (const char *)q, ldq * 2, st,
-                   ldst, pf);
+    qk_rows_blocks(1, n, m, dp, scale, (const char *)k, ldk * 2, (const char *)q, ldq * 2, NULL,
+                   st, ldst, pf);
 }
 
 /* cvt_i8_bf16 with the conversion instructions: 32 codes through int32
@@ -1033,6 +1077,136 @@ static void pv_bf16_dec(int m, int n, int dv, const uint16_t *p, int64_t ldp,
 }
 #endif /* __AVX512BF16__ */
 
+/* ---- decode from int8 codes: int16 products in int32 (vpdpwssd) ----------- */
+
+#if defined(__AVX512VNNI__) && defined(QKV_HAVE_DEC_F32)
+#define QKV_HAVE_I8_DOT 1
+
+static void qk_i8_dec(int n, int m, int d, float scale, const int8_t *k, int64_t ldk,
+                      const int16_t *q, int64_t ldq, const float *qsc, float *st, int64_t ldst,
+                      qkv__pf *pf)
+{
+    qk_rows_blocks(2, n, m, d / 2, scale, (const char *)k, ldk, (const char *)q, ldq * 2, qsc,
+                   st, ldst, pf);
+}
+
+static void exp_rows_i16(const float *st, int64_t ld, int m, int n, const float *mref,
+                         const float *pmul, float inv, float *sum, int16_t *p, int64_t ldp)
+{
+    const __m512 iv = _mm512_set1_ps(inv);
+    for (int i = 0; i < m; i++) {
+        const vf mv = vset1(mref[i]);
+        vf acc = {0};
+        for (int j = 0; j < n; j += VW) {
+            const int left = n - j;
+            const __mmask16 mk = left >= VW ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
+            const vf e = (vf)_mm512_maskz_mov_ps(
+                mk, (__m512)vexp((vf)_mm512_maskz_loadu_ps(mk, st + i * ld + j) - mv));
+            acc += e;
+            const __m512 w = _mm512_mul_ps(_mm512_mul_ps((__m512)e, _mm512_maskz_loadu_ps(mk, pmul + j)), iv);
+            _mm256_storeu_si256((__m256i *)(p + i * ldp + j),
+                                _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(w)));
+        }
+        for (int j = (n + VW - 1) / VW * VW; j < (n + 31) / 32 * 32; j += VW)
+            _mm256_storeu_si256((__m256i *)(p + i * ldp + j), _mm256_setzero_si256());
+        sum[i] = _mm512_reduce_add_ps((__m512)acc);
+    }
+}
+
+/* rows (<= 4) of acc x 32·nw columns (nw 1 or 2) over the pairs of n
+   keys: V codes of two keys widened to int16 and interleaved lane by lane
+   (vpunpcklwd / vpunpckhwd: the low pairs are columns 0-3, 8-11, 16-19,
+   24-27 of each 32, the high ones the rest), int32 sums, added to acc as
+   acc·alpha + pscale·sum; the first block touches the rest of each row
+   and asks for pf. */
+static const int32_t i8_cols_0[16] = { 0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23 };
+static const int32_t i8_cols_1[16] = { 8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31 };
+
+static inline __attribute__((always_inline))
+void pv8_block(const int rows, const int nw, int n, const uint32_t *pp, int64_t ldp,
+               const int8_t *v, int64_t ldv, const float *alpha, float pscale, float *acc,
+               int64_t lda, int touch, qkv__pf *pf, int pf_pair)
+{
+    __m512i c[4][4];
+    for (int r = 0; r < rows; r++)
+        for (int t = 0; t < 2 * nw; t++)
+            c[r][t] = _mm512_setzero_si512();
+    for (int jj = 0; 2 * jj < n; jj++) {
+        const int8_t *v0 = v + 2 * jj * ldv, *v1 = v0 + ldv;
+        const int odd = 2 * jj + 1 < n;
+        for (int x = 64; x < touch; x += 64) {
+            __builtin_prefetch(v0 + x, 0, 3);
+            if (odd)
+                __builtin_prefetch(v1 + x, 0, 3);
+        }
+        __m512i b[4];
+        for (int w = 0; w < nw; w++) {
+            const __m512i x = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(v0 + 32 * w)));
+            const __m512i y = odd ? _mm512_cvtepi8_epi16(
+                                        _mm256_loadu_si256((const __m256i *)(v1 + 32 * w)))
+                                  : _mm512_setzero_si512();
+            b[2 * w] = _mm512_unpacklo_epi16(x, y);
+            b[2 * w + 1] = _mm512_unpackhi_epi16(x, y);
+        }
+        for (int r = 0; r < rows; r++) {
+            const __m512i a = _mm512_set1_epi32((int)pp[r * ldp + jj]);
+            for (int t = 0; t < 2 * nw; t++)
+                c[r][t] = _mm512_dpwssd_epi32(c[r][t], a, b[t]);
+        }
+        if (pf)
+            qkv__pf_lines(pf, pf_pair);
+    }
+    const __m512i f0 = _mm512_loadu_si512(i8_cols_0), f1 = _mm512_loadu_si512(i8_cols_1);
+    const __m512 ps = _mm512_set1_ps(pscale);
+    for (int r = 0; r < rows; r++) {
+        const __m512 al = _mm512_set1_ps(alpha ? alpha[r] : 1.0f);
+        for (int w = 0; w < nw; w++) {
+            const __m512 lo = _mm512_cvtepi32_ps(c[r][2 * w]), hi = _mm512_cvtepi32_ps(c[r][2 * w + 1]);
+            float *a0 = acc + r * lda + 32 * w;
+            _mm512_storeu_ps(a0, _mm512_fmadd_ps(_mm512_loadu_ps(a0), al,
+                                                 _mm512_mul_ps(_mm512_permutex2var_ps(lo, f0, hi), ps)));
+            _mm512_storeu_ps(a0 + 16, _mm512_fmadd_ps(_mm512_loadu_ps(a0 + 16), al,
+                                                      _mm512_mul_ps(_mm512_permutex2var_ps(lo, f1, hi), ps)));
+        }
+    }
+}
+
+#define PV8_ROWS(rows)                                                          \
+    do {                                                                        \
+        int c0 = 0;                                                             \
+        for (; c0 + 64 <= dv; c0 += 64)                                         \
+            pv8_block(rows, 2, nk, pp + i * ldpp + kc / 2, ldpp, v + kc * ldv + c0, \
+                      ldv, al ? al + i : NULL, pscale, acc + i * lda + c0, lda,     \
+                      c0 || i ? 0 : dv, i ? NULL : pf, pf_pair);                \
+        for (; c0 < dv; c0 += 32)                                               \
+            pv8_block(rows, 1, nk, pp + i * ldpp + kc / 2, ldpp, v + kc * ldv + c0, \
+                      ldv, al ? al + i : NULL, pscale, acc + i * lda + c0, lda,     \
+                      c0 || i ? 0 : dv, i ? NULL : pf, pf_pair);                \
+    } while (0)
+
+static void pv_i8_dec(int m, int n, int dv, const int16_t *p, int64_t ldp, const int8_t *v,
+                      int64_t ldv, const float *alpha, float pscale, float *acc, int64_t lda,
+                      qkv__pf *pf)
+{
+    const uint32_t *pp = (const uint32_t *)p;
+    const int64_t ldpp = ldp / 2;
+    const int blocks = dv / 64 + dv % 64 / 32;
+    const int pf_pair = pf ? (pf->per4 + 2 * blocks - 1) / (2 * blocks) : 0;
+    for (int kc = 0; kc < n; kc += PV_CHUNK) {
+        const int nk = n - kc < PV_CHUNK ? n - kc : PV_CHUNK;
+        const float *al = kc ? NULL : alpha;
+        for (int i = 0; i < m; i += 4) {
+            switch (m - i) {
+            case 1: PV8_ROWS(1); break;
+            case 2: PV8_ROWS(2); break;
+            case 3: PV8_ROWS(3); break;
+            default: PV8_ROWS(4); break;
+            }
+        }
+    }
+}
+#endif /* __AVX512VNNI__ */
+
 /* qkv__mix32 (kernels.h) lane by lane. */
 static inline vu vmix32(vu x)
 {
@@ -1143,5 +1317,14 @@ void QKV_KERNEL_TABLE(qkv__kernels *t)
     t->qk_bf16_dec = NULL;
     t->exp_rows_bf16 = NULL;
     t->pv_bf16_dec = NULL;
+#endif
+#ifdef QKV_HAVE_I8_DOT
+    t->qk_i8_dec = qk_i8_dec;
+    t->exp_rows_i16 = exp_rows_i16;
+    t->pv_i8_dec = pv_i8_dec;
+#else
+    t->qk_i8_dec = NULL;
+    t->exp_rows_i16 = NULL;
+    t->pv_i8_dec = NULL;
 #endif
 }
