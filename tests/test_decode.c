@@ -531,6 +531,41 @@ void test_decode_int8(void)
         int8_case(&s, ref, &c, &r, (int64_t)8 << (it % 6), &worst_q, &worst_out, &worst_ratio);
         dcase_free(&c);
     }
+    /* a V row that held a non-finite value has a NaN scale: its head's
+       outputs are NaN, the other head's and sequence's are not */
+    {
+        dcase c;
+        random_dcase(&c, &r, 400);
+        c.qdt = QKV_BF16;
+        c.kdt = QKV_F32;
+        c.lay_k = LAY_CONTIG;
+        c.B = 2; c.Sq = 1; c.Hq = 8; c.Hkv = 2; c.D = 128; c.Dv = 128; c.Smax = 300;
+        c.lens[0] = c.lens[1] = 300;
+        c.opts = qkv_attn_opts_default();
+        dcase_build(&c, &r);
+        paged p;
+        paged_fill(s.ctx[0], &p, &c, 16, 1, 0, &r);
+        const int64_t j = 123, h = 1, bs = p.pc.block_size;
+        const int64_t blk = p.table[j / bs], row = (blk * bs + j % bs) * c.Hkv + h;
+        p.pc.v_scale[row] = NAN;
+        for (int i = 0; i < s.n; i++) {
+            float *lse;
+            void *out = run_paged(s.ctx[i], &c, &p, &lse);
+            float *got = to_f32(out, c.qdt, c.n_out);
+            size_t wrong = 0;
+            for (int64_t b = 0; b < c.B; b++)
+                for (int64_t hq = 0; hq < c.Hq; hq++)
+                    for (int64_t x = 0; x < c.Dv; x++) {
+                        const int want_nan = b == 0 && hq / (c.Hq / c.Hkv) == h;
+                        wrong += (isnan(got[(b * c.Hq + hq) * c.Dv + x]) != 0) != want_nan;
+                    }
+            CHECK(wrong == 0, "%s: a NaN V scale: %zu outputs NaN where they should not be "
+                  "or the reverse", s.name[i], wrong);
+            free(got); free(out); free(lse);
+        }
+        paged_free(&p);
+        dcase_free(&c);
+    }
     t_note("int8 cache: max element error %.2e of its row max (bound %.2e); max |out - ref on "
            "unquantized cache| %.2e, at most %.0f%% of the derived bound",
            worst_q, 0.5 / 127, worst_out, 100 * worst_ratio);

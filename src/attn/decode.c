@@ -663,9 +663,11 @@ static void head_tile_i8(const dec_job *job, const qkv__seq *s, const qkv__tile_
     kn->row_max(sc->st, BK, m, n, sc->mx);
     new_max(sc, m);
     float vmax = 0.0f;
+    int nan_row = 0;   /* a V row that held a non-finite value */
     for (int c = 0; c < n; c++) {
         sc->vsc[c] = src->vs[scale_idx(src, s->b, j0 + c, hk, a->Hkv)];
         vmax = sc->vsc[c] > vmax ? sc->vsc[c] : vmax;
+        nan_row |= sc->vsc[c] != sc->vsc[c];
     }
     kn->exp_rows_i16(sc->st, BK, m, n, sc->mref, sc->vsc, vmax > 0.0f ? 32767.0f / vmax : 0.0f,
                      sc->sum, p, BK);
@@ -680,6 +682,9 @@ static void head_tile_i8(const dec_job *job, const qkv__seq *s, const qkv__tile_
                       run_pf(job, s, &src->v, hk, j0, c0, nr, &own, pfv));
         c0 += nr;
     }
+    if (nan_row)   /* as its weight times NaN would: P is int16 here */
+        for (int64_t x = 0; x < m * Dv; x++)
+            sc->acc[x] = NAN;
 }
 
 static void head_tile_rows(const dec_job *job, const qkv__seq *s, const qkv__tile_map *tm,
