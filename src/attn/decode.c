@@ -607,19 +607,14 @@ static qkv__pf *run_pf(const dec_job *job, const qkv__seq *s, const qkv_tensor *
    K (pfk) and V (pfv) lines as they go. Runs split as in tile_scores
    and tile_values, so every cache layout gives the same bits. */
 /* An int8 run of keys p0 .. p0+n-1 as codes at one stride (in place when
-   the run lies in one block, else gathered into the tile's bf16 buffer),
-   its row scales into ksc / vsc from offset c0. */
+   the run lies in one block, else gathered into the tile's bf16 buffer). */
 static const int8_t *i8_codes(const dec_job *job, int64_t b, int is_v, int64_t p0, int64_t h,
                               int n, const scratch *sc, int c0, int64_t *ld)
 {
     const kv_src *src = job->src;
     const qkv_tensor *t = is_v ? &src->v : &src->k;
     const int64_t cols = is_v ? job->a->Dv : job->a->D;
-    const float *scales = is_v ? src->vs : src->ks;
-    float *sk = (is_v ? sc->vsc : sc->ksc) + c0;
     const int8_t *data = t->data;
-    for (int c = 0; c < n; c++)
-        sk[c] = scales[scale_idx(src, b, p0 + c, h, job->a->Hkv)];
     if (one_block(src, p0, n)) {
         *ld = t->stride[1];
         return data + row_off(src, t, b, p0, h);
@@ -650,6 +645,8 @@ static void head_tile_i8(const dec_job *job, const qkv__seq *s, const qkv__tile_
         const int nr = run_length(src, j0, c0, n, 4);
         int64_t ldk;
         const int8_t *kr = i8_codes(job, s->b, 0, j0 + c0, hk, nr, sc, c0, &ldk);
+        for (int c = 0; c < nr; c++)
+            sc->ksc[c0 + c] = src->ks[scale_idx(src, s->b, j0 + c0 + c, hk, a->Hkv)];
         kn->qk_i8_dec(nr, m, (int)D, a->scale, kr, ldk, queries_i16(sc), D,
                       query_scales(sc, m4, D), sc->st + c0, BK,
                       run_pf(job, s, &src->k, hk, j0, c0, nr, &own, pfk));
