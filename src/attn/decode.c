@@ -626,6 +626,23 @@ static const int8_t *i8_codes(const dec_job *job, int64_t b, int is_v, int64_t p
     return dst;
 }
 
+/* dst[c] = the scale of position p0 + c's row for kv head h, c < n: a
+   head's scales lie heads_kv floats apart within a block. */
+static void i8_scales(const dec_job *job, int64_t b, const float *scales, int64_t p0, int64_t h,
+                      int n, float *dst)
+{
+    const kv_src *src = job->src;
+    const int64_t Hkv = job->a->Hkv;
+    for (int c = 0; c < n;) {
+        const int64_t left = src->table ? src->bs - row_in_block(src, p0 + c) : n - c;
+        const int run = left < n - c ? (int)left : n - c;
+        const float *s0 = scales + scale_idx(src, b, p0 + c, h, Hkv);
+        for (int x = 0; x < run; x++)
+            dst[c + x] = s0[x * Hkv];
+        c += run;
+    }
+}
+
 /* head_tile_rows on int8 codes (job->i8dot): int16 queries against int8
    K rows in int32, times the query and key scales; P times the V scales,
    as int16 on one scale for the tile (the largest V scale over 32767),
@@ -645,13 +662,12 @@ static void head_tile_i8(const dec_job *job, const qkv__seq *s, const qkv__tile_
         const int nr = run_length(src, j0, c0, n, 4);
         int64_t ldk;
         const int8_t *kr = i8_codes(job, s->b, 0, j0 + c0, hk, nr, sc, c0, &ldk);
-        for (int c = 0; c < nr; c++)
-            sc->ksc[c0 + c] = src->ks[scale_idx(src, s->b, j0 + c0 + c, hk, a->Hkv)];
         kn->qk_i8_dec(nr, m, (int)D, a->scale, kr, ldk, queries_i16(sc), D,
                       query_scales(sc, m4, D), sc->st + c0, BK,
                       run_pf(job, s, &src->k, hk, j0, c0, nr, &own, pfk));
         c0 += nr;
     }
+    i8_scales(job, s->b, src->ks, j0, hk, n, sc->ksc);
     for (int r = 0; r < m; r++)
         for (int c = 0; c < n; c++)
             sc->st[r * BK + c] *= sc->ksc[c];
@@ -661,8 +677,8 @@ static void head_tile_i8(const dec_job *job, const qkv__seq *s, const qkv__tile_
     new_max(sc, m);
     float vmax = 0.0f;
     int nan_row = 0;   /* a V row that held a non-finite value */
+    i8_scales(job, s->b, src->vs, j0, hk, n, sc->vsc);
     for (int c = 0; c < n; c++) {
-        sc->vsc[c] = src->vs[scale_idx(src, s->b, j0 + c, hk, a->Hkv)];
         vmax = sc->vsc[c] > vmax ? sc->vsc[c] : vmax;
         nan_row |= sc->vsc[c] != sc->vsc[c];
     }
