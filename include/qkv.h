@@ -504,7 +504,11 @@ typedef enum {
  * qkv_paged_append. An element reads back as code·s, off by at most s/2
  * (1/254 of its row's largest magnitude) plus fp32 rounding. A row holding a non-finite value
  * gets a NaN scale (it reads back as NaN). Other dtypes leave the scales
- * NULL.
+ * NULL. With bf16 queries on a CPU with AVX512-VNNI (head dims multiples
+ * of 32, the keys' at most 256) attention reads the codes as they are:
+ * each query row is rounded to int16 on its own scale, and P times the V
+ * scales to int16 on one scale per key tile (2^-15 of the largest, finer
+ * than the bf16 P of other paths); the dot products are exact in int32.
  *
  * block_size is a power of two from 8 to 256.
  */
