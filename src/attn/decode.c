@@ -626,6 +626,23 @@ static const int8_t *i8_codes(const dec_job *job, int64_t b, int is_v, int64_t p
     return dst;
 }
 
+/* A few-row tile's scores done: times the keys' int8 scales (ksc; NULL:
+   none), the score modifications, each row's maximum and the running
+   maxima. */
+static void scores_done(const dec_job *job, const qkv__seq *s, const qkv__tile_map *tm,
+                        int64_t j0, int n, int m, int band, const scratch *sc, const float *ksc)
+{
+    const qkv__attn *a = job->a;
+    if (ksc)   /* s = scale·q·(code·ks) */
+        for (int r = 0; r < m; r++)
+            for (int c = 0; c < n; c++)
+                sc->st[r * BK + c] *= ksc[c];
+    if (a->softcap > 0.0f || a->alibi || band)
+        qkv__score_mods(a, s, tm, m, j0, n, band, sc->st, BK, 1, NULL);
+    job->ctx->kernels->row_max(sc->st, BK, m, n, sc->mx);
+    new_max(sc, m);
+}
+
 /* dst[c] = the scale of position p0 + c's row for kv head h, c < n: a
    head's scales lie heads_kv floats apart within a block. */
 static void i8_scales(const dec_job *job, int64_t b, const float *scales, int64_t p0, int64_t h,
@@ -668,13 +685,7 @@ static void head_tile_i8(const dec_job *job, const qkv__seq *s, const qkv__tile_
         c0 += nr;
     }
     i8_scales(job, s->b, src->ks, j0, hk, n, sc->ksc);
-    for (int r = 0; r < m; r++)
-        for (int c = 0; c < n; c++)
-            sc->st[r * BK + c] *= sc->ksc[c];
-    if (a->softcap > 0.0f || a->alibi || band)
-        qkv__score_mods(a, s, tm, m, j0, n, band, sc->st, BK, 1, NULL);
-    kn->row_max(sc->st, BK, m, n, sc->mx);
-    new_max(sc, m);
+    scores_done(job, s, tm, j0, n, m, band, sc, sc->ksc);
     float vmax = 0.0f;
     int nan_row = 0;   /* a V row that held a non-finite value */
     i8_scales(job, s->b, src->vs, j0, hk, n, sc->vsc);
@@ -732,14 +743,7 @@ static void head_tile_rows(const dec_job *job, const qkv__seq *s, const qkv__til
         }
         c0 += nr;
     }
-    if (i8)   /* the keys' scales: s = scale·q·(code·ks) */
-        for (int r = 0; r < m; r++)
-            for (int c = 0; c < n; c++)
-                sc->st[r * BK + c] *= sc->ksc[c];
-    if (a->softcap > 0.0f || a->alibi || band)
-        qkv__score_mods(a, s, tm, m, j0, n, band, sc->st, BK, 1, NULL);
-    kn->row_max(sc->st, BK, m, n, sc->mx);
-    new_max(sc, m);
+    scores_done(job, s, tm, j0, n, m, band, sc, i8 ? sc->ksc : NULL);
     if (i8)   /* the V codes and their scales, which P takes */
         for (int c0 = 0; c0 < n;) {
             const int nr = run_length(src, j0, c0, n, 2);
