@@ -285,8 +285,6 @@ static void task_of(const dec_job *job, int64_t task, qkv__seq *s, int64_t *hk0,
     tm->mp = (int)(a->Sq - tm->i0 < job->P ? a->Sq - tm->i0 : job->P);
 }
 
-/* Loads the tile's queries: bf16 rows for the bf16 path, else fp32 rows
-   and their transpose (zero columns m..R). */
 /* The int16 queries qk_i8_dec reads (in qt, which the few-row path does
    not use): row r is q_r / qsc[r] rounded, qsc[r] = max_d |q_r| / 32767;
    rows m .. m4-1 zero. */
@@ -314,6 +312,8 @@ static void quantize_queries(const scratch *sc, int m, int m4, int64_t D, int64_
     }
 }
 
+/* Loads the tile's queries: bf16 rows for the bf16 path, else fp32 rows
+   and their transpose (zero columns m..R). */
 static void load_queries(const dec_job *job, const qkv__seq *s, const qkv__tile_map *tm,
                          int m, const scratch *sc)
 {
@@ -600,12 +600,6 @@ static qkv__pf *run_pf(const dec_job *job, const qkv__seq *s, const qkv_tensor *
     return own;
 }
 
-/* A key tile for a few rows (decoding): scores query-major in st
-   [m][BK] and the softmax along each row; then, with bf16 (or int8)
-   rows, P rounded to bf16 and P·V with the accumulators in registers
-   for the whole run, else fp32 P·V. The kernels ask for the next tile's
-   K (pfk) and V (pfv) lines as they go. Runs split as in tile_scores
-   and tile_values, so every cache layout gives the same bits. */
 /* An int8 run of keys p0 .. p0+n-1 as codes at one stride (in place when
    the run lies in one block, else gathered into the tile's bf16 buffer). */
 static const int8_t *i8_codes(const dec_job *job, int64_t b, int is_v, int64_t p0, int64_t h,
@@ -711,6 +705,13 @@ static void head_tile_i8(const dec_job *job, const qkv__seq *s, const qkv__tile_
             sc->acc[x] = NAN;
 }
 
+/* A key tile for a few rows (decoding): scores query-major in st
+   [m][BK] and the softmax along each row; then, with bf16 (or int8)
+   rows, P rounded to bf16 and P·V with the accumulators in registers
+   for the whole run, else fp32 P·V. The kernels ask for the next tile's
+   K (pfk) and V (pfv) lines as they go. Runs split as in tile_scores
+   and tile_values, so every cache layout gives the same bits. int8
+   codes on sets with int16 dot products: head_tile_i8. */
 static void head_tile_rows(const dec_job *job, const qkv__seq *s, const qkv__tile_map *tm,
                            int64_t hk, int64_t j0, int n, int m, int band, const scratch *sc,
                            qkv__pf *pfk, qkv__pf *pfv)

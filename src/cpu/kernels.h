@@ -234,7 +234,7 @@ typedef struct qkv__kernels {
 
     /* pv_bf16_dec with int16 P (exp_rows_i16) and int8 V rows v [n][ldv
        bytes]: acc[i][c] = alpha[i]·acc[i][c] + pscale·Σ_j P(i,j)·v[j][c],
-       the sum exact in int32 (n <= 128 keys per call), dv a multiple of
+       the sums exact in int32 over chunks of 32 keys, dv a multiple of
        32. */
     void (*pv_i8_dec)(int m, int n, int dv, const int16_t *p, int64_t ldp, const int8_t *v,
                       int64_t ldv, const float *alpha, float pscale, float *acc, int64_t lda,

@@ -1053,33 +1053,41 @@ void pvd_block(const int rows, const int nw, int n, int cols, const uint32_t *pp
    column blocks pass over them. */
 enum { PV_CHUNK = 32 };
 
+/* The few-row P·V kernels' loops: chunks of keys, row groups of 4 (each
+   ROWS(rows) its column blocks), pf_pair of pf's lines after each pair
+   of keys in each column block of the first group. */
+#define PV_DEC_LOOPS(ROWS)                                                      \
+    do {                                                                        \
+        const uint32_t *pp = (const uint32_t *)p;                               \
+        const int64_t ldpp = ldp / 2;                                           \
+        const int blocks = dv / 64 + (dv % 64 + 31) / 32;                       \
+        const int pf_pair = pf ? (pf->per4 + 2 * blocks - 1) / (2 * blocks) : 0; \
+        for (int kc = 0; kc < n; kc += PV_CHUNK) {                              \
+            const int nk = n - kc < PV_CHUNK ? n - kc : PV_CHUNK;               \
+            const float *al = kc ? NULL : alpha;                                \
+            for (int i = 0; i < m; i += 4) {                                    \
+                switch (m - i) {                                                \
+                case 1: ROWS(1); break;                                         \
+                case 2: ROWS(2); break;                                         \
+                case 3: ROWS(3); break;                                         \
+                default: ROWS(4); break;                                        \
+                }                                                               \
+            }                                                                   \
+        }                                                                       \
+    } while (0)
+
 static void pv_bf16_dec(int m, int n, int dv, const uint16_t *p, int64_t ldp,
                         const uint16_t *v, int64_t ldv, const float *alpha,
                         float *acc, int64_t lda, qkv__pf *pf)
 {
     const __m512i ilo = _mm512_loadu_si512(pair_lo), ihi = _mm512_loadu_si512(pair_hi);
-    const uint32_t *pp = (const uint32_t *)p;
-    const int64_t ldpp = ldp / 2;
-    const int blocks = dv / 64 + (dv % 64 + 31) / 32;
-    const int pf_pair = pf ? (pf->per4 + 2 * blocks - 1) / (2 * blocks) : 0;
-    for (int kc = 0; kc < n; kc += PV_CHUNK) {
-        const int nk = n - kc < PV_CHUNK ? n - kc : PV_CHUNK;
-        const float *al = kc ? NULL : alpha;
-        for (int i = 0; i < m; i += 4) {
-            switch (m - i) {
-            case 1: PVD_ROWS(1); break;
-            case 2: PVD_ROWS(2); break;
-            case 3: PVD_ROWS(3); break;
-            default: PVD_ROWS(4); break;
-            }
-        }
-    }
+    PV_DEC_LOOPS(PVD_ROWS);
 }
 #endif /* __AVX512BF16__ */
 
 /* ---- decode from int8 codes: int16 products in int32 (vpdpwssd) ----------- */
 
-#if defined(__AVX512VNNI__) && defined(QKV_HAVE_DEC_F32)
+#if defined(__AVX512VNNI__) && defined(QKV_HAVE_DEC_F32) && defined(QKV_HAVE_BF16_DOT)
 #define QKV_HAVE_I8_DOT 1
 
 static void qk_i8_dec(int n, int m, int d, float scale, const int8_t *k, int64_t ldk,
@@ -1117,8 +1125,8 @@ static void exp_rows_i16(const float *st, int64_t ld, int m, int n, const float 
    keys: V codes of two keys widened to int16 and interleaved lane by lane
    (vpunpcklwd / vpunpckhwd: the low pairs are columns 0-3, 8-11, 16-19,
    24-27 of each 32, the high ones the rest), int32 sums, added to acc as
-   acc·alpha + pscale·sum; the first block touches the rest of each row
-   and asks for pf. */
+   acc·alpha + pscale·sum; with touch the rest of each row is brought
+   into L1, and pf_pair of pf's lines are asked for after each pair. */
 static const int32_t i8_cols_0[16] = { 0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23 };
 static const int32_t i8_cols_1[16] = { 8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31 };
 
@@ -1188,22 +1196,7 @@ static void pv_i8_dec(int m, int n, int dv, const int16_t *p, int64_t ldp, const
                       int64_t ldv, const float *alpha, float pscale, float *acc, int64_t lda,
                       qkv__pf *pf)
 {
-    const uint32_t *pp = (const uint32_t *)p;
-    const int64_t ldpp = ldp / 2;
-    const int blocks = dv / 64 + dv % 64 / 32;
-    const int pf_pair = pf ? (pf->per4 + 2 * blocks - 1) / (2 * blocks) : 0;
-    for (int kc = 0; kc < n; kc += PV_CHUNK) {
-        const int nk = n - kc < PV_CHUNK ? n - kc : PV_CHUNK;
-        const float *al = kc ? NULL : alpha;
-        for (int i = 0; i < m; i += 4) {
-            switch (m - i) {
-            case 1: PV8_ROWS(1); break;
-            case 2: PV8_ROWS(2); break;
-            case 3: PV8_ROWS(3); break;
-            default: PV8_ROWS(4); break;
-            }
-        }
-    }
+    PV_DEC_LOOPS(PV8_ROWS);
 }
 #endif /* __AVX512VNNI__ */
 
