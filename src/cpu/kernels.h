@@ -97,14 +97,20 @@ static inline void qkv__pf_run_end(qkv__pf *pf, const qkv__pf_run *r)
 }
 
 /* A 32-bit integer hash (lowbias32: two multiply–xorshift rounds): the
-   dropout mask's (attn.h, drop_cols). */
+   dropout mask's (attn.h, drop_cols). QKV__MIX32 hashes x in place, a
+   uint32_t or a vector of them (the kernels' lane-by-lane form). */
+#define QKV__MIX32(x)                                                          \
+    do {                                                                       \
+        (x) ^= (x) >> 16;                                                      \
+        (x) *= 0x7feb352du;                                                    \
+        (x) ^= (x) >> 15;                                                      \
+        (x) *= 0x846ca68bu;                                                    \
+        (x) ^= (x) >> 16;                                                      \
+    } while (0)
+
 static inline uint32_t qkv__mix32(uint32_t x)
 {
-    x ^= x >> 16;
-    x *= 0x7feb352du;
-    x ^= x >> 15;
-    x *= 0x846ca68bu;
-    x ^= x >> 16;
+    QKV__MIX32(x);
     return x;
 }
 

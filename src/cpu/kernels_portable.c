@@ -1203,11 +1203,7 @@ static void pv_i8_dec(int m, int n, int dv, const int16_t *p, int64_t ldp, const
 /* qkv__mix32 (kernels.h) lane by lane. */
 static inline vu vmix32(vu x)
 {
-    x ^= x >> 16;
-    x *= 0x7feb352du;
-    x ^= x >> 15;
-    x *= 0x846ca68bu;
-    x ^= x >> 16;
+    QKV__MIX32(x);
     return x;
 }
 
