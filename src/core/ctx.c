@@ -213,11 +213,22 @@ qkv_status qkv__scratch_reserve(qkv_ctx *ctx, size_t bytes)
 void qkv__parallel(qkv_ctx *ctx, int64_t n_tasks, double work, qkv__task_fn fn, void *arg)
 {
     if (!ctx->pool || n_tasks <= 1 || (work > 0.0 && work < QKV__SERIAL_FLOPS)) {
-        for (int64_t t = 0; t < n_tasks; t++)
+        ctx->serial_n = n_tasks;
+        for (int64_t t = 0; t < n_tasks; t++) {
+            ctx->serial_task = t;
             fn(arg, t, 0);
+        }
+        ctx->serial_n = 0;
         return;
     }
     qkv__pool_run(ctx->pool, n_tasks, fn, arg);
+}
+
+int64_t qkv__claim_next(qkv_ctx *ctx, int worker)
+{
+    if (ctx->serial_n > 0)
+        return ctx->serial_task + 1 < ctx->serial_n ? ctx->serial_task + 1 : -1;
+    return ctx->pool ? qkv__pool_claim(ctx->pool, worker) : -1;
 }
 
 size_t qkv__l2_bytes(void)

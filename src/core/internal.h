@@ -26,6 +26,8 @@ void       qkv__pool_free(qkv__pool *pool);
    returns when all are done. */
 void       qkv__pool_run(qkv__pool *pool, int64_t n_tasks, qkv__task_fn fn,
                          void *arg);
+/* qkv__claim_next for a worker of the pool's current job. */
+int64_t    qkv__pool_claim(qkv__pool *pool, int worker);
 
 /* ---- context ------------------------------------------------------------ */
 
@@ -36,6 +38,7 @@ struct qkv_ctx {
     /* per-thread scratch, grown on demand, freed with the context */
     void            **scratch;       /* [n_threads] */
     size_t           *scratch_size;  /* [n_threads] bytes */
+    int64_t           serial_task, serial_n;   /* qkv__parallel run by the caller alone */
     char              err[512];
 };
 
@@ -59,6 +62,14 @@ size_t qkv__l2_bytes(void);
    saves, and the caller runs every task itself (0: unknown, always share). */
 #define QKV__SERIAL_FLOPS 1e6
 void qkv__parallel(qkv_ctx *ctx, int64_t n_tasks, double work, qkv__task_fn fn, void *arg);
+
+/* From inside a task of qkv__parallel: claims the task that `worker` runs
+   after this one and returns it (-1: none is left), so that the task can
+   ask for the next one's first memory while it finishes. Later calls in
+   the same task return the same claim. Tasks are still handed out in
+   order, each once; only which thread takes a claimed one is fixed
+   earlier. */
+int64_t qkv__claim_next(qkv_ctx *ctx, int worker);
 
 /* ---- dtype conversion (src/core/convert.c) ------------------------------ */
 

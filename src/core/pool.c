@@ -82,18 +82,34 @@ struct qkv__pool {
     void            *arg;
     int64_t          n_tasks;
     atomic_llong     next;
+    /* per worker: the task it claimed ahead (qkv__pool_claim), else -1;
+       written only by its own worker, a cache line apart */
+    struct { int64_t task; char pad[56]; } *claimed;
 };
 
 typedef struct { qkv__pool *pool; int id; } worker_arg;
 
 static void drain(qkv__pool *p, int worker)
 {
+    int64_t *claimed = &p->claimed[worker].task;
+    *claimed = -1;
     for (;;) {
-        int64_t t = atomic_fetch_add_explicit(&p->next, 1, memory_order_relaxed);
+        int64_t t = *claimed;
+        if (t < 0)
+            t = atomic_fetch_add_explicit(&p->next, 1, memory_order_relaxed);
+        *claimed = -1;
         if (t >= p->n_tasks)
             break;
         p->fn(p->arg, t, worker);
     }
+}
+
+int64_t qkv__pool_claim(qkv__pool *p, int worker)
+{
+    int64_t *claimed = &p->claimed[worker].task;
+    if (*claimed < 0)
+        *claimed = atomic_fetch_add_explicit(&p->next, 1, memory_order_relaxed);
+    return *claimed < p->n_tasks ? *claimed : -1;
 }
 
 static void *worker_main(void *varg)
@@ -131,7 +147,10 @@ qkv__pool *qkv__pool_create(int n_threads)
     if (!p)
         return NULL;
     p->threads = calloc((size_t)n_threads, sizeof *p->threads);
-    if (!p->threads) {
+    p->claimed = calloc((size_t)n_threads, sizeof *p->claimed);
+    if (!p->threads || !p->claimed) {
+        free(p->threads);
+        free(p->claimed);
         free(p);
         return NULL;
     }
@@ -172,6 +191,7 @@ void qkv__pool_free(qkv__pool *p)
     pthread_cond_destroy(&p->wake);
     pthread_cond_destroy(&p->done);
     free(p->threads);
+    free(p->claimed);
     free(p);
 }
 
