@@ -566,6 +566,51 @@ void test_decode_int8(void)
         paged_free(&p);
         dcase_free(&c);
     }
+    /* the same logical int8 cache in pools of any block size and either
+       layout gives the same outputs, through the codes (D 128), bf16
+       conversion (D 40) and fp32 widening (fp32 queries) paths: the
+       kernels take a tile's blocks in one call */
+    static const int64_t dims[3] = { 128, 40, 64 };
+    static const qkv_dtype qdts[3] = { QKV_BF16, QKV_BF16, QKV_F32 };
+    for (int it = 0; it < (t_quick ? 3 : 9); it++) {
+        dcase c;
+        random_dcase(&c, &r, it % 3 == 2 ? 3000 : 500);
+        c.qdt = qdts[it % 3];
+        c.kdt = QKV_F32;
+        c.lay_k = LAY_CONTIG;
+        c.D = c.Dv = dims[it % 3];
+        c.Hq = 8;   /* a few rows per tile: the decode kernels */
+        c.Hkv = 2;
+        c.Sq = 1 + it % 2;
+        dcase_build(&c, &r);
+        for (int i = 0; i < s.n; i++) {
+            void *first = NULL;
+            float *first_lse = NULL;
+            int differ = 0;
+            for (int64_t bs = 8; bs <= 256; bs *= 4)
+                for (int hm = 0; hm < 2; hm++) {
+                    paged p;
+                    paged_fill(s.ctx[i], &p, &c, bs, 1, hm, &r);
+                    float *lse;
+                    void *out = run_paged(s.ctx[i], &c, &p, &lse);
+                    if (!first) {
+                        first = out;
+                        first_lse = lse;
+                    } else {
+                        differ += memcmp(out, first, c.n_out * qkv_dtype_size(c.qdt)) != 0 ||
+                                  memcmp(lse, first_lse, c.n_lse * sizeof(float)) != 0;
+                        free(out);
+                        free(lse);
+                    }
+                    paged_free(&p);
+                }
+            CHECK(differ == 0, "%s: int8 pools of other block sizes or layouts differ in %d "
+                  "of 5 [%s]", s.name[i], differ, dcase_str(&c));
+            free(first);
+            free(first_lse);
+        }
+        dcase_free(&c);
+    }
     t_note("int8 cache: max element error %.2e of its row max (bound %.2e); max |out - ref on "
            "unquantized cache| %.2e, at most %.0f%% of the derived bound",
            worst_q, 0.5 / 127, worst_out, 100 * worst_ratio);

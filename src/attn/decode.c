@@ -397,6 +397,53 @@ static int run_length(const kv_src *src, int64_t p0, int c0, int n, int align)
     return n - c0;
 }
 
+/* At most this many blocks hold a key tile (blocks of 8, the tile
+   starting inside one). */
+enum { TILE_BLOCKS = BK / 8 + 1 };
+
+/* Keys p0 .. p0+n-1 of t (head h) for the few-row kernels, in place:
+   the blocks they lie in (pointers into blk, TILE_BLOCKS of them) or, in
+   a contiguous cache, their run. The rows must be the kernels' width
+   with a unit inner stride. */
+static qkv__rows tile_rows(const kv_src *src, const qkv_tensor *t, int64_t b, int64_t p0,
+                           int64_t h, int n, const char **blk)
+{
+    const char *data = t->data;
+    qkv__rows r = { blk, t->stride[1] * src->es, QKV__RUN, 0 };
+    if (!src->table) {
+        blk[0] = data + row_off(src, t, b, p0, h) * src->es;
+        return r;
+    }
+    r.shift = src->shift;
+    r.r0 = (int)row_in_block(src, p0);
+    const int64_t first = p0 - r.r0;
+    for (int64_t i = 0; i * src->bs < r.r0 + n; i++)
+        blk[i] = data + row_off(src, t, b, first + i * src->bs, h) * src->es;
+    return r;
+}
+
+/* A run of rows at one stride (ld bytes) as the kernels take it. */
+static qkv__rows run_rows(const void *first, int64_t ld, const char **blk)
+{
+    blk[0] = first;
+    const qkv__rows r = { blk, ld, QKV__RUN, 0 };
+    return r;
+}
+
+/* Keys p0 .. p0+n-1 of t (head h) as bf16 rows of w elements (zeros
+   past cols) for the few-row kernels: in place (tile_rows) when they are
+   that wide at a unit inner stride, else gathered into buf. */
+static qkv__rows bf16_rows(const kv_src *src, const qkv_tensor *t, int64_t b, int64_t p0,
+                           int64_t h, int n, int64_t cols, int64_t w, uint16_t *buf,
+                           const char **blk)
+{
+    if (t->stride[3] == 1 && w == cols)
+        return tile_rows(src, t, b, p0, h, n, blk);
+    int64_t ld;
+    const uint16_t *rows = rows_bf16(src, t, b, p0, h, n, cols, w, buf, &ld);
+    return run_rows(rows, ld * 2, blk);
+}
+
 /* Scores of keys p0 .. p0+n-1 for the tile's m rows into st [n][R],
    chunk() keys per kernel call, each followed by a take of the cursor. */
 static void tile_scores(const dec_job *job, const qkv__seq *s, int64_t hk, int64_t p0, int n,
@@ -548,13 +595,16 @@ static const uint16_t *i8_rows(const dec_job *job, int64_t b, int is_v, int64_t 
 }
 
 /* What head slot e of a task asks for while it works on a tile of n keys:
-   its share of the next tile's rows of t (positions p .. p+next-1), as
-   far as they lie in one block. Where the task's heads are adjacent rows
-   ([S, Hkv, D] caches), slot e takes positions e/HB .. (e+1)/HB of the
-   next tile, every head of each (one span per position); else its own
-   head's rows. */
+   its share of the next tile's rows of t (positions p .. p+next-1). Where
+   the task's heads are adjacent rows ([S, Hkv, D] caches), slot e takes
+   positions e/HB .. (e+1)/HB of the next tile, every head of each (one
+   span per position); else its own head's rows. In a paged cache whose
+   rows of a block are one run of lines, a share that starts a block takes
+   each block it reaches as a run (bases, TILE_BLOCKS of them; the last
+   may be asked for whole); else the share's first block. */
 static qkv__pf next_rows(const dec_job *job, const qkv_tensor *t, int64_t b, int64_t hk0,
-                         int64_t e, int64_t p, int64_t next, int64_t cols, int n)
+                         int64_t e, int64_t p, int64_t next, int64_t cols, int n,
+                         const char **bases)
 {
     const kv_src *src = job->src;
     qkv__pf pf;
@@ -570,57 +620,29 @@ static qkv__pf next_rows(const dec_job *job, const qkv_tensor *t, int64_t b, int
     }
     if (cnt <= 0 || t->stride[3] != 1)
         return pf;
-    const int64_t left = src->bs - row_in_block(src, lo);
-    cnt = cnt < left ? cnt : left;
+    const int64_t r0 = row_in_block(src, lo), left = src->bs - r0;
     const uintptr_t at = (uintptr_t)((const char *)t->data + row_off(src, t, b, lo, h) * src->es);
     pf.base = (const char *)(at & ~(uintptr_t)63);
     pf.ld = t->stride[1] * src->es;
     pf.lines = (int32_t)((at % 64 + (uintptr_t)span + 63) / 64 + (pf.ld % 64 != 0));
-    pf.rows = (int32_t)cnt;
-    if (pf.ld == 64 * (int64_t)pf.lines) {   /* one run of lines */
-        pf.lines *= pf.rows;
-        pf.rows = 1;
+    pf.rows = (int32_t)(cnt < left ? cnt : left);
+    if (pf.ld == 64 * (int64_t)pf.lines) {   /* one run of lines per block */
+        if (src->table && r0 == 0 && cnt > left) {
+            int32_t nb = 0;
+            for (int64_t q = lo; q < lo + cnt; q += src->bs)
+                bases[nb++] = (const char *)t->data + row_off(src, t, b, q, h) * src->es;
+            pf.bases = bases;
+            pf.lines *= (int32_t)src->bs;
+            pf.rows = nb;
+        } else {
+            pf.lines *= pf.rows;
+            pf.rows = 1;
+        }
     }
     const int64_t steps = (n + 3) / 4;
     pf.per4 = (int32_t)(((int64_t)pf.rows * pf.lines + steps - 1) / steps);
     pf.l2 = 1;
     return pf;
-}
-
-/* What a run of keys (offsets c0 .. c0+nr-1 of the tile at j0) asks for:
-   where a paged cache keeps a head's rows of a block together, the same
-   run of the next tile (its block), in *own; else the tile's pf. */
-static qkv__pf *run_pf(const dec_job *job, const qkv__seq *s, const qkv_tensor *t, int64_t hk,
-                       int64_t j0, int c0, int nr, qkv__pf *own, qkv__pf *tile_pf)
-{
-    if (job->HB != 1 || !job->src->table)
-        return tile_pf;
-    const int64_t lo = j0 + BK + c0, end = seq_len(job->src, s->b);
-    if (lo >= end)   /* the sequence's last tile: the tile's (next task) */
-        return tile_pf;
-    *own = next_rows(job, t, s->b, hk, 0, lo, end - lo < nr ? end - lo : nr,
-                     t == &job->src->k ? job->a->D : job->a->Dv, nr);
-    return own;
-}
-
-/* An int8 run of keys p0 .. p0+n-1 as codes at one stride (in place when
-   the run lies in one block, else gathered into the tile's bf16 buffer). */
-static const int8_t *i8_codes(const dec_job *job, int64_t b, int is_v, int64_t p0, int64_t h,
-                              int n, const scratch *sc, int c0, int64_t *ld)
-{
-    const kv_src *src = job->src;
-    const qkv_tensor *t = is_v ? &src->v : &src->k;
-    const int64_t cols = is_v ? job->a->Dv : job->a->D;
-    const int8_t *data = t->data;
-    if (one_block(src, p0, n)) {
-        *ld = t->stride[1];
-        return data + row_off(src, t, b, p0, h);
-    }
-    int8_t *dst = (int8_t *)(is_v ? sc->vb : sc->kb) + c0 * cols;
-    for (int c = 0; c < n; c++)
-        memcpy(dst + c * cols, data + row_off(src, t, b, p0 + c, h), (size_t)cols);
-    *ld = cols;
-    return dst;
 }
 
 /* A few-row tile's scores done: times the keys' int8 scales (ksc; NULL:
@@ -671,16 +693,10 @@ static void head_tile_i8(const dec_job *job, const qkv__seq *s, const qkv__tile_
     const int64_t D = a->D, Dv = a->Dv;
     const int m4 = (m + 3) / 4 * 4;
     int16_t *p = (int16_t *)sc->pp;
-    qkv__pf own;
-    for (int c0 = 0; c0 < n;) {
-        const int nr = run_length(src, j0, c0, n, 4);
-        int64_t ldk;
-        const int8_t *kr = i8_codes(job, s->b, 0, j0 + c0, hk, nr, sc, c0, &ldk);
-        kn->qk_i8_dec(nr, m, (int)D, a->scale, kr, ldk, queries_i16(sc), D,
-                      query_scales(sc, m4, D), sc->st + c0, BK,
-                      run_pf(job, s, &src->k, hk, j0, c0, nr, &own, pfk));
-        c0 += nr;
-    }
+    const char *blk[TILE_BLOCKS];
+    qkv__rows r = tile_rows(src, &src->k, s->b, j0, hk, n, blk);
+    kn->qk_i8_dec(n, m, (int)D, a->scale, &r, queries_i16(sc), D, query_scales(sc, m4, D),
+                  sc->st, BK, pfk);
     i8_scales(job, s->b, src->ks, j0, hk, n, sc->ksc);
     scores_done(job, s, tm, j0, n, m, band, sc, sc->ksc);
     float vmax = 0.0f;
@@ -692,17 +708,10 @@ static void head_tile_i8(const dec_job *job, const qkv__seq *s, const qkv__tile_
     }
     kn->exp_rows_i16(sc->st, BK, m, n, sc->mref, sc->vsc, vmax > 0.0f ? 32767.0f / vmax : 0.0f,
                      sc->sum, p, BK);
-    for (int r = 0; r < m; r++)
-        sc->l[r] = sc->l[r] * sc->alpha[r] + sc->sum[r];
-    for (int c0 = 0; c0 < n;) {
-        const int nr = run_length(src, j0, c0, n, 2);
-        int64_t ldv;
-        const int8_t *vr = i8_codes(job, s->b, 1, j0 + c0, hk, nr, sc, c0, &ldv);
-        kn->pv_i8_dec(m, nr, (int)Dv, p + c0, BK, vr, ldv, c0 ? NULL : sc->alpha,
-                      vmax / 32767.0f, sc->acc, Dv,
-                      run_pf(job, s, &src->v, hk, j0, c0, nr, &own, pfv));
-        c0 += nr;
-    }
+    for (int x = 0; x < m; x++)
+        sc->l[x] = sc->l[x] * sc->alpha[x] + sc->sum[x];
+    r = tile_rows(src, &src->v, s->b, j0, hk, n, blk);
+    kn->pv_i8_dec(m, n, (int)Dv, p, BK, &r, sc->alpha, vmax / 32767.0f, sc->acc, Dv, pfv);
     if (nan_row)   /* as its weight times NaN would: P is int16 here */
         for (int64_t x = 0; x < m * Dv; x++)
             sc->acc[x] = NAN;
@@ -710,11 +719,13 @@ static void head_tile_i8(const dec_job *job, const qkv__seq *s, const qkv__tile_
 
 /* A key tile for a few rows (decoding): scores query-major in st
    [m][BK] and the softmax along each row; then, with bf16 (or int8)
-   rows, P rounded to bf16 and P·V with the accumulators in registers
-   for the whole run, else fp32 P·V. The kernels ask for the next tile's
-   K (pfk) and V (pfv) lines as they go. Runs split as in tile_scores
-   and tile_values, so every cache layout gives the same bits. int8
-   codes on sets with int16 dot products: head_tile_i8. */
+   rows, P rounded to bf16 and P·V with the accumulators in registers,
+   else fp32 P·V. The bf16 kernels take the tile's rows in place, block
+   by block in a paged cache (gathered where they are not the kernels'
+   width at a unit stride); fp32 and int8 rows converted run by run. The
+   kernels ask for the next tile's K (pfk) and V (pfv) lines as they go.
+   Every cache layout gives the same bits. int8 codes on sets with int16
+   dot products: head_tile_i8. */
 static void head_tile_rows(const dec_job *job, const qkv__seq *s, const qkv__tile_map *tm,
                            int64_t hk, int64_t j0, int n, int m, int band, const scratch *sc,
                            qkv__pf *pfk, qkv__pf *pfv)
@@ -729,28 +740,37 @@ static void head_tile_rows(const dec_job *job, const qkv__seq *s, const qkv__til
     const int64_t D = a->D, Dv = a->Dv, w = 2 * pairs(D);
     const int bf = job->bf, i8 = bf && src->i8;   /* int8 codes as bf16 */
     uint16_t *p = (uint16_t *)sc->pp;
-    qkv__pf own;
-    for (int c0 = 0; c0 < n;) {
-        const int nr = run_length(src, j0, c0, n, 4);
-        int64_t ldk;
-        if (bf) {
-            const uint16_t *kr = i8 ? i8_rows(job, s->b, 0, j0 + c0, hk, nr, sc, c0, &ldk)
-                                    : rows_bf16(src, &src->k, s->b, j0 + c0, hk, nr, D, w,
-                                                sc->kb + c0 * w, &ldk);
-            kn->qk_bf16_dec(nr, m, (int)pairs(D), a->scale, kr, ldk, (const uint16_t *)sc->q,
-                            w, sc->st + c0, BK, run_pf(job, s, &src->k, hk, j0, c0, nr, &own, pfk));
+    const char *blk[TILE_BLOCKS];
+    qkv__rows r;
+    if (bf) {
+        if (i8) {
+            for (int c0 = 0; c0 < n;) {
+                const int nr = run_length(src, j0, c0, n, 1);
+                int64_t ld;
+                i8_rows(job, s->b, 0, j0 + c0, hk, nr, sc, c0, &ld);
+                c0 += nr;
+            }
+            r = run_rows(sc->kb, w * 2, blk);
         } else {
+            r = bf16_rows(src, &src->k, s->b, j0, hk, n, D, w, sc->kb, blk);
+        }
+        kn->qk_bf16_dec(n, m, (int)pairs(D), a->scale, &r, (const uint16_t *)sc->q, w, sc->st,
+                        BK, pfk);
+    } else {
+        for (int c0 = 0; c0 < n;) {
+            const int nr = run_length(src, j0, c0, n, 4);
+            int64_t ldk;
             const float *kr = rows_f32(kn, src, 0, s->b, j0 + c0, hk, nr, D, a->Hkv,
                                        sc->kw + c0 * D, &ldk);
-            kn->qk_dec(nr, m, (int)D, a->scale, kr, ldk, sc->q, D, sc->st + c0, BK,
-                       run_pf(job, s, &src->k, hk, j0, c0, nr, &own, pfk));
+            r = run_rows(kr, ldk * 4, blk);
+            kn->qk_dec(nr, m, (int)D, a->scale, &r, sc->q, D, sc->st + c0, BK, pfk);
+            c0 += nr;
         }
-        c0 += nr;
     }
     scores_done(job, s, tm, j0, n, m, band, sc, i8 ? sc->ksc : NULL);
     if (i8)   /* the V codes and their scales, which P takes */
         for (int c0 = 0; c0 < n;) {
-            const int nr = run_length(src, j0, c0, n, 2);
+            const int nr = run_length(src, j0, c0, n, 1);
             int64_t ldv;
             i8_rows(job, s->b, 1, j0 + c0, hk, nr, sc, c0, &ldv);
             c0 += nr;
@@ -759,8 +779,8 @@ static void head_tile_rows(const dec_job *job, const qkv__seq *s, const qkv__til
         kn->exp_rows_bf16(sc->st, BK, m, n, sc->mref, i8 ? sc->vsc : NULL, sc->sum, p, BK);
     else
         kn->exp_rows(sc->st, BK, m, n, sc->mref, sc->sum);
-    for (int r = 0; r < m; r++)
-        sc->l[r] = sc->l[r] * sc->alpha[r] + sc->sum[r];
+    for (int x = 0; x < m; x++)
+        sc->l[x] = sc->l[x] * sc->alpha[x] + sc->sum[x];
     if (!bf) {
         /* fp32 P·V run by run, in calls of 16 keys with the next tile's V
            lines asked for between them (the first call scales acc by
@@ -770,26 +790,18 @@ static void head_tile_rows(const dec_job *job, const qkv__seq *s, const qkv__til
             int64_t ldv;
             const float *vr = rows_f32(kn, src, 1, s->b, j0 + c0, hk, nr, Dv, a->Hkv, sc->vw,
                                        &ldv);
-            qkv__pf *pf = run_pf(job, s, &src->v, hk, j0, c0, nr, &own, pfv);
             for (int c = 0; c < nr; c += 16) {
                 kn->pv(m, nr - c < 16 ? nr - c : 16, (int)Dv, sc->st + c0 + c, BK, 1,
                        vr + c * ldv, ldv, c0 + c ? sc->ones : sc->alpha, sc->acc, Dv);
-                qkv__pf_lines(pf, 4 * pf->per4);
+                qkv__pf_lines(pfv, 4 * pfv->per4);
             }
             c0 += nr;
         }
         return;
     }
-    for (int c0 = 0; c0 < n;) {
-        const int nr = run_length(src, j0, c0, n, 2);
-        int64_t ldv = Dv;   /* int8: the codes converted above */
-        const uint16_t *vr = i8 ? sc->vb + c0 * Dv
-                                : rows_bf16(src, &src->v, s->b, j0 + c0, hk, nr, Dv, Dv,
-                                            sc->vb + c0 * Dv, &ldv);
-        kn->pv_bf16_dec(m, nr, (int)Dv, p + c0, BK, vr, ldv, c0 ? NULL : sc->alpha, sc->acc,
-                        Dv, run_pf(job, s, &src->v, hk, j0, c0, nr, &own, pfv));
-        c0 += nr;
-    }
+    r = i8 ? run_rows(sc->vb, Dv * 2, blk)
+           : bf16_rows(src, &src->v, s->b, j0, hk, n, Dv, Dv, sc->vb, blk);
+    kn->pv_bf16_dec(m, n, (int)Dv, p, BK, &r, sc->alpha, sc->acc, Dv, pfv);
 }
 
 /* One key tile (keys j0 .. j0+n-1) for kv head hk: scores, masks and
@@ -844,7 +856,7 @@ static void task_keys(const dec_job *job, const qkv__seq *s, const qkv__tile_map
    the first tile of the task this worker runs next (claimed now), in
    *pfk and *pfv; empty when none is left. */
 static void next_task_rows(const dec_job *job, int worker, int64_t e, int n, qkv__pf *pfk,
-                           qkv__pf *pfv)
+                           qkv__pf *pfv, const char **kbases, const char **vbases)
 {
     memset(pfk, 0, sizeof *pfk);
     memset(pfv, 0, sizeof *pfv);
@@ -858,8 +870,8 @@ static void next_task_rows(const dec_job *job, int worker, int64_t e, int n, qkv
     task_of(job, task, &s, &hk0, &tm, &part);
     task_keys(job, &s, &tm, part, &klo, &khi, &lo_last, &hi_first);
     const int64_t first = khi - klo < BK ? khi - klo : BK;
-    *pfk = next_rows(job, &job->src->k, s.b, hk0, e, klo, first, job->a->D, n);
-    *pfv = next_rows(job, &job->src->v, s.b, hk0, e, klo, first, job->a->Dv, n);
+    *pfk = next_rows(job, &job->src->k, s.b, hk0, e, klo, first, job->a->D, n, kbases);
+    *pfv = next_rows(job, &job->src->v, s.b, hk0, e, klo, first, job->a->Dv, n, vbases);
 }
 
 static void dec_task(void *arg, int64_t task, int worker)
@@ -919,11 +931,14 @@ static void dec_task(void *arg, int64_t task, int worker)
             const scratch sc = scratch_at(base, e, R, a->D, Dv);
             if (rows) {
                 qkv__pf pfk, pfv;
+                const char *kbases[TILE_BLOCKS], *vbases[TILE_BLOCKS];
                 if (next > 0) {
-                    pfk = next_rows(job, &job->src->k, s.b, hk0, e, j0 + n, next, a->D, n);
-                    pfv = next_rows(job, &job->src->v, s.b, hk0, e, j0 + n, next, Dv, n);
+                    pfk = next_rows(job, &job->src->k, s.b, hk0, e, j0 + n, next, a->D, n,
+                                    kbases);
+                    pfv = next_rows(job, &job->src->v, s.b, hk0, e, j0 + n, next, Dv, n,
+                                    vbases);
                 } else {
-                    next_task_rows(job, worker, e, n, &pfk, &pfv);
+                    next_task_rows(job, worker, e, n, &pfk, &pfv, kbases, vbases);
                 }
                 head_tile_rows(job, &s, &tm, hk0 + e, j0, n, m, band, &sc, &pfk, &pfv);
             } else {

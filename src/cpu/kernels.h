@@ -11,22 +11,42 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* The K or V rows of a decode kernel call: row j starts at
+   blk[(r0 + j) >> shift] + ((r0 + j) mod 2^shift)·ld bytes. The blocks
+   of a paged cache (2^shift rows each, the call's first row r0 rows into
+   blk[0]), or one run of rows at one stride (shift QKV__RUN). */
+typedef struct {
+    const char *const *blk;
+    int64_t            ld;
+    int                shift, r0;
+} qkv__rows;
+
+enum { QKV__RUN = 30 };
+
+static inline const char *qkv__row(const qkv__rows *r, int j)
+{
+    const int x = r->r0 + j;
+    return r->blk[x >> r->shift] + (int64_t)(x & ((1 << r->shift) - 1)) * r->ld;
+}
+
 /* Cache lines a decode kernel asks for while it works (software
-   prefetch): `rows` rows `ld` bytes apart from base, `lines` lines of 64
+   prefetch): `rows` rows `ld` bytes apart from base (or at bases[row]
+   when bases is set: the blocks of a paged cache), `lines` lines of 64
    bytes each, `per4` lines after each 4 keys until all are asked for;
    row/line is the progress, kept across calls. l2: into L2 only. */
 typedef struct {
-    const char *base;
-    int64_t     ld;
-    int32_t     rows, lines, per4, l2;
-    int32_t     row, line;
+    const char        *base;
+    const char *const *bases;
+    int64_t            ld;
+    int32_t            rows, lines, per4, l2;
+    int32_t            row, line;
 } qkv__pf;
 
 /* Asks for up to `count` more lines of pf. */
 static inline void qkv__pf_lines(qkv__pf *pf, int count)
 {
     while (count > 0 && pf->row < pf->rows) {
-        const char *r = pf->base + pf->row * pf->ld;
+        const char *r = pf->bases ? pf->bases[pf->row] : pf->base + pf->row * pf->ld;
         int l = pf->line;
         const int e = count < pf->lines - l ? l + count : pf->lines;
         count -= e - l;
@@ -59,7 +79,7 @@ typedef struct {
 static inline qkv__pf_run qkv__pf_run_begin(const qkv__pf *pf)
 {
     qkv__pf_run r = { NULL, NULL };
-    if (pf && pf->rows == 1 && pf->row == 0) {
+    if (pf && pf->rows == 1 && pf->row == 0 && !pf->bases) {
         r.at = pf->base + 64 * (int64_t)pf->line;
         r.end = pf->base + 64 * (int64_t)pf->lines;
     }
@@ -197,10 +217,11 @@ typedef struct qkv__kernels {
     /* The scores of qk_bf16_rows, query-major: st[i·ldst + j] for j < n,
        i < m, computed in blocks of 4 keys x 4 queries whose 16 dot
        products are reduced together (only the last n % 4 keys are reduced
-       one by one); q must be readable up to row round_up(m, 4). Splitting
-       the keys into calls of multiples of 4 gives the same bits. Asks for
-       the lines of pf (NULL: none) as it goes. */
-    void (*qk_bf16_dec)(int n, int m, int dp, float scale, const uint16_t *k, int64_t ldk,
+       one by one); k's rows are dp pairs of bf16, q [m][ldq], readable up
+       to row round_up(m, 4). Splitting the keys into calls of multiples of
+       4 gives the same bits. Asks for the lines of pf (NULL: none) as it
+       goes. */
+    void (*qk_bf16_dec)(int n, int m, int dp, float scale, const qkv__rows *k,
                         const uint16_t *q, int64_t ldq, float *st, int64_t ldst,
                         qkv__pf *pf);
 
@@ -213,21 +234,21 @@ typedef struct qkv__kernels {
 
     /* acc[i][c] = alpha[i]·acc[i][c] + Σ_jj P(i,jj)·(v[2jj][c], v[2jj+1][c])
        for i < m, c < dv, jj < (n+1)/2, where P(i,jj) is pair jj of row i of
-       p ([m][ldp] bf16 from exp_rows_bf16) and v bf16 rows [n][ldv],
+       p ([m][ldp] bf16 from exp_rows_bf16) and v's rows of dv bf16 values,
        paired along keys on the fly (a last odd row pairs with zero);
        alpha NULL: no rescaling. The sums run pair by pair in fp32, so
        calls split at even key counts give the same bits as one call.
        Asks for the lines of pf (NULL: none) as it goes. */
     void (*pv_bf16_dec)(int m, int n, int dv, const uint16_t *p, int64_t ldp,
-                        const uint16_t *v, int64_t ldv, const float *alpha,
-                        float *acc, int64_t lda, qkv__pf *pf);
+                        const qkv__rows *v, const float *alpha, float *acc, int64_t lda,
+                        qkv__pf *pf);
 
     /* int8 caches read as codes (sets with AVX512-VNNI, else NULL): the
-       scores of qk_bf16_dec from int8 K rows k [n][ldk bytes] and int16
+       scores of qk_bf16_dec from int8 K rows of d codes and int16
        queries q [m][ldq] (readable up to row round_up(m, 4)), the dot
        products exact in int32 (d even, d <= 256), then times
        scale·qsc[i]. */
-    void (*qk_i8_dec)(int n, int m, int d, float scale, const int8_t *k, int64_t ldk,
+    void (*qk_i8_dec)(int n, int m, int d, float scale, const qkv__rows *k,
                       const int16_t *q, int64_t ldq, const float *qsc, float *st,
                       int64_t ldst, qkv__pf *pf);
 
@@ -238,22 +259,22 @@ typedef struct qkv__kernels {
     void (*exp_rows_i16)(const float *st, int64_t ld, int m, int n, const float *mref,
                          const float *pmul, float inv, float *sum, int16_t *p, int64_t ldp);
 
-    /* pv_bf16_dec with int16 P (exp_rows_i16) and int8 V rows v [n][ldv
-       bytes]: acc[i][c] = alpha[i]·acc[i][c] + pscale·Σ_j P(i,j)·v[j][c],
-       the sums exact in int32 over chunks of 32 keys, dv a multiple of
-       32. */
-    void (*pv_i8_dec)(int m, int n, int dv, const int16_t *p, int64_t ldp, const int8_t *v,
-                      int64_t ldv, const float *alpha, float pscale, float *acc, int64_t lda,
-                      qkv__pf *pf);
+    /* pv_bf16_dec with int16 P (exp_rows_i16) and int8 V rows (dv codes
+       each): acc[i][c] = alpha[i]·acc[i][c] + pscale·Σ_j P(i,j)·v[j][c],
+       the sums exact in int32 over chunks of 32 keys from the call's
+       first, dv a multiple of 32. */
+    void (*pv_i8_dec)(int m, int n, int dv, const int16_t *p, int64_t ldp, const qkv__rows *v,
+                      const float *alpha, float pscale, float *acc, int64_t lda, qkv__pf *pf);
 
     /* ---- decode, every set ---------------------------------------------- */
 
     /* The scores of qk for a few queries, query-major as qk_bf16_dec:
        st[i·ldst + j] for j < n, i < m; q [m][ldq] fp32 rows, readable up to
-       row round_up(m, 4), k [n][ldk]. Splitting the keys into calls of
-       multiples of 4 gives the same bits. Asks for pf's lines as it goes. */
-    void (*qk_dec)(int n, int m, int d, float scale, const float *k, int64_t ldk,
-                   const float *q, int64_t ldq, float *st, int64_t ldst, qkv__pf *pf);
+       row round_up(m, 4), k's rows d fp32 values. Splitting the keys into
+       calls of multiples of 4 gives the same bits. Asks for pf's lines as
+       it goes. */
+    void (*qk_dec)(int n, int m, int d, float scale, const qkv__rows *k, const float *q,
+                   int64_t ldq, float *st, int64_t ldst, qkv__pf *pf);
 
     /* mx[i] = max_j st[i·ld + j] (-inf when all are), i < m, j < n. */
     void (*row_max)(const float *st, int64_t ld, int m, int n, float *mx);

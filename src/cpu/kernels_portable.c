@@ -355,11 +355,11 @@ static void exp_rows(float *st, int64_t ld, int m, int n, const float *mref, flo
 /* Decode scores where the set has no blocked kernel: query-major, each
    key's dot products one at a time (any split of the keys gives the same
    bits). */
-static void qk_rows_plain(int n, int m, int d, float scale, const float *k, int64_t ldk,
+static void qk_rows_plain(int n, int m, int d, float scale, const qkv__rows *k,
                           const float *q, int64_t ldq, float *st, int64_t ldst, qkv__pf *pf)
 {
     for (int j = 0; j < n; j++) {
-        const float *kj = k + j * ldk;
+        const float *kj = (const float *)qkv__row(k, j);
         for (int i = 0; i < m; i++) {
             const float *qi = q + i * ldq;
             vf acc = {0};
@@ -604,14 +604,14 @@ __m512 dot_step(const int bf, __m512 c, __m512i a, __m512i b)
 /* Query-major scores st[i·ldst + j] of n keys by m queries in blocks of 4
    keys x 4 queries, rows of len 32-bit lanes (fp32 values, bf16 pairs when
    bf is 1; bf 2: int8 K rows, 2 codes per lane, widened to int16 pairs for
-   int16 queries, len a multiple of 16, sums in int32 times qsc[i]) ldk /
-   ldq bytes apart; the last n % 4 keys one sum at a time. q (and qsc) are
-   readable up to row round_up(m, 4). pf's lines are asked for along the
-   first 4 queries' pass, spread over the steps along the row. */
+   int16 queries, len a multiple of 16, sums in int32 times qsc[i]), the
+   queries ldq bytes apart; the last n % 4 keys one sum at a time. q (and
+   qsc) are readable up to row round_up(m, 4). pf's lines are asked for
+   along the first 4 queries' pass, spread over the steps along the row. */
 static inline __attribute__((always_inline))
-void qk_rows_blocks(const int bf, int n, int m, int len, float scale, const char *k,
-                    int64_t ldk, const char *q, int64_t ldq, const float *qsc, float *st,
-                    int64_t ldst, qkv__pf *pf)
+void qk_rows_blocks(const int bf, int n, int m, int len, float scale, const qkv__rows *k,
+                    const char *q, int64_t ldq, const float *qsc, float *st, int64_t ldst,
+                    qkv__pf *pf)
 {
     const int full = len - len % VW;
     const __mmask16 tail = (__mmask16)((1u << (len - full)) - 1);
@@ -633,7 +633,9 @@ void qk_rows_blocks(const int bf, int n, int m, int len, float scale, const char
             __m512 c[16];
             for (int t = 0; t < 16; t++)
                 c[t] = _mm512_setzero_ps();
-            const char *k0 = k + j * ldk;
+            const char *kr[4];
+            for (int e = 0; e < 4; e++)
+                kr[e] = qkv__row(k, j + e);
             for (int x = 0; x < full + (tail ? VW : 0); x += VW) {
                 /* whole steps load unmasked: masked loads do not train
                    the hardware prefetchers */
@@ -641,17 +643,17 @@ void qk_rows_blocks(const int bf, int n, int m, int len, float scale, const char
                 if (bf == 2) {
                     for (int e = 0; e < 4; e++) {
                         kv[e] = _mm512_cvtepi8_epi16(
-                            _mm256_loadu_si256((const __m256i *)(k0 + e * ldk + 2 * x)));
+                            _mm256_loadu_si256((const __m256i *)(kr[e] + 2 * x)));
                         qv[e] = _mm512_loadu_si512(q0 + e * ldq + 4 * x);
                     }
                 } else if (x < full) {
                     for (int e = 0; e < 4; e++) {
-                        kv[e] = _mm512_loadu_si512(k0 + e * ldk + 4 * x);
+                        kv[e] = _mm512_loadu_si512(kr[e] + 4 * x);
                         qv[e] = _mm512_loadu_si512(q0 + e * ldq + 4 * x);
                     }
                 } else {
                     for (int e = 0; e < 4; e++) {
-                        kv[e] = _mm512_maskz_loadu_epi32(tail, k0 + e * ldk + 4 * x);
+                        kv[e] = _mm512_maskz_loadu_epi32(tail, kr[e] + 4 * x);
                         qv[e] = _mm512_maskz_loadu_epi32(tail, q0 + e * ldq + 4 * x);
                     }
                 }
@@ -666,12 +668,13 @@ void qk_rows_blocks(const int bf, int n, int m, int len, float scale, const char
         }
         for (; j < n; j++)
             for (int r = 0; r < live; r++) {
+                const char *kj = qkv__row(k, j);
                 __m512 c = _mm512_setzero_ps();
                 for (int x = 0; x < full + (tail ? VW : 0); x += VW) {
                     const __mmask16 mk = x < full ? (__mmask16)0xffff : tail;
                     const __m512i kx = bf == 2 ? _mm512_cvtepi8_epi16(_mm256_loadu_si256(
-                                                     (const __m256i *)(k + j * ldk + 2 * x)))
-                                               : _mm512_maskz_loadu_epi32(mk, k + j * ldk + 4 * x);
+                                                     (const __m256i *)(kj + 2 * x)))
+                                               : _mm512_maskz_loadu_epi32(mk, kj + 4 * x);
                     c = dot_step(bf, c, kx, _mm512_maskz_loadu_epi32(mk, q0 + r * ldq + 4 * x));
                 }
                 st[(i + r) * ldst + j] =
@@ -683,11 +686,10 @@ void qk_rows_blocks(const int bf, int n, int m, int len, float scale, const char
     qkv__pf_run_end(pf, &run);
 }
 
-static void qk_f32_dec(int n, int m, int d, float scale, const float *k, int64_t ldk,
-                       const float *q, int64_t ldq, float *st, int64_t ldst, qkv__pf *pf)
+static void qk_f32_dec(int n, int m, int d, float scale, const qkv__rows *k, const float *q,
+                       int64_t ldq, float *st, int64_t ldst, qkv__pf *pf)
 {
-    qk_rows_blocks(0, n, m, d, scale, (const char *)k, ldk * 4, (const char *)q, ldq * 4, NULL,
-                   st, ldst, pf);
+    qk_rows_blocks(0, n, m, d, scale, k, (const char *)q, ldq * 4, NULL, st, ldst, pf);
 }
 #endif
 
@@ -904,11 +906,10 @@ static void mm_bf16(int m, int np, int dv, const uint32_t *pp, int64_t psi, int6
 }
 /* ---- decode: few queries, keys and values read in place ------------------- */
 
-static void qk_bf16_dec(int n, int m, int dp, float scale, const uint16_t *k, int64_t ldk,
+static void qk_bf16_dec(int n, int m, int dp, float scale, const qkv__rows *k,
                         const uint16_t *q, int64_t ldq, float *st, int64_t ldst, qkv__pf *pf)
 {
-    qk_rows_blocks(1, n, m, dp, scale, (const char *)k, ldk * 2, (const char *)q, ldq * 2, NULL,
-                   st, ldst, pf);
+    qk_rows_blocks(1, n, m, dp, scale, k, (const char *)q, ldq * 2, NULL, st, ldst, pf);
 }
 
 /* cvt_i8_bf16 with the conversion instructions: 32 codes through int32
@@ -969,14 +970,14 @@ static const int16_t pair_hi[32] = {
     24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63 };
 
 /* rows (<= 4) of acc x nw·32 columns (nw 1 or 2; the ones past cols
-   masked) over the pairs of n keys; pf_pair of pf's lines asked for after
-   each pair, and with `touch` the rest of each V row (bytes 128 .. 2·dv)
-   brought into L1, so the cache lines of the rows are first read in
-   address order. */
+   masked) over the pairs of keys k0 .. k0+n-1 of v, from column c0;
+   pf_pair of pf's lines asked for after each pair, and with `touch` the
+   rest of each V row (bytes 128 .. 2·dv) brought into L1, so the cache
+   lines of the rows are first read in address order. */
 static inline __attribute__((always_inline))
 void pvd_block(const int rows, const int nw, int n, int cols, const uint32_t *pp, int64_t ldp,
-               const uint16_t *v, int64_t ldv, const float *alpha, float *acc, int64_t lda,
-               __m512i ilo, __m512i ihi, int touch, qkv__pf *pf, int pf_pair)
+               const qkv__rows *v, int k0, int c0, const float *alpha, float *acc,
+               int64_t lda, __m512i ilo, __m512i ihi, int touch, qkv__pf *pf, int pf_pair)
 {
     __mmask32 mw[2];
     __mmask16 mc[4];
@@ -998,8 +999,9 @@ void pvd_block(const int rows, const int nw, int n, int cols, const uint32_t *pp
         }
     }
     for (int jj = 0; 2 * jj < n; jj++) {
-        const uint16_t *v0 = v + 2 * jj * ldv, *v1 = v0 + ldv;
         const int odd = 2 * jj + 1 < n;
+        const uint16_t *v0 = (const uint16_t *)qkv__row(v, k0 + 2 * jj) + c0,
+                       *v1 = odd ? (const uint16_t *)qkv__row(v, k0 + 2 * jj + 1) + c0 : v0;
         for (int x = 128; x < touch; x += 64) {
             __builtin_prefetch((const char *)v0 + x, 0, 3);
             if (odd)
@@ -1038,15 +1040,13 @@ void pvd_block(const int rows, const int nw, int n, int cols, const uint32_t *pp
     do {                                                                        \
         int c0 = 0;                                                             \
         for (; c0 + 64 <= dv; c0 += 64)                                         \
-            pvd_block(rows, 2, nk, 64, pp + i * ldpp + kc / 2, ldpp,            \
-                      v + kc * ldv + c0, ldv, al ? al + i : NULL,               \
-                      acc + i * lda + c0, lda, ilo, ihi, c0 || i ? 0 : 2 * dv,  \
-                      i ? NULL : pf, pf_pair);                                  \
+            pvd_block(rows, 2, nk, 64, pp + i * ldpp + kc / 2, ldpp, v, kc, c0, \
+                      al ? al + i : NULL, acc + i * lda + c0, lda, ilo, ihi,    \
+                      c0 || i ? 0 : 2 * dv, i ? NULL : pf, pf_pair);            \
         for (; c0 < dv; c0 += 32)                                               \
-            pvd_block(rows, 1, nk, dv - c0, pp + i * ldpp + kc / 2, ldpp,       \
-                      v + kc * ldv + c0, ldv, al ? al + i : NULL,               \
-                      acc + i * lda + c0, lda, ilo, ihi, c0 || i ? 0 : 2 * dv,  \
-                      i ? NULL : pf, pf_pair);                                  \
+            pvd_block(rows, 1, nk, dv - c0, pp + i * ldpp + kc / 2, ldpp, v,    \
+                      kc, c0, al ? al + i : NULL, acc + i * lda + c0, lda, ilo, \
+                      ihi, c0 || i ? 0 : 2 * dv, i ? NULL : pf, pf_pair);       \
     } while (0)
 
 /* Keys per chunk: the chunk's V rows stay in L1 while the row groups and
@@ -1077,8 +1077,8 @@ enum { PV_CHUNK = 32 };
     } while (0)
 
 static void pv_bf16_dec(int m, int n, int dv, const uint16_t *p, int64_t ldp,
-                        const uint16_t *v, int64_t ldv, const float *alpha,
-                        float *acc, int64_t lda, qkv__pf *pf)
+                        const qkv__rows *v, const float *alpha, float *acc, int64_t lda,
+                        qkv__pf *pf)
 {
     const __m512i ilo = _mm512_loadu_si512(pair_lo), ihi = _mm512_loadu_si512(pair_hi);
     PV_DEC_LOOPS(PVD_ROWS);
@@ -1090,12 +1090,10 @@ static void pv_bf16_dec(int m, int n, int dv, const uint16_t *p, int64_t ldp,
 #if defined(__AVX512VNNI__) && defined(QKV_HAVE_DEC_F32) && defined(QKV_HAVE_BF16_DOT)
 #define QKV_HAVE_I8_DOT 1
 
-static void qk_i8_dec(int n, int m, int d, float scale, const int8_t *k, int64_t ldk,
-                      const int16_t *q, int64_t ldq, const float *qsc, float *st, int64_t ldst,
-                      qkv__pf *pf)
+static void qk_i8_dec(int n, int m, int d, float scale, const qkv__rows *k, const int16_t *q,
+                      int64_t ldq, const float *qsc, float *st, int64_t ldst, qkv__pf *pf)
 {
-    qk_rows_blocks(2, n, m, d / 2, scale, (const char *)k, ldk, (const char *)q, ldq * 2, qsc,
-                   st, ldst, pf);
+    qk_rows_blocks(2, n, m, d / 2, scale, k, (const char *)q, ldq * 2, qsc, st, ldst, pf);
 }
 
 static void exp_rows_i16(const float *st, int64_t ld, int m, int n, const float *mref,
@@ -1132,16 +1130,17 @@ static const int32_t i8_cols_1[16] = { 8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14,
 
 static inline __attribute__((always_inline))
 void pv8_block(const int rows, const int nw, int n, const uint32_t *pp, int64_t ldp,
-               const int8_t *v, int64_t ldv, const float *alpha, float pscale, float *acc,
-               int64_t lda, int touch, qkv__pf *pf, int pf_pair)
+               const qkv__rows *v, int k0, int c0, const float *alpha, float pscale,
+               float *acc, int64_t lda, int touch, qkv__pf *pf, int pf_pair)
 {
     __m512i c[4][4];
     for (int r = 0; r < rows; r++)
         for (int t = 0; t < 2 * nw; t++)
             c[r][t] = _mm512_setzero_si512();
     for (int jj = 0; 2 * jj < n; jj++) {
-        const int8_t *v0 = v + 2 * jj * ldv, *v1 = v0 + ldv;
         const int odd = 2 * jj + 1 < n;
+        const int8_t *v0 = (const int8_t *)qkv__row(v, k0 + 2 * jj) + c0,
+                     *v1 = odd ? (const int8_t *)qkv__row(v, k0 + 2 * jj + 1) + c0 : v0;
         for (int x = 64; x < touch; x += 64) {
             __builtin_prefetch(v0 + x, 0, 3);
             if (odd)
@@ -1183,18 +1182,17 @@ void pv8_block(const int rows, const int nw, int n, const uint32_t *pp, int64_t 
     do {                                                                        \
         int c0 = 0;                                                             \
         for (; c0 + 64 <= dv; c0 += 64)                                         \
-            pv8_block(rows, 2, nk, pp + i * ldpp + kc / 2, ldpp, v + kc * ldv + c0, \
-                      ldv, al ? al + i : NULL, pscale, acc + i * lda + c0, lda,     \
+            pv8_block(rows, 2, nk, pp + i * ldpp + kc / 2, ldpp, v, kc, c0,     \
+                      al ? al + i : NULL, pscale, acc + i * lda + c0, lda,      \
                       c0 || i ? 0 : dv, i ? NULL : pf, pf_pair);                \
         for (; c0 < dv; c0 += 32)                                               \
-            pv8_block(rows, 1, nk, pp + i * ldpp + kc / 2, ldpp, v + kc * ldv + c0, \
-                      ldv, al ? al + i : NULL, pscale, acc + i * lda + c0, lda,     \
+            pv8_block(rows, 1, nk, pp + i * ldpp + kc / 2, ldpp, v, kc, c0,     \
+                      al ? al + i : NULL, pscale, acc + i * lda + c0, lda,      \
                       c0 || i ? 0 : dv, i ? NULL : pf, pf_pair);                \
     } while (0)
 
-static void pv_i8_dec(int m, int n, int dv, const int16_t *p, int64_t ldp, const int8_t *v,
-                      int64_t ldv, const float *alpha, float pscale, float *acc, int64_t lda,
-                      qkv__pf *pf)
+static void pv_i8_dec(int m, int n, int dv, const int16_t *p, int64_t ldp, const qkv__rows *v,
+                      const float *alpha, float pscale, float *acc, int64_t lda, qkv__pf *pf)
 {
     PV_DEC_LOOPS(PV8_ROWS);
 }
