@@ -493,15 +493,15 @@ typedef enum {
  * or, with head_major = 1, [n_blocks, heads_kv, block_size, head_dim|_v]:
  * a head's rows of a block follow each other, which decoding reads as
  * one stream per head (about 10-15% faster with blocks of 16; larger
- * blocks gain more). The scales below keep their layout either way.
+ * blocks gain more). The scales below follow the same layout.
  * A sequence owns a block table, a row of int32 block ids: its position p
  * lives in block table[p / block_size], row p % block_size. Blocks may be
  * shared between sequences for reading (a common prompt prefix).
  *
  * QKV_KV_I8 stores x as round(x / s) in [-127, 127] with s = max|x| / 127
  * over the head_dim values of that row; k_scale and v_scale
- * [n_blocks, block_size, heads_kv] hold the s (fp32), written by
- * qkv_paged_append. An element reads back as code·s, off by at most s/2
+ * [n_blocks, block_size, heads_kv] (with head_major = 1 [n_blocks,
+ * heads_kv, block_size]) hold the s (fp32), written by qkv_paged_append. An element reads back as code·s, off by at most s/2
  * (1/254 of its row's largest magnitude) plus fp32 rounding. A row holding a non-finite value
  * gets a NaN scale (it reads back as NaN). Other dtypes leave the scales
  * NULL. With bf16 queries on a CPU with AVX512-VNNI (head dims multiples

@@ -416,8 +416,11 @@ static float *dequantized(const dcase *c, const paged *p, int is_v, double *rel_
     for (int64_t b = 0; b < c->B; b++)
         for (int64_t j = 0; j < c->lens[b]; j++)
             for (int64_t h = 0; h < c->Hkv; h++) {
-                const int64_t blk = p->table[b * p->max_blocks + j / p->pc.block_size];
-                const int64_t row = (blk * p->pc.block_size + j % p->pc.block_size) * c->Hkv + h;
+                const int64_t blk = p->table[b * p->max_blocks + j / p->pc.block_size],
+                              bs = p->pc.block_size;
+                /* scales and codes alike: [block, row, head] or [block, head, row] */
+                const int64_t row = p->pc.head_major ? (blk * c->Hkv + h) * bs + j % bs
+                                                     : (blk * bs + j % bs) * c->Hkv + h;
                 const int8_t *codes = (const int8_t *)(is_v ? p->pc.v : p->pc.k) + row * cols;
                 const float sc = (is_v ? p->pc.v_scale : p->pc.k_scale)[row];
                 const float *x = src + ((b * c->Smax + j) * c->Hkv + h) * cols;
@@ -437,8 +440,8 @@ static float *dequantized(const dcase *c, const paged *p, int is_v, double *rel_
 /* One int8 case: the pool's elements within half a step of their row
    max, the output against the dequantized cache as any call, and against
    the unquantized one within the derived bound, on every kernel set. */
-static void int8_case(const isas *s, qkv_ctx *ref, dcase *c, rng *r, int64_t bs, double *worst_q,
-                      double *worst_out, double *worst_ratio)
+static void int8_case(const isas *s, qkv_ctx *ref, dcase *c, rng *r, int64_t bs, int hm,
+                      double *worst_q, double *worst_out, double *worst_ratio)
 {
     c->kdt = QKV_F32;
     c->lay_k = LAY_CONTIG;
@@ -446,7 +449,7 @@ static void int8_case(const isas *s, qkv_ctx *ref, dcase *c, rng *r, int64_t bs,
     c->opts.alibi_slopes = NULL;
     dcase_build(c, r);
     paged p;
-    paged_fill(s->ctx[0], &p, c, bs, 1, 0, r);
+    paged_fill(s->ctx[0], &p, c, bs, 1, hm, r);
     double ek, ev;
     float *kd = dequantized(c, &p, 0, &ek), *vd = dequantized(c, &p, 1, &ev);
     /* s/2 relative to the row max, plus the fp32 roundings of x/s and
@@ -506,7 +509,8 @@ void test_decode_int8(void)
     for (int it = 0; it < n_cases; it++) {
         dcase c;
         random_dcase(&c, &r, it % 5 == 4 ? 4000 : 400);
-        int8_case(&s, ref, &c, &r, (int64_t)8 << (it % 6), &worst_q, &worst_out, &worst_ratio);
+        int8_case(&s, ref, &c, &r, (int64_t)8 << (it % 6), it % 4 == 3, &worst_q, &worst_out,
+                  &worst_ratio);
         dcase_free(&c);
     }
     /* bf16 queries with head dims the int16 dot products take (multiples
@@ -528,7 +532,8 @@ void test_decode_int8(void)
         c.Smax = lens[it % 6];
         for (int64_t b = 0; b < c.B; b++)
             c.lens[b] = (int32_t)(b == 0 ? c.Smax : rng_int(&r, 0, c.Smax));
-        int8_case(&s, ref, &c, &r, (int64_t)8 << (it % 6), &worst_q, &worst_out, &worst_ratio);
+        int8_case(&s, ref, &c, &r, (int64_t)8 << (it % 6), it % 4 == 3, &worst_q, &worst_out,
+                  &worst_ratio);
         dcase_free(&c);
     }
     /* a V row that held a non-finite value has a NaN scale: its head's

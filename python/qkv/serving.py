@@ -88,7 +88,8 @@ class PagedCache:
     heads_kv, head_dim] and v (NumPy arrays; int8 rows with one float32
     scale per row and head in k_scale / v_scale [n_blocks, block_size,
     heads_kv]), or with head_major=True [n_blocks, heads_kv, block_size,
-    head_dim], each head's rows of a block together (decodes faster).
+    head_dim] (scales [n_blocks, heads_kv, block_size]), each head's rows
+    of a block together (decodes faster).
     Sequences address it through block tables, int32 [B, max_blocks]
     arrays of block ids the caller manages (blocks may be shared for
     reading)."""
@@ -113,8 +114,8 @@ class PagedCache:
         self.v[...] = 0
         self.k_scale = self.v_scale = None
         if dtype == "int8":
-            self.k_scale = np.zeros((n_blocks, block_size, heads_kv), np.float32)
-            self.v_scale = np.zeros((n_blocks, block_size, heads_kv), np.float32)
+            self.k_scale = np.zeros((n_blocks, *mid), np.float32)
+            self.v_scale = np.zeros((n_blocks, *mid), np.float32)
         c = self._c = _Paged()
         c.k, c.v = self.k.ctypes.data, self.v.ctypes.data
         if self.k_scale is not None:

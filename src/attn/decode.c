@@ -39,9 +39,11 @@ enum { BK = 128 };
 /* Where the K and V rows of the keys live. */
 typedef struct {
     qkv_tensor     k, v;      /* [blocks, bs, Hkv, D|Dv] views (dtype unused when i8) */
-    int            i8;        /* int8 codes with scales ks/vs [blocks, bs, Hkv] */
+    int            i8;        /* int8 codes with scales ks/vs [blocks, bs, Hkv],
+                                 or [blocks, Hkv, bs] when sstride is 1 */
     int64_t        es;        /* bytes per element */
     const float   *ks, *vs;
+    int64_t        sstride;   /* floats between a head's scales of adjacent rows */
     int64_t        bs;        /* positions per block */
     int            shift;     /* log2(bs) for a table's power-of-two blocks */
     const int32_t *table;     /* [n_seqs][max_blocks], or NULL: block b for sequence b */
@@ -74,10 +76,12 @@ static int64_t row_off(const kv_src *src, const qkv_tensor *t, int64_t b, int64_
            h * t->stride[2];
 }
 
-/* The scale index of an int8 row: [block, row, head]. */
+/* The scale index of an int8 row: [block, row, head], or [block, head,
+   row] in a head-major pool. */
 static int64_t scale_idx(const kv_src *src, int64_t b, int64_t p, int64_t h, int64_t Hkv)
 {
-    return (block_of(src, b, p) * src->bs + row_in_block(src, p)) * Hkv + h;
+    const int64_t blk = block_of(src, b, p), r = row_in_block(src, p);
+    return src->sstride == 1 ? (blk * Hkv + h) * src->bs + r : (blk * src->bs + r) * Hkv + h;
 }
 
 /* n fp32 rows of cols elements (positions p0.., head h): in place when
@@ -663,18 +667,22 @@ static void scores_done(const dec_job *job, const qkv__seq *s, const qkv__tile_m
 }
 
 /* dst[c] = the scale of position p0 + c's row for kv head h, c < n: a
-   head's scales lie heads_kv floats apart within a block. */
+   head's scales lie heads_kv floats apart within a block, or together in
+   a head-major pool. */
 static void i8_scales(const dec_job *job, int64_t b, const float *scales, int64_t p0, int64_t h,
                       int n, float *dst)
 {
     const kv_src *src = job->src;
-    const int64_t Hkv = job->a->Hkv;
+    const int64_t Hkv = job->a->Hkv, ss = src->sstride;
     for (int c = 0; c < n;) {
         const int64_t left = src->table ? src->bs - row_in_block(src, p0 + c) : n - c;
         const int run = left < n - c ? (int)left : n - c;
         const float *s0 = scales + scale_idx(src, b, p0 + c, h, Hkv);
-        for (int x = 0; x < run; x++)
-            dst[c + x] = s0[x * Hkv];
+        if (ss == 1)
+            memcpy(dst + c, s0, (size_t)run * sizeof *dst);
+        else
+            for (int x = 0; x < run; x++)
+                dst[c + x] = s0[x * ss];
         c += run;
     }
 }
@@ -852,6 +860,21 @@ static void task_keys(const dec_job *job, const qkv__seq *s, const qkv__tile_map
     }
 }
 
+/* Asks for the K and V scales of positions p .. p+n-1 of kv head h (an
+   int8 pool), block by block. */
+static void prefetch_scales(const kv_src *src, int64_t b, int64_t h, int64_t Hkv, int64_t p,
+                            int64_t n)
+{
+    for (int64_t q = p; q < p + n;) {
+        const int64_t left = src->table ? src->bs - row_in_block(src, q) : p + n - q;
+        const int64_t run = left < p + n - q ? left : p + n - q;
+        const int64_t i = scale_idx(src, b, q, h, Hkv), span = (run - 1) * src->sstride + 1;
+        prefetch_span((const char *)(src->ks + i), span * (int64_t)sizeof(float), 2);
+        prefetch_span((const char *)(src->vs + i), span * (int64_t)sizeof(float), 2);
+        q += run;
+    }
+}
+
 /* The rows head slot e asks for during a task's last tile: its share of
    the first tile of the task this worker runs next (claimed now), in
    *pfk and *pfv; empty when none is left. */
@@ -933,6 +956,8 @@ static void dec_task(void *arg, int64_t task, int worker)
                 qkv__pf pfk, pfv;
                 const char *kbases[TILE_BLOCKS], *vbases[TILE_BLOCKS];
                 if (next > 0) {
+                    if (job->i8dot)
+                        prefetch_scales(job->src, s.b, hk0 + e, a->Hkv, j0 + n, next);
                     pfk = next_rows(job, &job->src->k, s.b, hk0, e, j0 + n, next, a->D, n,
                                     kbases);
                     pfv = next_rows(job, &job->src->v, s.b, hk0, e, j0 + n, next, Dv, n,
@@ -1212,6 +1237,7 @@ static qkv_status check_paged(qkv_ctx *ctx, const qkv_paged_cache *c, kv_src *sr
     src->es = es;
     src->ks = c->k_scale;
     src->vs = c->v_scale;
+    src->sstride = c->head_major ? 1 : c->heads_kv;
     src->bs = c->block_size;
     while ((int64_t)1 << src->shift < src->bs)
         src->shift++;
