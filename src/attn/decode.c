@@ -405,32 +405,40 @@ static int run_length(const kv_src *src, int64_t p0, int c0, int n, int align)
    starting inside one). */
 enum { TILE_BLOCKS = BK / 8 + 1 };
 
+/* A run of rows at one stride (ld bytes) as the kernels take it. */
+static qkv__rows run_rows(const void *first, int64_t ld, const char **blk)
+{
+    blk[0] = first;
+    const qkv__rows r = { blk, ld, QKV__RUN, 0 };
+    return r;
+}
+
 /* Keys p0 .. p0+n-1 of t (head h) for the few-row kernels, in place:
    the blocks they lie in (pointers into blk, TILE_BLOCKS of them) or, in
    a contiguous cache, their run. The rows must be the kernels' width
-   with a unit inner stride. */
+   (`bytes`) with a unit inner stride. The kernels' groups of 4 keys from
+   p0 must not cross a block: where they would (p0 not a multiple of 4
+   and the keys in several blocks), the rows are copied into buf. */
 static qkv__rows tile_rows(const kv_src *src, const qkv_tensor *t, int64_t b, int64_t p0,
-                           int64_t h, int n, const char **blk)
+                           int64_t h, int n, int64_t bytes, void *buf, const char **blk)
 {
     const char *data = t->data;
     qkv__rows r = { blk, t->stride[1] * src->es, QKV__RUN, 0 };
-    if (!src->table) {
+    if (!src->table || one_block(src, p0, n)) {
         blk[0] = data + row_off(src, t, b, p0, h) * src->es;
         return r;
+    }
+    if (p0 % 4) {
+        for (int c = 0; c < n; c++)
+            memcpy((char *)buf + c * bytes, data + row_off(src, t, b, p0 + c, h) * src->es,
+                   (size_t)bytes);
+        return run_rows(buf, bytes, blk);
     }
     r.shift = src->shift;
     r.r0 = (int)row_in_block(src, p0);
     const int64_t first = p0 - r.r0;
     for (int64_t i = 0; i * src->bs < r.r0 + n; i++)
         blk[i] = data + row_off(src, t, b, first + i * src->bs, h) * src->es;
-    return r;
-}
-
-/* A run of rows at one stride (ld bytes) as the kernels take it. */
-static qkv__rows run_rows(const void *first, int64_t ld, const char **blk)
-{
-    blk[0] = first;
-    const qkv__rows r = { blk, ld, QKV__RUN, 0 };
     return r;
 }
 
@@ -442,7 +450,7 @@ static qkv__rows bf16_rows(const kv_src *src, const qkv_tensor *t, int64_t b, in
                            const char **blk)
 {
     if (t->stride[3] == 1 && w == cols)
-        return tile_rows(src, t, b, p0, h, n, blk);
+        return tile_rows(src, t, b, p0, h, n, w * 2, buf, blk);
     int64_t ld;
     const uint16_t *rows = rows_bf16(src, t, b, p0, h, n, cols, w, buf, &ld);
     return run_rows(rows, ld * 2, blk);
@@ -702,7 +710,7 @@ static void head_tile_i8(const dec_job *job, const qkv__seq *s, const qkv__tile_
     const int m4 = (m + 3) / 4 * 4;
     int16_t *p = (int16_t *)sc->pp;
     const char *blk[TILE_BLOCKS];
-    qkv__rows r = tile_rows(src, &src->k, s->b, j0, hk, n, blk);
+    qkv__rows r = tile_rows(src, &src->k, s->b, j0, hk, n, D, sc->kb, blk);
     kn->qk_i8_dec(n, m, (int)D, a->scale, &r, queries_i16(sc), D, query_scales(sc, m4, D),
                   sc->st, BK, pfk);
     i8_scales(job, s->b, src->ks, j0, hk, n, sc->ksc);
@@ -718,7 +726,7 @@ static void head_tile_i8(const dec_job *job, const qkv__seq *s, const qkv__tile_
                      sc->sum, p, BK);
     for (int x = 0; x < m; x++)
         sc->l[x] = sc->l[x] * sc->alpha[x] + sc->sum[x];
-    r = tile_rows(src, &src->v, s->b, j0, hk, n, blk);
+    r = tile_rows(src, &src->v, s->b, j0, hk, n, Dv, sc->vb, blk);
     kn->pv_i8_dec(m, n, (int)Dv, p, BK, &r, sc->alpha, vmax / 32767.0f, sc->acc, Dv, pfv);
     if (nan_row)   /* as its weight times NaN would: P is int16 here */
         for (int64_t x = 0; x < m * Dv; x++)

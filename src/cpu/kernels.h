@@ -29,6 +29,32 @@ static inline const char *qkv__row(const qkv__rows *r, int j)
     return r->blk[x >> r->shift] + (int64_t)(x & ((1 << r->shift) - 1)) * r->ld;
 }
 
+/* A walk along the rows of r in groups of `step` rows that never cross a
+   block (the kernels' groups of 2 or 4 keys from the call's first: the
+   callers keep r0 a multiple of 4): the group's first row, and the rows
+   left in its block. */
+typedef struct {
+    const char *at;
+    int         left;
+} qkv__walk;
+
+static inline qkv__walk qkv__walk_at(const qkv__rows *r, int j)
+{
+    const int x = r->r0 + j, in = x & ((1 << r->shift) - 1);
+    const qkv__walk w = { r->blk[x >> r->shift] + (int64_t)in * r->ld, (1 << r->shift) - in };
+    return w;
+}
+
+/* On to the group of `step` rows at row j (the one after w's). */
+static inline void qkv__walk_next(qkv__walk *w, const qkv__rows *r, int j, int step)
+{
+    w->left -= step;
+    if (w->left > 0)
+        w->at += step * r->ld;
+    else
+        *w = qkv__walk_at(r, j);
+}
+
 /* Cache lines a decode kernel asks for while it works (software
    prefetch): `rows` rows `ld` bytes apart from base (or at bases[row]
    when bases is set: the blocks of a paged cache), `lines` lines of 64

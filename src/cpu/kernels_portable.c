@@ -628,14 +628,16 @@ void qk_rows_blocks(const int bf, int n, int m, int len, float scale, const qkv_
                                                   qsc[i + 1], qsc[i + 1], qsc[i + 1], qsc[i + 2],
                                                   qsc[i + 2], qsc[i + 2], qsc[i + 2], qsc[i + 3],
                                                   qsc[i + 3], qsc[i + 3], qsc[i + 3]));
+        const int64_t ldk = k->ld;
+        qkv__walk kw = qkv__walk_at(k, 0);
         int j = 0;
         for (; j + 4 <= n; j += 4) {
+            if (j)
+                qkv__walk_next(&kw, k, j, 4);
             __m512 c[16];
             for (int t = 0; t < 16; t++)
                 c[t] = _mm512_setzero_ps();
-            const char *kr[4];
-            for (int e = 0; e < 4; e++)
-                kr[e] = qkv__row(k, j + e);
+            const char *k0 = kw.at;
             for (int x = 0; x < full + (tail ? VW : 0); x += VW) {
                 /* whole steps load unmasked: masked loads do not train
                    the hardware prefetchers */
@@ -643,17 +645,17 @@ void qk_rows_blocks(const int bf, int n, int m, int len, float scale, const qkv_
                 if (bf == 2) {
                     for (int e = 0; e < 4; e++) {
                         kv[e] = _mm512_cvtepi8_epi16(
-                            _mm256_loadu_si256((const __m256i *)(kr[e] + 2 * x)));
+                            _mm256_loadu_si256((const __m256i *)(k0 + e * ldk + 2 * x)));
                         qv[e] = _mm512_loadu_si512(q0 + e * ldq + 4 * x);
                     }
                 } else if (x < full) {
                     for (int e = 0; e < 4; e++) {
-                        kv[e] = _mm512_loadu_si512(kr[e] + 4 * x);
+                        kv[e] = _mm512_loadu_si512(k0 + e * ldk + 4 * x);
                         qv[e] = _mm512_loadu_si512(q0 + e * ldq + 4 * x);
                     }
                 } else {
                     for (int e = 0; e < 4; e++) {
-                        kv[e] = _mm512_maskz_loadu_epi32(tail, kr[e] + 4 * x);
+                        kv[e] = _mm512_maskz_loadu_epi32(tail, k0 + e * ldk + 4 * x);
                         qv[e] = _mm512_maskz_loadu_epi32(tail, q0 + e * ldq + 4 * x);
                     }
                 }
@@ -970,14 +972,14 @@ static const int16_t pair_hi[32] = {
     24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63 };
 
 /* rows (<= 4) of acc x nw·32 columns (nw 1 or 2; the ones past cols
-   masked) over the pairs of keys k0 .. k0+n-1 of v, from column c0;
-   pf_pair of pf's lines asked for after each pair, and with `touch` the
-   rest of each V row (bytes 128 .. 2·dv) brought into L1, so the cache
-   lines of the rows are first read in address order. */
+   masked) over the pairs of n keys, rows v [n][ldv]; pf_pair of pf's
+   lines asked for after each pair, and with `touch` the rest of each V
+   row (bytes 128 .. 2·dv) brought into L1, so the cache lines of the rows
+   are first read in address order. */
 static inline __attribute__((always_inline))
 void pvd_block(const int rows, const int nw, int n, int cols, const uint32_t *pp, int64_t ldp,
-               const qkv__rows *v, int k0, int c0, const float *alpha, float *acc,
-               int64_t lda, __m512i ilo, __m512i ihi, int touch, qkv__pf *pf, int pf_pair)
+               const uint16_t *v, int64_t ldv, const float *alpha, float *acc, int64_t lda,
+               __m512i ilo, __m512i ihi, int touch, qkv__pf *pf, int pf_pair)
 {
     __mmask32 mw[2];
     __mmask16 mc[4];
@@ -999,9 +1001,8 @@ void pvd_block(const int rows, const int nw, int n, int cols, const uint32_t *pp
         }
     }
     for (int jj = 0; 2 * jj < n; jj++) {
+        const uint16_t *v0 = v + 2 * jj * ldv, *v1 = v0 + ldv;
         const int odd = 2 * jj + 1 < n;
-        const uint16_t *v0 = (const uint16_t *)qkv__row(v, k0 + 2 * jj) + c0,
-                       *v1 = odd ? (const uint16_t *)qkv__row(v, k0 + 2 * jj + 1) + c0 : v0;
         for (int x = 128; x < touch; x += 64) {
             __builtin_prefetch((const char *)v0 + x, 0, 3);
             if (odd)
@@ -1040,30 +1041,40 @@ void pvd_block(const int rows, const int nw, int n, int cols, const uint32_t *pp
     do {                                                                        \
         int c0 = 0;                                                             \
         for (; c0 + 64 <= dv; c0 += 64)                                         \
-            pvd_block(rows, 2, nk, 64, pp + i * ldpp + kc / 2, ldpp, v, kc, c0, \
-                      al ? al + i : NULL, acc + i * lda + c0, lda, ilo, ihi,    \
-                      c0 || i ? 0 : 2 * dv, i ? NULL : pf, pf_pair);            \
+            pvd_block(rows, 2, nk, 64, pp + i * ldpp + kc / 2, ldpp,            \
+                      (const uint16_t *)vc + c0, v->ld / 2, al ? al + i : NULL, \
+                      acc + i * lda + c0, lda, ilo, ihi, c0 || i ? 0 : 2 * dv,  \
+                      i ? NULL : pf, pf_pair);                                  \
         for (; c0 < dv; c0 += 32)                                               \
-            pvd_block(rows, 1, nk, dv - c0, pp + i * ldpp + kc / 2, ldpp, v,    \
-                      kc, c0, al ? al + i : NULL, acc + i * lda + c0, lda, ilo, \
-                      ihi, c0 || i ? 0 : 2 * dv, i ? NULL : pf, pf_pair);       \
+            pvd_block(rows, 1, nk, dv - c0, pp + i * ldpp + kc / 2, ldpp,       \
+                      (const uint16_t *)vc + c0, v->ld / 2, al ? al + i : NULL, \
+                      acc + i * lda + c0, lda, ilo, ihi, c0 || i ? 0 : 2 * dv,  \
+                      i ? NULL : pf, pf_pair);                                  \
     } while (0)
 
 /* Keys per chunk: the chunk's V rows stay in L1 while the row groups and
    column blocks pass over them. */
 enum { PV_CHUNK = 32 };
 
-/* The few-row P·V kernels' loops: chunks of keys, row groups of 4 (each
-   ROWS(rows) its column blocks), pf_pair of pf's lines after each pair
-   of keys in each column block of the first group. */
-#define PV_DEC_LOOPS(ROWS)                                                      \
+/* The few-row P·V kernels' loops: chunks of keys (with SPLIT, ending at
+   v's block boundaries too: vc the chunk's first row), row groups of 4
+   (each ROWS(rows) its column blocks), pf_pair of pf's lines after each
+   pair of keys in each column block of the first group. */
+#define PV_DEC_LOOPS(ROWS, SPLIT)                                               \
     do {                                                                        \
         const uint32_t *pp = (const uint32_t *)p;                               \
         const int64_t ldpp = ldp / 2;                                           \
         const int blocks = dv / 64 + (dv % 64 + 31) / 32;                       \
         const int pf_pair = pf ? (pf->per4 + 2 * blocks - 1) / (2 * blocks) : 0; \
-        for (int kc = 0; kc < n; kc += PV_CHUNK) {                              \
-            const int nk = n - kc < PV_CHUNK ? n - kc : PV_CHUNK;               \
+        for (int kc = 0, nk; kc < n; kc += nk) {                                \
+            nk = n - kc < PV_CHUNK ? n - kc : PV_CHUNK;                         \
+            const char *vc = NULL;                                              \
+            if (SPLIT) {                                                        \
+                const qkv__walk w = qkv__walk_at(v, kc);                        \
+                vc = w.at;                                                      \
+                nk = nk < w.left ? nk : w.left;                                 \
+            }                                                                   \
+            (void)vc;                                                           \
             const float *al = kc ? NULL : alpha;                                \
             for (int i = 0; i < m; i += 4) {                                    \
                 switch (m - i) {                                                \
@@ -1081,7 +1092,7 @@ static void pv_bf16_dec(int m, int n, int dv, const uint16_t *p, int64_t ldp,
                         qkv__pf *pf)
 {
     const __m512i ilo = _mm512_loadu_si512(pair_lo), ihi = _mm512_loadu_si512(pair_hi);
-    PV_DEC_LOOPS(PVD_ROWS);
+    PV_DEC_LOOPS(PVD_ROWS, 1);
 }
 #endif /* __AVX512BF16__ */
 
@@ -1137,10 +1148,17 @@ void pv8_block(const int rows, const int nw, int n, const uint32_t *pp, int64_t 
     for (int r = 0; r < rows; r++)
         for (int t = 0; t < 2 * nw; t++)
             c[r][t] = _mm512_setzero_si512();
-    for (int jj = 0; 2 * jj < n; jj++) {
+    const int64_t ldv = v->ld;
+    const int8_t *vb = NULL;   /* the current block's row of pair jj's first key */
+    int left = 0;
+    for (int jj = 0; 2 * jj < n; jj++, vb += 2 * ldv, left -= 2) {
+        if (left <= 0) {
+            const qkv__walk w = qkv__walk_at(v, k0 + 2 * jj);
+            vb = (const int8_t *)w.at + c0;
+            left = w.left;
+        }
         const int odd = 2 * jj + 1 < n;
-        const int8_t *v0 = (const int8_t *)qkv__row(v, k0 + 2 * jj) + c0,
-                     *v1 = odd ? (const int8_t *)qkv__row(v, k0 + 2 * jj + 1) + c0 : v0;
+        const int8_t *v0 = vb, *v1 = odd ? vb + ldv : vb;
         for (int x = 64; x < touch; x += 64) {
             __builtin_prefetch(v0 + x, 0, 3);
             if (odd)
@@ -1194,7 +1212,7 @@ void pv8_block(const int rows, const int nw, int n, const uint32_t *pp, int64_t 
 static void pv_i8_dec(int m, int n, int dv, const int16_t *p, int64_t ldp, const qkv__rows *v,
                       const float *alpha, float pscale, float *acc, int64_t lda, qkv__pf *pf)
 {
-    PV_DEC_LOOPS(PV8_ROWS);
+    PV_DEC_LOOPS(PV8_ROWS, 0);
 }
 #endif /* __AVX512VNNI__ */
 
