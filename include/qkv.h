@@ -219,7 +219,9 @@ QKV_API qkv_attn_opts qkv_attn_opts_default(void);
  *   causal: j <= p;  window_left >= 0: j >= p - window_left;
  *   window_right >= 0: j <= p + window_right.
  * A row that sees no key (or whose every visible score is -inf) gets output
- * 0 and lse -inf.
+ * 0 and lse -inf. A NaN score among the keys a row sees (a NaN in q or in
+ * a visible key, or +inf scores) makes that row's output and lse NaN, as
+ * PyTorch's softmax does; rows that do not see it are unaffected.
  *
  * Dropout (dropout_p > 0, as torch.nn.functional.dropout on the softmax's
  * output in training): out = (P ∘ Z)·V, where P is the softmax and Z holds

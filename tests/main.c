@@ -20,6 +20,7 @@
 
 /* test_bf16.c (declared here, next to their registration) */
 void test_pool_claims(void);
+void test_nan_rows(void);
 void test_bf16_rounding(void);
 void test_bf16_shapes(void);
 void test_bf16_options(void);
@@ -68,6 +69,7 @@ static const struct { const char *name; void (*fn)(void); } tests[] = {
     { "convert_pairs",           test_convert_pairs },
     { "convert_errors",          test_convert_errors },
     { "pool_claims",             test_pool_claims },
+    { "nan_rows",                test_nan_rows },
     { "convert_store_kernels",   test_convert_store_kernels },
     { "convert_i8_bf16_kernels", test_convert_i8_bf16_kernels },
     { "errors_api",              test_errors_api },

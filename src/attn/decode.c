@@ -561,9 +561,9 @@ static void store_row(const dec_job *job, const qkv__seq *s, const qkv__tile_map
     const int64_t h = tm->h0 + r / tm->mp, i = tm->i0 + r % tm->mp;
     qkv__store_row(job->ctx->kernels, out,
                    s->b * out->stride[0] + i * out->stride[1] + h * out->stride[2],
-                   out->stride[3], a->Dv, acc, l > 0.0f ? 1.0f / l : 0.0f);
-    if (a->lse)
-        a->lse[qkv__lse_index(a, s->b, h, i)] = l > 0.0f ? m + logf(l) : -INFINITY;
+                   out->stride[3], a->Dv, acc, !(l <= 0.0f) ? 1.0f / l : 0.0f);
+    if (a->lse)   /* a NaN sum (a NaN score) stays NaN */
+        a->lse[qkv__lse_index(a, s->b, h, i)] = !(l <= 0.0f) ? m + logf(l) : -INFINITY;
 }
 
 /* The online softmax update of rows 0..m-1 from the tile's maxima mx. */

@@ -167,9 +167,9 @@ static void store_result(const qkv__kernels *kn, const qkv__attn *a, const qkv__
     const qkv_tensor *out = a->out;
     const int64_t h = tm->h0 + r / tm->mp, qi = s->q0 + tm->i0 + r % tm->mp;
     qkv__store_row(kn, out, s->b * out->stride[0] + qi * out->stride[1] + h * out->stride[2],
-              out->stride[3], a->Dv, acc, l > 0.0f ? 1.0f / l : 0.0f);
+              out->stride[3], a->Dv, acc, !(l <= 0.0f) ? 1.0f / l : 0.0f);
     if (a->lse)
-        a->lse[qkv__lse_index(a, s->b, h, qi)] = l > 0.0f ? m + logf(l) : -INFINITY;
+        a->lse[qkv__lse_index(a, s->b, h, qi)] = !(l <= 0.0f) ? m + logf(l) : -INFINITY;
 }
 
 static void fwd_task(void *arg, int64_t task, int worker)

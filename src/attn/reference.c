@@ -27,6 +27,7 @@ static void ref_row(const qkv__attn *a, const qkv__seq *s, int64_t h, int64_t i,
 {
     const int64_t hk = h / a->group, qi = s->q0 + i;
     double m = -INFINITY;
+    int nan = 0;
     for (int64_t j = 0; j < s->sk; j++) {
         double x = -INFINITY;
         if (visible(a, i, j, s)) {
@@ -38,6 +39,7 @@ static void ref_row(const qkv__attn *a, const qkv__seq *s, int64_t h, int64_t i,
         score[j] = x;
         if (x > m)
             m = x;
+        nan |= x != x;
     }
     for (int64_t c = 0; c < a->Dv; c++)
         acc[c] = 0.0;
@@ -55,10 +57,12 @@ static void ref_row(const qkv__attn *a, const qkv__seq *s, int64_t h, int64_t i,
                 acc[c] += p * at(a->v, s->b, s->k0 + j, hk, c);
         }
     }
+    if (nan)   /* a NaN score among the keys the row sees: a NaN row */
+        l = NAN;
     for (int64_t c = 0; c < a->Dv; c++)
-        put(a->out, s->b, qi, h, c, l > 0.0 ? acc[c] / l : 0.0);
+        put(a->out, s->b, qi, h, c, !(l <= 0.0) ? acc[c] / l : 0.0);
     if (a->lse)
-        a->lse[qkv__lse_index(a, s->b, h, qi)] = l > 0.0 ? (float)(m + log(l)) : -INFINITY;
+        a->lse[qkv__lse_index(a, s->b, h, qi)] = !(l <= 0.0) ? (float)(m + log(l)) : -INFINITY;
 }
 
 static void ref_task(void *arg, int64_t task, int worker)

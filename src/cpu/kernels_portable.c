@@ -267,7 +267,7 @@ static void col_max(const float *st, int64_t ld, int n, int m, float *mx)
 static inline vf vexp(vf x)
 {
     const vf lo = vset1(-87.33654f);
-    vi keep = x >= lo;
+    vi keep = ~(x < lo);   /* NaN stays NaN */
     x = (vf)(((vi)x & keep) | ((vi)lo & ~keep));
     /* round x·log2e to nearest by adding 1.5·2^23 (exact in fp32) */
     const vf magic = vset1(12582912.0f);
