@@ -46,6 +46,13 @@ def test_paged_cache(dtype, block, head_major):
     half = S // 2
     cache.append(kc[:, :half], vc[:, :half], table, np.zeros(B, np.int32))
     cache.append(kc[:, half:], vc[:, half:], table, np.full(B, half, np.int32))
+    if dtype == "int8":
+        # one scale per row and head, laid out as the pool's blocks
+        assert cache.k_scale.shape[1:] == cache.k.shape[1:3]
+        b, p, h = 1, 3, Hkv - 1
+        blk, row = table[b, p // block], p % block
+        got = cache.k_scale[blk, h, row] if head_major else cache.k_scale[blk, row, h]
+        assert np.isclose(got, np.abs(kc[b, p, h].astype(np.float32)).max() / 127, rtol=1e-6)
     out = cache.attention(q, table, lens, causal=True)
     want = qkv.kvcache_attention(q, kc, vc, lens, causal=True)
     if dtype == "float32":
