@@ -868,15 +868,18 @@ static void task_keys(const dec_job *job, const qkv__seq *s, const qkv__tile_map
     }
 }
 
-/* Asks for the K and V scales of positions p .. p+n-1 of kv head h (an
-   int8 pool), block by block. */
-static void prefetch_scales(const kv_src *src, int64_t b, int64_t h, int64_t Hkv, int64_t p,
-                            int64_t n)
+/* Asks for the K and V scales of positions p .. p+n-1 of kv heads h ..
+   h+nh-1 (an int8 pool), block by block: nh 1 in a head-major pool, where
+   each head's scales are a run of their own; in a position-major one
+   the heads' scales of a position are adjacent, so one call covers
+   them all. */
+static void prefetch_scales(const kv_src *src, int64_t b, int64_t h, int64_t nh, int64_t Hkv,
+                            int64_t p, int64_t n)
 {
     for (int64_t q = p; q < p + n;) {
         const int64_t left = src->table ? src->bs - row_in_block(src, q) : p + n - q;
         const int64_t run = left < p + n - q ? left : p + n - q;
-        const int64_t i = scale_idx(src, b, q, h, Hkv), span = (run - 1) * src->sstride + 1;
+        const int64_t i = scale_idx(src, b, q, h, Hkv), span = (run - 1) * src->sstride + nh;
         prefetch_span((const char *)(src->ks + i), span * (int64_t)sizeof(float), 2);
         prefetch_span((const char *)(src->vs + i), span * (int64_t)sizeof(float), 2);
         q += run;
@@ -964,8 +967,10 @@ static void dec_task(void *arg, int64_t task, int worker)
                 qkv__pf pfk, pfv;
                 const char *kbases[TILE_BLOCKS], *vbases[TILE_BLOCKS];
                 if (next > 0) {
-                    if (job->i8dot)
-                        prefetch_scales(job->src, s.b, hk0 + e, a->Hkv, j0 + n, next);
+                    if (job->i8dot && job->src->sstride == 1)
+                        prefetch_scales(job->src, s.b, hk0 + e, 1, a->Hkv, j0 + n, next);
+                    else if (job->i8dot && e == 0)   /* every head's, once */
+                        prefetch_scales(job->src, s.b, hk0, job->HB, a->Hkv, j0 + n, next);
                     pfk = next_rows(job, &job->src->k, s.b, hk0, e, j0 + n, next, a->D, n,
                                     kbases);
                     pfv = next_rows(job, &job->src->v, s.b, hk0, e, j0 + n, next, Dv, n,
