@@ -88,17 +88,24 @@ static void detect(void)
 }
 #endif
 
+/* The table fillers are compiled with their set's flags, and the
+   compiler may use that set's instructions in them too (storing the
+   function pointers with 512-bit moves, say): only a set the CPU runs
+   may fill its table. */
 static void init(void)
 {
     qkv__kernels_generic(&tables[ISA_GENERIC]);
     supported[ISA_GENERIC] = 1;
 #ifdef QKV_X86
-    qkv__kernels_avx2(&tables[ISA_AVX2]);
-    qkv__kernels_avx512(&tables[ISA_AVX512]);
-    qkv__kernels_avx512bf16(&tables[ISA_AVX512BF16]);
-    qkv__kernels_amx_emu(&tables[ISA_AMX_EMU]);
-    qkv__kernels_amx(&tables[ISA_AMX]);
+    static void (*const fill[ISA_COUNT])(qkv__kernels *) = {
+        [ISA_AVX2] = qkv__kernels_avx2,       [ISA_AVX512] = qkv__kernels_avx512,
+        [ISA_AVX512BF16] = qkv__kernels_avx512bf16, [ISA_AMX_EMU] = qkv__kernels_amx_emu,
+        [ISA_AMX] = qkv__kernels_amx,
+    };
     detect();
+    for (int i = 0; i < ISA_COUNT; i++)
+        if (fill[i] && supported[i])
+            fill[i](&tables[i]);
 #endif
     best = ISA_GENERIC;
     for (int i = 0; i < ISA_COUNT; i++)
