@@ -47,6 +47,19 @@ static inline void vstore(float *p, vf x) { memcpy(p, &x, sizeof x); }
 /* a in every lane (a - 0 is exactly a, so this folds to one broadcast) */
 static inline vf vset1(float a) { return a - (vf){0}; }
 
+/* a·b + c, fused where the set has FMA. Written out because left to
+   contraction, `x = a[c]·alpha; x += p·v` may fuse either product, and
+   a call's first key would then round differently from the others: P·V
+   split into calls must give the bits of one call. */
+static inline float fmadd1(float a, float b, float c)
+{
+#ifdef __FMA__
+    return __builtin_fmaf(a, b, c);
+#else
+    return a * b + c;
+#endif
+}
+
 /* Sum of the lanes by halving (the halves add as vectors), then four
    scalars. */
 static inline float hsum(vf x)
@@ -216,7 +229,7 @@ static void pv_edge(int m, int n, int dv, const float *p, int64_t psi, int64_t p
         for (int c = cfull; c < dv; c++) {
             float x = a[c] * alpha[i];
             for (int j = 0; j < n; j++)
-                x += pi[j * psj] * v[j * ldv + c];
+                x = fmadd1(pi[j * psj], v[j * ldv + c], x);
             a[c] = x;
         }
 #endif
