@@ -327,7 +327,6 @@ done:
 qkv_status qkv__bert_embed(qkv_ctx *ctx, const qkv__bert *m, const char *const *texts,
                            int64_t n, float *out)
 {
-    qkv__blas_threads(ctx);
     for (int64_t i = 0; i < n; i += BATCH_CHUNK) {
         int64_t k = n - i < BATCH_CHUNK ? n - i : BATCH_CHUNK;
         qkv_status s = embed_chunk(ctx, m, texts + i, k, out + i * m->C);

@@ -108,7 +108,6 @@ const qkv__graph qkv__sasrec_graph = {
 qkv_status qkv__sasrec_recommend(qkv_ctx *ctx, const qkv__sasrec *m, const int32_t *history,
                                  int64_t len, int64_t k, int32_t *items, float *scores)
 {
-    qkv__blas_threads(ctx);
     int64_t C = m->C, S = m->maxlen, N = m->items;
     float *x = malloc((size_t)(S * C) * sizeof(float));
     float *qn = malloc((size_t)(S * C) * sizeof(float));

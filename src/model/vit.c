@@ -194,7 +194,6 @@ done:
 qkv_status qkv__vit_classify(qkv_ctx *ctx, const qkv__vit *m, const uint8_t *pixels,
                              int64_t n, float *logits)
 {
-    qkv__blas_threads(ctx);
     int64_t px = m->img * m->img;
     for (int64_t i = 0; i < n; i += IMAGE_CHUNK) {
         int64_t k = n - i < IMAGE_CHUNK ? n - i : IMAGE_CHUNK;

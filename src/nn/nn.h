@@ -15,15 +15,18 @@
 #include "../core/internal.h"
 
 /* y[M, N] (ld ldy) = x[M, K] (ld ldx) · Wᵀ + b, with W [N, K] row-major
-   (PyTorch's Linear layout) and b [N] or NULL. */
+   (PyTorch's Linear layout) and b [N] or NULL. Fixed blocks of rows and
+   columns, each one single-threaded BLAS call, spread over the context's
+   threads: an element's result depends on the shape alone, never on the
+   thread count (OpenBLAS's threaded GEMM gives other last bits for other
+   counts on some CPUs). Sets BLAS to one thread. */
 void qkv__linear(qkv_ctx *ctx, const float *x, int64_t M, int64_t K, int64_t ldx,
                  const float *W, const float *b, int64_t N, float *y, int64_t ldy);
 
-/* The same product in fixed blocks of rows spread over the context's
-   threads, each block one single-threaded BLAS call: a row's result
-   depends on M (its block's size) alone, never on the thread count
-   (OpenBLAS's threaded GEMM gives other last bits for other counts).
-   Sets BLAS to one thread. */
+/* The same product without the bias, in blocks of 32 rows with all the
+   columns: a row's result depends on its block's size alone (the llama
+   runtime's, whose outputs do not change with M's other rows). Sets
+   BLAS to one thread. */
 void qkv__linear_rows(qkv_ctx *ctx, const float *x, int64_t M, int64_t K, int64_t ldx,
                       const float *W, int64_t N, float *y, int64_t ldy);
 
@@ -48,9 +51,8 @@ qkv_status qkv__mha(qkv_ctx *ctx, const float *q, int64_t ldq, const float *k,
                     const float *v, int64_t ldkv, int64_t B, int64_t S, int64_t H,
                     int64_t D, const qkv_attn_opts *opts, float *out, int64_t ldo);
 
-/* Sets the BLAS library's thread count to the context's. */
-void qkv__blas_threads(qkv_ctx *ctx);
-/* Sets it to one (for BLAS calls from several threads at once). */
+/* Sets the BLAS library to one thread (for BLAS calls from several
+   threads at once). */
 void qkv__blas_single_thread(void);
 
 #endif /* QKV_NN_H */
