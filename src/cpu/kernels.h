@@ -237,8 +237,9 @@ typedef struct qkv__kernels {
        three gradient products, their operands laid out as they come. */
     void (*mm_bf16)(int m, int np, int n, const uint32_t *a, int64_t asi, int64_t asj,
                     const uint32_t *b, int64_t ldb, float *acc, int64_t lda);
-    /* ---- decode: a few query rows against many keys (NULL where the CPU
-       has no bf16 dot) -------------------------------------------------- */
+    /* ---- decode: a few query rows against many keys (every set: where
+       the CPU has no bf16 dot, bf16 values are widened in registers and
+       the products are fp32 FMAs) ----------------------------------------- */
 
     /* The scores of qk_bf16_rows, query-major: st[i·ldst + j] for j < n,
        i < m, computed in blocks of 4 keys x 4 queries whose 16 dot

@@ -1109,6 +1109,323 @@ static void pv_bf16_dec(int m, int n, int dv, const uint16_t *p, int64_t ldp,
 }
 #endif /* __AVX512BF16__ */
 
+/* ---- decode from bf16 rows in fp32 arithmetic (sets without a bf16 dot) --- */
+
+#ifndef QKV_HAVE_BF16_DOT
+/* A vector of VW words (2·VW bf16 values) splits into its even values
+   (the low halves shifted up: fp32 exactly) and its odd ones (the high
+   halves, masked): two fp32 vectors for an integer op each, no
+   shuffles. Dot products take the queries split the same way; P·V keeps
+   its accumulators split by even and odd columns while it runs. */
+static inline vf bf16_even(vu w) { return (vf)(w << 16); }
+static inline vf bf16_odd(vu w) { return (vf)(w & 0xffff0000u); }
+static inline vu words(const void *p) { vu w; memcpy(&w, p, sizeof w); return w; }
+
+typedef float vf4 __attribute__((vector_size(16)));
+
+/* EVENS / ODDS: lanes of (a, b) de-interleaved; ZIP_LO / ZIP_HI: back;
+   HE / HO: the even and odd lanes of each 128-bit block of a, then of
+   b (the halves of a horizontal add that stays in its blocks). */
+#if VW == 4
+#define EVENS(a, b) __builtin_shufflevector(a, b, 0, 2, 4, 6)
+#define ODDS(a, b) __builtin_shufflevector(a, b, 1, 3, 5, 7)
+#define ZIP_LO(a, b) __builtin_shufflevector(a, b, 0, 4, 1, 5)
+#define ZIP_HI(a, b) __builtin_shufflevector(a, b, 2, 6, 3, 7)
+#define HE(a, b) EVENS(a, b)
+#define HO(a, b) ODDS(a, b)
+#define FOLD4(g) (g)
+#elif VW == 8
+#define EVENS(a, b) __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14)
+#define ODDS(a, b) __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15)
+#define ZIP_LO(a, b) __builtin_shufflevector(a, b, 0, 8, 1, 9, 2, 10, 3, 11)
+#define ZIP_HI(a, b) __builtin_shufflevector(a, b, 4, 12, 5, 13, 6, 14, 7, 15)
+#define HE(a, b) __builtin_shufflevector(a, b, 0, 2, 8, 10, 4, 6, 12, 14)
+#define HO(a, b) __builtin_shufflevector(a, b, 1, 3, 9, 11, 5, 7, 13, 15)
+#define FOLD4(g) (__builtin_shufflevector(g, g, 0, 1, 2, 3) + \
+                  __builtin_shufflevector(g, g, 4, 5, 6, 7))
+#elif VW == 16
+#define EVENS(a, b) __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, \
+                                            24, 26, 28, 30)
+#define ODDS(a, b) __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, \
+                                           25, 27, 29, 31)
+#define ZIP_LO(a, b) __builtin_shufflevector(a, b, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, \
+                                             6, 22, 7, 23)
+#define ZIP_HI(a, b) __builtin_shufflevector(a, b, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, \
+                                             29, 14, 30, 15, 31)
+#define HE(a, b) __builtin_shufflevector(a, b, 0, 2, 16, 18, 4, 6, 20, 22, 8, 10, 24, 26, \
+                                         12, 14, 28, 30)
+#define HO(a, b) __builtin_shufflevector(a, b, 1, 3, 17, 19, 5, 7, 21, 23, 9, 11, 25, 27, \
+                                         13, 15, 29, 31)
+#define FOLD4(g) ((__builtin_shufflevector(g, g, 0, 1, 2, 3) +   \
+                   __builtin_shufflevector(g, g, 4, 5, 6, 7)) + \
+                  (__builtin_shufflevector(g, g, 8, 9, 10, 11) + \
+                   __builtin_shufflevector(g, g, 12, 13, 14, 15)))
+#endif
+
+static inline vf hpair(vf a, vf b) { return HE(a, b) + HO(a, b); }
+
+/* The lane sums of a, b, c, d: lanes paired within 128-bit blocks, then
+   the blocks added (one fixed order for every sum). */
+static inline vf4 reduce4(vf a, vf b, vf c, vf d)
+{
+    const vf g = hpair(hpair(a, b), hpair(c, d));
+    return FOLD4(g);
+}
+
+/* Queries a scores call expands (split into even and odd values, step
+   by step) to read as fp32 vectors: 4 rows of up to this many floats;
+   longer rows are split as they are read. */
+enum { QX_FLOATS = 1024 };
+
+/* The even (e 0) or odd (e 1) values of step s of query r: from the
+   expanded rows qx (x 1), or split from its bf16 row as read (the last
+   step's words from qt when the row ends inside it). */
+static inline __attribute__((always_inline))
+vf q_step(const int x, const float *qx, const uint16_t *q, int64_t ldq, const uint32_t *qt,
+          int r, int s, int tail, int e)
+{
+    if (x)
+        return vload(qx + r * QX_FLOATS + (2 * s + e) * VW);
+    const vu w = tail ? words(qt + r * VW) : words(q + r * ldq + 2 * s * VW);
+    return e ? bf16_odd(w) : bf16_even(w);
+}
+
+/* Scores of 2 keys (k0, k1: row pointers; the last step's words from
+   t0, t1 when the row ends inside it) by queries r0 and r0 + 1:
+   c[key][query] sums of lanes. 2 x 2 keeps the accumulators, the keys'
+   split values and the queries' in registers (AVX2 has 16): 2 x 4 made
+   GCC spill. */
+static inline __attribute__((always_inline))
+void qk_pair(const int x, int steps, int part, const char *k0, const char *k1,
+             const uint32_t *t0, const uint32_t *t1, const float *qx, const uint16_t *q,
+             int64_t ldq, const uint32_t *qt, int r0, vf c[2][2], qkv__pf *pf,
+             qkv__pf_run *run, int spread)
+{
+    c[0][0] = c[0][1] = c[1][0] = c[1][1] = (vf){0};
+    for (int s = 0; s < steps; s++) {
+        const int tail = part && s == steps - 1;
+        const vu w0 = tail ? words(t0) : words(k0 + 4 * s * VW);
+        const vu w1 = tail ? words(t1) : words(k1 + 4 * s * VW);
+        const vf e0 = bf16_even(w0), e1 = bf16_even(w1);
+        const vf o0 = bf16_odd(w0), o1 = bf16_odd(w1);
+        for (int r = 0; r < 2; r++) {
+            const vf qe = q_step(x, qx, q, ldq, qt, r0 + r, s, tail, 0);
+            const vf qo = q_step(x, qx, q, ldq, qt, r0 + r, s, tail, 1);
+            c[0][r] += e0 * qe;
+            c[1][r] += e1 * qe;
+            c[0][r] += o0 * qo;
+            c[1][r] += o1 * qo;
+        }
+        if (run)
+            qkv__pf_ask(pf, run, spread);
+    }
+}
+
+/* qk_bf16_dec in fp32 FMAs: per key and query, the lanes accumulate the
+   even values' products, then the odd ones', step by step along the row,
+   and reduce4 sums them. Keys go 2 at a time (a last odd key paired with
+   itself, so every key takes the same path); each key's sum depends on
+   that key alone, so any split of the keys gives the same bits. */
+static inline __attribute__((always_inline))
+void qk_bf16_rows_f32(const int x, int n, int m, int dp, float scale, const qkv__rows *k,
+                      const uint16_t *q, int64_t ldq, float *st, int64_t ldst, qkv__pf *pf)
+{
+    const int steps = (dp + VW - 1) / VW, part = dp % VW;
+    float qx[x ? 4 * QX_FLOATS : 1] __attribute__((aligned(64)));
+    uint32_t t0[VW], t1[VW];
+    memset(t0, 0, sizeof t0);
+    memset(t1, 0, sizeof t1);
+    const int spread = pf ? (pf->per4 + 2 * steps - 1) / (2 * steps) : 0;
+    qkv__pf_run run = qkv__pf_run_begin(pf);
+    uint32_t qt[4 * VW];   /* the queries' last step, zero past dp pairs */
+    memset(qt, 0, sizeof qt);
+    for (int i = 0; i < m; i += 4) {
+        const int live = m - i < 4 ? m - i : 4;
+        const uint16_t *qi = q + i * ldq;
+        for (int r = 0; r < 4 && part; r++)
+            memcpy(qt + r * VW, qi + r * ldq + 2 * (steps - 1) * VW, (size_t)part * 4);
+        if (x)   /* split the rows once */
+            for (int r = 0; r < 4; r++)
+                for (int s = 0; s < steps; s++) {
+                    const int tail = part && s == steps - 1;
+                    const vu w = tail ? words(qt + r * VW) : words(qi + r * ldq + 2 * s * VW);
+                    vstore(qx + r * QX_FLOATS + 2 * s * VW, bf16_even(w));
+                    vstore(qx + r * QX_FLOATS + (2 * s + 1) * VW, bf16_odd(w));
+                }
+        qkv__walk kw = qkv__walk_at(k, 0);
+        for (int j = 0; j < n; j += 2) {
+            if (j)
+                qkv__walk_next(&kw, k, j, 2);
+            const char *k0 = kw.at, *k1 = j + 1 < n ? k0 + k->ld : k0;
+            if (part) {
+                memcpy(t0, k0 + 4 * (steps - 1) * VW, (size_t)part * 4);
+                memcpy(t1, k1 + 4 * (steps - 1) * VW, (size_t)part * 4);
+            }
+            vf c[2][2];
+            const vf4 sc = (vf4){ scale, scale, scale, scale };
+            qk_pair(x, steps, part, k0, k1, t0, t1, qx, qi, ldq, qt, 0, c, pf, i ? NULL : &run,
+                    spread);
+            const vf4 s01 = reduce4(c[0][0], c[1][0], c[0][1], c[1][1]) * sc;
+            qk_pair(x, steps, part, k0, k1, t0, t1, qx, qi, ldq, qt, 2, c, pf, NULL, 0);
+            const vf4 s23 = reduce4(c[0][0], c[1][0], c[0][1], c[1][1]) * sc;
+            const float s[2][4] = { { s01[0], s01[2], s23[0], s23[2] },
+                                    { s01[1], s01[3], s23[1], s23[3] } };
+            for (int e = 0; e < 2 && j + e < n; e++)
+                for (int r = 0; r < live; r++)
+                    st[(i + r) * ldst + j + e] = s[e][r];
+        }
+    }
+    qkv__pf_run_end(pf, &run);
+}
+
+static void qk_bf16_dec_f32(int n, int m, int dp, float scale, const qkv__rows *k,
+                            const uint16_t *q, int64_t ldq, float *st, int64_t ldst, qkv__pf *pf)
+{
+    if (2 * VW * ((dp + VW - 1) / VW) <= QX_FLOATS)
+        qk_bf16_rows_f32(1, n, m, dp, scale, k, q, ldq, st, ldst, pf);
+    else
+        qk_bf16_rows_f32(0, n, m, dp, scale, k, q, ldq, st, ldst, pf);
+}
+
+/* exp_rows_bf16 with the vector extension: P rounded to bf16 as
+   qkv_convert rounds, the sums of the unrounded P one vector at a time. */
+static void exp_rows_bf16_f32(const float *st, int64_t ld, int m, int n, const float *mref,
+                              const float *pmul, float *sum, uint16_t *p, int64_t ldp)
+{
+    const int n32 = (n + 31) / 32 * 32;
+    for (int i = 0; i < m; i++) {
+        const float *s = st + i * ld;
+        uint16_t *pi = p + i * ldp;
+        const vf mv = vset1(mref[i]);
+        vf acc = {0};
+        for (int j = 0; j < n32; j += VW) {
+            vf x, w;
+            if (j + VW <= n) {
+                x = vexp(vload(s + j) - mv);
+                w = pmul ? x * vload(pmul + j) : x;
+            } else {   /* the tail as one vector, 0 past n */
+                float t[VW], u[VW];
+                for (int l = 0; l < VW; l++) {
+                    t[l] = j + l < n ? s[j + l] : -INFINITY;
+                    u[l] = j + l < n && pmul ? pmul[j + l] : 1.0f;
+                }
+                x = vexp(vload(t) - mv);
+                w = x * vload(u);
+            }
+            acc += x;
+            const vh_out h = __builtin_convertvector(f32_to_bf16_bits(w), vh_out);
+            memcpy(pi + j, &h, sizeof h);
+        }
+        sum[i] = hsum(acc);
+    }
+}
+
+/* Keys per chunk of P·V: their P as fp32 and their V row pointers on the
+   stack while the column passes go over them. */
+enum { PVF_CHUNK = 64 };
+
+/* rows (<= 4) of acc (split: even columns, then odd, VW each) by one
+   step of 2·VW columns at word offset x of the V rows vr, over n keys
+   with P pr[r·PVF_CHUNK + j]. */
+static inline __attribute__((always_inline))
+void pvf_block(const int rows, int n, const float *pr, const char *const *vr, int x,
+               float *acc, int64_t lda, qkv__pf *pf, int ask)
+{
+    vf c[4][2];
+    for (int r = 0; r < rows; r++) {
+        c[r][0] = vload(acc + r * lda);
+        c[r][1] = vload(acc + r * lda + VW);
+    }
+    for (int j = 0; j < n; j++) {
+        const vu w = words(vr[j] + 4 * x);
+        const vf e = bf16_even(w), o = bf16_odd(w);
+        for (int r = 0; r < rows; r++) {
+            const vf a = vset1(pr[r * PVF_CHUNK + j]);
+            c[r][0] += a * e;
+            c[r][1] += a * o;
+        }
+        if (ask && j % 4 == 3)
+            qkv__pf_lines(pf, ask);
+    }
+    for (int r = 0; r < rows; r++) {
+        vstore(acc + r * lda, c[r][0]);
+        vstore(acc + r * lda + VW, c[r][1]);
+    }
+}
+
+/* pv_bf16_dec in fp32 FMAs: each accumulator adds its keys' products one
+   key at a time, so any split of the keys gives the same bits. acc's
+   whole steps of 2·VW columns are split into even and odd columns for
+   the call (and multiplied by alpha), the last dv % (2·VW) columns go
+   one by one. */
+static void pv_bf16_dec_f32(int m, int n, int dv, const uint16_t *p, int64_t ldp,
+                            const qkv__rows *v, const float *alpha, float *acc, int64_t lda,
+                            qkv__pf *pf)
+{
+    const int steps = dv / (2 * VW), cfull = steps * 2 * VW;
+    for (int i = 0; i < m; i++) {
+        const vf s = vset1(alpha ? alpha[i] : 1.0f);
+        for (int t = 0; t < steps; t++) {
+            float *a = acc + i * lda + 2 * VW * t;
+            const vf lo = vload(a), hi = vload(a + VW);
+            vstore(a, EVENS(lo, hi) * s);
+            vstore(a + VW, ODDS(lo, hi) * s);
+        }
+        for (int c = cfull; c < dv && alpha; c++)
+            acc[i * lda + c] *= alpha[i];
+    }
+    /* pf's lines: per4 per 4 keys, shared by the first row group's steps */
+    const int ask = pf && steps ? (pf->per4 + steps - 1) / steps : 0;
+    float pr[16 * PVF_CHUNK];
+    const char *vr[PVF_CHUNK];
+    for (int kc = 0; kc < n; kc += PVF_CHUNK) {
+        const int nk = n - kc < PVF_CHUNK ? n - kc : PVF_CHUNK;
+        for (int j = 0; j < nk; j++)
+            vr[j] = qkv__row(v, kc + j);
+        for (int i0 = 0; i0 < m; i0 += 16) {
+            const int mi = m - i0 < 16 ? m - i0 : 16;
+            for (int r = 0; r < mi; r++)
+                for (int j = 0; j < nk; j++) {
+                    const uint32_t u = (uint32_t)p[(i0 + r) * ldp + kc + j] << 16;
+                    memcpy(pr + r * PVF_CHUNK + j, &u, 4);
+                }
+            for (int i = 0; i < mi; i += 4) {
+                float *ai = acc + (i0 + i) * lda;
+                const float *pi = pr + i * PVF_CHUNK;
+                const int first = i0 + i == 0;
+                for (int t = 0; t < steps; t++)
+                    switch (mi - i) {
+                    case 1: pvf_block(1, nk, pi, vr, t * VW, ai + 2 * VW * t, lda, pf, first ? ask : 0); break;
+                    case 2: pvf_block(2, nk, pi, vr, t * VW, ai + 2 * VW * t, lda, pf, first ? ask : 0); break;
+                    case 3: pvf_block(3, nk, pi, vr, t * VW, ai + 2 * VW * t, lda, pf, first ? ask : 0); break;
+                    default: pvf_block(4, nk, pi, vr, t * VW, ai + 2 * VW * t, lda, pf, first ? ask : 0); break;
+                    }
+                for (int r = 0; r < 4 && i + r < mi; r++)
+                    for (int c = cfull; c < dv; c++) {
+                        float y = ai[r * lda + c];
+                        for (int j = 0; j < nk; j++) {
+                            uint32_t u = (uint32_t)((const uint16_t *)vr[j])[c] << 16;
+                            float f;
+                            memcpy(&f, &u, 4);
+                            y = fmadd1(pi[r * PVF_CHUNK + j], f, y);
+                        }
+                        ai[r * lda + c] = y;
+                    }
+            }
+        }
+    }
+    if (pf && !steps)
+        qkv__pf_lines(pf, pf->per4 * ((n + 3) / 4));
+    for (int i = 0; i < m; i++)
+        for (int t = 0; t < steps; t++) {
+            float *a = acc + i * lda + 2 * VW * t;
+            const vf e = vload(a), o = vload(a + VW);
+            vstore(a, ZIP_LO(e, o));
+            vstore(a + VW, ZIP_HI(e, o));
+        }
+}
+#endif /* !QKV_HAVE_BF16_DOT */
+
 /* ---- decode from int8 codes: int16 products in int32 (vpdpwssd) ----------- */
 
 #if defined(__AVX512VNNI__) && defined(QKV_HAVE_DEC_F32) && defined(QKV_HAVE_BF16_DOT)
@@ -1335,9 +1652,9 @@ void QKV_KERNEL_TABLE(qkv__kernels *t)
     t->exp_pack_bf16 = NULL;
     t->pv_bf16 = NULL;
     t->mm_bf16 = NULL;
-    t->qk_bf16_dec = NULL;
-    t->exp_rows_bf16 = NULL;
-    t->pv_bf16_dec = NULL;
+    t->qk_bf16_dec = qk_bf16_dec_f32;
+    t->exp_rows_bf16 = exp_rows_bf16_f32;
+    t->pv_bf16_dec = pv_bf16_dec_f32;
 #endif
 #ifdef QKV_HAVE_I8_DOT
     t->qk_i8_dec = qk_i8_dec;
