@@ -27,7 +27,7 @@
 #define QKV_KERNEL_NAME "generic"
 #endif
 
-#if QKV_VW == 16 && defined(__AVX512F__)
+#if (QKV_VW == 16 && defined(__AVX512F__)) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -364,31 +364,6 @@ static void exp_rows(float *st, int64_t ld, int m, int n, const float *mref, flo
     }
 }
 
-#if !(defined(__AVX512F__) && QKV_VW == 16)   /* else qk_f32_dec below */
-/* Decode scores where the set has no blocked kernel: query-major, each
-   key's dot products one at a time (any split of the keys gives the same
-   bits). */
-static void qk_rows_plain(int n, int m, int d, float scale, const qkv__rows *k,
-                          const float *q, int64_t ldq, float *st, int64_t ldst, qkv__pf *pf)
-{
-    for (int j = 0; j < n; j++) {
-        const float *kj = (const float *)qkv__row(k, j);
-        for (int i = 0; i < m; i++) {
-            const float *qi = q + i * ldq;
-            vf acc = {0};
-            int x = 0;
-            for (; x + VW <= d; x += VW)
-                acc += vload(kj + x) * vload(qi + x);
-            float t = hsum(acc);
-            for (; x < d; x++)
-                t += kj[x] * qi[x];
-            st[i * ldst + j] = t * scale;
-        }
-        if (pf && j % 4 == 3)
-            qkv__pf_lines(pf, pf->per4);
-    }
-}
-#endif
 
 /* ---- fp16 / bf16 -> fp32 --------------------------------------------------- */
 
@@ -416,9 +391,17 @@ static inline vf f16_to_f32(vu h)
     return (vf)(o | ((h & 0x8000) << 16));
 }
 
+/* Whole vectors through the conversion instruction where the set has
+   one (F16C: 8 at a time), which is exact too (a signaling NaN comes out
+   quiet); on AVX2 the bit recipe took 45% of a decoding call from an
+   fp16 cache. */
 static void cvt_f16(const uint16_t *src, float *dst, int64_t n)
 {
     int64_t j = 0;
+#if defined(__F16C__) && QKV_VW >= 8
+    for (; j + 8 <= n; j += 8)
+        _mm256_storeu_ps(dst + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + j))));
+#endif
     for (; j + VW <= n; j += VW)
         vstore(dst + j, f16_to_f32(widen(src + j)));
     if (j < n) {
@@ -1172,45 +1155,58 @@ static inline vf4 reduce4(vf a, vf b, vf c, vf d)
     return FOLD4(g);
 }
 
-/* Queries a scores call expands (split into even and odd values, step
-   by step) to read as fp32 vectors: 4 rows of up to this many floats;
-   longer rows are split as they are read. */
+/* Queries a scores call expands (bf16 split into even and odd values,
+   step by step) to read as fp32 vectors: 4 rows of up to this many
+   floats; longer rows are split as they are read. */
 enum { QX_FLOATS = 1024 };
 
-/* The even (e 0) or odd (e 1) values of step s of query r: from the
-   expanded rows qx (x 1), or split from its bf16 row as read (the last
-   step's words from qt when the row ends inside it). */
+/* Row layouts of the few-row scores kernel: fp32 rows (a step is 2·VW
+   floats, read as two vectors), bf16 rows whose queries are split once
+   per call into qx, or bf16 rows split as they are read. */
+enum { ROWS_F32, ROWS_BF16_QX, ROWS_BF16 };
+
+/* The two vectors of a step of 2·VW values at p: fp32 values in order,
+   or bf16 ones split into even and odd. */
 static inline __attribute__((always_inline))
-vf q_step(const int x, const float *qx, const uint16_t *q, int64_t ldq, const uint32_t *qt,
-          int r, int s, int tail, int e)
+void step_pair(const int lay, const void *p, vf *a, vf *b)
 {
-    if (x)
-        return vload(qx + r * QX_FLOATS + (2 * s + e) * VW);
-    const vu w = tail ? words(qt + r * VW) : words(q + r * ldq + 2 * s * VW);
-    return e ? bf16_odd(w) : bf16_even(w);
+    if (lay == ROWS_F32) {
+        *a = vload(p);
+        *b = vload((const float *)p + VW);
+    } else {
+        const vu w = words(p);
+        *a = bf16_even(w);
+        *b = bf16_odd(w);
+    }
 }
 
-/* Scores of 2 keys (k0, k1: row pointers; the last step's words from
-   t0, t1 when the row ends inside it) by queries r0 and r0 + 1:
-   c[key][query] sums of lanes. 2 x 2 keeps the accumulators, the keys'
-   split values and the queries' in registers (AVX2 has 16): 2 x 4 made
-   GCC spill. */
+/* Scores of 2 keys (k0, k1: their step s; t0, t1: a last step the rows
+   end inside, zero past the end) by queries r0 and r0 + 1 (q: their step
+   s, ldq bytes apart; qt the same from the last step's copy, qx expanded
+   ones): c[key][query] sums of lanes. 2 x 2 keeps the accumulators and
+   the keys' and queries' values in registers (AVX2 has 16): 2 x 4 made
+   GCC spill. es: bytes per value. */
 static inline __attribute__((always_inline))
-void qk_pair(const int x, int steps, int part, const char *k0, const char *k1,
-             const uint32_t *t0, const uint32_t *t1, const float *qx, const uint16_t *q,
-             int64_t ldq, const uint32_t *qt, int r0, vf c[2][2], qkv__pf *pf,
-             qkv__pf_run *run, int spread)
+void qk_pair(const int lay, int steps, int part, const char *k0, const char *k1,
+             const char *t0, const char *t1, const float *qx, const char *q, int64_t ldq,
+             const char *qt, int r0, vf c[2][2], qkv__pf *pf, qkv__pf_run *run, int spread)
 {
+    const int step = 2 * VW * (lay == ROWS_F32 ? 4 : 2);   /* bytes */
     c[0][0] = c[0][1] = c[1][0] = c[1][1] = (vf){0};
     for (int s = 0; s < steps; s++) {
         const int tail = part && s == steps - 1;
-        const vu w0 = tail ? words(t0) : words(k0 + 4 * s * VW);
-        const vu w1 = tail ? words(t1) : words(k1 + 4 * s * VW);
-        const vf e0 = bf16_even(w0), e1 = bf16_even(w1);
-        const vf o0 = bf16_odd(w0), o1 = bf16_odd(w1);
+        vf e0, o0, e1, o1;
+        step_pair(lay, tail ? t0 : k0 + s * step, &e0, &o0);
+        step_pair(lay, tail ? t1 : k1 + s * step, &e1, &o1);
         for (int r = 0; r < 2; r++) {
-            const vf qe = q_step(x, qx, q, ldq, qt, r0 + r, s, tail, 0);
-            const vf qo = q_step(x, qx, q, ldq, qt, r0 + r, s, tail, 1);
+            vf qe, qo;
+            if (lay == ROWS_BF16_QX) {
+                qe = vload(qx + (r0 + r) * QX_FLOATS + 2 * s * VW);
+                qo = vload(qx + (r0 + r) * QX_FLOATS + (2 * s + 1) * VW);
+            } else {
+                step_pair(lay, tail ? qt + (r0 + r) * step : q + (r0 + r) * ldq + s * step,
+                          &qe, &qo);
+            }
             c[0][r] += e0 * qe;
             c[1][r] += e1 * qe;
             c[0][r] += o0 * qo;
@@ -1221,36 +1217,41 @@ void qk_pair(const int x, int steps, int part, const char *k0, const char *k1,
     }
 }
 
-/* qk_bf16_dec in fp32 FMAs: per key and query, the lanes accumulate the
-   even values' products, then the odd ones', step by step along the row,
-   and reduce4 sums them. Keys go 2 at a time (a last odd key paired with
-   itself, so every key takes the same path); each key's sum depends on
-   that key alone, so any split of the keys gives the same bits. */
+/* The few-row scores in fp32 FMAs, rows of len values (lay): per key and
+   query, the lanes accumulate step by step along the row (a bf16 step's
+   even values' products, then the odd ones'; an fp32 step's first
+   vector, then its second), and reduce4 sums them. Keys go 2 at a time
+   (a last odd key paired with itself, so every key takes the same path);
+   each key's sum depends on that key alone, so any split of the keys
+   gives the same bits. q: 4 rows of each group readable, ldq bytes
+   apart. */
 static inline __attribute__((always_inline))
-void qk_bf16_rows_f32(const int x, int n, int m, int dp, float scale, const qkv__rows *k,
-                      const uint16_t *q, int64_t ldq, float *st, int64_t ldst, qkv__pf *pf)
+void qk_rows_fma(const int lay, int n, int m, int len, float scale, const qkv__rows *k,
+                 const char *q, int64_t ldq, float *st, int64_t ldst, qkv__pf *pf)
 {
-    const int steps = (dp + VW - 1) / VW, part = dp % VW;
-    float qx[x ? 4 * QX_FLOATS : 1] __attribute__((aligned(64)));
-    uint32_t t0[VW], t1[VW];
+    const int es = lay == ROWS_F32 ? 4 : 2, step = 2 * VW * es;
+    const int steps = (len + 2 * VW - 1) / (2 * VW), part = len % (2 * VW);
+    float qx[lay == ROWS_BF16_QX ? 4 * QX_FLOATS : 1] __attribute__((aligned(64)));
+    float t0[2 * VW], t1[2 * VW], qt[4 * 2 * VW];   /* last steps, zero past len */
     memset(t0, 0, sizeof t0);
     memset(t1, 0, sizeof t1);
+    memset(qt, 0, sizeof qt);
     const int spread = pf ? (pf->per4 + 2 * steps - 1) / (2 * steps) : 0;
     qkv__pf_run run = qkv__pf_run_begin(pf);
-    uint32_t qt[4 * VW];   /* the queries' last step, zero past dp pairs */
-    memset(qt, 0, sizeof qt);
+    const int64_t tail_at = (int64_t)(steps - 1) * step;
     for (int i = 0; i < m; i += 4) {
         const int live = m - i < 4 ? m - i : 4;
-        const uint16_t *qi = q + i * ldq;
+        const char *qi = q + i * ldq;
         for (int r = 0; r < 4 && part; r++)
-            memcpy(qt + r * VW, qi + r * ldq + 2 * (steps - 1) * VW, (size_t)part * 4);
-        if (x)   /* split the rows once */
+            memcpy((char *)qt + r * step, qi + r * ldq + tail_at, (size_t)(part * es));
+        if (lay == ROWS_BF16_QX)   /* split the rows once */
             for (int r = 0; r < 4; r++)
                 for (int s = 0; s < steps; s++) {
-                    const int tail = part && s == steps - 1;
-                    const vu w = tail ? words(qt + r * VW) : words(qi + r * ldq + 2 * s * VW);
-                    vstore(qx + r * QX_FLOATS + 2 * s * VW, bf16_even(w));
-                    vstore(qx + r * QX_FLOATS + (2 * s + 1) * VW, bf16_odd(w));
+                    vf e, o;
+                    step_pair(lay, part && s == steps - 1 ? (const char *)qt + r * step
+                                                          : qi + r * ldq + s * step, &e, &o);
+                    vstore(qx + r * QX_FLOATS + 2 * s * VW, e);
+                    vstore(qx + r * QX_FLOATS + (2 * s + 1) * VW, o);
                 }
         qkv__walk kw = qkv__walk_at(k, 0);
         for (int j = 0; j < n; j += 2) {
@@ -1258,15 +1259,16 @@ void qk_bf16_rows_f32(const int x, int n, int m, int dp, float scale, const qkv_
                 qkv__walk_next(&kw, k, j, 2);
             const char *k0 = kw.at, *k1 = j + 1 < n ? k0 + k->ld : k0;
             if (part) {
-                memcpy(t0, k0 + 4 * (steps - 1) * VW, (size_t)part * 4);
-                memcpy(t1, k1 + 4 * (steps - 1) * VW, (size_t)part * 4);
+                memcpy(t0, k0 + tail_at, (size_t)(part * es));
+                memcpy(t1, k1 + tail_at, (size_t)(part * es));
             }
             vf c[2][2];
             const vf4 sc = (vf4){ scale, scale, scale, scale };
-            qk_pair(x, steps, part, k0, k1, t0, t1, qx, qi, ldq, qt, 0, c, pf, i ? NULL : &run,
-                    spread);
+            qk_pair(lay, steps, part, k0, k1, (const char *)t0, (const char *)t1, qx, qi, ldq,
+                    (const char *)qt, 0, c, pf, i ? NULL : &run, spread);
             const vf4 s01 = reduce4(c[0][0], c[1][0], c[0][1], c[1][1]) * sc;
-            qk_pair(x, steps, part, k0, k1, t0, t1, qx, qi, ldq, qt, 2, c, pf, NULL, 0);
+            qk_pair(lay, steps, part, k0, k1, (const char *)t0, (const char *)t1, qx, qi, ldq,
+                    (const char *)qt, 2, c, pf, NULL, 0);
             const vf4 s23 = reduce4(c[0][0], c[1][0], c[0][1], c[1][1]) * sc;
             const float s[2][4] = { { s01[0], s01[2], s23[0], s23[2] },
                                     { s01[1], s01[3], s23[1], s23[3] } };
@@ -1282,9 +1284,10 @@ static void qk_bf16_dec_f32(int n, int m, int dp, float scale, const qkv__rows *
                             const uint16_t *q, int64_t ldq, float *st, int64_t ldst, qkv__pf *pf)
 {
     if (2 * VW * ((dp + VW - 1) / VW) <= QX_FLOATS)
-        qk_bf16_rows_f32(1, n, m, dp, scale, k, q, ldq, st, ldst, pf);
+        qk_rows_fma(ROWS_BF16_QX, n, m, 2 * dp, scale, k, (const char *)q, 2 * ldq, st, ldst,
+                    pf);
     else
-        qk_bf16_rows_f32(0, n, m, dp, scale, k, q, ldq, st, ldst, pf);
+        qk_rows_fma(ROWS_BF16, n, m, 2 * dp, scale, k, (const char *)q, 2 * ldq, st, ldst, pf);
 }
 
 /* exp_rows_bf16 with the vector extension: P rounded to bf16 as
@@ -1424,6 +1427,14 @@ static void pv_bf16_dec_f32(int m, int n, int dv, const uint16_t *p, int64_t ldp
             vstore(a + VW, ZIP_HI(e, o));
         }
 }
+
+#ifndef QKV_HAVE_DEC_F32
+static void qk_dec_fma(int n, int m, int d, float scale, const qkv__rows *k, const float *q,
+                       int64_t ldq, float *st, int64_t ldst, qkv__pf *pf)
+{
+    qk_rows_fma(ROWS_F32, n, m, d, scale, k, (const char *)q, 4 * ldq, st, ldst, pf);
+}
+#endif
 #endif /* !QKV_HAVE_BF16_DOT */
 
 /* ---- decode from int8 codes: int16 products in int32 (vpdpwssd) ----------- */
@@ -1627,7 +1638,7 @@ void QKV_KERNEL_TABLE(qkv__kernels *t)
 #ifdef QKV_HAVE_DEC_F32
     t->qk_dec = qk_f32_dec;
 #else
-    t->qk_dec = qk_rows_plain;
+    t->qk_dec = qk_dec_fma;
 #endif
     t->row_max = row_max;
     t->exp_rows = exp_rows;
