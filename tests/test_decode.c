@@ -514,18 +514,20 @@ void test_decode_int8(void)
         dcase_free(&c);
     }
     /* bf16 queries with head dims the int16 dot products take (multiples
-       of 32 up to 256): every row count up to 16, key counts with odd
-       tails and split-K, blocks of 8 to 256 */
-    static const int64_t dd[][2] = { { 32, 32 }, { 64, 96 }, { 128, 128 }, { 256, 64 } };
+       of 32 up to 256), then others (the last steps and columns of the
+       kernels that widen codes in registers): every row count up to 16,
+       key counts with odd tails and split-K, blocks of 8 to 256 */
+    static const int64_t dd[][2] = { { 32, 32 }, { 64, 96 }, { 128, 128 }, { 256, 64 },
+                                     { 33, 33 }, { 40, 24 }, { 72, 100 }, { 8, 20 } };
     static const int64_t gs[][3] = { { 1, 1, 1 }, { 4, 1, 1 }, { 4, 1, 4 }, { 8, 2, 2 },
                                      { 16, 1, 1 } };   /* Hq, Hkv, Sq */
     static const int64_t lens[] = { 1, 3, 37, 130, 1000, 5000 };
-    for (int it = 0; it < (t_quick ? 12 : 40); it++) {
+    for (int it = 0; it < (t_quick ? 16 : 56); it++) {
         dcase c;
         random_dcase(&c, &r, 400);
         c.qdt = QKV_BF16;
-        c.D = dd[it % 4][0];
-        c.Dv = dd[it % 4][1];
+        c.D = dd[it % 8][0];
+        c.Dv = dd[it % 8][1];
         c.Hq = gs[it % 5][0];
         c.Hkv = gs[it % 5][1];
         c.Sq = gs[it % 5][2];

@@ -761,10 +761,15 @@ static void head_tile_rows(const dec_job *job, const qkv__seq *s, const qkv__til
     const qkv__kernels *kn = job->ctx->kernels;
     const int64_t D = a->D, Dv = a->Dv, w = 2 * pairs(D);
     const int bf = job->bf, i8 = bf && src->i8;   /* int8 codes as bf16 */
+    const int i8f = i8 && kn->qk_i8f_dec;            /* ... widened in the kernels */
     uint16_t *p = (uint16_t *)sc->pp;
     const char *blk[TILE_BLOCKS];
     qkv__rows r;
-    if (bf) {
+    if (i8f) {
+        r = tile_rows(src, &src->k, s->b, j0, hk, n, D, sc->kb, blk);
+        kn->qk_i8f_dec(n, m, (int)D, a->scale, &r, (const uint16_t *)sc->q, w, sc->st, BK, pfk);
+        i8_scales(job, s->b, src->ks, j0, hk, n, sc->ksc);
+    } else if (bf) {
         if (i8) {
             for (int c0 = 0; c0 < n;) {
                 const int nr = run_length(src, j0, c0, n, 1);
@@ -790,7 +795,9 @@ static void head_tile_rows(const dec_job *job, const qkv__seq *s, const qkv__til
         }
     }
     scores_done(job, s, tm, j0, n, m, band, sc, i8 ? sc->ksc : NULL);
-    if (i8)   /* the V codes and their scales, which P takes */
+    if (i8f)   /* the V scales, which P takes */
+        i8_scales(job, s->b, src->vs, j0, hk, n, sc->vsc);
+    else if (i8)   /* the V codes and their scales */
         for (int c0 = 0; c0 < n;) {
             const int nr = run_length(src, j0, c0, n, 1);
             int64_t ldv;
@@ -819,6 +826,11 @@ static void head_tile_rows(const dec_job *job, const qkv__seq *s, const qkv__til
             }
             c0 += nr;
         }
+        return;
+    }
+    if (i8f) {
+        r = tile_rows(src, &src->v, s->b, j0, hk, n, Dv, sc->vb, blk);
+        kn->pv_i8f_dec(m, n, (int)Dv, p, BK, &r, sc->alpha, sc->acc, Dv, pfv);
         return;
     }
     r = i8 ? run_rows(sc->vb, Dv * 2, blk)

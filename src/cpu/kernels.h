@@ -293,6 +293,17 @@ typedef struct qkv__kernels {
     void (*pv_i8_dec)(int m, int n, int dv, const int16_t *p, int64_t ldp, const qkv__rows *v,
                       const float *alpha, float pscale, float *acc, int64_t lda, qkv__pf *pf);
 
+    /* int8 caches on sets without the int16 dot path (else NULL): the
+       scores of qk_bf16_dec from int8 K rows of d codes (the caller
+       applies the key scales), and pv_bf16_dec over int8 V rows of dv
+       codes (P times the V scales from exp_rows_bf16); codes widened to
+       fp32 in registers. */
+    void (*qk_i8f_dec)(int n, int m, int d, float scale, const qkv__rows *k,
+                       const uint16_t *q, int64_t ldq, float *st, int64_t ldst, qkv__pf *pf);
+    void (*pv_i8f_dec)(int m, int n, int dv, const uint16_t *p, int64_t ldp,
+                       const qkv__rows *v, const float *alpha, float *acc, int64_t lda,
+                       qkv__pf *pf);
+
     /* ---- decode, every set ---------------------------------------------- */
 
     /* The scores of qk for a few queries, query-major as qk_bf16_dec:

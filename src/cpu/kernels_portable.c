@@ -1160,51 +1160,82 @@ static inline vf4 reduce4(vf a, vf b, vf c, vf d)
    floats; longer rows are split as they are read. */
 enum { QX_FLOATS = 1024 };
 
-/* Row layouts of the few-row scores kernel: fp32 rows (a step is 2·VW
-   floats, read as two vectors), bf16 rows whose queries are split once
-   per call into qx, or bf16 rows split as they are read. */
-enum { ROWS_F32, ROWS_BF16_QX, ROWS_BF16 };
+/* Row layouts of the few-row scores kernel: fp32 rows and queries (a
+   step is 2·VW floats, read as two vectors); bf16 rows and queries, a
+   step split into even and odd values, the queries split once per call
+   into qx or as they are read; int8 rows (2·VW codes a step, widened in
+   order) with bf16 queries, widened once per call into qx or as read. */
+enum { ROWS_F32, ROWS_BF16_QX, ROWS_BF16, ROWS_I8_QX, ROWS_I8 };
+
+static inline int rows_bf16(int lay) { return lay == ROWS_BF16_QX || lay == ROWS_BF16; }
+static inline int rows_i8(int lay) { return lay == ROWS_I8_QX || lay == ROWS_I8; }
+static inline int rows_qx(int lay) { return lay == ROWS_BF16_QX || lay == ROWS_I8_QX; }
+
+/* VW int8 codes at p as fp32 (through int16 and int32, as cvt_i8). */
+static inline vf codes(const void *p)
+{
+    vc c;
+    memcpy(&c, p, sizeof c);
+    return __builtin_convertvector(__builtin_convertvector(__builtin_convertvector(c, vs16), vi),
+                                   vf);
+}
+
+/* VW bf16 values at p widened in order. */
+static inline vf bf16_wide(const void *p) { return (vf)(widen(p) << 16); }
 
 /* The two vectors of a step of 2·VW values at p: fp32 values in order,
-   or bf16 ones split into even and odd. */
+   bf16 ones split into even and odd, int8 codes in order; q 1: the
+   step of a query row of that layout (bf16 for int8 rows). */
 static inline __attribute__((always_inline))
-void step_pair(const int lay, const void *p, vf *a, vf *b)
+void step_pair(const int lay, const int q, const void *p, vf *a, vf *b)
 {
     if (lay == ROWS_F32) {
         *a = vload(p);
         *b = vload((const float *)p + VW);
-    } else {
+    } else if (rows_bf16(lay)) {
         const vu w = words(p);
         *a = bf16_even(w);
         *b = bf16_odd(w);
+    } else if (q) {
+        *a = bf16_wide(p);
+        *b = bf16_wide((const uint16_t *)p + VW);
+    } else {
+        *a = codes(p);
+        *b = codes((const int8_t *)p + VW);
     }
 }
 
-/* Scores of 2 keys (k0, k1: their step s; t0, t1: a last step the rows
-   end inside, zero past the end) by queries r0 and r0 + 1 (q: their step
-   s, ldq bytes apart; qt the same from the last step's copy, qx expanded
-   ones): c[key][query] sums of lanes. 2 x 2 keeps the accumulators and
-   the keys' and queries' values in registers (AVX2 has 16): 2 x 4 made
-   GCC spill. es: bytes per value. */
+/* Bytes per value of a layout's key rows (q 0) or query rows (q 1). */
+static inline int lay_bytes(int lay, int q)
+{
+    return lay == ROWS_F32 ? 4 : rows_bf16(lay) || q ? 2 : 1;
+}
+
+/* Scores of 2 keys (k0, k1: their rows; t0, t1: a last step the rows end
+   inside, zero past the end) by queries r0 and r0 + 1 (q: their rows,
+   ldq bytes apart; qt: their last steps; qx: expanded ones):
+   c[key][query] sums of lanes. 2 x 2 keeps the accumulators and the
+   keys' and queries' values in registers (AVX2 has 16): 2 x 4 made GCC
+   spill. */
 static inline __attribute__((always_inline))
 void qk_pair(const int lay, int steps, int part, const char *k0, const char *k1,
              const char *t0, const char *t1, const float *qx, const char *q, int64_t ldq,
              const char *qt, int r0, vf c[2][2], qkv__pf *pf, qkv__pf_run *run, int spread)
 {
-    const int step = 2 * VW * (lay == ROWS_F32 ? 4 : 2);   /* bytes */
+    const int kstep = 2 * VW * lay_bytes(lay, 0), qstep = 2 * VW * lay_bytes(lay, 1);
     c[0][0] = c[0][1] = c[1][0] = c[1][1] = (vf){0};
     for (int s = 0; s < steps; s++) {
         const int tail = part && s == steps - 1;
         vf e0, o0, e1, o1;
-        step_pair(lay, tail ? t0 : k0 + s * step, &e0, &o0);
-        step_pair(lay, tail ? t1 : k1 + s * step, &e1, &o1);
+        step_pair(lay, 0, tail ? t0 : k0 + s * kstep, &e0, &o0);
+        step_pair(lay, 0, tail ? t1 : k1 + s * kstep, &e1, &o1);
         for (int r = 0; r < 2; r++) {
             vf qe, qo;
-            if (lay == ROWS_BF16_QX) {
+            if (rows_qx(lay)) {
                 qe = vload(qx + (r0 + r) * QX_FLOATS + 2 * s * VW);
                 qo = vload(qx + (r0 + r) * QX_FLOATS + (2 * s + 1) * VW);
             } else {
-                step_pair(lay, tail ? qt + (r0 + r) * step : q + (r0 + r) * ldq + s * step,
+                step_pair(lay, 1, tail ? qt + (r0 + r) * qstep : q + (r0 + r) * ldq + s * qstep,
                           &qe, &qo);
             }
             c[0][r] += e0 * qe;
@@ -1218,38 +1249,38 @@ void qk_pair(const int lay, int steps, int part, const char *k0, const char *k1,
 }
 
 /* The few-row scores in fp32 FMAs, rows of len values (lay): per key and
-   query, the lanes accumulate step by step along the row (a bf16 step's
-   even values' products, then the odd ones'; an fp32 step's first
-   vector, then its second), and reduce4 sums them. Keys go 2 at a time
-   (a last odd key paired with itself, so every key takes the same path);
-   each key's sum depends on that key alone, so any split of the keys
-   gives the same bits. q: 4 rows of each group readable, ldq bytes
-   apart. */
+   query, the lanes accumulate step by step along the row (a step's first
+   vector's products, then its second's), and reduce4 sums them. Keys go
+   2 at a time (a last odd key paired with itself, so every key takes the
+   same path); each key's sum depends on that key alone, so any split of
+   the keys gives the same bits. q: 4 rows of each group readable, ldq
+   bytes apart. */
 static inline __attribute__((always_inline))
 void qk_rows_fma(const int lay, int n, int m, int len, float scale, const qkv__rows *k,
                  const char *q, int64_t ldq, float *st, int64_t ldst, qkv__pf *pf)
 {
-    const int es = lay == ROWS_F32 ? 4 : 2, step = 2 * VW * es;
+    const int kes = lay_bytes(lay, 0), qes = lay_bytes(lay, 1);
+    const int kstep = 2 * VW * kes, qstep = 2 * VW * qes;
     const int steps = (len + 2 * VW - 1) / (2 * VW), part = len % (2 * VW);
-    float qx[lay == ROWS_BF16_QX ? 4 * QX_FLOATS : 1] __attribute__((aligned(64)));
+    float qx[rows_qx(lay) ? 4 * QX_FLOATS : 1] __attribute__((aligned(64)));
     float t0[2 * VW], t1[2 * VW], qt[4 * 2 * VW];   /* last steps, zero past len */
     memset(t0, 0, sizeof t0);
     memset(t1, 0, sizeof t1);
     memset(qt, 0, sizeof qt);
     const int spread = pf ? (pf->per4 + 2 * steps - 1) / (2 * steps) : 0;
     qkv__pf_run run = qkv__pf_run_begin(pf);
-    const int64_t tail_at = (int64_t)(steps - 1) * step;
     for (int i = 0; i < m; i += 4) {
         const int live = m - i < 4 ? m - i : 4;
         const char *qi = q + i * ldq;
         for (int r = 0; r < 4 && part; r++)
-            memcpy((char *)qt + r * step, qi + r * ldq + tail_at, (size_t)(part * es));
-        if (lay == ROWS_BF16_QX)   /* split the rows once */
+            memcpy((char *)qt + r * qstep, qi + r * ldq + (int64_t)(steps - 1) * qstep,
+                   (size_t)(part * qes));
+        if (rows_qx(lay))   /* the rows' vectors once */
             for (int r = 0; r < 4; r++)
                 for (int s = 0; s < steps; s++) {
                     vf e, o;
-                    step_pair(lay, part && s == steps - 1 ? (const char *)qt + r * step
-                                                          : qi + r * ldq + s * step, &e, &o);
+                    step_pair(lay, 1, part && s == steps - 1 ? (const char *)qt + r * qstep
+                                                             : qi + r * ldq + s * qstep, &e, &o);
                     vstore(qx + r * QX_FLOATS + 2 * s * VW, e);
                     vstore(qx + r * QX_FLOATS + (2 * s + 1) * VW, o);
                 }
@@ -1259,8 +1290,8 @@ void qk_rows_fma(const int lay, int n, int m, int len, float scale, const qkv__r
                 qkv__walk_next(&kw, k, j, 2);
             const char *k0 = kw.at, *k1 = j + 1 < n ? k0 + k->ld : k0;
             if (part) {
-                memcpy(t0, k0 + tail_at, (size_t)(part * es));
-                memcpy(t1, k1 + tail_at, (size_t)(part * es));
+                memcpy(t0, k0 + (int64_t)(steps - 1) * kstep, (size_t)(part * kes));
+                memcpy(t1, k1 + (int64_t)(steps - 1) * kstep, (size_t)(part * kes));
             }
             vf c[2][2];
             const vf4 sc = (vf4){ scale, scale, scale, scale };
@@ -1280,14 +1311,26 @@ void qk_rows_fma(const int lay, int n, int m, int len, float scale, const qkv__r
     qkv__pf_run_end(pf, &run);
 }
 
+/* Whether a call's queries fit qx, 2·VW values a step. */
+static inline int fits_qx(int len) { return 2 * VW * ((len + 2 * VW - 1) / (2 * VW)) <= QX_FLOATS; }
+
 static void qk_bf16_dec_f32(int n, int m, int dp, float scale, const qkv__rows *k,
                             const uint16_t *q, int64_t ldq, float *st, int64_t ldst, qkv__pf *pf)
 {
-    if (2 * VW * ((dp + VW - 1) / VW) <= QX_FLOATS)
+    if (fits_qx(2 * dp))
         qk_rows_fma(ROWS_BF16_QX, n, m, 2 * dp, scale, k, (const char *)q, 2 * ldq, st, ldst,
                     pf);
     else
         qk_rows_fma(ROWS_BF16, n, m, 2 * dp, scale, k, (const char *)q, 2 * ldq, st, ldst, pf);
+}
+
+static void qk_i8f_dec(int n, int m, int d, float scale, const qkv__rows *k, const uint16_t *q,
+                       int64_t ldq, float *st, int64_t ldst, qkv__pf *pf)
+{
+    if (fits_qx(d))
+        qk_rows_fma(ROWS_I8_QX, n, m, d, scale, k, (const char *)q, 2 * ldq, st, ldst, pf);
+    else
+        qk_rows_fma(ROWS_I8, n, m, d, scale, k, (const char *)q, 2 * ldq, st, ldst, pf);
 }
 
 /* exp_rows_bf16 with the vector extension: P rounded to bf16 as
@@ -1327,12 +1370,12 @@ static void exp_rows_bf16_f32(const float *st, int64_t ld, int m, int n, const f
    stack while the column passes go over them. */
 enum { PVF_CHUNK = 64 };
 
-/* rows (<= 4) of acc (split: even columns, then odd, VW each) by one
-   step of 2·VW columns at word offset x of the V rows vr, over n keys
-   with P pr[r·PVF_CHUNK + j]. */
+/* rows (<= 4) of acc by one step of 2·VW columns at column x of the V
+   rows vr (bf16 rows: acc split into even columns, then odd, VW each;
+   int8 rows: in order), over n keys with P pr[r·PVF_CHUNK + j]. */
 static inline __attribute__((always_inline))
-void pvf_block(const int rows, int n, const float *pr, const char *const *vr, int x,
-               float *acc, int64_t lda, qkv__pf *pf, int ask)
+void pvf_block(const int lay, const int rows, int n, const float *pr, const char *const *vr,
+               int x, float *acc, int64_t lda, qkv__pf *pf, int ask)
 {
     vf c[4][2];
     for (int r = 0; r < rows; r++) {
@@ -1340,8 +1383,8 @@ void pvf_block(const int rows, int n, const float *pr, const char *const *vr, in
         c[r][1] = vload(acc + r * lda + VW);
     }
     for (int j = 0; j < n; j++) {
-        const vu w = words(vr[j] + 4 * x);
-        const vf e = bf16_even(w), o = bf16_odd(w);
+        vf e, o;
+        step_pair(lay, 0, vr[j] + x * lay_bytes(lay, 0), &e, &o);
         for (int r = 0; r < rows; r++) {
             const vf a = vset1(pr[r * PVF_CHUNK + j]);
             c[r][0] += a * e;
@@ -1356,14 +1399,26 @@ void pvf_block(const int rows, int n, const float *pr, const char *const *vr, in
     }
 }
 
-/* pv_bf16_dec in fp32 FMAs: each accumulator adds its keys' products one
-   key at a time, so any split of the keys gives the same bits. acc's
-   whole steps of 2·VW columns are split into even and odd columns for
-   the call (and multiplied by alpha), the last dv % (2·VW) columns go
-   one by one. */
-static void pv_bf16_dec_f32(int m, int n, int dv, const uint16_t *p, int64_t ldp,
-                            const qkv__rows *v, const float *alpha, float *acc, int64_t lda,
-                            qkv__pf *pf)
+/* Value c of a V row of the layout. */
+static inline float v_at(const int lay, const char *row, int c)
+{
+    if (rows_i8(lay))
+        return (float)((const int8_t *)row)[c];
+    const uint32_t u = (uint32_t)((const uint16_t *)row)[c] << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* P·V in fp32 FMAs (the bf16 P of exp_rows_bf16, bf16 or int8 V rows):
+   each accumulator adds its keys' products one key at a time, so any
+   split of the keys gives the same bits. With bf16 rows acc's whole
+   steps of 2·VW columns are split into even and odd columns for the call;
+   acc is multiplied by alpha first; the last dv % (2·VW) columns go one
+   by one. */
+static inline __attribute__((always_inline))
+void pv_rows_fma(const int lay, int m, int n, int dv, const uint16_t *p, int64_t ldp,
+                 const qkv__rows *v, const float *alpha, float *acc, int64_t lda, qkv__pf *pf)
 {
     const int steps = dv / (2 * VW), cfull = steps * 2 * VW;
     for (int i = 0; i < m; i++) {
@@ -1371,8 +1426,8 @@ static void pv_bf16_dec_f32(int m, int n, int dv, const uint16_t *p, int64_t ldp
         for (int t = 0; t < steps; t++) {
             float *a = acc + i * lda + 2 * VW * t;
             const vf lo = vload(a), hi = vload(a + VW);
-            vstore(a, EVENS(lo, hi) * s);
-            vstore(a + VW, ODDS(lo, hi) * s);
+            vstore(a, (rows_bf16(lay) ? EVENS(lo, hi) : lo) * s);
+            vstore(a + VW, (rows_bf16(lay) ? ODDS(lo, hi) : hi) * s);
         }
         for (int c = cfull; c < dv && alpha; c++)
             acc[i * lda + c] *= alpha[i];
@@ -1395,23 +1450,22 @@ static void pv_bf16_dec_f32(int m, int n, int dv, const uint16_t *p, int64_t ldp
             for (int i = 0; i < mi; i += 4) {
                 float *ai = acc + (i0 + i) * lda;
                 const float *pi = pr + i * PVF_CHUNK;
-                const int first = i0 + i == 0;
-                for (int t = 0; t < steps; t++)
+                qkv__pf *pfi = i0 + i ? NULL : pf;
+                const int as = i0 + i ? 0 : ask;
+                for (int t = 0; t < steps; t++) {
+                    float *at = ai + 2 * VW * t;
                     switch (mi - i) {
-                    case 1: pvf_block(1, nk, pi, vr, t * VW, ai + 2 * VW * t, lda, pf, first ? ask : 0); break;
-                    case 2: pvf_block(2, nk, pi, vr, t * VW, ai + 2 * VW * t, lda, pf, first ? ask : 0); break;
-                    case 3: pvf_block(3, nk, pi, vr, t * VW, ai + 2 * VW * t, lda, pf, first ? ask : 0); break;
-                    default: pvf_block(4, nk, pi, vr, t * VW, ai + 2 * VW * t, lda, pf, first ? ask : 0); break;
+                    case 1: pvf_block(lay, 1, nk, pi, vr, 2 * VW * t, at, lda, pfi, as); break;
+                    case 2: pvf_block(lay, 2, nk, pi, vr, 2 * VW * t, at, lda, pfi, as); break;
+                    case 3: pvf_block(lay, 3, nk, pi, vr, 2 * VW * t, at, lda, pfi, as); break;
+                    default: pvf_block(lay, 4, nk, pi, vr, 2 * VW * t, at, lda, pfi, as); break;
                     }
+                }
                 for (int r = 0; r < 4 && i + r < mi; r++)
                     for (int c = cfull; c < dv; c++) {
                         float y = ai[r * lda + c];
-                        for (int j = 0; j < nk; j++) {
-                            uint32_t u = (uint32_t)((const uint16_t *)vr[j])[c] << 16;
-                            float f;
-                            memcpy(&f, &u, 4);
-                            y = fmadd1(pi[r * PVF_CHUNK + j], f, y);
-                        }
+                        for (int j = 0; j < nk; j++)
+                            y = fmadd1(pi[r * PVF_CHUNK + j], v_at(lay, vr[j], c), y);
                         ai[r * lda + c] = y;
                     }
             }
@@ -1419,13 +1473,26 @@ static void pv_bf16_dec_f32(int m, int n, int dv, const uint16_t *p, int64_t ldp
     }
     if (pf && !steps)
         qkv__pf_lines(pf, pf->per4 * ((n + 3) / 4));
-    for (int i = 0; i < m; i++)
+    for (int i = 0; i < m && rows_bf16(lay); i++)
         for (int t = 0; t < steps; t++) {
             float *a = acc + i * lda + 2 * VW * t;
             const vf e = vload(a), o = vload(a + VW);
             vstore(a, ZIP_LO(e, o));
             vstore(a + VW, ZIP_HI(e, o));
         }
+}
+
+static void pv_bf16_dec_f32(int m, int n, int dv, const uint16_t *p, int64_t ldp,
+                            const qkv__rows *v, const float *alpha, float *acc, int64_t lda,
+                            qkv__pf *pf)
+{
+    pv_rows_fma(ROWS_BF16, m, n, dv, p, ldp, v, alpha, acc, lda, pf);
+}
+
+static void pv_i8f_dec(int m, int n, int dv, const uint16_t *p, int64_t ldp, const qkv__rows *v,
+                       const float *alpha, float *acc, int64_t lda, qkv__pf *pf)
+{
+    pv_rows_fma(ROWS_I8, m, n, dv, p, ldp, v, alpha, acc, lda, pf);
 }
 
 #ifndef QKV_HAVE_DEC_F32
@@ -1666,6 +1733,13 @@ void QKV_KERNEL_TABLE(qkv__kernels *t)
     t->qk_bf16_dec = qk_bf16_dec_f32;
     t->exp_rows_bf16 = exp_rows_bf16_f32;
     t->pv_bf16_dec = pv_bf16_dec_f32;
+#endif
+#ifdef QKV_HAVE_BF16_DOT
+    t->qk_i8f_dec = NULL;
+    t->pv_i8f_dec = NULL;
+#else
+    t->qk_i8f_dec = qk_i8f_dec;
+    t->pv_i8f_dec = pv_i8f_dec;
 #endif
 #ifdef QKV_HAVE_I8_DOT
     t->qk_i8_dec = qk_i8_dec;
