@@ -211,6 +211,7 @@ typedef struct {
     int              bf;       /* the bf16 dot path (q and cache bf16) */
     int              i8dot;    /* int8 codes read as codes (qk_i8_dec, pv_i8_dec) */
     int              rows_max; /* tiles of up to this many rows take head_tile_rows */
+    int              f16;      /* fp16 rows read in place (qk_f16_dec, pv_f16_dec) */
     int64_t         *start;    /* [B+1] first task of each sequence */
     int64_t         *tstart;   /* [B+1] first tile of each sequence */
     int64_t         *split;    /* [B] key parts per tile of each sequence */
@@ -783,6 +784,9 @@ static void head_tile_rows(const dec_job *job, const qkv__seq *s, const qkv__til
         }
         kn->qk_bf16_dec(n, m, (int)pairs(D), a->scale, &r, (const uint16_t *)sc->q, w, sc->st,
                         BK, pfk);
+    } else if (job->f16) {
+        r = tile_rows(src, &src->k, s->b, j0, hk, n, 2 * D, sc->kw, blk);
+        kn->qk_f16_dec(n, m, (int)D, a->scale, &r, sc->q, D, sc->st, BK, pfk);
     } else {
         for (int c0 = 0; c0 < n;) {
             const int nr = run_length(src, j0, c0, n, 4);
@@ -810,6 +814,11 @@ static void head_tile_rows(const dec_job *job, const qkv__seq *s, const qkv__til
         kn->exp_rows(sc->st, BK, m, n, sc->mref, sc->sum);
     for (int x = 0; x < m; x++)
         sc->l[x] = sc->l[x] * sc->alpha[x] + sc->sum[x];
+    if (job->f16) {
+        r = tile_rows(src, &src->v, s->b, j0, hk, n, 2 * Dv, sc->vw, blk);
+        kn->pv_f16_dec(m, n, (int)Dv, sc->st, BK, &r, sc->alpha, sc->acc, Dv, pfv);
+        return;
+    }
     if (!bf) {
         /* fp32 P·V run by run, in calls of 16 keys with the next tile's V
            lines asked for between them (the first call scales acc by
@@ -1118,6 +1127,9 @@ static qkv_status run(qkv_ctx *ctx, const qkv__attn *a, const kv_src *src, int c
         job.bf = 1;
     /* where the set has int16 dot products, the codes are read as they
        are (d up to 256 keeps the int32 sums of the scores exact) */
+    /* fp16 rows at a unit stride, on sets with kernels that widen them */
+    job.f16 = !src->i8 && src->k.dtype == QKV_F16 && src->v.dtype == QKV_F16 &&
+              src->k.stride[3] == 1 && src->v.stride[3] == 1 && ctx->kernels->qk_f16_dec;
     job.i8dot = job.bf && src->i8 && ctx->kernels->qk_i8_dec && a->D % 32 == 0 &&
                 a->D <= 256 && a->Dv % 32 == 0;
     /* rows of one head that follow each other ([B, Hkv, S, D] caches):

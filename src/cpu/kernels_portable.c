@@ -1164,8 +1164,9 @@ enum { QX_FLOATS = 1024 };
    step is 2·VW floats, read as two vectors); bf16 rows and queries, a
    step split into even and odd values, the queries split once per call
    into qx or as they are read; int8 rows (2·VW codes a step, widened in
-   order) with bf16 queries, widened once per call into qx or as read. */
-enum { ROWS_F32, ROWS_BF16_QX, ROWS_BF16, ROWS_I8_QX, ROWS_I8 };
+   order) with bf16 queries, widened once per call into qx or as read;
+   fp16 rows (widened in order) with fp32 queries. */
+enum { ROWS_F32, ROWS_BF16_QX, ROWS_BF16, ROWS_I8_QX, ROWS_I8, ROWS_F16 };
 
 static inline int rows_bf16(int lay) { return lay == ROWS_BF16_QX || lay == ROWS_BF16; }
 static inline int rows_i8(int lay) { return lay == ROWS_I8_QX || lay == ROWS_I8; }
@@ -1183,15 +1184,28 @@ static inline vf codes(const void *p)
 /* VW bf16 values at p widened in order. */
 static inline vf bf16_wide(const void *p) { return (vf)(widen(p) << 16); }
 
+/* VW fp16 values at p widened in order (F16C where the set has it). */
+static inline vf f16_wide(const void *p)
+{
+#if defined(__F16C__) && QKV_VW == 8
+    return (vf)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+#else
+    return f16_to_f32(widen(p));
+#endif
+}
+
 /* The two vectors of a step of 2·VW values at p: fp32 values in order,
    bf16 ones split into even and odd, int8 codes in order; q 1: the
    step of a query row of that layout (bf16 for int8 rows). */
 static inline __attribute__((always_inline))
 void step_pair(const int lay, const int q, const void *p, vf *a, vf *b)
 {
-    if (lay == ROWS_F32) {
+    if (lay == ROWS_F32 || (lay == ROWS_F16 && q)) {
         *a = vload(p);
         *b = vload((const float *)p + VW);
+    } else if (lay == ROWS_F16) {
+        *a = f16_wide(p);
+        *b = f16_wide((const uint16_t *)p + VW);
     } else if (rows_bf16(lay)) {
         const vu w = words(p);
         *a = bf16_even(w);
@@ -1208,6 +1222,8 @@ void step_pair(const int lay, const int q, const void *p, vf *a, vf *b)
 /* Bytes per value of a layout's key rows (q 0) or query rows (q 1). */
 static inline int lay_bytes(int lay, int q)
 {
+    if (lay == ROWS_F16)
+        return q ? 4 : 2;
     return lay == ROWS_F32 ? 4 : rows_bf16(lay) || q ? 2 : 1;
 }
 
@@ -1404,6 +1420,12 @@ static inline float v_at(const int lay, const char *row, int c)
 {
     if (rows_i8(lay))
         return (float)((const int8_t *)row)[c];
+    if (lay == ROWS_F16) {
+        float f[VW];
+        uint16_t h[VW] = { ((const uint16_t *)row)[c] };
+        vstore(f, f16_to_f32(widen(h)));
+        return f[0];
+    }
     const uint32_t u = (uint32_t)((const uint16_t *)row)[c] << 16;
     float f;
     memcpy(&f, &u, 4);
@@ -1417,7 +1439,7 @@ static inline float v_at(const int lay, const char *row, int c)
    acc is multiplied by alpha first; the last dv % (2·VW) columns go one
    by one. */
 static inline __attribute__((always_inline))
-void pv_rows_fma(const int lay, int m, int n, int dv, const uint16_t *p, int64_t ldp,
+void pv_rows_fma(const int lay, int m, int n, int dv, const void *p, int64_t ldp,
                  const qkv__rows *v, const float *alpha, float *acc, int64_t lda, qkv__pf *pf)
 {
     const int steps = dv / (2 * VW), cfull = steps * 2 * VW;
@@ -1443,10 +1465,15 @@ void pv_rows_fma(const int lay, int m, int n, int dv, const uint16_t *p, int64_t
         for (int i0 = 0; i0 < m; i0 += 16) {
             const int mi = m - i0 < 16 ? m - i0 : 16;
             for (int r = 0; r < mi; r++)
-                for (int j = 0; j < nk; j++) {
-                    const uint32_t u = (uint32_t)p[(i0 + r) * ldp + kc + j] << 16;
-                    memcpy(pr + r * PVF_CHUNK + j, &u, 4);
-                }
+                if (lay == ROWS_F16)   /* P in fp32 (exp_rows) */
+                    memcpy(pr + r * PVF_CHUNK, (const float *)p + (i0 + r) * ldp + kc,
+                           (size_t)nk * sizeof(float));
+                else
+                    for (int j = 0; j < nk; j++) {
+                        const uint32_t u = (uint32_t)((const uint16_t *)p)[(i0 + r) * ldp + kc + j]
+                                           << 16;
+                        memcpy(pr + r * PVF_CHUNK + j, &u, 4);
+                    }
             for (int i = 0; i < mi; i += 4) {
                 float *ai = acc + (i0 + i) * lda;
                 const float *pi = pr + i * PVF_CHUNK;
@@ -1500,6 +1527,18 @@ static void qk_dec_fma(int n, int m, int d, float scale, const qkv__rows *k, con
                        int64_t ldq, float *st, int64_t ldst, qkv__pf *pf)
 {
     qk_rows_fma(ROWS_F32, n, m, d, scale, k, (const char *)q, 4 * ldq, st, ldst, pf);
+}
+
+static void qk_f16_dec(int n, int m, int d, float scale, const qkv__rows *k, const float *q,
+                       int64_t ldq, float *st, int64_t ldst, qkv__pf *pf)
+{
+    qk_rows_fma(ROWS_F16, n, m, d, scale, k, (const char *)q, 4 * ldq, st, ldst, pf);
+}
+
+static void pv_f16_dec(int m, int n, int dv, const float *p, int64_t ldp, const qkv__rows *v,
+                       const float *alpha, float *acc, int64_t lda, qkv__pf *pf)
+{
+    pv_rows_fma(ROWS_F16, m, n, dv, p, ldp, v, alpha, acc, lda, pf);
 }
 #endif
 #endif /* !QKV_HAVE_BF16_DOT */
@@ -1703,9 +1742,13 @@ void QKV_KERNEL_TABLE(qkv__kernels *t)
     t->cvt_i8 = cvt_i8;
     t->cvt_i8_bf16 = cvt_i8_bf16;
 #ifdef QKV_HAVE_DEC_F32
+    t->qk_f16_dec = NULL;
+    t->pv_f16_dec = NULL;
     t->qk_dec = qk_f32_dec;
 #else
     t->qk_dec = qk_dec_fma;
+    t->qk_f16_dec = qk_f16_dec;
+    t->pv_f16_dec = pv_f16_dec;
 #endif
     t->row_max = row_max;
     t->exp_rows = exp_rows;
