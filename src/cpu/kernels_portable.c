@@ -1092,7 +1092,8 @@ static void pv_bf16_dec(int m, int n, int dv, const uint16_t *p, int64_t ldp,
 }
 #endif /* __AVX512BF16__ */
 
-/* ---- decode from bf16 rows in fp32 arithmetic (sets without a bf16 dot) --- */
+/* ---- decode in fp32 FMAs (sets without a bf16 dot): bf16, int8, fp16 and
+   fp32 rows widened in registers ------------------------------------------ */
 
 #ifndef QKV_HAVE_BF16_DOT
 /* A vector of VW words (2·VW bf16 values) splits into its even values
