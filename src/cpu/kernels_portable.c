@@ -1768,6 +1768,8 @@ void QKV_KERNEL_TABLE(qkv__kernels *t)
     t->cvt_i8_bf16 = cvt_i8_bf16_dot;
     t->exp_rows_bf16 = exp_rows_bf16;
     t->pv_bf16_dec = pv_bf16_dec;
+    t->qk_i8f_dec = NULL;
+    t->pv_i8f_dec = NULL;
 #else
     t->qk_bf16 = NULL;
     t->qk_bf16_rows = NULL;
@@ -1777,11 +1779,6 @@ void QKV_KERNEL_TABLE(qkv__kernels *t)
     t->qk_bf16_dec = qk_bf16_dec_f32;
     t->exp_rows_bf16 = exp_rows_bf16_f32;
     t->pv_bf16_dec = pv_bf16_dec_f32;
-#endif
-#ifdef QKV_HAVE_BF16_DOT
-    t->qk_i8f_dec = NULL;
-    t->pv_i8f_dec = NULL;
-#else
     t->qk_i8f_dec = qk_i8f_dec;
     t->pv_i8f_dec = pv_i8f_dec;
 #endif
