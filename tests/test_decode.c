@@ -248,6 +248,36 @@ void test_decode_reference(void)
         free(ref_lse);
         dcase_free(&c);
     }
+    /* head dims wider than the few-row scores kernels expand queries for
+       once per call (1024 values): they split or widen them as they read
+       them; bf16 queries on a bf16 cache, fp32 ones on an fp16 cache */
+    for (int it = 0; it < 4; it++) {
+        dcase c;
+        random_dcase(&c, &r, 200);
+        c.qdt = it % 2 ? QKV_F32 : QKV_BF16;
+        c.kdt = it % 2 ? QKV_F16 : QKV_BF16;
+        c.D = it < 2 ? 1100 : 1030;
+        c.Dv = it < 2 ? 1030 : 1100;
+        c.Hq = 4;
+        c.Hkv = 1;
+        c.Sq = 1 + it % 2;
+        for (int64_t b = 0; b < c.B; b++)
+            c.lens[b] = (int32_t)(b == 0 ? c.Smax : rng_int(&r, 0, c.Smax));
+        dcase_build(&c, &r);
+        float *ref_out = xmalloc(c.n_out * sizeof(float)), *ref_lse = xmalloc(c.n_lse * sizeof(float));
+        dense_reference(ref, &c, c.kf, c.vf, ref_out, ref_lse);
+        for (int i = 0; i < s.n; i++) {
+            float *lse;
+            void *out = run_kvcache(s.ctx[i], &c, &lse);
+            double e = check_result(s.name[i], &c, out, c.qdt, lse, ref_out, ref_lse);
+            if (e > worst[c.qdt]) worst[c.qdt] = e;
+            free(out);
+            free(lse);
+        }
+        free(ref_out);
+        free(ref_lse);
+        dcase_free(&c);
+    }
     t_note("max |out - ref| by output dtype: f32 %.2e  f16 %.2e  bf16 %.2e",
            worst[0], worst[1], worst[2]);
     qkv_ctx_free(ref);
@@ -536,6 +566,22 @@ void test_decode_int8(void)
             c.lens[b] = (int32_t)(b == 0 ? c.Smax : rng_int(&r, 0, c.Smax));
         int8_case(&s, ref, &c, &r, (int64_t)8 << (it % 6), it % 4 == 3, &worst_q, &worst_out,
                   &worst_ratio);
+        dcase_free(&c);
+    }
+    /* head dims wider than the scores kernels widen queries for once per
+       call: they widen them as they read them */
+    for (int it = 0; it < 2; it++) {
+        dcase c;
+        random_dcase(&c, &r, 300);
+        c.qdt = QKV_BF16;
+        c.D = it ? 1030 : 1100;
+        c.Dv = it ? 1100 : 1030;
+        c.Hq = 4;
+        c.Hkv = 1;
+        c.Sq = 1 + it;
+        for (int64_t b = 0; b < c.B; b++)
+            c.lens[b] = (int32_t)(b == 0 ? c.Smax : rng_int(&r, 0, c.Smax));
+        int8_case(&s, ref, &c, &r, 32, it, &worst_q, &worst_out, &worst_ratio);
         dcase_free(&c);
     }
     /* a V row that held a non-finite value has a NaN scale: its head's
