@@ -1260,9 +1260,9 @@ void qk_pair(const int lay, int steps, int part, const char *k0, const char *k1,
             c[0][r] += o0 * qo;
             c[1][r] += o1 * qo;
         }
-        if (run)
-            qkv__pf_ask(pf, run, spread);
     }
+    if (run)
+        qkv__pf_ask(pf, run, spread);
 }
 
 /* The few-row scores in fp32 FMAs, rows of len values (lay): per key and
@@ -1284,7 +1284,10 @@ void qk_rows_fma(const int lay, int n, int m, int len, float scale, const qkv__r
     memset(t0, 0, sizeof t0);
     memset(t1, 0, sizeof t1);
     memset(qt, 0, sizeof qt);
-    const int spread = pf ? (pf->per4 + 2 * steps - 1) / (2 * steps) : 0;
+    /* pf's lines: half of per4 after each pair of keys (asked for after
+       each step along the row, the bookkeeping cost AVX2 a tenth of the
+       call's time) */
+    const int spread = pf ? (pf->per4 + 1) / 2 : 0;
     qkv__pf_run run = qkv__pf_run_begin(pf);
     for (int i = 0; i < m; i += 4) {
         const int live = m - i < 4 ? m - i : 4;
