@@ -217,6 +217,26 @@ static void random_dcase(dcase *c, rng *r, int64_t max_len)
     if (rng_int(r, 0, 4) == 0) c->opts.window_right = rng_int(r, 0, 4);
 }
 
+/* Builds case c, runs it on every kernel set against the dense reference
+   (the worst error per output dtype into worst) and frees it. */
+static void check_case(const isas *s, qkv_ctx *ref, dcase *c, rng *r, double worst[3])
+{
+    dcase_build(c, r);
+    float *ref_out = xmalloc(c->n_out * sizeof(float)), *ref_lse = xmalloc(c->n_lse * sizeof(float));
+    dense_reference(ref, c, c->kf, c->vf, ref_out, ref_lse);
+    for (int i = 0; i < s->n; i++) {
+        float *lse;
+        void *out = run_kvcache(s->ctx[i], c, &lse);
+        double e = check_result(s->name[i], c, out, c->qdt, lse, ref_out, ref_lse);
+        if (e > worst[c->qdt]) worst[c->qdt] = e;
+        free(out);
+        free(lse);
+    }
+    free(ref_out);
+    free(ref_lse);
+    dcase_free(c);
+}
+
 void test_decode_reference(void)
 {
     isas s;
@@ -233,20 +253,7 @@ void test_decode_reference(void)
             one_full_sequence(&c, 16);
             if (c.D > 64) c.D = c.Dv = 64;
         }
-        dcase_build(&c, &r);
-        float *ref_out = xmalloc(c.n_out * sizeof(float)), *ref_lse = xmalloc(c.n_lse * sizeof(float));
-        dense_reference(ref, &c, c.kf, c.vf, ref_out, ref_lse);
-        for (int i = 0; i < s.n; i++) {
-            float *lse;
-            void *out = run_kvcache(s.ctx[i], &c, &lse);
-            double e = check_result(s.name[i], &c, out, c.qdt, lse, ref_out, ref_lse);
-            if (e > worst[c.qdt]) worst[c.qdt] = e;
-            free(out);
-            free(lse);
-        }
-        free(ref_out);
-        free(ref_lse);
-        dcase_free(&c);
+        check_case(&s, ref, &c, &r, worst);
     }
     /* head dims wider than the few-row scores kernels expand queries for
        once per call (1024 values): they split or widen them as they read
@@ -263,20 +270,7 @@ void test_decode_reference(void)
         c.Sq = 1 + it % 2;
         for (int64_t b = 0; b < c.B; b++)
             c.lens[b] = (int32_t)(b == 0 ? c.Smax : rng_int(&r, 0, c.Smax));
-        dcase_build(&c, &r);
-        float *ref_out = xmalloc(c.n_out * sizeof(float)), *ref_lse = xmalloc(c.n_lse * sizeof(float));
-        dense_reference(ref, &c, c.kf, c.vf, ref_out, ref_lse);
-        for (int i = 0; i < s.n; i++) {
-            float *lse;
-            void *out = run_kvcache(s.ctx[i], &c, &lse);
-            double e = check_result(s.name[i], &c, out, c.qdt, lse, ref_out, ref_lse);
-            if (e > worst[c.qdt]) worst[c.qdt] = e;
-            free(out);
-            free(lse);
-        }
-        free(ref_out);
-        free(ref_lse);
-        dcase_free(&c);
+        check_case(&s, ref, &c, &r, worst);
     }
     t_note("max |out - ref| by output dtype: f32 %.2e  f16 %.2e  bf16 %.2e",
            worst[0], worst[1], worst[2]);
