@@ -244,7 +244,7 @@ typedef struct qkv__kernels {
     /* The scores of qk_bf16_rows, query-major: st[i·ldst + j] for j < n,
        i < m, computed in blocks of 4 keys x 4 queries whose 16 dot
        products are reduced together (only the last n % 4 keys are reduced
-       one by one; sets without a bf16 dot: 2 keys x 2 queries, each key
+       one by one; sets without a bf16 dot: 2 keys x 4 queries, each key
        alike); k's rows are dp pairs of bf16, q [m][ldq], readable up
        to row round_up(m, 4). Splitting the keys into calls of multiples of
        4 gives the same bits. Asks for the lines of pf (NULL: none) as it

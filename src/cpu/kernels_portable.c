@@ -277,26 +277,49 @@ static void col_max(const float *st, int64_t ld, int n, int m, float *mx)
 /* exp(x) for x <= 0 (ok up to 88): x = n·ln2 + f, |f| <= ln2/2, 2^n built in
    the exponent bits, exp(f) by Cephes' degree-6 polynomial (about 1 ulp).
    Below -87.3 the result is 0, as exp(-inf) must be. */
+/* vexp of u vectors at once, step by step across them: one vector's
+   steps form a chain of about 60 cycles, and an out-of-order window
+   (Zen 1's in particular) holds little more than one such chain, so
+   separate calls in a loop overlap poorly. */
+static inline __attribute__((always_inline)) void vexp_n(const int u, vf *x)
+{
+    const vf lo = vset1(-87.33654f), magic = vset1(12582912.0f);
+    vi keep[8], n[8];   /* u <= 8 */
+    vf t[8], f[8], p[8];
+    for (int i = 0; i < u; i++) {
+        keep[i] = ~(x[i] < lo);   /* NaN stays NaN */
+        x[i] = (vf)(((vi)x[i] & keep[i]) | ((vi)lo & ~keep[i]));
+    }
+    /* round x·log2e to nearest by adding 1.5·2^23 (exact in fp32) */
+    for (int i = 0; i < u; i++)
+        t[i] = x[i] * vset1(1.44269504088896341f) + magic;
+    for (int i = 0; i < u; i++) {
+        const vf nf = t[i] - magic;
+        n[i] = (vi)t[i] - (vi)magic;
+        f[i] = x[i] - nf * vset1(0.693359375f) - nf * vset1(-2.12194440e-4f);
+    }
+    for (int i = 0; i < u; i++)
+        p[i] = vset1(1.9875691500e-4f) * f[i] + vset1(1.3981999507e-3f);
+    for (int i = 0; i < u; i++)
+        p[i] = p[i] * f[i] + vset1(8.3334519073e-3f);
+    for (int i = 0; i < u; i++)
+        p[i] = p[i] * f[i] + vset1(4.1665795894e-2f);
+    for (int i = 0; i < u; i++)
+        p[i] = p[i] * f[i] + vset1(1.6666665459e-1f);
+    for (int i = 0; i < u; i++)
+        p[i] = p[i] * f[i] + vset1(5.0000001201e-1f);
+    for (int i = 0; i < u; i++)
+        p[i] = p[i] * f[i] * f[i] + f[i] + vset1(1.0f);
+    for (int i = 0; i < u; i++) {
+        const vi scale = (n[i] + 127) << 23;
+        x[i] = (vf)((vi)(p[i] * (vf)scale) & keep[i]);
+    }
+}
+
 static inline vf vexp(vf x)
 {
-    const vf lo = vset1(-87.33654f);
-    vi keep = ~(x < lo);   /* NaN stays NaN */
-    x = (vf)(((vi)x & keep) | ((vi)lo & ~keep));
-    /* round x·log2e to nearest by adding 1.5·2^23 (exact in fp32) */
-    const vf magic = vset1(12582912.0f);
-    vf t = x * vset1(1.44269504088896341f) + magic;
-    vf nf = t - magic;
-    vi n = (vi)t - (vi)magic;
-    vf f = x - nf * vset1(0.693359375f) - nf * vset1(-2.12194440e-4f);
-    vf p = vset1(1.9875691500e-4f);
-    p = p * f + vset1(1.3981999507e-3f);
-    p = p * f + vset1(8.3334519073e-3f);
-    p = p * f + vset1(4.1665795894e-2f);
-    p = p * f + vset1(1.6666665459e-1f);
-    p = p * f + vset1(5.0000001201e-1f);
-    p = p * f * f + f + vset1(1.0f);
-    vi scale = (n + 127) << 23;
-    return (vf)((vi)(p * (vf)scale) & keep);
+    vexp_n(1, &x);
+    return x;
 }
 
 static void exp_cols(float *st, int64_t ld, int n, int m, const float *mref,
@@ -1229,36 +1252,41 @@ static inline int lay_bytes(int lay, int q)
 }
 
 /* Scores of 2 keys (k0, k1: their rows; t0, t1: a last step the rows end
-   inside, zero past the end) by queries r0 and r0 + 1 (q: their rows,
-   ldq bytes apart; qt: their last steps; qx: expanded ones):
-   c[key][query] sums of lanes. 2 x 2 keeps the accumulators and the
-   keys' and queries' values in registers (AVX2 has 16): 2 x 4 made GCC
-   spill. */
+   inside, zero past the end) by 4 queries (q: their rows, ldq bytes
+   apart; qt: their last steps; qx: expanded ones): c[key][query] sums of
+   lanes. Each step adds its first vectors' products, then its second's:
+   eight accumulators, each two FMAs deep a step, so the FMA latency hides
+   behind the sixteen FMAs; 8 accumulators, 4 key vectors and a mask fit
+   AVX2's 16 registers with the queries read as memory operands. */
 static inline __attribute__((always_inline))
-void qk_pair(const int lay, int steps, int part, const char *k0, const char *k1,
+void qk_quad(const int lay, int steps, int part, const char *k0, const char *k1,
              const char *t0, const char *t1, const float *qx, const char *q, int64_t ldq,
-             const char *qt, int r0, vf c[2][2], qkv__pf *pf, qkv__pf_run *run, int spread)
+             const char *qt, vf c[2][4], qkv__pf *pf, qkv__pf_run *run, int spread)
 {
     const int kstep = 2 * VW * lay_bytes(lay, 0), qstep = 2 * VW * lay_bytes(lay, 1);
-    c[0][0] = c[0][1] = c[1][0] = c[1][1] = (vf){0};
+    for (int r = 0; r < 4; r++)
+        c[0][r] = c[1][r] = (vf){0};
     for (int s = 0; s < steps; s++) {
         const int tail = part && s == steps - 1;
-        vf e0, o0, e1, o1;
+        vf e0, o0, e1, o1, qe[4], qo[4];
         step_pair(lay, 0, tail ? t0 : k0 + s * kstep, &e0, &o0);
         step_pair(lay, 0, tail ? t1 : k1 + s * kstep, &e1, &o1);
-        for (int r = 0; r < 2; r++) {
-            vf qe, qo;
+        for (int r = 0; r < 4; r++) {
             if (rows_qx(lay)) {
-                qe = vload(qx + (r0 + r) * QX_FLOATS + 2 * s * VW);
-                qo = vload(qx + (r0 + r) * QX_FLOATS + (2 * s + 1) * VW);
+                qe[r] = vload(qx + r * QX_FLOATS + 2 * s * VW);
+                qo[r] = vload(qx + r * QX_FLOATS + (2 * s + 1) * VW);
             } else {
-                step_pair(lay, 1, tail ? qt + (r0 + r) * qstep : q + (r0 + r) * ldq + s * qstep,
-                          &qe, &qo);
+                step_pair(lay, 1, tail ? qt + r * qstep : q + r * ldq + s * qstep, &qe[r],
+                          &qo[r]);
             }
-            c[0][r] += e0 * qe;
-            c[1][r] += e1 * qe;
-            c[0][r] += o0 * qo;
-            c[1][r] += o1 * qo;
+        }
+        for (int r = 0; r < 4; r++) {
+            c[0][r] += e0 * qe[r];
+            c[1][r] += e1 * qe[r];
+        }
+        for (int r = 0; r < 4; r++) {
+            c[0][r] += o0 * qo[r];
+            c[1][r] += o1 * qo[r];
         }
     }
     if (run)
@@ -1313,14 +1341,12 @@ void qk_rows_fma(const int lay, int n, int m, int len, float scale, const qkv__r
                 memcpy(t0, k0 + (int64_t)(steps - 1) * kstep, (size_t)(part * kes));
                 memcpy(t1, k1 + (int64_t)(steps - 1) * kstep, (size_t)(part * kes));
             }
-            vf c[2][2];
+            vf c[2][4];
             const vf4 sc = (vf4){ scale, scale, scale, scale };
-            qk_pair(lay, steps, part, k0, k1, (const char *)t0, (const char *)t1, qx, qi, ldq,
-                    (const char *)qt, 0, c, pf, i ? NULL : &run, spread);
+            qk_quad(lay, steps, part, k0, k1, (const char *)t0, (const char *)t1, qx, qi, ldq,
+                    (const char *)qt, c, pf, i ? NULL : &run, spread);
             const vf4 s01 = reduce4(c[0][0], c[1][0], c[0][1], c[1][1]) * sc;
-            qk_pair(lay, steps, part, k0, k1, (const char *)t0, (const char *)t1, qx, qi, ldq,
-                    (const char *)qt, 2, c, pf, NULL, 0);
-            const vf4 s23 = reduce4(c[0][0], c[1][0], c[0][1], c[1][1]) * sc;
+            const vf4 s23 = reduce4(c[0][2], c[1][2], c[0][3], c[1][3]) * sc;
             const float s[2][4] = { { s01[0], s01[2], s23[0], s23[2] },
                                     { s01[1], s01[3], s23[1], s23[3] } };
             for (int e = 0; e < 2 && j + e < n; e++)
@@ -1358,29 +1384,38 @@ static void qk_i8f_dec(int n, int m, int d, float scale, const qkv__rows *k, con
 static void exp_rows_bf16_f32(const float *st, int64_t ld, int m, int n, const float *mref,
                               const float *pmul, float *sum, uint16_t *p, int64_t ldp)
 {
+    enum { U = 32 / VW };   /* vectors through vexp_n at once: 32 values */
     const int n32 = (n + 31) / 32 * 32;
     for (int i = 0; i < m; i++) {
         const float *s = st + i * ld;
         uint16_t *pi = p + i * ldp;
         const vf mv = vset1(mref[i]);
         vf acc = {0};
-        for (int j = 0; j < n32; j += VW) {
-            vf x, w;
-            if (j + VW <= n) {
-                x = vexp(vload(s + j) - mv);
-                w = pmul ? x * vload(pmul + j) : x;
-            } else {   /* the tail as one vector, 0 past n */
-                float t[VW], u[VW];
-                for (int l = 0; l < VW; l++) {
+        for (int j = 0; j < n32; j += U * VW) {
+            vf x[U], w[U];
+            if (j + U * VW <= n) {
+                for (int u = 0; u < U; u++)
+                    x[u] = vload(s + j + u * VW) - mv;
+                vexp_n(U, x);
+                for (int u = 0; u < U; u++)
+                    w[u] = pmul ? x[u] * vload(pmul + j + u * VW) : x[u];
+            } else {   /* the tail, 0 past n */
+                float t[U * VW], v[U * VW];
+                for (int l = 0; l < U * VW; l++) {
                     t[l] = j + l < n ? s[j + l] : -INFINITY;
-                    u[l] = j + l < n && pmul ? pmul[j + l] : 1.0f;
+                    v[l] = j + l < n && pmul ? pmul[j + l] : 1.0f;
                 }
-                x = vexp(vload(t) - mv);
-                w = x * vload(u);
+                for (int u = 0; u < U; u++)
+                    x[u] = vload(t + u * VW) - mv;
+                vexp_n(U, x);
+                for (int u = 0; u < U; u++)
+                    w[u] = x[u] * vload(v + u * VW);
             }
-            acc += x;
-            const vh_out h = __builtin_convertvector(f32_to_bf16_bits(w), vh_out);
-            memcpy(pi + j, &h, sizeof h);
+            for (int u = 0; u < U; u++) {
+                acc += x[u];
+                const vh_out h = __builtin_convertvector(f32_to_bf16_bits(w[u]), vh_out);
+                memcpy(pi + j + u * VW, &h, sizeof h);
+            }
         }
         sum[i] = hsum(acc);
     }
