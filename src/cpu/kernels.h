@@ -95,9 +95,10 @@ static inline void qkv__pf_lines(qkv__pf *pf, int count)
    steps along 4 lines at a time: a pointer compare and four prefetches.
    The bf16 decode scores kernel asks this way: from L2 it took 25.4
    cycles per key through qkv__pf_lines, 21.8 through a run, as without
-   prefetches. (P·V keeps qkv__pf_lines: its lines in groups of 4 slowed
-   a thread reading from memory by 5–10%.) end is NULL for other pfs,
-   which go through qkv__pf_lines. */
+   prefetches. (P·V asks line by line through qkv__pf_run_rows: its
+   lines in groups of 4 slowed a thread reading from memory by 5–10%; on
+   Zen 1 qkv__pf_lines cost P·V 18 cycles per key of 4 rows, the cursor
+   6.) end is NULL for other pfs, which go through qkv__pf_lines. */
 typedef struct {
     const char *at, *end;
 } qkv__pf_run;
@@ -124,6 +125,43 @@ static inline void qkv__pf_run_lines(qkv__pf_run *r, int count)
     }
 }
 
+/* Row `row` of pf's lines. */
+static inline const char *qkv__pf_row(const qkv__pf *pf, int row)
+{
+    return pf->bases ? pf->bases[row] : pf->base + (int64_t)row * pf->ld;
+}
+
+/* pf as a cursor over its rows of lines, from where it is (any pf; end
+   NULL when none are left): P·V's, which asks for a few lines a column
+   step through qkv__pf_run_each. */
+static inline qkv__pf_run qkv__pf_run_rows(const qkv__pf *pf)
+{
+    qkv__pf_run r = { NULL, NULL };
+    if (pf && pf->row < pf->rows) {
+        const char *b = qkv__pf_row(pf, pf->row);
+        r.at = b + 64 * (int64_t)pf->line;
+        r.end = b + 64 * (int64_t)pf->lines;
+    }
+    return r;
+}
+
+/* Asks for the next `count` lines of r (from qkv__pf_run_rows) one by
+   one, on to pf's next row at the end of one. */
+static inline void qkv__pf_run_each(qkv__pf *pf, qkv__pf_run *r, int count)
+{
+    for (; count > 0; count--, r->at += 64) {
+        if (r->at >= r->end) {
+            if (pf->row + 1 >= pf->rows)
+                return;
+            pf->row++;
+            pf->line = 0;
+            r->at = qkv__pf_row(pf, pf->row);
+            r->end = r->at + 64 * (int64_t)pf->lines;
+        }
+        __builtin_prefetch(r->at, 0, 2);
+    }
+}
+
 /* Asks for count more lines of pf, through r while it is a run. */
 static inline void qkv__pf_ask(qkv__pf *pf, qkv__pf_run *r, int count)
 {
@@ -136,8 +174,8 @@ static inline void qkv__pf_ask(qkv__pf *pf, qkv__pf_run *r, int count)
 /* Keeps r's progress in pf, for the next kernel call on it. */
 static inline void qkv__pf_run_end(qkv__pf *pf, const qkv__pf_run *r)
 {
-    if (r->end) {
-        const int64_t l = (r->at - pf->base) / 64;
+    if (r->end) {   /* the line reached in the row r is on */
+        const int64_t l = (r->at - (r->end - 64 * (int64_t)pf->lines)) / 64;
         pf->line = l < pf->lines ? (int32_t)l : pf->lines;
     }
 }

@@ -1430,7 +1430,7 @@ enum { PVF_CHUNK = 64 };
    int8 rows: in order), over n keys with P pr[r·PVF_CHUNK + j]. */
 static inline __attribute__((always_inline))
 void pvf_block(const int lay, const int rows, int n, const float *pr, const char *const *vr,
-               int x, float *acc, int64_t lda, qkv__pf *pf, int ask)
+               int x, float *acc, int64_t lda, qkv__pf *pf, qkv__pf_run *run, int ask)
 {
     vf c[4][2];
     for (int r = 0; r < rows; r++) {
@@ -1445,8 +1445,8 @@ void pvf_block(const int lay, const int rows, int n, const float *pr, const char
             c[r][0] += a * e;
             c[r][1] += a * o;
         }
-        if (ask && j % 4 == 3)
-            qkv__pf_lines(pf, ask);
+        if (ask && j % 4 == 3 && run->end)
+            qkv__pf_run_each(pf, run, ask);
     }
     for (int r = 0; r < rows; r++) {
         vstore(acc + r * lda, c[r][0]);
@@ -1495,6 +1495,7 @@ void pv_rows_fma(const int lay, int m, int n, int dv, const void *p, int64_t ldp
     }
     /* pf's lines: per4 per 4 keys, shared by the first row group's steps */
     const int ask = pf && steps ? (pf->per4 + steps - 1) / steps : 0;
+    qkv__pf_run run = qkv__pf_run_rows(pf);
     float pr[16 * PVF_CHUNK];
     const char *vr[PVF_CHUNK];
     for (int kc = 0; kc < n; kc += PVF_CHUNK) {
@@ -1521,10 +1522,10 @@ void pv_rows_fma(const int lay, int m, int n, int dv, const void *p, int64_t ldp
                 for (int t = 0; t < steps; t++) {
                     float *at = ai + 2 * VW * t;
                     switch (mi - i) {
-                    case 1: pvf_block(lay, 1, nk, pi, vr, 2 * VW * t, at, lda, pfi, as); break;
-                    case 2: pvf_block(lay, 2, nk, pi, vr, 2 * VW * t, at, lda, pfi, as); break;
-                    case 3: pvf_block(lay, 3, nk, pi, vr, 2 * VW * t, at, lda, pfi, as); break;
-                    default: pvf_block(lay, 4, nk, pi, vr, 2 * VW * t, at, lda, pfi, as); break;
+                    case 1: pvf_block(lay, 1, nk, pi, vr, 2 * VW * t, at, lda, pfi, &run, as); break;
+                    case 2: pvf_block(lay, 2, nk, pi, vr, 2 * VW * t, at, lda, pfi, &run, as); break;
+                    case 3: pvf_block(lay, 3, nk, pi, vr, 2 * VW * t, at, lda, pfi, &run, as); break;
+                    default: pvf_block(lay, 4, nk, pi, vr, 2 * VW * t, at, lda, pfi, &run, as); break;
                     }
                 }
                 for (int r = 0; r < 4 && i + r < mi; r++)
@@ -1537,6 +1538,7 @@ void pv_rows_fma(const int lay, int m, int n, int dv, const void *p, int64_t ldp
             }
         }
     }
+    qkv__pf_run_end(pf, &run);
     if (pf && !steps)
         qkv__pf_lines(pf, pf->per4 * ((n + 3) / 4));
     for (int i = 0; i < m && rows_bf16(lay); i++)
