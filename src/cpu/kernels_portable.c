@@ -316,18 +316,33 @@ static inline __attribute__((always_inline)) void vexp_n(const int u, vf *x)
     }
 }
 
-static inline vf vexp(vf x)
+static inline __attribute__((always_inline)) vf vexp(vf x)
 {
     vexp_n(1, &x);
     return x;
 }
+
+/* Keys (exp_cols) or vectors along a row (exp_rows) through vexp_n at
+   once. */
+enum { EXP_U = 4 };
 
 static void exp_cols(float *st, int64_t ld, int n, int m, const float *mref,
                      float *sum)
 {
     for (int i = 0; i < m; i += VW) {
         vf mv = vload(mref + i), acc = {0};
-        for (int j = 0; j < n; j++) {
+        int j = 0;
+        for (; j + EXP_U <= n; j += EXP_U) {
+            vf e[EXP_U];
+            for (int u = 0; u < EXP_U; u++)
+                e[u] = vload(st + (j + u) * ld + i) - mv;
+            vexp_n(EXP_U, e);
+            for (int u = 0; u < EXP_U; u++) {
+                vstore(st + (j + u) * ld + i, e[u]);
+                acc += e[u];
+            }
+        }
+        for (; j < n; j++) {
             vf e = vexp(vload(st + j * ld + i) - mv);
             vstore(st + j * ld + i, e);
             acc += e;
@@ -368,6 +383,16 @@ static void exp_rows(float *st, int64_t ld, int m, int n, const float *mref, flo
         const vf mv = vset1(mref[i]);
         vf acc = {0};
         int j = 0;
+        for (; j + EXP_U * VW <= n; j += EXP_U * VW) {
+            vf e[EXP_U];
+            for (int u = 0; u < EXP_U; u++)
+                e[u] = vload(s + j + u * VW) - mv;
+            vexp_n(EXP_U, e);
+            for (int u = 0; u < EXP_U; u++) {
+                vstore(s + j + u * VW, e[u]);
+                acc += e[u];
+            }
+        }
         for (; j + VW <= n; j += VW) {
             const vf e = vexp(vload(s + j) - mv);
             vstore(s + j, e);
