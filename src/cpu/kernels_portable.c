@@ -27,7 +27,7 @@
 #define QKV_KERNEL_NAME "generic"
 #endif
 
-#if (QKV_VW == 16 && defined(__AVX512F__)) || defined(__F16C__)
+#if (QKV_VW == 16 && defined(__AVX512F__)) || defined(__F16C__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -475,18 +475,30 @@ static void cvt_bf16(const uint16_t *src, float *dst, int64_t n)
 typedef int8_t vc __attribute__((vector_size(QKV_VW)));
 typedef int16_t vs16 __attribute__((vector_size(QKV_VW * 2)));
 
+/* VW int8 codes at p as fp32: one sign extension where the set has it;
+   else through int16 and int32 (GCC widens a step at a time in vector
+   registers, where a direct int8 -> float conversion goes scalar). */
+static inline vf codes(const void *p)
+{
+#if defined(__AVX2__) && QKV_VW == 8   /* (GCC widens the generic form by halves) */
+    return (vf)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+#elif defined(__AVX512F__) && QKV_VW == 16
+    return (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+#else
+    vc c;
+    memcpy(&c, p, sizeof c);
+    return __builtin_convertvector(__builtin_convertvector(__builtin_convertvector(c, vs16), vi),
+                                   vf);
+#endif
+}
+
 /* int8 cache rows: codes times their row's scale. */
 static void cvt_i8(const int8_t *src, float scale, float *dst, int64_t n)
 {
     const vf s = vset1(scale);
     int64_t j = 0;
     for (; j + VW <= n; j += VW) {
-        vc c;
-        memcpy(&c, src + j, sizeof c);
-        /* through int16 and int32: GCC widens a step at a time in vector
-           registers, where a direct int8 -> float conversion goes scalar */
-        const vi w = __builtin_convertvector(__builtin_convertvector(c, vs16), vi);
-        vstore(dst + j, __builtin_convertvector(w, vf) * s);
+        vstore(dst + j, codes(src + j) * s);
     }
     for (; j < n; j++)
         dst[j] = (float)src[j] * scale;
@@ -501,11 +513,7 @@ static void cvt_i8_bf16(const int8_t *src, int64_t lds, int rows, int64_t n, uin
         uint16_t *d = dst + r * ldd;
         int64_t j = 0;
         for (; j + VW <= n; j += VW) {
-            vc c;
-            memcpy(&c, s + j, sizeof c);
-            const vf f = __builtin_convertvector(__builtin_convertvector(
-                                                     __builtin_convertvector(c, vs16), vi), vf);
-            const vh h = __builtin_convertvector((vu)f >> 16, vh);
+            const vh h = __builtin_convertvector((vu)codes(s + j) >> 16, vh);
             memcpy(d + j, &h, sizeof h);
         }
         for (; j < n; j++) {
@@ -1221,14 +1229,6 @@ static inline int rows_bf16(int lay) { return lay == ROWS_BF16_QX || lay == ROWS
 static inline int rows_i8(int lay) { return lay == ROWS_I8_QX || lay == ROWS_I8; }
 static inline int rows_qx(int lay) { return lay == ROWS_BF16_QX || lay == ROWS_I8_QX; }
 
-/* VW int8 codes at p as fp32 (through int16 and int32, as cvt_i8). */
-static inline vf codes(const void *p)
-{
-    vc c;
-    memcpy(&c, p, sizeof c);
-    return __builtin_convertvector(__builtin_convertvector(__builtin_convertvector(c, vs16), vi),
-                                   vf);
-}
 
 /* VW bf16 values at p widened in order. */
 static inline vf bf16_wide(const void *p) { return (vf)(widen(p) << 16); }
