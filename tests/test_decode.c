@@ -272,6 +272,24 @@ void test_decode_reference(void)
             c.lens[b] = (int32_t)(b == 0 ? c.Smax : rng_int(&r, 0, c.Smax));
         check_case(&s, ref, &c, &r, worst);
     }
+    /* tiles of 8 to 16 rows (speculative verification: Sq new queries
+       times the query heads per kv head): sets without a bf16 dot take
+       up to 12 through the few-row kernels, more through the forward's */
+    static const int64_t tiles[][3] = { { 4, 1, 3 }, { 8, 2, 3 }, { 6, 3, 5 },
+                                        { 4, 1, 4 }, { 2, 1, 6 }, { 32, 8, 2 } };
+    static const qkv_dtype tdts[][2] = { { QKV_BF16, QKV_BF16 }, { QKV_F32, QKV_F16 },
+                                         { QKV_F32, QKV_F32 } };
+    for (int it = 0; it < 12; it++) {
+        dcase c;
+        random_dcase(&c, &r, 300);
+        c.Hq = tiles[it % 6][0];
+        c.Hkv = tiles[it % 6][1];
+        c.Sq = tiles[it % 6][2];
+        c.qdt = tdts[it % 3][0];
+        c.kdt = tdts[it % 3][1];
+        c.lens[0] = (int32_t)c.Smax;
+        check_case(&s, ref, &c, &r, worst);
+    }
     t_note("max |out - ref| by output dtype: f32 %.2e  f16 %.2e  bf16 %.2e",
            worst[0], worst[1], worst[2]);
     qkv_ctx_free(ref);

@@ -177,9 +177,9 @@ enum { MANY_CHUNK = 32 };   /* the same for tiles of more than QKV__PAD rows */
 enum { PAIRS_ROWS = 16 };
 /* The same on sets without a bf16 dot, whose few-row kernels widen bf16
    in registers and reduce each dot product's lanes: measured on AVX2
-   (1x32768 keys, 32/8 heads), 8 rows ran 1.1x faster that way than on
-   the forward's kernels, 16 rows 1.16x slower. */
-enum { FMA_ROWS = 8 };
+   (1x32768 keys, 32/8 heads), 12 rows ran 0.83x the forward's kernels'
+   time that way, 16 rows 1.01-1.05x. */
+enum { FMA_ROWS = 12 };
 
 /* Keys per kernel call: CHUNK while there are rows to ask for, else the
    whole run. */
