@@ -276,11 +276,11 @@ static void col_max(const float *st, int64_t ld, int n, int m, float *mx)
 
 /* exp(x) for x <= 0 (ok up to 88): x = n·ln2 + f, |f| <= ln2/2, 2^n built in
    the exponent bits, exp(f) by Cephes' degree-6 polynomial (about 1 ulp).
-   Below -87.3 the result is 0, as exp(-inf) must be. */
-/* vexp of u vectors at once, step by step across them: one vector's
-   steps form a chain of about 60 cycles, and an out-of-order window
-   (Zen 1's in particular) holds little more than one such chain, so
-   separate calls in a loop overlap poorly. */
+   Below -87.3 the result is 0, as exp(-inf) must be. vexp_n takes u
+   vectors at once, step by step across them: one vector's steps form a
+   chain of about 60 cycles, and an out-of-order window (Zen 1's in
+   particular) holds little more than one such chain, so separate calls
+   in a loop overlap poorly. */
 static inline __attribute__((always_inline)) void vexp_n(const int u, vf *x)
 {
     const vf lo = vset1(-87.33654f), magic = vset1(12582912.0f);
@@ -1228,7 +1228,6 @@ enum { ROWS_F32, ROWS_BF16_QX, ROWS_BF16, ROWS_I8_QX, ROWS_I8, ROWS_F16 };
 static inline int rows_bf16(int lay) { return lay == ROWS_BF16_QX || lay == ROWS_BF16; }
 static inline int rows_i8(int lay) { return lay == ROWS_I8_QX || lay == ROWS_I8; }
 static inline int rows_qx(int lay) { return lay == ROWS_BF16_QX || lay == ROWS_I8_QX; }
-
 
 /* VW bf16 values at p widened in order. */
 static inline vf bf16_wide(const void *p) { return (vf)(widen(p) << 16); }
