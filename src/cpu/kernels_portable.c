@@ -475,15 +475,15 @@ static void cvt_bf16(const uint16_t *src, float *dst, int64_t n)
 typedef int8_t vc __attribute__((vector_size(QKV_VW)));
 typedef int16_t vs16 __attribute__((vector_size(QKV_VW * 2)));
 
-/* VW int8 codes at p as fp32: one sign extension where the set has it;
-   else through int16 and int32 (GCC widens a step at a time in vector
-   registers, where a direct int8 -> float conversion goes scalar). */
+/* VW int8 codes at p as fp32: on AVX2 one sign extension from memory
+   (GCC widens the generic form in 128-bit halves with shifts and
+   unpacks); else through int16 and int32 (GCC widens a step at a time in
+   vector registers, where a direct int8 -> float conversion goes
+   scalar). */
 static inline vf codes(const void *p)
 {
-#if defined(__AVX2__) && QKV_VW == 8   /* (GCC widens the generic form by halves) */
+#if defined(__AVX2__) && QKV_VW == 8
     return (vf)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
-#elif defined(__AVX512F__) && QKV_VW == 16
-    return (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
 #else
     vc c;
     memcpy(&c, p, sizeof c);
