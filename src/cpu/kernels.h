@@ -133,7 +133,9 @@ static inline const char *qkv__pf_row(const qkv__pf *pf, int row)
 
 /* pf as a cursor over its rows of lines, from where it is (any pf; end
    NULL when none are left): P·V's, which asks for a few lines a column
-   step through qkv__pf_run_each. */
+   step through qkv__pf_run_each, the one that moves on to the next row
+   (qkv__pf_run_lines and qkv__pf_ask stay within one run: they take
+   cursors from qkv__pf_run_begin). */
 static inline qkv__pf_run qkv__pf_run_rows(const qkv__pf *pf)
 {
     qkv__pf_run r = { NULL, NULL };
