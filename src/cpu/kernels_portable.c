@@ -1533,11 +1533,7 @@ void pv_rows_fma(const int lay, int m, int n, int dv, const void *p, int64_t ldp
                     memcpy(pr + r * PVF_CHUNK, (const float *)p + (i0 + r) * ldp + kc,
                            (size_t)nk * sizeof(float));
                 else
-                    for (int j = 0; j < nk; j++) {
-                        const uint32_t u = (uint32_t)((const uint16_t *)p)[(i0 + r) * ldp + kc + j]
-                                           << 16;
-                        memcpy(pr + r * PVF_CHUNK + j, &u, 4);
-                    }
+                    cvt_bf16((const uint16_t *)p + (i0 + r) * ldp + kc, pr + r * PVF_CHUNK, nk);
             for (int i = 0; i < mi; i += 4) {
                 float *ai = acc + (i0 + i) * lda;
                 const float *pi = pr + i * PVF_CHUNK;
