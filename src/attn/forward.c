@@ -16,7 +16,11 @@
  * Memory is O(BQ·BK + (BQ+BK)·D) per thread, whatever the sequence length;
  * BK, the keys per tile, is sized from the L2 cache (key_tile).
  * Tiles wholly outside the causal/window band are never visited; only tiles
- * the band cuts are masked element by element. Each task writes its own
+ * the band cuts are masked element by element.
+ * On kernel sets that multiply whole tiles (AMX), bf16 calls first pack K
+ * and V once into the tiles' operand layouts (pack_task; the packed copy
+ * is the size of K and V), and the scores are kept queries by keys: the
+ * softmax runs along rows and writes P as the next product's operand. Each task writes its own
  * rows of out and lse, and its arithmetic does not depend on the thread
  * running it, so results are bitwise identical for any thread count.
  *
@@ -41,6 +45,13 @@ typedef struct {
     float           *part;
     int64_t          part_size;   /* floats per (tile, part) */
     int64_t          bk;          /* keys per tile */
+    /* the whole-tile path (NULL kt: not taken): K and V packed per
+       sequence and kv head (kernels.h), each sequence's keys padded to 32,
+       sequence s's at key position kofs[s]·Hkv */
+    uint32_t        *kt, *vt;
+    int64_t         *kofs;
+    int64_t          dpp, dvp;
+    qkv__tasks       pack_tasks;  /* (sequence, kv head, tile of bk keys) */
 } fwd_job;
 
 typedef struct {                  /* per-thread scratch, fp32 */
@@ -57,6 +68,9 @@ typedef struct {                  /* per-thread scratch, fp32 */
     uint32_t *vp;  /* [BK/2][Dv]  V pairs along keys          */
     uint32_t *pp;  /* [BK/2][rows] P pairs along keys         */
     uint16_t *vr;  /* [2][Dv]     two gathered V rows         */
+    /* the whole-tile path reuses st as S [rows][BK], pp as P [rows][BK]
+       (bf16), qp as its queries [rows][D] (bf16, D a multiple of 32) and
+       acc with row stride Dv (a multiple of 16) */
 } tiles;
 
 
@@ -145,11 +159,13 @@ void qkv__load_q_pairs(const qkv__attn *a, const qkv__seq *s, const qkv__tile_ma
 }
 
 /* Tile number `tile` of the job: its sequence, kv head and rows. */
-static void tile_of(const fwd_job *job, int64_t tile, qkv__seq *s, int64_t *hk, qkv__tile_map *tm)
+static int64_t tile_of(const fwd_job *job, int64_t tile, qkv__seq *s, int64_t *hk,
+                       qkv__tile_map *tm)
 {
     const qkv__attn *a = job->a;
     int64_t t;
-    *s = qkv__attn_seq(a, qkv__tasks_find(&job->tasks, tile, &t));
+    const int64_t seq = qkv__tasks_find(&job->tasks, tile, &t);
+    *s = qkv__attn_seq(a, seq);
     const int64_t P = qkv__tile_positions(a->group);
     const int64_t n_qt = (s->sq + P - 1) / P;
     *hk = t / n_qt;
@@ -158,6 +174,7 @@ static void tile_of(const fwd_job *job, int64_t tile, qkv__seq *s, int64_t *hk, 
        starting them early balances the threads' loads */
     tm->i0 = (n_qt - 1 - t % n_qt) * P;
     tm->mp = (int)(s->sq - tm->i0 < P ? s->sq - tm->i0 : P);
+    return seq;
 }
 
 /* Writes row r's output and lse from its softmax state (m, l, acc). */
@@ -172,6 +189,191 @@ static void store_result(const qkv__kernels *kn, const qkv__attn *a, const qkv__
         a->lse[qkv__lse_index(a, s->b, h, qi)] = !(l <= 0.0f) ? m + logf(l) : -INFINITY;
 }
 
+/* Head dims as the whole-tile path lays them out (and the scratch is
+   sized for every path): D in whole tiles of 16 pairs, Dv of 16 values. */
+static int64_t dim32(int64_t d) { return (d + 31) / 32 * 32; }
+static int64_t dim16(int64_t d) { return (d + 15) / 16 * 16; }
+
+/* The keys the tile's rows see, [*klo, *khi), narrowed to this task's part
+   under split-K; *lo_last and *hi_first bound the keys every row sees.
+   align: *klo rounded down to a multiple (the keys before the band are
+   then masked like any band cut). */
+static void task_keys(const fwd_job *job, const qkv__seq *s, const qkv__tile_map *tm,
+                      int64_t part, int64_t align, int64_t *klo, int64_t *khi,
+                      int64_t *lo_last, int64_t *hi_first)
+{
+    const qkv__attn *a = job->a;
+    qkv__key_range(a, s, tm->i0, klo, hi_first);
+    qkv__key_range(a, s, tm->i0 + tm->mp - 1, lo_last, khi);
+    if (*khi < *klo)
+        *khi = *klo;
+    *klo -= *klo % align;
+    if (job->n_split > 1) {
+        /* this part's share of the tile's keys, in whole key tiles */
+        const int64_t BK = job->bk;
+        const int64_t per = ((*khi - *klo + job->n_split - 1) / job->n_split + BK - 1) / BK * BK;
+        const int64_t lo = *klo + part * per;
+        *khi = lo + per < *khi ? lo + per : *khi;
+        *klo = lo < *khi ? lo : *khi;
+    }
+}
+
+/* The online softmax's bookkeeping for a tile's maxima mx: the new
+   running max m, the reference mref the exponentials subtract, and alpha,
+   the factor on the old sums. */
+static void tile_max(tiles *tl, int rows)
+{
+    for (int r = 0; r < rows; r++) {
+        const float mn = tl->mx[r] > tl->m[r] ? tl->mx[r] : tl->m[r];
+        tl->mref[r] = mn == -INFINITY ? 0.0f : mn;   /* all hidden: P = 0 */
+        tl->alpha[r] = tl->m[r] == mn ? 1.0f : expf(tl->m[r] - tl->mref[r]);
+        tl->m[r] = mn;
+    }
+}
+
+/* The key tiles of a task on the whole-tile path (kernels.h): the queries
+   as bf16 rows, S = Q·Kᵀ queries by keys from the packed K, the softmax
+   along rows writing P as the next product's A operand, acc += P·V from
+   the packed V. */
+static void task_tiles(const fwd_job *job, const qkv__seq *s, int64_t seq, int64_t hk,
+                       const qkv__tile_map *tm, int64_t part, tiles *tl)
+{
+    const qkv__attn *a = job->a;
+    const qkv__kernels *kn = job->ctx->kernels;
+    const int m = tm->mp * (int)a->group, mpad = (m + QKV__PAD - 1) / QKV__PAD * QKV__PAD;
+    const int64_t BK = job->bk, dpp = job->dpp, dvp = job->dvp;
+    const int64_t u = 2 * qkv__pairs(a->D), w = 2 * dpp;
+    uint16_t *qr = (uint16_t *)tl->qp, *p = (uint16_t *)tl->pp;
+    /* rows of u values, spread to rows of w from the last (w >= u) */
+    qkv__tile_rows_bf16(a->q, s, tm, m, a->D, qr);
+    for (int r = mpad - 1; r >= 0; r--) {
+        const int64_t have = r < m ? u : 0;
+        if (have)
+            memmove(qr + r * w, qr + r * u, (size_t)u * sizeof *qr);
+        memset(qr + r * w + have, 0, (size_t)(w - have) * sizeof *qr);
+    }
+    memset(tl->acc, 0, (size_t)mpad * (size_t)dvp * sizeof(float));
+    for (int r = 0; r < mpad; r++) {
+        tl->m[r] = -INFINITY;
+        tl->l[r] = 0.0f;
+    }
+    int64_t klo, khi, lo_last, hi_first;
+    task_keys(job, s, tm, part, 32, &klo, &khi, &lo_last, &hi_first);
+    const int64_t pos = job->kofs[seq] * a->Hkv + hk * dim32(s->sk);
+    const uint32_t *kt = job->kt + pos * dpp, *vt = job->vt + pos * (dvp / 2);
+    const int modded = a->softcap > 0.0f || a->alibi || a->bias;
+
+    for (int64_t j0 = klo; j0 < khi; j0 += BK) {
+        const int n = (int)(khi - j0 < BK ? khi - j0 : BK);
+        kn->qk_tiles(mpad, (n + 15) / 16, (int)dpp, a->scale, qr, w, kt + j0 * dpp, tl->st, BK);
+        const int band = !(lo_last <= j0 && hi_first >= j0 + n);
+        if (modded || band)
+            qkv__score_mods(a, s, tm, m, j0, n, band, tl->st, BK, 1, NULL);
+        kn->row_max(tl->st, BK, mpad, n, tl->mx);
+        tile_max(tl, mpad);
+        kn->exp_rows_bf16(tl->st, BK, mpad, n, tl->mref, NULL, tl->sum, p, BK);
+        for (int r = 0; r < mpad; r++)
+            tl->l[r] = tl->l[r] * tl->alpha[r] + tl->sum[r];
+        kn->pv_tiles(mpad, (n + 31) / 32, (int)dvp, p, BK, vt + j0 * (dvp / 2), tl->alpha,
+                     tl->acc, dvp);
+    }
+}
+
+/* The key tiles of a task on the other paths: scores keys by queries
+   (fp32 products, or bf16 pair dot products), the softmax down columns. */
+static void task_pairs(const fwd_job *job, const qkv__seq *s, int64_t hk,
+                       const qkv__tile_map *tm, int64_t part, tiles *tl)
+{
+    const qkv__attn *a = job->a;
+    const qkv__kernels *kn = job->ctx->kernels;
+    const int m = tm->mp * (int)a->group;
+    const int64_t D = a->D, Dv = a->Dv;
+    const qkv_tensor *q = a->q, *k = a->k, *v = a->v;
+    const int64_t R = qkv__tile_rows(a->group);
+    const int64_t BK = job->bk;
+    /* query columns m..mpad of the scores are padding: -inf scores against
+       a reference of 0 give P = 0, so the softmax kernels run on whole
+       vectors and the padding never reaches l or acc */
+    const int mpad = (m + QKV__PAD - 1) / QKV__PAD * QKV__PAD;
+    const int bf = use_bf16(kn, a), bf_rows = bf && m < QKV__PAD;
+    uint16_t *q_rows = (uint16_t *)tl->q;   /* bf_rows: [m][2·qkv__pairs(D)] */
+
+    if (bf_rows)
+        qkv__tile_rows_bf16(a->q, s, tm, m, D, q_rows);
+    else if (bf)
+        qkv__load_q_pairs(a, s, tm, m, mpad, R, tl->qp);
+    else {
+        for (int r = 0; r < m; r++) {
+            const int64_t h = tm->h0 + r / tm->mp, i = s->q0 + tm->i0 + r % tm->mp;
+            float *qr = tl->q + r * D;
+            qkv__load_row(kn, q, s->b * q->stride[0] + i * q->stride[1] + h * q->stride[2],
+                     q->stride[3], D, qr);
+        }
+        /* transposed, with qk's padding columns m..mpad zero */
+        if (m >= kn->qk_qt_rows)
+            qkv__transpose_tile(tl->q, m, D, mpad, R, tl->qt);
+    }
+    memset(tl->acc, 0, (size_t)m * (size_t)Dv * sizeof(float));
+    for (int r = 0; r < mpad; r++) {
+        tl->m[r] = -INFINITY;
+        tl->l[r] = 0.0f;
+    }
+
+    int64_t klo, khi, lo_last, hi_first;
+    task_keys(job, s, tm, part, 1, &klo, &khi, &lo_last, &hi_first);
+    const int modded = a->softcap > 0.0f || a->alibi || a->bias;
+    const int64_t kbase = s->b * k->stride[0] + s->k0 * k->stride[1] + hk * k->stride[2];
+    const int64_t vbase = s->b * v->stride[0] + s->k0 * v->stride[1] + hk * v->stride[2];
+
+    for (int64_t j0 = klo; j0 < khi; j0 += BK) {
+        const int n = (int)(khi - j0 < BK ? khi - j0 : BK);
+        int64_t ldk;
+        if (bf) {
+            const int dp = (int)qkv__pairs(D);
+            const uint16_t *kr = qkv__key_rows_bf16(k, kbase + j0 * k->stride[1], n, D, tl->kb,
+                                                    &ldk);
+            if (bf_rows)
+                kn->qk_bf16_rows(n, m, dp, a->scale, kr, ldk, q_rows, 2 * dp, tl->st, R);
+            else
+                kn->qk_bf16(n, mpad, dp, a->scale, kr, ldk, tl->qp, R, tl->st, R);
+        } else {
+            const float *kr = qkv__tile_rows_f32(kn, k, kbase + j0 * k->stride[1], n, D, tl->k, &ldk);
+            kn->qk(n, m, (int)D, a->scale, kr, ldk, tl->qt, R, tl->q, D, tl->st, R);
+        }
+        /* the band cuts this tile unless every row sees all of it */
+        const int band = !(lo_last <= j0 && hi_first >= j0 + n);
+        if (modded || band)
+            qkv__score_mods(a, s, tm, m, j0, n, band, tl->st, 1, R, NULL);
+        if (mpad > m)
+            for (int c = 0; c < n; c++)
+                for (int r = m; r < mpad; r++)
+                    tl->st[c * R + r] = -INFINITY;
+        kn->col_max(tl->st, R, n, mpad, tl->mx);
+        tile_max(tl, mpad);
+        if (bf && !a->dropout) {
+            kn->exp_pack_bf16(tl->st, R, n, mpad, tl->mref, tl->sum, tl->pp, R);
+        } else {
+            kn->exp_cols(tl->st, R, n, mpad, tl->mref, tl->sum);
+            if (a->dropout)   /* after the sums: l is the softmax's */
+                qkv__dropout_tile(kn, a, s, tm, m, j0, n, tl->st, R);
+            if (bf)
+                qkv__pack_p_bf16(kn, tl->st, R, n, mpad, tl->pp);
+        }
+        for (int r = 0; r < mpad; r++)
+            tl->l[r] = tl->l[r] * tl->alpha[r] + tl->sum[r];
+        if (bf) {
+            qkv__key_pairs_bf16(kn, v, vbase + j0 * v->stride[1], n, Dv, tl->vr, tl->vp);
+            kn->pv_bf16(m, (int)qkv__pairs(n), (int)Dv, tl->pp, R, tl->vp, Dv, tl->alpha, tl->acc,
+                        Dv);
+        } else {
+            int64_t ldv;
+            const float *vr = qkv__tile_rows_f32(kn, v, vbase + j0 * v->stride[1], n, Dv, tl->v, &ldv);
+            kn->pv(m, n, (int)Dv, tl->st, 1, R, vr, ldv, tl->alpha, tl->acc, Dv);
+        }
+    }
+
+}
+
 static void fwd_task(void *arg, int64_t task, int worker)
 {
     const fwd_job *job = arg;
@@ -181,119 +383,94 @@ static void fwd_task(void *arg, int64_t task, int worker)
     qkv__seq s;
     int64_t hk;
     qkv__tile_map tm;
-    tile_of(job, tile, &s, &hk, &tm);
+    const int64_t seq = tile_of(job, tile, &s, &hk, &tm);
     const int m = tm.mp * (int)a->group;
-    const int64_t D = a->D, Dv = a->Dv;
-    const qkv_tensor *q = a->q, *k = a->k, *v = a->v;
-    const int64_t R = qkv__tile_rows(a->group);
-    const int64_t BK = job->bk;
-    tiles tl = tiles_at(job->ctx->scratch[worker], R, BK, D, Dv);
-    /* query columns m..mpad of the scores are padding: -inf scores against
-       a reference of 0 give P = 0, so the softmax kernels run on whole
-       vectors and the padding never reaches l or acc */
-    const int mpad = (m + QKV__PAD - 1) / QKV__PAD * QKV__PAD;
-    const int bf = use_bf16(kn, a), bf_rows = bf && m < QKV__PAD;
-    uint16_t *q_rows = (uint16_t *)tl.q;   /* bf_rows: [m][2·qkv__pairs(D)] */
+    const int64_t Dv = a->Dv, R = qkv__tile_rows(a->group);
+    tiles tl = tiles_at(job->ctx->scratch[worker], R, job->bk, dim32(a->D), dim16(Dv));
+    const int64_t lda = job->kt ? job->dvp : Dv;   /* acc's row stride */
 
-    if (bf_rows)
-        qkv__tile_rows_bf16(a->q, &s, &tm, m, D, q_rows);
-    else if (bf)
-        qkv__load_q_pairs(a, &s, &tm, m, mpad, R, tl.qp);
-    else {
-        for (int r = 0; r < m; r++) {
-            const int64_t h = tm.h0 + r / tm.mp, i = s.q0 + tm.i0 + r % tm.mp;
-            float *qr = tl.q + r * D;
-            qkv__load_row(kn, q, s.b * q->stride[0] + i * q->stride[1] + h * q->stride[2],
-                     q->stride[3], D, qr);
-        }
-        /* transposed, with qk's padding columns m..mpad zero */
-        if (m >= kn->qk_qt_rows)
-            qkv__transpose_tile(tl.q, m, D, mpad, R, tl.qt);
-    }
-    memset(tl.acc, 0, (size_t)m * (size_t)Dv * sizeof(float));
-    for (int r = 0; r < mpad; r++) {
-        tl.m[r] = -INFINITY;
-        tl.l[r] = 0.0f;
-    }
-
-    /* keys seen by any row of the tile: the band is monotone in i */
-    int64_t klo, khi, lo_last, hi_first;
-    qkv__key_range(a, &s, tm.i0, &klo, &hi_first);
-    qkv__key_range(a, &s, tm.i0 + tm.mp - 1, &lo_last, &khi);
-    if (khi < klo)
-        khi = klo;
-    if (job->n_split > 1) {
-        /* this part's share of the tile's keys, in whole key tiles */
-        const int64_t per = ((khi - klo + job->n_split - 1) / job->n_split + BK - 1) / BK * BK;
-        const int64_t lo = klo + part * per;
-        khi = lo + per < khi ? lo + per : khi;
-        klo = lo < khi ? lo : khi;
-    }
-    const int modded = a->softcap > 0.0f || a->alibi || a->bias;
-    const int64_t kbase = s.b * k->stride[0] + s.k0 * k->stride[1] + hk * k->stride[2];
-    const int64_t vbase = s.b * v->stride[0] + s.k0 * v->stride[1] + hk * v->stride[2];
-
-    for (int64_t j0 = klo; j0 < khi; j0 += BK) {
-        const int n = (int)(khi - j0 < BK ? khi - j0 : BK);
-        int64_t ldk;
-        if (bf) {
-            const int dp = (int)qkv__pairs(D);
-            const uint16_t *kr = qkv__key_rows_bf16(k, kbase + j0 * k->stride[1], n, D, tl.kb,
-                                                    &ldk);
-            if (bf_rows)
-                kn->qk_bf16_rows(n, m, dp, a->scale, kr, ldk, q_rows, 2 * dp, tl.st, R);
-            else
-                kn->qk_bf16(n, mpad, dp, a->scale, kr, ldk, tl.qp, R, tl.st, R);
-        } else {
-            const float *kr = qkv__tile_rows_f32(kn, k, kbase + j0 * k->stride[1], n, D, tl.k, &ldk);
-            kn->qk(n, m, (int)D, a->scale, kr, ldk, tl.qt, R, tl.q, D, tl.st, R);
-        }
-        /* the band cuts this tile unless every row sees all of it */
-        const int band = !(lo_last <= j0 && hi_first >= j0 + n);
-        if (modded || band)
-            qkv__score_mods(a, &s, &tm, m, j0, n, band, tl.st, 1, R, NULL);
-        if (mpad > m)
-            for (int c = 0; c < n; c++)
-                for (int r = m; r < mpad; r++)
-                    tl.st[c * R + r] = -INFINITY;
-        kn->col_max(tl.st, R, n, mpad, tl.mx);
-        for (int r = 0; r < mpad; r++) {
-            const float mn = tl.mx[r] > tl.m[r] ? tl.mx[r] : tl.m[r];
-            tl.mref[r] = mn == -INFINITY ? 0.0f : mn;   /* all hidden: P = 0 */
-            tl.alpha[r] = tl.m[r] == mn ? 1.0f : expf(tl.m[r] - tl.mref[r]);
-            tl.m[r] = mn;
-        }
-        if (bf && !a->dropout) {
-            kn->exp_pack_bf16(tl.st, R, n, mpad, tl.mref, tl.sum, tl.pp, R);
-        } else {
-            kn->exp_cols(tl.st, R, n, mpad, tl.mref, tl.sum);
-            if (a->dropout)   /* after the sums: l is the softmax's */
-                qkv__dropout_tile(kn, a, &s, &tm, m, j0, n, tl.st, R);
-            if (bf)
-                qkv__pack_p_bf16(kn, tl.st, R, n, mpad, tl.pp);
-        }
-        for (int r = 0; r < mpad; r++)
-            tl.l[r] = tl.l[r] * tl.alpha[r] + tl.sum[r];
-        if (bf) {
-            qkv__key_pairs_bf16(kn, v, vbase + j0 * v->stride[1], n, Dv, tl.vr, tl.vp);
-            kn->pv_bf16(m, (int)qkv__pairs(n), (int)Dv, tl.pp, R, tl.vp, Dv, tl.alpha, tl.acc,
-                        Dv);
-        } else {
-            int64_t ldv;
-            const float *vr = qkv__tile_rows_f32(kn, v, vbase + j0 * v->stride[1], n, Dv, tl.v, &ldv);
-            kn->pv(m, n, (int)Dv, tl.st, 1, R, vr, ldv, tl.alpha, tl.acc, Dv);
-        }
-    }
-
+    if (job->kt)
+        task_tiles(job, &s, seq, hk, &tm, part, &tl);
+    else
+        task_pairs(job, &s, hk, &tm, part, &tl);
     if (job->n_split == 1) {
         for (int r = 0; r < m; r++)
-            store_result(kn, a, &s, &tm, r, tl.m[r], tl.l[r], tl.acc + r * Dv);
+            store_result(kn, a, &s, &tm, r, tl.m[r], tl.l[r], tl.acc + r * lda);
         return;
     }
     float *pm = job->part + task * job->part_size, *pl = pm + R, *pacc = pl + R;
     memcpy(pm, tl.m, (size_t)m * sizeof *pm);
     memcpy(pl, tl.l, (size_t)m * sizeof *pl);
-    memcpy(pacc, tl.acc, (size_t)m * (size_t)Dv * sizeof *pacc);
+    for (int r = 0; r < m; r++)
+        memcpy(pacc + r * Dv, tl.acc + r * lda, (size_t)Dv * sizeof *pacc);
+}
+
+/* ---- packing K and V for the whole-tile path ------------------------------ */
+
+static void pack_task(void *arg, int64_t task, int worker)
+{
+    const fwd_job *job = arg;
+    const qkv__attn *a = job->a;
+    const qkv__kernels *kn = job->ctx->kernels;
+    int64_t t;
+    const int64_t seq = qkv__tasks_find(&job->pack_tasks, task, &t);
+    const qkv__seq s = qkv__attn_seq(a, seq);
+    const int64_t BK = job->bk, n_kt = (s.sk + BK - 1) / BK;
+    const int64_t hk = t / n_kt, j0 = t % n_kt * BK;
+    const int n = (int)(s.sk - j0 < BK ? s.sk - j0 : BK);
+    tiles tl = tiles_at(job->ctx->scratch[worker], qkv__tile_rows(a->group), BK, dim32(a->D),
+                        dim16(a->Dv));
+    const int64_t pos = job->kofs[seq] * a->Hkv + hk * dim32(s.sk) + j0;
+    const qkv_tensor *k = a->k, *v = a->v;
+    int64_t ld;
+    const uint16_t *rows = qkv__key_rows_bf16(
+        k, s.b * k->stride[0] + (s.k0 + j0) * k->stride[1] + hk * k->stride[2], n, a->D, tl.kb,
+        &ld);
+    kn->pack_k_tiles(rows, ld, n, (int)qkv__pairs(a->D), (int)job->dpp, job->kt + pos * job->dpp);
+    rows = qkv__key_rows_bf16(v, s.b * v->stride[0] + (s.k0 + j0) * v->stride[1] +
+                                     hk * v->stride[2], n, a->Dv, (uint16_t *)tl.v, &ld);
+    kn->pack_v_tiles(rows, ld, n, (int)a->Dv, (int)job->dvp, job->vt + pos * (job->dvp / 2));
+}
+
+static void free_packed(fwd_job *job)
+{
+    free(job->kt);
+    free(job->vt);
+    free(job->kofs);
+    qkv__tasks_free(&job->pack_tasks);
+    job->kt = job->vt = NULL;
+    job->kofs = NULL;
+}
+
+/* Takes the whole-tile path when the kernel set has it, for bf16 calls
+   without dropout, and packs K and V for it; where the packed copy cannot
+   be allocated, the call takes the pair path instead. */
+static qkv_status pack_kv(fwd_job *job)
+{
+    const qkv__attn *a = job->a;
+    qkv_ctx *ctx = job->ctx;
+    if (!use_bf16(ctx->kernels, a) || !ctx->kernels->qk_tiles || a->dropout)
+        return QKV_OK;
+    job->dpp = dim32(a->D) / 2;
+    job->dvp = dim16(a->Dv);
+    job->kofs = malloc((size_t)(a->n_seqs + 1) * sizeof *job->kofs);
+    if (!job->kofs)
+        return QKV_OK;
+    job->kofs[0] = 0;
+    for (int64_t i = 0; i < a->n_seqs; i++)
+        job->kofs[i + 1] = job->kofs[i] + dim32(qkv__attn_seq(a, i).sk);
+    const size_t keys = (size_t)(job->kofs[a->n_seqs] * a->Hkv);
+    job->kt = malloc(keys * (size_t)job->dpp * sizeof *job->kt + 64);
+    job->vt = malloc(keys * (size_t)(job->dvp / 2) * sizeof *job->vt + 64);
+    qkv_status st = QKV_OK;
+    if (job->kt && job->vt &&
+        (st = qkv__tasks_make_keys(ctx, a, a->Hkv, job->bk, &job->pack_tasks)) == QKV_OK) {
+        qkv__parallel(ctx, job->pack_tasks.total, (double)keys * (double)(a->D + a->Dv),
+                      pack_task, job);
+        return QKV_OK;
+    }
+    free_packed(job);
+    return st;
 }
 
 /* Merges the parts of one tile, in part order:
@@ -370,12 +547,21 @@ qkv_status qkv_attention_forward(qkv_ctx *ctx, const qkv_tensor *q,
         return qkv__fail(ctx, QKV_ERR_UNSUPPORTED,
                          "q->shape[2]: more than 1048576 query heads per kv head");
     const int64_t bk = key_tile(qkv__tile_rows(a.group), a.D, a.Dv);
-    if ((st = qkv__scratch_reserve(ctx, tiles_floats(qkv__tile_rows(a.group), bk, a.D, a.Dv) *
-                                        sizeof(float))))
+    if ((st = qkv__scratch_reserve(ctx, tiles_floats(qkv__tile_rows(a.group), bk, dim32(a.D),
+                                                     dim16(a.Dv)) * sizeof(float))))
         return st;
-    fwd_job job = { ctx, &a, { NULL, 0, 0 }, 1, NULL, 0, bk };
-    if ((st = qkv__tasks_make(ctx, &a, a.Hkv, qkv__tile_positions(a.group), &job.tasks)))
+    fwd_job job;
+    memset(&job, 0, sizeof job);
+    job.ctx = ctx;
+    job.a = &a;
+    job.n_split = 1;
+    job.bk = bk;
+    if ((st = pack_kv(&job)))
         return st;
+    if ((st = qkv__tasks_make(ctx, &a, a.Hkv, qkv__tile_positions(a.group), &job.tasks))) {
+        free_packed(&job);
+        return st;
+    }
     job.n_split = split_count(&a, job.tasks.total);
     if (job.n_split > 1) {
         const int64_t R = qkv__tile_rows(a.group);
@@ -383,6 +569,7 @@ qkv_status qkv_attention_forward(qkv_ctx *ctx, const qkv_tensor *q,
         job.part = malloc((size_t)(job.tasks.total * job.n_split * job.part_size) * sizeof(float));
         if (!job.part) {
             qkv__tasks_free(&job.tasks);
+            free_packed(&job);
             return qkv__fail(ctx, QKV_ERR_NOMEM, "ctx: cannot allocate split-K partial results");
         }
     }
@@ -394,5 +581,6 @@ qkv_status qkv_attention_forward(qkv_ctx *ctx, const qkv_tensor *q,
         qkv__parallel(ctx, job.tasks.total, 0.0, merge_task, &job);
     free(job.part);
     qkv__tasks_free(&job.tasks);
+    free_packed(&job);
     return QKV_OK;
 }

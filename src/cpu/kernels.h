@@ -277,6 +277,37 @@ typedef struct qkv__kernels {
        three gradient products, their operands laid out as they come. */
     void (*mm_bf16)(int m, int np, int n, const uint32_t *a, int64_t asi, int64_t asj,
                     const uint32_t *b, int64_t ldb, float *acc, int64_t lda);
+
+    /* ---- whole-tile bf16 products (AMX; NULL in other sets) ------------
+       Operands in tiles of 16 rows of 16 pairs. dpp: the pairs of a K row
+       rounded up to 16; dvp: a V row's values rounded up to 16.
+       Packed K: panels of 16 keys, dpp·16 words each, word x·16 + j of a
+       panel the pair x (along d) of its key j. Packed V: chunks of 32 keys,
+       16·dvp words each, word (c/16)·256 + jj·16 + c%16 of a chunk the pair
+       (v[2jj][c], v[2jj+1][c]) of its keys. Zeros pad both past the rows'
+       values and past the last key. */
+
+    /* Packs n keys (rows k, stride ldk elements, dp readable pairs each)
+       into ceil(n/16) panels at dst. */
+    void (*pack_k_tiles)(const uint16_t *k, int64_t ldk, int n, int dp, int dpp,
+                         uint32_t *dst);
+
+    /* Packs n value rows (v, stride ldv elements, dv values each) into
+       ceil(n/32) chunks at dst. */
+    void (*pack_v_tiles)(const uint16_t *v, int64_t ldv, int n, int dv, int dvp,
+                         uint32_t *dst);
+
+    /* s[i·lds + j] = scale · Σ_x q_i·k_j for i < m (a multiple of 16) and
+       the 16·nb keys of nb panels kt; q [m][ldq] bf16 rows of dpp pairs
+       (ldq even). */
+    void (*qk_tiles)(int m, int nb, int dpp, float scale, const uint16_t *q, int64_t ldq,
+                     const uint32_t *kt, float *s, int64_t lds);
+
+    /* acc[i][c] = alpha[i]·acc[i][c] + Σ_j p[i·ldp + j]·v[j][c] for i < m
+       (a multiple of 16), c < dvp and the 32·nch keys of nch chunks vt;
+       p bf16 rows (ldp even, as exp_rows_bf16 writes them). */
+    void (*pv_tiles)(int m, int nch, int dvp, const uint16_t *p, int64_t ldp,
+                     const uint32_t *vt, const float *alpha, float *acc, int64_t lda);
     /* ---- decode: a few query rows against many keys (every set: where
        the CPU has no bf16 dot, bf16 values are widened in registers and
        the products are fp32 FMAs) ----------------------------------------- */

@@ -104,7 +104,7 @@ static const float ones[TR] = { 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1 }
 
 /* st[j][i] for 16·nk keys from k, 16·nq queries from qp (nk, nq in 1..2):
    C tiles 0..3 = (key block, query block), A tiles 4, 5 (keys), B 6, 7. */
-static void qk_tiles(int nk, int nq, int dp, const uint16_t *k, int64_t ldk,
+static void qk_pair_tiles(int nk, int nq, int dp, const uint16_t *k, int64_t ldk,
                      const uint32_t *qp, int64_t ldqp, float *st, int64_t ldst)
 {
     T_ZERO(0); T_ZERO(1); T_ZERO(2); T_ZERO(3);
@@ -139,7 +139,7 @@ static void qk_amx(int n, int m, int dp, float scale, const uint16_t *k, int64_t
     for (int j = 0; j < nfull; j += 2 * TR) {
         const int nk = nfull - j >= 2 * TR ? 2 : 1;
         for (int i = 0; i < m; i += 2 * TR)
-            qk_tiles(nk, m - i >= 2 * TR ? 2 : 1, dp, k + j * ldk, ldk, qp + i, ldqp,
+            qk_pair_tiles(nk, m - i >= 2 * TR ? 2 : 1, dp, k + j * ldk, ldk, qp + i, ldqp,
                      st + j * ldst + i, ldst);
     }
     t_end();
@@ -164,7 +164,7 @@ static void transpose16(const uint32_t *src, int64_t lds, uint32_t *dst)
 
 /* acc rows i..i+16, columns c..c+16·nc (nc in 1..2) += P·V over nch chunks
    of 16 pairs, P transposed in pa[nch][16][16]: C tiles 0, 1, A 4, B 6, 7. */
-static void pv_tiles(int nc, int nch, const uint32_t *pa, const uint32_t *vp, int64_t ldvp,
+static void pv_pair_tiles(int nc, int nch, const uint32_t *pa, const uint32_t *vp, int64_t ldvp,
                      float *acc, int64_t lda)
 {
     T_LOAD(0, acc, lda * 4);
@@ -203,7 +203,7 @@ static void pv_amx(int m, int np, int dv, const uint32_t *pp, int64_t ldp,
                 for (int ch = 0; ch < nch; ch++)
                     transpose16(pp + (ch0 + ch) * TR * ldp + i, ldp, pa + ch * TR * TR);
                 for (int c = 0; c < cf; c += 2 * TR)
-                    pv_tiles(cf - c >= 2 * TR ? 2 : 1, nch, pa, vp + ch0 * TR * ldvp + c,
+                    pv_pair_tiles(cf - c >= 2 * TR ? 2 : 1, nch, pa, vp + ch0 * TR * ldvp + c,
                              ldvp, acc + i * lda + c, lda);
             }
         t_end();
@@ -214,6 +214,149 @@ static void pv_amx(int m, int np, int dv, const uint32_t *pp, int64_t ldp,
         dot_pv(m - mf, npf, dv, pp + mf, ldp, vp, ldvp, ones, acc + mf * lda, lda);
 }
 
+/* ---- whole-tile products on packed operands --------------------------------- */
+
+/* r[0..16) transposed as a 16x16 matrix of 32-bit words, in four rounds:
+   round b swaps, within each block of 2b rows, the b x b sub-blocks
+   above and below its diagonal (rows i and i + b exchange their halves
+   of every 2b-word group). */
+static void transpose16_regs(__m512i r[TR])
+{
+    for (int b = 8; b >= 1; b /= 2) {
+        int32_t lo[TR], hi[TR];
+        for (int e = 0; e < TR; e++) {
+            const int g = e / (2 * b) * 2 * b, t = e % (2 * b);
+            lo[e] = t < b ? g + t : TR + g + t - b;
+            hi[e] = t < b ? g + b + t : TR + g + t;
+        }
+        const __m512i il = _mm512_loadu_si512(lo), ih = _mm512_loadu_si512(hi);
+        for (int i = 0; i < TR; i++)
+            if (!(i & b)) {
+                const __m512i a = r[i], c = r[i + b];
+                r[i] = _mm512_permutex2var_epi32(a, il, c);
+                r[i + b] = _mm512_permutex2var_epi32(a, ih, c);
+            }
+    }
+}
+
+static void pack_k_tiles(const uint16_t *k, int64_t ldk, int n, int dp, int dpp, uint32_t *dst)
+{
+    for (int j0 = 0; j0 < n; j0 += TR, dst += TR * dpp) {
+        const int nk = n - j0 < TR ? n - j0 : TR;
+        for (int x = 0; x < dpp; x += TR) {
+            const int w = dp - x < TR ? (dp - x > 0 ? dp - x : 0) : TR;
+            const __mmask16 mk = (__mmask16)((1u << w) - 1);
+            __m512i r[TR];
+            for (int j = 0; j < TR; j++)
+                r[j] = j < nk ? _mm512_maskz_loadu_epi32(mk, k + (j0 + j) * ldk + 2 * x)
+                              : _mm512_setzero_si512();
+            transpose16_regs(r);
+            for (int xx = 0; xx < TR; xx++)
+                _mm512_storeu_si512(dst + (x + xx) * TR, r[xx]);
+        }
+    }
+}
+
+static void pack_v_tiles(const uint16_t *v, int64_t ldv, int n, int dv, int dvp, uint32_t *dst)
+{
+    for (int j0 = 0; j0 < n; j0 += 2 * TR, dst += TR * dvp)
+        for (int jj = 0; jj < TR; jj++) {
+            const int r0 = j0 + 2 * jj, r1 = r0 + 1;
+            for (int c = 0; c < dvp; c += TR) {
+                const int w = dv - c < TR ? (dv - c > 0 ? dv - c : 0) : TR;
+                const __mmask16 mk = (__mmask16)((1u << w) - 1);
+                const __m256i a = r0 < n ? _mm256_maskz_loadu_epi16(mk, v + r0 * ldv + c)
+                                         : _mm256_setzero_si256();
+                const __m256i b = r1 < n ? _mm256_maskz_loadu_epi16(mk, v + r1 * ldv + c)
+                                         : _mm256_setzero_si256();
+                const __m512i p = _mm512_or_si512(
+                    _mm512_cvtepu16_epi32(a), _mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
+                _mm512_storeu_si512(dst + c * TR + jj * TR, p);
+            }
+        }
+}
+
+/* Rows i..i+16·ni by keys of panels kb..kb+nk (ni, nk in 1..2): C tiles
+   0..3 = (row block, key panel), A tiles 4, 5 (queries), B 6, 7 (keys). */
+static void qk_block(int ni, int nk, int dpp, float scale, const uint16_t *q, int64_t ldq,
+                     const uint32_t *kt, float *s, int64_t lds)
+{
+    T_ZERO(0); T_ZERO(1); T_ZERO(2); T_ZERO(3);
+    for (int x = 0; x < dpp; x += TR) {
+        T_LOAD(4, q + 2 * x, ldq * 2);
+        if (ni > 1) T_LOAD(5, q + TR * ldq + 2 * x, ldq * 2);
+        T_LOAD(6, kt + x * TR, TB);
+        if (nk > 1) T_LOAD(7, kt + TR * dpp + x * TR, TB);
+        T_DP(0, 4, 6);
+        if (nk > 1) T_DP(1, 4, 7);
+        if (ni > 1) T_DP(2, 5, 6);
+        if (ni > 1 && nk > 1) T_DP(3, 5, 7);
+    }
+    T_STORE(0, s, lds * 4);
+    if (nk > 1) T_STORE(1, s + TR, lds * 4);
+    if (ni > 1) T_STORE(2, s + TR * lds, lds * 4);
+    if (ni > 1 && nk > 1) T_STORE(3, s + TR * lds + TR, lds * 4);
+    const __m512 sc = _mm512_set1_ps(scale);
+    for (int r = 0; r < TR * ni; r++)
+        for (int c = 0; c < TR * nk; c += TR)
+            _mm512_storeu_ps(s + r * lds + c, _mm512_mul_ps(_mm512_loadu_ps(s + r * lds + c), sc));
+}
+
+static void qk_tiles(int m, int nb, int dpp, float scale, const uint16_t *q, int64_t ldq,
+                     const uint32_t *kt, float *s, int64_t lds)
+{
+    t_begin();
+    for (int i = 0; i < m; i += 2 * TR)
+        for (int b = 0; b < nb; b += 2)
+            qk_block(m - i > TR ? 2 : 1, nb - b > 1 ? 2 : 1, dpp, scale, q + i * ldq, ldq,
+                     kt + b * TR * dpp, s + i * lds + b * TR, lds);
+    t_end();
+}
+
+/* acc rows i..i+16·ni, columns c..c+16·nc (ni, nc in 1..2) += P·V over
+   nch chunks: C tiles 0..3 = (row block, column block), A 4, 5 (P), B 6, 7
+   (V). */
+static void pv_block(int ni, int nc, int nch, int dvp, const uint16_t *p, int64_t ldp,
+                     const uint32_t *vt, float *acc, int64_t lda)
+{
+    T_LOAD(0, acc, lda * 4);
+    if (nc > 1) T_LOAD(1, acc + TR, lda * 4);
+    if (ni > 1) T_LOAD(2, acc + TR * lda, lda * 4);
+    if (ni > 1 && nc > 1) T_LOAD(3, acc + TR * lda + TR, lda * 4);
+    for (int ch = 0; ch < nch; ch++) {
+        const uint32_t *v = vt + ch * TR * dvp;
+        T_LOAD(4, p + 2 * TR * ch, ldp * 2);
+        if (ni > 1) T_LOAD(5, p + TR * ldp + 2 * TR * ch, ldp * 2);
+        T_LOAD(6, v, TB);
+        if (nc > 1) T_LOAD(7, v + TR * TR, TB);
+        T_DP(0, 4, 6);
+        if (nc > 1) T_DP(1, 4, 7);
+        if (ni > 1) T_DP(2, 5, 6);
+        if (ni > 1 && nc > 1) T_DP(3, 5, 7);
+    }
+    T_STORE(0, acc, lda * 4);
+    if (nc > 1) T_STORE(1, acc + TR, lda * 4);
+    if (ni > 1) T_STORE(2, acc + TR * lda, lda * 4);
+    if (ni > 1 && nc > 1) T_STORE(3, acc + TR * lda + TR, lda * 4);
+}
+
+static void pv_tiles(int m, int nch, int dvp, const uint16_t *p, int64_t ldp,
+                     const uint32_t *vt, const float *alpha, float *acc, int64_t lda)
+{
+    for (int i = 0; alpha && i < m; i++)
+        if (alpha[i] != 1.0f) {
+            const __m512 a = _mm512_set1_ps(alpha[i]);
+            for (int c = 0; c < dvp; c += TR)
+                _mm512_storeu_ps(acc + i * lda + c, _mm512_mul_ps(_mm512_loadu_ps(acc + i * lda + c), a));
+        }
+    t_begin();
+    for (int i = 0; i < m; i += 2 * TR)
+        for (int c = 0; c < dvp; c += 2 * TR)
+            pv_block(m - i > TR ? 2 : 1, dvp - c > TR ? 2 : 1, nch, dvp, p + i * ldp, ldp,
+                     vt + c * TR, acc + i * lda + c, lda);
+    t_end();
+}
+
 void QKV_KERNEL_TABLE(qkv__kernels *t)
 {
     qkv__kernels_avx512bf16(t);
@@ -222,4 +365,8 @@ void QKV_KERNEL_TABLE(qkv__kernels *t)
     t->name = QKV_KERNEL_NAME;
     t->qk_bf16 = qk_amx;
     t->pv_bf16 = pv_amx;
+    t->pack_k_tiles = pack_k_tiles;
+    t->pack_v_tiles = pack_v_tiles;
+    t->qk_tiles = qk_tiles;
+    t->pv_tiles = pv_tiles;
 }
