@@ -262,18 +262,23 @@ static void task_tiles(const fwd_job *job, const qkv__seq *s, int64_t seq, int64
     const int64_t pos = job->kofs[seq] * a->Hkv + hk * dim32(s->sk);
     const uint32_t *kt = job->kt + pos * dpp, *vt = job->vt + pos * (dvp / 2);
     const int modded = a->softcap > 0.0f || a->alibi || a->bias;
+    /* the softmax applies the scale, unless the mods need scaled scores
+       (or the scale is not positive: then the max of the scaled scores is
+       not the scaled max) */
+    const int fold = !modded && a->scale > 0.0f;
 
     for (int64_t j0 = klo; j0 < khi; j0 += BK) {
         const int n = (int)(khi - j0 < BK ? khi - j0 : BK);
-        kn->qk_tiles(mpad, (n + 15) / 16, (int)dpp, a->scale, qr, w, kt + j0 * dpp, tl->st, BK);
+        kn->qk_tiles(mpad, (n + 15) / 16, (int)dpp, qr, w, kt + j0 * dpp, tl->st, BK);
+        if (!fold)
+            for (int r = 0; r < m; r++)
+                for (int c = 0; c < n; c++)
+                    tl->st[r * BK + c] *= a->scale;
         const int band = !(lo_last <= j0 && hi_first >= j0 + n);
         if (modded || band)
             qkv__score_mods(a, s, tm, m, j0, n, band, tl->st, BK, 1, NULL);
-        kn->row_max(tl->st, BK, mpad, n, tl->mx);
-        tile_max(tl, mpad);
-        kn->exp_rows_bf16(tl->st, BK, mpad, n, tl->mref, NULL, tl->sum, p, BK);
-        for (int r = 0; r < mpad; r++)
-            tl->l[r] = tl->l[r] * tl->alpha[r] + tl->sum[r];
+        kn->softmax_tiles(mpad, n, fold ? a->scale : 1.0f, tl->st, BK, tl->m, tl->l, tl->alpha,
+                          p, BK);
         kn->pv_tiles(mpad, (n + 31) / 32, (int)dvp, p, BK, vt + j0 * (dvp / 2), tl->alpha,
                      tl->acc, dvp);
     }

@@ -297,11 +297,20 @@ typedef struct qkv__kernels {
     void (*pack_v_tiles)(const uint16_t *v, int64_t ldv, int n, int dv, int dvp,
                          uint32_t *dst);
 
-    /* s[i·lds + j] = scale · Σ_x q_i·k_j for i < m (a multiple of 16) and
-       the 16·nb keys of nb panels kt; q [m][ldq] bf16 rows of dpp pairs
-       (ldq even). */
-    void (*qk_tiles)(int m, int nb, int dpp, float scale, const uint16_t *q, int64_t ldq,
+    /* s[i·lds + j] = Σ_x q_i·k_j (unscaled) for i < m (a multiple of 16)
+       and the 16·nb keys of nb panels kt; q [m][ldq] bf16 rows of dpp
+       pairs (ldq even). */
+    void (*qk_tiles)(int m, int nb, int dpp, const uint16_t *q, int64_t ldq,
                      const uint32_t *kt, float *s, int64_t lds);
+
+    /* The online softmax of a tile along its rows i < m, keys j < n, with
+       x = scale·s[i·lds + j] (scale > 0): mrow[i], the running max, takes
+       the tile's; alpha[i] = exp(old max - new) (1 when unchanged); P =
+       exp(x - new max) (0 for all -inf) rounded to bf16 into
+       p[i·ldp + j], zero from j = n to round_up(n, 32); lrow[i] =
+       lrow[i]·alpha[i] + Σ_j P (unrounded). */
+    void (*softmax_tiles)(int m, int n, float scale, const float *s, int64_t lds, float *mrow,
+                          float *lrow, float *alpha, uint16_t *p, int64_t ldp);
 
     /* acc[i][c] = alpha[i]·acc[i][c] + Σ_j p[i·ldp + j]·v[j][c] for i < m
        (a multiple of 16), c < dvp and the 32·nch keys of nch chunks vt;

@@ -20,6 +20,7 @@
 #include "kernels.h"
 
 #include <immintrin.h>
+#include <math.h>
 #include <string.h>
 
 #ifndef QKV_KERNEL_TABLE
@@ -278,7 +279,7 @@ static void pack_v_tiles(const uint16_t *v, int64_t ldv, int n, int dv, int dvp,
 
 /* Rows i..i+16·ni by keys of panels kb..kb+nk (ni, nk in 1..2): C tiles
    0..3 = (row block, key panel), A tiles 4, 5 (queries), B 6, 7 (keys). */
-static void qk_block(int ni, int nk, int dpp, float scale, const uint16_t *q, int64_t ldq,
+static void qk_block(int ni, int nk, int dpp, const uint16_t *q, int64_t ldq,
                      const uint32_t *kt, float *s, int64_t lds)
 {
     T_ZERO(0); T_ZERO(1); T_ZERO(2); T_ZERO(3);
@@ -296,21 +297,89 @@ static void qk_block(int ni, int nk, int dpp, float scale, const uint16_t *q, in
     if (nk > 1) T_STORE(1, s + TR, lds * 4);
     if (ni > 1) T_STORE(2, s + TR * lds, lds * 4);
     if (ni > 1 && nk > 1) T_STORE(3, s + TR * lds + TR, lds * 4);
-    const __m512 sc = _mm512_set1_ps(scale);
-    for (int r = 0; r < TR * ni; r++)
-        for (int c = 0; c < TR * nk; c += TR)
-            _mm512_storeu_ps(s + r * lds + c, _mm512_mul_ps(_mm512_loadu_ps(s + r * lds + c), sc));
 }
 
-static void qk_tiles(int m, int nb, int dpp, float scale, const uint16_t *q, int64_t ldq,
+/* Key panels outside, so a pair of them stays in L1 while every row
+   block passes. */
+static void qk_tiles(int m, int nb, int dpp, const uint16_t *q, int64_t ldq,
                      const uint32_t *kt, float *s, int64_t lds)
 {
     t_begin();
-    for (int i = 0; i < m; i += 2 * TR)
-        for (int b = 0; b < nb; b += 2)
-            qk_block(m - i > TR ? 2 : 1, nb - b > 1 ? 2 : 1, dpp, scale, q + i * ldq, ldq,
+    for (int b = 0; b < nb; b += 2)
+        for (int i = 0; i < m; i += 2 * TR)
+            qk_block(m - i > TR ? 2 : 1, nb - b > 1 ? 2 : 1, dpp, q + i * ldq, ldq,
                      kt + b * TR * dpp, s + i * lds + b * TR, lds);
     t_end();
+}
+
+/* 2^x for x <= 0 or NaN, 16 at a time: x = n + f with n an integer and
+   |f| <= 1/2 (vreduceps), 2^f by a degree-5 polynomial fitted for relative
+   error on that range (2.3e-7 in fp32 arithmetic), 2^n by vscalefps. x
+   is clamped at -160, where the result underflows to 0 (so 2^-inf = 0);
+   NaN stays NaN. */
+static inline __m512 exp2_16(__m512 x)
+{
+    x = _mm512_max_ps(_mm512_set1_ps(-160.0f), x);   /* NaN: the second operand */
+    const __m512 f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 n = _mm512_sub_ps(x, f);
+    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(1.327637699e-3f), f, _mm512_set1_ps(9.675515816e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550713465e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402212024e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931469440e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.000000119e+0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* Contract of kernels.h's softmax_tiles. Two passes over each row: its
+   max, then the exponentials (as 2^(x·log2e - max·log2e)), the sum and
+   the bf16 P. */
+static void softmax_tiles(int m, int n, float scale, const float *s, int64_t lds, float *mrow,
+                          float *lrow, float *alpha, uint16_t *p, int64_t ldp)
+{
+    const float log2e = 1.44269504088896341f;
+    const __m512 sc = _mm512_set1_ps(scale * log2e), ninf = _mm512_set1_ps(-INFINITY);
+    const int n32 = (n + 31) / 32 * 32;
+    for (int i = 0; i < m; i++) {
+        const float *si = s + i * lds;
+        __m512 v0 = ninf, v1 = ninf;
+        int j = 0;
+        for (; j + 2 * TR <= n; j += 2 * TR) {
+            v0 = _mm512_max_ps(_mm512_loadu_ps(si + j), v0);
+            v1 = _mm512_max_ps(_mm512_loadu_ps(si + j + TR), v1);
+        }
+        for (; j < n; j += TR) {
+            const __mmask16 k = n - j >= TR ? (__mmask16)0xffff : (__mmask16)((1u << (n - j)) - 1);
+            v0 = _mm512_max_ps(_mm512_mask_loadu_ps(ninf, k, si + j), v0);
+        }
+        /* scale > 0: the max of the scaled scores is the scaled max */
+        const float mx = _mm512_reduce_max_ps(_mm512_max_ps(v0, v1)) * scale;
+        const float mo = mrow[i], mn = mx > mo ? mx : mo;
+        const float mref = mn == -INFINITY ? 0.0f : mn;   /* all hidden: P = 0 */
+        alpha[i] = mo == mn ? 1.0f : expf(mo - mref);
+        mrow[i] = mn;
+        const __m512 nm = _mm512_set1_ps(-mref * log2e);
+        __m512 sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps();
+        for (j = 0; j < n32; j += 2 * TR) {
+            __m512 x0, x1;
+            if (j + 2 * TR <= n) {
+                x0 = _mm512_loadu_ps(si + j);
+                x1 = _mm512_loadu_ps(si + j + TR);
+            } else {   /* keys n..n32 read as -inf: P = 0 */
+                const int l0 = n - j, l1 = n - j - TR;
+                const __mmask16 k0 = l0 >= TR ? (__mmask16)0xffff : (__mmask16)((1u << l0) - 1);
+                const __mmask16 k1 = l1 >= TR ? (__mmask16)0xffff
+                                     : l1 > 0 ? (__mmask16)((1u << l1) - 1) : 0;
+                x0 = _mm512_mask_loadu_ps(ninf, k0, si + j);
+                x1 = _mm512_mask_loadu_ps(ninf, k1, si + j + TR);
+            }
+            const __m512 e0 = exp2_16(_mm512_fmadd_ps(x0, sc, nm));
+            const __m512 e1 = exp2_16(_mm512_fmadd_ps(x1, sc, nm));
+            sum0 = _mm512_add_ps(sum0, e0);
+            sum1 = _mm512_add_ps(sum1, e1);
+            _mm512_storeu_si512(p + i * ldp + j, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+        }
+        lrow[i] = lrow[i] * alpha[i] + _mm512_reduce_add_ps(_mm512_add_ps(sum0, sum1));
+    }
 }
 
 /* acc rows i..i+16·ni, columns c..c+16·nc (ni, nc in 1..2) += P·V over
@@ -368,5 +437,6 @@ void QKV_KERNEL_TABLE(qkv__kernels *t)
     t->pack_k_tiles = pack_k_tiles;
     t->pack_v_tiles = pack_v_tiles;
     t->qk_tiles = qk_tiles;
+    t->softmax_tiles = softmax_tiles;
     t->pv_tiles = pv_tiles;
 }
