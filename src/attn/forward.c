@@ -439,8 +439,8 @@ static void pack_task(void *arg, int64_t task, int worker)
 
 static void free_packed(fwd_job *job)
 {
-    free(job->kt);
-    free(job->vt);
+    if (job->kt)
+        qkv__shared_done(job->ctx);
     free(job->kofs);
     qkv__tasks_free(&job->pack_tasks);
     job->kt = job->vt = NULL;
@@ -464,11 +464,13 @@ static qkv_status pack_kv(fwd_job *job)
     job->kofs[0] = 0;
     for (int64_t i = 0; i < a->n_seqs; i++)
         job->kofs[i + 1] = job->kofs[i] + dim32(qkv__attn_seq(a, i).sk);
+    /* in the context's shared buffer: kept between calls, its pages are
+       touched once, not on every call */
     const size_t keys = (size_t)(job->kofs[a->n_seqs] * a->Hkv);
-    job->kt = malloc(keys * (size_t)job->dpp * sizeof *job->kt + 64);
-    job->vt = malloc(keys * (size_t)(job->dvp / 2) * sizeof *job->vt + 64);
+    job->kt = qkv__shared_get(ctx, keys * (size_t)(job->dpp + job->dvp / 2) * sizeof *job->kt);
+    job->vt = job->kt ? job->kt + keys * (size_t)job->dpp : NULL;
     qkv_status st = QKV_OK;
-    if (job->kt && job->vt &&
+    if (job->kt &&
         (st = qkv__tasks_make_keys(ctx, a, a->Hkv, job->bk, &job->pack_tasks)) == QKV_OK) {
         qkv__parallel(ctx, job->pack_tasks.total, (double)keys * (double)(a->D + a->Dv),
                       pack_task, job);

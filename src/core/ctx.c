@@ -102,6 +102,7 @@ void qkv_ctx_free(qkv_ctx *ctx)
             free(ctx->scratch[i]);
     free(ctx->scratch);
     free(ctx->scratch_size);
+    free(ctx->shared);
     free(ctx);
 }
 
@@ -208,6 +209,31 @@ qkv_status qkv__scratch_reserve(qkv_ctx *ctx, size_t bytes)
         ctx->scratch_size[i] = bytes;
     }
     return QKV_OK;
+}
+
+void *qkv__shared_get(qkv_ctx *ctx, size_t bytes)
+{
+    bytes = (bytes + 63) & ~(size_t)63;
+    if (ctx->shared_size >= bytes)
+        return ctx->shared;
+    free(ctx->shared);
+    ctx->shared = NULL;
+    ctx->shared_size = 0;
+    void *p = NULL;
+    if (posix_memalign(&p, 64, bytes) != 0)
+        return NULL;
+    ctx->shared = p;
+    ctx->shared_size = bytes;
+    return p;
+}
+
+void qkv__shared_done(qkv_ctx *ctx)
+{
+    if (ctx->shared_size > QKV__KEEP_BYTES) {
+        free(ctx->shared);
+        ctx->shared = NULL;
+        ctx->shared_size = 0;
+    }
 }
 
 void qkv__parallel(qkv_ctx *ctx, int64_t n_tasks, double work, qkv__task_fn fn, void *arg)

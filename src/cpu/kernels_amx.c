@@ -217,20 +217,27 @@ static void pv_amx(int m, int np, int dv, const uint32_t *pp, int64_t ldp,
 
 /* ---- whole-tile products on packed operands --------------------------------- */
 
-/* r[0..16) transposed as a 16x16 matrix of 32-bit words, in four rounds:
-   round b swaps, within each block of 2b rows, the b x b sub-blocks
-   above and below its diagonal (rows i and i + b exchange their halves
-   of every 2b-word group). */
-static void transpose16_regs(__m512i r[TR])
+/* The word indices of transpose16_regs' rounds: round b (8, 4, 2, 1)
+   exchanges, within each block of 2b rows, the b x b sub-blocks above and
+   below the diagonal, rows i and i + b taking words lo[b] and hi[b] of
+   the pair (index 16 + t: word t of row i + b). */
+static int32_t tr_idx[4][2][TR];
+
+static void tr_idx_init(void)
 {
-    for (int b = 8; b >= 1; b /= 2) {
-        int32_t lo[TR], hi[TR];
+    for (int k = 0, b = 8; b >= 1; k++, b /= 2)
         for (int e = 0; e < TR; e++) {
             const int g = e / (2 * b) * 2 * b, t = e % (2 * b);
-            lo[e] = t < b ? g + t : TR + g + t - b;
-            hi[e] = t < b ? g + b + t : TR + g + t;
+            tr_idx[k][0][e] = t < b ? g + t : TR + g + t - b;
+            tr_idx[k][1][e] = t < b ? g + b + t : TR + g + t;
         }
-        const __m512i il = _mm512_loadu_si512(lo), ih = _mm512_loadu_si512(hi);
+}
+
+/* r[0..16) transposed as a 16x16 matrix of 32-bit words. */
+static inline void transpose16_regs(__m512i r[TR])
+{
+    for (int k = 0, b = 8; b >= 1; k++, b /= 2) {
+        const __m512i il = _mm512_loadu_si512(tr_idx[k][0]), ih = _mm512_loadu_si512(tr_idx[k][1]);
         for (int i = 0; i < TR; i++)
             if (!(i & b)) {
                 const __m512i a = r[i], c = r[i + b];
@@ -434,6 +441,7 @@ void QKV_KERNEL_TABLE(qkv__kernels *t)
     t->name = QKV_KERNEL_NAME;
     t->qk_bf16 = qk_amx;
     t->pv_bf16 = pv_amx;
+    tr_idx_init();
     t->pack_k_tiles = pack_k_tiles;
     t->pack_v_tiles = pack_v_tiles;
     t->qk_tiles = qk_tiles;
