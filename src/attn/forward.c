@@ -267,20 +267,36 @@ static void task_tiles(const fwd_job *job, const qkv__seq *s, int64_t seq, int64
        not the scaled max) */
     const int fold = !modded && a->scale > 0.0f;
 
-    for (int64_t j0 = klo; j0 < khi; j0 += BK) {
-        const int n = (int)(khi - j0 < BK ? khi - j0 : BK);
-        kn->qk_tiles(mpad, (n + 15) / 16, (int)dpp, qr, w, kt + j0 * dpp, tl->st, BK);
+    for (int64_t j0 = klo; j0 < khi;) {
+        int n = (int)(khi - j0 < BK ? khi - j0 : BK);
+        const int band = !(lo_last <= j0 && hi_first >= j0 + n);
+        if (fold && !band) {
+            /* this tile and the plain ones after it in one pipelined call */
+            int64_t j1 = j0 + n;
+            while (j1 < khi) {
+                const int64_t e = khi - j1 < BK ? khi : j1 + BK;
+                if (!(lo_last <= j1 && hi_first >= e))
+                    break;
+                j1 = e;
+            }
+            kn->attn_tiles(mpad, (int)(j1 - j0), (int)BK, (int)dpp, (int)dvp, a->scale, qr, w,
+                           kt + j0 * dpp, vt + j0 * (dvp / 2), tl->m, tl->l, tl->alpha,
+                           tl->acc, dvp, tl->st, p);
+            j0 = j1;
+            continue;
+        }
+        const uint32_t *kj = kt + j0 * dpp, *vj = vt + j0 * (dvp / 2);
+        kn->qk_tiles(mpad, (n + 15) / 16, (int)dpp, qr, w, kj, tl->st, BK);
         if (!fold)
             for (int r = 0; r < m; r++)
                 for (int c = 0; c < n; c++)
                     tl->st[r * BK + c] *= a->scale;
-        const int band = !(lo_last <= j0 && hi_first >= j0 + n);
         if (modded || band)
             qkv__score_mods(a, s, tm, m, j0, n, band, tl->st, BK, 1, NULL);
         kn->softmax_tiles(mpad, n, fold ? a->scale : 1.0f, tl->st, BK, tl->m, tl->l, tl->alpha,
                           p, BK);
-        kn->pv_tiles(mpad, (n + 31) / 32, (int)dvp, p, BK, vt + j0 * (dvp / 2), tl->alpha,
-                     tl->acc, dvp);
+        kn->pv_tiles(mpad, (n + 31) / 32, (int)dvp, p, BK, vj, tl->alpha, tl->acc, dvp);
+        j0 += n;
     }
 }
 

@@ -312,6 +312,17 @@ typedef struct qkv__kernels {
     void (*softmax_tiles)(int m, int n, float scale, const float *s, int64_t lds, float *mrow,
                           float *lrow, float *alpha, uint16_t *p, int64_t ldp);
 
+    /* The three steps above for n keys in tiles of bk (a multiple of 32)
+       and rows i < m (a multiple of 16), tile by tile: S = Q·Kᵀ, the
+       softmax (scale > 0, no score changes between), acc += P·V with
+       acc's rows rescaled by alpha. s: 64·bk floats and p: 64·bk bf16 of
+       scratch. The tile products of one block of rows overlap the softmax
+       of another. */
+    void (*attn_tiles)(int m, int n, int bk, int dpp, int dvp, float scale, const uint16_t *q,
+                       int64_t ldq, const uint32_t *kt, const uint32_t *vt, float *mrow,
+                       float *lrow, float *alpha, float *acc, int64_t lda, float *s,
+                       uint16_t *p);
+
     /* acc[i][c] = alpha[i]·acc[i][c] + Σ_j p[i·ldp + j]·v[j][c] for i < m
        (a multiple of 16), c < dvp and the 32·nch keys of nch chunks vt;
        p bf16 rows (ldp even, as exp_rows_bf16 writes them). */

@@ -337,56 +337,61 @@ static inline __m512 exp2_16(__m512 x)
     return _mm512_scalef_ps(p, n);
 }
 
-/* Contract of kernels.h's softmax_tiles. Two passes over each row: its
-   max, then the exponentials (as 2^(x·log2e - max·log2e)), the sum and
-   the bf16 P. */
+/* One row of softmax_tiles: s_i's n scores, sc = scale·log2e (scale > 0),
+   P into p_i. Two passes: the row's max, then the exponentials (as
+   2^(x·log2e - max·log2e)), the sum and the bf16 P. */
+static inline void softmax_row(int n, float scale, __m512 sc, const float *si, float *mrow,
+                               float *lrow, float *alpha, uint16_t *pi)
+{
+    const float log2e = 1.44269504088896341f;
+    const __m512 ninf = _mm512_set1_ps(-INFINITY);
+    const int n32 = (n + 31) / 32 * 32;
+    __m512 v0 = ninf, v1 = ninf;
+    int j = 0;
+    for (; j + 2 * TR <= n; j += 2 * TR) {
+        v0 = _mm512_max_ps(_mm512_loadu_ps(si + j), v0);
+        v1 = _mm512_max_ps(_mm512_loadu_ps(si + j + TR), v1);
+    }
+    for (; j < n; j += TR) {
+        const __mmask16 k = n - j >= TR ? (__mmask16)0xffff : (__mmask16)((1u << (n - j)) - 1);
+        v0 = _mm512_max_ps(_mm512_mask_loadu_ps(ninf, k, si + j), v0);
+    }
+    /* scale > 0: the max of the scaled scores is the scaled max */
+    const float mx = _mm512_reduce_max_ps(_mm512_max_ps(v0, v1)) * scale;
+    const float mo = *mrow, mn = mx > mo ? mx : mo;
+    const float mref = mn == -INFINITY ? 0.0f : mn;   /* all hidden: P = 0 */
+    *alpha = mo == mn ? 1.0f : expf(mo - mref);
+    *mrow = mn;
+    const __m512 nm = _mm512_set1_ps(-mref * log2e);
+    __m512 sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps();
+    for (j = 0; j < n32; j += 2 * TR) {
+        __m512 x0, x1;
+        if (j + 2 * TR <= n) {
+            x0 = _mm512_loadu_ps(si + j);
+            x1 = _mm512_loadu_ps(si + j + TR);
+        } else {   /* keys n..n32 read as -inf: P = 0 */
+            const int l0 = n - j, l1 = n - j - TR;
+            const __mmask16 k0 = l0 >= TR ? (__mmask16)0xffff : (__mmask16)((1u << l0) - 1);
+            const __mmask16 k1 = l1 >= TR ? (__mmask16)0xffff
+                                 : l1 > 0 ? (__mmask16)((1u << l1) - 1) : 0;
+            x0 = _mm512_mask_loadu_ps(ninf, k0, si + j);
+            x1 = _mm512_mask_loadu_ps(ninf, k1, si + j + TR);
+        }
+        const __m512 e0 = exp2_16(_mm512_fmadd_ps(x0, sc, nm));
+        const __m512 e1 = exp2_16(_mm512_fmadd_ps(x1, sc, nm));
+        sum0 = _mm512_add_ps(sum0, e0);
+        sum1 = _mm512_add_ps(sum1, e1);
+        _mm512_storeu_si512(pi + j, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+    }
+    *lrow = *lrow * *alpha + _mm512_reduce_add_ps(_mm512_add_ps(sum0, sum1));
+}
+
 static void softmax_tiles(int m, int n, float scale, const float *s, int64_t lds, float *mrow,
                           float *lrow, float *alpha, uint16_t *p, int64_t ldp)
 {
-    const float log2e = 1.44269504088896341f;
-    const __m512 sc = _mm512_set1_ps(scale * log2e), ninf = _mm512_set1_ps(-INFINITY);
-    const int n32 = (n + 31) / 32 * 32;
-    for (int i = 0; i < m; i++) {
-        const float *si = s + i * lds;
-        __m512 v0 = ninf, v1 = ninf;
-        int j = 0;
-        for (; j + 2 * TR <= n; j += 2 * TR) {
-            v0 = _mm512_max_ps(_mm512_loadu_ps(si + j), v0);
-            v1 = _mm512_max_ps(_mm512_loadu_ps(si + j + TR), v1);
-        }
-        for (; j < n; j += TR) {
-            const __mmask16 k = n - j >= TR ? (__mmask16)0xffff : (__mmask16)((1u << (n - j)) - 1);
-            v0 = _mm512_max_ps(_mm512_mask_loadu_ps(ninf, k, si + j), v0);
-        }
-        /* scale > 0: the max of the scaled scores is the scaled max */
-        const float mx = _mm512_reduce_max_ps(_mm512_max_ps(v0, v1)) * scale;
-        const float mo = mrow[i], mn = mx > mo ? mx : mo;
-        const float mref = mn == -INFINITY ? 0.0f : mn;   /* all hidden: P = 0 */
-        alpha[i] = mo == mn ? 1.0f : expf(mo - mref);
-        mrow[i] = mn;
-        const __m512 nm = _mm512_set1_ps(-mref * log2e);
-        __m512 sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps();
-        for (j = 0; j < n32; j += 2 * TR) {
-            __m512 x0, x1;
-            if (j + 2 * TR <= n) {
-                x0 = _mm512_loadu_ps(si + j);
-                x1 = _mm512_loadu_ps(si + j + TR);
-            } else {   /* keys n..n32 read as -inf: P = 0 */
-                const int l0 = n - j, l1 = n - j - TR;
-                const __mmask16 k0 = l0 >= TR ? (__mmask16)0xffff : (__mmask16)((1u << l0) - 1);
-                const __mmask16 k1 = l1 >= TR ? (__mmask16)0xffff
-                                     : l1 > 0 ? (__mmask16)((1u << l1) - 1) : 0;
-                x0 = _mm512_mask_loadu_ps(ninf, k0, si + j);
-                x1 = _mm512_mask_loadu_ps(ninf, k1, si + j + TR);
-            }
-            const __m512 e0 = exp2_16(_mm512_fmadd_ps(x0, sc, nm));
-            const __m512 e1 = exp2_16(_mm512_fmadd_ps(x1, sc, nm));
-            sum0 = _mm512_add_ps(sum0, e0);
-            sum1 = _mm512_add_ps(sum1, e1);
-            _mm512_storeu_si512(p + i * ldp + j, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
-        }
-        lrow[i] = lrow[i] * alpha[i] + _mm512_reduce_add_ps(_mm512_add_ps(sum0, sum1));
-    }
+    const __m512 sc = _mm512_set1_ps(scale * 1.44269504088896341f);
+    for (int i = 0; i < m; i++)
+        softmax_row(n, scale, sc, s + i * lds, mrow + i, lrow + i, alpha + i, p + i * ldp);
 }
 
 /* acc rows i..i+16·ni, columns c..c+16·nc (ni, nc in 1..2) += P·V over
@@ -433,6 +438,173 @@ static void pv_tiles(int m, int nch, int dvp, const uint16_t *p, int64_t ldp,
     t_end();
 }
 
+/* ---- the three steps pipelined over blocks of rows ------------------------- */
+
+/* attn_tiles runs units of (key tile, block of up to 32 rows). While the
+   vector units take the softmax of unit u row by row, the tile unit works
+   through the scores of unit u + 1 and the P·V of unit u - 1, a few tile
+   steps after each row: AMX and AVX-512 instructions interleaved, so
+   neither waits for the other. A step is one 2x2 block of tile products
+   (4 loads, 4 tdpbf16ps); a cursor walks a unit's steps. */
+enum { UNIT_ROWS = 2 * TR };
+
+typedef struct {
+    int kind;                 /* 0 idle, 1 scores, 2 P·V */
+    int ni, nk, nsteps;       /* row blocks; key panels (scores) or 2 column blocks */
+    int blk, nblk, step;      /* the 2x2 block and the step within it */
+    const uint16_t *a;        /* q or P rows */
+    int64_t lda;              /* their stride, elements */
+    const uint32_t *b;        /* packed K or V */
+    int dpp, dvp;
+    float *c;                 /* S (scores) or acc */
+    int64_t ldc;
+} tile_cursor;
+
+/* One step of cursor t; 0 when it has none left. */
+static int tile_step(tile_cursor *t)
+{
+    if (t->kind == 0 || t->blk >= t->nblk)
+        return 0;
+    const int ni = t->ni, step = t->step;
+    if (t->kind == 1) {   /* scores: block = pair of key panels, step = 16 pairs of d */
+        const int pnl = 2 * t->blk, nk = t->nk - pnl > 1 ? 2 : 1;
+        const uint32_t *kb = t->b + pnl * TR * t->dpp;
+        float *c = t->c + pnl * TR;
+        if (step == 0) {
+            T_ZERO(0); T_ZERO(1); T_ZERO(2); T_ZERO(3);
+        }
+        const int x = step * TR;
+        T_LOAD(4, t->a + 2 * x, t->lda * 2);
+        if (ni > 1) T_LOAD(5, t->a + TR * t->lda + 2 * x, t->lda * 2);
+        T_LOAD(6, kb + x * TR, TB);
+        if (nk > 1) T_LOAD(7, kb + TR * t->dpp + x * TR, TB);
+        T_DP(0, 4, 6);
+        if (nk > 1) T_DP(1, 4, 7);
+        if (ni > 1) T_DP(2, 5, 6);
+        if (ni > 1 && nk > 1) T_DP(3, 5, 7);
+        if (step + 1 == t->nsteps) {
+            T_STORE(0, c, t->ldc * 4);
+            if (nk > 1) T_STORE(1, c + TR, t->ldc * 4);
+            if (ni > 1) T_STORE(2, c + TR * t->ldc, t->ldc * 4);
+            if (ni > 1 && nk > 1) T_STORE(3, c + TR * t->ldc + TR, t->ldc * 4);
+        }
+    } else {              /* P·V: block = pair of column blocks, step = chunk of 32 keys */
+        const int c0 = 2 * TR * t->blk, nc = t->dvp - c0 > TR ? 2 : 1;
+        float *c = t->c + c0;
+        const uint32_t *v = t->b + step * TR * t->dvp + c0 * TR;
+        if (step == 0) {
+            T_LOAD(0, c, t->ldc * 4);
+            if (nc > 1) T_LOAD(1, c + TR, t->ldc * 4);
+            if (ni > 1) T_LOAD(2, c + TR * t->ldc, t->ldc * 4);
+            if (ni > 1 && nc > 1) T_LOAD(3, c + TR * t->ldc + TR, t->ldc * 4);
+        }
+        T_LOAD(4, t->a + 2 * TR * step, t->lda * 2);
+        if (ni > 1) T_LOAD(5, t->a + TR * t->lda + 2 * TR * step, t->lda * 2);
+        T_LOAD(6, v, TB);
+        if (nc > 1) T_LOAD(7, v + TR * TR, TB);
+        T_DP(0, 4, 6);
+        if (nc > 1) T_DP(1, 4, 7);
+        if (ni > 1) T_DP(2, 5, 6);
+        if (ni > 1 && nc > 1) T_DP(3, 5, 7);
+        if (step + 1 == t->nsteps) {
+            T_STORE(0, c, t->ldc * 4);
+            if (nc > 1) T_STORE(1, c + TR, t->ldc * 4);
+            if (ni > 1) T_STORE(2, c + TR * t->ldc, t->ldc * 4);
+            if (ni > 1 && nc > 1) T_STORE(3, c + TR * t->ldc + TR, t->ldc * 4);
+        }
+    }
+    if (++t->step == t->nsteps) {
+        t->step = 0;
+        t->blk++;
+    }
+    return 1;
+}
+
+/* A unit of attn_tiles: key tile kt of n keys, rows r0..r0+mr. */
+typedef struct { int kt, n, r0, mr; } tile_unit;
+
+static tile_unit unit_at(int u, int m, int n, int bk)
+{
+    const int nb = (m + UNIT_ROWS - 1) / UNIT_ROWS, kt = u / nb, r0 = u % nb * UNIT_ROWS;
+    const tile_unit t = { kt, n - kt * bk < bk ? n - kt * bk : bk, r0,
+                          m - r0 < UNIT_ROWS ? m - r0 : UNIT_ROWS };
+    return t;
+}
+
+static void attn_tiles(int m, int n, int bk, int dpp, int dvp, float scale, const uint16_t *q,
+                       int64_t ldq, const uint32_t *kt, const uint32_t *vt, float *mrow,
+                       float *lrow, float *alpha, float *acc, int64_t lda, float *s, uint16_t *p)
+{
+    const int nunits = (n + bk - 1) / bk * ((m + UNIT_ROWS - 1) / UNIT_ROWS);
+    const __m512 sc = _mm512_set1_ps(scale * 1.44269504088896341f);
+    /* S and P of units u and u + 1 in two buffers each, by parity */
+    float *const sb[2] = { s, s + UNIT_ROWS * bk };
+    uint16_t *const pb[2] = { p, p + UNIT_ROWS * bk };
+    tile_cursor qc, pc;
+    t_begin();
+    for (int u = -1; u <= nunits; u++) {
+        /* the scores of unit u + 1 */
+        memset(&qc, 0, sizeof qc);
+        if (u + 1 < nunits) {
+            const tile_unit x = unit_at(u + 1, m, n, bk);
+            qc.kind = 1;
+            qc.ni = (x.mr + TR - 1) / TR;
+            qc.nk = (x.n + TR - 1) / TR;
+            qc.nblk = (qc.nk + 1) / 2;
+            qc.nsteps = dpp / TR;
+            qc.a = q + x.r0 * ldq;
+            qc.lda = ldq;
+            qc.b = kt + (int64_t)x.kt * bk * dpp;
+            qc.dpp = dpp;
+            qc.c = sb[(u + 1) & 1];
+            qc.ldc = bk;
+        }
+        /* the P·V of unit u - 1, its acc rows first rescaled */
+        memset(&pc, 0, sizeof pc);
+        if (u >= 1) {
+            const tile_unit x = unit_at(u - 1, m, n, bk);
+            for (int i = x.r0; i < x.r0 + x.mr; i++)
+                if (alpha[i] != 1.0f) {
+                    const __m512 al = _mm512_set1_ps(alpha[i]);
+                    for (int c = 0; c < dvp; c += TR)
+                        _mm512_storeu_ps(acc + i * lda + c,
+                                         _mm512_mul_ps(_mm512_loadu_ps(acc + i * lda + c), al));
+                }
+            pc.kind = 2;
+            pc.ni = (x.mr + TR - 1) / TR;
+            pc.nblk = (dvp + 2 * TR - 1) / (2 * TR);
+            pc.nsteps = (x.n + 2 * TR - 1) / (2 * TR);
+            pc.a = pb[(u - 1) & 1];
+            pc.lda = bk;
+            pc.b = vt + (int64_t)x.kt * bk * (dvp / 2);
+            pc.dvp = dvp;
+            pc.c = acc + x.r0 * lda;
+            pc.ldc = lda;
+        }
+        /* the softmax of unit u, a share of the tile steps after each row */
+        if (u >= 0 && u < nunits) {
+            const tile_unit x = unit_at(u, m, n, bk);
+            const int steps = qc.nblk * qc.nsteps + pc.nblk * pc.nsteps;
+            const int per = (steps + x.mr - 1) / x.mr;
+            const float *su = sb[u & 1];
+            uint16_t *pu = pb[u & 1];
+            for (int i = 0; i < x.mr; i++) {
+                const int r = x.r0 + i;
+                softmax_row(x.n, scale, sc, su + i * bk, mrow + r, lrow + r, alpha + r,
+                            pu + i * bk);
+                for (int k = 0; k < per; k++)
+                    if (!tile_step(&qc))
+                        tile_step(&pc);
+            }
+        }
+        while (tile_step(&qc))
+            ;
+        while (tile_step(&pc))
+            ;
+    }
+    t_end();
+}
+
 void QKV_KERNEL_TABLE(qkv__kernels *t)
 {
     qkv__kernels_avx512bf16(t);
@@ -446,5 +618,6 @@ void QKV_KERNEL_TABLE(qkv__kernels *t)
     t->pack_v_tiles = pack_v_tiles;
     t->qk_tiles = qk_tiles;
     t->softmax_tiles = softmax_tiles;
+    t->attn_tiles = attn_tiles;
     t->pv_tiles = pv_tiles;
 }
