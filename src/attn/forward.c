@@ -62,6 +62,7 @@ typedef struct {                  /* per-thread scratch, fp32 */
     float *st;     /* [BK][rows]  scores, keys by queries     */
     float *acc;    /* [rows][Dv]                              */
     float *m, *l, *alpha, *mx, *mref, *sum;   /* [rows]       */
+    int32_t *hi;   /* [rows]      the whole-tile path's row cuts */
     /* the bf16 dot path (pairs: two bf16 adjacent along the reduction) */
     uint32_t *qp;  /* [D/2][rows] query pairs along d         */
     uint16_t *kb;  /* [BK][D+1]   a gathered K tile, bf16     */
@@ -76,7 +77,7 @@ typedef struct {                  /* per-thread scratch, fp32 */
 
 static size_t tiles_floats(int64_t rows, int64_t BK, int64_t D, int64_t Dv)
 {
-    return (size_t)(2 * rows * D + BK * D + BK * Dv + BK * rows + rows * Dv + 6 * rows +
+    return (size_t)(2 * rows * D + BK * D + BK * Dv + BK * rows + rows * Dv + 7 * rows +
                     qkv__pairs(D) * rows + BK * qkv__pairs(D) + BK / 2 * Dv + BK / 2 * rows + Dv);
 }
 
@@ -95,7 +96,8 @@ static tiles tiles_at(float *base, int64_t rows, int64_t BK, int64_t D, int64_t 
     t.mx = t.alpha + rows;
     t.mref = t.mx + rows;
     t.sum = t.mref + rows;
-    t.qp = (uint32_t *)(t.sum + rows);
+    t.hi = (int32_t *)(t.sum + rows);
+    t.qp = (uint32_t *)(t.hi + rows);
     t.kb = (uint16_t *)(t.qp + qkv__pairs(D) * rows);
     t.vp = (uint32_t *)(t.kb + BK * 2 * qkv__pairs(D));
     t.pp = t.vp + BK / 2 * Dv;
@@ -268,22 +270,23 @@ static void task_tiles(const fwd_job *job, const qkv__seq *s, int64_t seq, int64
     const int fold = !modded && a->scale > 0.0f;
 
     for (int64_t j0 = klo; j0 < khi;) {
-        int n = (int)(khi - j0 < BK ? khi - j0 : BK);
+        const int n = (int)(khi - j0 < BK ? khi - j0 : BK);
         const int band = !(lo_last <= j0 && hi_first >= j0 + n);
-        if (fold && !band) {
-            /* this tile and the plain ones after it in one pipelined call */
-            int64_t j1 = j0 + n;
-            while (j1 < khi) {
-                const int64_t e = khi - j1 < BK ? khi : j1 + BK;
-                if (!(lo_last <= j1 && hi_first >= e))
-                    break;
-                j1 = e;
+        if (fold && lo_last <= j0) {
+            /* every row sees the keys from j0 on up to its own last: the
+               tiles from here to khi in one pipelined call, each row cut
+               at its last key */
+            for (int r = 0; r < mpad; r++) {
+                int64_t lo, hi = 0;
+                if (r < m)
+                    qkv__key_range(a, s, tm->i0 + r % tm->mp, &lo, &hi);
+                hi -= j0;
+                tl->hi[r] = (int32_t)(hi < 0 ? 0 : hi < khi - j0 ? hi : khi - j0);
             }
-            kn->attn_tiles(mpad, (int)(j1 - j0), (int)BK, (int)dpp, (int)dvp, a->scale, qr, w,
-                           kt + j0 * dpp, vt + j0 * (dvp / 2), tl->m, tl->l, tl->alpha,
-                           tl->acc, dvp, tl->st, p);
-            j0 = j1;
-            continue;
+            kn->attn_tiles(mpad, (int)(khi - j0), tl->hi, (int)BK, (int)dpp, (int)dvp,
+                           a->scale, qr, w, kt + j0 * dpp, vt + j0 * (dvp / 2), tl->m, tl->l,
+                           tl->alpha, tl->acc, dvp, tl->st, p);
+            break;
         }
         const uint32_t *kj = kt + j0 * dpp, *vj = vt + j0 * (dvp / 2);
         kn->qk_tiles(mpad, (n + 15) / 16, (int)dpp, qr, w, kj, tl->st, BK);
