@@ -244,15 +244,25 @@ static void task_tiles(const fwd_job *job, const qkv__seq *s, int64_t seq, int64
     const qkv__kernels *kn = job->ctx->kernels;
     const int m = tm->mp * (int)a->group, mpad = (m + QKV__PAD - 1) / QKV__PAD * QKV__PAD;
     const int64_t BK = job->bk, dpp = job->dpp, dvp = job->dvp;
-    const int64_t u = 2 * qkv__pairs(a->D), w = 2 * dpp;
+    const int64_t w = 2 * dpp;
     uint16_t *qr = (uint16_t *)tl->qp, *p = (uint16_t *)tl->pp;
-    /* rows of u values, spread to rows of w from the last (w >= u) */
-    qkv__tile_rows_bf16(a->q, s, tm, m, a->D, qr);
-    for (int r = mpad - 1; r >= 0; r--) {
-        const int64_t have = r < m ? u : 0;
-        if (have)
-            memmove(qr + r * w, qr + r * u, (size_t)u * sizeof *qr);
-        memset(qr + r * w + have, 0, (size_t)(w - have) * sizeof *qr);
+    /* the queries as rows of w values, zero past D and in the padding rows */
+    const qkv_tensor *q = a->q;
+    const uint16_t *qsrc = q->data;
+    for (int r = 0; r < mpad; r++) {
+        uint16_t *dst = qr + r * w;
+        int64_t have = 0;
+        if (r < m) {
+            const int64_t h = tm->h0 + r / tm->mp, i = s->q0 + tm->i0 + r % tm->mp;
+            const uint16_t *src = qsrc + s->b * q->stride[0] + i * q->stride[1] + h * q->stride[2];
+            if (q->stride[3] == 1)
+                memcpy(dst, src, (size_t)a->D * sizeof *dst);
+            else
+                for (int64_t x = 0; x < a->D; x++)
+                    dst[x] = src[x * q->stride[3]];
+            have = a->D;
+        }
+        memset(dst + have, 0, (size_t)(w - have) * sizeof *dst);
     }
     memset(tl->acc, 0, (size_t)mpad * (size_t)dvp * sizeof(float));
     for (int r = 0; r < mpad; r++) {
