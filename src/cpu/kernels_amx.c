@@ -341,35 +341,18 @@ static inline __m512 exp2_16(__m512 x)
     return _mm512_maskz_scalef_ps(live, p, n);
 }
 
-/* One row of softmax_tiles: s_i's n scores, sc = scale·log2e (scale > 0),
-   P into p_i, zero from n up to round_up(nz, 32) (nz >= n). Two passes:
-   the row's max, then the exponentials (as 2^(x·log2e - max·log2e)), the
-   sum and the bf16 P. */
-static inline void softmax_row(int n, int nz, float scale, __m512 sc, const float *si,
-                               float *mrow, float *lrow, float *alpha, uint16_t *pi)
+/* The exponentials of a row against reference mref (mref·log2e = -nm
+   in nm): P = 2^(x·sc + nm) into pi, zero from n up to round_up(nz, 32);
+   returns Σ P (unrounded) and, in *vmax, the lanes' max of the raw
+   scores (NaN dropped) when track is set. */
+static inline float exp_row(int n, int nz, __m512 sc, __m512 nm, const float *si, uint16_t *pi,
+                            int track, __m512 *vmax)
 {
-    const float log2e = 1.44269504088896341f;
     const __m512 ninf = _mm512_set1_ps(-INFINITY);
     const int n32 = (n + 31) / 32 * 32;
-    __m512 v0 = ninf, v1 = ninf;
+    __m512 sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps(), v0 = ninf, v1 = ninf;
     int j = 0;
-    for (; j + 2 * TR <= n; j += 2 * TR) {
-        v0 = _mm512_max_ps(_mm512_loadu_ps(si + j), v0);
-        v1 = _mm512_max_ps(_mm512_loadu_ps(si + j + TR), v1);
-    }
-    for (; j < n; j += TR) {
-        const __mmask16 k = n - j >= TR ? (__mmask16)0xffff : (__mmask16)((1u << (n - j)) - 1);
-        v0 = _mm512_max_ps(_mm512_mask_loadu_ps(ninf, k, si + j), v0);
-    }
-    /* scale > 0: the max of the scaled scores is the scaled max */
-    const float mx = _mm512_reduce_max_ps(_mm512_max_ps(v0, v1)) * scale;
-    const float mo = *mrow, mn = mx > mo ? mx : mo;
-    const float mref = mn == -INFINITY ? 0.0f : mn;   /* all hidden: P = 0 */
-    *alpha = mo == mn ? 1.0f : expf(mo - mref);
-    *mrow = mn;
-    const __m512 nm = _mm512_set1_ps(-mref * log2e);
-    __m512 sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps();
-    for (j = 0; j < n32; j += 2 * TR) {
+    for (; j < n32; j += 2 * TR) {
         __m512 x0, x1;
         if (j + 2 * TR <= n) {
             x0 = _mm512_loadu_ps(si + j);
@@ -382,6 +365,10 @@ static inline void softmax_row(int n, int nz, float scale, __m512 sc, const floa
             x0 = _mm512_mask_loadu_ps(ninf, k0, si + j);
             x1 = _mm512_mask_loadu_ps(ninf, k1, si + j + TR);
         }
+        if (track) {
+            v0 = _mm512_max_ps(x0, v0);
+            v1 = _mm512_max_ps(x1, v1);
+        }
         const __m512 e0 = exp2_16(_mm512_fmadd_ps(x0, sc, nm));
         const __m512 e1 = exp2_16(_mm512_fmadd_ps(x1, sc, nm));
         sum0 = _mm512_add_ps(sum0, e0);
@@ -390,7 +377,56 @@ static inline void softmax_row(int n, int nz, float scale, __m512 sc, const floa
     }
     for (; j < nz; j += 2 * TR)
         _mm512_storeu_si512(pi + j, _mm512_setzero_si512());
-    *lrow = *lrow * *alpha + _mm512_reduce_add_ps(_mm512_add_ps(sum0, sum1));
+    if (track)
+        *vmax = _mm512_max_ps(v0, v1);
+    return _mm512_reduce_add_ps(_mm512_add_ps(sum0, sum1));
+}
+
+/* How far (natural log) a row's max may rise above its reference before
+   the reference moves: P stays below e^8 against a stale one. */
+#define REF_SLACK 8.0f
+
+/* One row of softmax_tiles: s_i's n scores, sc = scale·log2e (scale > 0),
+   P into p_i, zero from n up to round_up(nz, 32) (nz >= n). The reference
+   the exponentials subtract is the running max, but it moves only when a
+   tile's max rises more than REF_SLACK above it: then one pass over the
+   row does, with alpha 1 and acc left alone. A first tile, or a larger
+   rise, takes the row's max first and a second pass. mrow holds the
+   reference: lse = mrow + log(lrow) either way. */
+static inline void softmax_row(int n, int nz, float scale, __m512 sc, const float *si,
+                               float *mrow, float *lrow, float *alpha, uint16_t *pi)
+{
+    const float log2e = 1.44269504088896341f;
+    const float mo = *mrow;
+    if (mo > -INFINITY) {
+        __m512 vmax;
+        const float sum = exp_row(n, nz, sc, _mm512_set1_ps(-mo * log2e), si, pi, 1, &vmax);
+        const float mx = _mm512_reduce_max_ps(vmax) * scale;
+        if (!(mx > mo + REF_SLACK)) {
+            *alpha = 1.0f;
+            *lrow += sum;
+            return;
+        }
+    }
+    const __m512 ninf = _mm512_set1_ps(-INFINITY);
+    __m512 v0 = ninf, v1 = ninf;
+    int j = 0;
+    for (; j + 2 * TR <= n; j += 2 * TR) {
+        v0 = _mm512_max_ps(_mm512_loadu_ps(si + j), v0);
+        v1 = _mm512_max_ps(_mm512_loadu_ps(si + j + TR), v1);
+    }
+    for (; j < n; j += TR) {
+        const __mmask16 k = n - j >= TR ? (__mmask16)0xffff : (__mmask16)((1u << (n - j)) - 1);
+        v0 = _mm512_max_ps(_mm512_mask_loadu_ps(ninf, k, si + j), v0);
+    }
+    /* scale > 0: the max of the scaled scores is the scaled max */
+    const float mx = _mm512_reduce_max_ps(_mm512_max_ps(v0, v1)) * scale;
+    const float mn = mx > mo ? mx : mo;
+    const float mref = mn == -INFINITY ? 0.0f : mn;   /* all hidden: P = 0 */
+    *alpha = mo == mn ? 1.0f : expf(mo - mref);
+    *mrow = mn;
+    const float sum = exp_row(n, nz, sc, _mm512_set1_ps(-mref * log2e), si, pi, 0, NULL);
+    *lrow = *lrow * *alpha + sum;
 }
 
 static void softmax_tiles(int m, int n, float scale, const float *s, int64_t lds, float *mrow,
