@@ -68,24 +68,23 @@ static void t_end(void) {}
 #define T_STORE(t, p, s)   t_store(t, p, s)
 #define T_DP(c, a, b)      t_dp(c, a, b)
 #else
-/* Palette 1, all eight tiles 16 rows of 64 bytes. */
+/* Palette 1, all eight tiles 16 rows of 64 bytes. A constant: GCC does
+   not see that ldtilecfg reads its operand, and dropped the stores that
+   built one on the stack (the instruction then faulted on, or loaded, the
+   stack's old bytes). */
 typedef struct {
     uint8_t  palette, start_row, reserved[14];
     uint16_t colsb[16];
     uint8_t  rows[16];
 } tile_config;
 
-static void t_begin(void)
-{
-    tile_config c;
-    memset(&c, 0, sizeof c);
-    c.palette = 1;
-    for (int t = 0; t < 8; t++) {
-        c.colsb[t] = TB;
-        c.rows[t] = TR;
-    }
-    _tile_loadconfig(&c);
-}
+static const tile_config tile_cfg __attribute__((aligned(64))) = {
+    .palette = 1,
+    .colsb = { TB, TB, TB, TB, TB, TB, TB, TB },
+    .rows = { TR, TR, TR, TR, TR, TR, TR, TR },
+};
+
+static void t_begin(void) { _tile_loadconfig(&tile_cfg); }
 static void t_end(void) { _tile_release(); }
 #define T_ZERO(t)          _tile_zero(t)
 #define T_LOAD(t, p, s)    _tile_loadd(t, p, s)
@@ -284,41 +283,6 @@ static void pack_v_tiles(const uint16_t *v, int64_t ldv, int n, int dv, int dvp,
         }
 }
 
-/* Rows i..i+16·ni by keys of panels kb..kb+nk (ni, nk in 1..2): C tiles
-   0..3 = (row block, key panel), A tiles 4, 5 (queries), B 6, 7 (keys). */
-static void qk_block(int ni, int nk, int dpp, const uint16_t *q, int64_t ldq,
-                     const uint32_t *kt, float *s, int64_t lds)
-{
-    T_ZERO(0); T_ZERO(1); T_ZERO(2); T_ZERO(3);
-    for (int x = 0; x < dpp; x += TR) {
-        T_LOAD(4, q + 2 * x, ldq * 2);
-        if (ni > 1) T_LOAD(5, q + TR * ldq + 2 * x, ldq * 2);
-        T_LOAD(6, kt + x * TR, TB);
-        if (nk > 1) T_LOAD(7, kt + TR * dpp + x * TR, TB);
-        T_DP(0, 4, 6);
-        if (nk > 1) T_DP(1, 4, 7);
-        if (ni > 1) T_DP(2, 5, 6);
-        if (ni > 1 && nk > 1) T_DP(3, 5, 7);
-    }
-    T_STORE(0, s, lds * 4);
-    if (nk > 1) T_STORE(1, s + TR, lds * 4);
-    if (ni > 1) T_STORE(2, s + TR * lds, lds * 4);
-    if (ni > 1 && nk > 1) T_STORE(3, s + TR * lds + TR, lds * 4);
-}
-
-/* Key panels outside, so a pair of them stays in L1 while every row
-   block passes. */
-static void qk_tiles(int m, int nb, int dpp, const uint16_t *q, int64_t ldq,
-                     const uint32_t *kt, float *s, int64_t lds)
-{
-    t_begin();
-    for (int b = 0; b < nb; b += 2)
-        for (int i = 0; i < m; i += 2 * TR)
-            qk_block(m - i > TR ? 2 : 1, nb - b > 1 ? 2 : 1, dpp, q + i * ldq, ldq,
-                     kt + b * TR * dpp, s + i * lds + b * TR, lds);
-    t_end();
-}
-
 /* 2^x for x <= 0 or NaN, 16 at a time: x = n + f with n an integer and
    |f| <= 1/2 (vreduceps), 2^f by a degree-5 polynomial fitted for relative
    error on that range (2.3e-7 in fp32 arithmetic), 2^n by vscalefps. Below
@@ -437,50 +401,6 @@ static void softmax_tiles(int m, int n, float scale, const float *s, int64_t lds
         softmax_row(n, n, scale, sc, s + i * lds, mrow + i, lrow + i, alpha + i, p + i * ldp);
 }
 
-/* acc rows i..i+16·ni, columns c..c+16·nc (ni, nc in 1..2) += P·V over
-   nch chunks: C tiles 0..3 = (row block, column block), A 4, 5 (P), B 6, 7
-   (V). */
-static void pv_block(int ni, int nc, int nch, int dvp, const uint16_t *p, int64_t ldp,
-                     const uint32_t *vt, float *acc, int64_t lda)
-{
-    T_LOAD(0, acc, lda * 4);
-    if (nc > 1) T_LOAD(1, acc + TR, lda * 4);
-    if (ni > 1) T_LOAD(2, acc + TR * lda, lda * 4);
-    if (ni > 1 && nc > 1) T_LOAD(3, acc + TR * lda + TR, lda * 4);
-    for (int ch = 0; ch < nch; ch++) {
-        const uint32_t *v = vt + ch * TR * dvp;
-        T_LOAD(4, p + 2 * TR * ch, ldp * 2);
-        if (ni > 1) T_LOAD(5, p + TR * ldp + 2 * TR * ch, ldp * 2);
-        T_LOAD(6, v, TB);
-        if (nc > 1) T_LOAD(7, v + TR * TR, TB);
-        T_DP(0, 4, 6);
-        if (nc > 1) T_DP(1, 4, 7);
-        if (ni > 1) T_DP(2, 5, 6);
-        if (ni > 1 && nc > 1) T_DP(3, 5, 7);
-    }
-    T_STORE(0, acc, lda * 4);
-    if (nc > 1) T_STORE(1, acc + TR, lda * 4);
-    if (ni > 1) T_STORE(2, acc + TR * lda, lda * 4);
-    if (ni > 1 && nc > 1) T_STORE(3, acc + TR * lda + TR, lda * 4);
-}
-
-static void pv_tiles(int m, int nch, int dvp, const uint16_t *p, int64_t ldp,
-                     const uint32_t *vt, const float *alpha, float *acc, int64_t lda)
-{
-    for (int i = 0; alpha && i < m; i++)
-        if (alpha[i] != 1.0f) {
-            const __m512 a = _mm512_set1_ps(alpha[i]);
-            for (int c = 0; c < dvp; c += TR)
-                _mm512_storeu_ps(acc + i * lda + c, _mm512_mul_ps(_mm512_loadu_ps(acc + i * lda + c), a));
-        }
-    t_begin();
-    for (int i = 0; i < m; i += 2 * TR)
-        for (int c = 0; c < dvp; c += 2 * TR)
-            pv_block(m - i > TR ? 2 : 1, dvp - c > TR ? 2 : 1, nch, dvp, p + i * ldp, ldp,
-                     vt + c * TR, acc + i * lda + c, lda);
-    t_end();
-}
-
 /* ---- the three steps pipelined over blocks of rows ------------------------- */
 
 /* attn_tiles runs units of (key tile, block of up to 32 rows). While the
@@ -563,6 +483,86 @@ static int tile_step(tile_cursor *t)
     return 1;
 }
 
+/* A cursor over the scores s = q·kᵀ of mr <= 32 rows and the n keys of
+   the panels kt. */
+static tile_cursor cursor_qk(int mr, int n, int dpp, const uint16_t *q, int64_t ldq,
+                             const uint32_t *kt, float *s, int64_t lds)
+{
+    tile_cursor c;
+    memset(&c, 0, sizeof c);
+    c.kind = 1;
+    c.ni = (mr + TR - 1) / TR;
+    c.nk = (n + TR - 1) / TR;
+    c.nblk = (c.nk + 1) / 2;
+    c.nsteps = dpp / TR;
+    c.a = q;
+    c.lda = ldq;
+    c.b = kt;
+    c.dpp = dpp;
+    c.c = s;
+    c.ldc = lds;
+    return c;
+}
+
+/* A cursor over acc += P·V for mr <= 32 rows and the n keys of the
+   chunks vt. */
+static tile_cursor cursor_pv(int mr, int n, int dvp, const uint16_t *p, int64_t ldp,
+                             const uint32_t *vt, float *acc, int64_t lda)
+{
+    tile_cursor c;
+    memset(&c, 0, sizeof c);
+    c.kind = 2;
+    c.ni = (mr + TR - 1) / TR;
+    c.nblk = (dvp + 2 * TR - 1) / (2 * TR);
+    c.nsteps = (n + 2 * TR - 1) / (2 * TR);
+    c.a = p;
+    c.lda = ldp;
+    c.b = vt;
+    c.dvp = dvp;
+    c.c = acc;
+    c.ldc = lda;
+    return c;
+}
+
+/* acc's rows r < m times alpha[r], where it is not 1. */
+static void rescale_rows(int m, int dvp, const float *alpha, float *acc, int64_t lda)
+{
+    for (int i = 0; i < m; i++)
+        if (alpha[i] != 1.0f) {
+            const __m512 a = _mm512_set1_ps(alpha[i]);
+            for (int c = 0; c < dvp; c += TR)
+                _mm512_storeu_ps(acc + i * lda + c, _mm512_mul_ps(_mm512_loadu_ps(acc + i * lda + c), a));
+        }
+}
+
+static void qk_tiles(int m, int nb, int dpp, const uint16_t *q, int64_t ldq,
+                     const uint32_t *kt, float *s, int64_t lds)
+{
+    t_begin();
+    for (int i = 0; i < m; i += UNIT_ROWS) {
+        tile_cursor c = cursor_qk(m - i < UNIT_ROWS ? m - i : UNIT_ROWS, TR * nb, dpp,
+                                  q + i * ldq, ldq, kt, s + i * lds, lds);
+        while (tile_step(&c))
+            ;
+    }
+    t_end();
+}
+
+static void pv_tiles(int m, int nch, int dvp, const uint16_t *p, int64_t ldp,
+                     const uint32_t *vt, const float *alpha, float *acc, int64_t lda)
+{
+    if (alpha)
+        rescale_rows(m, dvp, alpha, acc, lda);
+    t_begin();
+    for (int i = 0; i < m; i += UNIT_ROWS) {
+        tile_cursor c = cursor_pv(m - i < UNIT_ROWS ? m - i : UNIT_ROWS, 2 * TR * nch, dvp,
+                                  p + i * ldp, ldp, vt, acc + i * lda, lda);
+        while (tile_step(&c))
+            ;
+    }
+    t_end();
+}
+
 /* A unit of attn_tiles: key tile kt of n keys, rows r0..r0+mr. */
 typedef struct { int kt, n, r0, mr; } tile_unit;
 
@@ -591,39 +591,16 @@ static void attn_tiles(int m, int n, const int32_t *hi, int bk, int dpp, int dvp
         memset(&qc, 0, sizeof qc);
         if (u + 1 < nunits) {
             const tile_unit x = unit_at(u + 1, m, n, bk);
-            qc.kind = 1;
-            qc.ni = (x.mr + TR - 1) / TR;
-            qc.nk = (x.n + TR - 1) / TR;
-            qc.nblk = (qc.nk + 1) / 2;
-            qc.nsteps = dpp / TR;
-            qc.a = q + x.r0 * ldq;
-            qc.lda = ldq;
-            qc.b = kt + (int64_t)x.kt * bk * dpp;
-            qc.dpp = dpp;
-            qc.c = sb[(u + 1) & 1];
-            qc.ldc = bk;
+            qc = cursor_qk(x.mr, x.n, dpp, q + x.r0 * ldq, ldq, kt + (int64_t)x.kt * bk * dpp,
+                           sb[(u + 1) & 1], bk);
         }
         /* the P·V of unit u - 1, its acc rows first rescaled */
         memset(&pc, 0, sizeof pc);
         if (u >= 1) {
             const tile_unit x = unit_at(u - 1, m, n, bk);
-            for (int i = x.r0; i < x.r0 + x.mr; i++)
-                if (alpha[i] != 1.0f) {
-                    const __m512 al = _mm512_set1_ps(alpha[i]);
-                    for (int c = 0; c < dvp; c += TR)
-                        _mm512_storeu_ps(acc + i * lda + c,
-                                         _mm512_mul_ps(_mm512_loadu_ps(acc + i * lda + c), al));
-                }
-            pc.kind = 2;
-            pc.ni = (x.mr + TR - 1) / TR;
-            pc.nblk = (dvp + 2 * TR - 1) / (2 * TR);
-            pc.nsteps = (x.n + 2 * TR - 1) / (2 * TR);
-            pc.a = pb[(u - 1) & 1];
-            pc.lda = bk;
-            pc.b = vt + (int64_t)x.kt * bk * (dvp / 2);
-            pc.dvp = dvp;
-            pc.c = acc + x.r0 * lda;
-            pc.ldc = lda;
+            rescale_rows(x.mr, dvp, alpha + x.r0, acc + x.r0 * lda, lda);
+            pc = cursor_pv(x.mr, x.n, dvp, pb[(u - 1) & 1], bk,
+                           vt + (int64_t)x.kt * bk * (dvp / 2), acc + x.r0 * lda, lda);
         }
         /* the softmax of unit u, a share of the tile steps after each row */
         if (u >= 0 && u < nunits) {
