@@ -62,7 +62,7 @@ typedef struct {                  /* per-thread scratch, fp32 */
     float *st;     /* [BK][rows]  scores, keys by queries     */
     float *acc;    /* [rows][Dv]                              */
     float *m, *l, *alpha, *mx, *mref, *sum;   /* [rows]       */
-    int32_t *hi;   /* [rows]      the whole-tile path's row cuts */
+    int32_t *lo, *hi;   /* [rows] the whole-tile path's row bands */
     /* the bf16 dot path (pairs: two bf16 adjacent along the reduction) */
     uint32_t *qp;  /* [D/2][rows] query pairs along d         */
     uint16_t *kb;  /* [BK][D+1]   a gathered K tile, bf16     */
@@ -77,7 +77,7 @@ typedef struct {                  /* per-thread scratch, fp32 */
 
 static size_t tiles_floats(int64_t rows, int64_t BK, int64_t D, int64_t Dv)
 {
-    return (size_t)(2 * rows * D + BK * D + BK * Dv + BK * rows + rows * Dv + 7 * rows +
+    return (size_t)(2 * rows * D + BK * D + BK * Dv + BK * rows + rows * Dv + 8 * rows +
                     qkv__pairs(D) * rows + BK * qkv__pairs(D) + BK / 2 * Dv + BK / 2 * rows + Dv);
 }
 
@@ -96,7 +96,8 @@ static tiles tiles_at(float *base, int64_t rows, int64_t BK, int64_t D, int64_t 
     t.mx = t.alpha + rows;
     t.mref = t.mx + rows;
     t.sum = t.mref + rows;
-    t.hi = (int32_t *)(t.sum + rows);
+    t.lo = (int32_t *)(t.sum + rows);
+    t.hi = t.lo + rows;
     t.qp = (uint32_t *)(t.hi + rows);
     t.kb = (uint16_t *)(t.qp + qkv__pairs(D) * rows);
     t.vp = (uint32_t *)(t.kb + BK * 2 * qkv__pairs(D));
@@ -279,35 +280,35 @@ static void task_tiles(const fwd_job *job, const qkv__seq *s, int64_t seq, int64
        not the scaled max) */
     const int fold = !modded && a->scale > 0.0f;
 
+    if (fold) {
+        /* every tile in one pipelined call, each row cut to its own keys */
+        for (int r = 0; r < mpad; r++) {
+            int64_t lo = 0, hi = 0;
+            if (r < m)
+                qkv__key_range(a, s, tm->i0 + r % tm->mp, &lo, &hi);
+            lo = lo < klo ? 0 : lo - klo;
+            hi = hi < klo ? 0 : hi - klo;
+            tl->lo[r] = (int32_t)(lo < khi - klo ? lo : khi - klo);
+            tl->hi[r] = (int32_t)(hi < khi - klo ? hi : khi - klo);
+        }
+        if (khi > klo)
+            kn->attn_tiles(mpad, (int)(khi - klo), tl->lo, tl->hi, (int)BK, (int)dpp, (int)dvp,
+                           a->scale, qr, w, kt + klo * dpp, vt + klo * (dvp / 2), tl->m, tl->l,
+                           tl->alpha, tl->acc, dvp, tl->st, p);
+        return;
+    }
     for (int64_t j0 = klo; j0 < khi;) {
         const int n = (int)(khi - j0 < BK ? khi - j0 : BK);
         const int band = !(lo_last <= j0 && hi_first >= j0 + n);
-        if (fold && lo_last <= j0) {
-            /* every row sees the keys from j0 on up to its own last: the
-               tiles from here to khi in one pipelined call, each row cut
-               at its last key */
-            for (int r = 0; r < mpad; r++) {
-                int64_t lo, hi = 0;
-                if (r < m)
-                    qkv__key_range(a, s, tm->i0 + r % tm->mp, &lo, &hi);
-                hi -= j0;
-                tl->hi[r] = (int32_t)(hi < 0 ? 0 : hi < khi - j0 ? hi : khi - j0);
-            }
-            kn->attn_tiles(mpad, (int)(khi - j0), tl->hi, (int)BK, (int)dpp, (int)dvp,
-                           a->scale, qr, w, kt + j0 * dpp, vt + j0 * (dvp / 2), tl->m, tl->l,
-                           tl->alpha, tl->acc, dvp, tl->st, p);
-            break;
-        }
         const uint32_t *kj = kt + j0 * dpp, *vj = vt + j0 * (dvp / 2);
+        /* the scores scaled before the mods, the softmax's scale 1 */
         kn->qk_tiles(mpad, (n + 15) / 16, (int)dpp, qr, w, kj, tl->st, BK);
-        if (!fold)
-            for (int r = 0; r < m; r++)
-                for (int c = 0; c < n; c++)
-                    tl->st[r * BK + c] *= a->scale;
+        for (int r = 0; r < m; r++)
+            for (int c = 0; c < n; c++)
+                tl->st[r * BK + c] *= a->scale;
         if (modded || band)
             qkv__score_mods(a, s, tm, m, j0, n, band, tl->st, BK, 1, NULL);
-        kn->softmax_tiles(mpad, n, fold ? a->scale : 1.0f, tl->st, BK, tl->m, tl->l, tl->alpha,
-                          p, BK);
+        kn->softmax_tiles(mpad, n, 1.0f, tl->st, BK, tl->m, tl->l, tl->alpha, p, BK);
         kn->pv_tiles(mpad, (n + 31) / 32, (int)dvp, p, BK, vj, tl->alpha, tl->acc, dvp);
         j0 += n;
     }

@@ -314,12 +314,13 @@ typedef struct qkv__kernels {
 
     /* The three steps above for n keys in tiles of bk (a multiple of 32)
        and rows i < m (a multiple of 16), tile by tile: S = Q·Kᵀ, the
-       softmax (scale > 0, no score changes between but for a causal cut:
-       row i sees the keys j < hi[i], all of them when hi is NULL), acc +=
-       P·V with acc's rows rescaled by alpha. s: 64·bk floats and p: 64·bk
-       bf16 of scratch. The tile products of one block of rows overlap the
-       softmax of another. */
-    void (*attn_tiles)(int m, int n, const int32_t *hi, int bk, int dpp, int dvp, float scale,
+       softmax (scale > 0, no score changes between but for the band: row
+       i sees the keys lo[i] <= j < hi[i], lo or hi NULL for no bound on
+       that side), acc += P·V with acc's rows rescaled by alpha. s: 64·bk
+       floats and p: 64·bk bf16 of scratch. The tile products of one block
+       of rows are interleaved with the softmax of another. */
+    void (*attn_tiles)(int m, int n, const int32_t *lo, const int32_t *hi, int bk, int dpp,
+                       int dvp, float scale,
                        const uint16_t *q, int64_t ldq, const uint32_t *kt, const uint32_t *vt,
                        float *mrow, float *lrow, float *alpha, float *acc, int64_t lda, float *s,
                        uint16_t *p);

@@ -305,29 +305,34 @@ static inline __m512 exp2_16(__m512 x)
     return _mm512_maskz_scalef_ps(live, p, n);
 }
 
-/* The exponentials of a row against reference mref (mref·log2e = -nm
-   in nm): P = 2^(x·sc + nm) into pi, zero from n up to round_up(nz, 32);
-   returns Σ P (unrounded) and, in *vmax, the lanes' max of the raw
-   scores (NaN dropped) when track is set. */
-static inline float exp_row(int n, int nz, __m512 sc, __m512 nm, const float *si, uint16_t *pi,
-                            int track, __m512 *vmax)
+/* The lanes of the vector at key j that lie in [lo, hi). */
+static inline __mmask16 lanes(int j, int lo, int hi)
+{
+    const int a = lo - j > 0 ? lo - j : 0, b = hi - j < TR ? hi - j : TR;
+    return b <= a ? 0 : (__mmask16)(((1u << b) - 1) & ~((1u << a) - 1));
+}
+
+/* The exponentials of a row's keys [lo, hi) against reference mref
+   (mref·log2e = -nm in nm): P = 2^(x·sc + nm) into pi, zero elsewhere up
+   to round_up(nz, 32); returns Σ P (unrounded) and, in *vmax, the lanes'
+   max of the raw scores (NaN dropped) when track is set. */
+static inline float exp_row(int lo, int hi, int nz, __m512 sc, __m512 nm, const float *si,
+                            uint16_t *pi, int track, __m512 *vmax)
 {
     const __m512 ninf = _mm512_set1_ps(-INFINITY);
-    const int n32 = (n + 31) / 32 * 32;
     __m512 sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps(), v0 = ninf, v1 = ninf;
-    int j = 0;
-    for (; j < n32; j += 2 * TR) {
+    for (int j = 0; j < nz; j += 2 * TR) {
+        if (j + 2 * TR <= lo || j >= hi) {
+            _mm512_storeu_si512(pi + j, _mm512_setzero_si512());
+            continue;
+        }
         __m512 x0, x1;
-        if (j + 2 * TR <= n) {
+        if (j >= lo && j + 2 * TR <= hi) {
             x0 = _mm512_loadu_ps(si + j);
             x1 = _mm512_loadu_ps(si + j + TR);
-        } else {   /* keys n..n32 read as -inf: P = 0 */
-            const int l0 = n - j, l1 = n - j - TR;
-            const __mmask16 k0 = l0 >= TR ? (__mmask16)0xffff : (__mmask16)((1u << l0) - 1);
-            const __mmask16 k1 = l1 >= TR ? (__mmask16)0xffff
-                                 : l1 > 0 ? (__mmask16)((1u << l1) - 1) : 0;
-            x0 = _mm512_mask_loadu_ps(ninf, k0, si + j);
-            x1 = _mm512_mask_loadu_ps(ninf, k1, si + j + TR);
+        } else {   /* keys outside [lo, hi) read as -inf: P = 0 */
+            x0 = _mm512_mask_loadu_ps(ninf, lanes(j, lo, hi), si + j);
+            x1 = _mm512_mask_loadu_ps(ninf, lanes(j + TR, lo, hi), si + j + TR);
         }
         if (track) {
             v0 = _mm512_max_ps(x0, v0);
@@ -339,8 +344,6 @@ static inline float exp_row(int n, int nz, __m512 sc, __m512 nm, const float *si
         sum1 = _mm512_add_ps(sum1, e1);
         _mm512_storeu_si512(pi + j, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
     }
-    for (; j < nz; j += 2 * TR)
-        _mm512_storeu_si512(pi + j, _mm512_setzero_si512());
     if (track)
         *vmax = _mm512_max_ps(v0, v1);
     return _mm512_reduce_add_ps(_mm512_add_ps(sum0, sum1));
@@ -350,21 +353,22 @@ static inline float exp_row(int n, int nz, __m512 sc, __m512 nm, const float *si
    the reference moves: P stays below e^8 against a stale one. */
 #define REF_SLACK 8.0f
 
-/* One row of softmax_tiles: s_i's n scores, sc = scale·log2e (scale > 0),
-   P into p_i, zero from n up to round_up(nz, 32) (nz >= n). The reference
-   the exponentials subtract is the running max, but it moves only when a
-   tile's max rises more than REF_SLACK above it: then one pass over the
-   row does, with alpha 1 and acc left alone. A first tile, or a larger
-   rise, takes the row's max first and a second pass. mrow holds the
-   reference: lse = mrow + log(lrow) either way. */
-static inline void softmax_row(int n, int nz, float scale, __m512 sc, const float *si,
+/* One row of softmax_tiles: s_i's scores of keys [lo, hi) (the others
+   hidden), sc = scale·log2e (scale > 0), P into p_i up to round_up(nz,
+   32) (nz >= hi). The reference the exponentials subtract is the running
+   max, but it moves only when a tile's max rises more than REF_SLACK above
+   it: then one pass over the row does, with alpha 1 and acc left alone. A
+   first tile, or a larger rise, takes the row's max first and a second
+   pass. mrow holds the reference: lse = mrow + log(lrow) either way. */
+static inline void softmax_row(int lo, int hi, int nz, float scale, __m512 sc, const float *si,
                                float *mrow, float *lrow, float *alpha, uint16_t *pi)
 {
     const float log2e = 1.44269504088896341f;
     const float mo = *mrow;
+    nz = (nz + 2 * TR - 1) / (2 * TR) * (2 * TR);
     if (mo > -INFINITY) {
         __m512 vmax;
-        const float sum = exp_row(n, nz, sc, _mm512_set1_ps(-mo * log2e), si, pi, 1, &vmax);
+        const float sum = exp_row(lo, hi, nz, sc, _mm512_set1_ps(-mo * log2e), si, pi, 1, &vmax);
         const float mx = _mm512_reduce_max_ps(vmax) * scale;
         if (!(mx > mo + REF_SLACK)) {
             *alpha = 1.0f;
@@ -374,22 +378,20 @@ static inline void softmax_row(int n, int nz, float scale, __m512 sc, const floa
     }
     const __m512 ninf = _mm512_set1_ps(-INFINITY);
     __m512 v0 = ninf, v1 = ninf;
-    int j = 0;
-    for (; j + 2 * TR <= n; j += 2 * TR) {
-        v0 = _mm512_max_ps(_mm512_loadu_ps(si + j), v0);
+    int j = lo / TR * TR;
+    for (; j + 2 * TR <= hi; j += 2 * TR) {
+        v0 = _mm512_max_ps(_mm512_mask_loadu_ps(ninf, lanes(j, lo, hi), si + j), v0);
         v1 = _mm512_max_ps(_mm512_loadu_ps(si + j + TR), v1);
     }
-    for (; j < n; j += TR) {
-        const __mmask16 k = n - j >= TR ? (__mmask16)0xffff : (__mmask16)((1u << (n - j)) - 1);
-        v0 = _mm512_max_ps(_mm512_mask_loadu_ps(ninf, k, si + j), v0);
-    }
+    for (; j < hi; j += TR)
+        v0 = _mm512_max_ps(_mm512_mask_loadu_ps(ninf, lanes(j, lo, hi), si + j), v0);
     /* scale > 0: the max of the scaled scores is the scaled max */
     const float mx = _mm512_reduce_max_ps(_mm512_max_ps(v0, v1)) * scale;
     const float mn = mx > mo ? mx : mo;
     const float mref = mn == -INFINITY ? 0.0f : mn;   /* all hidden: P = 0 */
     *alpha = mo == mn ? 1.0f : expf(mo - mref);
     *mrow = mn;
-    const float sum = exp_row(n, nz, sc, _mm512_set1_ps(-mref * log2e), si, pi, 0, NULL);
+    const float sum = exp_row(lo, hi, nz, sc, _mm512_set1_ps(-mref * log2e), si, pi, 0, NULL);
     *lrow = *lrow * *alpha + sum;
 }
 
@@ -398,7 +400,7 @@ static void softmax_tiles(int m, int n, float scale, const float *s, int64_t lds
 {
     const __m512 sc = _mm512_set1_ps(scale * 1.44269504088896341f);
     for (int i = 0; i < m; i++)
-        softmax_row(n, n, scale, sc, s + i * lds, mrow + i, lrow + i, alpha + i, p + i * ldp);
+        softmax_row(0, n, n, scale, sc, s + i * lds, mrow + i, lrow + i, alpha + i, p + i * ldp);
 }
 
 /* ---- the three steps pipelined over blocks of rows ------------------------- */
@@ -574,7 +576,8 @@ static tile_unit unit_at(int u, int m, int n, int bk)
     return t;
 }
 
-static void attn_tiles(int m, int n, const int32_t *hi, int bk, int dpp, int dvp, float scale,
+static void attn_tiles(int m, int n, const int32_t *lo, const int32_t *hi, int bk, int dpp,
+                       int dvp, float scale,
                        const uint16_t *q, int64_t ldq, const uint32_t *kt, const uint32_t *vt,
                        float *mrow, float *lrow, float *alpha, float *acc, int64_t lda, float *s,
                        uint16_t *p)
@@ -610,14 +613,11 @@ static void attn_tiles(int m, int n, const int32_t *hi, int bk, int dpp, int dvp
             const float *su = sb[u & 1];
             uint16_t *pu = pb[u & 1];
             for (int i = 0; i < x.mr; i++) {
-                const int r = x.r0 + i;
-                int nr = x.n;
-                if (hi) {
-                    const int h = hi[r] - x.kt * bk;
-                    nr = h < 0 ? 0 : h < nr ? h : nr;
-                }
-                softmax_row(nr, x.n, scale, sc, su + i * bk, mrow + r, lrow + r, alpha + r,
-                            pu + i * bk);
+                const int r = x.r0 + i, k0 = x.kt * bk;
+                const int l = lo && lo[r] > k0 ? lo[r] - k0 : 0;
+                const int h = hi && hi[r] - k0 < x.n ? hi[r] - k0 : x.n;
+                softmax_row(l, h > l ? h : l, x.n, scale, sc, su + i * bk, mrow + r, lrow + r,
+                            alpha + r, pu + i * bk);
                 for (int k = 0; k < per; k++)
                     if (!tile_step(&qc))
                         tile_step(&pc);
