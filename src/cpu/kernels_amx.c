@@ -97,6 +97,8 @@ static void (*dot_qk)(int, int, int, float, const uint16_t *, int64_t, const uin
                       int64_t, float *, int64_t);
 static void (*dot_pv)(int, int, int, const uint32_t *, int64_t, const uint32_t *, int64_t,
                       const float *, float *, int64_t);
+static void (*dot_mm)(int, int, int, const uint32_t *, int64_t, int64_t, const uint32_t *,
+                      int64_t, float *, int64_t);
 
 static const float ones[TR] = { 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1 };
 
@@ -631,14 +633,100 @@ static void attn_tiles(int m, int n, const int32_t *lo, const int32_t *hi, int b
     t_end();
 }
 
+/* ---- the backward's products ------------------------------------------------ */
+
+/* acc rows i..i+16·ni, columns c..c+16·nc (ni, nc in 1..2) += A·B over nch
+   chunks of 16 pairs, A row block r's chunk ch at a[r][ch] (stride lda
+   bytes), B chunk ch at b + ch·16·ldb: C tiles 0..3, A 4, 5, B 6, 7. */
+static void mm_block(int ni, int nc, int nch, const uint32_t *const a[2], int64_t a_ch,
+                     int64_t a_ld, const uint32_t *b, int64_t ldb, float *acc, int64_t lda)
+{
+    T_LOAD(0, acc, lda * 4);
+    if (nc > 1) T_LOAD(1, acc + TR, lda * 4);
+    if (ni > 1) T_LOAD(2, acc + TR * lda, lda * 4);
+    if (ni > 1 && nc > 1) T_LOAD(3, acc + TR * lda + TR, lda * 4);
+    for (int ch = 0; ch < nch; ch++) {
+        T_LOAD(4, a[0] + ch * a_ch, a_ld);
+        if (ni > 1) T_LOAD(5, a[1] + ch * a_ch, a_ld);
+        T_LOAD(6, b + ch * TR * ldb, ldb * 4);
+        if (nc > 1) T_LOAD(7, b + ch * TR * ldb + TR, ldb * 4);
+        T_DP(0, 4, 6);
+        if (nc > 1) T_DP(1, 4, 7);
+        if (ni > 1) T_DP(2, 5, 6);
+        if (ni > 1 && nc > 1) T_DP(3, 5, 7);
+    }
+    T_STORE(0, acc, lda * 4);
+    if (nc > 1) T_STORE(1, acc + TR, lda * 4);
+    if (ni > 1) T_STORE(2, acc + TR * lda, lda * 4);
+    if (ni > 1 && nc > 1) T_STORE(3, acc + TR * lda + TR, lda * 4);
+}
+
+/* Contract of kernels.h's mm_bf16. Whole 16x16 blocks of acc over whole
+   chunks of 16 pairs go to the tiles: A read in place where its pairs run
+   along rows (asj 1), else (asi 1) transposed 16x16 at a time into a
+   buffer; the rest of acc's rows, columns and pairs to the dot-product
+   kernel. */
+static void mm_amx(int m, int np, int n, const uint32_t *a, int64_t asi, int64_t asj,
+                   const uint32_t *b, int64_t ldb, float *acc, int64_t lda)
+{
+    const int mf = m - m % TR, nf = n - n % TR, npf = np - np % TR;
+    if (mf == 0 || nf == 0 || npf == 0 || (asj != 1 && asi != 1)) {
+        dot_mm(m, np, n, a, asi, asj, b, ldb, acc, lda);
+        return;
+    }
+    uint32_t buf[2][MAXCH * TR * TR];
+    t_begin();
+    for (int i = 0; i < mf; i += 2 * TR) {
+        const int ni = mf - i > TR ? 2 : 1;
+        for (int ch0 = 0; ch0 < npf / TR; ch0 += MAXCH) {
+            const int nch = npf / TR - ch0 < MAXCH ? npf / TR - ch0 : MAXCH;
+            const uint32_t *ab[2];
+            int64_t a_ch, a_ld;
+            if (asj == 1) {
+                for (int r = 0; r < ni; r++)
+                    ab[r] = a + (i + TR * r) * asi + ch0 * TR;
+                a_ch = TR;
+                a_ld = asi * 4;
+            } else {
+                for (int r = 0; r < ni; r++) {
+                    for (int ch = 0; ch < nch; ch++) {
+                        __m512i v[TR];
+                        for (int k = 0; k < TR; k++)
+                            v[k] = _mm512_loadu_si512(a + (int64_t)((ch0 + ch) * TR + k) * asj +
+                                                      i + TR * r);
+                        transpose16_regs(v);
+                        for (int x = 0; x < TR; x++)
+                            _mm512_storeu_si512(buf[r] + (ch * TR + x) * TR, v[x]);
+                    }
+                    ab[r] = buf[r];
+                }
+                a_ch = TR * TR;
+                a_ld = TB;
+            }
+            for (int c = 0; c < nf; c += 2 * TR)
+                mm_block(ni, nf - c > TR ? 2 : 1, nch, ab, a_ch, a_ld,
+                         b + (int64_t)ch0 * TR * ldb + c, ldb, acc + i * lda + c, lda);
+        }
+    }
+    t_end();
+    if (npf < np)
+        dot_mm(mf, np - npf, nf, a + npf * asj, asi, asj, b + npf * ldb, ldb, acc, lda);
+    if (nf < n)
+        dot_mm(mf, np, n - nf, a, asi, asj, b + nf, ldb, acc + nf, lda);
+    if (mf < m)
+        dot_mm(m - mf, np, n, a + mf * asi, asi, asj, b, ldb, acc + mf * lda, lda);
+}
+
 void QKV_KERNEL_TABLE(qkv__kernels *t)
 {
     qkv__kernels_avx512bf16(t);
     dot_qk = t->qk_bf16;
     dot_pv = t->pv_bf16;
+    dot_mm = t->mm_bf16;
     t->name = QKV_KERNEL_NAME;
     t->qk_bf16 = qk_amx;
     t->pv_bf16 = pv_amx;
+    t->mm_bf16 = mm_amx;
     tr_idx_init();
     t->pack_k_tiles = pack_k_tiles;
     t->pack_v_tiles = pack_v_tiles;
