@@ -20,9 +20,12 @@
  * On kernel sets that multiply whole tiles (AMX), bf16 calls first pack K
  * and V once into the tiles' operand layouts (pack_task; the packed copy
  * is the size of K and V), and the scores are kept queries by keys: the
- * softmax runs along rows and writes P as the next product's operand. Each task writes its own
- * rows of out and lse, and its arithmetic does not depend on the thread
- * running it, so results are bitwise identical for any thread count.
+ * softmax runs along rows and writes P as the next product's operand
+ * (task_tiles). Calls with a few query rows per kv head go to the decode
+ * kernels instead (decode.c).
+ * Each task writes its own rows of out and lse, and its arithmetic does
+ * not depend on the thread running it, so results are bitwise identical
+ * for any thread count.
  *
  * Not here: the inner loops (src/cpu), validation (check.c), the spec
  * (reference.c).
@@ -197,8 +200,9 @@ static void store_result(const qkv__kernels *kn, const qkv__attn *a, const qkv__
 static int64_t dim32(int64_t d) { return (d + 31) / 32 * 32; }
 static int64_t dim16(int64_t d) { return (d + 15) / 16 * 16; }
 
-/* The keys the tile's rows see, [*klo, *khi), narrowed to this task's part
-   under split-K; *lo_last and *hi_first bound the keys every row sees.
+/* The keys the tile's rows see, [*klo, *khi) (the band is monotone in the
+   query position), narrowed to this task's part under split-K; *lo_last
+   and *hi_first bound the keys every row sees.
    align: *klo rounded down to a multiple (the keys before the band are
    then masked like any band cut). */
 static void task_keys(const fwd_job *job, const qkv__seq *s, const qkv__tile_map *tm,
@@ -406,7 +410,6 @@ static void task_pairs(const fwd_job *job, const qkv__seq *s, int64_t hk,
             kn->pv(m, n, (int)Dv, tl->st, 1, R, vr, ldv, tl->alpha, tl->acc, Dv);
         }
     }
-
 }
 
 static void fwd_task(void *arg, int64_t task, int worker)
