@@ -225,6 +225,17 @@ static void task_keys(const fwd_job *job, const qkv__seq *s, const qkv__tile_map
     }
 }
 
+/* The online softmax's state before a task's first key tile: rows
+   running maxima -inf, sums 0, and the first acc_floats of acc 0. */
+static void start_rows(tiles *tl, int rows, size_t acc_floats)
+{
+    memset(tl->acc, 0, acc_floats * sizeof(float));
+    for (int r = 0; r < rows; r++) {
+        tl->m[r] = -INFINITY;
+        tl->l[r] = 0.0f;
+    }
+}
+
 /* The online softmax's bookkeeping for a tile's maxima mx: the new
    running max m, the reference mref the exponentials subtract, and alpha,
    the factor on the old sums. */
@@ -269,11 +280,7 @@ static void task_tiles(const fwd_job *job, const qkv__seq *s, int64_t seq, int64
         }
         memset(dst + have, 0, (size_t)(w - have) * sizeof *dst);
     }
-    memset(tl->acc, 0, (size_t)mpad * (size_t)dvp * sizeof(float));
-    for (int r = 0; r < mpad; r++) {
-        tl->m[r] = -INFINITY;
-        tl->l[r] = 0.0f;
-    }
+    start_rows(tl, mpad, (size_t)mpad * (size_t)dvp);
     int64_t klo, khi, lo_last, hi_first;
     task_keys(job, s, tm, part, 32, &klo, &khi, &lo_last, &hi_first);
     const int64_t pos = job->kofs[seq] * a->Hkv + hk * dim32(s->sk);
@@ -352,11 +359,7 @@ static void task_pairs(const fwd_job *job, const qkv__seq *s, int64_t hk,
         if (m >= kn->qk_qt_rows)
             qkv__transpose_tile(tl->q, m, D, mpad, R, tl->qt);
     }
-    memset(tl->acc, 0, (size_t)m * (size_t)Dv * sizeof(float));
-    for (int r = 0; r < mpad; r++) {
-        tl->m[r] = -INFINITY;
-        tl->l[r] = 0.0f;
-    }
+    start_rows(tl, mpad, (size_t)m * (size_t)Dv);
 
     int64_t klo, khi, lo_last, hi_first;
     task_keys(job, s, tm, part, 1, &klo, &khi, &lo_last, &hi_first);

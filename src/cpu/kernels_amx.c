@@ -427,6 +427,40 @@ typedef struct {
     int64_t ldc;
 } tile_cursor;
 
+/* C tiles 0..3, at most 2x2 (ni row blocks, nc column blocks), from or
+   to c, rows ldc floats apart. */
+static inline void c_load(int ni, int nc, const float *c, int64_t ldc)
+{
+    T_LOAD(0, c, ldc * 4);
+    if (nc > 1) T_LOAD(1, c + TR, ldc * 4);
+    if (ni > 1) T_LOAD(2, c + TR * ldc, ldc * 4);
+    if (ni > 1 && nc > 1) T_LOAD(3, c + TR * ldc + TR, ldc * 4);
+}
+
+static inline void c_store(int ni, int nc, float *c, int64_t ldc)
+{
+    T_STORE(0, c, ldc * 4);
+    if (nc > 1) T_STORE(1, c + TR, ldc * 4);
+    if (ni > 1) T_STORE(2, c + TR * ldc, ldc * 4);
+    if (ni > 1 && nc > 1) T_STORE(3, c + TR * ldc + TR, ldc * 4);
+}
+
+/* C += A·B over one chunk of 16 pairs: A tiles 4, 5 (row blocks at a0, a1,
+   rows lda bytes apart), B tiles 6, 7 (column blocks at b0, b1, rows ldb
+   bytes apart). */
+static inline void dp_2x2(int ni, int nc, const void *a0, const void *a1, int64_t lda,
+                          const void *b0, const void *b1, int64_t ldb)
+{
+    T_LOAD(4, a0, lda);
+    if (ni > 1) T_LOAD(5, a1, lda);
+    T_LOAD(6, b0, ldb);
+    if (nc > 1) T_LOAD(7, b1, ldb);
+    T_DP(0, 4, 6);
+    if (nc > 1) T_DP(1, 4, 7);
+    if (ni > 1) T_DP(2, 5, 6);
+    if (ni > 1 && nc > 1) T_DP(3, 5, 7);
+}
+
 /* One step of cursor t; 0 when it has none left. */
 static int tile_step(tile_cursor *t)
 {
@@ -435,50 +469,25 @@ static int tile_step(tile_cursor *t)
     const int ni = t->ni, step = t->step;
     if (t->kind == 1) {   /* scores: block = pair of key panels, step = 16 pairs of d */
         const int pnl = 2 * t->blk, nk = t->nk - pnl > 1 ? 2 : 1;
-        const uint32_t *kb = t->b + pnl * TR * t->dpp;
+        const uint32_t *kb = t->b + pnl * TR * t->dpp + step * TR * TR;
+        const uint16_t *qa = t->a + 2 * TR * step;
         float *c = t->c + pnl * TR;
         if (step == 0) {
             T_ZERO(0); T_ZERO(1); T_ZERO(2); T_ZERO(3);
         }
-        const int x = step * TR;
-        T_LOAD(4, t->a + 2 * x, t->lda * 2);
-        if (ni > 1) T_LOAD(5, t->a + TR * t->lda + 2 * x, t->lda * 2);
-        T_LOAD(6, kb + x * TR, TB);
-        if (nk > 1) T_LOAD(7, kb + TR * t->dpp + x * TR, TB);
-        T_DP(0, 4, 6);
-        if (nk > 1) T_DP(1, 4, 7);
-        if (ni > 1) T_DP(2, 5, 6);
-        if (ni > 1 && nk > 1) T_DP(3, 5, 7);
-        if (step + 1 == t->nsteps) {
-            T_STORE(0, c, t->ldc * 4);
-            if (nk > 1) T_STORE(1, c + TR, t->ldc * 4);
-            if (ni > 1) T_STORE(2, c + TR * t->ldc, t->ldc * 4);
-            if (ni > 1 && nk > 1) T_STORE(3, c + TR * t->ldc + TR, t->ldc * 4);
-        }
+        dp_2x2(ni, nk, qa, qa + TR * t->lda, t->lda * 2, kb, kb + TR * t->dpp, TB);
+        if (step + 1 == t->nsteps)
+            c_store(ni, nk, c, t->ldc);
     } else {              /* P·V: block = pair of column blocks, step = chunk of 32 keys */
         const int c0 = 2 * TR * t->blk, nc = t->dvp - c0 > TR ? 2 : 1;
         float *c = t->c + c0;
         const uint32_t *v = t->b + step * TR * t->dvp + c0 * TR;
-        if (step == 0) {
-            T_LOAD(0, c, t->ldc * 4);
-            if (nc > 1) T_LOAD(1, c + TR, t->ldc * 4);
-            if (ni > 1) T_LOAD(2, c + TR * t->ldc, t->ldc * 4);
-            if (ni > 1 && nc > 1) T_LOAD(3, c + TR * t->ldc + TR, t->ldc * 4);
-        }
-        T_LOAD(4, t->a + 2 * TR * step, t->lda * 2);
-        if (ni > 1) T_LOAD(5, t->a + TR * t->lda + 2 * TR * step, t->lda * 2);
-        T_LOAD(6, v, TB);
-        if (nc > 1) T_LOAD(7, v + TR * TR, TB);
-        T_DP(0, 4, 6);
-        if (nc > 1) T_DP(1, 4, 7);
-        if (ni > 1) T_DP(2, 5, 6);
-        if (ni > 1 && nc > 1) T_DP(3, 5, 7);
-        if (step + 1 == t->nsteps) {
-            T_STORE(0, c, t->ldc * 4);
-            if (nc > 1) T_STORE(1, c + TR, t->ldc * 4);
-            if (ni > 1) T_STORE(2, c + TR * t->ldc, t->ldc * 4);
-            if (ni > 1 && nc > 1) T_STORE(3, c + TR * t->ldc + TR, t->ldc * 4);
-        }
+        const uint16_t *pa = t->a + 2 * TR * step;
+        if (step == 0)
+            c_load(ni, nc, c, t->ldc);
+        dp_2x2(ni, nc, pa, pa + TR * t->lda, t->lda * 2, v, v + TR * TR, TB);
+        if (step + 1 == t->nsteps)
+            c_store(ni, nc, c, t->ldc);
     }
     if (++t->step == t->nsteps) {
         t->step = 0;
@@ -492,19 +501,10 @@ static int tile_step(tile_cursor *t)
 static tile_cursor cursor_qk(int mr, int n, int dpp, const uint16_t *q, int64_t ldq,
                              const uint32_t *kt, float *s, int64_t lds)
 {
-    tile_cursor c;
-    memset(&c, 0, sizeof c);
-    c.kind = 1;
-    c.ni = (mr + TR - 1) / TR;
-    c.nk = (n + TR - 1) / TR;
-    c.nblk = (c.nk + 1) / 2;
-    c.nsteps = dpp / TR;
-    c.a = q;
-    c.lda = ldq;
-    c.b = kt;
-    c.dpp = dpp;
-    c.c = s;
-    c.ldc = lds;
+    const int nk = (n + TR - 1) / TR;
+    const tile_cursor c = { .kind = 1, .ni = (mr + TR - 1) / TR, .nk = nk, .nsteps = dpp / TR,
+                            .nblk = (nk + 1) / 2, .a = q, .lda = ldq, .b = kt, .dpp = dpp,
+                            .c = s, .ldc = lds };
     return c;
 }
 
@@ -513,18 +513,10 @@ static tile_cursor cursor_qk(int mr, int n, int dpp, const uint16_t *q, int64_t 
 static tile_cursor cursor_pv(int mr, int n, int dvp, const uint16_t *p, int64_t ldp,
                              const uint32_t *vt, float *acc, int64_t lda)
 {
-    tile_cursor c;
-    memset(&c, 0, sizeof c);
-    c.kind = 2;
-    c.ni = (mr + TR - 1) / TR;
-    c.nblk = (dvp + 2 * TR - 1) / (2 * TR);
-    c.nsteps = (n + 2 * TR - 1) / (2 * TR);
-    c.a = p;
-    c.lda = ldp;
-    c.b = vt;
-    c.dvp = dvp;
-    c.c = acc;
-    c.ldc = lda;
+    const tile_cursor c = { .kind = 2, .ni = (mr + TR - 1) / TR,
+                            .nsteps = (n + 2 * TR - 1) / (2 * TR),
+                            .nblk = (dvp + 2 * TR - 1) / (2 * TR), .a = p, .lda = ldp, .b = vt,
+                            .dvp = dvp, .c = acc, .ldc = lda };
     return c;
 }
 
@@ -641,24 +633,11 @@ static void attn_tiles(int m, int n, const int32_t *lo, const int32_t *hi, int b
 static void mm_block(int ni, int nc, int nch, const uint32_t *const a[2], int64_t a_ch,
                      int64_t a_ld, const uint32_t *b, int64_t ldb, float *acc, int64_t lda)
 {
-    T_LOAD(0, acc, lda * 4);
-    if (nc > 1) T_LOAD(1, acc + TR, lda * 4);
-    if (ni > 1) T_LOAD(2, acc + TR * lda, lda * 4);
-    if (ni > 1 && nc > 1) T_LOAD(3, acc + TR * lda + TR, lda * 4);
-    for (int ch = 0; ch < nch; ch++) {
-        T_LOAD(4, a[0] + ch * a_ch, a_ld);
-        if (ni > 1) T_LOAD(5, a[1] + ch * a_ch, a_ld);
-        T_LOAD(6, b + ch * TR * ldb, ldb * 4);
-        if (nc > 1) T_LOAD(7, b + ch * TR * ldb + TR, ldb * 4);
-        T_DP(0, 4, 6);
-        if (nc > 1) T_DP(1, 4, 7);
-        if (ni > 1) T_DP(2, 5, 6);
-        if (ni > 1 && nc > 1) T_DP(3, 5, 7);
-    }
-    T_STORE(0, acc, lda * 4);
-    if (nc > 1) T_STORE(1, acc + TR, lda * 4);
-    if (ni > 1) T_STORE(2, acc + TR * lda, lda * 4);
-    if (ni > 1 && nc > 1) T_STORE(3, acc + TR * lda + TR, lda * 4);
+    c_load(ni, nc, acc, lda);
+    for (int ch = 0; ch < nch; ch++)
+        dp_2x2(ni, nc, a[0] + ch * a_ch, a[1] + ch * a_ch, a_ld, b + ch * TR * ldb,
+               b + ch * TR * ldb + TR, ldb * 4);
+    c_store(ni, nc, acc, lda);
 }
 
 /* Contract of kernels.h's mm_bf16. Whole 16x16 blocks of acc over whole
@@ -680,7 +659,7 @@ static void mm_amx(int m, int np, int n, const uint32_t *a, int64_t asi, int64_t
         const int ni = mf - i > TR ? 2 : 1;
         for (int ch0 = 0; ch0 < npf / TR; ch0 += MAXCH) {
             const int nch = npf / TR - ch0 < MAXCH ? npf / TR - ch0 : MAXCH;
-            const uint32_t *ab[2];
+            const uint32_t *ab[2] = { NULL, NULL };
             int64_t a_ch, a_ld;
             if (asj == 1) {
                 for (int r = 0; r < ni; r++)
@@ -703,6 +682,8 @@ static void mm_amx(int m, int np, int n, const uint32_t *a, int64_t asi, int64_t
                 a_ch = TR * TR;
                 a_ld = TB;
             }
+            if (ni == 1)
+                ab[1] = ab[0];
             for (int c = 0; c < nf; c += 2 * TR)
                 mm_block(ni, nf - c > TR ? 2 : 1, nch, ab, a_ch, a_ld,
                          b + (int64_t)ch0 * TR * ldb + c, ldb, acc + i * lda + c, lda);
