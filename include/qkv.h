@@ -245,11 +245,11 @@ QKV_API qkv_attn_opts qkv_attn_opts_default(void);
  * lse. Errors in cu_seqlens or n_seqs are QKV_ERR_SHAPE. bias together
  * with varlen is refused (QKV_ERR_UNSUPPORTED).
  *
- * Results are bitwise identical for any number of threads. Calls with at
- * most 16 query rows per kv head (Sq · Hq/Hkv <= 16), no varlen, bias or
- * dropout run on the decode kernels of qkv_attention_kvcache. On the amx
+ * Results are bitwise identical for any number of threads. On the amx
  * kernel set bf16 calls pack K and V into a copy of their size first; the
- * context keeps that buffer for its next call up to 256 MiB.
+ * context keeps that buffer for its next call up to 256 MiB. Decoding
+ * (a few query rows per kv head against many keys) is faster through
+ * qkv_attention_kvcache, which reads each K/V row once for them.
  * Returns QKV_OK, or an error (out and lse untouched, message in ctx):
  * QKV_ERR_NULL, QKV_ERR_DTYPE, QKV_ERR_SHAPE, QKV_ERR_STRIDE,
  * QKV_ERR_OVERFLOW, QKV_ERR_ARG, QKV_ERR_UNSUPPORTED, QKV_ERR_NOMEM.

@@ -109,6 +109,7 @@ static const struct { const char *name; void (*fn)(void); } tests[] = {
     { "bf16_threads",            test_bf16_threads },
     { "masks_padding_varlen",    test_masks_padding_equals_varlen },
     { "masks_row_bias_scale",    test_masks_row_bias_and_negative_scale },
+    { "masks_varlen_separate",   test_masks_varlen_equals_separate },
     { "api_peak",                test_api_peak },
     { "api_alloc",               test_api_alloc },
     { "fuzz_arguments",          test_fuzz_arguments },

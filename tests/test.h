@@ -206,6 +206,7 @@ void test_million_window(void);   /* test_million.c */
 void test_million_keys(void);
 void test_masks_padding_equals_varlen(void);        /* test_masks.c */
 void test_masks_row_bias_and_negative_scale(void);
+void test_masks_varlen_equals_separate(void);
 void test_api_peak(void);                           /* test_api.c */
 void test_api_alloc(void);                          /* test_api.c */
 void test_fuzz_arguments(void);                     /* test_fuzz.c */

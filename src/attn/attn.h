@@ -104,11 +104,6 @@ qkv_status qkv__attn_check_cache(qkv_ctx *ctx, const qkv_tensor *q, const qkv_at
         const qkv_tensor *out, float *lse, int64_t Smax, int64_t Hkv, int64_t D, int64_t Dv,
         const char *keys, qkv__attn *a);
 
-/* A validated forward call (not varlen, no bias, no dropout) run by the
-   decode kernels (decode.c), its K and V read as a contiguous cache of
-   a->Sk rows per sequence. */
-qkv_status qkv__forward_decode(qkv_ctx *ctx, const qkv__attn *a);
-
 /* Validates every argument of a forward call (before anything is written)
    and fills *a. */
 qkv_status qkv__attn_check(qkv_ctx *ctx, const qkv_tensor *q,

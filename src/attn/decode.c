@@ -1232,17 +1232,6 @@ qkv_status qkv_attention_kvcache(qkv_ctx *ctx, const qkv_tensor *q,
     return run(ctx, &a, &src, k_cache->dtype == QKV_BF16);
 }
 
-qkv_status qkv__forward_decode(qkv_ctx *ctx, const qkv__attn *a)
-{
-    kv_src src;
-    memset(&src, 0, sizeof src);
-    src.k = *a->k;
-    src.v = *a->v;
-    src.bs = a->Sk;
-    src.es = (int64_t)qkv_dtype_size(a->k->dtype);
-    return run(ctx, a, &src, a->k->dtype == QKV_BF16);
-}
-
 /* ---- paged cache ------------------------------------------------------------ */
 
 #define FAIL(st, ...) return qkv__fail(ctx, st, __VA_ARGS__)

@@ -21,8 +21,7 @@
  * and V once into the tiles' operand layouts (pack_task; the packed copy
  * is the size of K and V), and the scores are kept queries by keys: the
  * softmax runs along rows and writes P as the next product's operand
- * (task_tiles). Calls with a few query rows per kv head go to the decode
- * kernels instead (decode.c).
+ * (task_tiles); tasks of fewer rows than one tile's take the pair path.
  * Each task writes its own rows of out and lse, and its arithmetic does
  * not depend on the thread running it, so results are bitwise identical
  * for any thread count.
@@ -428,9 +427,9 @@ static void fwd_task(void *arg, int64_t task, int worker)
     const int m = tm.mp * (int)a->group;
     const int64_t Dv = a->Dv, R = qkv__tile_rows(a->group);
     tiles tl = tiles_at(job->ctx->scratch[worker], R, job->bk, dim32(a->D), dim16(Dv));
-    const int64_t lda = job->kt ? job->dvp : Dv;   /* acc's row stride */
+    const int64_t lda = job->kt && m >= QKV__PAD ? job->dvp : Dv;   /* acc's row stride */
 
-    if (job->kt)
+    if (job->kt && m >= QKV__PAD)
         task_tiles(job, &s, seq, hk, &tm, part, &tl);
     else
         task_pairs(job, &s, hk, &tm, part, &tl);
@@ -484,13 +483,17 @@ static void free_packed(fwd_job *job)
 }
 
 /* Takes the whole-tile path when the kernel set has it, for bf16 calls
-   without dropout, and packs K and V for it; where the packed copy cannot
-   be allocated, the call takes the pair path instead. */
+   without dropout whose tasks can fill a tile's rows (tasks of fewer rows
+   take the pair path, as in a call of their sequence alone: a packed
+   variable-length call gives each sequence's separate result bitwise),
+   and packs K and V for it; where the packed copy cannot be allocated,
+   the call takes the pair path instead. */
 static qkv_status pack_kv(fwd_job *job)
 {
     const qkv__attn *a = job->a;
     qkv_ctx *ctx = job->ctx;
-    if (!use_bf16(ctx->kernels, a) || !ctx->kernels->qk_tiles || a->dropout)
+    if (!use_bf16(ctx->kernels, a) || !ctx->kernels->qk_tiles || a->dropout ||
+        a->Sq * a->group < QKV__PAD)
         return QKV_OK;
     job->dpp = dim32(a->D) / 2;
     job->dvp = dim16(a->Dv);
@@ -565,12 +568,6 @@ static int64_t split_count(const qkv__attn *a, int64_t tiles)
     return n > 1 ? n : 1;
 }
 
-/* Query rows per kv head up to which a forward call runs on the decode
-   kernels (1,Sq,4096,32,8,128, 2 threads, against the forward kernels):
-   4 rows 0.2-0.45 times the time (amx, avx512bf16, avx2 sets; bf16 and
-   fp32), 8 rows 0.55-0.75, 16 rows 0.8-0.95; 32 rows 1.2 (amx). */
-enum { DECODE_ROWS = 16 };
-
 qkv_attn_opts qkv_attn_opts_default(void)
 {
     qkv_attn_opts o;
@@ -595,10 +592,6 @@ qkv_status qkv_attention_forward(qkv_ctx *ctx, const qkv_tensor *q,
     if (a.group > (1 << 20))
         return qkv__fail(ctx, QKV_ERR_UNSUPPORTED,
                          "q->shape[2]: more than 1048576 query heads per kv head");
-    /* few query rows per kv head (decoding through the forward): the
-       decode kernels, which read each K/V row once for all of them */
-    if (!a.varlen && !a.bias && !a.dropout && a.Sq * a.group <= DECODE_ROWS)
-        return qkv__forward_decode(ctx, &a);
     const int64_t bk = key_tile(qkv__tile_rows(a.group), a.D, a.Dv);
     if ((st = qkv__scratch_reserve(ctx, tiles_floats(qkv__tile_rows(a.group), bk, dim32(a.D),
                                                      dim16(a.Dv)) * sizeof(float))))
