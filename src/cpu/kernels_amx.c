@@ -100,7 +100,6 @@ static void (*dot_pv)(int, int, int, const uint32_t *, int64_t, const uint32_t *
 static void (*dot_mm)(int, int, int, const uint32_t *, int64_t, int64_t, const uint32_t *,
                       int64_t, float *, int64_t);
 
-static const float ones[TR] = { 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1 };
 
 /* ---- scores ---------------------------------------------------------------- */
 
@@ -151,69 +150,6 @@ static void qk_amx(int n, int m, int dp, float scale, const uint16_t *k, int64_t
             _mm512_storeu_ps(st + j * ldst + i, _mm512_mul_ps(_mm512_loadu_ps(st + j * ldst + i), sc));
     if (nfull < n)
         dot_qk(n - nfull, m, dp, scale, k + nfull * ldk, ldk, qp, ldqp, st + nfull * ldst, ldst);
-}
-
-/* ---- acc += P·V -------------------------------------------------------------- */
-
-/* dst[r][c] = src[c·lds + r]: a 16x16 transpose of 32-bit pairs (P by keys
-   to P by queries). */
-static void transpose16(const uint32_t *src, int64_t lds, uint32_t *dst)
-{
-    for (int c = 0; c < TR; c++)
-        for (int r = 0; r < TR; r++)
-            dst[r * TR + c] = src[c * lds + r];
-}
-
-/* acc rows i..i+16, columns c..c+16·nc (nc in 1..2) += P·V over nch chunks
-   of 16 pairs, P transposed in pa[nch][16][16]: C tiles 0, 1, A 4, B 6, 7. */
-static void pv_pair_tiles(int nc, int nch, const uint32_t *pa, const uint32_t *vp, int64_t ldvp,
-                     float *acc, int64_t lda)
-{
-    T_LOAD(0, acc, lda * 4);
-    if (nc > 1) T_LOAD(1, acc + TR, lda * 4);
-    for (int ch = 0; ch < nch; ch++) {
-        T_LOAD(4, pa + ch * TR * TR, TB);
-        T_LOAD(6, vp + ch * TR * ldvp, ldvp * 4);
-        if (nc > 1) T_LOAD(7, vp + ch * TR * ldvp + TR, ldvp * 4);
-        T_DP(0, 4, 6);
-        if (nc > 1) T_DP(1, 4, 7);
-    }
-    T_STORE(0, acc, lda * 4);
-    if (nc > 1) T_STORE(1, acc + TR, lda * 4);
-}
-
-enum { MAXCH = 8 };   /* chunks of 16 pairs transposed at a time */
-
-/* Contract of kernels.h's pv_bf16. The dot-product kernel first applies
-   alpha to every row and adds the pairs past the last whole chunk of 16;
-   the tiles then add the whole chunks to whole 16x16 blocks of acc, and
-   the dot-product kernel (alpha 1) the leftover rows and columns. */
-static void pv_amx(int m, int np, int dv, const uint32_t *pp, int64_t ldp,
-                   const uint32_t *vp, int64_t ldvp, const float *alpha,
-                   float *acc, int64_t lda)
-{
-    const int npf = np - np % TR, mf = m - m % TR, cf = dv - dv % TR;
-    dot_pv(m, np - npf, dv, pp + npf * ldp, ldp, vp + npf * ldvp, ldvp, alpha, acc, lda);
-    if (npf == 0)
-        return;
-    uint32_t pa[MAXCH * TR * TR];
-    if (cf > 0 && mf > 0) {
-        t_begin();
-        for (int i = 0; i < mf; i += TR)
-            for (int ch0 = 0; ch0 < npf / TR; ch0 += MAXCH) {
-                const int nch = npf / TR - ch0 < MAXCH ? npf / TR - ch0 : MAXCH;
-                for (int ch = 0; ch < nch; ch++)
-                    transpose16(pp + (ch0 + ch) * TR * ldp + i, ldp, pa + ch * TR * TR);
-                for (int c = 0; c < cf; c += 2 * TR)
-                    pv_pair_tiles(cf - c >= 2 * TR ? 2 : 1, nch, pa, vp + ch0 * TR * ldvp + c,
-                             ldvp, acc + i * lda + c, lda);
-            }
-        t_end();
-    }
-    for (int i = 0; i < mf && cf < dv; i += TR)
-        dot_pv(TR, npf, dv - cf, pp + i, ldp, vp + cf, ldvp, ones, acc + i * lda + cf, lda);
-    if (mf < m)
-        dot_pv(m - mf, npf, dv, pp + mf, ldp, vp, ldvp, ones, acc + mf * lda, lda);
 }
 
 /* ---- whole-tile products on packed operands --------------------------------- */
@@ -640,6 +576,8 @@ static void mm_block(int ni, int nc, int nch, const uint32_t *const a[2], int64_
     c_store(ni, nc, acc, lda);
 }
 
+enum { MAXCH = 8 };   /* chunks of 16 pairs transposed at a time */
+
 /* Contract of kernels.h's mm_bf16. Whole 16x16 blocks of acc over whole
    chunks of 16 pairs go to the tiles: A read in place where its pairs run
    along rows (asj 1), else (asi 1) transposed 16x16 at a time into a
@@ -696,6 +634,19 @@ static void mm_amx(int m, int np, int n, const uint32_t *a, int64_t asi, int64_t
         dot_mm(mf, np, n - nf, a, asi, asj, b + nf, ldb, acc + nf, lda);
     if (mf < m)
         dot_mm(m - mf, np, n, a + mf * asi, asi, asj, b, ldb, acc + mf * lda, lda);
+}
+
+/* Contract of kernels.h's pv_bf16: the dot-product kernel applies alpha
+   to acc and adds the pairs past the last whole chunk of 16, then the rest
+   is mm_amx's product with P read down its columns. */
+static void pv_amx(int m, int np, int dv, const uint32_t *pp, int64_t ldp,
+                   const uint32_t *vp, int64_t ldvp, const float *alpha,
+                   float *acc, int64_t lda)
+{
+    const int npf = np - np % TR;
+    dot_pv(m, np - npf, dv, pp + npf * ldp, ldp, vp + npf * ldvp, ldvp, alpha, acc, lda);
+    if (npf > 0)
+        mm_amx(m, npf, dv, pp, 1, ldp, vp, ldvp, acc, lda);
 }
 
 void QKV_KERNEL_TABLE(qkv__kernels *t)
