@@ -340,7 +340,10 @@ static void task_pairs(const fwd_job *job, const qkv__seq *s, int64_t hk,
        a reference of 0 give P = 0, so the softmax kernels run on whole
        vectors and the padding never reaches l or acc */
     const int mpad = (m + QKV__PAD - 1) / QKV__PAD * QKV__PAD;
-    const int bf = use_bf16(kn, a), bf_rows = bf && m < QKV__PAD;
+    /* fewer rows than a vector: bf16 rows where the set has a kernel for
+       them, else the fp32 path */
+    const int bf = use_bf16(kn, a) && (m >= QKV__PAD || kn->qk_bf16_rows);
+    const int bf_rows = bf && m < QKV__PAD;
     uint16_t *q_rows = (uint16_t *)tl->q;   /* bf_rows: [m][2·qkv__pairs(D)] */
 
     if (bf_rows)

@@ -256,7 +256,8 @@ typedef struct qkv__kernels {
                     const uint32_t *qp, int64_t ldqp, float *st, int64_t ldst);
 
     /* The same scores for a few queries (any m): q [m][ldq] bf16 rows of
-       2·dp readable elements, dot products along d. */
+       2·dp readable elements, dot products along d. NULL: tasks of fewer
+       rows than a vector take the fp32 path. */
     void (*qk_bf16_rows)(int n, int m, int dp, float scale, const uint16_t *k, int64_t ldk,
                          const uint16_t *q, int64_t ldq, float *st, int64_t ldst);
 
