@@ -101,28 +101,54 @@ static void (*dot_mm)(int, int, int, const uint32_t *, int64_t, int64_t, const u
                       int64_t, float *, int64_t);
 
 
+/* ---- 2x2 blocks of C tiles ------------------------------------------------- */
+
+/* C tiles 0..3, at most 2x2 (ni row blocks, nc column blocks), from or
+   to c, rows ldc floats apart. */
+static inline void c_load(int ni, int nc, const float *c, int64_t ldc)
+{
+    T_LOAD(0, c, ldc * 4);
+    if (nc > 1) T_LOAD(1, c + TR, ldc * 4);
+    if (ni > 1) T_LOAD(2, c + TR * ldc, ldc * 4);
+    if (ni > 1 && nc > 1) T_LOAD(3, c + TR * ldc + TR, ldc * 4);
+}
+
+static inline void c_store(int ni, int nc, float *c, int64_t ldc)
+{
+    T_STORE(0, c, ldc * 4);
+    if (nc > 1) T_STORE(1, c + TR, ldc * 4);
+    if (ni > 1) T_STORE(2, c + TR * ldc, ldc * 4);
+    if (ni > 1 && nc > 1) T_STORE(3, c + TR * ldc + TR, ldc * 4);
+}
+
+/* C += A·B over one chunk of 16 pairs: A tiles 4, 5 (row blocks at a0, a1,
+   rows lda bytes apart), B tiles 6, 7 (column blocks at b0, b1, rows ldb
+   bytes apart). */
+static inline void dp_2x2(int ni, int nc, const void *a0, const void *a1, int64_t lda,
+                          const void *b0, const void *b1, int64_t ldb)
+{
+    T_LOAD(4, a0, lda);
+    if (ni > 1) T_LOAD(5, a1, lda);
+    T_LOAD(6, b0, ldb);
+    if (nc > 1) T_LOAD(7, b1, ldb);
+    T_DP(0, 4, 6);
+    if (nc > 1) T_DP(1, 4, 7);
+    if (ni > 1) T_DP(2, 5, 6);
+    if (ni > 1 && nc > 1) T_DP(3, 5, 7);
+}
+
 /* ---- scores ---------------------------------------------------------------- */
 
 /* st[j][i] for 16·nk keys from k, 16·nq queries from qp (nk, nq in 1..2):
    C tiles 0..3 = (key block, query block), A tiles 4, 5 (keys), B 6, 7. */
 static void qk_pair_tiles(int nk, int nq, int dp, const uint16_t *k, int64_t ldk,
-                     const uint32_t *qp, int64_t ldqp, float *st, int64_t ldst)
+                          const uint32_t *qp, int64_t ldqp, float *st, int64_t ldst)
 {
     T_ZERO(0); T_ZERO(1); T_ZERO(2); T_ZERO(3);
-    for (int x = 0; x < dp; x += TR) {
-        T_LOAD(4, k + 2 * x, ldk * 2);
-        if (nk > 1) T_LOAD(5, k + TR * ldk + 2 * x, ldk * 2);
-        T_LOAD(6, qp + x * ldqp, ldqp * 4);
-        if (nq > 1) T_LOAD(7, qp + x * ldqp + TR, ldqp * 4);
-        T_DP(0, 4, 6);
-        if (nq > 1) T_DP(1, 4, 7);
-        if (nk > 1) T_DP(2, 5, 6);
-        if (nk > 1 && nq > 1) T_DP(3, 5, 7);
-    }
-    T_STORE(0, st, ldst * 4);
-    if (nq > 1) T_STORE(1, st + TR, ldst * 4);
-    if (nk > 1) T_STORE(2, st + TR * ldst, ldst * 4);
-    if (nk > 1 && nq > 1) T_STORE(3, st + TR * ldst + TR, ldst * 4);
+    for (int x = 0; x < dp; x += TR)
+        dp_2x2(nk, nq, k + 2 * x, k + TR * ldk + 2 * x, ldk * 2, qp + x * ldqp,
+               qp + x * ldqp + TR, ldqp * 4);
+    c_store(nk, nq, st, ldst);
 }
 
 /* Contract of kernels.h's qk_bf16. The tiles take whole blocks of 16 keys
@@ -362,40 +388,6 @@ typedef struct {
     float *c;                 /* S (scores) or acc */
     int64_t ldc;
 } tile_cursor;
-
-/* C tiles 0..3, at most 2x2 (ni row blocks, nc column blocks), from or
-   to c, rows ldc floats apart. */
-static inline void c_load(int ni, int nc, const float *c, int64_t ldc)
-{
-    T_LOAD(0, c, ldc * 4);
-    if (nc > 1) T_LOAD(1, c + TR, ldc * 4);
-    if (ni > 1) T_LOAD(2, c + TR * ldc, ldc * 4);
-    if (ni > 1 && nc > 1) T_LOAD(3, c + TR * ldc + TR, ldc * 4);
-}
-
-static inline void c_store(int ni, int nc, float *c, int64_t ldc)
-{
-    T_STORE(0, c, ldc * 4);
-    if (nc > 1) T_STORE(1, c + TR, ldc * 4);
-    if (ni > 1) T_STORE(2, c + TR * ldc, ldc * 4);
-    if (ni > 1 && nc > 1) T_STORE(3, c + TR * ldc + TR, ldc * 4);
-}
-
-/* C += A·B over one chunk of 16 pairs: A tiles 4, 5 (row blocks at a0, a1,
-   rows lda bytes apart), B tiles 6, 7 (column blocks at b0, b1, rows ldb
-   bytes apart). */
-static inline void dp_2x2(int ni, int nc, const void *a0, const void *a1, int64_t lda,
-                          const void *b0, const void *b1, int64_t ldb)
-{
-    T_LOAD(4, a0, lda);
-    if (ni > 1) T_LOAD(5, a1, lda);
-    T_LOAD(6, b0, ldb);
-    if (nc > 1) T_LOAD(7, b1, ldb);
-    T_DP(0, 4, 6);
-    if (nc > 1) T_DP(1, 4, 7);
-    if (ni > 1) T_DP(2, 5, 6);
-    if (ni > 1 && nc > 1) T_DP(3, 5, 7);
-}
 
 /* One step of cursor t; 0 when it has none left. */
 static int tile_step(tile_cursor *t)
