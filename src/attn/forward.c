@@ -430,9 +430,11 @@ static void fwd_task(void *arg, int64_t task, int worker)
     const int m = tm.mp * (int)a->group;
     const int64_t Dv = a->Dv, R = qkv__tile_rows(a->group);
     tiles tl = tiles_at(job->ctx->scratch[worker], R, job->bk, dim32(a->D), dim16(Dv));
-    const int64_t lda = job->kt && m >= QKV__PAD ? job->dvp : Dv;   /* acc's row stride */
+    /* the whole-tile path for tasks of a tile's rows at least */
+    const int whole = job->kt && m >= QKV__PAD;
+    const int64_t lda = whole ? job->dvp : Dv;   /* acc's row stride */
 
-    if (job->kt && m >= QKV__PAD)
+    if (whole)
         task_tiles(job, &s, seq, hk, &tm, part, &tl);
     else
         task_pairs(job, &s, hk, &tm, part, &tl);
