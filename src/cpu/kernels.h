@@ -359,8 +359,11 @@ typedef struct qkv__kernels {
        p ([m][ldp] bf16 from exp_rows_bf16) and v's rows of dv bf16 values,
        paired along keys on the fly (a last odd row pairs with zero);
        alpha NULL: no rescaling. The sums run pair by pair in fp32, so
-       calls split at even key counts give the same bits as one call.
-       Asks for the lines of pf (NULL: none) as it goes. */
+       calls split at even key counts give the same bits as one call (the
+       amx set: in groups of 16 keys from the call's first, so calls split
+       at multiples of 16; and a V value that is not finite makes the
+       other column of its pair of columns NaN too). Asks for the lines of
+       pf (NULL: none) as it goes. */
     void (*pv_bf16_dec)(int m, int n, int dv, const uint16_t *p, int64_t ldp,
                         const qkv__rows *v, const float *alpha, float *acc, int64_t lda,
                         qkv__pf *pf);

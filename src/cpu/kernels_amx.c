@@ -11,6 +11,11 @@
  * V pairs vp[j/2][c] are the B tiles; the A tiles are P by queries, a
  * 16x16 transpose (of 32-bit pairs) of the pp[j/2][i] the softmax wrote.
  *
+ * Decode's few-row kernels (up to 16 query rows) read the cache in place:
+ * K rows are A tiles against the queries' pairs, and V rows are B tiles
+ * whose pairs are pairs of columns, taken against P spread into the even
+ * or the odd halves of A's pairs (so no V row is copied or transposed).
+ *
  * Compiled twice: with the AMX instructions (-mamx-tile -mamx-bf16, set
  * "amx"), and with QKV_AMX_EMULATE, where each tile instruction is a loop
  * of AVX512-BF16 code with the same arithmetic (set "amx-emu"). The
@@ -35,62 +40,69 @@ enum { TR = 16,        /* rows of a tile */
 
 /* ---- the tile instructions ------------------------------------------------ */
 
-#ifdef QKV_AMX_EMULATE
-/* Eight 1 KiB tile registers per thread. dpbf16: C[m][n] += Σ_k A[m][k]·B[k][n]
-   over bf16 pairs, products exact and sums in fp32, as tdpbf16ps does. */
-static _Thread_local union { float f[TR][TR]; uint32_t u[TR][TR]; } tmm[8];
-
-static void t_zero(int t) { memset(&tmm[t], 0, sizeof tmm[t]); }
-static void t_load(int t, const void *p, int64_t stride)
-{
-    for (int r = 0; r < TR; r++)
-        memcpy(tmm[t].u[r], (const char *)p + r * stride, TB);
-}
-static void t_store(int t, void *p, int64_t stride)
-{
-    for (int r = 0; r < TR; r++)
-        memcpy((char *)p + r * stride, tmm[t].u[r], TB);
-}
-static void t_dp(int c, int a, int b)
-{
-    for (int m = 0; m < TR; m++) {
-        __m512 acc = _mm512_loadu_ps(tmm[c].f[m]);
-        for (int k = 0; k < TR; k++)
-            acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_set1_epi32((int)tmm[a].u[m][k]),
-                                   (__m512bh)_mm512_loadu_si512(tmm[b].u[k]));
-        _mm512_storeu_ps(tmm[c].f[m], acc);
-    }
-}
-static void t_begin(void) {}
-static void t_end(void) {}
-#define T_ZERO(t)          t_zero(t)
-#define T_LOAD(t, p, s)    t_load(t, p, s)
-#define T_STORE(t, p, s)   t_store(t, p, s)
-#define T_DP(c, a, b)      t_dp(c, a, b)
-#else
-/* Palette 1, all eight tiles 16 rows of 64 bytes. A constant: GCC does
-   not see that ldtilecfg reads its operand, and dropped the stores that
-   built one on the stack (the instruction then faulted on, or loaded, the
-   stack's old bytes). */
+/* A tile configuration (palette 1): rows and bytes per row of each tile. */
 typedef struct {
     uint8_t  palette, start_row, reserved[14];
     uint16_t colsb[16];
     uint8_t  rows[16];
 } tile_config;
 
+/* All eight tiles 16 rows of 64 bytes. A constant, as every configuration
+   here is static: GCC does not see that ldtilecfg reads its operand, and
+   dropped the stores that built one on the stack (the instruction then
+   faulted on, or loaded, the stack's old bytes). */
 static const tile_config tile_cfg __attribute__((aligned(64))) = {
     .palette = 1,
     .colsb = { TB, TB, TB, TB, TB, TB, TB, TB },
     .rows = { TR, TR, TR, TR, TR, TR, TR, TR },
 };
 
-static void t_begin(void) { _tile_loadconfig(&tile_cfg); }
+#ifdef QKV_AMX_EMULATE
+/* Eight 1 KiB tile registers per thread and their configuration. Loads
+   fill a tile's configured rows and bytes and zero the rest; dpbf16:
+   C[m][n] += Σ_k A[m][k]·B[k][n] over bf16 pairs for C's rows and A's
+   pairs, products exact and sums in fp32, as tdpbf16ps does. */
+static _Thread_local union { float f[TR][TR]; uint32_t u[TR][TR]; } tmm[8];
+static _Thread_local tile_config tcfg;
+
+static void t_zero(int t) { memset(&tmm[t], 0, sizeof tmm[t]); }
+static void t_load(int t, const void *p, int64_t stride)
+{
+    memset(&tmm[t], 0, sizeof tmm[t]);
+    for (int r = 0; r < tcfg.rows[t]; r++)
+        memcpy(tmm[t].u[r], (const char *)p + r * stride, tcfg.colsb[t]);
+}
+static void t_store(int t, void *p, int64_t stride)
+{
+    for (int r = 0; r < tcfg.rows[t]; r++)
+        memcpy((char *)p + r * stride, tmm[t].u[r], tcfg.colsb[t]);
+}
+static void t_dp(int c, int a, int b)
+{
+    for (int m = 0; m < tcfg.rows[c]; m++) {
+        __m512 acc = _mm512_loadu_ps(tmm[c].f[m]);
+        for (int k = 0; k < tcfg.colsb[a] / 4; k++)
+            acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_set1_epi32((int)tmm[a].u[m][k]),
+                                   (__m512bh)_mm512_loadu_si512(tmm[b].u[k]));
+        _mm512_storeu_ps(tmm[c].f[m], acc);
+    }
+}
+static void t_begin_cfg(const tile_config *c) { tcfg = *c; }
+static void t_end(void) {}
+#define T_ZERO(t)          t_zero(t)
+#define T_LOAD(t, p, s)    t_load(t, p, s)
+#define T_STORE(t, p, s)   t_store(t, p, s)
+#define T_DP(c, a, b)      t_dp(c, a, b)
+#else
+static void t_begin_cfg(const tile_config *c) { _tile_loadconfig(c); }
 static void t_end(void) { _tile_release(); }
 #define T_ZERO(t)          _tile_zero(t)
 #define T_LOAD(t, p, s)    _tile_loadd(t, p, s)
 #define T_STORE(t, p, s)   _tile_stored(t, p, s)
 #define T_DP(c, a, b)      _tile_dpbf16ps(c, a, b)
 #endif
+
+static void t_begin(void) { t_begin_cfg(&tile_cfg); }
 
 /* The avx512bf16 kernels, for what the tiles do not cover. */
 static void (*dot_qk)(int, int, int, float, const uint16_t *, int64_t, const uint32_t *,
@@ -557,6 +569,278 @@ static void attn_tiles(int m, int n, const int32_t *lo, const int32_t *hi, int b
     t_end();
 }
 
+/* ---- decode: a few query rows against K and V rows in place --------------- */
+
+/* The decode kernels of this set take head dims that are multiples of 32
+   up to DEC_MAXD and at most 16 query rows; others go to the kernels
+   below (the avx512 set's, which widen bf16 to fp32 FMAs). */
+enum { DEC_MAXD = 256 };
+
+static void (*wide_qk_dec)(int, int, int, float, const qkv__rows *, const uint16_t *, int64_t,
+                           float *, int64_t, qkv__pf *);
+static void (*wide_pv_dec)(int, int, int, const uint16_t *, int64_t, const qkv__rows *,
+                           const float *, float *, int64_t, qkv__pf *);
+
+/* P·V of m rows, 64 columns a pass: C tiles 0..3 (acc's even and odd
+   columns of two blocks of 32, m rows), A tiles 4, 5 (P's keys in the
+   even and odd halves of pairs, m rows of 16 keys), B tiles 6, 7 (V, 16
+   keys by 32 columns of each block). */
+#define PV_CFG(m) { .palette = 1, .colsb = { TB, TB, TB, TB, TB, TB, TB, TB }, \
+                    .rows = { m, m, m, m, m, m, TR, TR } }
+static const tile_config pv_cfg[TR + 1] __attribute__((aligned(64))) = {
+    PV_CFG(1), PV_CFG(1), PV_CFG(2), PV_CFG(3), PV_CFG(4), PV_CFG(5), PV_CFG(6), PV_CFG(7),
+    PV_CFG(8), PV_CFG(9), PV_CFG(10), PV_CFG(11), PV_CFG(12), PV_CFG(13), PV_CFG(14),
+    PV_CFG(15), PV_CFG(16),
+};
+
+/* Query columns of the score tiles: m rounded up to 4, 8 or 16. */
+static int dec_cols(int m)
+{
+    return m <= 4 ? 4 : m <= 8 ? 8 : TR;
+}
+
+/* The decode kernels' tiles for m query rows (N = dec_cols(m) columns of
+   scores): 0 the scores, 16 keys by N queries; 1 K, 16 keys by 16 pairs
+   of d; 2 the queries' pairs, 16 by N; 3, 4 acc's even and odd columns of
+   a block of 32, m rows; 5, 6 P's keys in the even and odd halves of
+   pairs, m rows of 16 keys; 7 V, 16 keys by 32 columns. */
+#define DEC_CFG(m, N) { .palette = 1, \
+    .colsb = { 4 * (N), TB, 4 * (N), TB, TB, TB, TB, TB }, \
+    .rows = { TR, TR, TR, m, m, m, m, TR } }
+static const tile_config dec_cfg[TR + 1] __attribute__((aligned(64))) = {
+    DEC_CFG(1, 4), DEC_CFG(1, 4), DEC_CFG(2, 4), DEC_CFG(3, 4), DEC_CFG(4, 4),
+    DEC_CFG(5, 8), DEC_CFG(6, 8), DEC_CFG(7, 8), DEC_CFG(8, 8),
+    DEC_CFG(9, 16), DEC_CFG(10, 16), DEC_CFG(11, 16), DEC_CFG(12, 16), DEC_CFG(13, 16),
+    DEC_CFG(14, 16), DEC_CFG(15, 16), DEC_CFG(16, 16),
+};
+
+/* Word indices of keys_by_queries' rounds, by log2 of the queries per
+   register before the round: lo takes the lower half of the queries, hi
+   the upper, of registers a (index < 16) and b. */
+static int32_t kq_idx[5][2][TR];
+
+static void kq_idx_init(void)
+{
+    for (int l = 1; l <= 4; l++) {
+        const int nq = 1 << l, kpr = TR / nq, h = nq / 2;
+        for (int e = 0; e < TR; e++) {
+            const int kl = e / h, q = e % h;
+            const int src = kl < kpr ? nq * kl + q : TR + nq * (kl - kpr) + q;
+            kq_idx[l][0][e] = src;
+            kq_idx[l][1][e] = src + h;
+        }
+    }
+}
+
+/* x[0..N) holds 16 keys by N queries (N 4, 8 or 16), key-major, 16/N keys
+   per register; on return x[q] holds query q's 16 keys. Each round splits
+   every register's queries in halves and pairs its keys with the next
+   register's: N·log2(N) permutes. */
+static inline __attribute__((always_inline)) void keys_by_queries(__m512 *x, int N)
+{
+    __m512 y[TR];
+    for (int nq = N, l = N == 4 ? 2 : N == 8 ? 3 : 4; nq > 1; nq /= 2, l--) {
+        const __m512i il = _mm512_loadu_si512(kq_idx[l][0]), ih = _mm512_loadu_si512(kq_idx[l][1]);
+        /* registers g·nq + b: query group g (of N / nq), key block b (of nq) */
+        for (int g = 0; g < N / nq; g++)
+            for (int i = 0; i < nq / 2; i++) {
+                const __m512 a = x[g * nq + 2 * i], b = x[g * nq + 2 * i + 1];
+                y[2 * g * (nq / 2) + i] = _mm512_permutex2var_ps(a, il, b);
+                y[(2 * g + 1) * (nq / 2) + i] = _mm512_permutex2var_ps(a, ih, b);
+            }
+        for (int t = 0; t < N; t++)
+            x[t] = y[t];
+    }
+}
+
+/* The scores of a score tile s (16 keys by N queries) into m rows of st,
+   the keys of mask mk, times sc. */
+static inline __attribute__((always_inline)) void scores_out(const float *s, int N, int m,
+                                                             __m512 sc, __mmask16 mk, float *st,
+                                                             int64_t ldst)
+{
+    __m512 r[TR];
+    for (int t = 0; t < N; t++)
+        r[t] = _mm512_load_ps(s + t * TR);
+    keys_by_queries(r, N);
+    for (int i = 0; i < m && i < N; i++)
+        _mm512_mask_storeu_ps(st + i * ldst, mk, _mm512_mul_ps(r[i], sc));
+}
+
+/* Contract of kernels.h's qk_bf16_dec. The scores come out keys by
+   queries: each group of 16 keys is an A tile, read in place where its
+   rows lie in one block at one stride (else copied, zero past n), against
+   the queries' pairs as B tiles (transposed once per call); the 16 x N
+   result, turned query-major in registers and scaled, goes to st. Each
+   key's scores depend on its row alone, so any split of the keys, and any
+   layout of the cache, gives the same bits. */
+static void qk_dec_amx(int n, int m, int dp, float scale, const qkv__rows *k,
+                       const uint16_t *q, int64_t ldq, float *st, int64_t ldst, qkv__pf *pf)
+{
+    if (dp % TR || 2 * dp > DEC_MAXD || m > TR) {
+        wide_qk_dec(n, m, dp, scale, k, q, ldq, st, ldst, pf);
+        return;
+    }
+    const int N = dec_cols(m);
+    uint32_t qt[DEC_MAXD / 2 * TR] __attribute__((aligned(64)));
+    uint32_t kb[TR * DEC_MAXD / 2] __attribute__((aligned(64)));
+    float s[TR * TR] __attribute__((aligned(64)));
+    for (int x = 0; x < dp; x += TR) {
+        __m512i r[TR];
+        for (int i = 0; i < TR; i++)
+            r[i] = i < m ? _mm512_loadu_si512(q + i * ldq + 2 * x) : _mm512_setzero_si512();
+        transpose16_regs(r);
+        for (int xx = 0; xx < TR; xx++)
+            _mm512_store_si512(qt + (x + xx) * TR, r[xx]);
+    }
+    const __m512 sc = _mm512_set1_ps(scale);
+    const int ask_x = pf ? (4 * pf->per4 + dp / TR - 1) / (dp / TR) : 0;   /* per chunk of d */
+    t_begin_cfg(&dec_cfg[m]);
+    for (int j = 0; j < n; j += TR) {
+        const int nk = n - j < TR ? n - j : TR;
+        const qkv__walk w = qkv__walk_at(k, j);
+        const char *a = w.at;
+        int64_t lda = k->ld;
+        if (nk < TR || w.left < TR) {
+            for (int jj = 0; jj < TR; jj++)
+                if (jj < nk)
+                    memcpy(kb + jj * dp, qkv__row(k, j + jj), (size_t)dp * 4);
+                else
+                    memset(kb + jj * dp, 0, (size_t)dp * 4);
+            a = (const char *)kb;
+            lda = (int64_t)dp * 4;
+        }
+        T_ZERO(0);
+        for (int x = 0; x < dp; x += TR) {
+            T_LOAD(1, a + 4 * x, lda);
+            T_LOAD(2, qt + x * TR, TB);
+            T_DP(0, 1, 2);
+            if (pf)
+                qkv__pf_lines(pf, ask_x);
+        }
+        T_STORE(0, s, 4 * N);
+        const __mmask16 mk = (__mmask16)((1u << nk) - 1);
+        if (N == 4)
+            scores_out(s, 4, m, sc, mk, st + j, ldst);
+        else if (N == 8)
+            scores_out(s, 8, m, sc, mk, st + j, ldst);
+        else
+            scores_out(s, TR, m, sc, mk, st + j, ldst);
+    }
+    t_end();
+}
+
+/* Contract of kernels.h's pv_bf16_dec, but the sums over keys run in
+   groups of 16 from the call's first key (calls split at multiples of 16
+   give the same bits), and a V value that is not finite makes its column
+   pair's sums NaN. V rows are the B tiles in place, each pair of
+   columns (c, c + 1) a pair of the tile: P's keys in the even halves of
+   A's pairs (zero odd halves) give the sums of the even columns, in the
+   odd halves those of the odd columns. acc is split into even and odd
+   columns for the call, 32 columns at a time. */
+static void pv_dec_amx(int m, int n, int dv, const uint16_t *p, int64_t ldp,
+                       const qkv__rows *v, const float *alpha, float *acc, int64_t lda,
+                       qkv__pf *pf)
+{
+    if (dv % (2 * TR) || dv > DEC_MAXD || m > TR) {
+        wide_pv_dec(m, n, dv, p, ldp, v, alpha, acc, lda, pf);
+        return;
+    }
+    enum { KG = TR };   /* keys per group */
+    /* P in the even (pe) and odd (po) halves of pairs: group g at 
+       pe + g·TR·TR, m rows of 16 pairs */
+    uint32_t pe[128 / KG * TR * TR] __attribute__((aligned(64)));
+    uint32_t po[128 / KG * TR * TR] __attribute__((aligned(64)));
+    uint32_t vb[TR * 2 * TR] __attribute__((aligned(64)));
+    float ce[2 * TR * TR] __attribute__((aligned(64))), co[2 * TR * TR] __attribute__((aligned(64)));
+    const __m512i eo_e = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i eo_o = _mm512_add_epi32(eo_e, _mm512_set1_epi32(1));
+    const __m512i lo_i = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __m512i hi_i = _mm512_add_epi32(lo_i, _mm512_set1_epi32(8));
+    const int passes = (dv + 4 * TR - 1) / (4 * TR);
+    const int ask = pf ? (4 * pf->per4 + passes - 1) / passes : 0;   /* per 16 keys of a pass */
+    for (int j0 = 0; j0 < n; j0 += 128) {
+        const int nn = n - j0 < 128 ? n - j0 : 128, gn = (nn + KG - 1) / KG;
+        for (int g = 0; g < gn; g++)
+            for (int i = 0; i < m; i++) {
+                const __m512i x = _mm512_cvtepu16_epi32(
+                    _mm256_loadu_si256((const __m256i *)(p + i * ldp + j0 + g * KG)));
+                _mm512_store_si512(pe + g * TR * TR + i * TR, x);
+                _mm512_store_si512(po + g * TR * TR + i * TR, _mm512_slli_epi32(x, 16));
+            }
+        t_begin_cfg(&pv_cfg[m]);
+        for (int c0 = 0; c0 < dv; c0 += 4 * TR) {
+            const int two = dv - c0 >= 4 * TR;   /* two blocks of 32 columns */
+            /* acc's columns c0..c0+32 (and the next 32): even ones into
+               ce, odd into co (alpha applied once) */
+            for (int h = 0; h <= two; h++)
+                for (int i = 0; i < m; i++) {
+                    const float *ar = acc + i * lda + c0 + 2 * TR * h;
+                    __m512 a0 = _mm512_loadu_ps(ar), a1 = _mm512_loadu_ps(ar + TR);
+                    if (alpha && j0 == 0) {
+                        const __m512 al = _mm512_set1_ps(alpha[i]);
+                        a0 = _mm512_mul_ps(a0, al);
+                        a1 = _mm512_mul_ps(a1, al);
+                    }
+                    _mm512_store_ps(ce + (h * TR + i) * TR, _mm512_permutex2var_ps(a0, eo_e, a1));
+                    _mm512_store_ps(co + (h * TR + i) * TR, _mm512_permutex2var_ps(a0, eo_o, a1));
+                }
+            T_LOAD(0, ce, TB);
+            T_LOAD(1, co, TB);
+            if (two) {
+                T_LOAD(2, ce + TR * TR, TB);
+                T_LOAD(3, co + TR * TR, TB);
+            }
+            for (int g = 0; g < gn; g++) {
+                const int j = j0 + g * KG, nk = n - j < KG ? n - j : KG;
+                const qkv__walk w = qkv__walk_at(v, j);
+                const char *b = w.at + c0 * 2;
+                int64_t ldb = v->ld;
+                if (nk < KG || w.left < KG) {
+                    for (int jj = 0; jj < KG; jj++) {
+                        const uint16_t *r = (const uint16_t *)qkv__row(v, j + jj) + c0;
+                        _mm512_store_si512(vb + jj * 2 * TR, jj < nk ? _mm512_loadu_si512(r)
+                                                                    : _mm512_setzero_si512());
+                        if (two)
+                            _mm512_store_si512(vb + jj * 2 * TR + TR,
+                                               jj < nk ? _mm512_loadu_si512(r + 2 * TR)
+                                                       : _mm512_setzero_si512());
+                    }
+                    b = (const char *)vb;
+                    ldb = 2 * TB;
+                }
+                T_LOAD(4, pe + g * TR * TR, TB);
+                T_LOAD(5, po + g * TR * TR, TB);
+                T_LOAD(6, b, ldb);
+                T_DP(0, 4, 6);
+                T_DP(1, 5, 6);
+                if (two) {
+                    T_LOAD(7, b + TB, ldb);
+                    T_DP(2, 4, 7);
+                    T_DP(3, 5, 7);
+                }
+                if (pf)
+                    qkv__pf_lines(pf, ask);
+            }
+            T_STORE(0, ce, TB);
+            T_STORE(1, co, TB);
+            if (two) {
+                T_STORE(2, ce + TR * TR, TB);
+                T_STORE(3, co + TR * TR, TB);
+            }
+            for (int h = 0; h <= two; h++)
+                for (int i = 0; i < m; i++) {
+                    const __m512 e = _mm512_load_ps(ce + (h * TR + i) * TR),
+                                 o = _mm512_load_ps(co + (h * TR + i) * TR);
+                    float *ar = acc + i * lda + c0 + 2 * TR * h;
+                    _mm512_storeu_ps(ar, _mm512_permutex2var_ps(e, lo_i, o));
+                    _mm512_storeu_ps(ar + TR, _mm512_permutex2var_ps(e, hi_i, o));
+                }
+        }
+        t_end();
+    }
+}
+
 /* ---- the backward's products ------------------------------------------------ */
 
 /* acc rows i..i+16·ni, columns c..c+16·nc (ni, nc in 1..2) += A·B over nch
@@ -655,15 +939,19 @@ void QKV_KERNEL_TABLE(qkv__kernels *t)
     t->qk_bf16 = qk_amx;
     t->pv_bf16 = pv_amx;
     t->mm_bf16 = mm_amx;
-    /* decode's few-row bf16 kernels widen bf16 to fp32 FMAs, as the avx512
+    /* decode's few-row bf16 kernels run on tiles; where the tiles do not
+       fit (head dims, rows) they widen bf16 to fp32 FMAs, as the avx512
        set's do: on the Xeon with AMX measured, vdpbf16ps ran at half the
-       FMAs' rate, and decoding took 0.87-0.95x the time this way */
+       FMAs' rate. The softmax between them is the avx512 set's too. */
     qkv__kernels wide;
     memset(&wide, 0, sizeof wide);
     qkv__kernels_avx512(&wide);
-    t->qk_bf16_dec = wide.qk_bf16_dec;
+    wide_qk_dec = wide.qk_bf16_dec;
+    wide_pv_dec = wide.pv_bf16_dec;
     t->exp_rows_bf16 = wide.exp_rows_bf16;
-    t->pv_bf16_dec = wide.pv_bf16_dec;
+    t->qk_bf16_dec = qk_dec_amx;
+    t->pv_bf16_dec = pv_dec_amx;
+    kq_idx_init();
     /* and the forward's tasks of under 16 rows take the fp32 path: 1,1,32768,
        32,8,128 bf16 took 16.2 ms that way against 23.5 with vdpbf16ps */
     t->qk_bf16_rows = NULL;
