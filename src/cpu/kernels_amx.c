@@ -599,19 +599,16 @@ static int dec_cols(int m)
     return m <= 4 ? 4 : m <= 8 ? 8 : TR;
 }
 
-/* The decode kernels' tiles for m query rows (N = dec_cols(m) columns of
-   scores): 0 the scores, 16 keys by N queries; 1 K, 16 keys by 16 pairs
-   of d; 2 the queries' pairs, 16 by N; 3, 4 acc's even and odd columns of
-   a block of 32, m rows; 5, 6 P's keys in the even and odd halves of
-   pairs, m rows of 16 keys; 7 V, 16 keys by 32 columns. */
-#define DEC_CFG(m, N) { .palette = 1, \
-    .colsb = { 4 * (N), TB, 4 * (N), TB, TB, TB, TB, TB }, \
-    .rows = { TR, TR, TR, m, m, m, m, TR } }
-static const tile_config dec_cfg[TR + 1] __attribute__((aligned(64))) = {
-    DEC_CFG(1, 4), DEC_CFG(1, 4), DEC_CFG(2, 4), DEC_CFG(3, 4), DEC_CFG(4, 4),
-    DEC_CFG(5, 8), DEC_CFG(6, 8), DEC_CFG(7, 8), DEC_CFG(8, 8),
-    DEC_CFG(9, 16), DEC_CFG(10, 16), DEC_CFG(11, 16), DEC_CFG(12, 16), DEC_CFG(13, 16),
-    DEC_CFG(14, 16), DEC_CFG(15, 16), DEC_CFG(16, 16),
+/* The tiles of decode's scores for N query columns (4, 8, 16): 0, 1 the
+   scores of two groups of 16 keys by N queries; 2, 3 their K rows, 16
+   keys by 16 pairs of d; 4..7 the queries' pairs, 16 by N, one tile per
+   chunk of 16 pairs (for head dims up to 128 loaded once per call, else
+   4 and 5 in turn). */
+#define QK_CFG(N) { .palette = 1, \
+    .colsb = { 4 * (N), 4 * (N), TB, TB, 4 * (N), 4 * (N), 4 * (N), 4 * (N) }, \
+    .rows = { TR, TR, TR, TR, TR, TR, TR, TR } }
+static const tile_config qk_cfg[3] __attribute__((aligned(64))) = {
+    QK_CFG(4), QK_CFG(8), QK_CFG(16),
 };
 
 /* Word indices of keys_by_queries' rounds, by log2 of the queries per
@@ -667,6 +664,73 @@ static inline __attribute__((always_inline)) void scores_out(const float *s, int
         _mm512_mask_storeu_ps(st + i * ldst, mk, _mm512_mul_ps(r[i], sc));
 }
 
+/* Word indices of queries_tiles' rounds, by log2 of the unit: lo takes
+   the units of the lower halves of registers a and b in turn, hi those
+   of the upper halves. */
+static int32_t qt_idx[4][2][TR];
+
+static void qt_idx_init(void)
+{
+    for (int l = 0; l < 4; l++) {
+        const int u = 1 << l;
+        for (int e = 0; e < TR; e++) {
+            const int ue = e / u, w = e % u;
+            const int src = (ue % 2 ? TR : 0) + ue / 2 * u + w;
+            qt_idx[l][0][e] = src;
+            qt_idx[l][1][e] = src + TR / 2;
+        }
+    }
+}
+
+/* The B tiles of the scores: for each chunk x of 16 pairs of d, 16 rows
+   (pairs) of N queries' words at qt + 16·N·x, from m rows of q (zero
+   rows up to N). log2(N) rounds interleave pairs of registers in units of
+   1, 2, ... words, each register keeping the first pair it holds. */
+static inline __attribute__((always_inline)) void queries_tiles(const uint16_t *q, int64_t ldq,
+                                                                int m, int dp, int N,
+                                                                uint32_t *qt)
+{
+    for (int x = 0; x < dp; x += TR) {
+        __m512i r[TR], y[TR];
+        int first[TR], nf[TR];
+        for (int i = 0; i < N; i++) {
+            r[i] = i < m ? _mm512_loadu_si512(q + i * ldq + 2 * x) : _mm512_setzero_si512();
+            first[i] = 0;
+        }
+        for (int u = 1, l = 0, ppr = TR; u < N; u *= 2, l++, ppr /= 2) {
+            const __m512i il = _mm512_loadu_si512(qt_idx[l][0]), ih = _mm512_loadu_si512(qt_idx[l][1]);
+            for (int i = 0; i < N / 2; i++) {
+                y[i] = _mm512_permutex2var_epi32(r[2 * i], il, r[2 * i + 1]);
+                y[i + N / 2] = _mm512_permutex2var_epi32(r[2 * i], ih, r[2 * i + 1]);
+                nf[i] = first[2 * i];
+                nf[i + N / 2] = first[2 * i] + ppr / 2;
+            }
+            for (int i = 0; i < N; i++) {
+                r[i] = y[i];
+                first[i] = nf[i];
+            }
+        }
+        for (int i = 0; i < N; i++)
+            _mm512_store_si512(qt + x * N + first[i] * N, r[i]);
+    }
+}
+
+/* scores_out for a pair of score tiles s[0], s[1] of nk keys (1..32). */
+static void scores_groups(float s[2][TR * TR], int N, int m, __m512 sc, int nk, float *st,
+                          int64_t ldst)
+{
+    for (int h = 0; h < 2 && nk > TR * h; h++) {
+        const int nh = nk - TR * h < TR ? nk - TR * h : TR;
+        const __mmask16 mk = (__mmask16)((1u << nh) - 1);
+        if (N == 4)
+            scores_out(s[h], 4, m, sc, mk, st + TR * h, ldst);
+        else if (N == 8)
+            scores_out(s[h], 8, m, sc, mk, st + TR * h, ldst);
+        else
+            scores_out(s[h], TR, m, sc, mk, st + TR * h, ldst);
+    }
+}
+
 /* Contract of kernels.h's qk_bf16_dec. The scores come out keys by
    queries: each group of 16 keys is an A tile, read in place where its
    rows lie in one block at one stride (else copied, zero past n), against
@@ -683,50 +747,74 @@ static void qk_dec_amx(int n, int m, int dp, float scale, const qkv__rows *k,
     }
     const int N = dec_cols(m);
     uint32_t qt[DEC_MAXD / 2 * TR] __attribute__((aligned(64)));
-    uint32_t kb[TR * DEC_MAXD / 2] __attribute__((aligned(64)));
-    float s[TR * TR] __attribute__((aligned(64)));
-    for (int x = 0; x < dp; x += TR) {
-        __m512i r[TR];
-        for (int i = 0; i < TR; i++)
-            r[i] = i < m ? _mm512_loadu_si512(q + i * ldq + 2 * x) : _mm512_setzero_si512();
-        transpose16_regs(r);
-        for (int xx = 0; xx < TR; xx++)
-            _mm512_store_si512(qt + (x + xx) * TR, r[xx]);
-    }
+    uint32_t kb[2 * TR * DEC_MAXD / 2] __attribute__((aligned(64)));
+    if (N == 4)
+        queries_tiles(q, ldq, m, dp, 4, qt);
+    else if (N == 8)
+        queries_tiles(q, ldq, m, dp, 8, qt);
+    else
+        queries_tiles(q, ldq, m, dp, TR, qt);
     const __m512 sc = _mm512_set1_ps(scale);
-    const int ask_x = pf ? (4 * pf->per4 + dp / TR - 1) / (dp / TR) : 0;   /* per chunk of d */
-    t_begin_cfg(&dec_cfg[m]);
-    for (int j = 0; j < n; j += TR) {
-        const int nk = n - j < TR ? n - j : TR;
-        const qkv__walk w = qkv__walk_at(k, j);
-        const char *a = w.at;
-        int64_t lda = k->ld;
-        if (nk < TR || w.left < TR) {
-            for (int jj = 0; jj < TR; jj++)
-                if (jj < nk)
-                    memcpy(kb + jj * dp, qkv__row(k, j + jj), (size_t)dp * 4);
-                else
-                    memset(kb + jj * dp, 0, (size_t)dp * 4);
-            a = (const char *)kb;
-            lda = (int64_t)dp * 4;
+    const int nx = dp / TR;   /* chunks of 16 pairs of d */
+    const int ask_x = pf ? (8 * pf->per4 + nx - 1) / nx : 0;   /* per chunk of 32 keys */
+    /* the scores of the last pair of groups, turned out one pair later,
+       when their tile stores have landed */
+    float s[2][2][TR * TR] __attribute__((aligned(64)));
+    int last = -1, lastn = 0;
+    t_begin_cfg(&qk_cfg[N == 4 ? 0 : N == 8 ? 1 : 2]);
+    if (nx <= 4) {   /* the queries' tiles stay for the call */
+        T_LOAD(4, qt, 4 * N);
+        if (nx > 1) T_LOAD(5, qt + TR * N, 4 * N);
+        if (nx > 2) T_LOAD(6, qt + 2 * TR * N, 4 * N);
+        if (nx > 3) T_LOAD(7, qt + 3 * TR * N, 4 * N);
+    }
+    for (int j = 0, cur = 0; j < n; j += 2 * TR, cur ^= 1) {
+        const int nk = n - j < 2 * TR ? n - j : 2 * TR, two = nk > TR;
+        const char *a[2];
+        int64_t lda[2];
+        for (int h = 0; h <= two; h++) {
+            const int jh = j + TR * h, nh = nk - TR * h < TR ? nk - TR * h : TR;
+            const qkv__walk w = qkv__walk_at(k, jh);
+            a[h] = w.at;
+            lda[h] = k->ld;
+            if (nh < TR || w.left < TR) {
+                uint32_t *dst = kb + h * TR * DEC_MAXD / 2;
+                for (int jj = 0; jj < TR; jj++)
+                    if (jj < nh)
+                        memcpy(dst + jj * dp, qkv__row(k, jh + jj), (size_t)dp * 4);
+                    else
+                        memset(dst + jj * dp, 0, (size_t)dp * 4);
+                a[h] = (const char *)dst;
+                lda[h] = (int64_t)dp * 4;
+            }
         }
         T_ZERO(0);
-        for (int x = 0; x < dp; x += TR) {
-            T_LOAD(1, a + 4 * x, lda);
-            T_LOAD(2, qt + x * TR, TB);
-            T_DP(0, 1, 2);
+        if (two) T_ZERO(1);
+        for (int x = 0; x < nx; x++) {
+            T_LOAD(2, a[0] + TB * x, lda[0]);
+            if (two) T_LOAD(3, a[1] + TB * x, lda[1]);
+            if (nx > 4) {
+                if (x & 1) T_LOAD(5, qt + x * TR * N, 4 * N);
+                else T_LOAD(4, qt + x * TR * N, 4 * N);
+            }
+            switch (nx > 4 ? x & 1 : x) {
+            case 0: T_DP(0, 2, 4); if (two) T_DP(1, 3, 4); break;
+            case 1: T_DP(0, 2, 5); if (two) T_DP(1, 3, 5); break;
+            case 2: T_DP(0, 2, 6); if (two) T_DP(1, 3, 6); break;
+            default: T_DP(0, 2, 7); if (two) T_DP(1, 3, 7); break;
+            }
             if (pf)
                 qkv__pf_lines(pf, ask_x);
         }
-        T_STORE(0, s, 4 * N);
-        const __mmask16 mk = (__mmask16)((1u << nk) - 1);
-        if (N == 4)
-            scores_out(s, 4, m, sc, mk, st + j, ldst);
-        else if (N == 8)
-            scores_out(s, 8, m, sc, mk, st + j, ldst);
-        else
-            scores_out(s, TR, m, sc, mk, st + j, ldst);
+        T_STORE(0, s[cur][0], 4 * N);
+        if (two) T_STORE(1, s[cur][1], 4 * N);
+        if (last >= 0)
+            scores_groups(s[cur ^ 1], N, m, sc, lastn, st + last, ldst);
+        last = j;
+        lastn = nk;
     }
+    if (last >= 0)
+        scores_groups(s[(((n + 2 * TR - 1) / (2 * TR)) - 1) & 1], N, m, sc, lastn, st + last, ldst);
     t_end();
 }
 
@@ -952,6 +1040,7 @@ void QKV_KERNEL_TABLE(qkv__kernels *t)
     t->qk_bf16_dec = qk_dec_amx;
     t->pv_bf16_dec = pv_dec_amx;
     kq_idx_init();
+    qt_idx_init();
     /* and the forward's tasks of under 16 rows take the fp32 path: 1,1,32768,
        32,8,128 bf16 took 16.2 ms that way against 23.5 with vdpbf16ps */
     t->qk_bf16_rows = NULL;
