@@ -473,7 +473,10 @@ QKV_API qkv_status qkv_model_recommend(qkv_ctx *ctx, const qkv_model *model,
  * bf16 each; the two may differ); arithmetic is fp32. Strides are free as
  * in qkv_attention_forward. With every seqlens_k[b] = Smax it computes
  * what qkv_attention_forward computes on the same tensors (up to fp32
- * rounding: the key tiles differ).
+ * rounding: the key tiles differ). On the amx kernel set, bf16 queries
+ * against a bf16 cache run on tiles that take V's columns in pairs: an
+ * infinite or NaN value in V makes the other column of its pair NaN in
+ * the rows that see it, where other sets leave that column finite.
  *
  * Returns QKV_OK, or an error with out and lse untouched (message in ctx):
  * those of qkv_attention_forward, QKV_ERR_SHAPE for a length out of
