@@ -572,8 +572,8 @@ static void attn_tiles(int m, int n, const int32_t *lo, const int32_t *hi, int b
 /* ---- decode: a few query rows against K and V rows in place --------------- */
 
 /* The decode kernels of this set take head dims that are multiples of 32
-   up to DEC_MAXD and at most 16 query rows; others go to the kernels
-   below (the avx512 set's, which widen bf16 to fp32 FMAs). */
+   up to DEC_MAXD and at most 16 query rows; others go to wide_qk_dec and
+   wide_pv_dec (the avx512 set's, which widen bf16 to fp32 FMAs). */
 enum { DEC_MAXD = 256 };
 
 static void (*wide_qk_dec)(int, int, int, float, const qkv__rows *, const uint16_t *, int64_t,
@@ -852,8 +852,10 @@ static void exp_rows_dec_amx(const float *st, int64_t ld, int m, int n, const fl
    pair's sums NaN. V rows are the B tiles in place, each pair of
    columns (c, c + 1) a pair of the tile: P's keys in the even halves of
    A's pairs (zero odd halves) give the sums of the even columns, in the
-   odd halves those of the odd columns. acc is split into even and odd
-   columns for the call, 32 columns at a time. */
+   odd halves those of the odd columns. Each pass takes 64 columns (two
+   blocks of 32, the last pass maybe one), acc's split into even and odd
+   columns in C tiles, and walks the keys in groups of 16: a group whose
+   rows cross a block, and the tail, are copied (zero past n). */
 static void pv_dec_amx(int m, int n, int dv, const uint16_t *p, int64_t ldp,
                        const qkv__rows *v, const float *alpha, float *acc, int64_t lda,
                        qkv__pf *pf)
