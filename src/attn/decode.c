@@ -1073,19 +1073,20 @@ static void merge_task(void *arg, int64_t tile, int worker)
     }
 }
 
-/* Key parts per tile for each sequence: 1 when the call has enough tiles
-   to share out, else enough parts to reach about MIN_TASKS tasks, each
-   part at least MIN_KEYS keys. A part's first key tile has nothing to
-   overlap its reads with (its rows are asked for when the part starts),
-   so parts span at least 16 tiles: with all 8 kv heads of a
-   position-major cache in a task, parts of 4 tiles (512 keys) read
-   1x32768 bf16 at 13 GB/s on one thread, parts of 16 at 16. A function
-   of the problem alone. */
-static void split_counts(const qkv__attn *a, const kv_src *src, int64_t n_qt, int64_t HB,
-                         int64_t *split)
+/* Key parts per tile for each sequence: 1 when the call has enough
+   (sequence, kv head, query tile) tiles to share out, else enough parts
+   to reach about MIN_TASKS of them, each part at least MIN_KEYS keys. A
+   part's first key tile has nothing to overlap its reads with (its rows
+   are asked for when the part starts), so parts span at least 16 tiles:
+   with all 8 kv heads of a position-major cache in a task, parts of 4
+   tiles (512 keys) read 1x32768 bf16 at 13 GB/s on one thread, parts of
+   16 at 16. A function of the problem alone, not of the cache's layout
+   (how many kv heads a task takes), so every layout of the same cache,
+   paged or not, gives the same bits. */
+static void split_counts(const qkv__attn *a, const kv_src *src, int64_t n_qt, int64_t *split)
 {
     enum { MIN_TASKS = 64, MIN_KEYS = 16 * BK, MAX_SPLIT = 64 };
-    const int64_t tiles = a->B * (a->Hkv / HB) * n_qt;
+    const int64_t tiles = a->B * a->Hkv * n_qt;
     const int64_t want = tiles >= MIN_TASKS ? 1 : (MIN_TASKS + tiles - 1) / tiles;
     for (int64_t b = 0; b < a->B; b++) {
         int64_t n = seq_len(src, b) / MIN_KEYS;
@@ -1159,7 +1160,7 @@ static qkv_status run(qkv_ctx *ctx, const qkv__attn *a, const kv_src *src, int c
     job.asked = job.split + nb;
     for (int w = 0; w < ctx->n_threads; w++)
         job.asked[w] = -1;
-    split_counts(a, src, n_qt, job.HB, job.split);
+    split_counts(a, src, n_qt, job.split);
     job.start[0] = job.tstart[0] = 0;
     double work = 0.0;
     for (int64_t b = 0; b < a->B; b++) {
