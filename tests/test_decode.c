@@ -453,7 +453,7 @@ void test_decode_paged_bitwise(void)
         c.Hq = 32;
         c.Hkv = 8;
         c.D = c.Dv = 64;
-        c.Smax = 18500;
+        c.Smax = 37000;
         c.lens[0] = (int32_t)c.Smax;
         c.qdt = c.kdt = QKV_BF16;
         c.lay_q = LAY_CONTIG;
