@@ -411,6 +411,27 @@ static void check_rows(const dcase *c, const paged *p)
     CHECK(bad == 0, "%zu appended elements differ from the source [%s]", bad, dcase_str(c));
 }
 
+/* On every kernel set: c from a paged copy (blocks of bs, head-major or
+   not) equals c from its contiguous cache, bitwise. */
+static void paged_vs_contiguous(const isas *s, const dcase *c, int64_t bs, int head_major,
+                                rng *r)
+{
+    for (int i = 0; i < s->n; i++) {
+        paged p;
+        paged_fill(s->ctx[i], &p, c, bs, 0, head_major, r);
+        if (i == 0)
+            check_rows(c, &p);
+        float *l1, *l2;
+        void *o1 = run_kvcache(s->ctx[i], c, &l1), *o2 = run_paged(s->ctx[i], c, &p, &l2);
+        CHECK(memcmp(o1, o2, c->n_out * qkv_dtype_size(c->qdt)) == 0 &&
+              memcmp(l1, l2, c->n_lse * sizeof(float)) == 0,
+              "%s: paged (block_size %lld%s) differs from contiguous [%s]", s->name[i],
+              (long long)bs, head_major ? ", head-major" : "", dcase_str(c));
+        free(o1); free(o2); free(l1); free(l2);
+        paged_free(&p);
+    }
+}
+
 void test_decode_paged_bitwise(void)
 {
     isas s;
@@ -424,21 +445,7 @@ void test_decode_paged_bitwise(void)
         if (it % 6 == 5)
             one_full_sequence(&c, 16);
         dcase_build(&c, &r);
-        const int64_t bs = sizes[it % 6];
-        for (int i = 0; i < s.n; i++) {
-            paged p;
-            paged_fill(s.ctx[i], &p, &c, bs, 0, it % 2, &r);
-            if (i == 0)
-                check_rows(&c, &p);
-            float *l1, *l2;
-            void *o1 = run_kvcache(s.ctx[i], &c, &l1), *o2 = run_paged(s.ctx[i], &c, &p, &l2);
-            CHECK(memcmp(o1, o2, c.n_out * qkv_dtype_size(c.qdt)) == 0 &&
-                  memcmp(l1, l2, c.n_lse * sizeof(float)) == 0,
-                  "%s: paged (block_size %lld%s) differs from contiguous [%s]", s.name[i],
-                  (long long)bs, it % 2 ? ", head-major" : "", dcase_str(&c));
-            free(o1); free(o2); free(l1); free(l2);
-            paged_free(&p);
-        }
+        paged_vs_contiguous(&s, &c, sizes[it % 6], it % 2, &r);
         dcase_free(&c);
     }
     /* A sequence long enough to be cut into key parts, with 8 kv heads: a
@@ -460,18 +467,7 @@ void test_decode_paged_bitwise(void)
         c.lay_k = it < 2 ? LAY_CONTIG : LAY_BHSD;
         c.opts = qkv_attn_opts_default();
         dcase_build(&c, &r);
-        for (int i = 0; i < s.n; i++) {
-            paged p;
-            paged_fill(s.ctx[i], &p, &c, 64, 0, it % 2, &r);
-            float *l1, *l2;
-            void *o1 = run_kvcache(s.ctx[i], &c, &l1), *o2 = run_paged(s.ctx[i], &c, &p, &l2);
-            CHECK(memcmp(o1, o2, c.n_out * qkv_dtype_size(c.qdt)) == 0 &&
-                  memcmp(l1, l2, c.n_lse * sizeof(float)) == 0,
-                  "%s: paged (block_size 64%s) differs from contiguous [%s]", s.name[i],
-                  it % 2 ? ", head-major" : "", dcase_str(&c));
-            free(o1); free(o2); free(l1); free(l2);
-            paged_free(&p);
-        }
+        paged_vs_contiguous(&s, &c, 64, it % 2, &r);
         dcase_free(&c);
     }
     isas_close(&s);
