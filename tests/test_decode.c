@@ -185,7 +185,7 @@ static void random_dcase(dcase *c, rng *r, int64_t max_len)
 {
     static const int64_t groups[][2] = { { 1, 1 }, { 4, 1 }, { 8, 2 }, { 6, 3 }, { 4, 4 },
                                          { 32, 8 }, { 2, 1 } };
-    static const int64_t dims[] = { 1, 3, 8, 16, 33, 64, 80, 128 };
+    static const int64_t dims[] = { 1, 3, 8, 16, 33, 64, 80, 96, 128, 256 };
     static const int64_t sqs[] = { 1, 1, 2, 3, 4, 5, 8, 16, 70 };
     static const qkv_dtype dts[] = { QKV_F32, QKV_F16, QKV_BF16 };
     memset(c, 0, sizeof *c);
