@@ -595,7 +595,7 @@ static void (*wide_pv_dec)(int, int, int, const uint16_t *, int64_t, const qkv__
    keys by 32 columns of each block). */
 #define PV_CFG(m) { .palette = 1, .colsb = { TB, TB, TB, TB, TB, TB, TB, TB }, \
                     .rows = { m, m, m, m, m, m, TR, TR } }
-static const tile_config pv_cfg[TR + 1] __attribute__((aligned(64))) = {
+static const tile_config pv_cfg[TR + 1] __attribute__((aligned(64))) = {   /* by m; 0 unused */
     PV_CFG(1), PV_CFG(1), PV_CFG(2), PV_CFG(3), PV_CFG(4), PV_CFG(5), PV_CFG(6), PV_CFG(7),
     PV_CFG(8), PV_CFG(9), PV_CFG(10), PV_CFG(11), PV_CFG(12), PV_CFG(13), PV_CFG(14),
     PV_CFG(15), PV_CFG(16),
@@ -914,7 +914,7 @@ static void pv_dec_amx(int m, int n, int dv, const uint16_t *p, int64_t ldp,
         return;
     }
     enum { KG = TR };   /* keys per group */
-    /* P in the even (pe) and odd (po) halves of pairs: group g at 
+    /* P in the even (pe) and odd (po) halves of pairs: group g at
        pe + g·TR·TR, m rows of 16 pairs */
     uint32_t pe[128 / KG * TR * TR] __attribute__((aligned(64)));
     uint32_t po[128 / KG * TR * TR] __attribute__((aligned(64)));
