@@ -192,42 +192,65 @@ static void qk_amx(int n, int m, int dp, float scale, const uint16_t *k, int64_t
 
 /* ---- whole-tile products on packed operands --------------------------------- */
 
-/* The word indices of transpose16_regs' rounds: round b (8, 4, 2, 1)
-   exchanges, within each block of 2b rows, the b x b sub-blocks above and
-   below the diagonal, rows i and i + b taking words lo[b] and hi[b] of
-   the pair (index 16 + t: word t of row i + b). */
-static int32_t tr_idx[4][2][TR];
+/* Word indices of transpose_words' rounds, by log2 of the columns per
+   register before the round: lo takes the lower half of the columns, hi
+   the upper, of registers a (index < 16) and b. */
+static int32_t tw_idx[5][2][TR];
 
-static void tr_idx_init(void)
+static void tw_idx_init(void)
 {
-    for (int k = 0, b = 8; b >= 1; k++, b /= 2)
+    for (int l = 1; l <= 4; l++) {
+        const int nc = 1 << l, rpr = TR / nc, h = nc / 2;
         for (int e = 0; e < TR; e++) {
-            const int g = e / (2 * b) * 2 * b, t = e % (2 * b);
-            tr_idx[k][0][e] = t < b ? g + t : TR + g + t - b;
-            tr_idx[k][1][e] = t < b ? g + b + t : TR + g + t;
+            const int r = e / h, c = e % h;
+            const int src = r < rpr ? nc * r + c : TR + nc * (r - rpr) + c;
+            tw_idx[l][0][e] = src;
+            tw_idx[l][1][e] = src + h;
         }
-}
-
-/* r[0..16) transposed as a 16x16 matrix of 32-bit words. */
-static inline __attribute__((always_inline)) void tr_round(__m512i r[TR], int k, int b)
-{
-    const __m512i il = _mm512_loadu_si512(tr_idx[k][0]), ih = _mm512_loadu_si512(tr_idx[k][1]);
-#pragma GCC unroll 8
-    for (int t = 0; t < TR / 2; t++) {   /* row i of the pair (i, i + b) */
-        const int i = t / b * 2 * b + t % b;
-        const __m512i a = r[i], c = r[i + b];
-        r[i] = _mm512_permutex2var_epi32(a, il, c);
-        r[i + b] = _mm512_permutex2var_epi32(a, ih, c);
     }
 }
 
-/* Every index known when it is compiled, so r stays in registers. */
-static inline __attribute__((always_inline)) void transpose16_regs(__m512i r[TR])
+/* One round of transpose_words on x[0..N), nc = 2^l columns per register
+   before it: registers g·nc + b (column group g of N / nc, row block b of
+   nc) pair up along b, each pair's lower columns going to the first half
+   of the new group and the upper to the second. */
+static inline __attribute__((always_inline)) void tw_round(__m512i *x, int N, int nc, int l)
 {
-    tr_round(r, 0, 8);
-    tr_round(r, 1, 4);
-    tr_round(r, 2, 2);
-    tr_round(r, 3, 1);
+    const __m512i il = _mm512_loadu_si512(tw_idx[l][0]), ih = _mm512_loadu_si512(tw_idx[l][1]);
+    __m512i y[TR];
+#pragma GCC unroll 16
+    for (int t = 0; t < N / 2; t++) {
+        const int g = t / (nc / 2), i = t % (nc / 2);
+        const __m512i a = x[g * nc + 2 * i], b = x[g * nc + 2 * i + 1];
+        y[2 * g * (nc / 2) + i] = _mm512_permutex2var_epi32(a, il, b);
+        y[(2 * g + 1) * (nc / 2) + i] = _mm512_permutex2var_epi32(a, ih, b);
+    }
+#pragma GCC unroll 16
+    for (int t = 0; t < N; t++)
+        x[t] = y[t];
+}
+
+/* x[0..N) holds a 16 x N matrix of 32-bit words (N 4, 8 or 16), row-major,
+   16/N rows per register; on return x[c] holds column c. Each round
+   splits every register's columns in halves and pairs its rows with the
+   next register's: N·log2(N) permutes, every index known when it is
+   compiled (written as loops, GCC kept the registers in memory: decode
+   scores at 16 queries took 1.7x the time). */
+static inline __attribute__((always_inline)) void transpose_words(__m512i *x, int N)
+{
+    if (N == TR) {
+        tw_round(x, TR, 16, 4);
+        tw_round(x, TR, 8, 3);
+        tw_round(x, TR, 4, 2);
+        tw_round(x, TR, 2, 1);
+    } else if (N == 8) {
+        tw_round(x, 8, 8, 3);
+        tw_round(x, 8, 4, 2);
+        tw_round(x, 8, 2, 1);
+    } else {
+        tw_round(x, 4, 4, 2);
+        tw_round(x, 4, 2, 1);
+    }
 }
 
 static void pack_k_tiles(const uint16_t *k, int64_t ldk, int n, int dp, int dpp, uint32_t *dst)
@@ -241,7 +264,7 @@ static void pack_k_tiles(const uint16_t *k, int64_t ldk, int n, int dp, int dpp,
             for (int j = 0; j < TR; j++)
                 r[j] = j < nk ? _mm512_maskz_loadu_epi32(mk, k + (j0 + j) * ldk + 2 * x)
                               : _mm512_setzero_si512();
-            transpose16_regs(r);
+            transpose_words(r, TR);
             for (int xx = 0; xx < TR; xx++)
                 _mm512_storeu_si512(dst + (x + xx) * TR, r[xx]);
         }
@@ -619,79 +642,19 @@ static const tile_config qk_cfg[3] __attribute__((aligned(64))) = {
     QK_CFG(4), QK_CFG(8), QK_CFG(16),
 };
 
-/* Word indices of keys_by_queries' rounds, by log2 of the queries per
-   register before the round: lo takes the lower half of the queries, hi
-   the upper, of registers a (index < 16) and b. */
-static int32_t kq_idx[5][2][TR];
-
-static void kq_idx_init(void)
-{
-    for (int l = 1; l <= 4; l++) {
-        const int nq = 1 << l, kpr = TR / nq, h = nq / 2;
-        for (int e = 0; e < TR; e++) {
-            const int kl = e / h, q = e % h;
-            const int src = kl < kpr ? nq * kl + q : TR + nq * (kl - kpr) + q;
-            kq_idx[l][0][e] = src;
-            kq_idx[l][1][e] = src + h;
-        }
-    }
-}
-
-/* One round of keys_by_queries on x[0..N), nq = 2^l queries per register
-   before it: registers g·nq + b (query group g of N / nq, key block b of
-   nq) pair up along b, each pair's lower queries going to the first
-   half of the new group and the upper to the second. */
-static inline __attribute__((always_inline)) void kq_round(__m512 *x, int N, int nq, int l)
-{
-    const __m512i il = _mm512_loadu_si512(kq_idx[l][0]), ih = _mm512_loadu_si512(kq_idx[l][1]);
-    __m512 y[TR];
-#pragma GCC unroll 16
-    for (int t = 0; t < N / 2; t++) {
-        const int g = t / (nq / 2), i = t % (nq / 2);
-        const __m512 a = x[g * nq + 2 * i], b = x[g * nq + 2 * i + 1];
-        y[2 * g * (nq / 2) + i] = _mm512_permutex2var_ps(a, il, b);
-        y[(2 * g + 1) * (nq / 2) + i] = _mm512_permutex2var_ps(a, ih, b);
-    }
-#pragma GCC unroll 16
-    for (int t = 0; t < N; t++)
-        x[t] = y[t];
-}
-
-/* x[0..N) holds 16 keys by N queries (N 4, 8 or 16), key-major, 16/N keys
-   per register; on return x[q] holds query q's 16 keys. Each round splits
-   every register's queries in halves and pairs its keys with the next
-   register's: N·log2(N) permutes, every index known when it is compiled
-   (in registers, unrolled: 2x faster scores at 16 queries than loops). */
-static inline __attribute__((always_inline)) void keys_by_queries(__m512 *x, int N)
-{
-    if (N == TR) {
-        kq_round(x, TR, 16, 4);
-        kq_round(x, TR, 8, 3);
-        kq_round(x, TR, 4, 2);
-        kq_round(x, TR, 2, 1);
-    } else if (N == 8) {
-        kq_round(x, 8, 8, 3);
-        kq_round(x, 8, 4, 2);
-        kq_round(x, 8, 2, 1);
-    } else {
-        kq_round(x, 4, 4, 2);
-        kq_round(x, 4, 2, 1);
-    }
-}
-
 /* The scores of a score tile s (16 keys by N queries) into m rows of st,
    the keys of mask mk, times sc. */
 static inline __attribute__((always_inline)) void scores_out(const float *s, int N, int m,
                                                              __m512 sc, __mmask16 mk, float *st,
                                                              int64_t ldst)
 {
-    __m512 r[TR];
+    __m512i r[TR];   /* keys by queries: rows of 16/N keys, turned query-major */
 #pragma GCC unroll 16
     for (int t = 0; t < N; t++)
-        r[t] = _mm512_load_ps(s + t * TR);
-    keys_by_queries(r, N);
+        r[t] = _mm512_load_si512(s + t * TR);
+    transpose_words(r, N);
     for (int i = 0; i < m && i < N; i++)
-        _mm512_mask_storeu_ps(st + i * ldst, mk, _mm512_mul_ps(r[i], sc));
+        _mm512_mask_storeu_ps(st + i * ldst, mk, _mm512_mul_ps(_mm512_castsi512_ps(r[i]), sc));
 }
 
 /* Word indices of queries_tiles' rounds, by log2 of the unit: lo takes
@@ -1058,7 +1021,7 @@ static void mm_amx(int m, int np, int n, const uint32_t *a, int64_t asi, int64_t
                         for (int k = 0; k < TR; k++)
                             v[k] = _mm512_loadu_si512(a + (int64_t)((ch0 + ch) * TR + k) * asj +
                                                       i + TR * r);
-                        transpose16_regs(v);
+                        transpose_words(v, TR);
                         for (int x = 0; x < TR; x++)
                             _mm512_storeu_si512(buf[r] + (ch * TR + x) * TR, v[x]);
                     }
@@ -1119,12 +1082,11 @@ void QKV_KERNEL_TABLE(qkv__kernels *t)
     t->exp_rows_bf16 = exp_rows_dec_amx;
     t->qk_bf16_dec = qk_dec_amx;
     t->pv_bf16_dec = pv_dec_amx;
-    kq_idx_init();
     qt_idx_init();
     /* and the forward's tasks of under 16 rows take the fp32 path: 1,1,32768,
        32,8,128 bf16 took 16.2 ms that way against 23.5 with vdpbf16ps */
     t->qk_bf16_rows = NULL;
-    tr_idx_init();
+    tw_idx_init();
     t->pack_k_tiles = pack_k_tiles;
     t->pack_v_tiles = pack_v_tiles;
     t->qk_tiles = qk_tiles;
