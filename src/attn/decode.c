@@ -1082,9 +1082,10 @@ static void merge_task(void *arg, int64_t tile, int worker)
    to reach about MIN_TASKS of them, each part at least MIN_KEYS keys. A
    part's first key tile has nothing to overlap its reads with (its rows
    are asked for when the part starts), so parts span at least 16 tiles:
-   with all 8 kv heads of a position-major cache in a task, parts of 4
-   tiles (512 keys) read 1x32768 bf16 at 13 GB/s on one thread, parts of
-   16 at 16. A function of the problem alone, not of the cache's layout
+   with all 8 kv heads of a position-major cache in a task and tiles of
+   128 keys, parts of 512 keys read 1x32768 bf16 at 13 GB/s on one
+   thread, parts of 2048 at 16. A function of the problem alone, not of
+   the cache's layout
    (how many kv heads a task takes), so every layout of the same cache,
    paged or not, gives the same bits. */
 static void split_counts(const qkv__attn *a, const kv_src *src, int64_t n_qt, int64_t *split)
