@@ -383,9 +383,17 @@ void test_dbias_errors(void)
     t = d.db.t;
     t.data = d.dq.t.data;
     refused(ctx, &d, &t, &c->opts, QKV_ERR_ARG, "dbias&dq", "dbias over dq");
+    /* lse in a buffer as large as dbias, so that a dbias view over it
+       overlaps lse and no other operand (malloc may place one after lse) */
+    const size_t lse_bytes = (size_t)(c->B * c->Hq * c->Sq) * sizeof(float);
+    float *lse = d.lse;
+    d.lse = xmalloc(lse_bytes > d.db.bytes ? lse_bytes : d.db.bytes);
+    memcpy(d.lse, lse, lse_bytes);
     t = d.db.t;
     t.data = d.lse;
     refused(ctx, &d, &t, &c->opts, QKV_ERR_ARG, "dbias&lse", "dbias over lse");
+    free(d.lse);
+    d.lse = lse;
     t = d.db.t;
     t.data = c->tq.data;
     refused(ctx, &d, &t, &c->opts, QKV_ERR_ARG, "dbias&q", "dbias over q");
