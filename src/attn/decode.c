@@ -1137,7 +1137,9 @@ static qkv_status run(qkv_ctx *ctx, const qkv__attn *a, const kv_src *src, int c
     /* where the set has int16 dot products, the codes are read as they
        are (d up to 256 keeps the int32 sums of the scores exact) */
     job.i8dot = job.bf && src->i8 && ctx->kernels->qk_i8_dec && a->D % 32 == 0 &&
-                a->D <= 256 && a->Dv % 32 == 0;
+                a->D <= 256 && a->Dv % 32 == 0 &&
+                (!ctx->kernels->i8_rows_max ||
+                 job.P * a->group <= ctx->kernels->i8_rows_max);
     /* rows of one head that follow each other ([B, Hkv, S, D] caches):
        one stream per head, a task per head */
     const int streams = src->k.stride[1] == a->D && src->v.stride[1] == a->Dv;

@@ -372,7 +372,9 @@ typedef struct qkv__kernels {
        scores of qk_bf16_dec from int8 K rows of d codes and int16
        queries q [m][ldq] (readable up to row round_up(m, 4)), the dot
        products exact in int32 (d even, d <= 256), then times
-       scale·qsc[i]. */
+       scale·qsc[i]. Tiles of more than i8_rows_max rows (0: any) take
+       the codes as bf16 through qk_bf16_dec and pv_bf16_dec instead. */
+    int i8_rows_max;
     void (*qk_i8_dec)(int n, int m, int d, float scale, const qkv__rows *k,
                       const int16_t *q, int64_t ldq, const float *qsc, float *st,
                       int64_t ldst, qkv__pf *pf);
