@@ -197,8 +197,8 @@ static void load_query_tile(const qkv__kernels *kn, const bwd_job *job, const qk
         tl->lse[r] = 0.0f;
     }
     if (use_bf16(kn, a)) {
-        qkv__tile_rows_bf16(q, s, tm, m, D, tl->qb);
-        qkv__tile_rows_bf16(dout, s, tm, m, Dv, tl->dob);
+        qkv__tile_rows_bf16(q, s, tm, m, D, 2 * qkv__pairs(D), tl->qb);
+        qkv__tile_rows_bf16(dout, s, tm, m, Dv, 2 * qkv__pairs(Dv), tl->dob);
         pairs_transposed(tl->qb, m, mpad, D, R, tl->qp);
         pairs_transposed(tl->dob, m, mpad, Dv, R, tl->dop);
         row_pairs(kn, tl->qb, m, D, tl->qq);

@@ -262,23 +262,8 @@ static void task_tiles(const fwd_job *job, const qkv__seq *s, int64_t seq, int64
     const int64_t w = 2 * dpp;
     uint16_t *qr = (uint16_t *)tl->qp, *p = (uint16_t *)tl->pp;
     /* the queries as rows of w values, zero past D and in the padding rows */
-    const qkv_tensor *q = a->q;
-    const uint16_t *qsrc = q->data;
-    for (int r = 0; r < mpad; r++) {
-        uint16_t *dst = qr + r * w;
-        int64_t have = 0;
-        if (r < m) {
-            const int64_t h = tm->h0 + r / tm->mp, i = s->q0 + tm->i0 + r % tm->mp;
-            const uint16_t *src = qsrc + s->b * q->stride[0] + i * q->stride[1] + h * q->stride[2];
-            if (q->stride[3] == 1)
-                memcpy(dst, src, (size_t)a->D * sizeof *dst);
-            else
-                for (int64_t x = 0; x < a->D; x++)
-                    dst[x] = src[x * q->stride[3]];
-            have = a->D;
-        }
-        memset(dst + have, 0, (size_t)(w - have) * sizeof *dst);
-    }
+    qkv__tile_rows_bf16(a->q, s, tm, m, a->D, w, qr);
+    memset(qr + m * w, 0, (size_t)((mpad - m) * w) * sizeof *qr);
     start_rows(tl, mpad, (size_t)mpad * (size_t)dvp);
     int64_t klo, khi, lo_last, hi_first;
     task_keys(job, s, tm, part, 32, &klo, &khi, &lo_last, &hi_first);
@@ -347,7 +332,7 @@ static void task_pairs(const fwd_job *job, const qkv__seq *s, int64_t hk,
     uint16_t *q_rows = (uint16_t *)tl->q;   /* bf_rows: [m][2·qkv__pairs(D)] */
 
     if (bf_rows)
-        qkv__tile_rows_bf16(a->q, s, tm, m, D, q_rows);
+        qkv__tile_rows_bf16(a->q, s, tm, m, D, 2 * qkv__pairs(D), q_rows);
     else if (bf)
         qkv__load_q_pairs(a, s, tm, m, mpad, R, tl->qp);
     else {

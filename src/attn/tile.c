@@ -156,20 +156,19 @@ void qkv__transpose_tile(const float *src, int m, int64_t cols, int mpad, int64_
 /* ---- bf16 rows and pairs ------------------------------------------------- */
 
 void qkv__tile_rows_bf16(const qkv_tensor *t, const qkv__seq *s, const qkv__tile_map *tm,
-                         int m, int64_t cols, uint16_t *dst)
+                         int m, int64_t cols, int64_t ld, uint16_t *dst)
 {
     const uint16_t *src = t->data;
-    const int64_t w = 2 * qkv__pairs(cols);
     for (int r = 0; r < m; r++) {
         const int64_t h = tm->h0 + r / tm->mp, i = s->q0 + tm->i0 + r % tm->mp;
         const int64_t off = s->b * t->stride[0] + i * t->stride[1] + h * t->stride[2];
+        uint16_t *d = dst + r * ld;
         if (t->stride[3] == 1)
-            memcpy(dst + r * w, src + off, (size_t)cols * sizeof *dst);
+            memcpy(d, src + off, (size_t)cols * sizeof *d);
         else
             for (int64_t x = 0; x < cols; x++)
-                dst[r * w + x] = src[off + x * t->stride[3]];
-        if (cols % 2)
-            dst[r * w + cols] = 0;
+                d[x] = src[off + x * t->stride[3]];
+        memset(d + cols, 0, (size_t)(ld - cols) * sizeof *d);
     }
 }
 

@@ -83,11 +83,10 @@ void qkv__transpose_tile(const float *src, int m, int64_t cols, int mpad, int64_
 /* Pairs covering n elements. */
 static inline int64_t qkv__pairs(int64_t n) { return (n + 1) / 2; }
 
-/* The tile's m rows of a query-side bf16 tensor t (q, dout) as rows of
-   2·pairs(cols) elements (a zero after an odd cols), row r at
-   dst + r·2·pairs(cols). */
+/* The tile's m rows of a query-side bf16 tensor t (q, dout), row r at
+   dst + r·ld (ld >= cols), zero from cols up to ld. */
 void qkv__tile_rows_bf16(const qkv_tensor *t, const qkv__seq *s, const qkv__tile_map *tm,
-                         int m, int64_t cols, uint16_t *dst);
+                         int m, int64_t cols, int64_t ld, uint16_t *dst);
 
 /* n bf16 rows (dim 1) of t from element offset row0, each 2·pairs(cols)
    elements long: in place when cols is even and rows are contiguous, else
