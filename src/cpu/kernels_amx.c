@@ -320,11 +320,12 @@ static inline __mmask16 lanes(int j, int lo, int hi)
 }
 
 /* The exponentials of a row's keys [lo, hi) against reference mref
-   (mref·log2e = -nm in nm): P = 2^(x·sc + nm) into pi, zero elsewhere up
-   to round_up(nz, 32); returns Σ P (unrounded) and, in *vmax, the lanes'
-   max of the raw scores (NaN dropped) when track is set. */
+   (mref·log2e = -nm in nm): P = 2^(x·sc + nm), times pmul[j] where pmul
+   is set, into pi, zero elsewhere up to round_up(nz, 32); returns Σ P
+   (unrounded, before pmul) and, in *vmax, the lanes' max of the raw
+   scores (NaN dropped) when track is set. */
 static inline float exp_row(int lo, int hi, int nz, __m512 sc, __m512 nm, const float *si,
-                            uint16_t *pi, int track, __m512 *vmax)
+                            const float *pmul, uint16_t *pi, int track, __m512 *vmax)
 {
     const __m512 ninf = _mm512_set1_ps(-INFINITY);
     __m512 sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps(), v0 = ninf, v1 = ninf;
@@ -345,10 +346,14 @@ static inline float exp_row(int lo, int hi, int nz, __m512 sc, __m512 nm, const 
             v0 = _mm512_max_ps(x0, v0);
             v1 = _mm512_max_ps(x1, v1);
         }
-        const __m512 e0 = exp2_16(_mm512_fmadd_ps(x0, sc, nm));
-        const __m512 e1 = exp2_16(_mm512_fmadd_ps(x1, sc, nm));
+        __m512 e0 = exp2_16(_mm512_fmadd_ps(x0, sc, nm));
+        __m512 e1 = exp2_16(_mm512_fmadd_ps(x1, sc, nm));
         sum0 = _mm512_add_ps(sum0, e0);
         sum1 = _mm512_add_ps(sum1, e1);
+        if (pmul) {
+            e0 = _mm512_mul_ps(e0, _mm512_maskz_loadu_ps(lanes(j, lo, hi), pmul + j));
+            e1 = _mm512_mul_ps(e1, _mm512_maskz_loadu_ps(lanes(j + TR, lo, hi), pmul + j + TR));
+        }
         _mm512_storeu_si512(pi + j, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
     }
     if (track)
@@ -375,7 +380,8 @@ static inline void softmax_row(int lo, int hi, int nz, float scale, __m512 sc, c
     nz = (nz + 2 * TR - 1) / (2 * TR) * (2 * TR);
     if (mo > -INFINITY) {
         __m512 vmax;
-        const float sum = exp_row(lo, hi, nz, sc, _mm512_set1_ps(-mo * log2e), si, pi, 1, &vmax);
+        const float sum =
+            exp_row(lo, hi, nz, sc, _mm512_set1_ps(-mo * log2e), si, NULL, pi, 1, &vmax);
         const float mx = _mm512_reduce_max_ps(vmax) * scale;
         if (!(mx > mo + REF_SLACK)) {
             *alpha = 1.0f;
@@ -398,7 +404,7 @@ static inline void softmax_row(int lo, int hi, int nz, float scale, __m512 sc, c
     const float mref = mn == -INFINITY ? 0.0f : mn;   /* all hidden: P = 0 */
     *alpha = mo == mn ? 1.0f : expf(mo - mref);
     *mrow = mn;
-    const float sum = exp_row(lo, hi, nz, sc, _mm512_set1_ps(-mref * log2e), si, pi, 0, NULL);
+    const float sum = exp_row(lo, hi, nz, sc, _mm512_set1_ps(-mref * log2e), si, NULL, pi, 0, NULL);
     *lrow = *lrow * *alpha + sum;
 }
 
@@ -830,32 +836,16 @@ static void qk_dec_amx(int n, int m, int dp, float scale, const qkv__rows *k,
     t_end();
 }
 
-/* Contract of kernels.h's exp_rows_bf16, on exp2_16: P = 2^((s - mref)·log2 e),
-   32 keys a step, rounded to bf16 by vcvtneps2bf16. */
+/* Contract of kernels.h's exp_rows_bf16: the forward's exp_row over the
+   keys [0, n), P = 2^(s·log2 e - mref·log2 e). */
 static void exp_rows_dec_amx(const float *st, int64_t ld, int m, int n, const float *mref,
                              const float *pmul, float *sum, uint16_t *p, int64_t ldp)
 {
-    const __m512 l2e = _mm512_set1_ps(1.44269504088896341f), ninf = _mm512_set1_ps(-INFINITY);
-    for (int i = 0; i < m; i++) {
-        const float *s = st + i * ld;
-        uint16_t *pi = p + i * ldp;
-        const __m512 mv = _mm512_set1_ps(mref[i]);
-        __m512 acc = _mm512_setzero_ps();
-        for (int j = 0; j < n; j += 2 * TR) {
-            const __mmask16 k0 = lanes(j, 0, n), k1 = lanes(j + TR, 0, n);
-            __m512 x0 = _mm512_mask_loadu_ps(ninf, k0, s + j);
-            __m512 x1 = _mm512_mask_loadu_ps(ninf, k1, s + j + TR);
-            x0 = exp2_16(_mm512_mul_ps(_mm512_sub_ps(x0, mv), l2e));
-            x1 = exp2_16(_mm512_mul_ps(_mm512_sub_ps(x1, mv), l2e));
-            acc = _mm512_add_ps(acc, _mm512_add_ps(x0, x1));
-            if (pmul) {
-                x0 = _mm512_mul_ps(x0, _mm512_maskz_loadu_ps(k0, pmul + j));
-                x1 = _mm512_mul_ps(x1, _mm512_maskz_loadu_ps(k1, pmul + j + TR));
-            }
-            _mm512_storeu_si512(pi + j, (__m512i)_mm512_cvtne2ps_pbh(x1, x0));
-        }
-        sum[i] = _mm512_reduce_add_ps(acc);
-    }
+    const float log2e = 1.44269504088896341f;
+    const int nz = (n + 2 * TR - 1) / (2 * TR) * (2 * TR);
+    for (int i = 0; i < m; i++)
+        sum[i] = exp_row(0, n, nz, _mm512_set1_ps(log2e), _mm512_set1_ps(-mref[i] * log2e),
+                         st + i * ld, pmul, p + i * ldp, 0, NULL);
 }
 
 /* Contract of kernels.h's pv_bf16_dec, but the sums over keys run in
@@ -882,8 +872,10 @@ static void pv_dec_amx(int m, int n, int dv, const uint16_t *p, int64_t ldp,
     uint32_t pe[128 / KG * TR * TR] __attribute__((aligned(64)));
     uint32_t po[128 / KG * TR * TR] __attribute__((aligned(64)));
     uint32_t vb[TR * 2 * TR] __attribute__((aligned(64)));
-    float ce[2 * TR * TR] __attribute__((aligned(64))), co[2 * TR * TR] __attribute__((aligned(64)));
-    const __m512i eo_e = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    float ce[2 * TR * TR] __attribute__((aligned(64)));
+    float co[2 * TR * TR] __attribute__((aligned(64)));
+    const __m512i eo_e =
+        _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
     const __m512i eo_o = _mm512_add_epi32(eo_e, _mm512_set1_epi32(1));
     const __m512i lo_i = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
     const __m512i hi_i = _mm512_add_epi32(lo_i, _mm512_set1_epi32(8));
