@@ -1085,9 +1085,8 @@ static void merge_task(void *arg, int64_t tile, int worker)
    with all 8 kv heads of a position-major cache in a task and tiles of
    128 keys, parts of 512 keys read 1x32768 bf16 at 13 GB/s on one
    thread, parts of 2048 at 16. A function of the problem alone, not of
-   the cache's layout
-   (how many kv heads a task takes), so every layout of the same cache,
-   paged or not, gives the same bits. */
+   the cache's layout (how many kv heads a task takes), so every layout
+   of the same cache, paged or not, gives the same bits. */
 static void split_counts(const qkv__attn *a, const kv_src *src, int64_t n_qt, int64_t *split)
 {
     enum { MIN_TASKS = 64, MIN_KEYS = 16 * BK, MAX_SPLIT = 64 };
