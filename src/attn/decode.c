@@ -123,7 +123,9 @@ static const float *rows_f32(const qkv__kernels *kn, const kv_src *src, int is_v
    its sequence, and while one head works on a key tile, it asks for its
    share of the next tile's positions, every head of each position in
    address order. Where a head's rows follow each other ([Hkv, S, D]) a
-   task takes one head and asks for its own next tile. The few-row bf16
+   task takes one head and asks for its own next tile. Few-row bf16 tiles
+   of [S, Hkv, D] rows go further: all heads walk each tile together in
+   sub-tiles, asking one sub-tile ahead (tile_streamed). The few-row bf16
    kernels ask as they go (qkv__pf, next_rows); the other paths take a few
    rows between kernel calls (pf_cursor). Pages: a cache on 4 KiB pages
    costs a TLB walk (nested on a VM) every 16 rows of 256 bytes; qkv_alloc
@@ -243,6 +245,8 @@ typedef struct {
     float    *qt;    /* [D][R]   transposed, zero past m                    */
     float    *acc;   /* [R][Dv]                                             */
     float    *m, *l, *alpha;                            /* [R]              */
+    float    *hst;   /* [R][BK] the head's own scores (streamed tiles)      */
+    uint32_t *hpp;   /* [R][BK/2] its P                                      */
 } scratch;
 
 static int64_t shared_floats(int64_t R, int64_t D, int64_t Dv)
@@ -253,7 +257,7 @@ static int64_t shared_floats(int64_t R, int64_t D, int64_t Dv)
 
 static int64_t head_floats(int64_t R, int64_t D, int64_t Dv)
 {
-    return 2 * R * D + R * Dv + 3 * R;
+    return 2 * R * D + R * Dv + 3 * R + BK * R + BK / 2 * R;
 }
 
 /* The scratch of head slot e (of HB). */
@@ -278,6 +282,8 @@ static scratch scratch_at(float *base, int64_t e, int64_t R, int64_t D, int64_t 
     s.m = s.acc + R * Dv;
     s.l = s.m + R;
     s.alpha = s.l + R;
+    s.hst = s.alpha + R;
+    s.hpp = (uint32_t *)(s.hst + BK * R);
     return s;
 }
 
@@ -851,6 +857,111 @@ static void head_tile_rows(const dec_job *job, const qkv__seq *s, const qkv__til
     kn->pv_bf16_dec(m, n, (int)Dv, p, BK, &r, sc->alpha, sc->acc, Dv, pfv);
 }
 
+/* Position-major caches ([S, Hkv, D] rows, paged pools of that layout)
+   with bf16 rows and few rows per head take their key tiles in a streamed
+   order: the task's kv heads walk the tile's K in sub-tiles of SUB keys,
+   every head's scores of a sub-tile before the next (the positions' rows
+   of all heads are one run), then each head's softmax, then the V rows
+   the same way; meanwhile each call asks for a share of the sub-tile one
+   ahead in that order (the V rows' first after the last K sub-tile, the
+   next tile's or next task's K after the last V). Head by head, each
+   head would read a 1/Hkv share of every position of the tile, the whole
+   next tile (1 MiB at 8 heads of 128 bf16) being asked for meanwhile:
+   measured on the Xeon (1x32768 and 8x8192, 32/8 heads), this order took
+   0.80x that time. The kernels' calls split at multiples of 32 keys give
+   the bits of one call per tile (their contracts), so every layout still
+   gives the same bits. Sub-tiles of 16 or 32 keys ran 1.3-1.5x slower
+   (fixed costs per call), 128 level with 64; asking two or three
+   sub-tiles ahead took 1.03-1.25x the time, sub-tiles of a whole tile
+   (the next tile asked for meanwhile) 1.2x. */
+enum { SUB = 64 };
+
+/* The positions after a tile that its last sub-tiles ask for: those of
+   sequence b, kv heads from hk0, from p (cnt of them; 0: none). */
+typedef struct {
+    int64_t b, hk0, p, cnt;
+} stream_next;
+
+/* Unit u of a streamed tile of n keys from j0: its K sub-tiles, then its
+   V sub-tiles, then the first sub-tiles of nx (K). Returns 0 past them;
+   else t (0 K, 1 V), the sequence, first kv head and positions. */
+static int stream_unit(const qkv__seq *s, int64_t hk0, int64_t j0, int n,
+                       const stream_next *nx, int64_t u, int *t, int64_t *b, int64_t *h,
+                       int64_t *p, int64_t *cnt)
+{
+    const int64_t units = (n + SUB - 1) / SUB;
+    int64_t first = j0, len = n, c = u % units * SUB;
+    *t = u >= units;
+    *b = s->b;
+    *h = hk0;
+    if (u >= 2 * units) {
+        c = (u - 2 * units) * SUB;
+        first = nx->p;
+        len = nx->cnt;
+        *t = 0;
+        *b = nx->b;
+        *h = nx->hk0;
+    }
+    if (c >= len)
+        return 0;
+    *p = first + c;
+    *cnt = len - c < SUB ? len - c : SUB;
+    return 1;
+}
+
+/* One key tile (keys j0 .. j0+n-1) of every kv head of the task in the
+   streamed order (above): scores into each head's hst, the masks and
+   the online softmax update head by head, P·V into each head's acc. */
+static void tile_streamed(const dec_job *job, const qkv__seq *s, const qkv__tile_map *tm0,
+                          int64_t hk0, int64_t j0, int n, int m, int band,
+                          const stream_next *nx, float *base)
+{
+    const qkv__attn *a = job->a;
+    const kv_src *src = job->src;
+    const qkv__kernels *kn = job->ctx->kernels;
+    const int64_t D = a->D, Dv = a->Dv, w = 2 * pairs(D), R = job->R;
+    const int64_t units = (n + SUB - 1) / SUB;
+    const scratch sh = scratch_at(base, 0, R, D, Dv);
+    for (int64_t u = 0; u < 2 * units; u++) {
+        if (u == units)
+            for (int64_t e = 0; e < job->HB; e++) {
+                scratch sc = scratch_at(base, e, R, D, Dv);
+                qkv__tile_map tm = *tm0;
+                tm.h0 = (hk0 + e) * a->group;
+                sc.st = sc.hst;
+                scores_done(job, s, &tm, j0, n, m, band, &sc, NULL);
+                kn->exp_rows_bf16(sc.hst, BK, m, n, sc.mref, NULL, sc.sum, (uint16_t *)sc.hpp,
+                                  BK);
+                for (int x = 0; x < m; x++)
+                    sc.l[x] = sc.l[x] * sc.alpha[x] + sc.sum[x];
+            }
+        const int is_v = u >= units;
+        const int c = (int)(u % units) * SUB, nc = n - c < SUB ? n - c : SUB;
+        int at;
+        int64_t ab, ah, ap, acnt;
+        const int ask = stream_unit(s, hk0, j0, n, nx, u + 1, &at, &ab, &ah, &ap, &acnt);
+        for (int64_t e = 0; e < job->HB; e++) {
+            const scratch sc = scratch_at(base, e, R, D, Dv);
+            const char *bases[TILE_BLOCKS], *blk[TILE_BLOCKS];
+            qkv__pf pf;
+            if (ask)
+                pf = next_rows(job, at ? &src->v : &src->k, ab, ah, e, ap, acnt, at ? Dv : D,
+                               nc, bases);
+            qkv__rows r;
+            if (!is_v) {
+                r = bf16_rows(src, &src->k, s->b, j0 + c, hk0 + e, nc, D, w, sh.kb + c * w, blk);
+                kn->qk_bf16_dec(nc, m, (int)pairs(D), a->scale, &r, (const uint16_t *)sc.q, w,
+                                sc.hst + c, BK, ask ? &pf : NULL);
+            } else {
+                r = bf16_rows(src, &src->v, s->b, j0 + c, hk0 + e, nc, Dv, Dv, sh.vb + c * Dv,
+                              blk);
+                kn->pv_bf16_dec(m, nc, (int)Dv, (const uint16_t *)sc.hpp + c, BK, &r,
+                                c ? NULL : sc.alpha, sc.acc, Dv, ask ? &pf : NULL);
+            }
+        }
+    }
+}
+
 /* One key tile (keys j0 .. j0+n-1) for kv head hk: scores, masks and
    modifications, the online softmax update, P·V. */
 static void head_tile(const dec_job *job, const qkv__seq *s, const qkv__tile_map *tm,
@@ -939,6 +1050,25 @@ static void next_task_rows(const dec_job *job, int worker, int64_t e, int n, qkv
     *pfv = next_rows(job, &job->src->v, s.b, hk0, e, klo, first, job->a->Dv, n, vbases);
 }
 
+/* The first keys of the task this worker runs next (claimed now), for a
+   streamed tile's last units; cnt 0 when none is left. */
+static void next_task_keys(const dec_job *job, int worker, stream_next *nx)
+{
+    nx->cnt = 0;
+    const int64_t task = qkv__claim_next(job->ctx, worker);
+    if (task < 0)
+        return;
+    job->asked[worker] = task;
+    qkv__seq s;
+    qkv__tile_map tm;
+    int64_t part, klo, khi, lo_last, hi_first;
+    task_of(job, task, &s, &nx->hk0, &tm, &part);
+    task_keys(job, &s, &tm, part, &klo, &khi, &lo_last, &hi_first);
+    nx->b = s.b;
+    nx->p = klo;
+    nx->cnt = khi - klo < BK ? khi - klo : BK;
+}
+
 static void dec_task(void *arg, int64_t task, int worker)
 {
     const dec_job *job = arg;
@@ -967,6 +1097,7 @@ static void dec_task(void *arg, int64_t task, int worker)
     for (int r = 0; r < mpad; r++)
         sh.ones[r] = 1.0f;
     const int rows = m <= job->rows_max;   /* head_tile_rows */
+    const int streamed = rows && job->bf && !job->src->i8 && job->HB > 1;
 
     int64_t klo, khi, lo_last, hi_first;
     task_keys(job, &s, &tm0, part, &klo, &khi, &lo_last, &hi_first);
@@ -979,7 +1110,7 @@ static void dec_task(void *arg, int64_t task, int worker)
        way asks for it at once, and its first tile waits for it: 1 thread,
        1x32768 bf16 in 64 tasks, 2-3% of the time. */
     if (job->asked[worker] != task)
-        prefetch_rows(job->src, s.b, hk0, job->HB, klo, BK, khi, a->D, Dv);
+        prefetch_rows(job->src, s.b, hk0, job->HB, klo, streamed ? SUB : BK, khi, a->D, Dv);
     for (int64_t j0 = klo; j0 < khi; j0 += BK) {
         const int n = (int)(khi - j0 < BK ? khi - j0 : BK);
         const int band = !(lo_last <= j0 && hi_first >= j0 + n);
@@ -990,6 +1121,13 @@ static void dec_task(void *arg, int64_t task, int worker)
         const int64_t calls = job->HB * 2 * ((n + ch - 1) / ch);
         pf_cursor pf = { s.b, hk0, job->HB, j0 + n, 0, j0 + n + next,
                          (next * job->HB + calls - 1) / calls, ch };
+        if (streamed) {
+            stream_next nx = { s.b, hk0, j0 + n, next };
+            if (!next)
+                next_task_keys(job, worker, &nx);
+            tile_streamed(job, &s, &tm0, hk0, j0, n, m, band, &nx, base);
+            continue;
+        }
         for (int64_t e = 0; e < job->HB; e++) {
             qkv__tile_map tm = tm0;
             tm.h0 = (hk0 + e) * a->group;
