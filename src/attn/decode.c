@@ -1268,9 +1268,10 @@ static qkv_status run(qkv_ctx *ctx, const qkv__attn *a, const kv_src *src, int c
     if (src->i8 && a->dt == QKV_BF16 && ctx->kernels->qk_bf16_dec &&
         job.P * a->group <= job.rows_max)
         job.bf = 1;
-    /* fp16 rows at a unit stride, on sets with kernels that widen them */
+    /* fp16 rows at a unit stride read in place, up to the set's row limit */
     job.f16 = !src->i8 && src->k.dtype == QKV_F16 && src->v.dtype == QKV_F16 &&
-              src->k.stride[3] == 1 && src->v.stride[3] == 1 && ctx->kernels->qk_f16_dec;
+              src->k.stride[3] == 1 && src->v.stride[3] == 1 && ctx->kernels->qk_f16_dec &&
+              (!ctx->kernels->f16_rows_max || job.P * a->group <= ctx->kernels->f16_rows_max);
     /* where the set has int16 dot products, the codes are read as they
        are (d up to 256 keeps the int32 sums of the scores exact) */
     job.i8dot = job.bf && src->i8 && ctx->kernels->qk_i8_dec && a->D % 32 == 0 &&

@@ -404,12 +404,15 @@ typedef struct qkv__kernels {
                        const qkv__rows *v, const float *alpha, float *acc, int64_t lda,
                        qkv__pf *pf);
 
-    /* fp16 caches on sets without qk_dec's 4 x 4 blocks (else NULL): the
-       scores of qk_dec from fp16 K rows of d values, and P·V from fp16 V
-       rows of dv values with P in fp32 (p [m][ldp], as exp_rows leaves
-       it): acc[i][c] = alpha[i]·acc[i][c] + Σ_j P(i,j)·v[j][c], summed key
-       by key in fp32 (any split of the keys gives the same bits). Values
-       widened in registers; pf as in pv_bf16_dec. */
+    /* fp16 caches read in place (every set): the scores of qk_dec from
+       fp16 K rows of d values (the bits of qk_dec on the rows widened),
+       and P·V from fp16 V rows of dv values with P in fp32 (p [m][ldp], as
+       exp_rows leaves it): acc[i][c] = alpha[i]·acc[i][c] + Σ_j
+       P(i,j)·v[j][c], summed key by key in fp32 (any split of the keys
+       gives the same bits). Values widened in registers; pf as in
+       pv_bf16_dec. Tiles of more than f16_rows_max rows (0: any) widen
+       each tile's rows once instead, for qk_dec and pv. */
+    int f16_rows_max;
     void (*qk_f16_dec)(int n, int m, int d, float scale, const qkv__rows *k, const float *q,
                        int64_t ldq, float *st, int64_t ldst, qkv__pf *pf);
     void (*pv_f16_dec)(int m, int n, int dv, const float *p, int64_t ldp, const qkv__rows *v,

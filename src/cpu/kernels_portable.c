@@ -656,7 +656,8 @@ __m512 dot_step(const int bf, __m512 c, __m512i a, __m512i b)
 /* Query-major scores st[i·ldst + j] of n keys by m queries in blocks of 4
    keys x 4 queries, rows of len 32-bit lanes (fp32 values, bf16 pairs when
    bf is 1; bf 2: int8 K rows, 2 codes per lane, widened to int16 pairs for
-   int16 queries, len a multiple of 16, sums in int32 times qsc[i]), the
+   int16 queries, len a multiple of 16, sums in int32 times qsc[i]; bf 3:
+   fp16 K rows of len values, widened exactly to fp32 lanes), the
    queries ldq bytes apart; the last n % 4 keys one sum at a time. q (and
    qsc) are readable up to row round_up(m, 4). pf's lines are asked for
    along the first 4 queries' pass, spread over the steps along the row. */
@@ -700,6 +701,15 @@ void qk_rows_blocks(const int bf, int n, int m, int len, float scale, const qkv_
                             _mm256_loadu_si256((const __m256i *)(k0 + e * ldk + 2 * x)));
                         qv[e] = _mm512_loadu_si512(q0 + e * ldq + 4 * x);
                     }
+                } else if (bf == 3) {
+                    for (int e = 0; e < 4; e++) {
+                        const __m256i h =
+                            x < full ? _mm256_loadu_si256((const __m256i *)(k0 + e * ldk + 2 * x))
+                                     : _mm256_maskz_loadu_epi16(tail, k0 + e * ldk + 2 * x);
+                        kv[e] = _mm512_castps_si512(_mm512_cvtph_ps(h));
+                        qv[e] = x < full ? _mm512_loadu_si512(q0 + e * ldq + 4 * x)
+                                         : _mm512_maskz_loadu_epi32(tail, q0 + e * ldq + 4 * x);
+                    }
                 } else if (x < full) {
                     for (int e = 0; e < 4; e++) {
                         kv[e] = _mm512_loadu_si512(k0 + e * ldk + 4 * x);
@@ -726,9 +736,12 @@ void qk_rows_blocks(const int bf, int n, int m, int len, float scale, const qkv_
                 __m512 c = _mm512_setzero_ps();
                 for (int x = 0; x < full + (tail ? VW : 0); x += VW) {
                     const __mmask16 mk = x < full ? (__mmask16)0xffff : tail;
-                    const __m512i kx = bf == 2 ? _mm512_cvtepi8_epi16(_mm256_loadu_si256(
-                                                     (const __m256i *)(kj + 2 * x)))
-                                               : _mm512_maskz_loadu_epi32(mk, kj + 4 * x);
+                    const __m512i kx =
+                        bf == 2 ? _mm512_cvtepi8_epi16(
+                                      _mm256_loadu_si256((const __m256i *)(kj + 2 * x)))
+                        : bf == 3 ? _mm512_castps_si512(
+                                        _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, kj + 2 * x)))
+                                  : _mm512_maskz_loadu_epi32(mk, kj + 4 * x);
                     c = dot_step(bf, c, kx, _mm512_maskz_loadu_epi32(mk, q0 + r * ldq + 4 * x));
                 }
                 st[(i + r) * ldst + j] =
@@ -744,6 +757,98 @@ static void qk_f32_dec(int n, int m, int d, float scale, const qkv__rows *k, con
                        int64_t ldq, float *st, int64_t ldst, qkv__pf *pf)
 {
     qk_rows_blocks(0, n, m, d, scale, k, (const char *)q, ldq * 4, NULL, st, ldst, pf);
+}
+
+/* qk_f32_dec's blocks on fp16 rows widened as they are loaded: the bits
+   of qk_f32_dec on the widened rows. */
+static void qk_f16_dec(int n, int m, int d, float scale, const qkv__rows *k, const float *q,
+                       int64_t ldq, float *st, int64_t ldst, qkv__pf *pf)
+{
+    qk_rows_blocks(3, n, m, d, scale, k, (const char *)q, ldq * 4, NULL, st, ldst, pf);
+}
+
+/* rows (<= 4) of acc x nw·32 columns (the ones past cols masked) over n
+   fp16 V rows [n][ldv bytes] from v, P fp32 [rows][ldp]: each lane adds
+   its keys' products one key at a time (FMAs), after acc times alpha.
+   pf_key of pf's lines after each key; with `touch` the rest of each V
+   row (bytes 128 .. touch) brought into L1, so its lines are read in
+   address order. */
+static inline __attribute__((always_inline))
+void pvh_block(const int rows, const int nw, int n, int cols, const float *p, int64_t ldp,
+               const char *v, int64_t ldv, const float *alpha, float *acc, int64_t lda,
+               int touch, qkv__pf *pf, int pf_key)
+{
+    __mmask16 mc[4];
+    for (int t = 0; t < 4; t++) {
+        const int left = cols - 16 * t;
+        mc[t] = left >= 16 ? 0xffff : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
+    }
+    __m512 c[4][4];
+    for (int r = 0; r < rows; r++)
+        for (int t = 0; t < 2 * nw; t++) {
+            c[r][t] = _mm512_maskz_loadu_ps(mc[t], acc + r * lda + 16 * t);
+            if (alpha)
+                c[r][t] = _mm512_mul_ps(c[r][t], _mm512_set1_ps(alpha[r]));
+        }
+    for (int j = 0; j < n; j++) {
+        const uint16_t *vj = (const uint16_t *)(v + j * ldv);
+        for (int x = 128; x < touch; x += 64)
+            __builtin_prefetch((const char *)vj + x, 0, 3);
+        __m512 b[4];
+        for (int t = 0; t < 2 * nw; t++)   /* whole vectors unmasked: they train the prefetchers */
+            b[t] = _mm512_cvtph_ps(mc[t] == 0xffff
+                                       ? _mm256_loadu_si256((const __m256i *)(vj + 16 * t))
+                                       : _mm256_maskz_loadu_epi16(mc[t], vj + 16 * t));
+        for (int r = 0; r < rows; r++) {
+            const __m512 a = _mm512_set1_ps(p[r * ldp + j]);
+            for (int t = 0; t < 2 * nw; t++)
+                c[r][t] = _mm512_fmadd_ps(a, b[t], c[r][t]);
+        }
+        if (pf)
+            qkv__pf_lines(pf, pf_key);
+    }
+    for (int r = 0; r < rows; r++)
+        for (int t = 0; t < 2 * nw; t++)
+            _mm512_mask_storeu_ps(acc + r * lda + 16 * t, mc[t], c[r][t]);
+}
+
+/* One row group of a chunk of keys: column blocks of 64, then of 32;
+   the first block touches the rest of the rows, the first row group's
+   blocks share asking for pf. */
+#define PVH_ROWS(rows)                                                            \
+    do {                                                                          \
+        for (int c0 = 0; c0 < dv; c0 += 64)                                       \
+            pvh_block(rows, dv - c0 > 32 ? 2 : 1, nk, dv - c0 < 64 ? dv - c0 : 64, \
+                      p + i * ldp + kc, ldp, vc + 2 * c0, v->ld, al ? al + i : NULL, \
+                      acc + i * lda + c0, lda, c0 || i ? 0 : 2 * dv,              \
+                      i ? NULL : pf, pf_key);                                     \
+    } while (0)
+
+/* acc = alpha·acc + P·V from fp16 V rows in place (kernels.h): chunks of
+   keys that end at v's block boundaries, row groups of 4 over each. */
+static void pv_f16_dec(int m, int n, int dv, const float *p, int64_t ldp, const qkv__rows *v,
+                       const float *alpha, float *acc, int64_t lda, qkv__pf *pf)
+{
+    const int blocks = (dv + 63) / 64;
+    const int pf_key = pf ? (pf->per4 + 4 * blocks - 1) / (4 * blocks) : 0;
+    for (int kc = 0, nk; kc < n; kc += nk) {
+        const qkv__walk w = qkv__walk_at(v, kc);
+        const char *vc = w.at;
+        nk = n - kc < 32 ? n - kc : 32;
+        nk = nk < w.left ? nk : w.left;
+        const float *al = kc ? NULL : alpha;
+        for (int i = 0; i < m; i += 4)
+            switch (m - i) {
+            case 1: PVH_ROWS(1); break;
+            case 2: PVH_ROWS(2); break;
+            case 3: PVH_ROWS(3); break;
+            default: PVH_ROWS(4); break;
+            }
+    }
+    if (!n && alpha)   /* no keys: acc still takes alpha */
+        for (int i = 0; i < m; i++)
+            for (int c = 0; c < dv; c++)
+                acc[i * lda + c] *= alpha[i];
 }
 #endif
 
@@ -1803,14 +1908,16 @@ void QKV_KERNEL_TABLE(qkv__kernels *t)
     t->cvt_i8 = cvt_i8;
     t->cvt_i8_bf16 = cvt_i8_bf16;
 #ifdef QKV_HAVE_DEC_F32
-    t->qk_f16_dec = NULL;
-    t->pv_f16_dec = NULL;
     t->qk_dec = qk_f32_dec;
+    /* widening in the kernels costs each row group of 4 its conversions,
+       on the FMAs' ports: measured on the Xeon (1x32768, 32/8 heads),
+       0.71x the time of widened tiles at 4 rows, 0.89x at 8, 1.12x at 16 */
+    t->f16_rows_max = 8;
 #else
     t->qk_dec = qk_dec_fma;
+#endif
     t->qk_f16_dec = qk_f16_dec;
     t->pv_f16_dec = pv_f16_dec;
-#endif
     t->row_max = row_max;
     t->exp_rows = exp_rows;
     t->drop_cols = drop_cols;
