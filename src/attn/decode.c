@@ -930,8 +930,11 @@ static void tile_streamed(const dec_job *job, const qkv__seq *s, const qkv__tile
                 tm.h0 = (hk0 + e) * a->group;
                 sc.st = sc.hst;
                 scores_done(job, s, &tm, j0, n, m, band, &sc, NULL);
-                kn->exp_rows_bf16(sc.hst, BK, m, n, sc.mref, NULL, sc.sum, (uint16_t *)sc.hpp,
-                                  BK);
+                if (job->f16)   /* P in place, fp32 */
+                    kn->exp_rows(sc.hst, BK, m, n, sc.mref, sc.sum);
+                else
+                    kn->exp_rows_bf16(sc.hst, BK, m, n, sc.mref, NULL, sc.sum,
+                                      (uint16_t *)sc.hpp, BK);
                 for (int x = 0; x < m; x++)
                     sc.l[x] = sc.l[x] * sc.alpha[x] + sc.sum[x];
             }
@@ -947,16 +950,23 @@ static void tile_streamed(const dec_job *job, const qkv__seq *s, const qkv__tile
             if (ask)
                 pf = next_rows(job, at ? &src->v : &src->k, ab, ah, e, ap, acnt, at ? Dv : D,
                                nc, bases);
+            qkv__pf *pa = ask ? &pf : NULL;
+            const float *al = c ? NULL : sc.alpha;
             qkv__rows r;
-            if (!is_v) {
-                r = bf16_rows(src, &src->k, s->b, j0 + c, hk0 + e, nc, D, w, sh.kb + c * w, blk);
+            if (!is_v && job->f16) {
+                r = tile_rows(src, &src->k, s->b, j0 + c, hk0 + e, nc, 2 * D, sh.kw, blk);
+                kn->qk_f16_dec(nc, m, (int)D, a->scale, &r, sc.q, D, sc.hst + c, BK, pa);
+            } else if (!is_v) {
+                r = bf16_rows(src, &src->k, s->b, j0 + c, hk0 + e, nc, D, w, sh.kb, blk);
                 kn->qk_bf16_dec(nc, m, (int)pairs(D), a->scale, &r, (const uint16_t *)sc.q, w,
-                                sc.hst + c, BK, ask ? &pf : NULL);
+                                sc.hst + c, BK, pa);
+            } else if (job->f16) {
+                r = tile_rows(src, &src->v, s->b, j0 + c, hk0 + e, nc, 2 * Dv, sh.vw, blk);
+                kn->pv_f16_dec(m, nc, (int)Dv, sc.hst + c, BK, &r, al, sc.acc, Dv, pa);
             } else {
-                r = bf16_rows(src, &src->v, s->b, j0 + c, hk0 + e, nc, Dv, Dv, sh.vb + c * Dv,
-                              blk);
-                kn->pv_bf16_dec(m, nc, (int)Dv, (const uint16_t *)sc.hpp + c, BK, &r,
-                                c ? NULL : sc.alpha, sc.acc, Dv, ask ? &pf : NULL);
+                r = bf16_rows(src, &src->v, s->b, j0 + c, hk0 + e, nc, Dv, Dv, sh.vb, blk);
+                kn->pv_bf16_dec(m, nc, (int)Dv, (const uint16_t *)sc.hpp + c, BK, &r, al,
+                                sc.acc, Dv, pa);
             }
         }
     }
@@ -1097,7 +1107,7 @@ static void dec_task(void *arg, int64_t task, int worker)
     for (int r = 0; r < mpad; r++)
         sh.ones[r] = 1.0f;
     const int rows = m <= job->rows_max;   /* head_tile_rows */
-    const int streamed = rows && job->bf && !job->src->i8 && job->HB > 1;
+    const int streamed = rows && ((job->bf && !job->src->i8) || job->f16) && job->HB > 1;
 
     int64_t klo, khi, lo_last, hi_first;
     task_keys(job, &s, &tm0, part, &klo, &khi, &lo_last, &hi_first);
