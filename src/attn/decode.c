@@ -123,8 +123,8 @@ static const float *rows_f32(const qkv__kernels *kn, const kv_src *src, int is_v
    its sequence, and while one head works on a key tile, it asks for its
    share of the next tile's positions, every head of each position in
    address order. Where a head's rows follow each other ([Hkv, S, D]) a
-   task takes one head and asks for its own next tile. Few-row bf16 tiles
-   of [S, Hkv, D] rows go further: all heads walk each tile together in
+   task takes one head and asks for its own next tile. Few-row tiles of
+   bf16 or fp16 [S, Hkv, D] rows go further: all heads walk each tile together in
    sub-tiles, asking one sub-tile ahead (tile_streamed). The few-row bf16
    kernels ask as they go (qkv__pf, next_rows); the other paths take a few
    rows between kernel calls (pf_cursor). Pages: a cache on 4 KiB pages
@@ -858,20 +858,21 @@ static void head_tile_rows(const dec_job *job, const qkv__seq *s, const qkv__til
 }
 
 /* Position-major caches ([S, Hkv, D] rows, paged pools of that layout)
-   with bf16 rows and few rows per head take their key tiles in a streamed
-   order: the task's kv heads walk the tile's K in sub-tiles of SUB keys,
-   every head's scores of a sub-tile before the next (the positions' rows
-   of all heads are one run), then each head's softmax, then the V rows
-   the same way; meanwhile each call asks for a share of the sub-tile one
-   ahead in that order (the V rows' first after the last K sub-tile, the
-   next tile's or next task's K after the last V). Head by head, each
-   head would read a 1/Hkv share of every position of the tile, the whole
-   next tile (1 MiB at 8 heads of 128 bf16) being asked for meanwhile:
-   measured on the Xeon (1x32768 and 8x8192, 32/8 heads), this order took
-   0.80x that time. The kernels' calls split at multiples of 32 keys give
-   the bits of one call per tile (their contracts), so every layout still
-   gives the same bits. Sub-tiles of 16 or 32 keys ran 1.3-1.5x slower
-   (fixed costs per call), 128 level with 64; asking two or three
+   with bf16 rows, or fp16 rows read in place, and few rows per head take
+   their key tiles in a streamed order: the task's kv heads walk the
+   tile's K in sub-tiles of SUB keys, every head's scores of a sub-tile
+   before the next (the positions' rows of all heads are one run), then
+   each head's softmax, then the V rows the same way; meanwhile each call
+   asks for a share of the sub-tile one ahead in that order (the V rows'
+   first after the last K sub-tile, the next tile's or next task's K
+   after the last V). Head by head, each head would read a 1/Hkv share of
+   every position of the tile, the whole next tile (1 MiB at 8 heads of
+   128 bf16) being asked for meanwhile: measured on the Xeon (bf16,
+   1x32768 and 8x8192, 32/8 heads), this order took 0.80x that time, and
+   0.83x with fp16 rows. The kernels' calls split at multiples of 32 keys
+   give the bits of one call per tile (their contracts), so every layout
+   still gives the same bits. Sub-tiles of 16 or 32 keys ran 1.3-1.5x
+   slower (fixed costs per call), 128 level with 64; asking two or three
    sub-tiles ahead took 1.03-1.25x the time, sub-tiles of a whole tile
    (the next tile asked for meanwhile) 1.2x. */
 enum { SUB = 64 };
