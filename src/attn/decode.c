@@ -247,6 +247,7 @@ typedef struct {
     float    *m, *l, *alpha;                            /* [R]              */
     float    *hst;   /* [R][BK] the head's own scores (streamed tiles)      */
     uint32_t *hpp;   /* [R][BK/2] its P                                      */
+    float    *hps;   /* [2] int8 P's scale, and 1 where a V row was not finite */
 } scratch;
 
 static int64_t shared_floats(int64_t R, int64_t D, int64_t Dv)
@@ -257,7 +258,7 @@ static int64_t shared_floats(int64_t R, int64_t D, int64_t Dv)
 
 static int64_t head_floats(int64_t R, int64_t D, int64_t Dv)
 {
-    return 2 * R * D + R * Dv + 3 * R + BK * R + BK / 2 * R;
+    return 2 * R * D + R * Dv + 3 * R + BK * R + BK / 2 * R + 2;
 }
 
 /* The scratch of head slot e (of HB). */
@@ -284,6 +285,7 @@ static scratch scratch_at(float *base, int64_t e, int64_t R, int64_t D, int64_t 
     s.alpha = s.l + R;
     s.hst = s.alpha + R;
     s.hpp = (uint32_t *)(s.hst + BK * R);
+    s.hps = (float *)(s.hpp + BK / 2 * R);
     return s;
 }
 
@@ -712,10 +714,42 @@ static void i8_scales(const dec_job *job, int64_t b, const float *scales, int64_
     }
 }
 
+/* The softmax of an int8 tile of n keys from j0 for kv head hk, its
+   scores in sc->st: times the key scales, the masks and modifications,
+   the online softmax update, and P times the V scales as int16 in p, on
+   one scale for the tile (the largest V scale over 32767), which it
+   returns; *nan_row is 1 where a V row held a value that is not finite. */
+static float i8_softmax(const dec_job *job, const qkv__seq *s, const qkv__tile_map *tm,
+                        int64_t hk, int64_t j0, int n, int m, int band, const scratch *sc,
+                        int16_t *p, int *nan_row)
+{
+    const kv_src *src = job->src;
+    i8_scales(job, s->b, src->ks, j0, hk, n, sc->ksc);
+    scores_done(job, s, tm, j0, n, m, band, sc, sc->ksc);
+    float vmax = 0.0f;
+    *nan_row = 0;
+    i8_scales(job, s->b, src->vs, j0, hk, n, sc->vsc);
+    for (int c = 0; c < n; c++) {
+        vmax = sc->vsc[c] > vmax ? sc->vsc[c] : vmax;
+        *nan_row |= sc->vsc[c] != sc->vsc[c];
+    }
+    job->ctx->kernels->exp_rows_i16(sc->st, BK, m, n, sc->mref, sc->vsc,
+                                    vmax > 0.0f ? 32767.0f / vmax : 0.0f, sc->sum, p, BK);
+    for (int x = 0; x < m; x++)
+        sc->l[x] = sc->l[x] * sc->alpha[x] + sc->sum[x];
+    return vmax / 32767.0f;
+}
+
+/* acc NaN, as a weight times NaN would make it: P is int16 here. */
+static void i8_nan(const scratch *sc, int m, int64_t Dv)
+{
+    for (int64_t x = 0; x < m * Dv; x++)
+        sc->acc[x] = NAN;
+}
+
 /* head_tile_rows on int8 codes (job->i8dot): int16 queries against int8
-   K rows in int32, times the query and key scales; P times the V scales,
-   as int16 on one scale for the tile (the largest V scale over 32767),
-   against int8 V rows in int32, added to acc in fp32. */
+   K rows in int32, times the query and key scales; P times the V scales
+   (i8_softmax) against int8 V rows in int32, added to acc in fp32. */
 static void head_tile_i8(const dec_job *job, const qkv__seq *s, const qkv__tile_map *tm,
                          int64_t hk, int64_t j0, int n, int m, int band, const scratch *sc,
                          qkv__pf *pfk, qkv__pf *pfv)
@@ -730,24 +764,12 @@ static void head_tile_i8(const dec_job *job, const qkv__seq *s, const qkv__tile_
     qkv__rows r = tile_rows(src, &src->k, s->b, j0, hk, n, D, sc->kb, blk);
     kn->qk_i8_dec(n, m, (int)D, a->scale, &r, queries_i16(sc), D, query_scales(sc, m4, D),
                   sc->st, BK, pfk);
-    i8_scales(job, s->b, src->ks, j0, hk, n, sc->ksc);
-    scores_done(job, s, tm, j0, n, m, band, sc, sc->ksc);
-    float vmax = 0.0f;
-    int nan_row = 0;   /* a V row that held a non-finite value */
-    i8_scales(job, s->b, src->vs, j0, hk, n, sc->vsc);
-    for (int c = 0; c < n; c++) {
-        vmax = sc->vsc[c] > vmax ? sc->vsc[c] : vmax;
-        nan_row |= sc->vsc[c] != sc->vsc[c];
-    }
-    kn->exp_rows_i16(sc->st, BK, m, n, sc->mref, sc->vsc, vmax > 0.0f ? 32767.0f / vmax : 0.0f,
-                     sc->sum, p, BK);
-    for (int x = 0; x < m; x++)
-        sc->l[x] = sc->l[x] * sc->alpha[x] + sc->sum[x];
+    int nan_row;
+    const float ps = i8_softmax(job, s, tm, hk, j0, n, m, band, sc, p, &nan_row);
     r = tile_rows(src, &src->v, s->b, j0, hk, n, Dv, sc->vb, blk);
-    kn->pv_i8_dec(m, n, (int)Dv, p, BK, &r, sc->alpha, vmax / 32767.0f, sc->acc, Dv, pfv);
-    if (nan_row)   /* as its weight times NaN would: P is int16 here */
-        for (int64_t x = 0; x < m * Dv; x++)
-            sc->acc[x] = NAN;
+    kn->pv_i8_dec(m, n, (int)Dv, p, BK, &r, sc->alpha, ps, sc->acc, Dv, pfv);
+    if (nan_row)
+        i8_nan(sc, m, Dv);
 }
 
 /* A key tile for a few rows (decoding): scores query-major in st
@@ -857,8 +879,27 @@ static void head_tile_rows(const dec_job *job, const qkv__seq *s, const qkv__til
     kn->pv_bf16_dec(m, n, (int)Dv, p, BK, &r, sc->alpha, sc->acc, Dv, pfv);
 }
 
+/* Asks for the K and V scales of positions p .. p+n-1 of kv heads h ..
+   h+nh-1 (an int8 pool), block by block: nh 1 in a head-major pool, where
+   each head's scales are a run of their own; in a position-major one
+   the heads' scales of a position are adjacent, so one call covers
+   them all. */
+static void prefetch_scales(const kv_src *src, int64_t b, int64_t h, int64_t nh, int64_t Hkv,
+                            int64_t p, int64_t n)
+{
+    for (int64_t q = p; q < p + n;) {
+        const int64_t left = src->table ? src->bs - row_in_block(src, q) : p + n - q;
+        const int64_t run = left < p + n - q ? left : p + n - q;
+        const int64_t i = scale_idx(src, b, q, h, Hkv), span = (run - 1) * src->sstride + nh;
+        prefetch_span((const char *)(src->ks + i), span * (int64_t)sizeof(float), 2);
+        prefetch_span((const char *)(src->vs + i), span * (int64_t)sizeof(float), 2);
+        q += run;
+    }
+}
+
 /* Position-major caches ([S, Hkv, D] rows, paged pools of that layout)
-   with bf16 rows, or fp16 rows read in place, and few rows per head take
+   with bf16 rows, fp16 rows read in place or int8 codes read as codes
+   (i8dot), and few rows per head take
    their key tiles in a streamed order: the task's kv heads walk the
    tile's K in sub-tiles of SUB keys, every head's scores of a sub-tile
    before the next (the positions' rows of all heads are one run), then
@@ -868,8 +909,8 @@ static void head_tile_rows(const dec_job *job, const qkv__seq *s, const qkv__til
    after the last V). Head by head, each head would read a 1/Hkv share of
    every position of the tile, the whole next tile (1 MiB at 8 heads of
    128 bf16) being asked for meanwhile: measured on the Xeon (bf16,
-   1x32768 and 8x8192, 32/8 heads), this order took 0.80x that time, and
-   0.83x with fp16 rows. The kernels' calls split at multiples of 32 keys
+   1x32768 and 8x8192, 32/8 heads), this order took 0.80x that time,
+   0.83x with fp16 rows and 0.90x with int8 codes. The kernels' calls split at multiples of 32 keys
    give the bits of one call per tile (their contracts), so every layout
    still gives the same bits. Sub-tiles of 16 or 32 keys ran 1.3-1.5x
    slower (fixed costs per call), 128 level with 64; asking two or three
@@ -930,6 +971,13 @@ static void tile_streamed(const dec_job *job, const qkv__seq *s, const qkv__tile
                 qkv__tile_map tm = *tm0;
                 tm.h0 = (hk0 + e) * a->group;
                 sc.st = sc.hst;
+                if (job->i8dot) {
+                    int nan_row;
+                    sc.hps[0] = i8_softmax(job, s, &tm, hk0 + e, j0, n, m, band, &sc,
+                                           (int16_t *)sc.hpp, &nan_row);
+                    sc.hps[1] = (float)nan_row;
+                    continue;
+                }
                 scores_done(job, s, &tm, j0, n, m, band, &sc, NULL);
                 if (job->f16)   /* P in place, fp32 */
                     kn->exp_rows(sc.hst, BK, m, n, sc.mref, sc.sum);
@@ -944,6 +992,8 @@ static void tile_streamed(const dec_job *job, const qkv__seq *s, const qkv__tile
         int at;
         int64_t ab, ah, ap, acnt;
         const int ask = stream_unit(s, hk0, j0, n, nx, u + 1, &at, &ab, &ah, &ap, &acnt);
+        if (ask && !at && job->i8dot)   /* the scales of every head, with their K rows */
+            prefetch_scales(src, ab, ah, job->HB, a->Hkv, ap, acnt);
         for (int64_t e = 0; e < job->HB; e++) {
             const scratch sc = scratch_at(base, e, R, D, Dv);
             const char *bases[TILE_BLOCKS], *blk[TILE_BLOCKS];
@@ -954,7 +1004,18 @@ static void tile_streamed(const dec_job *job, const qkv__seq *s, const qkv__tile
             qkv__pf *pa = ask ? &pf : NULL;
             const float *al = c ? NULL : sc.alpha;
             qkv__rows r;
-            if (!is_v && job->f16) {
+            if (!is_v && job->i8dot) {
+                const int m4 = (m + 3) / 4 * 4;
+                r = tile_rows(src, &src->k, s->b, j0 + c, hk0 + e, nc, D, sh.kb, blk);
+                kn->qk_i8_dec(nc, m, (int)D, a->scale, &r, queries_i16(&sc), D,
+                              query_scales(&sc, m4, D), sc.hst + c, BK, pa);
+            } else if (is_v && job->i8dot) {
+                r = tile_rows(src, &src->v, s->b, j0 + c, hk0 + e, nc, Dv, sh.vb, blk);
+                kn->pv_i8_dec(m, nc, (int)Dv, (const int16_t *)sc.hpp + c, BK, &r, al, sc.hps[0],
+                              sc.acc, Dv, pa);
+                if (c + nc == n && sc.hps[1] != 0.0f)
+                    i8_nan(&sc, m, Dv);
+            } else if (!is_v && job->f16) {
                 r = tile_rows(src, &src->k, s->b, j0 + c, hk0 + e, nc, 2 * D, sh.kw, blk);
                 kn->qk_f16_dec(nc, m, (int)D, a->scale, &r, sc.q, D, sc.hst + c, BK, pa);
             } else if (!is_v) {
@@ -1018,24 +1079,6 @@ static void task_keys(const dec_job *job, const qkv__seq *s, const qkv__tile_map
         const int64_t lo = *klo + part * per;
         *khi = lo + per < *khi ? lo + per : *khi;
         *klo = lo < *khi ? lo : *khi;
-    }
-}
-
-/* Asks for the K and V scales of positions p .. p+n-1 of kv heads h ..
-   h+nh-1 (an int8 pool), block by block: nh 1 in a head-major pool, where
-   each head's scales are a run of their own; in a position-major one
-   the heads' scales of a position are adjacent, so one call covers
-   them all. */
-static void prefetch_scales(const kv_src *src, int64_t b, int64_t h, int64_t nh, int64_t Hkv,
-                            int64_t p, int64_t n)
-{
-    for (int64_t q = p; q < p + n;) {
-        const int64_t left = src->table ? src->bs - row_in_block(src, q) : p + n - q;
-        const int64_t run = left < p + n - q ? left : p + n - q;
-        const int64_t i = scale_idx(src, b, q, h, Hkv), span = (run - 1) * src->sstride + nh;
-        prefetch_span((const char *)(src->ks + i), span * (int64_t)sizeof(float), 2);
-        prefetch_span((const char *)(src->vs + i), span * (int64_t)sizeof(float), 2);
-        q += run;
     }
 }
 
@@ -1108,7 +1151,8 @@ static void dec_task(void *arg, int64_t task, int worker)
     for (int r = 0; r < mpad; r++)
         sh.ones[r] = 1.0f;
     const int rows = m <= job->rows_max;   /* head_tile_rows */
-    const int streamed = rows && ((job->bf && !job->src->i8) || job->f16) && job->HB > 1;
+    const int streamed =
+        rows && ((job->bf && !job->src->i8) || job->f16 || job->i8dot) && job->HB > 1;
 
     int64_t klo, khi, lo_last, hi_first;
     task_keys(job, &s, &tm0, part, &klo, &khi, &lo_last, &hi_first);

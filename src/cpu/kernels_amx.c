@@ -15,15 +15,19 @@
  * K rows are A tiles against the queries' pairs, and V rows are B tiles
  * whose pairs are pairs of columns, taken against P spread into the even
  * or the odd halves of A's pairs (so no V row is copied or transposed).
+ * On CPUs with AMX-INT8, int8 caches take int8 tiles: the codes against
+ * the int16 queries' high and low bytes, P's high and low bytes against
+ * V codes regrouped by 4 keys, each pair of int32 sums joined exactly.
  *
- * Compiled twice: with the AMX instructions (-mamx-tile -mamx-bf16, set
- * "amx"), and with QKV_AMX_EMULATE, where each tile instruction is a loop
+ * Compiled twice: with the AMX instructions (-mamx-tile -mamx-bf16
+ * -mamx-int8 -mavx512vbmi, set "amx"), and with QKV_AMX_EMULATE, where each tile instruction is a loop
  * of AVX512-BF16 code with the same arithmetic (set "amx-emu"). The
  * emulation is slow; it exists so that the tiling, the transposes and the
  * tails of this file are tested on CPUs without AMX.
  */
 #include "kernels.h"
 
+#include <cpuid.h>
 #include <immintrin.h>
 #include <math.h>
 #include <string.h>
@@ -87,12 +91,33 @@ static void t_dp(int c, int a, int b)
         _mm512_storeu_ps(tmm[c].f[m], acc);
     }
 }
+/* The int8 products (tdpbssd, tdpbsud, tdpbusd): C[m][n] += Σ_k
+   A[m][k]·B[k/4][4n + k%4] over A's bytes, signed (sa, sb 1) or not,
+   summed in int32 (wrapping). */
+static void t_dp_i8(int c, int a, int b, int sa, int sb)
+{
+    const uint8_t *ab = (const uint8_t *)tmm[a].u, *bb = (const uint8_t *)tmm[b].u;
+    for (int m = 0; m < tcfg.rows[c]; m++)
+        for (int n = 0; n < tcfg.colsb[c] / 4; n++) {
+            uint32_t acc = tmm[c].u[m][n];
+            for (int k = 0; k < tcfg.colsb[a]; k++) {
+                const int32_t x = sa ? (int8_t)ab[m * TB + k] : ab[m * TB + k];
+                const int32_t y = sb ? (int8_t)bb[k / 4 * TB + 4 * n + k % 4]
+                                     : bb[k / 4 * TB + 4 * n + k % 4];
+                acc += (uint32_t)(x * y);
+            }
+            tmm[c].u[m][n] = acc;
+        }
+}
 static void t_begin_cfg(const tile_config *c) { tcfg = *c; }
 static void t_end(void) {}
 #define T_ZERO(t)          t_zero(t)
 #define T_LOAD(t, p, s)    t_load(t, p, s)
 #define T_STORE(t, p, s)   t_store(t, p, s)
 #define T_DP(c, a, b)      t_dp(c, a, b)
+#define T_DPBSSD(c, a, b)  t_dp_i8(c, a, b, 1, 1)
+#define T_DPBSUD(c, a, b)  t_dp_i8(c, a, b, 1, 0)
+#define T_DPBUSD(c, a, b)  t_dp_i8(c, a, b, 0, 1)
 #else
 static void t_begin_cfg(const tile_config *c) { _tile_loadconfig(c); }
 static void t_end(void) { _tile_release(); }
@@ -100,6 +125,9 @@ static void t_end(void) { _tile_release(); }
 #define T_LOAD(t, p, s)    _tile_loadd(t, p, s)
 #define T_STORE(t, p, s)   _tile_stored(t, p, s)
 #define T_DP(c, a, b)      _tile_dpbf16ps(c, a, b)
+#define T_DPBSSD(c, a, b)  _tile_dpbssd(c, a, b)
+#define T_DPBSUD(c, a, b)  _tile_dpbsud(c, a, b)
+#define T_DPBUSD(c, a, b)  _tile_dpbusd(c, a, b)
 #endif
 
 static void t_begin(void) { t_begin_cfg(&tile_cfg); }
@@ -963,6 +991,348 @@ static void pv_dec_amx(int m, int n, int dv, const uint16_t *p, int64_t ldp,
     }
 }
 
+/* ---- decode from int8 codes on int8 tiles ---------------------------------- */
+
+/* The int8 kernels of the avx512bf16 set (int16 dot products), for what
+   the tiles do not cover. */
+static void (*wide_qk_i8)(int, int, int, float, const qkv__rows *, const int16_t *, int64_t,
+                          const float *, float *, int64_t, qkv__pf *);
+static void (*wide_pv_i8)(int, int, int, const int16_t *, int64_t, const qkv__rows *,
+                          const float *, float, float *, int64_t, qkv__pf *);
+
+/* Rows of int16 values x = 256·hi + lo split into their bytes: hi = x >> 8
+   (signed), lo = x & 255 (unsigned); m rows of d (a multiple of 32) from
+   x [..][ldx], zero rows up to `rows`. */
+static void split_words(const int16_t *x, int64_t ldx, int m, int d, int rows, int8_t *hi,
+                        uint8_t *lo)
+{
+    const __m512i ff = _mm512_set1_epi16(0xff);
+    for (int i = 0; i < rows; i++)
+        for (int c = 0; c < d; c += 32) {
+            const __m512i w = i < m ? _mm512_loadu_si512(x + i * ldx + c) : _mm512_setzero_si512();
+            _mm256_storeu_si256((__m256i *)(hi + i * d + c),
+                                _mm512_cvtepi16_epi8(_mm512_srai_epi16(w, 8)));
+            _mm256_storeu_si256((__m256i *)(lo + i * d + c),
+                                _mm512_cvtepi16_epi8(_mm512_and_si512(w, ff)));
+        }
+}
+
+/* A score tile pair (hi and lo sums, 16 keys by N queries, int32) into m
+   rows of st: 256·hi + lo, exact in int32, converted, turned
+   query-major, times rsc[i], for the keys of mask mk. */
+static inline __attribute__((always_inline)) void scores_out_i8(const int32_t *sh,
+                                                                const int32_t *sl, int N,
+                                                                int m, const float *rsc,
+                                                                __mmask16 mk, float *st,
+                                                                int64_t ldst)
+{
+    __m512i r[TR];
+#pragma GCC unroll 16
+    for (int t = 0; t < N; t++)
+        r[t] = _mm512_castps_si512(_mm512_cvtepi32_ps(
+            _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(sh + t * TR), 8),
+                             _mm512_load_si512(sl + t * TR))));
+    transpose_words(r, N);
+    for (int i = 0; i < m && i < N; i++)
+        _mm512_mask_storeu_ps(st + i * ldst, mk,
+                              _mm512_mul_ps(_mm512_castsi512_ps(r[i]), _mm512_set1_ps(rsc[i])));
+}
+
+static void scores_group_i8(const int32_t *sh, const int32_t *sl, int N, int m,
+                            const float *rsc, int nk, float *st, int64_t ldst)
+{
+    const __mmask16 mk = (__mmask16)((1u << nk) - 1);
+    if (N == 4)
+        scores_out_i8(sh, sl, 4, m, rsc, mk, st, ldst);
+    else if (N == 8)
+        scores_out_i8(sh, sl, 8, m, rsc, mk, st, ldst);
+    else
+        scores_out_i8(sh, sl, TR, m, rsc, mk, st, ldst);
+}
+
+/* Contract of kernels.h's qk_i8_dec (the same int32 sums, so the same
+   bits as the avx512bf16 set's). Each group of 16 keys is an A tile of
+   codes, in place where its rows lie in one block at one stride (else
+   copied, zero past n); each int16 query is 256·hi + lo, whose bytes are
+   B tiles (hi signed: tdpbssd; lo unsigned: tdpbsud), and the two sums
+   are joined exactly in int32. A group's scores are turned out one group
+   later, when its tile stores have landed. */
+static void qk_i8_dec_amx(int n, int m, int d, float scale, const qkv__rows *k,
+                          const int16_t *q, int64_t ldq, const float *qsc, float *st,
+                          int64_t ldst, qkv__pf *pf)
+{
+    if (d % TB || d > DEC_MAXD || m > TR) {
+        wide_qk_i8(n, m, d, scale, k, q, ldq, qsc, st, ldst, pf);
+        return;
+    }
+    const int N = dec_cols(m), nx = d / TB;
+    int8_t qh[TR * DEC_MAXD] __attribute__((aligned(64)));
+    uint8_t ql[TR * DEC_MAXD] __attribute__((aligned(64)));
+    uint32_t th[DEC_MAXD / 4 * TR] __attribute__((aligned(64)));
+    uint32_t tl[DEC_MAXD / 4 * TR] __attribute__((aligned(64)));
+    int8_t kb[TR * DEC_MAXD] __attribute__((aligned(64)));
+    split_words(q, ldq, m, d, N, qh, ql);
+    /* the bytes as rows of d/4 words, in the scores' B tile order */
+    if (N == 4) {
+        queries_tiles((const uint16_t *)qh, d / 2, m, d / 4, 4, th);
+        queries_tiles((const uint16_t *)ql, d / 2, m, d / 4, 4, tl);
+    } else if (N == 8) {
+        queries_tiles((const uint16_t *)qh, d / 2, m, d / 4, 8, th);
+        queries_tiles((const uint16_t *)ql, d / 2, m, d / 4, 8, tl);
+    } else {
+        queries_tiles((const uint16_t *)qh, d / 2, m, d / 4, TR, th);
+        queries_tiles((const uint16_t *)ql, d / 2, m, d / 4, TR, tl);
+    }
+    float rsc[TR];
+    for (int i = 0; i < m; i++)
+        rsc[i] = scale * qsc[i];
+    const int ask = pf ? (4 * pf->per4 + nx - 1) / nx : 0;   /* per chunk of 16 keys */
+    int32_t sh[2][TR * TR] __attribute__((aligned(64)));
+    int32_t sl[2][TR * TR] __attribute__((aligned(64)));
+    int last = -1, lastn = 0;
+    /* tiles: 0, 1 the hi and lo sums; 2, 3 the K codes of chunks of 64;
+       4, 5 hi and 6, 7 lo of the queries (reloaded by chunk beyond 2) */
+    t_begin_cfg(&qk_cfg[N == 4 ? 0 : N == 8 ? 1 : 2]);
+    if (nx <= 2) {
+        T_LOAD(4, th, 4 * N);
+        T_LOAD(6, tl, 4 * N);
+        if (nx > 1) {
+            T_LOAD(5, th + TR * N, 4 * N);
+            T_LOAD(7, tl + TR * N, 4 * N);
+        }
+    }
+    for (int j = 0, cur = 0; j < n; j += TR, cur ^= 1) {
+        const int nk = n - j < TR ? n - j : TR;
+        const qkv__walk w = qkv__walk_at(k, j);
+        const char *a = w.at;
+        int64_t lda = k->ld;
+        if (nk < TR || w.left < TR) {
+            for (int jj = 0; jj < TR; jj++)
+                if (jj < nk)
+                    memcpy(kb + jj * d, qkv__row(k, j + jj), (size_t)d);
+                else
+                    memset(kb + jj * d, 0, (size_t)d);
+            a = (const char *)kb;
+            lda = d;
+        }
+        T_ZERO(0);
+        T_ZERO(1);
+        for (int x = 0; x < nx; x++) {
+            if (nx > 2) {
+                if (x & 1) {
+                    T_LOAD(5, th + x * TR * N, 4 * N);
+                    T_LOAD(7, tl + x * TR * N, 4 * N);
+                } else {
+                    T_LOAD(4, th + x * TR * N, 4 * N);
+                    T_LOAD(6, tl + x * TR * N, 4 * N);
+                }
+            }
+            if (x & 1) {
+                T_LOAD(3, a + TB * x, lda);
+                T_DPBSSD(0, 3, 5);
+                T_DPBSUD(1, 3, 7);
+            } else {
+                T_LOAD(2, a + TB * x, lda);
+                T_DPBSSD(0, 2, 4);
+                T_DPBSUD(1, 2, 6);
+            }
+            if (pf)
+                qkv__pf_lines(pf, ask);
+        }
+        T_STORE(0, sh[cur], 4 * N);
+        T_STORE(1, sl[cur], 4 * N);
+        if (last >= 0)
+            scores_group_i8(sh[cur ^ 1], sl[cur ^ 1], N, m, rsc, lastn, st + last, ldst);
+        last = j;
+        lastn = nk;
+    }
+    if (last >= 0)
+        scores_group_i8(sh[(last / TR) & 1], sl[(last / TR) & 1], N, m, rsc, lastn, st + last,
+                        ldst);
+    t_end();
+}
+
+/* Keys per int32 sum of int8 P·V (P's int16 values are at most 32767,
+   the codes at most 128 in magnitude: 64 of their products stay below
+   2^28). */
+enum { I8_CHUNK = 64 };
+
+/* V codes of 4·rows keys (rows of 4 keys, pointers vr, zero past nk) by
+   dv columns into B tiles: tile cb (16 columns) row r holds, for each of
+   its columns c, the codes of keys 4r .. 4r+3 (bytes 4c .. 4c+3). With
+   AVX512-VBMI two rounds of byte permutes (8 for 4 keys by 64 columns),
+   else unpacks and lane shuffles (16). */
+#ifdef __AVX512VBMI__
+static uint8_t vq_idx[4][64];   /* pairs of rows: columns 0..31, 32..63; quads: 0..15, 16..31 */
+
+static void vq_idx_init(void)
+{
+    for (int b = 0; b < 64; b++) {
+        const int c = b / 2, t = b % 2;
+        vq_idx[0][b] = (uint8_t)(c + 64 * t);
+        vq_idx[1][b] = (uint8_t)(32 + c + 64 * t);
+        const int c4 = b / 4, t4 = b % 4;
+        vq_idx[2][b] = (uint8_t)(2 * c4 + t4 % 2 + 64 * (t4 / 2));
+        vq_idx[3][b] = (uint8_t)(2 * (16 + c4) + t4 % 2 + 64 * (t4 / 2));
+    }
+}
+#else
+static void vq_idx_init(void) {}
+#endif
+
+static void v_quads(const int8_t *const *vr, int nk, int rows, int dv, uint8_t *dst)
+{
+#ifdef __AVX512VBMI__
+    const __m512i pl = _mm512_loadu_si512(vq_idx[0]), phi = _mm512_loadu_si512(vq_idx[1]),
+                  q0 = _mm512_loadu_si512(vq_idx[2]), q1 = _mm512_loadu_si512(vq_idx[3]);
+#endif
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < dv; c += TB) {
+            __m512i x[4];
+            for (int t = 0; t < 4; t++)
+                x[t] = 4 * r + t < nk ? _mm512_loadu_si512(vr[4 * r + t] + c)
+                                      : _mm512_setzero_si512();
+            uint8_t *o = dst + (c / TR) * TR * TB + r * TB;
+#ifdef __AVX512VBMI__
+            const __m512i a0 = _mm512_permutex2var_epi8(x[0], pl, x[1]),
+                          a1 = _mm512_permutex2var_epi8(x[0], phi, x[1]),
+                          b0 = _mm512_permutex2var_epi8(x[2], pl, x[3]),
+                          b1 = _mm512_permutex2var_epi8(x[2], phi, x[3]);
+            _mm512_storeu_si512(o, _mm512_permutex2var_epi8(a0, q0, b0));
+            _mm512_storeu_si512(o + TR * TB, _mm512_permutex2var_epi8(a0, q1, b0));
+            _mm512_storeu_si512(o + 2 * TR * TB, _mm512_permutex2var_epi8(a1, q0, b1));
+            _mm512_storeu_si512(o + 3 * TR * TB, _mm512_permutex2var_epi8(a1, q1, b1));
+#else
+            const __m512i a = _mm512_unpacklo_epi8(x[0], x[1]), b = _mm512_unpackhi_epi8(x[0], x[1]),
+                          e = _mm512_unpacklo_epi8(x[2], x[3]), f = _mm512_unpackhi_epi8(x[2], x[3]);
+            /* lane L of u0..u3: columns 16L .. 16L+15, four at a time */
+            const __m512i u0 = _mm512_unpacklo_epi16(a, e), u1 = _mm512_unpackhi_epi16(a, e),
+                          u2 = _mm512_unpacklo_epi16(b, f), u3 = _mm512_unpackhi_epi16(b, f);
+            const __m512i t0 = _mm512_shuffle_i64x2(u0, u1, 0x44),
+                          t1 = _mm512_shuffle_i64x2(u0, u1, 0xee),
+                          t2 = _mm512_shuffle_i64x2(u2, u3, 0x44),
+                          t3 = _mm512_shuffle_i64x2(u2, u3, 0xee);
+            _mm512_storeu_si512(o, _mm512_shuffle_i64x2(t0, t2, 0x88));
+            _mm512_storeu_si512(o + TR * TB, _mm512_shuffle_i64x2(t0, t2, 0xdd));
+            _mm512_storeu_si512(o + 2 * TR * TB, _mm512_shuffle_i64x2(t1, t3, 0x88));
+            _mm512_storeu_si512(o + 3 * TR * TB, _mm512_shuffle_i64x2(t1, t3, 0xdd));
+#endif
+        }
+}
+
+/* P's int16 values of keys [kg, kg + 64) (zero past n) as the bytes of two
+   A tiles: hi = P >> 8 and lo = P & 255 (P >= 0). */
+static void p_bytes(const int16_t *p, int64_t ldp, int m, int kg, int n, uint8_t *ph,
+                    uint8_t *pl)
+{
+    const __m512i ff = _mm512_set1_epi16(0xff);
+    const int left = n - kg;
+    const __mmask32 m0 = left >= 32 ? ~0u : left > 0 ? (__mmask32)((1ull << left) - 1) : 0;
+    const __mmask32 m1 =
+        left >= 64 ? ~0u : left > 32 ? (__mmask32)((1ull << (left - 32)) - 1) : 0;
+    for (int i = 0; i < m; i++) {
+        const __m512i w0 = _mm512_maskz_loadu_epi16(m0, p + i * ldp + kg),
+                      w1 = _mm512_maskz_loadu_epi16(m1, p + i * ldp + kg + 32);
+        _mm256_store_si256((__m256i *)(ph + i * TB), _mm512_cvtepi16_epi8(_mm512_srli_epi16(w0, 8)));
+        _mm256_store_si256((__m256i *)(ph + i * TB + 32),
+                           _mm512_cvtepi16_epi8(_mm512_srli_epi16(w1, 8)));
+        _mm256_store_si256((__m256i *)(pl + i * TB), _mm512_cvtepi16_epi8(_mm512_and_si512(w0, ff)));
+        _mm256_store_si256((__m256i *)(pl + i * TB + 32),
+                           _mm512_cvtepi16_epi8(_mm512_and_si512(w1, ff)));
+    }
+}
+
+/* Contract of kernels.h's pv_i8_dec, but the int32 sums run over chunks
+   of 64 keys from the call's first (dv a multiple of 32). P's int16
+   values are 256·hi + lo: their bytes are A tiles of 64 keys (unsigned:
+   tdpbusd) against the V codes regrouped by 4 keys (v_quads), two blocks
+   of 16 columns a pass; the hi and lo sums are joined exactly in int32.
+   The operands of a chunk are written before the products of the chunk
+   before it run: a tile load of bytes that vector stores just wrote
+   waits for them to reach the cache. */
+static void pv_i8_dec_amx(int m, int n, int dv, const int16_t *p, int64_t ldp,
+                          const qkv__rows *v, const float *alpha, float pscale, float *acc,
+                          int64_t lda, qkv__pf *pf)
+{
+    if (dv % (2 * TR) || dv > DEC_MAXD || m > TR) {
+        wide_pv_i8(m, n, dv, p, ldp, v, alpha, pscale, acc, lda, pf);
+        return;
+    }
+    enum { KQ = 4 * TR, NG = I8_CHUNK / KQ };   /* keys per A tile, A tiles per chunk */
+    uint8_t ph[2][NG][TR * TB] __attribute__((aligned(64)));
+    uint8_t pl[2][NG][TR * TB] __attribute__((aligned(64)));
+    uint8_t vq[2][NG][DEC_MAXD / TR * TR * TB] __attribute__((aligned(64)));
+    int32_t ch[2][2][TR * TR] __attribute__((aligned(64)));   /* [pass parity][block] */
+    int32_t cl[2][2][TR * TR] __attribute__((aligned(64)));
+    const __m512 ps = _mm512_set1_ps(pscale);
+    if (alpha)
+        for (int i = 0; i < m; i++)
+            for (int c = 0; c < dv; c += TR)
+                _mm512_storeu_ps(acc + i * lda + c, _mm512_mul_ps(_mm512_loadu_ps(acc + i * lda + c),
+                                                                  _mm512_set1_ps(alpha[i])));
+    const int passes = dv / (2 * TR);
+    const int ask = pf ? (pf->per4 * (KQ / 4) + passes - 1) / passes : 0;   /* per A tile */
+    const int chunks = (n + I8_CHUNK - 1) / I8_CHUNK;
+    t_begin_cfg(&pv_cfg[m]);
+    for (int c = 0; c <= chunks; c++) {
+        /* the operands of chunk c */
+        for (int g = 0; c < chunks && g < NG && c * I8_CHUNK + g * KQ < n; g++) {
+            const int kg = c * I8_CHUNK + g * KQ, kn = n - kg < KQ ? n - kg : KQ;
+            p_bytes(p, ldp, m, kg, n, ph[c & 1][g], pl[c & 1][g]);
+            const int8_t *vr[KQ];
+            for (int jj = 0; jj < kn; jj++)
+                vr[jj] = (const int8_t *)qkv__row(v, kg + jj);
+            v_quads(vr, kn, TR, dv, vq[c & 1][g]);
+        }
+        if (c == 0)
+            continue;
+        /* the products of chunk c - 1; each pass's sums are added to acc
+           one pass later, when their tile stores have landed */
+        const int b = (c - 1) & 1, k0 = (c - 1) * I8_CHUNK;
+        const int na = (n - k0 < I8_CHUNK ? n - k0 + KQ - 1 : I8_CHUNK) / KQ;
+        for (int x = 0; x <= passes; x++) {
+            if (x < passes) {
+                /* tiles: 0, 1 hi sums of columns 32x.. and 32x+16..; 2, 3
+                   lo; 4, 5 P's hi and lo bytes; 6, 7 the V quads */
+                const int cb = 2 * x;
+                T_ZERO(0);
+                T_ZERO(1);
+                T_ZERO(2);
+                T_ZERO(3);
+                for (int g = 0; g < na; g++) {
+                    T_LOAD(4, ph[b][g], TB);
+                    T_LOAD(5, pl[b][g], TB);
+                    T_LOAD(6, vq[b][g] + cb * TR * TB, TB);
+                    T_LOAD(7, vq[b][g] + (cb + 1) * TR * TB, TB);
+                    T_DPBUSD(0, 4, 6);
+                    T_DPBUSD(1, 4, 7);
+                    T_DPBUSD(2, 5, 6);
+                    T_DPBUSD(3, 5, 7);
+                    if (pf)
+                        qkv__pf_lines(pf, ask);
+                }
+                T_STORE(0, ch[x & 1][0], TB);
+                T_STORE(1, ch[x & 1][1], TB);
+                T_STORE(2, cl[x & 1][0], TB);
+                T_STORE(3, cl[x & 1][1], TB);
+            }
+            if (x == 0)
+                continue;
+            const int y = x - 1;
+            for (int h = 0; h < 2; h++)
+                for (int i = 0; i < m; i++) {
+                    const __m512i s = _mm512_add_epi32(
+                        _mm512_slli_epi32(_mm512_load_si512(ch[y & 1][h] + i * TR), 8),
+                        _mm512_load_si512(cl[y & 1][h] + i * TR));
+                    float *ar = acc + i * lda + 2 * TR * y + TR * h;
+                    _mm512_storeu_ps(ar, _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), ps,
+                                                         _mm512_loadu_ps(ar)));
+                }
+        }
+    }
+    t_end();
+}
+
 /* ---- the backward's products ------------------------------------------------ */
 
 /* acc rows i..i+16·ni, columns c..c+16·nc (ni, nc in 1..2) += A·B over nch
@@ -1051,6 +1421,19 @@ static void pv_amx(int m, int np, int dv, const uint32_t *pp, int64_t ldp,
         mm_amx(m, npf, dv, pp, 1, ldp, vp, ldvp, acc, lda);
 }
 
+/* Whether the CPU has the int8 tile products (the emulation has them). */
+static int amx_int8(void)
+{
+#ifdef QKV_AMX_EMULATE
+    return 1;
+#else
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d))
+        return 0;
+    return (d >> 25) & 1;
+#endif
+}
+
 void QKV_KERNEL_TABLE(qkv__kernels *t)
 {
     qkv__kernels_avx512bf16(t);
@@ -1078,6 +1461,19 @@ void QKV_KERNEL_TABLE(qkv__kernels *t)
        (Sq = 4, 16 rows: 0.88x the time of the int16 dot products; 4 rows
        took 1.6x that way) */
     t->i8_rows_max = 8;
+    /* with AMX-INT8, on int8 tiles for any row count: on the Xeon (TSC
+       cycles per key from L2, D 128) scores 7 against 20 at 4 rows and 13
+       against 22 at 16, P·V 17-20 against 17 at 4 rows and 26 against 64
+       at 16; 1,4,32768 from a position-major int8 pool 7.1-7.3 ms against
+       10.1-10.7 (bf16 codes on the tiles) */
+    if (amx_int8()) {
+        vq_idx_init();
+        wide_qk_i8 = t->qk_i8_dec;
+        wide_pv_i8 = t->pv_i8_dec;
+        t->qk_i8_dec = qk_i8_dec_amx;
+        t->pv_i8_dec = pv_i8_dec_amx;
+        t->i8_rows_max = 0;
+    }
     qt_idx_init();
     /* and the forward's tasks of under 16 rows take the fp32 path: 1,1,32768,
        32,8,128 bf16 took 16.2 ms that way against 23.5 with vdpbf16ps */
