@@ -909,6 +909,7 @@ static void pv_dec_amx(int m, int n, int dv, const uint16_t *p, int64_t ldp,
     const __m512i hi_i = _mm512_add_epi32(lo_i, _mm512_set1_epi32(8));
     const int passes = (dv + 4 * TR - 1) / (4 * TR);
     const int ask = pf ? (4 * pf->per4 + passes - 1) / passes : 0;   /* per 16 keys of a pass */
+    t_begin_cfg(&pv_cfg[m]);
     for (int j0 = 0; j0 < n; j0 += 128) {
         const int nn = n - j0 < 128 ? n - j0 : 128, gn = (nn + KG - 1) / KG;
         for (int g = 0; g < gn; g++)
@@ -918,7 +919,6 @@ static void pv_dec_amx(int m, int n, int dv, const uint16_t *p, int64_t ldp,
                 _mm512_store_si512(pe + g * TR * TR + i * TR, x);
                 _mm512_store_si512(po + g * TR * TR + i * TR, _mm512_slli_epi32(x, 16));
             }
-        t_begin_cfg(&pv_cfg[m]);
         for (int c0 = 0; c0 < dv; c0 += 4 * TR) {
             const int two = dv - c0 >= 4 * TR;   /* two blocks of 32 columns */
             /* acc's columns c0..c0+32 (and the next 32): even ones into
@@ -987,8 +987,8 @@ static void pv_dec_amx(int m, int n, int dv, const uint16_t *p, int64_t ldp,
                     _mm512_storeu_ps(ar + TR, _mm512_permutex2var_ps(e, hi_i, o));
                 }
         }
-        t_end();
     }
+    t_end();
 }
 
 /* ---- decode from int8 codes on int8 tiles ---------------------------------- */
