@@ -318,21 +318,24 @@ static float *query_scales(const scratch *sc, int m4, int64_t D)
     return (float *)(queries_i16(sc) + m4 * D);
 }
 
-static void quantize_queries(const scratch *sc, int m, int m4, int64_t D, int64_t w)
+static void quantize_queries(const scratch *sc, int bf, int m, int m4, int64_t D, int64_t w)
 {
     int16_t *q16 = queries_i16(sc);
     float *qs = query_scales(sc, m4, D);
     for (int r = 0; r < m4; r++) {
-        const uint16_t *qr = (const uint16_t *)sc->q + r * w;
+        /* bf16 rows of w values (bf), else fp32 rows of D */
+        const uint16_t *qb = (const uint16_t *)sc->q + r * w;
+        const float *qf = sc->q + r * D;
         float big = 0.0f;
         for (int64_t x = 0; r < m && x < D; x++) {
-            const float v = fabsf(qkv__bf16_to_f32(qr[x]));
+            const float v = fabsf(bf ? qkv__bf16_to_f32(qb[x]) : qf[x]);
             big = v > big ? v : big;
         }
         qs[r] = big > 0.0f ? big / 32767.0f : 0.0f;
         const float inv = big > 0.0f ? 32767.0f / big : 0.0f;
         for (int64_t x = 0; x < D; x++)
-            q16[r * D + x] = r < m ? (int16_t)lrintf(qkv__bf16_to_f32(qr[x]) * inv) : 0;
+            q16[r * D + x] =
+                r < m ? (int16_t)lrintf((bf ? qkv__bf16_to_f32(qb[x]) : qf[x]) * inv) : 0;
     }
 }
 
@@ -369,7 +372,7 @@ static void load_queries(const dec_job *job, const qkv__seq *s, const qkv__tile_
         const int m4 = (m + 3) / 4 * 4;
         memset(sc->q + m * row, 0, (size_t)((m4 - m) * row) * sizeof(float));
         if (job->i8dot)
-            quantize_queries(sc, m, m4, D, w);
+            quantize_queries(sc, job->bf, m, m4, D, w);
         return;
     }
     if (!job->bf)   /* the transpose qk reads */
@@ -1328,9 +1331,13 @@ static qkv_status run(qkv_ctx *ctx, const qkv__attn *a, const kv_src *src, int c
               src->k.stride[3] == 1 && src->v.stride[3] == 1 && ctx->kernels->qk_f16_dec &&
               (!ctx->kernels->f16_rows_max || job.P * a->group <= ctx->kernels->f16_rows_max);
     /* where the set has int16 dot products, the codes are read as they
-       are (d up to 256 keeps the int32 sums of the scores exact) */
-    job.i8dot = job.bf && src->i8 && ctx->kernels->qk_i8_dec && a->D % 32 == 0 &&
-                a->D <= 256 && a->Dv % 32 == 0 &&
+       are (d up to 256 keeps the int32 sums of the scores exact), with
+       bf16 or fp16 queries: their rows on an int16 scale each and P on one
+       per tile are within those dtypes' tolerances; fp32 queries keep
+       dequantized fp32 arithmetic */
+    job.i8dot = src->i8 && ctx->kernels->qk_i8_dec && a->D % 32 == 0 && a->D <= 256 &&
+                a->Dv % 32 == 0 && job.P * a->group <= job.rows_max &&
+                (a->dt == QKV_BF16 ? job.bf : a->dt == QKV_F16) &&
                 (!ctx->kernels->i8_rows_max ||
                  job.P * a->group <= ctx->kernels->i8_rows_max);
     /* rows of one head that follow each other ([B, Hkv, S, D] caches):
