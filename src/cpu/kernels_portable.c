@@ -772,7 +772,7 @@ static void qk_f16_dec(int n, int m, int d, float scale, const qkv__rows *k, con
    its keys' products one key at a time (FMAs), after acc times alpha.
    pf_key of pf's lines after each key; with `touch` the rest of each V
    row (bytes 128 .. touch) brought into L1, so its lines are read in
-   address order. */
+   address order. The sums are pv's on the widened rows, bit for bit. */
 static inline __attribute__((always_inline))
 void pvh_block(const int rows, const int nw, int n, int cols, const float *p, int64_t ldp,
                const char *v, int64_t ldv, const float *alpha, float *acc, int64_t lda,
@@ -799,10 +799,14 @@ void pvh_block(const int rows, const int nw, int n, int cols, const float *p, in
             b[t] = _mm512_cvtph_ps(mc[t] == 0xffff
                                        ? _mm256_loadu_si256((const __m256i *)(vj + 16 * t))
                                        : _mm256_maskz_loadu_epi16(mc[t], vj + 16 * t));
+        /* whole vectors as pv_block's expression, masked ones as pv_edge's
+           FMA: the fp32 path's bits even where the compiler does not
+           contract a·b + c (unoptimized builds) */
         for (int r = 0; r < rows; r++) {
             const __m512 a = _mm512_set1_ps(p[r * ldp + j]);
             for (int t = 0; t < 2 * nw; t++)
-                c[r][t] = _mm512_fmadd_ps(a, b[t], c[r][t]);
+                c[r][t] = mc[t] == 0xffff ? (__m512)((vf)c[r][t] + (vf)a * (vf)b[t])
+                                          : _mm512_fmadd_ps(a, b[t], c[r][t]);
         }
         if (pf)
             qkv__pf_lines(pf, pf_key);
