@@ -954,6 +954,89 @@ static int stream_unit(const qkv__seq *s, int64_t hk0, int64_t j0, int n,
     return 1;
 }
 
+/* The scores of keys j0+c .. j0+c+nc-1 (of a streamed tile of n keys
+   from j0) for kv head hk into sc->hst, by the job's kernels; pa: the
+   lines to ask for meanwhile. */
+static void stream_scores(const dec_job *job, const qkv__seq *s, int64_t hk, int64_t j0, int n,
+                          int c, int nc, int m, const scratch *sc, const scratch *sh,
+                          qkv__pf *pa)
+{
+    const qkv__attn *a = job->a;
+    const kv_src *src = job->src;
+    const qkv__kernels *kn = job->ctx->kernels;
+    const int64_t D = a->D, w = 2 * pairs(D);
+    const char *blk[TILE_BLOCKS];
+    qkv__rows r;
+    if (job->i8dot) {
+        const int m4 = (m + 3) / 4 * 4;
+        r = tile_rows(src, &src->k, s->b, j0 + c, hk, nc, D, sh->kb, blk);
+        kn->qk_i8_dec(nc, m, (int)D, a->scale, &r, queries_i16(sc), D,
+                      query_scales(sc, m4, D), sc->hst + c, BK, pa);
+    } else if (job->f16) {
+        r = tile_rows(src, &src->k, s->b, j0 + c, hk, nc, 2 * D, sh->kw, blk);
+        kn->qk_f16_dec(nc, m, (int)D, a->scale, &r, sc->q, D, sc->hst + c, BK, pa);
+    } else if (job->bf) {
+        r = bf16_rows(src, &src->k, s->b, j0 + c, hk, nc, D, w, sh->kb, blk);
+        kn->qk_bf16_dec(nc, m, (int)pairs(D), a->scale, &r, (const uint16_t *)sc->q, w,
+                        sc->hst + c, BK, pa);
+    } else {   /* fp32 rows, converted run by run where they are not fp32 */
+        for (int c0 = c; c0 < c + nc;) {
+            int nr = run_length(src, j0, c0, n, 4);
+            nr = nr < c + nc - c0 ? nr : c + nc - c0;
+            int64_t ldk;
+            const float *kr = rows_f32(kn, src, 0, s->b, j0 + c0, hk, nr, D, a->Hkv, sh->kw,
+                                       &ldk);
+            r = run_rows(kr, ldk * 4, blk);
+            kn->qk_dec(nr, m, (int)D, a->scale, &r, sc->q, D, sc->hst + c0, BK, pa);
+            c0 += nr;
+        }
+    }
+}
+
+/* acc += P·V over keys j0+c .. j0+c+nc-1 of a streamed tile for kv head
+   hk, acc first times alpha when c is 0. */
+static void stream_values(const dec_job *job, const qkv__seq *s, int64_t hk, int64_t j0, int n,
+                          int c, int nc, int m, const scratch *sc, const scratch *sh,
+                          qkv__pf *pa)
+{
+    const qkv__attn *a = job->a;
+    const kv_src *src = job->src;
+    const qkv__kernels *kn = job->ctx->kernels;
+    const int64_t Dv = a->Dv;
+    const float *al = c ? NULL : sc->alpha;
+    const char *blk[TILE_BLOCKS];
+    qkv__rows r;
+    if (job->i8dot) {
+        r = tile_rows(src, &src->v, s->b, j0 + c, hk, nc, Dv, sh->vb, blk);
+        kn->pv_i8_dec(m, nc, (int)Dv, (const int16_t *)sc->hpp + c, BK, &r, al, sc->hps[0],
+                      sc->acc, Dv, pa);
+        if (c + nc == n && sc->hps[1] != 0.0f)
+            i8_nan(sc, m, Dv);
+    } else if (job->f16) {
+        r = tile_rows(src, &src->v, s->b, j0 + c, hk, nc, 2 * Dv, sh->vw, blk);
+        kn->pv_f16_dec(m, nc, (int)Dv, sc->hst + c, BK, &r, al, sc->acc, Dv, pa);
+    } else if (job->bf) {
+        r = bf16_rows(src, &src->v, s->b, j0 + c, hk, nc, Dv, Dv, sh->vb, blk);
+        kn->pv_bf16_dec(m, nc, (int)Dv, (const uint16_t *)sc->hpp + c, BK, &r, al, sc->acc,
+                        Dv, pa);
+    } else {   /* fp32 P·V in calls of 16 keys, as head_tile_rows' */
+        for (int c0 = c; c0 < c + nc;) {
+            int nr = run_length(src, j0, c0, n, 1);
+            nr = nr < c + nc - c0 ? nr : c + nc - c0;
+            int64_t ldv;
+            const float *vr = rows_f32(kn, src, 1, s->b, j0 + c0, hk, nr, Dv, a->Hkv, sh->vw,
+                                       &ldv);
+            for (int x = 0; x < nr; x += 16) {
+                kn->pv(m, nr - x < 16 ? nr - x : 16, (int)Dv, sc->hst + c0 + x, BK, 1,
+                       vr + x * ldv, ldv, c0 + x ? sh->ones : sc->alpha, sc->acc, Dv);
+                if (pa)
+                    qkv__pf_lines(pa, 4 * pa->per4);
+            }
+            c0 += nr;
+        }
+    }
+}
+
 /* One key tile (keys j0 .. j0+n-1) of every kv head of the task in the
    streamed order (above): scores into each head's hst, the masks and
    the online softmax update head by head, P·V into each head's acc. */
@@ -964,7 +1047,7 @@ static void tile_streamed(const dec_job *job, const qkv__seq *s, const qkv__tile
     const qkv__attn *a = job->a;
     const kv_src *src = job->src;
     const qkv__kernels *kn = job->ctx->kernels;
-    const int64_t D = a->D, Dv = a->Dv, w = 2 * pairs(D), R = job->R;
+    const int64_t D = a->D, Dv = a->Dv, R = job->R;
     const int64_t units = (n + SUB - 1) / SUB;
     const scratch sh = scratch_at(base, 0, R, D, Dv);
     for (int64_t u = 0; u < 2 * units; u++) {
@@ -982,11 +1065,11 @@ static void tile_streamed(const dec_job *job, const qkv__seq *s, const qkv__tile
                     continue;
                 }
                 scores_done(job, s, &tm, j0, n, m, band, &sc, NULL);
-                if (job->f16)   /* P in place, fp32 */
-                    kn->exp_rows(sc.hst, BK, m, n, sc.mref, sc.sum);
-                else
+                if (job->bf)
                     kn->exp_rows_bf16(sc.hst, BK, m, n, sc.mref, NULL, sc.sum,
                                       (uint16_t *)sc.hpp, BK);
+                else   /* P in place, fp32 */
+                    kn->exp_rows(sc.hst, BK, m, n, sc.mref, sc.sum);
                 for (int x = 0; x < m; x++)
                     sc.l[x] = sc.l[x] * sc.alpha[x] + sc.sum[x];
             }
@@ -995,44 +1078,19 @@ static void tile_streamed(const dec_job *job, const qkv__seq *s, const qkv__tile
         int at;
         int64_t ab, ah, ap, acnt;
         const int ask = stream_unit(s, hk0, j0, n, nx, u + 1, &at, &ab, &ah, &ap, &acnt);
-        if (ask && !at && job->i8dot)   /* the scales of every head, with their K rows */
+        if (ask && !at && src->i8)   /* the scales of every head, with their K rows */
             prefetch_scales(src, ab, ah, job->HB, a->Hkv, ap, acnt);
         for (int64_t e = 0; e < job->HB; e++) {
             const scratch sc = scratch_at(base, e, R, D, Dv);
-            const char *bases[TILE_BLOCKS], *blk[TILE_BLOCKS];
+            const char *bases[TILE_BLOCKS];
             qkv__pf pf;
             if (ask)
                 pf = next_rows(job, at ? &src->v : &src->k, ab, ah, e, ap, acnt, at ? Dv : D,
                                nc, bases);
-            qkv__pf *pa = ask ? &pf : NULL;
-            const float *al = c ? NULL : sc.alpha;
-            qkv__rows r;
-            if (!is_v && job->i8dot) {
-                const int m4 = (m + 3) / 4 * 4;
-                r = tile_rows(src, &src->k, s->b, j0 + c, hk0 + e, nc, D, sh.kb, blk);
-                kn->qk_i8_dec(nc, m, (int)D, a->scale, &r, queries_i16(&sc), D,
-                              query_scales(&sc, m4, D), sc.hst + c, BK, pa);
-            } else if (is_v && job->i8dot) {
-                r = tile_rows(src, &src->v, s->b, j0 + c, hk0 + e, nc, Dv, sh.vb, blk);
-                kn->pv_i8_dec(m, nc, (int)Dv, (const int16_t *)sc.hpp + c, BK, &r, al, sc.hps[0],
-                              sc.acc, Dv, pa);
-                if (c + nc == n && sc.hps[1] != 0.0f)
-                    i8_nan(&sc, m, Dv);
-            } else if (!is_v && job->f16) {
-                r = tile_rows(src, &src->k, s->b, j0 + c, hk0 + e, nc, 2 * D, sh.kw, blk);
-                kn->qk_f16_dec(nc, m, (int)D, a->scale, &r, sc.q, D, sc.hst + c, BK, pa);
-            } else if (!is_v) {
-                r = bf16_rows(src, &src->k, s->b, j0 + c, hk0 + e, nc, D, w, sh.kb, blk);
-                kn->qk_bf16_dec(nc, m, (int)pairs(D), a->scale, &r, (const uint16_t *)sc.q, w,
-                                sc.hst + c, BK, pa);
-            } else if (job->f16) {
-                r = tile_rows(src, &src->v, s->b, j0 + c, hk0 + e, nc, 2 * Dv, sh.vw, blk);
-                kn->pv_f16_dec(m, nc, (int)Dv, sc.hst + c, BK, &r, al, sc.acc, Dv, pa);
-            } else {
-                r = bf16_rows(src, &src->v, s->b, j0 + c, hk0 + e, nc, Dv, Dv, sh.vb, blk);
-                kn->pv_bf16_dec(m, nc, (int)Dv, (const uint16_t *)sc.hpp + c, BK, &r, al,
-                                sc.acc, Dv, pa);
-            }
+            if (is_v)
+                stream_values(job, s, hk0 + e, j0, n, c, nc, m, &sc, &sh, ask ? &pf : NULL);
+            else
+                stream_scores(job, s, hk0 + e, j0, n, c, nc, m, &sc, &sh, ask ? &pf : NULL);
         }
     }
 }
@@ -1154,8 +1212,7 @@ static void dec_task(void *arg, int64_t task, int worker)
     for (int r = 0; r < mpad; r++)
         sh.ones[r] = 1.0f;
     const int rows = m <= job->rows_max;   /* head_tile_rows */
-    const int streamed =
-        rows && ((job->bf && !job->src->i8) || job->f16 || job->i8dot) && job->HB > 1;
+    const int streamed = rows && job->HB > 1 && !(job->bf && job->src->i8 && !job->i8dot);
 
     int64_t klo, khi, lo_last, hi_first;
     task_keys(job, &s, &tm0, part, &klo, &khi, &lo_last, &hi_first);
