@@ -124,7 +124,7 @@ static const float *rows_f32(const qkv__kernels *kn, const kv_src *src, int is_v
    share of the next tile's positions, every head of each position in
    address order. Where a head's rows follow each other ([Hkv, S, D]) a
    task takes one head and asks for its own next tile. Few-row tiles of
-   bf16 or fp16 [S, Hkv, D] rows go further: all heads walk each tile together in
+   [S, Hkv, D] rows go further: all heads walk each tile together in
    sub-tiles, asking one sub-tile ahead (tile_streamed). The few-row bf16
    kernels ask as they go (qkv__pf, next_rows); the other paths take a few
    rows between kernel calls (pf_cursor). Pages: a cache on 4 KiB pages
@@ -901,24 +901,24 @@ static void prefetch_scales(const kv_src *src, int64_t b, int64_t h, int64_t nh,
 }
 
 /* Position-major caches ([S, Hkv, D] rows, paged pools of that layout)
-   with bf16 rows, fp16 rows read in place or int8 codes read as codes
-   (i8dot), and few rows per head take
-   their key tiles in a streamed order: the task's kv heads walk the
-   tile's K in sub-tiles of SUB keys, every head's scores of a sub-tile
-   before the next (the positions' rows of all heads are one run), then
-   each head's softmax, then the V rows the same way; meanwhile each call
-   asks for a share of the sub-tile one ahead in that order (the V rows'
-   first after the last K sub-tile, the next tile's or next task's K
-   after the last V). Head by head, each head would read a 1/Hkv share of
-   every position of the tile, the whole next tile (1 MiB at 8 heads of
-   128 bf16) being asked for meanwhile: measured on the Xeon (bf16,
-   1x32768 and 8x8192, 32/8 heads), this order took 0.80x that time,
-   0.83x with fp16 rows and 0.90x with int8 codes. The kernels' calls split at multiples of 32 keys
-   give the bits of one call per tile (their contracts), so every layout
-   still gives the same bits. Sub-tiles of 16 or 32 keys ran 1.3-1.5x
-   slower (fixed costs per call), 128 level with 64; asking two or three
-   sub-tiles ahead took 1.03-1.25x the time, sub-tiles of a whole tile
-   (the next tile asked for meanwhile) 1.2x. */
+   with few rows per head take their key tiles in a streamed order (every
+   dtype but int8 codes taken as bf16 by the bf16 kernels): the task's kv
+   heads walk the tile's K in sub-tiles of SUB keys, every head's scores
+   of a sub-tile before the next (the positions' rows of all heads are
+   one run), then each head's softmax, then the V rows the same way;
+   meanwhile each call asks for a share of the sub-tile one ahead in that
+   order (the V rows' first after the last K sub-tile, the next tile's or
+   next task's K after the last V). Head by head, each head would read a
+   1/Hkv share of every position of the tile, the whole next tile (1 MiB
+   at 8 heads of 128 bf16) being asked for meanwhile: measured on the
+   Xeon (1x32768 and 8x8192, 32/8 heads), this order took 0.80x that
+   time with bf16 rows, 0.83x with fp16, 0.90x with int8 codes and
+   0.63-0.67x with fp32 rows. The kernels' calls split at multiples of 32
+   keys give the bits of one call per tile (their contracts), so every
+   layout still gives the same bits. Sub-tiles of 16 or 32 keys ran
+   1.3-1.5x slower (fixed costs per call), 128 level with 64; asking two
+   or three sub-tiles ahead took 1.03-1.25x the time, sub-tiles of a
+   whole tile (the next tile asked for meanwhile) 1.2x. */
 enum { SUB = 64 };
 
 /* The positions after a tile that its last sub-tiles ask for: those of
