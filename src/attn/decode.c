@@ -750,54 +750,140 @@ static void i8_nan(const scratch *sc, int m, int64_t Dv)
         sc->acc[x] = NAN;
 }
 
-/* head_tile_rows on int8 codes (job->i8dot): int16 queries against int8
-   K rows in int32, times the query and key scales; P times the V scales
-   (i8_softmax) against int8 V rows in int32, added to acc in fp32. */
-static void head_tile_i8(const dec_job *job, const qkv__seq *s, const qkv__tile_map *tm,
-                         int64_t hk, int64_t j0, int n, int m, int band, const scratch *sc,
-                         qkv__pf *pfk, qkv__pf *pfv)
+/* The few-row kernels of a key tile of n keys from j0 for kv head hk
+   (head_tile_rows, tile_streamed; all but int8 codes taken as bf16),
+   keys j0+c .. j0+c+nc-1 at a time; sh: the scratch's shared buffers,
+   pa: the lines to ask for meanwhile. The scores into sc->hst: */
+static void rows_scores(const dec_job *job, const qkv__seq *s, int64_t hk, int64_t j0, int n,
+                          int c, int nc, int m, const scratch *sc, const scratch *sh,
+                          qkv__pf *pa)
 {
     const qkv__attn *a = job->a;
     const kv_src *src = job->src;
     const qkv__kernels *kn = job->ctx->kernels;
-    const int64_t D = a->D, Dv = a->Dv;
-    const int m4 = (m + 3) / 4 * 4;
-    int16_t *p = (int16_t *)sc->pp;
+    const int64_t D = a->D, w = 2 * pairs(D);
     const char *blk[TILE_BLOCKS];
-    qkv__rows r = tile_rows(src, &src->k, s->b, j0, hk, n, D, sc->kb, blk);
-    kn->qk_i8_dec(n, m, (int)D, a->scale, &r, queries_i16(sc), D, query_scales(sc, m4, D),
-                  sc->st, BK, pfk);
-    int nan_row;
-    const float ps = i8_softmax(job, s, tm, hk, j0, n, m, band, sc, p, &nan_row);
-    r = tile_rows(src, &src->v, s->b, j0, hk, n, Dv, sc->vb, blk);
-    kn->pv_i8_dec(m, n, (int)Dv, p, BK, &r, sc->alpha, ps, sc->acc, Dv, pfv);
-    if (nan_row)
-        i8_nan(sc, m, Dv);
+    qkv__rows r;
+    if (job->i8dot) {
+        const int m4 = (m + 3) / 4 * 4;
+        r = tile_rows(src, &src->k, s->b, j0 + c, hk, nc, D, sh->kb, blk);
+        kn->qk_i8_dec(nc, m, (int)D, a->scale, &r, queries_i16(sc), D,
+                      query_scales(sc, m4, D), sc->hst + c, BK, pa);
+    } else if (job->f16) {
+        r = tile_rows(src, &src->k, s->b, j0 + c, hk, nc, 2 * D, sh->kw, blk);
+        kn->qk_f16_dec(nc, m, (int)D, a->scale, &r, sc->q, D, sc->hst + c, BK, pa);
+    } else if (job->bf) {
+        r = bf16_rows(src, &src->k, s->b, j0 + c, hk, nc, D, w, sh->kb, blk);
+        kn->qk_bf16_dec(nc, m, (int)pairs(D), a->scale, &r, (const uint16_t *)sc->q, w,
+                        sc->hst + c, BK, pa);
+    } else {   /* fp32 rows, converted run by run where they are not fp32 */
+        for (int c0 = c; c0 < c + nc;) {
+            int nr = run_length(src, j0, c0, n, 4);
+            nr = nr < c + nc - c0 ? nr : c + nc - c0;
+            int64_t ldk;
+            const float *kr = rows_f32(kn, src, 0, s->b, j0 + c0, hk, nr, D, a->Hkv, sh->kw,
+                                       &ldk);
+            r = run_rows(kr, ldk * 4, blk);
+            kn->qk_dec(nr, m, (int)D, a->scale, &r, sc->q, D, sc->hst + c0, BK, pa);
+            c0 += nr;
+        }
+    }
 }
 
-/* A key tile for a few rows (decoding): scores query-major in st
-   [m][BK] and the softmax along each row; then, with bf16 (or int8)
-   rows, P rounded to bf16 and P·V with the accumulators in registers,
-   else fp32 P·V. The bf16 kernels take the tile's rows in place, block
+/* ... and between them the scores' masks and the online softmax update,
+   P into sc->hpp (bf16; int8 codes: int16, its scale and a non-finite V
+   row's flag in sc->hps) or in place (fp32). */
+static void rows_softmax(const dec_job *job, const qkv__seq *s, const qkv__tile_map *tm,
+                         int64_t hk, int64_t j0, int n, int m, int band, const scratch *sc0)
+{
+    const qkv__kernels *kn = job->ctx->kernels;
+    scratch sc = *sc0;
+    sc.st = sc.hst;
+    if (job->i8dot) {
+        int nan_row;
+        sc.hps[0] = i8_softmax(job, s, tm, hk, j0, n, m, band, &sc, (int16_t *)sc.hpp, &nan_row);
+        sc.hps[1] = (float)nan_row;
+        return;
+    }
+    scores_done(job, s, tm, j0, n, m, band, &sc, NULL);
+    if (job->bf)
+        kn->exp_rows_bf16(sc.hst, BK, m, n, sc.mref, NULL, sc.sum, (uint16_t *)sc.hpp, BK);
+    else   /* P in place, fp32 */
+        kn->exp_rows(sc.hst, BK, m, n, sc.mref, sc.sum);
+    for (int x = 0; x < m; x++)
+        sc.l[x] = sc.l[x] * sc.alpha[x] + sc.sum[x];
+}
+
+/* acc += P·V (P from rows_softmax), acc first times alpha when c is 0: */
+static void rows_values(const dec_job *job, const qkv__seq *s, int64_t hk, int64_t j0, int n,
+                          int c, int nc, int m, const scratch *sc, const scratch *sh,
+                          qkv__pf *pa)
+{
+    const qkv__attn *a = job->a;
+    const kv_src *src = job->src;
+    const qkv__kernels *kn = job->ctx->kernels;
+    const int64_t Dv = a->Dv;
+    const float *al = c ? NULL : sc->alpha;
+    const char *blk[TILE_BLOCKS];
+    qkv__rows r;
+    if (job->i8dot) {
+        r = tile_rows(src, &src->v, s->b, j0 + c, hk, nc, Dv, sh->vb, blk);
+        kn->pv_i8_dec(m, nc, (int)Dv, (const int16_t *)sc->hpp + c, BK, &r, al, sc->hps[0],
+                      sc->acc, Dv, pa);
+        if (c + nc == n && sc->hps[1] != 0.0f)
+            i8_nan(sc, m, Dv);
+    } else if (job->f16) {
+        r = tile_rows(src, &src->v, s->b, j0 + c, hk, nc, 2 * Dv, sh->vw, blk);
+        kn->pv_f16_dec(m, nc, (int)Dv, sc->hst + c, BK, &r, al, sc->acc, Dv, pa);
+    } else if (job->bf) {
+        r = bf16_rows(src, &src->v, s->b, j0 + c, hk, nc, Dv, Dv, sh->vb, blk);
+        kn->pv_bf16_dec(m, nc, (int)Dv, (const uint16_t *)sc->hpp + c, BK, &r, al, sc->acc,
+                        Dv, pa);
+    } else {   /* fp32 P·V in calls of 16 keys, as head_tile_rows' */
+        for (int c0 = c; c0 < c + nc;) {
+            int nr = run_length(src, j0, c0, n, 1);
+            nr = nr < c + nc - c0 ? nr : c + nc - c0;
+            int64_t ldv;
+            const float *vr = rows_f32(kn, src, 1, s->b, j0 + c0, hk, nr, Dv, a->Hkv, sh->vw,
+                                       &ldv);
+            for (int x = 0; x < nr; x += 16) {
+                kn->pv(m, nr - x < 16 ? nr - x : 16, (int)Dv, sc->hst + c0 + x, BK, 1,
+                       vr + x * ldv, ldv, c0 + x ? sh->ones : sc->alpha, sc->acc, Dv);
+                if (pa)
+                    qkv__pf_lines(pa, 4 * pa->per4);
+            }
+            c0 += nr;
+        }
+    }
+}
+
+/* A key tile for a few rows (decoding) of kv head hk: scores
+   query-major [m][BK] and the softmax along each row; then, with bf16
+   (or int8) rows, P rounded to bf16 and P·V with the accumulators in
+   registers, else fp32 P·V (rows_scores, rows_softmax, rows_values on
+   the whole tile). The bf16 kernels take the tile's rows in place, block
    by block in a paged cache (gathered where they are not the kernels'
-   width at a unit stride); fp32 and int8 rows converted run by run. The
-   kernels ask for the next tile's K (pfk) and V (pfv) lines as they go.
-   Every cache layout gives the same bits. int8 codes on sets with int16
-   dot products: head_tile_i8. */
+   width at a unit stride); fp32 and int8 rows converted run by run; int8
+   codes read as codes on sets with int16 dot products. The kernels ask
+   for the next tile's K (pfk) and V (pfv) lines as they go. Every cache
+   layout gives the same bits. */
 static void head_tile_rows(const dec_job *job, const qkv__seq *s, const qkv__tile_map *tm,
                            int64_t hk, int64_t j0, int n, int m, int band, const scratch *sc,
                            qkv__pf *pfk, qkv__pf *pfv)
 {
-    if (job->i8dot) {
-        head_tile_i8(job, s, tm, hk, j0, n, m, band, sc, pfk, pfv);
-        return;
-    }
     const qkv__attn *a = job->a;
     const kv_src *src = job->src;
     const qkv__kernels *kn = job->ctx->kernels;
+    if (!(job->bf && src->i8 && !job->i8dot)) {
+        rows_scores(job, s, hk, j0, n, 0, n, m, sc, sc, pfk);
+        rows_softmax(job, s, tm, hk, j0, n, m, band, sc);
+        rows_values(job, s, hk, j0, n, 0, n, m, sc, sc, pfv);
+        return;
+    }
+    /* int8 codes as bf16: widened in the kernels (sets without a bf16
+       dot), else converted to bf16 rows for the bf16 kernels */
     const int64_t D = a->D, Dv = a->Dv, w = 2 * pairs(D);
-    const int bf = job->bf, i8 = bf && src->i8;   /* int8 codes as bf16 */
-    const int i8f = i8 && kn->qk_i8f_dec;            /* ... widened in the kernels */
+    const int i8f = kn->qk_i8f_dec != NULL;
     uint16_t *p = (uint16_t *)sc->pp;
     const char *blk[TILE_BLOCKS];
     qkv__rows r;
@@ -805,80 +891,36 @@ static void head_tile_rows(const dec_job *job, const qkv__seq *s, const qkv__til
         r = tile_rows(src, &src->k, s->b, j0, hk, n, D, sc->kb, blk);
         kn->qk_i8f_dec(n, m, (int)D, a->scale, &r, (const uint16_t *)sc->q, w, sc->st, BK, pfk);
         i8_scales(job, s->b, src->ks, j0, hk, n, sc->ksc);
-    } else if (bf) {
-        if (i8) {
-            for (int c0 = 0; c0 < n;) {
-                const int nr = run_length(src, j0, c0, n, 1);
-                int64_t ld;
-                i8_rows(job, s->b, 0, j0 + c0, hk, nr, sc, c0, &ld);
-                c0 += nr;
-            }
-            r = run_rows(sc->kb, w * 2, blk);
-        } else {
-            r = bf16_rows(src, &src->k, s->b, j0, hk, n, D, w, sc->kb, blk);
-        }
-        kn->qk_bf16_dec(n, m, (int)pairs(D), a->scale, &r, (const uint16_t *)sc->q, w, sc->st,
-                        BK, pfk);
-    } else if (job->f16) {
-        r = tile_rows(src, &src->k, s->b, j0, hk, n, 2 * D, sc->kw, blk);
-        kn->qk_f16_dec(n, m, (int)D, a->scale, &r, sc->q, D, sc->st, BK, pfk);
     } else {
         for (int c0 = 0; c0 < n;) {
-            const int nr = run_length(src, j0, c0, n, 4);
-            int64_t ldk;
-            const float *kr = rows_f32(kn, src, 0, s->b, j0 + c0, hk, nr, D, a->Hkv,
-                                       sc->kw + c0 * D, &ldk);
-            r = run_rows(kr, ldk * 4, blk);
-            kn->qk_dec(nr, m, (int)D, a->scale, &r, sc->q, D, sc->st + c0, BK, pfk);
+            const int nr = run_length(src, j0, c0, n, 1);
+            int64_t ld;
+            i8_rows(job, s->b, 0, j0 + c0, hk, nr, sc, c0, &ld);
             c0 += nr;
         }
+        r = run_rows(sc->kb, w * 2, blk);
+        kn->qk_bf16_dec(n, m, (int)pairs(D), a->scale, &r, (const uint16_t *)sc->q, w, sc->st,
+                        BK, pfk);
     }
-    scores_done(job, s, tm, j0, n, m, band, sc, i8 ? sc->ksc : NULL);
+    scores_done(job, s, tm, j0, n, m, band, sc, sc->ksc);
     if (i8f)   /* the V scales, which P takes */
         i8_scales(job, s->b, src->vs, j0, hk, n, sc->vsc);
-    else if (i8)   /* the V codes and their scales */
+    else   /* the V codes and their scales */
         for (int c0 = 0; c0 < n;) {
             const int nr = run_length(src, j0, c0, n, 1);
             int64_t ldv;
             i8_rows(job, s->b, 1, j0 + c0, hk, nr, sc, c0, &ldv);
             c0 += nr;
         }
-    if (bf)
-        kn->exp_rows_bf16(sc->st, BK, m, n, sc->mref, i8 ? sc->vsc : NULL, sc->sum, p, BK);
-    else
-        kn->exp_rows(sc->st, BK, m, n, sc->mref, sc->sum);
+    kn->exp_rows_bf16(sc->st, BK, m, n, sc->mref, sc->vsc, sc->sum, p, BK);
     for (int x = 0; x < m; x++)
         sc->l[x] = sc->l[x] * sc->alpha[x] + sc->sum[x];
-    if (job->f16) {
-        r = tile_rows(src, &src->v, s->b, j0, hk, n, 2 * Dv, sc->vw, blk);
-        kn->pv_f16_dec(m, n, (int)Dv, sc->st, BK, &r, sc->alpha, sc->acc, Dv, pfv);
-        return;
-    }
-    if (!bf) {
-        /* fp32 P·V run by run, in calls of 16 keys with the next tile's V
-           lines asked for between them (the first call scales acc by
-           alpha, the later ones by 1: the bits of one call) */
-        for (int c0 = 0; c0 < n;) {
-            const int nr = run_length(src, j0, c0, n, 1);
-            int64_t ldv;
-            const float *vr = rows_f32(kn, src, 1, s->b, j0 + c0, hk, nr, Dv, a->Hkv, sc->vw,
-                                       &ldv);
-            for (int c = 0; c < nr; c += 16) {
-                kn->pv(m, nr - c < 16 ? nr - c : 16, (int)Dv, sc->st + c0 + c, BK, 1,
-                       vr + c * ldv, ldv, c0 + c ? sc->ones : sc->alpha, sc->acc, Dv);
-                qkv__pf_lines(pfv, 4 * pfv->per4);
-            }
-            c0 += nr;
-        }
-        return;
-    }
     if (i8f) {
         r = tile_rows(src, &src->v, s->b, j0, hk, n, Dv, sc->vb, blk);
         kn->pv_i8f_dec(m, n, (int)Dv, p, BK, &r, sc->alpha, sc->acc, Dv, pfv);
         return;
     }
-    r = i8 ? run_rows(sc->vb, Dv * 2, blk)
-           : bf16_rows(src, &src->v, s->b, j0, hk, n, Dv, Dv, sc->vb, blk);
+    r = run_rows(sc->vb, Dv * 2, blk);
     kn->pv_bf16_dec(m, n, (int)Dv, p, BK, &r, sc->alpha, sc->acc, Dv, pfv);
 }
 
@@ -954,89 +996,6 @@ static int stream_unit(const qkv__seq *s, int64_t hk0, int64_t j0, int n,
     return 1;
 }
 
-/* The scores of keys j0+c .. j0+c+nc-1 (of a streamed tile of n keys
-   from j0) for kv head hk into sc->hst, by the job's kernels; pa: the
-   lines to ask for meanwhile. */
-static void stream_scores(const dec_job *job, const qkv__seq *s, int64_t hk, int64_t j0, int n,
-                          int c, int nc, int m, const scratch *sc, const scratch *sh,
-                          qkv__pf *pa)
-{
-    const qkv__attn *a = job->a;
-    const kv_src *src = job->src;
-    const qkv__kernels *kn = job->ctx->kernels;
-    const int64_t D = a->D, w = 2 * pairs(D);
-    const char *blk[TILE_BLOCKS];
-    qkv__rows r;
-    if (job->i8dot) {
-        const int m4 = (m + 3) / 4 * 4;
-        r = tile_rows(src, &src->k, s->b, j0 + c, hk, nc, D, sh->kb, blk);
-        kn->qk_i8_dec(nc, m, (int)D, a->scale, &r, queries_i16(sc), D,
-                      query_scales(sc, m4, D), sc->hst + c, BK, pa);
-    } else if (job->f16) {
-        r = tile_rows(src, &src->k, s->b, j0 + c, hk, nc, 2 * D, sh->kw, blk);
-        kn->qk_f16_dec(nc, m, (int)D, a->scale, &r, sc->q, D, sc->hst + c, BK, pa);
-    } else if (job->bf) {
-        r = bf16_rows(src, &src->k, s->b, j0 + c, hk, nc, D, w, sh->kb, blk);
-        kn->qk_bf16_dec(nc, m, (int)pairs(D), a->scale, &r, (const uint16_t *)sc->q, w,
-                        sc->hst + c, BK, pa);
-    } else {   /* fp32 rows, converted run by run where they are not fp32 */
-        for (int c0 = c; c0 < c + nc;) {
-            int nr = run_length(src, j0, c0, n, 4);
-            nr = nr < c + nc - c0 ? nr : c + nc - c0;
-            int64_t ldk;
-            const float *kr = rows_f32(kn, src, 0, s->b, j0 + c0, hk, nr, D, a->Hkv, sh->kw,
-                                       &ldk);
-            r = run_rows(kr, ldk * 4, blk);
-            kn->qk_dec(nr, m, (int)D, a->scale, &r, sc->q, D, sc->hst + c0, BK, pa);
-            c0 += nr;
-        }
-    }
-}
-
-/* acc += P·V over keys j0+c .. j0+c+nc-1 of a streamed tile for kv head
-   hk, acc first times alpha when c is 0. */
-static void stream_values(const dec_job *job, const qkv__seq *s, int64_t hk, int64_t j0, int n,
-                          int c, int nc, int m, const scratch *sc, const scratch *sh,
-                          qkv__pf *pa)
-{
-    const qkv__attn *a = job->a;
-    const kv_src *src = job->src;
-    const qkv__kernels *kn = job->ctx->kernels;
-    const int64_t Dv = a->Dv;
-    const float *al = c ? NULL : sc->alpha;
-    const char *blk[TILE_BLOCKS];
-    qkv__rows r;
-    if (job->i8dot) {
-        r = tile_rows(src, &src->v, s->b, j0 + c, hk, nc, Dv, sh->vb, blk);
-        kn->pv_i8_dec(m, nc, (int)Dv, (const int16_t *)sc->hpp + c, BK, &r, al, sc->hps[0],
-                      sc->acc, Dv, pa);
-        if (c + nc == n && sc->hps[1] != 0.0f)
-            i8_nan(sc, m, Dv);
-    } else if (job->f16) {
-        r = tile_rows(src, &src->v, s->b, j0 + c, hk, nc, 2 * Dv, sh->vw, blk);
-        kn->pv_f16_dec(m, nc, (int)Dv, sc->hst + c, BK, &r, al, sc->acc, Dv, pa);
-    } else if (job->bf) {
-        r = bf16_rows(src, &src->v, s->b, j0 + c, hk, nc, Dv, Dv, sh->vb, blk);
-        kn->pv_bf16_dec(m, nc, (int)Dv, (const uint16_t *)sc->hpp + c, BK, &r, al, sc->acc,
-                        Dv, pa);
-    } else {   /* fp32 P·V in calls of 16 keys, as head_tile_rows' */
-        for (int c0 = c; c0 < c + nc;) {
-            int nr = run_length(src, j0, c0, n, 1);
-            nr = nr < c + nc - c0 ? nr : c + nc - c0;
-            int64_t ldv;
-            const float *vr = rows_f32(kn, src, 1, s->b, j0 + c0, hk, nr, Dv, a->Hkv, sh->vw,
-                                       &ldv);
-            for (int x = 0; x < nr; x += 16) {
-                kn->pv(m, nr - x < 16 ? nr - x : 16, (int)Dv, sc->hst + c0 + x, BK, 1,
-                       vr + x * ldv, ldv, c0 + x ? sh->ones : sc->alpha, sc->acc, Dv);
-                if (pa)
-                    qkv__pf_lines(pa, 4 * pa->per4);
-            }
-            c0 += nr;
-        }
-    }
-}
-
 /* One key tile (keys j0 .. j0+n-1) of every kv head of the task in the
    streamed order (above): scores into each head's hst, the masks and
    the online softmax update head by head, P·V into each head's acc. */
@@ -1046,32 +1005,16 @@ static void tile_streamed(const dec_job *job, const qkv__seq *s, const qkv__tile
 {
     const qkv__attn *a = job->a;
     const kv_src *src = job->src;
-    const qkv__kernels *kn = job->ctx->kernels;
     const int64_t D = a->D, Dv = a->Dv, R = job->R;
     const int64_t units = (n + SUB - 1) / SUB;
     const scratch sh = scratch_at(base, 0, R, D, Dv);
     for (int64_t u = 0; u < 2 * units; u++) {
         if (u == units)
             for (int64_t e = 0; e < job->HB; e++) {
-                scratch sc = scratch_at(base, e, R, D, Dv);
+                const scratch sc = scratch_at(base, e, R, D, Dv);
                 qkv__tile_map tm = *tm0;
                 tm.h0 = (hk0 + e) * a->group;
-                sc.st = sc.hst;
-                if (job->i8dot) {
-                    int nan_row;
-                    sc.hps[0] = i8_softmax(job, s, &tm, hk0 + e, j0, n, m, band, &sc,
-                                           (int16_t *)sc.hpp, &nan_row);
-                    sc.hps[1] = (float)nan_row;
-                    continue;
-                }
-                scores_done(job, s, &tm, j0, n, m, band, &sc, NULL);
-                if (job->bf)
-                    kn->exp_rows_bf16(sc.hst, BK, m, n, sc.mref, NULL, sc.sum,
-                                      (uint16_t *)sc.hpp, BK);
-                else   /* P in place, fp32 */
-                    kn->exp_rows(sc.hst, BK, m, n, sc.mref, sc.sum);
-                for (int x = 0; x < m; x++)
-                    sc.l[x] = sc.l[x] * sc.alpha[x] + sc.sum[x];
+                rows_softmax(job, s, &tm, hk0 + e, j0, n, m, band, &sc);
             }
         const int is_v = u >= units;
         const int c = (int)(u % units) * SUB, nc = n - c < SUB ? n - c : SUB;
@@ -1088,9 +1031,9 @@ static void tile_streamed(const dec_job *job, const qkv__seq *s, const qkv__tile
                 pf = next_rows(job, at ? &src->v : &src->k, ab, ah, e, ap, acnt, at ? Dv : D,
                                nc, bases);
             if (is_v)
-                stream_values(job, s, hk0 + e, j0, n, c, nc, m, &sc, &sh, ask ? &pf : NULL);
+                rows_values(job, s, hk0 + e, j0, n, c, nc, m, &sc, &sh, ask ? &pf : NULL);
             else
-                stream_scores(job, s, hk0 + e, j0, n, c, nc, m, &sc, &sh, ask ? &pf : NULL);
+                rows_scores(job, s, hk0 + e, j0, n, c, nc, m, &sc, &sh, ask ? &pf : NULL);
         }
     }
 }
