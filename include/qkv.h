@@ -501,8 +501,10 @@ typedef enum {
  *   v [n_blocks, block_size, heads_kv, head_dim_v]   row-major
  * or, with head_major = 1, [n_blocks, heads_kv, block_size, head_dim|_v]:
  * a head's rows of a block follow each other, which decoding reads as
- * one stream per head (about 10-15% faster with blocks of 16; larger
- * blocks gain more). The scales below follow the same layout.
+ * one stream per head (on Zen 4, 10-15% faster with blocks of 16; on a
+ * Xeon, where position-major blocks are walked by all heads together,
+ * level with them: docs/PERFORMANCE.md). The scales below follow the
+ * same layout.
  * A sequence owns a block table, a row of int32 block ids: its position p
  * lives in block table[p / block_size], row p % block_size. Blocks may be
  * shared between sequences for reading (a common prompt prefix).
@@ -513,8 +515,9 @@ typedef enum {
  * heads_kv, block_size]) hold the s (fp32), written by qkv_paged_append. An element reads back as code·s, off by at most s/2
  * (1/254 of its row's largest magnitude) plus fp32 rounding. A row holding a non-finite value
  * gets a NaN scale (it reads back as NaN). Other dtypes leave the scales
- * NULL. With bf16 queries on a CPU with AVX512-VNNI (head dims multiples
- * of 32, the keys' at most 256) attention reads the codes as they are:
+ * NULL. With bf16 or fp16 queries on a CPU with AVX512-VNNI (head dims
+ * multiples of 32, the keys' at most 256) attention reads the codes as
+ * they are (on AMX-INT8 tiles where the CPU has them):
  * each query row is rounded to int16 on its own scale, and P times the V
  * scales to int16 on one scale per key tile (2^-15 of the largest, finer
  * than the bf16 P of other paths); the dot products are exact in int32.
@@ -528,7 +531,7 @@ typedef struct {
     int64_t      n_blocks, block_size, heads_kv, head_dim, head_dim_v;
     int          head_major;   /* 0: the layout above; 1: k [n_blocks, heads_kv,
                                   block_size, head_dim] and v alike, each head's
-                                  rows of a block together (decodes faster) */
+                                  rows of a block together */
 } qkv_paged_cache;
 
 /*
