@@ -1188,10 +1188,15 @@ static void v_quads(const int8_t *const *vr, int nk, int rows, int dv, uint8_t *
 #endif
     for (int r = 0; r < rows; r++)
         for (int c = 0; c < dv; c += TB) {
+            /* a last block of 32 columns loads only those (whole blocks
+               unmasked: masked loads do not train the prefetchers) */
+            const int whole = dv - c >= TB;
+            const __mmask64 mk = whole ? ~0ull : (1ull << (dv - c)) - 1;
             __m512i x[4];
             for (int t = 0; t < 4; t++)
-                x[t] = 4 * r + t < nk ? _mm512_loadu_si512(vr[4 * r + t] + c)
-                                      : _mm512_setzero_si512();
+                x[t] = 4 * r + t >= nk ? _mm512_setzero_si512()
+                       : whole         ? _mm512_loadu_si512(vr[4 * r + t] + c)
+                                       : _mm512_maskz_loadu_epi8(mk, vr[4 * r + t] + c);
             uint8_t *o = dst + (c / TR) * TR * TB + r * TB;
 #ifdef __AVX512VBMI__
             const __m512i a0 = _mm512_permutex2var_epi8(x[0], pl, x[1]),
