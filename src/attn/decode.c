@@ -945,7 +945,7 @@ static void prefetch_scales(const kv_src *src, int64_t b, int64_t h, int64_t nh,
 /* Position-major caches ([S, Hkv, D] rows, paged pools of that layout)
    with few rows per head take their key tiles in a streamed order (every
    dtype but int8 codes taken as bf16 by the bf16 kernels): the task's kv
-   heads walk the tile's K in sub-tiles of SUB keys, every head's scores
+   heads walk the tile's K in sub-tiles (sub_keys), every head's scores
    of a sub-tile before the next (the positions' rows of all heads are
    one run), then each head's softmax, then the V rows the same way;
    meanwhile each call asks for a share of the sub-tile one ahead in that
@@ -958,10 +958,15 @@ static void prefetch_scales(const kv_src *src, int64_t b, int64_t h, int64_t nh,
    0.63-0.67x with fp32 rows. The kernels' calls split at multiples of 32
    keys give the bits of one call per tile (their contracts), so every
    layout still gives the same bits. Sub-tiles of 16 or 32 keys ran
-   1.3-1.5x slower (fixed costs per call), 128 level with 64; asking two
-   or three sub-tiles ahead took 1.03-1.25x the time, sub-tiles of a
-   whole tile (the next tile asked for meanwhile) 1.2x. */
-enum { SUB = 64 };
+   1.3-1.5x slower (fixed costs per call), 128 level with 64 (within 3%
+   either way) for up to 8 rows; with 16 rows (4 new queries, more fixed
+   cost per call) 128 took 0.90-0.93x the time of 64. Asking two or three
+   sub-tiles ahead took 1.03-1.25x the time, sub-tiles of a whole tile
+   (the next tile asked for meanwhile) 1.2x. */
+static int sub_keys(int m)
+{
+    return m > 8 ? 128 : 64;
+}
 
 /* The positions after a tile that its last sub-tiles ask for: those of
    sequence b, kv heads from hk0, from p (cnt of them; 0: none). */
@@ -969,20 +974,21 @@ typedef struct {
     int64_t b, hk0, p, cnt;
 } stream_next;
 
-/* Unit u of a streamed tile of n keys from j0: its K sub-tiles, then its
-   V sub-tiles, then the first sub-tiles of nx (K). Returns 0 past them;
-   else t (0 K, 1 V), the sequence, first kv head and positions. */
-static int stream_unit(const qkv__seq *s, int64_t hk0, int64_t j0, int n,
+/* Unit u of a streamed tile of n keys from j0 in sub-tiles of `sub`
+   keys: its K sub-tiles, then its V sub-tiles, then the first sub-tiles
+   of nx (K). Returns 0 past them; else t (0 K, 1 V), the sequence, first
+   kv head and positions. */
+static int stream_unit(const qkv__seq *s, int64_t hk0, int64_t j0, int n, int sub,
                        const stream_next *nx, int64_t u, int *t, int64_t *b, int64_t *h,
                        int64_t *p, int64_t *cnt)
 {
-    const int64_t units = (n + SUB - 1) / SUB;
-    int64_t first = j0, len = n, c = u % units * SUB;
+    const int64_t units = (n + sub - 1) / sub;
+    int64_t first = j0, len = n, c = u % units * sub;
     *t = u >= units;
     *b = s->b;
     *h = hk0;
     if (u >= 2 * units) {
-        c = (u - 2 * units) * SUB;
+        c = (u - 2 * units) * sub;
         first = nx->p;
         len = nx->cnt;
         *t = 0;
@@ -992,7 +998,7 @@ static int stream_unit(const qkv__seq *s, int64_t hk0, int64_t j0, int n,
     if (c >= len)
         return 0;
     *p = first + c;
-    *cnt = len - c < SUB ? len - c : SUB;
+    *cnt = len - c < sub ? len - c : sub;
     return 1;
 }
 
@@ -1006,7 +1012,8 @@ static void tile_streamed(const dec_job *job, const qkv__seq *s, const qkv__tile
     const qkv__attn *a = job->a;
     const kv_src *src = job->src;
     const int64_t D = a->D, Dv = a->Dv, R = job->R;
-    const int64_t units = (n + SUB - 1) / SUB;
+    const int sub = sub_keys(m);
+    const int64_t units = (n + sub - 1) / sub;
     const scratch sh = scratch_at(base, 0, R, D, Dv);
     for (int64_t u = 0; u < 2 * units; u++) {
         if (u == units)
@@ -1017,10 +1024,10 @@ static void tile_streamed(const dec_job *job, const qkv__seq *s, const qkv__tile
                 rows_softmax(job, s, &tm, hk0 + e, j0, n, m, band, &sc);
             }
         const int is_v = u >= units;
-        const int c = (int)(u % units) * SUB, nc = n - c < SUB ? n - c : SUB;
+        const int c = (int)(u % units) * sub, nc = n - c < sub ? n - c : sub;
         int at;
         int64_t ab, ah, ap, acnt;
-        const int ask = stream_unit(s, hk0, j0, n, nx, u + 1, &at, &ab, &ah, &ap, &acnt);
+        const int ask = stream_unit(s, hk0, j0, n, sub, nx, u + 1, &at, &ab, &ah, &ap, &acnt);
         if (ask && !at && src->i8)   /* the scales of every head, with their K rows */
             prefetch_scales(src, ab, ah, job->HB, a->Hkv, ap, acnt);
         for (int64_t e = 0; e < job->HB; e++) {
@@ -1168,7 +1175,8 @@ static void dec_task(void *arg, int64_t task, int worker)
        way asks for it at once, and its first tile waits for it: 1 thread,
        1x32768 bf16 in 64 tasks, 2-3% of the time. */
     if (job->asked[worker] != task)
-        prefetch_rows(job->src, s.b, hk0, job->HB, klo, streamed ? SUB : BK, khi, a->D, Dv);
+        prefetch_rows(job->src, s.b, hk0, job->HB, klo, streamed ? sub_keys(m) : BK, khi, a->D,
+                      Dv);
     for (int64_t j0 = klo; j0 < khi; j0 += BK) {
         const int n = (int)(khi - j0 < BK ? khi - j0 : BK);
         const int band = !(lo_last <= j0 && hi_first >= j0 + n);
