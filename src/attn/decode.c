@@ -755,8 +755,7 @@ static void i8_nan(const scratch *sc, int m, int64_t Dv)
    keys j0+c .. j0+c+nc-1 at a time; sh: the scratch's shared buffers,
    pa: the lines to ask for meanwhile. The scores into sc->hst: */
 static void rows_scores(const dec_job *job, const qkv__seq *s, int64_t hk, int64_t j0, int n,
-                          int c, int nc, int m, const scratch *sc, const scratch *sh,
-                          qkv__pf *pa)
+                        int c, int nc, int m, const scratch *sc, const scratch *sh, qkv__pf *pa)
 {
     const qkv__attn *a = job->a;
     const kv_src *src = job->src;
@@ -816,8 +815,7 @@ static void rows_softmax(const dec_job *job, const qkv__seq *s, const qkv__tile_
 
 /* acc += P·V (P from rows_softmax), acc first times alpha when c is 0: */
 static void rows_values(const dec_job *job, const qkv__seq *s, int64_t hk, int64_t j0, int n,
-                          int c, int nc, int m, const scratch *sc, const scratch *sh,
-                          qkv__pf *pa)
+                        int c, int nc, int m, const scratch *sc, const scratch *sh, qkv__pf *pa)
 {
     const qkv__attn *a = job->a;
     const kv_src *src = job->src;
@@ -839,7 +837,9 @@ static void rows_values(const dec_job *job, const qkv__seq *s, int64_t hk, int64
         r = bf16_rows(src, &src->v, s->b, j0 + c, hk, nc, Dv, Dv, sh->vb, blk);
         kn->pv_bf16_dec(m, nc, (int)Dv, (const uint16_t *)sc->hpp + c, BK, &r, al, sc->acc,
                         Dv, pa);
-    } else {   /* fp32 P·V in calls of 16 keys, as head_tile_rows' */
+    } else {   /* fp32 P·V run by run in calls of 16 keys, the next lines
+                  asked for between them (alpha on the first call, 1 on
+                  the later ones: the bits of one call) */
         for (int c0 = c; c0 < c + nc;) {
             int nr = run_length(src, j0, c0, n, 1);
             nr = nr < c + nc - c0 ? nr : c + nc - c0;

@@ -20,10 +20,11 @@
  * V codes regrouped by 4 keys, each pair of int32 sums joined exactly.
  *
  * Compiled twice: with the AMX instructions (-mamx-tile -mamx-bf16
- * -mamx-int8 -mavx512vbmi, set "amx"), and with QKV_AMX_EMULATE, where each tile instruction is a loop
- * of AVX512-BF16 code with the same arithmetic (set "amx-emu"). The
- * emulation is slow; it exists so that the tiling, the transposes and the
- * tails of this file are tested on CPUs without AMX.
+ * -mamx-int8 -mavx512vbmi, set "amx"), and with QKV_AMX_EMULATE, where
+ * each tile instruction is a loop of AVX512-BF16 code with the same
+ * arithmetic (set "amx-emu"). The emulation is slow; it exists so that
+ * the tiling, the transposes and the tails of this file are tested on
+ * CPUs without AMX.
  */
 #include "kernels.h"
 
@@ -1208,8 +1209,10 @@ static void v_quads(const int8_t *const *vr, int nk, int rows, int dv, uint8_t *
             _mm512_storeu_si512(o + 2 * TR * TB, _mm512_permutex2var_epi8(a1, q0, b1));
             _mm512_storeu_si512(o + 3 * TR * TB, _mm512_permutex2var_epi8(a1, q1, b1));
 #else
-            const __m512i a = _mm512_unpacklo_epi8(x[0], x[1]), b = _mm512_unpackhi_epi8(x[0], x[1]),
-                          e = _mm512_unpacklo_epi8(x[2], x[3]), f = _mm512_unpackhi_epi8(x[2], x[3]);
+            const __m512i a = _mm512_unpacklo_epi8(x[0], x[1]),
+                          b = _mm512_unpackhi_epi8(x[0], x[1]),
+                          e = _mm512_unpacklo_epi8(x[2], x[3]),
+                          f = _mm512_unpackhi_epi8(x[2], x[3]);
             /* lane L of u0..u3: columns 16L .. 16L+15, four at a time */
             const __m512i u0 = _mm512_unpacklo_epi16(a, e), u1 = _mm512_unpackhi_epi16(a, e),
                           u2 = _mm512_unpacklo_epi16(b, f), u3 = _mm512_unpackhi_epi16(b, f);
