@@ -423,6 +423,13 @@ static int run_length(const kv_src *src, int64_t p0, int c0, int n, int align)
     return n - c0;
 }
 
+/* run_length, ending at offset end (a sub-tile's end) at the latest. */
+static int run_until(const kv_src *src, int64_t p0, int c0, int end, int n, int align)
+{
+    const int nr = run_length(src, p0, c0, n, align);
+    return nr < end - c0 ? nr : end - c0;
+}
+
 /* At most this many blocks hold a key tile (blocks of 8, the tile
    starting inside one). */
 enum { TILE_BLOCKS = BK / 8 + 1 };
@@ -777,8 +784,7 @@ static void rows_scores(const dec_job *job, const qkv__seq *s, int64_t hk, int64
                         sc->hst + c, BK, pa);
     } else {   /* fp32 rows, converted run by run where they are not fp32 */
         for (int c0 = c; c0 < c + nc;) {
-            int nr = run_length(src, j0, c0, n, 4);
-            nr = nr < c + nc - c0 ? nr : c + nc - c0;
+            const int nr = run_until(src, j0, c0, c + nc, n, 4);
             int64_t ldk;
             const float *kr = rows_f32(kn, src, 0, s->b, j0 + c0, hk, nr, D, a->Hkv, sh->kw,
                                        &ldk);
@@ -841,8 +847,7 @@ static void rows_values(const dec_job *job, const qkv__seq *s, int64_t hk, int64
                   asked for between them (alpha on the first call, 1 on
                   the later ones: the bits of one call) */
         for (int c0 = c; c0 < c + nc;) {
-            int nr = run_length(src, j0, c0, n, 1);
-            nr = nr < c + nc - c0 ? nr : c + nc - c0;
+            const int nr = run_until(src, j0, c0, c + nc, n, 1);
             int64_t ldv;
             const float *vr = rows_f32(kn, src, 1, s->b, j0 + c0, hk, nr, Dv, a->Hkv, sh->vw,
                                        &ldv);

@@ -1001,19 +1001,24 @@ static void (*wide_qk_i8)(int, int, int, float, const qkv__rows *, const int16_t
 static void (*wide_pv_i8)(int, int, int, const int16_t *, int64_t, const qkv__rows *,
                           const float *, float, float *, int64_t, qkv__pf *);
 
-/* Rows of int16 values x = 256·hi + lo split into their bytes: hi = x >> 8
-   (signed), lo = x & 255 (unsigned); m rows of d (a multiple of 32) from
-   x [..][ldx], zero rows up to `rows`. */
-static void split_words(const int16_t *x, int64_t ldx, int m, int d, int rows, int8_t *hi,
-                        uint8_t *lo)
+/* int16 values x = 256·hi + lo split into their bytes, hi = x >> 8 and
+   lo = x & 255 (the same bytes whether hi is read signed or not): columns
+   c0 .. c0+d-1 (d a multiple of 32) of m rows of x [..][ldx], zero from
+   column lim and in rows m .. rows-1, into rows of hi and lo ldo bytes
+   apart. */
+static void split_words(const int16_t *x, int64_t ldx, int m, int rows, int c0, int d, int lim,
+                        uint8_t *hi, uint8_t *lo, int64_t ldo)
 {
     const __m512i ff = _mm512_set1_epi16(0xff);
     for (int i = 0; i < rows; i++)
         for (int c = 0; c < d; c += 32) {
-            const __m512i w = i < m ? _mm512_loadu_si512(x + i * ldx + c) : _mm512_setzero_si512();
-            _mm256_storeu_si256((__m256i *)(hi + i * d + c),
-                                _mm512_cvtepi16_epi8(_mm512_srai_epi16(w, 8)));
-            _mm256_storeu_si256((__m256i *)(lo + i * d + c),
+            const int left = lim - c0 - c;
+            const __mmask32 mk = left >= 32 ? ~0u : left > 0 ? (__mmask32)((1ull << left) - 1) : 0;
+            const __m512i w = i < m ? _mm512_maskz_loadu_epi16(mk, x + i * ldx + c0 + c)
+                                    : _mm512_setzero_si512();
+            _mm256_storeu_si256((__m256i *)(hi + i * ldo + c),
+                                _mm512_cvtepi16_epi8(_mm512_srli_epi16(w, 8)));
+            _mm256_storeu_si256((__m256i *)(lo + i * ldo + c),
                                 _mm512_cvtepi16_epi8(_mm512_and_si512(w, ff)));
         }
 }
@@ -1067,12 +1072,12 @@ static void qk_i8_dec_amx(int n, int m, int d, float scale, const qkv__rows *k,
         return;
     }
     const int N = dec_cols(m), nx = d / TB;
-    int8_t qh[TR * DEC_MAXD] __attribute__((aligned(64)));
+    uint8_t qh[TR * DEC_MAXD] __attribute__((aligned(64)));
     uint8_t ql[TR * DEC_MAXD] __attribute__((aligned(64)));
     uint32_t th[DEC_MAXD / 4 * TR] __attribute__((aligned(64)));
     uint32_t tl[DEC_MAXD / 4 * TR] __attribute__((aligned(64)));
     int8_t kb[TR * DEC_MAXD] __attribute__((aligned(64)));
-    split_words(q, ldq, m, d, N, qh, ql);
+    split_words(q, ldq, m, N, 0, d, d, qh, ql, d);
     /* the bytes as rows of d/4 words, in the scores' B tile order */
     if (N == 4) {
         queries_tiles((const uint16_t *)qh, d / 2, m, d / 4, 4, th);
@@ -1228,36 +1233,13 @@ static void v_quads(const int8_t *const *vr, int nk, int rows, int dv, uint8_t *
         }
 }
 
-/* P's int16 values of keys [kg, kg + 64) (zero past n) as the bytes of two
-   A tiles: hi = P >> 8 and lo = P & 255 (P >= 0). */
-static void p_bytes(const int16_t *p, int64_t ldp, int m, int kg, int n, uint8_t *ph,
-                    uint8_t *pl)
-{
-    const __m512i ff = _mm512_set1_epi16(0xff);
-    const int left = n - kg;
-    const __mmask32 m0 = left >= 32 ? ~0u : left > 0 ? (__mmask32)((1ull << left) - 1) : 0;
-    const __mmask32 m1 =
-        left >= 64 ? ~0u : left > 32 ? (__mmask32)((1ull << (left - 32)) - 1) : 0;
-    for (int i = 0; i < m; i++) {
-        const __m512i w0 = _mm512_maskz_loadu_epi16(m0, p + i * ldp + kg),
-                      w1 = _mm512_maskz_loadu_epi16(m1, p + i * ldp + kg + 32);
-        _mm256_store_si256((__m256i *)(ph + i * TB), _mm512_cvtepi16_epi8(_mm512_srli_epi16(w0, 8)));
-        _mm256_store_si256((__m256i *)(ph + i * TB + 32),
-                           _mm512_cvtepi16_epi8(_mm512_srli_epi16(w1, 8)));
-        _mm256_store_si256((__m256i *)(pl + i * TB), _mm512_cvtepi16_epi8(_mm512_and_si512(w0, ff)));
-        _mm256_store_si256((__m256i *)(pl + i * TB + 32),
-                           _mm512_cvtepi16_epi8(_mm512_and_si512(w1, ff)));
-    }
-}
-
 /* Contract of kernels.h's pv_i8_dec, but the int32 sums run over chunks
    of 64 keys from the call's first (dv a multiple of 32). P's int16
-   values are 256·hi + lo: their bytes are A tiles of 64 keys (unsigned:
-   tdpbusd) against the V codes regrouped by 4 keys (v_quads), two blocks
+   values are 256·hi + lo: the chunk's bytes are two A tiles (unsigned:
+   tdpbusd) against its V codes regrouped by 4 keys (v_quads), two blocks
    of 16 columns a pass; the hi and lo sums are joined exactly in int32.
-   The operands of a chunk are written before the products of the chunk
-   before it run: a tile load of bytes that vector stores just wrote
-   waits for them to reach the cache. */
+   (Building the next chunk's operands before this chunk's products, and
+   adding a pass's sums one pass later, measured no faster.) */
 static void pv_i8_dec_amx(int m, int n, int dv, const int16_t *p, int64_t ldp,
                           const qkv__rows *v, const float *alpha, float pscale, float *acc,
                           int64_t lda, qkv__pf *pf)
@@ -1266,12 +1248,11 @@ static void pv_i8_dec_amx(int m, int n, int dv, const int16_t *p, int64_t ldp,
         wide_pv_i8(m, n, dv, p, ldp, v, alpha, pscale, acc, lda, pf);
         return;
     }
-    enum { KQ = 4 * TR, NG = I8_CHUNK / KQ };   /* keys per A tile, A tiles per chunk */
-    uint8_t ph[2][NG][TR * TB] __attribute__((aligned(64)));
-    uint8_t pl[2][NG][TR * TB] __attribute__((aligned(64)));
-    uint8_t vq[2][NG][DEC_MAXD / TR * TR * TB] __attribute__((aligned(64)));
-    int32_t ch[2][2][TR * TR] __attribute__((aligned(64)));   /* [pass parity][block] */
-    int32_t cl[2][2][TR * TR] __attribute__((aligned(64)));
+    uint8_t ph[TR * TB] __attribute__((aligned(64)));
+    uint8_t pl[TR * TB] __attribute__((aligned(64)));
+    uint8_t vq[DEC_MAXD / TR * TR * TB] __attribute__((aligned(64)));
+    int32_t ch[2][TR * TR] __attribute__((aligned(64)));
+    int32_t cl[2][TR * TR] __attribute__((aligned(64)));
     const __m512 ps = _mm512_set1_ps(pscale);
     if (alpha)
         for (int i = 0; i < m; i++)
@@ -1279,60 +1260,42 @@ static void pv_i8_dec_amx(int m, int n, int dv, const int16_t *p, int64_t ldp,
                 _mm512_storeu_ps(acc + i * lda + c, _mm512_mul_ps(_mm512_loadu_ps(acc + i * lda + c),
                                                                   _mm512_set1_ps(alpha[i])));
     const int passes = dv / (2 * TR);
-    const int ask = pf ? (pf->per4 * (KQ / 4) + passes - 1) / passes : 0;   /* per A tile */
-    const int chunks = (n + I8_CHUNK - 1) / I8_CHUNK;
+    const int ask = pf ? (pf->per4 * (I8_CHUNK / 4) + passes - 1) / passes : 0;   /* per pass */
     t_begin_cfg(&pv_cfg[m]);
-    for (int c = 0; c <= chunks; c++) {
-        /* the operands of chunk c */
-        for (int g = 0; c < chunks && g < NG && c * I8_CHUNK + g * KQ < n; g++) {
-            const int kg = c * I8_CHUNK + g * KQ, kn = n - kg < KQ ? n - kg : KQ;
-            p_bytes(p, ldp, m, kg, n, ph[c & 1][g], pl[c & 1][g]);
-            const int8_t *vr[KQ];
-            for (int jj = 0; jj < kn; jj++)
-                vr[jj] = (const int8_t *)qkv__row(v, kg + jj);
-            v_quads(vr, kn, TR, dv, vq[c & 1][g]);
-        }
-        if (c == 0)
-            continue;
-        /* the products of chunk c - 1; each pass's sums are added to acc
-           one pass later, when their tile stores have landed */
-        const int b = (c - 1) & 1, k0 = (c - 1) * I8_CHUNK;
-        const int na = (n - k0 < I8_CHUNK ? n - k0 + KQ - 1 : I8_CHUNK) / KQ;
-        for (int x = 0; x <= passes; x++) {
-            if (x < passes) {
-                /* tiles: 0, 1 hi sums of columns 32x.. and 32x+16..; 2, 3
-                   lo; 4, 5 P's hi and lo bytes; 6, 7 the V quads */
-                const int cb = 2 * x;
-                T_ZERO(0);
-                T_ZERO(1);
-                T_ZERO(2);
-                T_ZERO(3);
-                for (int g = 0; g < na; g++) {
-                    T_LOAD(4, ph[b][g], TB);
-                    T_LOAD(5, pl[b][g], TB);
-                    T_LOAD(6, vq[b][g] + cb * TR * TB, TB);
-                    T_LOAD(7, vq[b][g] + (cb + 1) * TR * TB, TB);
-                    T_DPBUSD(0, 4, 6);
-                    T_DPBUSD(1, 4, 7);
-                    T_DPBUSD(2, 5, 6);
-                    T_DPBUSD(3, 5, 7);
-                    if (pf)
-                        qkv__pf_lines(pf, ask);
-                }
-                T_STORE(0, ch[x & 1][0], TB);
-                T_STORE(1, ch[x & 1][1], TB);
-                T_STORE(2, cl[x & 1][0], TB);
-                T_STORE(3, cl[x & 1][1], TB);
-            }
-            if (x == 0)
-                continue;
-            const int y = x - 1;
+    for (int k0 = 0; k0 < n; k0 += I8_CHUNK) {
+        const int kn = n - k0 < I8_CHUNK ? n - k0 : I8_CHUNK;
+        split_words(p, ldp, m, m, k0, I8_CHUNK, n, ph, pl, TB);   /* zero past n */
+        const int8_t *vr[I8_CHUNK];
+        for (int jj = 0; jj < kn; jj++)
+            vr[jj] = (const int8_t *)qkv__row(v, k0 + jj);
+        v_quads(vr, kn, TR, dv, vq);
+        for (int x = 0; x < passes; x++) {
+            /* tiles: 0, 1 hi sums of columns 32x.. and 32x+16..; 2, 3 lo;
+               4, 5 P's hi and lo bytes; 6, 7 the V quads */
+            T_LOAD(4, ph, TB);
+            T_LOAD(5, pl, TB);
+            T_LOAD(6, vq + 2 * x * TR * TB, TB);
+            T_LOAD(7, vq + (2 * x + 1) * TR * TB, TB);
+            T_ZERO(0);
+            T_ZERO(1);
+            T_ZERO(2);
+            T_ZERO(3);
+            T_DPBUSD(0, 4, 6);
+            T_DPBUSD(1, 4, 7);
+            T_DPBUSD(2, 5, 6);
+            T_DPBUSD(3, 5, 7);
+            T_STORE(0, ch[0], TB);
+            T_STORE(1, ch[1], TB);
+            T_STORE(2, cl[0], TB);
+            T_STORE(3, cl[1], TB);
+            if (pf)
+                qkv__pf_lines(pf, ask);
             for (int h = 0; h < 2; h++)
                 for (int i = 0; i < m; i++) {
                     const __m512i s = _mm512_add_epi32(
-                        _mm512_slli_epi32(_mm512_load_si512(ch[y & 1][h] + i * TR), 8),
-                        _mm512_load_si512(cl[y & 1][h] + i * TR));
-                    float *ar = acc + i * lda + 2 * TR * y + TR * h;
+                        _mm512_slli_epi32(_mm512_load_si512(ch[h] + i * TR), 8),
+                        _mm512_load_si512(cl[h] + i * TR));
+                    float *ar = acc + i * lda + 2 * TR * x + TR * h;
                     _mm512_storeu_ps(ar, _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), ps,
                                                          _mm512_loadu_ps(ar)));
                 }
