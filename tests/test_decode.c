@@ -278,15 +278,16 @@ void test_decode_reference(void)
     static const int64_t tiles[][3] = { { 4, 1, 3 }, { 8, 2, 3 }, { 6, 3, 5 },
                                         { 4, 1, 4 }, { 2, 1, 6 }, { 32, 8, 2 } };
     static const qkv_dtype tdts[][2] = { { QKV_BF16, QKV_BF16 }, { QKV_F32, QKV_F16 },
-                                         { QKV_F32, QKV_F32 } };
-    for (int it = 0; it < 12; it++) {
+                                         { QKV_F32, QKV_F32 }, { QKV_F16, QKV_F16 },
+                                         { QKV_BF16, QKV_F16 } };
+    for (int it = 0; it < 30; it++) {
         dcase c;
         random_dcase(&c, &r, 300);
         c.Hq = tiles[it % 6][0];
         c.Hkv = tiles[it % 6][1];
         c.Sq = tiles[it % 6][2];
-        c.qdt = tdts[it % 3][0];
-        c.kdt = tdts[it % 3][1];
+        c.qdt = tdts[it % 5][0];
+        c.kdt = tdts[it % 5][1];
         c.lens[0] = (int32_t)c.Smax;
         check_case(&s, ref, &c, &r, worst);
     }
@@ -446,6 +447,24 @@ void test_decode_paged_bitwise(void)
             one_full_sequence(&c, 16);
         dcase_build(&c, &r);
         paged_vs_contiguous(&s, &c, sizes[it % 6], it % 2, &r);
+        dcase_free(&c);
+    }
+    /* fp16 caches with 9 to 16 rows a tile (split into bf16 pairs on sets
+       with tiles), from every contiguous layout, against both pools */
+    static const int f16_lays[] = { LAY_CONTIG, LAY_BHSD, LAY_INNER2, LAY_REVD };
+    for (int it = 0; it < 8; it++) {
+        dcase c;
+        random_dcase(&c, &r, it % 4 == 3 ? 3000 : 600);
+        c.Hq = it % 2 ? 8 : 4;
+        c.Hkv = it % 2 ? 2 : 1;
+        c.Sq = 3 + it % 2;
+        c.qdt = it % 3 == 2 ? QKV_BF16 : QKV_F16;
+        c.kdt = QKV_F16;
+        c.lay_k = f16_lays[it % 4];
+        if (c.D % 16 || c.D > 256) c.D = 64;
+        if (c.Dv % 16 || c.Dv > 256) c.Dv = c.D;
+        dcase_build(&c, &r);
+        paged_vs_contiguous(&s, &c, sizes[it % 6], it / 4, &r);
         dcase_free(&c);
     }
     /* A sequence long enough to be cut into key parts, with 8 kv heads: a

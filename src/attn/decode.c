@@ -218,6 +218,7 @@ typedef struct {
     int              i8dot;    /* int8 codes read as codes (qk_i8_dec, pv_i8_dec) */
     int              rows_max; /* tiles of up to this many rows take head_tile_rows */
     int              f16;      /* fp16 rows read in place (qk_f16_dec, pv_f16_dec) */
+    int              f16s;     /* fp16 rows split into bf16 pairs (qk_f16s_dec, pv_f16s_dec) */
     int64_t         *start;    /* [B+1] first task of each sequence */
     int64_t         *tstart;   /* [B+1] first tile of each sequence */
     int64_t         *split;    /* [B] key parts per tile of each sequence */
@@ -775,6 +776,9 @@ static void rows_scores(const dec_job *job, const qkv__seq *s, int64_t hk, int64
         r = tile_rows(src, &src->k, s->b, j0 + c, hk, nc, D, sh->kb, blk);
         kn->qk_i8_dec(nc, m, (int)D, a->scale, &r, queries_i16(sc), D,
                       query_scales(sc, m4, D), sc->hst + c, BK, pa);
+    } else if (job->f16s) {
+        r = bf16_rows(src, &src->k, s->b, j0 + c, hk, nc, D, D, sh->kb, blk);
+        kn->qk_f16s_dec(nc, m, (int)D, a->scale, &r, sc->q, D, sc->hst + c, BK, pa);
     } else if (job->f16) {
         r = tile_rows(src, &src->k, s->b, j0 + c, hk, nc, 2 * D, sh->kw, blk);
         kn->qk_f16_dec(nc, m, (int)D, a->scale, &r, sc->q, D, sc->hst + c, BK, pa);
@@ -836,6 +840,9 @@ static void rows_values(const dec_job *job, const qkv__seq *s, int64_t hk, int64
                       sc->acc, Dv, pa);
         if (c + nc == n && sc->hps[1] != 0.0f)
             i8_nan(sc, m, Dv);
+    } else if (job->f16s) {
+        r = bf16_rows(src, &src->v, s->b, j0 + c, hk, nc, Dv, Dv, sh->vb, blk);
+        kn->pv_f16s_dec(m, nc, (int)Dv, sc->hst + c, BK, &r, al, sc->acc, Dv, pa);
     } else if (job->f16) {
         r = tile_rows(src, &src->v, s->b, j0 + c, hk, nc, 2 * Dv, sh->vw, blk);
         kn->pv_f16_dec(m, nc, (int)Dv, sc->hst + c, BK, &r, al, sc->acc, Dv, pa);
@@ -1343,6 +1350,15 @@ static qkv_status run(qkv_ctx *ctx, const qkv__attn *a, const kv_src *src, int c
     job.f16 = !src->i8 && src->k.dtype == QKV_F16 && src->v.dtype == QKV_F16 &&
               src->k.stride[3] == 1 && src->v.stride[3] == 1 && ctx->kernels->qk_f16_dec &&
               (!ctx->kernels->f16_rows_max || job.P * a->group <= ctx->kernels->f16_rows_max);
+    /* more rows on sets with bf16 tiles (whatever the strides, for the
+       same bits in every layout): fp16 values split into pairs of bf16,
+       with fp16 or bf16 queries (which split exactly as well) */
+    job.f16s = !src->i8 && src->k.dtype == QKV_F16 && src->v.dtype == QKV_F16 &&
+               ctx->kernels->qk_f16s_dec && ctx->kernels->f16_rows_max &&
+               job.P * a->group > ctx->kernels->f16_rows_max &&
+               (a->dt == QKV_F16 || a->dt == QKV_BF16) && job.P * a->group <= job.rows_max &&
+               job.P * a->group <= 16 &&
+               a->D % 16 == 0 && a->D <= 256 && a->Dv % 16 == 0 && a->Dv <= 256;
     /* where the set has int16 dot products, the codes are read as they
        are (d up to 256 keeps the int32 sums of the scores exact), with
        bf16 or fp16 queries: their rows on an int16 scale each and P on one

@@ -411,12 +411,30 @@ typedef struct qkv__kernels {
        P(i,j)·v[j][c], summed key by key in fp32 (any split of the keys
        gives the same bits). Values widened in registers; pf as in
        pv_bf16_dec. Tiles of more than f16_rows_max rows (0: any) widen
-       each tile's rows once instead, for qk_dec and pv. */
+       each tile's rows once instead, for qk_dec and pv, or split them
+       (qk_f16s_dec, pv_f16s_dec, below). */
     int f16_rows_max;
     void (*qk_f16_dec)(int n, int m, int d, float scale, const qkv__rows *k, const float *q,
                        int64_t ldq, float *st, int64_t ldst, qkv__pf *pf);
     void (*pv_f16_dec)(int m, int n, int dv, const float *p, int64_t ldp, const qkv__rows *v,
                        const float *alpha, float *acc, int64_t lda, qkv__pf *pf);
+
+    /* fp16 caches with more rows than f16_rows_max, on sets with bf16
+       tiles (else NULL): each fp16 value split exactly into two bf16 (its
+       top 16 bits as fp32, and the rest), the products on the tiles. The
+       scores of qk_f16_dec, for queries whose values are fp16 or bf16 (q
+       fp32 rows; they split exactly too): every product exact, the sums
+       in fp32, each key's scores from its row alone. P·V as pv_f16_dec,
+       P split into its top 16 bits and the rest rounded to bf16 (P within
+       2^-16 of itself), the sums over keys in groups of 16 from the
+       call's first key (calls split at multiples of 16 give the same
+       bits), and a V value that is not finite making its column NaN. d
+       and dv multiples of 16 up to 256, m up to 16; the rows are read one
+       by one, in any layout. */
+    void (*qk_f16s_dec)(int n, int m, int d, float scale, const qkv__rows *k, const float *q,
+                        int64_t ldq, float *st, int64_t ldst, qkv__pf *pf);
+    void (*pv_f16s_dec)(int m, int n, int dv, const float *p, int64_t ldp, const qkv__rows *v,
+                        const float *alpha, float *acc, int64_t lda, qkv__pf *pf);
 
     /* ---- decode, every set ---------------------------------------------- */
 

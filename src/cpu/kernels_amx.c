@@ -992,6 +992,186 @@ static void pv_dec_amx(int m, int n, int dv, const uint16_t *p, int64_t ldp,
     t_end();
 }
 
+/* ---- decode from fp16 rows split into pairs of bf16 ----------------------- */
+
+/* The keys (or V rows) of a chunk, 16 fp16 values from h, as words (hi,
+   lo) of two bf16 whose sum is exactly each value: hi its top 16 bits as
+   fp32, lo the rest (at most 3 significant bits: fp16 keeps 11). A value
+   that is not finite gives a NaN lo. */
+static inline __m512i split_f16(const uint16_t *h)
+{
+    const __m512 f = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)h));
+    const __m512i fi = _mm512_castps_si512(f);
+    const __m512 lo = _mm512_sub_ps(f, _mm512_castsi512_ps(
+                                           _mm512_and_si512(fi, _mm512_set1_epi32(-65536))));
+    return _mm512_mask_blend_epi16((__mmask32)0xAAAAAAAAu, _mm512_srli_epi32(fi, 16),
+                                   _mm512_castps_si512(lo));
+}
+
+/* n rows of r from row j, d fp16 values each, split into rows of d words
+   at dst (ld words apart); rows n .. rows-1 zero. */
+static void split_rows(const qkv__rows *r, int j, int n, int rows, int d, uint32_t *dst,
+                       int64_t ld)
+{
+    for (int jj = 0; jj < rows; jj++) {
+        const uint16_t *h = jj < n ? (const uint16_t *)qkv__row(r, j + jj) : NULL;
+        for (int x = 0; x < d; x += TR)
+            _mm512_store_si512(dst + jj * ld + x, h ? split_f16(h + x) : _mm512_setzero_si512());
+    }
+}
+
+/* Contract of kernels.h's qk_f16s_dec. Each key's row, split into words
+   (kh, kl) of d values, is a row of the A tiles (two groups of 16 keys at
+   a time); the queries' words (qh, qh) and (ql, ql) are two sets of B
+   tiles, so that the two products sum kh·qh + kl·qh + kh·ql + kl·ql,
+   every product exact, in fp32. The 16 x N results go out as
+   qk_dec_amx's. */
+static void qk_f16s_dec_amx(int n, int m, int d, float scale, const qkv__rows *k,
+                            const float *q, int64_t ldq, float *st, int64_t ldst, qkv__pf *pf)
+{
+    const int N = dec_cols(m), nx = d / TR;
+    uint32_t qw[TR * DEC_MAXD] __attribute__((aligned(64)));
+    uint32_t qt[2][DEC_MAXD * TR] __attribute__((aligned(64)));
+    uint32_t kb[2 * TR * DEC_MAXD] __attribute__((aligned(64)));
+    float s[2][2][TR * TR] __attribute__((aligned(64)));
+    for (int half = 0; half < 2; half++) {   /* (qh, qh), then (ql, ql) */
+        for (int i = 0; i < m; i++)
+            for (int x = 0; x < d; x += TR) {
+                const __m512 f = _mm512_loadu_ps(q + i * ldq + x);
+                const __m512i hi =
+                    _mm512_and_si512(_mm512_castps_si512(f), _mm512_set1_epi32(-65536));
+                const __m512i w =
+                    half ? _mm512_and_si512(_mm512_castps_si512(_mm512_sub_ps(
+                                                f, _mm512_castsi512_ps(hi))),
+                                            _mm512_set1_epi32(-65536))
+                         : hi;
+                _mm512_store_si512(qw + i * d + x, _mm512_or_si512(w, _mm512_srli_epi32(w, 16)));
+            }
+        if (N == 4)
+            queries_tiles((const uint16_t *)qw, 2 * d, m, d, 4, qt[half]);
+        else if (N == 8)
+            queries_tiles((const uint16_t *)qw, 2 * d, m, d, 8, qt[half]);
+        else
+            queries_tiles((const uint16_t *)qw, 2 * d, m, d, TR, qt[half]);
+    }
+    const __m512 sc = _mm512_set1_ps(scale);
+    const int ask = pf ? (8 * pf->per4 + nx - 1) / nx : 0;   /* per chunk of 32 keys */
+    int last = -1, lastn = 0;
+    t_begin_cfg(&qk_cfg[N == 4 ? 0 : N == 8 ? 1 : 2]);
+    for (int j = 0, cur = 0; j < n; j += 2 * TR, cur ^= 1) {
+        const int nk = n - j < 2 * TR ? n - j : 2 * TR, two = nk > TR;
+        split_rows(k, j, nk, two ? 2 * TR : TR, d, kb, d);
+        T_ZERO(0);
+        if (two) T_ZERO(1);
+        for (int x = 0; x < nx; x++) {
+            T_LOAD(2, kb + x * TR, 4 * d);
+            if (two) T_LOAD(3, kb + TR * d + x * TR, 4 * d);
+            T_LOAD(4, qt[0] + x * TR * N, 4 * N);
+            T_LOAD(5, qt[1] + x * TR * N, 4 * N);
+            T_DP(0, 2, 4);
+            T_DP(0, 2, 5);
+            if (two) {
+                T_DP(1, 3, 4);
+                T_DP(1, 3, 5);
+            }
+            if (pf)
+                qkv__pf_lines(pf, ask);
+        }
+        T_STORE(0, s[cur][0], 4 * N);
+        if (two) T_STORE(1, s[cur][1], 4 * N);
+        if (last >= 0)
+            scores_groups(s[cur ^ 1], N, m, sc, lastn, st + last, ldst);
+        last = j;
+        lastn = nk;
+    }
+    if (last >= 0)
+        scores_groups(s[(((n + 2 * TR - 1) / (2 * TR)) - 1) & 1], N, m, sc, lastn, st + last, ldst);
+    t_end();
+}
+
+/* Contract of kernels.h's pv_f16s_dec. Chunks of 64 keys (32 where dv >
+   128): P's rows split into words (ph, ph) and (pl, pl) (ph P's top 16
+   bits, pl the rest rounded to bf16) are two A tiles per group of 16
+   keys, the V rows split into words (vh, vl) the B tiles, so that each
+   group adds ph·vh + ph·vl + pl·vh + pl·vl to acc's C tiles (m rows, 64
+   columns a pass, loaded from acc and stored back each chunk). */
+static void pv_f16s_dec_amx(int m, int n, int dv, const float *p, int64_t ldp,
+                            const qkv__rows *v, const float *alpha, float *acc, int64_t lda,
+                            qkv__pf *pf)
+{
+    enum { VB = 64 * 128 };   /* words of the V chunk */
+    uint32_t ph[4 * TR * TR] __attribute__((aligned(64)));
+    uint32_t pl[4 * TR * TR] __attribute__((aligned(64)));
+    uint32_t vb[VB] __attribute__((aligned(64)));
+    const int kc = VB / dv < 64 ? VB / dv / TR * TR : 64;
+    if (alpha)
+        for (int i = 0; i < m; i++)
+            for (int c = 0; c < dv; c += TR) {
+                float *a = acc + i * lda + c;
+                _mm512_storeu_ps(a, _mm512_mul_ps(_mm512_loadu_ps(a), _mm512_set1_ps(alpha[i])));
+            }
+    const int passes = (dv + 4 * TR - 1) / (4 * TR);
+    const int ask = pf ? (4 * pf->per4 + passes - 1) / passes : 0;   /* per 16 keys of a pass */
+    t_begin_cfg(&pv_cfg[m]);
+    for (int j0 = 0; j0 < n; j0 += kc) {
+        const int nn = n - j0 < kc ? n - j0 : kc, gn = (nn + TR - 1) / TR;
+        for (int g = 0; g < gn; g++) {
+            const int nk = nn - g * TR < TR ? nn - g * TR : TR;
+            const __mmask16 mk = (__mmask16)((1u << nk) - 1);
+            for (int i = 0; i < m; i++) {
+                const __m512 f = _mm512_maskz_loadu_ps(mk, p + i * ldp + j0 + g * TR);
+                const __m512i hi =
+                    _mm512_and_si512(_mm512_castps_si512(f), _mm512_set1_epi32(-65536));
+                const __m512i lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(
+                    _mm512_sub_ps(f, _mm512_castsi512_ps(hi))));
+                _mm512_store_si512(ph + (g * TR + i) * TR,
+                                   _mm512_or_si512(hi, _mm512_srli_epi32(hi, 16)));
+                _mm512_store_si512(pl + (g * TR + i) * TR,
+                                   _mm512_or_si512(lo, _mm512_slli_epi32(lo, 16)));
+            }
+            split_rows(v, j0 + g * TR, nk, TR, dv, vb + g * TR * dv, dv);
+        }
+        for (int c0 = 0; c0 < dv; c0 += 4 * TR) {
+            const int nb = dv - c0 < 4 * TR ? (dv - c0) / TR : 4;   /* C tiles */
+            float *ac = acc + c0;
+            T_LOAD(0, ac, 4 * lda);
+            if (nb > 1) T_LOAD(1, ac + TR, 4 * lda);
+            if (nb > 2) T_LOAD(2, ac + 2 * TR, 4 * lda);
+            if (nb > 3) T_LOAD(3, ac + 3 * TR, 4 * lda);
+            for (int g = 0; g < gn; g++) {
+                const uint32_t *b = vb + g * TR * dv + c0;
+                T_LOAD(4, ph + g * TR * TR, TB);
+                T_LOAD(5, pl + g * TR * TR, TB);
+                T_LOAD(6, b, 4 * dv);
+                T_DP(0, 4, 6);
+                T_DP(0, 5, 6);
+                if (nb > 1) {
+                    T_LOAD(7, b + TR, 4 * dv);
+                    T_DP(1, 4, 7);
+                    T_DP(1, 5, 7);
+                }
+                if (nb > 2) {
+                    T_LOAD(6, b + 2 * TR, 4 * dv);
+                    T_DP(2, 4, 6);
+                    T_DP(2, 5, 6);
+                }
+                if (nb > 3) {
+                    T_LOAD(7, b + 3 * TR, 4 * dv);
+                    T_DP(3, 4, 7);
+                    T_DP(3, 5, 7);
+                }
+                if (pf)
+                    qkv__pf_lines(pf, ask);
+            }
+            T_STORE(0, ac, 4 * lda);
+            if (nb > 1) T_STORE(1, ac + TR, 4 * lda);
+            if (nb > 2) T_STORE(2, ac + 2 * TR, 4 * lda);
+            if (nb > 3) T_STORE(3, ac + 3 * TR, 4 * lda);
+        }
+    }
+    t_end();
+}
+
 /* ---- decode from int8 codes on int8 tiles ---------------------------------- */
 
 /* The int8 kernels of the avx512bf16 set (int16 dot products), for what
@@ -1428,6 +1608,8 @@ void QKV_KERNEL_TABLE(qkv__kernels *t)
     t->exp_rows_bf16 = exp_rows_dec_amx;
     t->qk_bf16_dec = qk_dec_amx;
     t->pv_bf16_dec = pv_dec_amx;
+    t->qk_f16s_dec = qk_f16s_dec_amx;
+    t->pv_f16s_dec = pv_f16s_dec_amx;
     /* int8 pools with more than 8 rows a tile: codes as bf16 on the tiles
        (Sq = 4, 16 rows: 0.88x the time of the int16 dot products; 4 rows
        took 1.6x that way) */
