@@ -47,6 +47,7 @@ import torch  # noqa: E402
 DOC = bench.DOC
 BEGIN, END = "<!-- decode:begin -->", "<!-- decode:end -->"
 KV_I8 = 16                 # QKV_KV_I8 in qkv.h
+STREAM_COPY, STREAM_READ = 1, 2   # qkv_stream in qkv.h
 BLOCK = 16                 # positions per block of the paged rows
 ROUNDS = 9                 # timing rounds per row
 MIN_ROUND_S = 0.005        # short calls repeat within a round to last this long
@@ -82,6 +83,7 @@ def bind(qkv):
         "qkv_paged_append": ([ctypes.c_void_p, P(PagedCache), i32, ctypes.c_int64, i32, T, T],
                              ctypes.c_int),
         "qkv_peak_bandwidth": ([ctypes.c_void_p], ctypes.c_double),
+        "qkv_memory_bandwidth": ([ctypes.c_void_p, ctypes.c_int], ctypes.c_double),
         "qkv_alloc": ([ctypes.c_size_t], ctypes.c_void_p),
         "qkv_free": ([ctypes.c_void_p], None),
     }
@@ -445,7 +447,9 @@ def markdown(meta, rows, l3, varlen, pair=None, rounds=0):
               f"{(l3 or 0) >> 20} MiB. qkv {meta['qkv']}, kernel set `{meta['isa']}`; "
               f"STREAM triad (`qkv_peak_bandwidth`, same threads) measured before and "
               f"after each row, the higher of the two quoted with the row "
-              f"({min(r[3] for r in rows):.1f}–{max(r[3] for r in rows):.1f} GB/s). "
+              f"({min(r[3] for r in rows):.1f}–{max(r[3] for r in rows):.1f} GB/s); "
+              f"at the end a read-only loop (`qkv_memory_bandwidth`, `QKV_STREAM_READ`) "
+              f"read {meta['read']:.1f} GB/s and a copy {meta['copy']:.1f}. "
               f"torch {meta['torch']}"
               + (f"; ggml-python {meta['ggml']}." if meta.get("ggml") else
                  "; ggml-python did not run.")),
@@ -603,11 +607,16 @@ def main():
             print(f"paired rounds, {name}: triad {t:.1f} GB/s, decode {d:.1f} GB/s, "
                   f"decode/triad {100 * r:.0f}%")
     meta["other"] = other.share()
+    # decoding only reads: the read-only and copy loops as well, once
+    meta["read"] = qkv.lib.qkv_memory_bandwidth(qkv.ctx, STREAM_READ)
+    meta["copy"] = qkv.lib.qkv_memory_bandwidth(qkv.ctx, STREAM_COPY)
+    print(f"read-only loop {meta['read']:.1f} GB/s, copy {meta['copy']:.1f} GB/s")
     for shape, dtype, res, row_bw in rows:
         g = gbs(shape, dtype, res["kvcache"])
         if g:
             print(f"{shape.label} {dtype}: {g:.1f} GB/s = {100 * g / row_bw:.0f}% of the "
-                  f"triad beside it ({row_bw:.1f} GB/s)" + cache_note(shape, dtype, l3))
+                  f"triad beside it ({row_bw:.1f} GB/s), {100 * g / meta['read']:.0f}% of "
+                  "the read-only loop" + cache_note(shape, dtype, l3))
     if a.write_doc:
         write_section(DOC, markdown(meta, rows, l3, varlen, pair, a.paired),
                       *markers(meta["isa"]), after=END)

@@ -476,7 +476,12 @@ QKV_API qkv_status qkv_model_recommend(qkv_ctx *ctx, const qkv_model *model,
  * rounding: the key tiles differ). On the amx kernel set, bf16 queries
  * against a bf16 cache run on tiles that take V's columns in pairs: an
  * infinite or NaN value in V makes the other column of its pair NaN in
- * the rows that see it, where other sets leave that column finite.
+ * the rows that see it, where other sets leave that column finite. An
+ * fp16 cache with fp16 or bf16 queries and more than 8 query rows per kv
+ * head (Sq times the query heads per kv head) runs there on tiles too,
+ * each fp16 value split exactly into two bf16 and P kept within 2^-16:
+ * a K or V value that is not finite makes the scores of its key, or its
+ * column of the output, NaN (not infinite) in the rows that see it.
  *
  * Returns QKV_OK, or an error with out and lse untouched (message in ctx):
  * those of qkv_attention_forward, QKV_ERR_SHAPE for a length out of
@@ -579,11 +584,23 @@ QKV_API qkv_status qkv_attention_paged(qkv_ctx *ctx, const qkv_tensor *q,
         const qkv_paged_cache *cache, const int32_t *block_table, int64_t max_blocks,
         const int32_t *seqlens_k, const qkv_attn_opts *opts, qkv_tensor *out, float *lse);
 
+/* The loops qkv_memory_bandwidth times, as STREAM's: */
+typedef enum {
+    QKV_STREAM_TRIAD = 0,   /* a[i] = b[i] + s·c[i]: 3 × 4 bytes per element */
+    QKV_STREAM_COPY  = 1,   /* a[i] = b[i]: 2 × 4 bytes                      */
+    QKV_STREAM_READ  = 2    /* b[i] and c[i] only read: 2 × 4 bytes           */
+} qkv_stream;
+
 /* Measures the memory bandwidth ctx's threads reach on a STREAM-style
-   triad (a[i] = b[i] + s·c[i]) over arrays far larger than the caches,
-   allocated as qkv_alloc does, in GB/s counting 3 × 4 bytes per element (the best of several rounds,
-   about 0.3 s): the yardstick for memory-bound calls such as decoding.
-   Returns 0 for a NULL ctx or when the arrays cannot be allocated. */
+   loop over arrays far larger than the caches (64 MiB each, allocated as
+   qkv_alloc does), in GB/s counting the bytes of the arrays read and
+   written as STREAM does (a store's read of its line is not counted; the
+   best of several rounds, about 0.3 s): the yardsticks for memory-bound
+   calls such as decoding, which only read. Returns 0 for a NULL ctx, an
+   unknown kind, or when the arrays cannot be allocated. */
+QKV_API double qkv_memory_bandwidth(qkv_ctx *ctx, qkv_stream kind);
+
+/* qkv_memory_bandwidth(ctx, QKV_STREAM_TRIAD). */
 QKV_API double qkv_peak_bandwidth(qkv_ctx *ctx);
 
 /* ---- generation: Llama-family decoders -------------------------------------

@@ -10,6 +10,21 @@ void test_api_peak(void)
     double g = qkv_peak_gflops(ctx);
     CHECK(g > 0.1 && g < 1e6, "qkv_peak_gflops = %g, not a plausible ceiling", g);
     t_note("fp32 FMA ceiling with %s kernels, 2 threads: %.0f GFLOP/s", qkv_ctx_isa(ctx), g);
+    /* the memory yardsticks: plausible for each loop, 0 for what is not
+       one, the triad's the same as qkv_peak_bandwidth's */
+    static const char *names[] = { "triad", "copy", "read" };
+    for (int k = 0; k < 3; k++) {
+        const double bw = qkv_memory_bandwidth(ctx, (qkv_stream)k);
+        CHECK(bw > 0.05 && bw < 1e5, "qkv_memory_bandwidth(%s) = %g GB/s, not plausible",
+              names[k], bw);
+        t_note("%s: %.1f GB/s", names[k], bw);
+    }
+    CHECK(qkv_memory_bandwidth(NULL, QKV_STREAM_READ) == 0.0, "a NULL ctx must give 0");
+    CHECK(qkv_memory_bandwidth(ctx, (qkv_stream)3) == 0.0 &&
+          qkv_memory_bandwidth(ctx, (qkv_stream)-1) == 0.0, "an unknown loop must give 0");
+    CHECK(qkv_peak_bandwidth(NULL) == 0.0, "qkv_peak_bandwidth(NULL) must be 0");
+    const double tb = qkv_peak_bandwidth(ctx);
+    CHECK(tb > 0.05 && tb < 1e5, "qkv_peak_bandwidth = %g GB/s, not plausible", tb);
     qkv_ctx_free(ctx);
 }
 

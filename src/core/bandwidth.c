@@ -1,8 +1,9 @@
 /*
- * bandwidth.c — the memory-bandwidth yardstick: a STREAM-style triad on
- * the context's threads over arrays far larger than any cache (allocated
- * as caches should be, by qkv_alloc), the ceiling memory-bound calls
- * (decoding) are quoted against.
+ * bandwidth.c — the memory-bandwidth yardsticks: STREAM-style loops (a
+ * triad, a copy, and a read-only sum) on the context's threads over arrays
+ * far larger than any cache (allocated as caches should be, by
+ * qkv_alloc), the ceilings memory-bound calls (decoding) are quoted
+ * against.
  */
 #define _POSIX_C_SOURCE 200809L   /* clock_gettime */
 #include "internal.h"
@@ -13,16 +14,19 @@
 enum { TRIAD_FLOATS = 1 << 24, TRIAD_CHUNKS = 256 };   /* 64 MiB per array */
 
 typedef struct {
-    float *a, *b, *c;
-    float  s;
-    int    init;
+    float   *a, *b, *c;
+    float    s;
+    int      init, kind;
+    uint32_t sink[TRIAD_CHUNKS];   /* the read loop's results, kept */
 } triad_job;
 
 /* Chunk `task` of the arrays: initialized once (first touch on the thread
-   that streams it), then a[i] = b[i] + s·c[i]. */
+   that streams it), then the kind's loop: a[i] = b[i] + s·c[i] (triad),
+   a[i] = b[i] (copy), or the bits of b and c folded together (read). */
 static void triad_task(void *arg, int64_t task, int worker)
 {
     triad_job *job = arg;
+    (void)worker;
     const int64_t n = TRIAD_FLOATS / TRIAD_CHUNKS, i0 = task * n;
     float *a = job->a + i0;
     const float *b = job->b + i0, *c = job->c + i0;
@@ -35,40 +39,63 @@ static void triad_task(void *arg, int64_t task, int worker)
         return;
     }
     const float s = job->s;
-    for (int64_t i = 0; i < n; i++)
-        a[i] = b[i] + s * c[i];
+    if (job->kind == QKV_STREAM_COPY) {
+        for (int64_t i = 0; i < n; i++)
+            a[i] = b[i];
+    } else if (job->kind == QKV_STREAM_READ) {
+        /* integer xor, which compilers vectorize and reorder freely */
+        const uint32_t *ub = (const uint32_t *)b, *uc = (const uint32_t *)c;
+        uint32_t x = 0;
+        for (int64_t i = 0; i < n; i++)
+            x ^= ub[i] ^ uc[i];
+        job->sink[task] = x;
+    } else {
+        for (int64_t i = 0; i < n; i++)
+            a[i] = b[i] + s * c[i];
+    }
+}
+
+double qkv_memory_bandwidth(qkv_ctx *ctx, qkv_stream kind)
+{
+    if (!ctx || (kind != QKV_STREAM_TRIAD && kind != QKV_STREAM_COPY && kind != QKV_STREAM_READ))
+        return 0.0;
+    triad_job *job = calloc(1, sizeof *job);
+    if (!job)
+        return 0.0;
+    job->s = 0.5f;
+    job->init = 1;
+    job->kind = kind;
+    const size_t bytes = (size_t)TRIAD_FLOATS * sizeof(float);
+    job->a = qkv_alloc(bytes);
+    job->b = qkv_alloc(bytes);
+    job->c = qkv_alloc(bytes);
+    double best = 0.0;
+    if (job->a && job->b && job->c) {
+        qkv__parallel(ctx, TRIAD_CHUNKS, 0.0, triad_task, job);
+        job->init = 0;
+        /* bytes counted as STREAM does: arrays read plus arrays written */
+        const double arrays = kind == QKV_STREAM_TRIAD ? 3.0 : 2.0;
+        /* the best of several rounds: a ceiling, so interference only
+           lowers it */
+        for (int round = 0; round < 10; round++) {
+            struct timespec t0, t1;
+            clock_gettime(CLOCK_MONOTONIC, &t0);
+            qkv__parallel(ctx, TRIAD_CHUNKS, 0.0, triad_task, job);
+            clock_gettime(CLOCK_MONOTONIC, &t1);
+            const double dt = (double)(t1.tv_sec - t0.tv_sec) +
+                              1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
+            const double gbs = dt > 0.0 ? arrays * (double)bytes / dt * 1e-9 : 0.0;
+            best = gbs > best ? gbs : best;
+        }
+    }
+    qkv_free(job->a);
+    qkv_free(job->b);
+    qkv_free(job->c);
+    free(job);
+    return best;
 }
 
 double qkv_peak_bandwidth(qkv_ctx *ctx)
 {
-    if (!ctx)
-        return 0.0;
-    triad_job job = { NULL, NULL, NULL, 0.5f, 1 };
-    const size_t bytes = (size_t)TRIAD_FLOATS * sizeof(float);
-    job.a = qkv_alloc(bytes);
-    job.b = qkv_alloc(bytes);
-    job.c = qkv_alloc(bytes);
-    if (!job.a || !job.b || !job.c) {
-        qkv_free(job.a);
-        qkv_free(job.b);
-        qkv_free(job.c);
-        return 0.0;
-    }
-    qkv__parallel(ctx, TRIAD_CHUNKS, 0.0, triad_task, &job);
-    job.init = 0;
-    /* the best of several rounds: a ceiling, so interference only lowers it */
-    double best = 0.0;
-    for (int round = 0; round < 10; round++) {
-        struct timespec t0, t1;
-        clock_gettime(CLOCK_MONOTONIC, &t0);
-        qkv__parallel(ctx, TRIAD_CHUNKS, 0.0, triad_task, &job);
-        clock_gettime(CLOCK_MONOTONIC, &t1);
-        const double dt = (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
-        const double gbs = dt > 0.0 ? 3.0 * (double)bytes / dt * 1e-9 : 0.0;
-        best = gbs > best ? gbs : best;
-    }
-    qkv_free(job.a);
-    qkv_free(job.b);
-    qkv_free(job.c);
-    return best;
+    return qkv_memory_bandwidth(ctx, QKV_STREAM_TRIAD);
 }
