@@ -778,6 +778,23 @@ static void scores_groups(float s[2][TR * TR], int N, int m, __m512 sc, int nk, 
     }
 }
 
+/* A pair of score groups (keys j.., nk of them) done: their tiles 0, 1
+   stored into s[cur], and the previous pair's (keys *last.., *lastn of
+   them, in s[cur ^ 1]) turned out now that their stores have landed. */
+static inline __attribute__((always_inline)) void scores_pair(float s[2][2][TR * TR], int cur,
+                                                              int two, int N, int m, __m512 sc,
+                                                              int j, int nk, int *last,
+                                                              int *lastn, float *st,
+                                                              int64_t ldst)
+{
+    T_STORE(0, s[cur][0], 4 * N);
+    if (two) T_STORE(1, s[cur][1], 4 * N);
+    if (*last >= 0)
+        scores_groups(s[cur ^ 1], N, m, sc, *lastn, st + *last, ldst);
+    *last = j;
+    *lastn = nk;
+}
+
 /* Contract of kernels.h's qk_bf16_dec. The scores come out keys by
    queries: each group of 16 keys is an A tile, read in place where its
    rows lie in one block at one stride (else copied, zero past n), against
@@ -853,12 +870,7 @@ static void qk_dec_amx(int n, int m, int dp, float scale, const qkv__rows *k,
             if (pf)
                 qkv__pf_lines(pf, ask_x);
         }
-        T_STORE(0, s[cur][0], 4 * N);
-        if (two) T_STORE(1, s[cur][1], 4 * N);
-        if (last >= 0)
-            scores_groups(s[cur ^ 1], N, m, sc, lastn, st + last, ldst);
-        last = j;
-        lastn = nk;
+        scores_pair(s, cur, two, N, m, sc, j, nk, &last, &lastn, st, ldst);
     }
     if (last >= 0)
         scores_groups(s[(((n + 2 * TR - 1) / (2 * TR)) - 1) & 1], N, m, sc, lastn, st + last, ldst);
@@ -1077,12 +1089,7 @@ static void qk_f16s_dec_amx(int n, int m, int d, float scale, const qkv__rows *k
             if (pf)
                 qkv__pf_lines(pf, ask);
         }
-        T_STORE(0, s[cur][0], 4 * N);
-        if (two) T_STORE(1, s[cur][1], 4 * N);
-        if (last >= 0)
-            scores_groups(s[cur ^ 1], N, m, sc, lastn, st + last, ldst);
-        last = j;
-        lastn = nk;
+        scores_pair(s, cur, two, N, m, sc, j, nk, &last, &lastn, st, ldst);
     }
     if (last >= 0)
         scores_groups(s[(((n + 2 * TR - 1) / (2 * TR)) - 1) & 1], N, m, sc, lastn, st + last, ldst);
