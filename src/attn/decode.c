@@ -972,12 +972,14 @@ static void prefetch_scales(const kv_src *src, int64_t b, int64_t h, int64_t nh,
    layout still gives the same bits. Sub-tiles of 16 or 32 keys ran
    1.3-1.5x slower (fixed costs per call), 128 level with 64 (within 3%
    either way) for up to 8 rows; with 16 rows (4 new queries, more fixed
-   cost per call) 128 took 0.90-0.93x the time of 64. Asking two or three
-   sub-tiles ahead took 1.03-1.25x the time, sub-tiles of a whole tile
-   (the next tile asked for meanwhile) 1.2x. */
-static int sub_keys(int m)
+   cost per call) 128 took 0.90-0.93x the time of 64; int8 codes read as
+   codes (half the bytes a key) take 128 too: 0.92-0.96x the time of 64
+   (256: 0.96-0.99x). Asking two or three sub-tiles ahead took 1.03-1.25x the
+   time, sub-tiles of a whole tile (the next tile asked for meanwhile)
+   1.2x. */
+static int sub_keys(const dec_job *job, int m)
 {
-    return m > 8 ? 128 : 64;
+    return m > 8 || job->i8dot ? 128 : 64;
 }
 
 /* The positions after a tile that its last sub-tiles ask for: those of
@@ -1024,7 +1026,7 @@ static void tile_streamed(const dec_job *job, const qkv__seq *s, const qkv__tile
     const qkv__attn *a = job->a;
     const kv_src *src = job->src;
     const int64_t D = a->D, Dv = a->Dv, R = job->R;
-    const int sub = sub_keys(m);
+    const int sub = sub_keys(job, m);
     const int64_t units = (n + sub - 1) / sub;
     const scratch sh = scratch_at(base, 0, R, D, Dv);
     for (int64_t u = 0; u < 2 * units; u++) {
@@ -1187,7 +1189,7 @@ static void dec_task(void *arg, int64_t task, int worker)
        way asks for it at once, and its first tile waits for it: 1 thread,
        1x32768 bf16 in 64 tasks, 2-3% of the time. */
     if (job->asked[worker] != task)
-        prefetch_rows(job->src, s.b, hk0, job->HB, klo, streamed ? sub_keys(m) : BK, khi, a->D,
+        prefetch_rows(job->src, s.b, hk0, job->HB, klo, streamed ? sub_keys(job, m) : BK, khi, a->D,
                       Dv);
     for (int64_t j0 = klo; j0 < khi; j0 += BK) {
         const int n = (int)(khi - j0 < BK ? khi - j0 : BK);
