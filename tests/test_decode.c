@@ -449,15 +449,15 @@ void test_decode_paged_bitwise(void)
         paged_vs_contiguous(&s, &c, sizes[it % 6], it % 2, &r);
         dcase_free(&c);
     }
-    /* fp16 caches with 9 to 16 rows a tile (split into bf16 pairs on sets
+    /* fp16 caches with 5 to 16 rows a tile (split into bf16 pairs on sets
        with tiles), from every contiguous layout, against both pools */
     static const int f16_lays[] = { LAY_CONTIG, LAY_BHSD, LAY_INNER2, LAY_REVD };
     for (int it = 0; it < 8; it++) {
         dcase c;
         random_dcase(&c, &r, it % 4 == 3 ? 3000 : 600);
-        c.Hq = it % 2 ? 8 : 4;
-        c.Hkv = it % 2 ? 2 : 1;
-        c.Sq = 3 + it % 2;
+        c.Hq = it % 3 == 2 ? 2 : it % 2 ? 8 : 4;
+        c.Hkv = it % 3 == 2 ? 2 : it % 2 ? 2 : 1;
+        c.Sq = it % 3 == 2 ? 5 : 2 + it % 3;
         c.qdt = it % 3 == 2 ? QKV_BF16 : QKV_F16;
         c.kdt = QKV_F16;
         c.lay_k = f16_lays[it % 4];

@@ -1349,18 +1349,19 @@ static qkv_status run(qkv_ctx *ctx, const qkv__attn *a, const kv_src *src, int c
         job.P * a->group <= job.rows_max)
         job.bf = 1;
     /* fp16 rows at a unit stride read in place, up to the set's row limit */
-    job.f16 = !src->i8 && src->k.dtype == QKV_F16 && src->v.dtype == QKV_F16 &&
-              src->k.stride[3] == 1 && src->v.stride[3] == 1 && ctx->kernels->qk_f16_dec &&
-              (!ctx->kernels->f16_rows_max || job.P * a->group <= ctx->kernels->f16_rows_max);
-    /* more rows on sets with bf16 tiles (whatever the strides, for the
-       same bits in every layout): fp16 values split into pairs of bf16,
-       with fp16 or bf16 queries (which split exactly as well) */
+    /* fp16 rows: on sets with bf16 tiles, tiles of more than
+       f16s_rows_min rows split the values into pairs of bf16 (with fp16
+       or bf16 queries, which split exactly as well; whatever the strides,
+       for the same bits in every layout); else read in place at a unit
+       stride, up to the set's row limit */
+    const int64_t rows = job.P * a->group;
     job.f16s = !src->i8 && src->k.dtype == QKV_F16 && src->v.dtype == QKV_F16 &&
-               ctx->kernels->qk_f16s_dec && ctx->kernels->f16_rows_max &&
-               job.P * a->group > ctx->kernels->f16_rows_max &&
-               (a->dt == QKV_F16 || a->dt == QKV_BF16) && job.P * a->group <= job.rows_max &&
-               job.P * a->group <= 16 &&
+               ctx->kernels->qk_f16s_dec && rows > ctx->kernels->f16s_rows_min &&
+               rows <= job.rows_max && rows <= 16 && (a->dt == QKV_F16 || a->dt == QKV_BF16) &&
                a->D % 16 == 0 && a->D <= 256 && a->Dv % 16 == 0 && a->Dv <= 256;
+    job.f16 = !job.f16s && !src->i8 && src->k.dtype == QKV_F16 && src->v.dtype == QKV_F16 &&
+              src->k.stride[3] == 1 && src->v.stride[3] == 1 && ctx->kernels->qk_f16_dec &&
+              (!ctx->kernels->f16_rows_max || rows <= ctx->kernels->f16_rows_max);
     /* where the set has int16 dot products, the codes are read as they
        are (d up to 256 keeps the int32 sums of the scores exact), with
        bf16 or fp16 queries: their rows on an int16 scale each and P on one

@@ -411,8 +411,8 @@ typedef struct qkv__kernels {
        P(i,j)·v[j][c], summed key by key in fp32 (any split of the keys
        gives the same bits). Values widened in registers; pf as in
        pv_bf16_dec. Tiles of more than f16_rows_max rows (0: any) widen
-       each tile's rows once instead, for qk_dec and pv, or split them
-       (qk_f16s_dec, pv_f16s_dec, below). */
+       each tile's rows once instead, for qk_dec and pv (where the set
+       does not split them: qk_f16s_dec, pv_f16s_dec, below). */
     int f16_rows_max;
     void (*qk_f16_dec)(int n, int m, int d, float scale, const qkv__rows *k, const float *q,
                        int64_t ldq, float *st, int64_t ldst, qkv__pf *pf);
@@ -430,7 +430,9 @@ typedef struct qkv__kernels {
        call's first key (calls split at multiples of 16 give the same
        bits), and a V value that is not finite making its column NaN. d
        and dv multiples of 16 up to 256, m up to 16; the rows are read one
-       by one, in any layout. */
+       by one, in any layout. Decode takes them for tiles of more than
+       f16s_rows_min rows. */
+    int f16s_rows_min;
     void (*qk_f16s_dec)(int n, int m, int d, float scale, const qkv__rows *k, const float *q,
                         int64_t ldq, float *st, int64_t ldst, qkv__pf *pf);
     void (*pv_f16s_dec)(int m, int n, int dv, const float *p, int64_t ldp, const qkv__rows *v,
