@@ -1348,7 +1348,6 @@ static qkv_status run(qkv_ctx *ctx, const qkv__attn *a, const kv_src *src, int c
     if (src->i8 && a->dt == QKV_BF16 && ctx->kernels->qk_bf16_dec &&
         job.P * a->group <= job.rows_max)
         job.bf = 1;
-    /* fp16 rows at a unit stride read in place, up to the set's row limit */
     /* fp16 rows: on sets with bf16 tiles, tiles of more than
        f16s_rows_min rows split the values into pairs of bf16 (with fp16
        or bf16 queries, which split exactly as well; whatever the strides,
