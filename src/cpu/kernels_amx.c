@@ -1042,9 +1042,9 @@ static void qk_f16s_dec_amx(int n, int m, int d, float scale, const qkv__rows *k
                             const float *q, int64_t ldq, float *st, int64_t ldst, qkv__pf *pf)
 {
     const int N = dec_cols(m), nx = d / TR;
-    uint32_t qw[TR * DEC_MAXD] __attribute__((aligned(64)));
     uint32_t qt[2][DEC_MAXD * TR] __attribute__((aligned(64)));
     uint32_t kb[2 * TR * DEC_MAXD] __attribute__((aligned(64)));
+    uint32_t *qw = kb;   /* the queries' words, before the keys need kb */
     float s[2][2][TR * TR] __attribute__((aligned(64)));
     for (int half = 0; half < 2; half++) {   /* (qh, qh), then (ql, ql) */
         for (int i = 0; i < m; i++)
