@@ -774,13 +774,14 @@ static void qk_f16_dec(int n, int m, int d, float scale, const qkv__rows *k, con
    row (bytes 128 .. touch) brought into L1, so its lines are read in
    address order. The sums are pv's on the widened rows, bit for bit. */
 static inline __attribute__((always_inline))
-void pvh_block(const int rows, const int nw, int n, int cols, const float *p, int64_t ldp,
+void pvh_block(const int rows, const int nw, const int full, int n, int cols, const float *p,
+               int64_t ldp,
                const char *v, int64_t ldv, const float *alpha, float *acc, int64_t lda,
                int touch, qkv__pf *pf, int pf_key)
 {
     __mmask16 mc[4];
     for (int t = 0; t < 4; t++) {
-        const int left = cols - 16 * t;
+        const int left = full ? 16 : cols - 16 * t;
         mc[t] = left >= 16 ? 0xffff : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
     }
     __m512 c[4][4];
@@ -819,13 +820,19 @@ void pvh_block(const int rows, const int nw, int n, int cols, const float *p, in
 /* One row group of a chunk of keys: column blocks of 64, then of 32;
    the first block touches the rest of the rows, the first row group's
    blocks share asking for pf. */
+#define PVH_CALL(rows, nw, full)                                                  \
+    pvh_block(rows, nw, full, nk, cols, p + i * ldp + kc, ldp, vc + 2 * c0, v->ld,    \
+              al ? al + i : NULL, acc + i * lda + c0, lda, c0 || i ? 0 : 2 * dv,  \
+              i ? NULL : pf, pf_key)
 #define PVH_ROWS(rows)                                                            \
     do {                                                                          \
-        for (int c0 = 0; c0 < dv; c0 += 64)                                       \
-            pvh_block(rows, dv - c0 > 32 ? 2 : 1, nk, dv - c0 < 64 ? dv - c0 : 64, \
-                      p + i * ldp + kc, ldp, vc + 2 * c0, v->ld, al ? al + i : NULL, \
-                      acc + i * lda + c0, lda, c0 || i ? 0 : 2 * dv,              \
-                      i ? NULL : pf, pf_key);                                     \
+        for (int c0 = 0; c0 < dv; c0 += 64) {                                     \
+            const int cols = dv - c0 < 64 ? dv - c0 : 64;                         \
+            if (cols == 64) PVH_CALL(rows, 2, 1);                                 \
+            else if (cols > 32) PVH_CALL(rows, 2, 0);                             \
+            else if (cols == 32) PVH_CALL(rows, 1, 1);                            \
+            else PVH_CALL(rows, 1, 0);                                            \
+        }                                                                         \
     } while (0)
 
 /* acc = alpha·acc + P·V from fp16 V rows in place (kernels.h): chunks of
