@@ -1615,14 +1615,14 @@ void QKV_KERNEL_TABLE(qkv__kernels *t)
     t->exp_rows_bf16 = exp_rows_dec_amx;
     t->qk_bf16_dec = qk_dec_amx;
     t->pv_bf16_dec = pv_dec_amx;
-    /* fp16 caches with more than 4 rows a tile split into bf16 pairs on
-       the tiles: per key from L1 (TSC cycles, D 128) scores and P·V 41 +
-       44 against 52 + 109 read in place at 8 rows, 61 + 63 against 102 +
-       215 at 16; at 4 rows 35 + 39 against 25 + 54, and from memory
-       1,1,32768 took 1.18x the time (1,2,32768 0.79x) */
+    /* fp16 caches with more than 8 rows a tile split into bf16 pairs on
+       the tiles: per key from L1 (TSC cycles, D 128) scores and P·V 56 +
+       59 against 85 + 70 read in place at 12 rows, 62 + 65 against 110 +
+       80 at 16; at 8 rows 39-42 + 45 against 48 + 40, and from memory
+       1,2,32768 took 1.04-1.07x the time split */
     t->qk_f16s_dec = qk_f16s_dec_amx;
     t->pv_f16s_dec = pv_f16s_dec_amx;
-    t->f16s_rows_min = 4;
+    t->f16s_rows_min = 8;
     /* int8 pools with more than 8 rows a tile: codes as bf16 on the tiles
        (Sq = 4, 16 rows: 0.88x the time of the int16 dot products; 4 rows
        took 1.6x that way) */
