@@ -477,7 +477,7 @@ QKV_API qkv_status qkv_model_recommend(qkv_ctx *ctx, const qkv_model *model,
  * against a bf16 cache run on tiles that take V's columns in pairs: an
  * infinite or NaN value in V makes the other column of its pair NaN in
  * the rows that see it, where other sets leave that column finite. An
- * fp16 cache with fp16 or bf16 queries and more than 4 query rows per kv
+ * fp16 cache with fp16 or bf16 queries and more than 8 query rows per kv
  * head (Sq times the query heads per kv head) runs there on tiles too,
  * each fp16 value split exactly into two bf16 and P kept within 2^-16:
  * a K or V value that is not finite makes the scores of its key, or its
