@@ -721,9 +721,10 @@ void qk_rows_blocks(const int bf, int n, int m, int len, float scale, const qkv_
                         qv[e] = _mm512_maskz_loadu_epi32(tail, q0 + e * ldq + 4 * x);
                     }
                 }
-                for (int r = 0; r < 4; r++)
-                    for (int e = 0; e < 4; e++)
-                        c[4 * r + e] = dot_step(bf, c[4 * r + e], kv[e], qv[r]);
+                for (int r = 0; r < 4; r++)   /* rows past m stay zero */
+                    if (r < live)
+                        for (int e = 0; e < 4; e++)
+                            c[4 * r + e] = dot_step(bf, c[4 * r + e], kv[e], qv[r]);
                 if (i == 0)
                     qkv__pf_ask(pf, &run, spread);
             }
