@@ -1107,30 +1107,8 @@ static void task_keys(const dec_job *job, const qkv__seq *s, const qkv__tile_map
     }
 }
 
-/* The rows head slot e asks for during a task's last tile: its share of
-   the first tile of the task this worker runs next (claimed now), in
-   *pfk and *pfv; empty when none is left. */
-static void next_task_rows(const dec_job *job, int worker, int64_t e, int n, qkv__pf *pfk,
-                           qkv__pf *pfv, const char **kbases, const char **vbases)
-{
-    memset(pfk, 0, sizeof *pfk);
-    memset(pfv, 0, sizeof *pfv);
-    const int64_t task = qkv__claim_next(job->ctx, worker);
-    if (task < 0)
-        return;
-    job->asked[worker] = task;
-    qkv__seq s;
-    qkv__tile_map tm;
-    int64_t hk0, part, klo, khi, lo_last, hi_first;
-    task_of(job, task, &s, &hk0, &tm, &part);
-    task_keys(job, &s, &tm, part, &klo, &khi, &lo_last, &hi_first);
-    const int64_t first = khi - klo < BK ? khi - klo : BK;
-    *pfk = next_rows(job, &job->src->k, s.b, hk0, e, klo, first, job->a->D, n, kbases);
-    *pfv = next_rows(job, &job->src->v, s.b, hk0, e, klo, first, job->a->Dv, n, vbases);
-}
-
 /* The first keys of the task this worker runs next (claimed now), for a
-   streamed tile's last units; cnt 0 when none is left. */
+   task's last tile to ask for; cnt 0 when none is left. */
 static void next_task_keys(const dec_job *job, int worker, stream_next *nx)
 {
     nx->cnt = 0;
@@ -1146,6 +1124,22 @@ static void next_task_keys(const dec_job *job, int worker, stream_next *nx)
     nx->b = s.b;
     nx->p = klo;
     nx->cnt = khi - klo < BK ? khi - klo : BK;
+}
+
+/* The rows head slot e asks for during a task's last tile: its share of
+   the first tile of the task this worker runs next (claimed now), in
+   *pfk and *pfv; empty when none is left. */
+static void next_task_rows(const dec_job *job, int worker, int64_t e, int n, qkv__pf *pfk,
+                           qkv__pf *pfv, const char **kbases, const char **vbases)
+{
+    stream_next nx;
+    next_task_keys(job, worker, &nx);
+    memset(pfk, 0, sizeof *pfk);
+    memset(pfv, 0, sizeof *pfv);
+    if (!nx.cnt)
+        return;
+    *pfk = next_rows(job, &job->src->k, nx.b, nx.hk0, e, nx.p, nx.cnt, job->a->D, n, kbases);
+    *pfv = next_rows(job, &job->src->v, nx.b, nx.hk0, e, nx.p, nx.cnt, job->a->Dv, n, vbases);
 }
 
 static void dec_task(void *arg, int64_t task, int worker)
