@@ -290,7 +290,13 @@ static scratch scratch_at(float *base, int64_t e, int64_t R, int64_t D, int64_t 
     return s;
 }
 
-/* The sequence, first kv head, query tile and key part of a task. */
+/* The sequence, first kv head, query tile and key part of a task. A
+   sequence's tasks run part by part, its tiles (kv heads, query tiles)
+   within a part: the workers then read the same positions of different
+   heads at once, which in a head-major pool are neighbouring runs of a
+   block (1,1,32768, 8 kv heads: 0.89x the time of tile by tile, 1,4,32768
+   0.91x; without grouped heads, 32 kv heads, an int8 pool 0.93x; the
+   other layouts level). */
 static void task_of(const dec_job *job, int64_t task, qkv__seq *s, int64_t *hk0,
                     qkv__tile_map *tm, int64_t *part)
 {
@@ -300,10 +306,10 @@ static void task_of(const dec_job *job, int64_t task, qkv__seq *s, int64_t *hk0,
         const int64_t mid = (lo + hi) / 2;
         if (job->start[mid] <= task) lo = mid; else hi = mid;
     }
-    const int64_t t = task - job->start[lo], ns = job->split[lo];
-    const int64_t n_qt = (a->Sq + job->P - 1) / job->P, tile = t / ns;
+    const int64_t t = task - job->start[lo], nt = job->tstart[lo + 1] - job->tstart[lo];
+    const int64_t n_qt = (a->Sq + job->P - 1) / job->P, tile = t % nt;
     s->b = lo; s->q0 = 0; s->sq = a->Sq; s->k0 = 0; s->sk = seq_len(job->src, lo);
-    *part = t % ns;
+    *part = t / nt;
     *hk0 = tile / n_qt * job->HB;
     tm->h0 = *hk0 * a->group;
     tm->i0 = (n_qt - 1 - tile % n_qt) * job->P;
@@ -1257,7 +1263,9 @@ static void merge_task(void *arg, int64_t tile, int worker)
     const int64_t ns = job->split[b];
     if (ns == 1)
         return;
-    const int64_t first = job->start[b] + (tile - job->tstart[b]) * ns;
+    /* part p of the tile is task first + p·nt */
+    const int64_t nt = job->tstart[b + 1] - job->tstart[b];
+    const int64_t first = job->start[b] + tile - job->tstart[b];
     qkv__seq s;
     qkv__tile_map tm;
     int64_t hk0, part;
@@ -1270,12 +1278,12 @@ static void merge_task(void *arg, int64_t tile, int worker)
         for (int r = 0; r < m; r++) {
             float mx = -INFINITY, l = 0.0f;
             for (int64_t p = 0; p < ns; p++) {
-                const float mp = job->part[(first + p) * job->part_size + e * m * (2 + Dv) + r];
+                const float mp = job->part[(first + p * nt) * job->part_size + e * m * (2 + Dv) + r];
                 mx = mp > mx ? mp : mx;
             }
             memset(acc, 0, (size_t)Dv * sizeof *acc);
             for (int64_t p = 0; p < ns && mx > -INFINITY; p++) {
-                const float *pm = job->part + (first + p) * job->part_size + e * m * (2 + Dv);
+                const float *pm = job->part + (first + p * nt) * job->part_size + e * m * (2 + Dv);
                 if (pm[r] == -INFINITY)
                     continue;
                 const float wgt = expf(pm[r] - mx);
