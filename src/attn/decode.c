@@ -242,7 +242,8 @@ typedef struct {
     uint32_t *pp;    /* [BK/2][R]  P pairs along keys                       */
     float    *ksc, *vsc;   /* [BK] an int8 tile's row scales                */
     /* the head's own */
-    float    *q;     /* [R][D]   fp32 queries, or bf16 rows [R][2·pairs(D)] */
+    float    *q;     /* [R][D]   fp32 queries, or bf16 rows [R][2·pairs(D)], or
+                        (with qt) their split tiles (f16s_queries)          */
     float    *qt;    /* [D][R]   transposed, zero past m                    */
     float    *acc;   /* [R][Dv]                                             */
     float    *m, *l, *alpha;                            /* [R]              */
@@ -380,6 +381,10 @@ static void load_queries(const dec_job *job, const qkv__seq *s, const qkv__tile_
         memset(sc->q + m * row, 0, (size_t)((m4 - m) * row) * sizeof(float));
         if (job->i8dot)
             quantize_queries(sc, job->bf, m, m4, D, w);
+        if (job->f16s) {   /* the split queries' tiles over q and qt, once a task */
+            memcpy(sc->hst, sc->q, (size_t)(m * D) * sizeof(float));
+            kn->f16s_queries(m, (int)D, sc->hst, D, (uint32_t *)sc->q);
+        }
         return;
     }
     if (!job->bf)   /* the transpose qk reads */
@@ -784,7 +789,8 @@ static void rows_scores(const dec_job *job, const qkv__seq *s, int64_t hk, int64
                       query_scales(sc, m4, D), sc->hst + c, BK, pa);
     } else if (job->f16s) {
         r = bf16_rows(src, &src->k, s->b, j0 + c, hk, nc, D, D, sh->kb, blk);
-        kn->qk_f16s_dec(nc, m, (int)D, a->scale, &r, sc->q, D, sc->hst + c, BK, pa);
+        kn->qk_f16s_dec(nc, m, (int)D, a->scale, &r, (const uint32_t *)sc->q, sc->hst + c, BK,
+                        pa);
     } else if (job->f16) {
         r = tile_rows(src, &src->k, s->b, j0 + c, hk, nc, 2 * D, sh->kw, blk);
         kn->qk_f16_dec(nc, m, (int)D, a->scale, &r, sc->q, D, sc->hst + c, BK, pa);

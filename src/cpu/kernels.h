@@ -431,10 +431,13 @@ typedef struct qkv__kernels {
        bits), and a V value that is not finite making its column NaN. d
        and dv multiples of 16 up to 256, m up to 16; the rows are read one
        by one, in any layout. Decode takes them for tiles of more than
-       f16s_rows_min rows. */
+       f16s_rows_min rows. The scores read the queries as f16s_queries
+       prepared them from m fp32 rows q [m][ldq] into qt (at most 32·d
+       words), once for every call on those queries. */
     int f16s_rows_min;
-    void (*qk_f16s_dec)(int n, int m, int d, float scale, const qkv__rows *k, const float *q,
-                        int64_t ldq, float *st, int64_t ldst, qkv__pf *pf);
+    void (*f16s_queries)(int m, int d, const float *q, int64_t ldq, uint32_t *qt);
+    void (*qk_f16s_dec)(int n, int m, int d, float scale, const qkv__rows *k,
+                        const uint32_t *qt, float *st, int64_t ldst, qkv__pf *pf);
     void (*pv_f16s_dec)(int m, int n, int dv, const float *p, int64_t ldp, const qkv__rows *v,
                         const float *alpha, float *acc, int64_t lda, qkv__pf *pf);
 

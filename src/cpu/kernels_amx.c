@@ -1032,20 +1032,14 @@ static void split_rows(const qkv__rows *r, int j, int n, int rows, int d, uint32
     }
 }
 
-/* Contract of kernels.h's qk_f16s_dec. Each key's row, split into words
-   (kh, kl) of d values, is a row of the A tiles (two groups of 16 keys at
-   a time); the queries' words (qh, qh) and (ql, ql) are two sets of B
-   tiles, so that the two products sum kh·qh + kl·qh + kh·ql + kl·ql,
-   every product exact, in fp32. The 16 x N results go out as
-   qk_dec_amx's. */
-static void qk_f16s_dec_amx(int n, int m, int d, float scale, const qkv__rows *k,
-                            const float *q, int64_t ldq, float *st, int64_t ldst, qkv__pf *pf)
+/* Contract of kernels.h's f16s_queries: the words (qh, qh) of the m
+   query rows, then (ql, ql), each set as the B tiles of N = dec_cols(m)
+   columns queries_tiles builds (d·N words a set). */
+static void f16s_queries_amx(int m, int d, const float *q, int64_t ldq, uint32_t *qt)
 {
-    const int N = dec_cols(m), nx = d / TR;
-    uint32_t qt[2][DEC_MAXD * TR] __attribute__((aligned(64)));
-    uint32_t kb[2 * TR * DEC_MAXD] __attribute__((aligned(64)));
-    uint32_t *qw = kb;   /* the queries' words, before the keys need kb */
-    float s[2][2][TR * TR] __attribute__((aligned(64)));
+    const int N = dec_cols(m);
+    uint32_t qw[TR * DEC_MAXD] __attribute__((aligned(64)));
+    uint32_t tiles[2 * DEC_MAXD * TR] __attribute__((aligned(64)));   /* qt may not be */
     for (int half = 0; half < 2; half++) {   /* (qh, qh), then (ql, ql) */
         for (int i = 0; i < m; i++)
             for (int x = 0; x < d; x += TR) {
@@ -1059,13 +1053,30 @@ static void qk_f16s_dec_amx(int n, int m, int d, float scale, const qkv__rows *k
                          : hi;
                 _mm512_store_si512(qw + i * d + x, _mm512_or_si512(w, _mm512_srli_epi32(w, 16)));
             }
+        uint32_t *dst = tiles + half * d * N;
         if (N == 4)
-            queries_tiles((const uint16_t *)qw, 2 * d, m, d, 4, qt[half]);
+            queries_tiles((const uint16_t *)qw, 2 * d, m, d, 4, dst);
         else if (N == 8)
-            queries_tiles((const uint16_t *)qw, 2 * d, m, d, 8, qt[half]);
+            queries_tiles((const uint16_t *)qw, 2 * d, m, d, 8, dst);
         else
-            queries_tiles((const uint16_t *)qw, 2 * d, m, d, TR, qt[half]);
+            queries_tiles((const uint16_t *)qw, 2 * d, m, d, TR, dst);
     }
+    memcpy(qt, tiles, (size_t)(2 * d * N) * sizeof *qt);
+}
+
+/* Contract of kernels.h's qk_f16s_dec. Each key's row, split into words
+   (kh, kl) of d values, is a row of the A tiles (two groups of 16 keys at
+   a time); the queries' words (qh, qh) and (ql, ql) are two sets of B
+   tiles, so that the two products sum kh·qh + kl·qh + kh·ql + kl·ql,
+   every product exact, in fp32. The 16 x N results go out as
+   qk_dec_amx's. */
+static void qk_f16s_dec_amx(int n, int m, int d, float scale, const qkv__rows *k,
+                            const uint32_t *qt, float *st, int64_t ldst, qkv__pf *pf)
+{
+    const int N = dec_cols(m), nx = d / TR;
+    uint32_t kb[2 * TR * DEC_MAXD] __attribute__((aligned(64)));
+    float s[2][2][TR * TR] __attribute__((aligned(64)));
+    const uint32_t *qh = qt, *ql = qt + d * N;
     const __m512 sc = _mm512_set1_ps(scale);
     const int ask = pf ? (8 * pf->per4 + nx - 1) / nx : 0;   /* per chunk of 32 keys */
     int last = -1, lastn = 0;
@@ -1078,8 +1089,8 @@ static void qk_f16s_dec_amx(int n, int m, int d, float scale, const qkv__rows *k
         for (int x = 0; x < nx; x++) {
             T_LOAD(2, kb + x * TR, 4 * d);
             if (two) T_LOAD(3, kb + TR * d + x * TR, 4 * d);
-            T_LOAD(4, qt[0] + x * TR * N, 4 * N);
-            T_LOAD(5, qt[1] + x * TR * N, 4 * N);
+            T_LOAD(4, qh + x * TR * N, 4 * N);
+            T_LOAD(5, ql + x * TR * N, 4 * N);
             T_DP(0, 2, 4);
             T_DP(0, 2, 5);
             if (two) {
@@ -1620,6 +1631,7 @@ void QKV_KERNEL_TABLE(qkv__kernels *t)
        59 against 85 + 70 read in place at 12 rows, 62 + 65 against 110 +
        80 at 16; at 8 rows 39-42 + 45 against 48 + 40, and from memory
        1,2,32768 took 1.04-1.07x the time split */
+    t->f16s_queries = f16s_queries_amx;
     t->qk_f16s_dec = qk_f16s_dec_amx;
     t->pv_f16s_dec = pv_f16s_dec_amx;
     t->f16s_rows_min = 8;
