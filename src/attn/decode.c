@@ -862,20 +862,18 @@ static void rows_values(const dec_job *job, const qkv__seq *s, int64_t hk, int64
         r = bf16_rows(src, &src->v, s->b, j0 + c, hk, nc, Dv, Dv, sh->vb, blk);
         kn->pv_bf16_dec(m, nc, (int)Dv, (const uint16_t *)sc->hpp + c, BK, &r, al, sc->acc,
                         Dv, pa);
-    } else {   /* fp32 P·V run by run in calls of 16 keys, the next lines
-                  asked for between them (alpha on the first call, 1 on
-                  the later ones: the bits of one call) */
+    } else {   /* fp32 P·V run by run (alpha on the tile's first run:
+                  the bits of one call), the next lines asked for as the
+                  kernel goes (asked for between calls of 16 keys they
+                  were not read any sooner) */
         for (int c0 = c; c0 < c + nc;) {
             const int nr = run_until(src, j0, c0, c + nc, n, 1);
             int64_t ldv;
             const float *vr = rows_f32(kn, src, 1, s->b, j0 + c0, hk, nr, Dv, a->Hkv, sh->vw,
                                        &ldv);
-            for (int x = 0; x < nr; x += 16) {
-                kn->pv(m, nr - x < 16 ? nr - x : 16, (int)Dv, sc->hst + c0 + x, BK, 1,
-                       vr + x * ldv, ldv, c0 + x ? sh->ones : sc->alpha, sc->acc, Dv);
-                if (pa)
-                    qkv__pf_lines(pa, 4 * pa->per4);
-            }
+            r = run_rows(vr, ldv * 4, blk);
+            kn->pv_f32_dec(m, nr, (int)Dv, sc->hst + c0, BK, &r, c0 ? NULL : sc->alpha,
+                           sc->acc, Dv, pa);
             c0 += nr;
         }
     }

@@ -451,6 +451,14 @@ typedef struct qkv__kernels {
     void (*qk_dec)(int n, int m, int d, float scale, const qkv__rows *k, const float *q,
                    int64_t ldq, float *st, int64_t ldst, qkv__pf *pf);
 
+    /* P·V of pv_f16_dec from fp32 V rows of dv values in place (the rows
+       of fp32 caches, and the fp32 rows other dtypes are widened to):
+       acc[i][c] = alpha[i]·acc[i][c] + Σ_j P(i,j)·v[j][c], summed key by
+       key in fp32 (any split of the keys gives the same bits), asking for
+       pf's lines as it goes. */
+    void (*pv_f32_dec)(int m, int n, int dv, const float *p, int64_t ldp, const qkv__rows *v,
+                       const float *alpha, float *acc, int64_t lda, qkv__pf *pf);
+
     /* mx[i] = max_j st[i·ld + j] (-inf when all are), i < m, j < n. */
     void (*row_max)(const float *st, int64_t ld, int m, int n, float *mx);
 

@@ -769,17 +769,18 @@ static void qk_f16_dec(int n, int m, int d, float scale, const qkv__rows *k, con
 }
 
 /* rows (<= 4) of acc x nw·32 columns (the ones past cols masked) over n
-   fp16 V rows [n][ldv bytes] from v, P fp32 [rows][ldp]: each lane adds
-   its keys' products one key at a time (FMAs), after acc times alpha.
-   pf_key of pf's lines after each key; with `touch` the rest of each V
-   row (bytes 128 .. touch) brought into L1, so its lines are read in
-   address order. The sums are pv's on the widened rows, bit for bit. */
+   V rows [n][ldv bytes] from v, fp16 (h 1, widened as they load) or fp32
+   (h 0), P fp32 [rows][ldp]: each lane adds its keys' products one key at
+   a time (FMAs), after acc times alpha. pf_key of pf's lines after each
+   key; with `touch` the rest of each V row (from the block's 64 columns
+   up to byte `touch`) brought into L1, so its lines are read in address
+   order. The sums are pv's on fp32 rows, bit for bit. */
 static inline __attribute__((always_inline))
-void pvh_block(const int rows, const int nw, const int full, int n, int cols, const float *p,
-               int64_t ldp,
-               const char *v, int64_t ldv, const float *alpha, float *acc, int64_t lda,
-               int touch, qkv__pf *pf, int pf_key)
+void pvh_block(const int h, const int rows, const int nw, const int full, int n, int cols,
+               const float *p, int64_t ldp, const char *v, int64_t ldv, const float *alpha,
+               float *acc, int64_t lda, int touch, qkv__pf *pf, int pf_key)
 {
+    const int esz = h ? 2 : 4;
     __mmask16 mc[4];
     for (int t = 0; t < 4; t++) {
         const int left = full ? 16 : cols - 16 * t;
@@ -793,14 +794,19 @@ void pvh_block(const int rows, const int nw, const int full, int n, int cols, co
                 c[r][t] = _mm512_mul_ps(c[r][t], _mm512_set1_ps(alpha[r]));
         }
     for (int j = 0; j < n; j++) {
-        const uint16_t *vj = (const uint16_t *)(v + j * ldv);
-        for (int x = 128; x < touch; x += 64)
-            __builtin_prefetch((const char *)vj + x, 0, 3);
+        const char *vj = v + j * ldv;
+        for (int x = 64 * esz; x < touch; x += 64)
+            __builtin_prefetch(vj + x, 0, 3);
         __m512 b[4];
-        for (int t = 0; t < 2 * nw; t++)   /* whole vectors unmasked: they train the prefetchers */
-            b[t] = _mm512_cvtph_ps(mc[t] == 0xffff
-                                       ? _mm256_loadu_si256((const __m256i *)(vj + 16 * t))
-                                       : _mm256_maskz_loadu_epi16(mc[t], vj + 16 * t));
+        for (int t = 0; t < 2 * nw; t++) {   /* whole vectors unmasked: they train the prefetchers */
+            const char *at = vj + 16 * esz * t;
+            if (h)
+                b[t] = _mm512_cvtph_ps(mc[t] == 0xffff
+                                           ? _mm256_loadu_si256((const __m256i *)at)
+                                           : _mm256_maskz_loadu_epi16(mc[t], at));
+            else
+                b[t] = mc[t] == 0xffff ? _mm512_loadu_ps(at) : _mm512_maskz_loadu_ps(mc[t], at);
+        }
         /* whole vectors as pv_block's expression, masked ones as pv_edge's
            FMA: the fp32 path's bits even where the compiler does not
            contract a·b + c (unoptimized builds) */
@@ -821,25 +827,27 @@ void pvh_block(const int rows, const int nw, const int full, int n, int cols, co
 /* One row group of a chunk of keys: column blocks of 64, then of 32;
    the first block touches the rest of the rows, the first row group's
    blocks share asking for pf. */
-#define PVH_CALL(rows, nw, full)                                                  \
-    pvh_block(rows, nw, full, nk, cols, p + i * ldp + kc, ldp, vc + 2 * c0, v->ld,    \
-              al ? al + i : NULL, acc + i * lda + c0, lda, c0 || i ? 0 : 2 * dv,  \
-              i ? NULL : pf, pf_key)
-#define PVH_ROWS(rows)                                                            \
+#define PVH_CALL(h, rows, nw, full)                                               \
+    pvh_block(h, rows, nw, full, nk, cols, p + i * ldp + kc, ldp,                 \
+              vc + (h ? 2 : 4) * c0, v->ld, al ? al + i : NULL, acc + i * lda + c0, \
+              lda, c0 || i ? 0 : (h ? 2 : 4) * dv, i ? NULL : pf, pf_key)
+#define PVH_ROWS(h, rows)                                                         \
     do {                                                                          \
         for (int c0 = 0; c0 < dv; c0 += 64) {                                     \
             const int cols = dv - c0 < 64 ? dv - c0 : 64;                         \
-            if (cols == 64) PVH_CALL(rows, 2, 1);                                 \
-            else if (cols > 32) PVH_CALL(rows, 2, 0);                             \
-            else if (cols == 32) PVH_CALL(rows, 1, 1);                            \
-            else PVH_CALL(rows, 1, 0);                                            \
+            if (cols == 64) PVH_CALL(h, rows, 2, 1);                              \
+            else if (cols > 32) PVH_CALL(h, rows, 2, 0);                          \
+            else if (cols == 32) PVH_CALL(h, rows, 1, 1);                         \
+            else PVH_CALL(h, rows, 1, 0);                                         \
         }                                                                         \
     } while (0)
 
-/* acc = alpha·acc + P·V from fp16 V rows in place (kernels.h): chunks of
-   keys that end at v's block boundaries, row groups of 4 over each. */
-static void pv_f16_dec(int m, int n, int dv, const float *p, int64_t ldp, const qkv__rows *v,
-                       const float *alpha, float *acc, int64_t lda, qkv__pf *pf)
+/* acc = alpha·acc + P·V from fp16 (h 1) or fp32 V rows in place
+   (kernels.h): chunks of keys that end at v's block boundaries, row
+   groups of 4 over each. */
+static inline __attribute__((always_inline))
+void pv_wide_dec(const int h, int m, int n, int dv, const float *p, int64_t ldp,
+                 const qkv__rows *v, const float *alpha, float *acc, int64_t lda, qkv__pf *pf)
 {
     const int blocks = (dv + 63) / 64;
     const int pf_key = pf ? (pf->per4 + 4 * blocks - 1) / (4 * blocks) : 0;
@@ -851,16 +859,28 @@ static void pv_f16_dec(int m, int n, int dv, const float *p, int64_t ldp, const 
         const float *al = kc ? NULL : alpha;
         for (int i = 0; i < m; i += 4)
             switch (m - i) {
-            case 1: PVH_ROWS(1); break;
-            case 2: PVH_ROWS(2); break;
-            case 3: PVH_ROWS(3); break;
-            default: PVH_ROWS(4); break;
+            case 1: PVH_ROWS(h, 1); break;
+            case 2: PVH_ROWS(h, 2); break;
+            case 3: PVH_ROWS(h, 3); break;
+            default: PVH_ROWS(h, 4); break;
             }
     }
     if (!n && alpha)   /* no keys: acc still takes alpha */
         for (int i = 0; i < m; i++)
             for (int c = 0; c < dv; c++)
                 acc[i * lda + c] *= alpha[i];
+}
+
+static void pv_f16_dec(int m, int n, int dv, const float *p, int64_t ldp, const qkv__rows *v,
+                       const float *alpha, float *acc, int64_t lda, qkv__pf *pf)
+{
+    pv_wide_dec(1, m, n, dv, p, ldp, v, alpha, acc, lda, pf);
+}
+
+static void pv_f32_dec(int m, int n, int dv, const float *p, int64_t ldp, const qkv__rows *v,
+                       const float *alpha, float *acc, int64_t lda, qkv__pf *pf)
+{
+    pv_wide_dec(0, m, n, dv, p, ldp, v, alpha, acc, lda, pf);
 }
 #endif
 
@@ -1600,6 +1620,8 @@ static inline float v_at(const int lay, const char *row, int c)
 {
     if (rows_i8(lay))
         return (float)((const int8_t *)row)[c];
+    if (lay == ROWS_F32)
+        return ((const float *)row)[c];
     if (lay == ROWS_F16) {
         float f[VW];
         uint16_t h[VW] = { ((const uint16_t *)row)[c] };
@@ -1646,7 +1668,7 @@ void pv_rows_fma(const int lay, int m, int n, int dv, const void *p, int64_t ldp
         for (int i0 = 0; i0 < m; i0 += 16) {
             const int mi = m - i0 < 16 ? m - i0 : 16;
             for (int r = 0; r < mi; r++)
-                if (lay == ROWS_F16)   /* P in fp32 (exp_rows) */
+                if (lay == ROWS_F16 || lay == ROWS_F32)   /* P in fp32 (exp_rows) */
                     memcpy(pr + r * PVF_CHUNK, (const float *)p + (i0 + r) * ldp + kc,
                            (size_t)nk * sizeof(float));
                 else
@@ -1717,6 +1739,12 @@ static void pv_f16_dec(int m, int n, int dv, const float *p, int64_t ldp, const 
                        const float *alpha, float *acc, int64_t lda, qkv__pf *pf)
 {
     pv_rows_fma(ROWS_F16, m, n, dv, p, ldp, v, alpha, acc, lda, pf);
+}
+
+static void pv_f32_dec(int m, int n, int dv, const float *p, int64_t ldp, const qkv__rows *v,
+                       const float *alpha, float *acc, int64_t lda, qkv__pf *pf)
+{
+    pv_rows_fma(ROWS_F32, m, n, dv, p, ldp, v, alpha, acc, lda, pf);
 }
 #endif
 #endif /* !QKV_HAVE_BF16_DOT */
@@ -1930,6 +1958,7 @@ void QKV_KERNEL_TABLE(qkv__kernels *t)
 #endif
     t->qk_f16_dec = qk_f16_dec;
     t->pv_f16_dec = pv_f16_dec;
+    t->pv_f32_dec = pv_f32_dec;
     t->row_max = row_max;
     t->exp_rows = exp_rows;
     t->drop_cols = drop_cols;
