@@ -832,7 +832,8 @@ static void qk_dec_amx(int n, int m, int dp, float scale, const qkv__rows *k,
         if (nx > 2) T_LOAD(6, qt + 2 * TR * N, 4 * N);
         if (nx > 3) T_LOAD(7, qt + 3 * TR * N, 4 * N);
     }
-    for (int j = 0, cur = 0; j < n; j += 2 * TR, cur ^= 1) {
+    int cur = 0;
+    for (int j = 0; j < n; j += 2 * TR, cur ^= 1) {
         const int nk = n - j < 2 * TR ? n - j : 2 * TR, two = nk > TR;
         const char *a[2];
         int64_t lda[2];
@@ -872,8 +873,8 @@ static void qk_dec_amx(int n, int m, int dp, float scale, const qkv__rows *k,
         }
         scores_pair(s, cur, two, N, m, sc, j, nk, &last, &lastn, st, ldst);
     }
-    if (last >= 0)
-        scores_groups(s[(((n + 2 * TR - 1) / (2 * TR)) - 1) & 1], N, m, sc, lastn, st + last, ldst);
+    if (last >= 0)   /* the last pair, in s[cur ^ 1] */
+        scores_groups(s[cur ^ 1], N, m, sc, lastn, st + last, ldst);
     t_end();
 }
 
@@ -1081,7 +1082,8 @@ static void qk_f16s_dec_amx(int n, int m, int d, float scale, const qkv__rows *k
     const int ask = pf ? (8 * pf->per4 + nx - 1) / nx : 0;   /* per chunk of 32 keys */
     int last = -1, lastn = 0;
     t_begin_cfg(&qk_cfg[N == 4 ? 0 : N == 8 ? 1 : 2]);
-    for (int j = 0, cur = 0; j < n; j += 2 * TR, cur ^= 1) {
+    int cur = 0;
+    for (int j = 0; j < n; j += 2 * TR, cur ^= 1) {
         const int nk = n - j < 2 * TR ? n - j : 2 * TR, two = nk > TR;
         split_rows(k, j, nk, two ? 2 * TR : TR, d, kb, d);
         T_ZERO(0);
@@ -1102,8 +1104,8 @@ static void qk_f16s_dec_amx(int n, int m, int d, float scale, const qkv__rows *k
         }
         scores_pair(s, cur, two, N, m, sc, j, nk, &last, &lastn, st, ldst);
     }
-    if (last >= 0)
-        scores_groups(s[(((n + 2 * TR - 1) / (2 * TR)) - 1) & 1], N, m, sc, lastn, st + last, ldst);
+    if (last >= 0)   /* the last pair, in s[cur ^ 1] */
+        scores_groups(s[cur ^ 1], N, m, sc, lastn, st + last, ldst);
     t_end();
 }
 
