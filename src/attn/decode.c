@@ -40,6 +40,18 @@
    of 128 (bf16 from memory, 1 and 4 new queries), 0.90x from L3 with 4. */
 enum { BK = 256 };
 
+/* Rows per kv head up to which a task over a head-major pool takes every
+   kv head of its sequence, as over position-major rows. A head's runs
+   are a block long (4 KiB at 16 rows of 128 bf16), far apart; read head
+   by head they came slower than whole blocks. Measured on Zen 4 (bf16
+   pools of blocks of 16, 32/8 heads, two builds alternated, 128 MB of
+   other memory read before each call): with 4 rows a head, 0.92-0.96x
+   the time of a task per head at the host's lower memory level (1x32768
+   and 8x8192, blocks in order or shuffled) and 0.79-0.84x at the upper;
+   with 8 rows 0.97-0.99x; with 16, whose arithmetic sets the time,
+   1.02-1.04x. int8, fp16 and fp32 pools: level (0.99-1.01x). */
+enum { POOL_HEADS_ROWS = 8 };
+
 /* Where the K and V rows of the keys live. */
 typedef struct {
     qkv_tensor     k, v;      /* [blocks, bs, Hkv, D|Dv] views (dtype unused when i8) */
@@ -123,13 +135,15 @@ static const float *rows_f32(const qkv__kernels *kn, const kv_src *src, int is_v
    its sequence, and while one head works on a key tile, it asks for its
    share of the next tile's positions, every head of each position in
    address order. Where a head's rows follow each other ([Hkv, S, D]) a
-   task takes one head and asks for its own next tile. Few-row tiles of
-   [S, Hkv, D] rows go further: all heads walk each tile together in
-   sub-tiles, asking one sub-tile ahead (tile_streamed). The few-row bf16
-   kernels ask as they go (qkv__pf, next_rows); the other paths take a few
-   rows between kernel calls (pf_cursor). Pages: a cache on 4 KiB pages
-   costs a TLB walk (nested on a VM) every 16 rows of 256 bytes; qkv_alloc
-   gives transparent huge pages, measured 1.5x faster to decode from. */
+   task takes one head and asks for its own next tile; in a head-major
+   pool, where they do for a block only, few-row tasks take every head
+   too (POOL_HEADS_ROWS). Few-row tiles of several heads go further: all
+   heads walk each tile together in sub-tiles, asking one sub-tile ahead
+   (tile_streamed). The few-row bf16 kernels ask as they go (qkv__pf,
+   next_rows); the other paths take a few rows between kernel calls
+   (pf_cursor). Pages: a cache on 4 KiB pages costs a TLB walk (nested on
+   a VM) every 16 rows of 256 bytes; qkv_alloc gives transparent huge
+   pages, measured 1.5x faster to decode from. */
 
 /* Asks for bytes [p, p + span) of the cache, line by line. */
 static void prefetch_span(const char *p, int64_t span, int locality)
@@ -957,7 +971,10 @@ static void prefetch_scales(const kv_src *src, int64_t b, int64_t h, int64_t nh,
     for (int64_t q = p; q < p + n;) {
         const int64_t left = src->table ? src->bs - row_in_block(src, q) : p + n - q;
         const int64_t run = left < p + n - q ? left : p + n - q;
-        const int64_t i = scale_idx(src, b, q, h, Hkv), span = (run - 1) * src->sstride + nh;
+        /* heads h .. h+nh-1 at rows q .. q+run-1: one span either way */
+        const int64_t i = scale_idx(src, b, q, h, Hkv),
+                      span = src->sstride == 1 ? (nh - 1) * src->bs + run
+                                               : (run - 1) * src->sstride + nh;
         prefetch_span((const char *)(src->ks + i), span * (int64_t)sizeof(float), 2);
         prefetch_span((const char *)(src->vs + i), span * (int64_t)sizeof(float), 2);
         q += run;
@@ -965,11 +982,12 @@ static void prefetch_scales(const kv_src *src, int64_t b, int64_t h, int64_t nh,
 }
 
 /* Position-major caches ([S, Hkv, D] rows, paged pools of that layout)
-   with few rows per head take their key tiles in a streamed order (every
-   dtype but int8 codes taken as bf16 by the bf16 kernels): the task's kv
-   heads walk the tile's K in sub-tiles (sub_keys), every head's scores
-   of a sub-tile before the next (the positions' rows of all heads are
-   one run), then each head's softmax, then the V rows the same way;
+   and head-major pools with few rows per head take their key tiles in a
+   streamed order (every dtype but int8 codes taken as bf16 by the bf16
+   kernels): the task's kv heads walk the tile's K in sub-tiles
+   (sub_keys), every head's scores of a sub-tile before the next (the
+   positions' rows of all heads are one run, or a pool's blocks' runs of
+   all heads are), then each head's softmax, then the V rows the same way;
    meanwhile each call asks for a share of the sub-tile one ahead in that
    order (the V rows' first after the last K sub-tile, the next tile's or
    next task's K after the last V). Head by head, each head would read a
@@ -1377,9 +1395,13 @@ static qkv_status run(qkv_ctx *ctx, const qkv__attn *a, const kv_src *src, int c
                 (a->dt == QKV_BF16 ? job.bf : a->dt == QKV_F16) &&
                 (!ctx->kernels->i8_rows_max ||
                  job.P * a->group <= ctx->kernels->i8_rows_max);
-    /* rows of one head that follow each other ([B, Hkv, S, D] caches):
-       one stream per head, a task per head */
-    const int streams = src->k.stride[1] == a->D && src->v.stride[1] == a->Dv;
+    /* rows of one head that follow each other for the whole sequence
+       ([B, Hkv, S, D] caches): one stream per head, a task per head. In a
+       head-major pool they follow each other for one block only (a run of
+       block_size rows per head): with few rows per head (POOL_HEADS_ROWS)
+       a task takes every head, and each block's runs are read together */
+    const int streams = src->k.stride[1] == a->D && src->v.stride[1] == a->Dv &&
+                        !(src->table && job.P * a->group <= POOL_HEADS_ROWS);
     /* few rows per head (decode) from [S, Hkv, D] rows: all kv heads in
        one task, as many as keep their states within 1 MiB; else (chunked
        prefill, [Hkv, S, D] rows) one */

@@ -189,7 +189,7 @@ qkv_status qkv_gen_create(qkv_ctx *ctx, const qkv_model *model, const qkv_gen_op
         c->block_size = bs;
         c->heads_kv = m->Hkv;
         c->head_dim = c->head_dim_v = m->hs;
-        c->head_major = 1;   /* one stream per head: decodes faster */
+        c->head_major = 1;   /* a run per head in each block: decodes faster */
     }
     /* the lowest ids are handed out first */
     for (int64_t i = 0; i < n_blocks; i++)
