@@ -745,14 +745,27 @@ void test_decode_threads(void)
             ctx[t] = qkv_ctx_create(nthreads[t]);
             CHECK(ctx[t] && qkv_ctx_set_isa(ctx[t], name) == QKV_OK, "context %s", name);
         }
-        for (int it = 0; it < (t_quick ? 2 : 4); it++) {
+        const int n_it = t_quick ? 2 : 4;
+        for (int it = 0; it <= n_it; it++) {
             dcase c;
             random_dcase(&c, &r, it % 2 ? 10000 : 300);
             if (it % 2)   /* split along the keys */
                 one_full_sequence(&c, 16);
+            if (it == n_it) {
+                /* one short sequence, a row per kv head: how many kv
+                   heads a task takes of a position-major cache or a
+                   head-major pool follows the thread count */
+                c.B = 1;
+                c.Hq = c.Hkv = 8;
+                c.Sq = 1;
+                c.D = c.Dv = 64;
+                c.Smax = 300;
+                c.lens[0] = 300;
+                c.lay_k = LAY_CONTIG;
+            }
             dcase_build(&c, &r);
             paged p;
-            paged_fill(ctx[0], &p, &c, 16, it == 3, it == 2, &r);
+            paged_fill(ctx[0], &p, &c, 16, it == 3, it == 2 || it == n_it, &r);
             void *o0 = NULL, *p0 = NULL;
             float *l0 = NULL, *pl0 = NULL;
             for (int t = 0; t < 4; t++) {
