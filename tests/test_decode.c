@@ -752,15 +752,16 @@ void test_decode_threads(void)
             if (it % 2)   /* split along the keys */
                 one_full_sequence(&c, 16);
             if (it == n_it) {
-                /* one short sequence, a row per kv head: how many kv
-                   heads a task takes of a position-major cache or a
-                   head-major pool follows the thread count */
+                /* one sequence not split along the keys, a row per kv
+                   head: how many kv heads a task takes of a
+                   position-major cache or a head-major pool follows the
+                   thread count */
                 c.B = 1;
                 c.Hq = c.Hkv = 8;
                 c.Sq = 1;
                 c.D = c.Dv = 64;
-                c.Smax = 300;
-                c.lens[0] = 300;
+                c.Smax = 4200;
+                c.lens[0] = 4200;
                 c.lay_k = LAY_CONTIG;
             }
             dcase_build(&c, &r);

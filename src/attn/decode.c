@@ -49,8 +49,13 @@ enum { BK = 256 };
    the time of a task per head at the host's lower memory level (1x32768
    and 8x8192, blocks in order or shuffled) and 0.79-0.84x at the upper;
    with 8 rows 0.97-0.99x; with 16, whose arithmetic sets the time,
-   1.02-1.04x. int8, fp16 and fp32 pools: level (0.99-1.01x). */
-enum { POOL_HEADS_ROWS = 8 };
+   1.02-1.04x. int8, fp16 and fp32 pools: level (0.99-1.01x). Only
+   where a sequence holds more than POOL_HEADS_KEYS: short caches are
+   read from the CPU's caches, and more calls of fewer keys cost more
+   (generation with stories260K, 4 kv heads of 8 dims, 256 positions:
+   0.94x the tokens/s with every head in a task; 1x4096 bf16, 1.06x the
+   time). */
+enum { POOL_HEADS_ROWS = 8, POOL_HEADS_KEYS = 16 * BK };
 
 /* Where the K and V rows of the keys live. */
 typedef struct {
@@ -1398,10 +1403,15 @@ static qkv_status run(qkv_ctx *ctx, const qkv__attn *a, const kv_src *src, int c
     /* rows of one head that follow each other for the whole sequence
        ([B, Hkv, S, D] caches): one stream per head, a task per head. In a
        head-major pool they follow each other for one block only (a run of
-       block_size rows per head): with few rows per head (POOL_HEADS_ROWS)
-       a task takes every head, and each block's runs are read together */
+       block_size rows per head): with few rows per head and long
+       sequences (POOL_HEADS_ROWS, POOL_HEADS_KEYS) a task takes every
+       head, and each block's runs are read together */
+    int64_t longest = 0;
+    for (int64_t b = 0; b < a->B; b++)
+        longest = seq_len(src, b) > longest ? seq_len(src, b) : longest;
     const int streams = src->k.stride[1] == a->D && src->v.stride[1] == a->Dv &&
-                        !(src->table && job.P * a->group <= POOL_HEADS_ROWS);
+                        !(src->table && job.P * a->group <= POOL_HEADS_ROWS &&
+                          longest > POOL_HEADS_KEYS);
     /* few rows per head (decode) from [S, Hkv, D] rows: all kv heads in
        one task, as many as keep their states within 1 MiB; else (chunked
        prefill, [Hkv, S, D] rows) one */
