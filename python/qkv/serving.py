@@ -89,7 +89,8 @@ class PagedCache:
     scale per row and head in k_scale / v_scale [n_blocks, block_size,
     heads_kv]), or with head_major=True [n_blocks, heads_kv, block_size,
     head_dim] (scales [n_blocks, heads_kv, block_size]), each head's rows
-    of a block together.
+    of a block together: the layout that decodes faster from memory
+    (docs/PERFORMANCE.md).
     Sequences address it through block tables, int32 [B, max_blocks]
     arrays of block ids the caller manages (blocks may be shared for
     reading)."""
