@@ -1412,9 +1412,6 @@ static qkv_status run(qkv_ctx *ctx, const qkv__attn *a, const kv_src *src, int c
     const int streams = src->k.stride[1] == a->D && src->v.stride[1] == a->Dv &&
                         !(src->table && job.P * a->group <= POOL_HEADS_ROWS &&
                           longest > POOL_HEADS_KEYS);
-    /* few rows per head (decode) from [S, Hkv, D] rows: all kv heads in
-       one task, as many as keep their states within 1 MiB; else (chunked
-       prefill, [Hkv, S, D] rows) one */
     const int64_t n_qt = (a->Sq + job.P - 1) / job.P;
     const size_t nb = (size_t)a->B;
     job.start = malloc((2 * (nb + 1) + nb + (size_t)ctx->n_threads) * sizeof(int64_t));
@@ -1429,14 +1426,16 @@ static qkv_status run(qkv_ctx *ctx, const qkv__attn *a, const kv_src *src, int c
     int64_t parts = 0;
     for (int64_t b = 0; b < a->B; b++)
         parts += job.split[b];
-    /* heads per task: as many as keep their states within 1 MiB and leave
-       a task for each thread. A short cache of one sequence is not split,
-       and all its heads in one task left the other threads idle: with a
-       task per thread, 1x1024 and 1x4096 (32/8 heads, 2 threads) from
-       position-major caches and pools took 0.58-0.66x the time. Four
-       tasks a thread took 2x at 1x8192 from a position-major pool, each
-       task reading a quarter of every position's rows. The results do
-       not depend on it. */
+    /* kv heads per task: with few rows per head (decode) and rows that do
+       not stream, as many as keep their states within 1 MiB and leave a
+       task for each thread; else (a stream per head, or chunked prefill)
+       one. A short cache of one sequence is not split, and all its heads
+       in one task left the other threads idle: with a task per thread,
+       1x1024 and 1x4096 (32/8 heads, 2 threads) from position-major
+       caches and pools took 0.58-0.66x the time. Four tasks a thread took
+       2x at 1x8192 from a position-major pool, each task reading a
+       quarter of every position's rows. The results do not depend on
+       it. */
     job.HB = 1;
     if (!streams && job.P * a->group <= QKV__PAD)
         for (int64_t hb = a->Hkv; hb > 1; hb--)
