@@ -1159,6 +1159,13 @@ static void next_task_keys(const dec_job *job, int worker, stream_next *nx)
     nx->cnt = khi - klo < BK ? khi - klo : BK;
 }
 
+/* Split-K task `task`'s partial state for head slot e of m rows: the
+   maxima [m], the sums [m], then acc [m][Dv]. */
+static float *part_state(const dec_job *job, int64_t task, int64_t e, int m)
+{
+    return job->part + task * job->part_size + e * m * (2 + job->a->Dv);
+}
+
 /* The rows head slot e asks for during a task's last tile: its share of
    the first tile of the task this worker runs next (claimed now), in
    *pfk and *pfv; empty when none is left. */
@@ -1270,7 +1277,7 @@ static void dec_task(void *arg, int64_t task, int worker)
                 store_row(job, &s, &tm, r, sc.m[r], sc.l[r], sc.acc + r * Dv);
             continue;
         }
-        float *pm = job->part + task * job->part_size + e * m * (2 + Dv);
+        float *pm = part_state(job, task, e, m);
         float *pl = pm + m, *pacc = pl + m;
         memcpy(pm, sc.m, (size_t)m * sizeof *pm);
         memcpy(pl, sc.l, (size_t)m * sizeof *pl);
@@ -1305,12 +1312,12 @@ static void merge_task(void *arg, int64_t tile, int worker)
         for (int r = 0; r < m; r++) {
             float mx = -INFINITY, l = 0.0f;
             for (int64_t p = 0; p < ns; p++) {
-                const float mp = job->part[(first + p * nt) * job->part_size + e * m * (2 + Dv) + r];
+                const float mp = part_state(job, first + p * nt, e, m)[r];
                 mx = mp > mx ? mp : mx;
             }
             memset(acc, 0, (size_t)Dv * sizeof *acc);
             for (int64_t p = 0; p < ns && mx > -INFINITY; p++) {
-                const float *pm = job->part + (first + p * nt) * job->part_size + e * m * (2 + Dv);
+                const float *pm = part_state(job, first + p * nt, e, m);
                 if (pm[r] == -INFINITY)
                     continue;
                 const float wgt = expf(pm[r] - mx);

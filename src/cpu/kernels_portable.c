@@ -1635,11 +1635,11 @@ static inline float v_at(const int lay, const char *row, int c)
 }
 
 /* P·V in fp32 FMAs (the bf16 P of exp_rows_bf16 with bf16 or int8 V
-   rows; exp_rows' fp32 P with fp16 or fp32 rows): each accumulator adds its keys' products one key at a time, so any
-   split of the keys gives the same bits. With bf16 rows acc's whole
-   steps of 2·VW columns are split into even and odd columns for the call;
-   acc is multiplied by alpha first; the last dv % (2·VW) columns go one
-   by one. */
+   rows; exp_rows' fp32 P with fp16 or fp32 rows): each accumulator adds
+   its keys' products one key at a time, so any split of the keys gives
+   the same bits. With bf16 rows acc's whole steps of 2·VW columns are
+   split into even and odd columns for the call; acc is multiplied by
+   alpha first; the last dv % (2·VW) columns go one by one. */
 static inline __attribute__((always_inline))
 void pv_rows_fma(const int lay, int m, int n, int dv, const void *p, int64_t ldp,
                  const qkv__rows *v, const float *alpha, float *acc, int64_t lda, qkv__pf *pf)
