@@ -1009,10 +1009,13 @@ static void prefetch_scales(const kv_src *src, int64_t b, int64_t h, int64_t nh,
    codes (half the bytes a key) take 128 too: 0.92-0.96x the time of 64
    (256: 0.96-0.99x). Asking two or three sub-tiles ahead took 1.03-1.25x the
    time, sub-tiles of a whole tile (the next tile asked for meanwhile)
-   1.2x. */
+   1.2x. Head-major pools of bf16 rows on the bf16 kernels take 128 as
+   well: on the Xeon's tile kernels 64 took 1.04-1.07x the time (fp16
+   rows 0.99x, fp32 0.91x: they keep 64); on Zen 4, 128 was level. */
 static int sub_keys(const dec_job *job, int m)
 {
-    return m > 8 || job->i8dot ? 128 : 64;
+    const int hm_pool = job->src->table && job->src->k.stride[1] == job->a->D;
+    return m > 8 || job->i8dot || (job->bf && hm_pool) ? 128 : 64;
 }
 
 /* The positions after a tile that its last sub-tiles ask for: those of
