@@ -1010,8 +1010,9 @@ static void prefetch_scales(const kv_src *src, int64_t b, int64_t h, int64_t nh,
    (256: 0.96-0.99x). Asking two or three sub-tiles ahead took 1.03-1.25x the
    time, sub-tiles of a whole tile (the next tile asked for meanwhile)
    1.2x. Head-major pools of bf16 rows on the bf16 kernels take 128 as
-   well: on the Xeon's tile kernels 64 took 1.04-1.07x the time (fp16
-   rows 0.99x, fp32 0.91x: they keep 64); on Zen 4, 128 was level. */
+   well: on the Xeon's tile kernels 128 took 0.92-0.97x the time of 64
+   (fp16 rows 1.01x and fp32 rows 1.09-1.10x, which keep 64); on Zen 4
+   the two were level. */
 static int sub_keys(const dec_job *job, int m)
 {
     const int hm_pool = job->src->table && job->src->k.stride[1] == job->a->D;
