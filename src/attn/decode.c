@@ -1287,6 +1287,8 @@ static void dec_task(void *arg, int64_t task, int worker)
         memcpy(pl, sc.l, (size_t)m * sizeof *pl);
         memcpy(pacc, sc.acc, (size_t)m * (size_t)Dv * sizeof *pacc);
     }
+    if (job->ctx->kernels->dec_done)
+        job->ctx->kernels->dec_done();
 }
 
 /* Merges the key parts of one tile in part order, head by head and row by

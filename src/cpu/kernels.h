@@ -368,6 +368,12 @@ typedef struct qkv__kernels {
                         const qkv__rows *v, const float *alpha, float *acc, int64_t lda,
                         qkv__pf *pf);
 
+    /* The decode kernels of sets with tiles (_dec: bf16, f16s, i8) may
+       leave their tile configuration loaded for the next call on the
+       thread; a task that called them calls this before it ends (NULL on
+       other sets). */
+    void (*dec_done)(void);
+
     /* int8 caches read as codes (sets with AVX512-VNNI, else NULL): the
        scores of qk_bf16_dec from int8 K rows of d codes and int16
        queries q [m][ldq] (readable up to row round_up(m, 4)), the dot

@@ -110,8 +110,8 @@ static void t_dp_i8(int c, int a, int b, int sa, int sb)
             tmm[c].u[m][n] = acc;
         }
 }
-static void t_begin_cfg(const tile_config *c) { tcfg = *c; }
-static void t_end(void) {}
+static void t_cfg_load(const tile_config *c) { tcfg = *c; }
+static void t_cfg_release(void) {}
 #define T_ZERO(t)          t_zero(t)
 #define T_LOAD(t, p, s)    t_load(t, p, s)
 #define T_STORE(t, p, s)   t_store(t, p, s)
@@ -120,8 +120,8 @@ static void t_end(void) {}
 #define T_DPBSUD(c, a, b)  t_dp_i8(c, a, b, 1, 0)
 #define T_DPBUSD(c, a, b)  t_dp_i8(c, a, b, 0, 1)
 #else
-static void t_begin_cfg(const tile_config *c) { _tile_loadconfig(c); }
-static void t_end(void) { _tile_release(); }
+static void t_cfg_load(const tile_config *c) { _tile_loadconfig(c); }
+static void t_cfg_release(void) { _tile_release(); }
 #define T_ZERO(t)          _tile_zero(t)
 #define T_LOAD(t, p, s)    _tile_loadd(t, p, s)
 #define T_STORE(t, p, s)   _tile_stored(t, p, s)
@@ -130,6 +130,31 @@ static void t_end(void) { _tile_release(); }
 #define T_DPBSUD(c, a, b)  _tile_dpbsud(c, a, b)
 #define T_DPBUSD(c, a, b)  _tile_dpbusd(c, a, b)
 #endif
+
+/* A kernel configures the tiles (t_begin_cfg) and releases them when it
+   returns (t_end). The decode kernels instead leave their configuration
+   loaded (t_keep), and the next call on the thread with the same one
+   skips the load: LDTILECFG takes about 200 cycles, and a key tile walked
+   in sub-tiles calls the scores kernel for every kv head of a sub-tile in
+   turn, then P·V the same way. dec_done releases what is left; a kernel
+   never relies on what its tiles hold before it loads or zeroes them. */
+static _Thread_local const tile_config *kept;
+
+static void t_begin_cfg(const tile_config *c)
+{
+    if (kept != c)
+        t_cfg_load(c);
+    kept = NULL;
+}
+static void t_end(void) { t_cfg_release(); }
+static void t_keep(const tile_config *c) { kept = c; }
+static void dec_done(void)
+{
+    if (kept) {
+        t_cfg_release();
+        kept = NULL;
+    }
+}
 
 static void t_begin(void) { t_begin_cfg(&tile_cfg); }
 
@@ -825,7 +850,8 @@ static void qk_dec_amx(int n, int m, int dp, float scale, const qkv__rows *k,
        when their tile stores have landed */
     float s[2][2][TR * TR] __attribute__((aligned(64)));
     int last = -1, lastn = 0;
-    t_begin_cfg(&qk_cfg[N == 4 ? 0 : N == 8 ? 1 : 2]);
+    const tile_config *cfg = &qk_cfg[N == 4 ? 0 : N == 8 ? 1 : 2];
+    t_begin_cfg(cfg);
     if (nx <= 4) {   /* the queries' tiles stay for the call */
         T_LOAD(4, qt, 4 * N);
         if (nx > 1) T_LOAD(5, qt + TR * N, 4 * N);
@@ -875,7 +901,7 @@ static void qk_dec_amx(int n, int m, int dp, float scale, const qkv__rows *k,
     }
     if (last >= 0)   /* the last pair, in s[cur ^ 1] */
         scores_groups(s[cur ^ 1], N, m, sc, lastn, st + last, ldst);
-    t_end();
+    t_keep(cfg);
 }
 
 /* Contract of kernels.h's exp_rows_bf16: the forward's exp_row over the
@@ -923,7 +949,8 @@ static void pv_dec_amx(int m, int n, int dv, const uint16_t *p, int64_t ldp,
     const __m512i hi_i = _mm512_add_epi32(lo_i, _mm512_set1_epi32(8));
     const int passes = (dv + 4 * TR - 1) / (4 * TR);
     const int ask = pf ? (4 * pf->per4 + passes - 1) / passes : 0;   /* per 16 keys of a pass */
-    t_begin_cfg(&pv_cfg[m]);
+    const tile_config *cfg = &pv_cfg[m];
+    t_begin_cfg(cfg);
     for (int j0 = 0; j0 < n; j0 += 128) {
         const int nn = n - j0 < 128 ? n - j0 : 128, gn = (nn + KG - 1) / KG;
         for (int g = 0; g < gn; g++)
@@ -1002,7 +1029,7 @@ static void pv_dec_amx(int m, int n, int dv, const uint16_t *p, int64_t ldp,
                 }
         }
     }
-    t_end();
+    t_keep(cfg);
 }
 
 /* ---- decode from fp16 rows split into pairs of bf16 ----------------------- */
@@ -1081,7 +1108,8 @@ static void qk_f16s_dec_amx(int n, int m, int d, float scale, const qkv__rows *k
     const __m512 sc = _mm512_set1_ps(scale);
     const int ask = pf ? (8 * pf->per4 + nx - 1) / nx : 0;   /* per chunk of 32 keys */
     int last = -1, lastn = 0;
-    t_begin_cfg(&qk_cfg[N == 4 ? 0 : N == 8 ? 1 : 2]);
+    const tile_config *cfg = &qk_cfg[N == 4 ? 0 : N == 8 ? 1 : 2];
+    t_begin_cfg(cfg);
     int cur = 0;
     for (int j = 0; j < n; j += 2 * TR, cur ^= 1) {
         const int nk = n - j < 2 * TR ? n - j : 2 * TR, two = nk > TR;
@@ -1106,7 +1134,7 @@ static void qk_f16s_dec_amx(int n, int m, int d, float scale, const qkv__rows *k
     }
     if (last >= 0)   /* the last pair, in s[cur ^ 1] */
         scores_groups(s[cur ^ 1], N, m, sc, lastn, st + last, ldst);
-    t_end();
+    t_keep(cfg);
 }
 
 /* Contract of kernels.h's pv_f16s_dec. Chunks of 64 keys (32 where dv >
@@ -1132,7 +1160,8 @@ static void pv_f16s_dec_amx(int m, int n, int dv, const float *p, int64_t ldp,
             }
     const int passes = (dv + 4 * TR - 1) / (4 * TR);
     const int ask = pf ? (4 * pf->per4 + passes - 1) / passes : 0;   /* per 16 keys of a pass */
-    t_begin_cfg(&pv_cfg[m]);
+    const tile_config *cfg = &pv_cfg[m];
+    t_begin_cfg(cfg);
     for (int j0 = 0; j0 < n; j0 += kc) {
         const int nn = n - j0 < kc ? n - j0 : kc, gn = (nn + TR - 1) / TR;
         for (int g = 0; g < gn; g++) {
@@ -1189,7 +1218,7 @@ static void pv_f16s_dec_amx(int m, int n, int dv, const float *p, int64_t ldp,
             if (nb > 3) T_STORE(3, ac + 3 * TR, 4 * lda);
         }
     }
-    t_end();
+    t_keep(cfg);
 }
 
 /* ---- decode from int8 codes on int8 tiles ---------------------------------- */
@@ -1298,7 +1327,8 @@ static void qk_i8_dec_amx(int n, int m, int d, float scale, const qkv__rows *k,
     int last = -1, lastn = 0;
     /* tiles: 0, 1 the hi and lo sums; 2, 3 the K codes of chunks of 64;
        4, 5 hi and 6, 7 lo of the queries (reloaded by chunk beyond 2) */
-    t_begin_cfg(&qk_cfg[N == 4 ? 0 : N == 8 ? 1 : 2]);
+    const tile_config *cfg = &qk_cfg[N == 4 ? 0 : N == 8 ? 1 : 2];
+    t_begin_cfg(cfg);
     if (nx <= 2) {
         T_LOAD(4, th, 4 * N);
         T_LOAD(6, tl, 4 * N);
@@ -1355,7 +1385,7 @@ static void qk_i8_dec_amx(int n, int m, int d, float scale, const qkv__rows *k,
     if (last >= 0)
         scores_group_i8(sh[(last / TR) & 1], sl[(last / TR) & 1], N, m, rsc, lastn, st + last,
                         ldst);
-    t_end();
+    t_keep(cfg);
 }
 
 /* Keys per int32 sum of int8 P·V (P's int16 values are at most 32767,
@@ -1461,7 +1491,8 @@ static void pv_i8_dec_amx(int m, int n, int dv, const int16_t *p, int64_t ldp,
                                                                   _mm512_set1_ps(alpha[i])));
     const int passes = dv / (2 * TR);
     const int ask = pf ? (pf->per4 * (I8_CHUNK / 4) + passes - 1) / passes : 0;   /* per pass */
-    t_begin_cfg(&pv_cfg[m]);
+    const tile_config *cfg = &pv_cfg[m];
+    t_begin_cfg(cfg);
     for (int k0 = 0; k0 < n; k0 += I8_CHUNK) {
         const int kn = n - k0 < I8_CHUNK ? n - k0 : I8_CHUNK;
         split_words(p, ldp, m, m, k0, I8_CHUNK, n, ph, pl, TB);   /* zero past n */
@@ -1501,7 +1532,7 @@ static void pv_i8_dec_amx(int m, int n, int dv, const int16_t *p, int64_t ldp,
                 }
         }
     }
-    t_end();
+    t_keep(cfg);
 }
 
 /* ---- the backward's products ------------------------------------------------ */
@@ -1628,6 +1659,7 @@ void QKV_KERNEL_TABLE(qkv__kernels *t)
     t->exp_rows_bf16 = exp_rows_dec_amx;
     t->qk_bf16_dec = qk_dec_amx;
     t->pv_bf16_dec = pv_dec_amx;
+    t->dec_done = dec_done;
     /* fp16 caches with more than 8 rows a tile split into bf16 pairs on
        the tiles: per key from L1 (TSC cycles, D 128) scores and P·V 56 +
        59 against 85 + 70 read in place at 12 rows, 62 + 65 against 110 +
