@@ -733,6 +733,22 @@ void test_decode_int8(void)
 
 /* ---- threads ------------------------------------------------------------------ */
 
+/* Whether the calling thread's AMX tiles are released (their
+   configuration all zero, as after TILERELEASE): the decode kernels keep
+   theirs loaded between calls, and each task releases it. */
+static int tiles_released(void)
+{
+#if defined(__x86_64__) && defined(__GNUC__)
+    unsigned char cfg[64] __attribute__((aligned(64)));
+    memset(cfg, 0xff, sizeof cfg);
+    __asm__ volatile("sttilecfg %0" : "=m"(cfg));
+    for (int i = 0; i < 64; i++)
+        if (cfg[i])
+            return 0;
+#endif
+    return 1;
+}
+
 void test_decode_threads(void)
 {
     static const int nthreads[4] = { 1, 2, 3, 5 };
@@ -772,6 +788,8 @@ void test_decode_threads(void)
             for (int t = 0; t < 4; t++) {
                 float *l, *pl;
                 void *o = run_kvcache(ctx[t], &c, &l), *po = run_paged(ctx[t], &c, &p, &pl);
+                if (t == 0 && !strcmp(name, "amx"))   /* one thread: the caller ran every task */
+                    CHECK(tiles_released(), "amx: tiles left configured [%s]", dcase_str(&c));
                 if (t == 0) {
                     o0 = o; l0 = l; p0 = po; pl0 = pl;
                     continue;
