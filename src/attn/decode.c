@@ -1009,14 +1009,16 @@ static void prefetch_scales(const kv_src *src, int64_t b, int64_t h, int64_t nh,
    codes (half the bytes a key) take 128 too: 0.92-0.96x the time of 64
    (256: 0.96-0.99x). Asking two or three sub-tiles ahead took 1.03-1.25x the
    time, sub-tiles of a whole tile (the next tile asked for meanwhile)
-   1.2x. Head-major pools of bf16 rows on the bf16 kernels take 128 as
-   well: on the Xeon's tile kernels 128 took 0.92-0.97x the time of 64
-   (fp16 rows 1.01x and fp32 rows 1.09-1.10x, which keep 64); on Zen 4
-   the two were level. */
+   1.2x. Head-major pools of bf16 rows take 128 as well on the sets with
+   tiles (dec_done set: their kernels pay for the tiles' setup per call):
+   on the Xeon 128 took 0.92-0.97x the time of 64 there (fp16 rows 1.01x
+   and fp32 rows 1.09-1.10x, which keep 64), and 1.01-1.02x on its
+   avx512bf16 set (Zen 4: level). */
 static int sub_keys(const dec_job *job, int m)
 {
     const int hm_pool = job->src->table && job->src->k.stride[1] == job->a->D;
-    return m > 8 || job->i8dot || (job->bf && hm_pool) ? 128 : 64;
+    const int tiles = job->ctx->kernels->dec_done != NULL;
+    return m > 8 || job->i8dot || (job->bf && hm_pool && tiles) ? 128 : 64;
 }
 
 /* The positions after a tile that its last sub-tiles ask for: those of
