@@ -238,6 +238,7 @@ typedef struct {
     int              rows_max; /* tiles of up to this many rows take head_tile_rows */
     int              f16;      /* fp16 rows read in place (qk_f16_dec, pv_f16_dec) */
     int              f16s;     /* fp16 rows split into bf16 pairs (qk_f16s_dec, pv_f16s_dec) */
+    int              hm_pool;  /* a head-major pool: each head's rows of a block one run */
     int64_t         *start;    /* [B+1] first task of each sequence */
     int64_t         *tstart;   /* [B+1] first tile of each sequence */
     int64_t         *split;    /* [B] key parts per tile of each sequence */
@@ -1016,9 +1017,8 @@ static void prefetch_scales(const kv_src *src, int64_t b, int64_t h, int64_t nh,
    avx512bf16 set (Zen 4: level). */
 static int sub_keys(const dec_job *job, int m)
 {
-    const int hm_pool = job->src->table && job->src->k.stride[1] == job->a->D;
     const int tiles = job->ctx->kernels->dec_done != NULL;
-    return m > 8 || job->i8dot || (job->bf && hm_pool && tiles) ? 128 : 64;
+    return m > 8 || job->i8dot || (job->bf && job->hm_pool && tiles) ? 128 : 64;
 }
 
 /* The positions after a tile that its last sub-tiles ask for: those of
@@ -1424,9 +1424,10 @@ static qkv_status run(qkv_ctx *ctx, const qkv__attn *a, const kv_src *src, int c
     int64_t longest = 0;
     for (int64_t b = 0; b < a->B; b++)
         longest = seq_len(src, b) > longest ? seq_len(src, b) : longest;
-    const int streams = src->k.stride[1] == a->D && src->v.stride[1] == a->Dv &&
-                        !(src->table && job.P * a->group <= POOL_HEADS_ROWS &&
-                          longest > POOL_HEADS_KEYS);
+    const int head_rows = src->k.stride[1] == a->D && src->v.stride[1] == a->Dv;
+    job.hm_pool = src->table && head_rows;
+    const int streams = head_rows && !(job.hm_pool && job.P * a->group <= POOL_HEADS_ROWS &&
+                                       longest > POOL_HEADS_KEYS);
     const int64_t n_qt = (a->Sq + job.P - 1) / job.P;
     const size_t nb = (size_t)a->B;
     job.start = malloc((2 * (nb + 1) + nb + (size_t)ctx->n_threads) * sizeof(int64_t));
