@@ -594,10 +594,11 @@ typedef enum {
 } qkv_stream;
 
 /* Measures the memory bandwidth ctx's threads reach on a STREAM-style
-   loop over arrays far larger than the caches (64 MiB each, allocated as
+   loop over arrays far larger than the caches (each four times the
+   last-level cache, as STREAM asks, from 64 MiB to 1 GiB, allocated as
    qkv_alloc does), in GB/s counting the bytes of the arrays read and
    written as STREAM does (a store's read of its line is not counted; the
-   best of several rounds, about 0.3 s): the yardsticks for memory-bound
+   best of several rounds, 0.3-1 s): the yardsticks for memory-bound
    calls such as decoding, which only read. Returns 0 for a NULL ctx, an
    unknown kind, or when the arrays cannot be allocated. */
 QKV_API double qkv_memory_bandwidth(qkv_ctx *ctx, qkv_stream kind);
