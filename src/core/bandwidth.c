@@ -16,25 +16,24 @@ enum { TRIAD_CHUNKS = 256 };
 
 /* Bytes per array. STREAM's rule: each array at least 4 times the
    last-level cache, so that no round finds the last round's lines there;
-   at least 64 MiB, at most 1 GiB and 1/16 of the memory. On a Xeon whose
-   L3 reads 480 MiB (2 threads, two builds alternated), arrays of 64 MiB
-   gave a triad of 34.0-35.7 GB/s against 31.1-31.2 with 1 GiB, a copy
-   1.13-1.21x as high, the read-only loop the same: the written lines came
-   back from the L3. (A triad over 2 GiB arrays read 29.6-30.2 there.) */
+   at least 64 MiB, at most 1 GiB (and so where the cache is not known)
+   and 1/16 of the memory. On a Xeon whose L3 reads 480 MiB (2 threads,
+   two builds alternated), arrays of 64 MiB gave a triad of 34.0-35.7
+   GB/s against 31.1-31.2 with 1 GiB, a copy 1.13-1.21x as high, the
+   read-only loop the same: the written lines came back from the L3. (A
+   triad over 2 GiB arrays read 29.6-30.2 there.) */
 static size_t array_bytes(void)
 {
-    const size_t lo = (size_t)64 << 20, hi = (size_t)1 << 30;
-    size_t want = lo;
+    const size_t lo = (size_t)64 << 20;
+    size_t want = (size_t)1 << 30;
 #ifdef _SC_LEVEL3_CACHE_SIZE
     const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE), l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
     const long llc = l3 > 0 ? l3 : l2;
-    if (llc > 0 && (size_t)llc <= hi / 4 && 4 * (size_t)llc > want)
+    if (llc > 0 && (size_t)llc < want / 4)
         want = 4 * (size_t)llc;
-    else if (llc > 0 && (size_t)llc > hi / 4)
-        want = hi;
 #endif
     const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
-    if (pages > 0 && page > 0 && want > (size_t)pages / 16 * (size_t)page)
+    if (pages > 0 && page > 0 && (size_t)pages / 16 * (size_t)page < want)
         want = (size_t)pages / 16 * (size_t)page;
     if (want < lo)
         want = lo;
