@@ -139,7 +139,7 @@ static void t_cfg_release(void) { _tile_release(); }
    0.98-0.99x the time, pools 0.98-1.00x, position-major 0.99-1.00x,
    8x8192 0.99x; 4 new queries 0.96x head-major, 0.98-0.99x
    position-major. Steady calls on caches of 2-16 MiB (one build a
-   process, six processes each): 0.96-0.99x. */
+   process, 6-10 processes each): 0.93-1.00x. */
 #define T_LOAD_ROWS(t, p, s, in_place)                                       \
     do {                                                                     \
         if (in_place)                                                        \
