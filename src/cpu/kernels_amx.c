@@ -1322,8 +1322,11 @@ static inline __attribute__((always_inline)) void scores_out_i8(const int32_t *s
                               _mm512_mul_ps(_mm512_castsi512_ps(r[i]), _mm512_set1_ps(rsc[i])));
 }
 
-static void scores_group_i8(const int32_t *sh, const int32_t *sl, int N, int m,
-                            const float *rsc, int nk, float *st, int64_t ldst)
+static inline __attribute__((always_inline)) void scores_group_i8(const int32_t *sh,
+                                                                   const int32_t *sl, int N,
+                                                                   int m, const float *rsc,
+                                                                   int nk, float *st,
+                                                                   int64_t ldst)
 {
     const __mmask16 mk = (__mmask16)((1u << nk) - 1);
     if (N == 4)
@@ -1341,15 +1344,15 @@ static void scores_group_i8(const int32_t *sh, const int32_t *sl, int N, int m,
    B tiles (hi signed: tdpbssd; lo unsigned: tdpbsud), and the two sums
    are joined exactly in int32. A group's scores are turned out one group
    later, when its tile stores have landed. */
-static void qk_i8_dec_amx(int n, int m, int d, float scale, const qkv__rows *k,
-                          const int16_t *q, int64_t ldq, const float *qsc, float *st,
-                          int64_t ldst, qkv__pf *pf)
+static inline __attribute__((always_inline)) void qk_i8_dec_cols(int n, int m, int d,
+                                                                  float scale,
+                                                                  const qkv__rows *k,
+                                                                  const int16_t *q, int64_t ldq,
+                                                                  const float *qsc, float *st,
+                                                                  int64_t ldst, qkv__pf *pf,
+                                                                  const int N)
 {
-    if (d % TB || d > DEC_MAXD || m > TR) {
-        wide_qk_i8(n, m, d, scale, k, q, ldq, qsc, st, ldst, pf);
-        return;
-    }
-    const int N = dec_cols(m), nx = d / TB;
+    const int nx = d / TB;
     uint8_t qh[TR * DEC_MAXD] __attribute__((aligned(64)));
     uint8_t ql[TR * DEC_MAXD] __attribute__((aligned(64)));
     uint32_t th[DEC_MAXD / 4 * TR] __attribute__((aligned(64)));
@@ -1357,16 +1360,8 @@ static void qk_i8_dec_amx(int n, int m, int d, float scale, const qkv__rows *k,
     int8_t kb[TR * DEC_MAXD] __attribute__((aligned(64)));
     split_words(q, ldq, m, N, 0, d, d, qh, ql, d);
     /* the bytes as rows of d/4 words, in the scores' B tile order */
-    if (N == 4) {
-        queries_tiles((const uint16_t *)qh, d / 2, m, d / 4, 4, th);
-        queries_tiles((const uint16_t *)ql, d / 2, m, d / 4, 4, tl);
-    } else if (N == 8) {
-        queries_tiles((const uint16_t *)qh, d / 2, m, d / 4, 8, th);
-        queries_tiles((const uint16_t *)ql, d / 2, m, d / 4, 8, tl);
-    } else {
-        queries_tiles((const uint16_t *)qh, d / 2, m, d / 4, TR, th);
-        queries_tiles((const uint16_t *)ql, d / 2, m, d / 4, TR, tl);
-    }
+    queries_tiles((const uint16_t *)qh, d / 2, m, d / 4, N, th);
+    queries_tiles((const uint16_t *)ql, d / 2, m, d / 4, N, tl);
     float rsc[TR];
     for (int i = 0; i < m; i++)
         rsc[i] = scale * qsc[i];
@@ -1435,6 +1430,21 @@ static void qk_i8_dec_amx(int n, int m, int d, float scale, const qkv__rows *k,
         scores_group_i8(sh[(last / TR) & 1], sl[(last / TR) & 1], N, m, rsc, lastn, st + last,
                         ldst);
     t_keep(cfg);
+}
+
+/* qk_i8_dec_cols with N a constant, as qk_dec_amx. */
+static void qk_i8_dec_amx(int n, int m, int d, float scale, const qkv__rows *k,
+                          const int16_t *q, int64_t ldq, const float *qsc, float *st,
+                          int64_t ldst, qkv__pf *pf)
+{
+    if (d % TB || d > DEC_MAXD || m > TR)
+        wide_qk_i8(n, m, d, scale, k, q, ldq, qsc, st, ldst, pf);
+    else if (m <= 4)
+        qk_i8_dec_cols(n, m, d, scale, k, q, ldq, qsc, st, ldst, pf, 4);
+    else if (m <= 8)
+        qk_i8_dec_cols(n, m, d, scale, k, q, ldq, qsc, st, ldst, pf, 8);
+    else
+        qk_i8_dec_cols(n, m, d, scale, k, q, ldq, qsc, st, ldst, pf, TR);
 }
 
 /* Keys per int32 sum of int8 P·V (P's int16 values are at most 32767,
