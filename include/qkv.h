@@ -509,7 +509,7 @@ typedef enum {
  * a block at a time (on Zen 4, blocks of 16 in shuffled order decode from
  * memory in 1.01-1.02x a contiguous cache's time at the host's slower
  * memory level and 1.17x at the faster one, position-major blocks in
- * 1.11x and 1.29x; on a Xeon with AMX, 0.96-0.99x the position-major
+ * 1.11x and 1.29x; on a Xeon with AMX, 0.97-1.00x the position-major
  * blocks' time: docs/PERFORMANCE.md). The scales below follow the same
  * layout.
  * A sequence owns a block table, a row of int32 block ids: its position p
