@@ -926,9 +926,9 @@ static void qk_dec_amx(int n, int m, int dp, float scale, const qkv__rows *k,
 {
     if (dp % TR || 2 * dp > DEC_MAXD || m > TR)
         wide_qk_dec(n, m, dp, scale, k, q, ldq, st, ldst, pf);
-    else if (m <= 4)
+    else if (dec_cols(m) == 4)
         qk_dec_cols(n, m, dp, scale, k, q, ldq, st, ldst, pf, 4);
-    else if (m <= 8)
+    else if (dec_cols(m) == 8)
         qk_dec_cols(n, m, dp, scale, k, q, ldq, st, ldst, pf, 8);
     else
         qk_dec_cols(n, m, dp, scale, k, q, ldq, st, ldst, pf, TR);
@@ -1439,9 +1439,9 @@ static void qk_i8_dec_amx(int n, int m, int d, float scale, const qkv__rows *k,
 {
     if (d % TB || d > DEC_MAXD || m > TR)
         wide_qk_i8(n, m, d, scale, k, q, ldq, qsc, st, ldst, pf);
-    else if (m <= 4)
+    else if (dec_cols(m) == 4)
         qk_i8_dec_cols(n, m, d, scale, k, q, ldq, qsc, st, ldst, pf, 4);
-    else if (m <= 8)
+    else if (dec_cols(m) == 8)
         qk_i8_dec_cols(n, m, d, scale, k, q, ldq, qsc, st, ldst, pf, 8);
     else
         qk_i8_dec_cols(n, m, d, scale, k, q, ldq, qsc, st, ldst, pf, TR);
