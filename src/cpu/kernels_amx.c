@@ -1147,10 +1147,14 @@ static void f16s_queries_amx(int m, int d, const float *q, int64_t ldq, uint32_t
    tiles, so that the two products sum kh·qh + kl·qh + kh·ql + kl·ql,
    every product exact, in fp32. The 16 x N results go out as
    qk_dec_amx's. */
-static void qk_f16s_dec_amx(int n, int m, int d, float scale, const qkv__rows *k,
-                            const uint32_t *qt, float *st, int64_t ldst, qkv__pf *pf)
+static inline __attribute__((always_inline)) void qk_f16s_dec_cols(int n, int m, int d,
+                                                                    float scale,
+                                                                    const qkv__rows *k,
+                                                                    const uint32_t *qt, float *st,
+                                                                    int64_t ldst, qkv__pf *pf,
+                                                                    const int N)
 {
-    const int N = dec_cols(m), nx = d / TR;
+    const int nx = d / TR;
     uint32_t kb[2 * TR * DEC_MAXD] __attribute__((aligned(64)));
     float s[2][2][TR * TR] __attribute__((aligned(64)));
     const uint32_t *qh = qt, *ql = qt + d * N;
@@ -1184,6 +1188,18 @@ static void qk_f16s_dec_amx(int n, int m, int d, float scale, const qkv__rows *k
     if (last >= 0)   /* the last pair, in s[cur ^ 1] */
         scores_groups(s[cur ^ 1], N, m, sc, lastn, st + last, ldst);
     t_keep(cfg);
+}
+
+/* qk_f16s_dec_cols with N a constant, as qk_dec_amx. */
+static void qk_f16s_dec_amx(int n, int m, int d, float scale, const qkv__rows *k,
+                            const uint32_t *qt, float *st, int64_t ldst, qkv__pf *pf)
+{
+    if (dec_cols(m) == 4)
+        qk_f16s_dec_cols(n, m, d, scale, k, qt, st, ldst, pf, 4);
+    else if (dec_cols(m) == 8)
+        qk_f16s_dec_cols(n, m, d, scale, k, qt, st, ldst, pf, 8);
+    else
+        qk_f16s_dec_cols(n, m, d, scale, k, qt, st, ldst, pf, TR);
 }
 
 /* Contract of kernels.h's pv_f16s_dec. Chunks of 64 keys (32 where dv >
