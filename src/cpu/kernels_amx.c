@@ -918,9 +918,10 @@ static inline __attribute__((always_inline)) void qk_dec_cols(int n, int m, int 
 }
 
 /* qk_dec_cols with N a constant: each pair of groups then turns its
-   scores out inline, with no call and no test of N. (Called, with N
-   tested at run time, it cost one thread 3% of its decode rate from
-   DRAM: 1,1,32768 read 11.7-11.8 GB/s against 12.1-12.2.) */
+   scores out inline, with no call and no test of N. (As a function
+   called for every pair, N tested at run time, the turn-out cost one
+   thread 3% of its decode rate from DRAM: 1,1,32768 read 11.7-11.8 GB/s
+   against 12.1-12.2.) */
 static void qk_dec_amx(int n, int m, int dp, float scale, const qkv__rows *k,
                        const uint16_t *q, int64_t ldq, float *st, int64_t ldst, qkv__pf *pf)
 {
