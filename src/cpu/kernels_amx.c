@@ -707,6 +707,22 @@ static int dec_cols(int m)
     return m <= 4 ? 4 : m <= 8 ? 8 : TR;
 }
 
+/* f(args..., N) with N = dec_cols(m) a constant: the scores kernels are
+   built once per column count, so that each pair of groups turns its
+   scores out inline, with no call and no test of N. (As a function
+   called for every pair, N tested at run time, the turn-out cost one
+   thread 3% of its decode rate from DRAM: 1,1,32768 read 11.7-11.8 GB/s
+   against 12.1-12.2.) */
+#define BY_COLS(m, f, ...)                                                   \
+    do {                                                                     \
+        if (dec_cols(m) == 4)                                                \
+            f(__VA_ARGS__, 4);                                               \
+        else if (dec_cols(m) == 8)                                           \
+            f(__VA_ARGS__, 8);                                               \
+        else                                                                 \
+            f(__VA_ARGS__, TR);                                              \
+    } while (0)
+
 /* The tiles of decode's scores for N query columns (4, 8, 16): 0, 1 the
    scores of two groups of 16 keys by N queries; 2, 3 their K rows, 16
    keys by 16 pairs of d; 4..7 the queries' pairs, 16 by N, one tile per
@@ -917,22 +933,13 @@ static inline __attribute__((always_inline)) void qk_dec_cols(int n, int m, int 
     t_keep(cfg);
 }
 
-/* qk_dec_cols with N a constant: each pair of groups then turns its
-   scores out inline, with no call and no test of N. (As a function
-   called for every pair, N tested at run time, the turn-out cost one
-   thread 3% of its decode rate from DRAM: 1,1,32768 read 11.7-11.8 GB/s
-   against 12.1-12.2.) */
 static void qk_dec_amx(int n, int m, int dp, float scale, const qkv__rows *k,
                        const uint16_t *q, int64_t ldq, float *st, int64_t ldst, qkv__pf *pf)
 {
     if (dp % TR || 2 * dp > DEC_MAXD || m > TR)
         wide_qk_dec(n, m, dp, scale, k, q, ldq, st, ldst, pf);
-    else if (dec_cols(m) == 4)
-        qk_dec_cols(n, m, dp, scale, k, q, ldq, st, ldst, pf, 4);
-    else if (dec_cols(m) == 8)
-        qk_dec_cols(n, m, dp, scale, k, q, ldq, st, ldst, pf, 8);
     else
-        qk_dec_cols(n, m, dp, scale, k, q, ldq, st, ldst, pf, TR);
+        BY_COLS(m, qk_dec_cols, n, m, dp, scale, k, q, ldq, st, ldst, pf);
 }
 
 /* Contract of kernels.h's exp_rows_bf16: the forward's exp_row over the
@@ -1191,16 +1198,10 @@ static inline __attribute__((always_inline)) void qk_f16s_dec_cols(int n, int m,
     t_keep(cfg);
 }
 
-/* qk_f16s_dec_cols with N a constant, as qk_dec_amx. */
 static void qk_f16s_dec_amx(int n, int m, int d, float scale, const qkv__rows *k,
                             const uint32_t *qt, float *st, int64_t ldst, qkv__pf *pf)
 {
-    if (dec_cols(m) == 4)
-        qk_f16s_dec_cols(n, m, d, scale, k, qt, st, ldst, pf, 4);
-    else if (dec_cols(m) == 8)
-        qk_f16s_dec_cols(n, m, d, scale, k, qt, st, ldst, pf, 8);
-    else
-        qk_f16s_dec_cols(n, m, d, scale, k, qt, st, ldst, pf, TR);
+    BY_COLS(m, qk_f16s_dec_cols, n, m, d, scale, k, qt, st, ldst, pf);
 }
 
 /* Contract of kernels.h's pv_f16s_dec. Chunks of 64 keys (32 where dv >
@@ -1449,19 +1450,14 @@ static inline __attribute__((always_inline)) void qk_i8_dec_cols(int n, int m, i
     t_keep(cfg);
 }
 
-/* qk_i8_dec_cols with N a constant, as qk_dec_amx. */
 static void qk_i8_dec_amx(int n, int m, int d, float scale, const qkv__rows *k,
                           const int16_t *q, int64_t ldq, const float *qsc, float *st,
                           int64_t ldst, qkv__pf *pf)
 {
     if (d % TB || d > DEC_MAXD || m > TR)
         wide_qk_i8(n, m, d, scale, k, q, ldq, qsc, st, ldst, pf);
-    else if (dec_cols(m) == 4)
-        qk_i8_dec_cols(n, m, d, scale, k, q, ldq, qsc, st, ldst, pf, 4);
-    else if (dec_cols(m) == 8)
-        qk_i8_dec_cols(n, m, d, scale, k, q, ldq, qsc, st, ldst, pf, 8);
     else
-        qk_i8_dec_cols(n, m, d, scale, k, q, ldq, qsc, st, ldst, pf, TR);
+        BY_COLS(m, qk_i8_dec_cols, n, m, d, scale, k, q, ldq, qsc, st, ldst, pf);
 }
 
 /* Keys per int32 sum of int8 P·V (P's int16 values are at most 32767,
