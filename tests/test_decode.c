@@ -467,6 +467,30 @@ void test_decode_paged_bitwise(void)
         paged_vs_contiguous(&s, &c, sizes[it % 6], it / 4, &r);
         dcase_free(&c);
     }
+    /* More rows a tile than the few-row kernels take (speculative
+       verification, chunked prefill: 8 and 16 new queries of 4 query heads
+       a kv head), bf16, where P·V takes a whole key tile in one product:
+       every block size, both pools, some sequences long enough for parts */
+    for (int it = 0; it < 12; it++) {
+        dcase c;
+        memset(&c, 0, sizeof c);
+        c.B = 1 + it % 3;
+        c.Sq = it % 2 ? 16 : 8;
+        c.Hq = 8;
+        c.Hkv = 2;
+        c.D = c.Dv = it % 4 == 3 ? 80 : 128;
+        c.Smax = it % 6 == 5 ? 9000 : 300 + 131 * it;
+        for (int64_t b = 0; b < c.B; b++)
+            c.lens[b] = (int32_t)(c.Smax - 37 * b);
+        c.qdt = c.kdt = QKV_BF16;
+        c.lay_q = LAY_CONTIG;
+        c.lay_k = it % 3 == 1 ? LAY_BHSD : LAY_CONTIG;
+        c.opts = qkv_attn_opts_default();
+        c.opts.causal = it % 4 == 2;
+        dcase_build(&c, &r);
+        paged_vs_contiguous(&s, &c, sizes[it % 6], it % 2, &r);
+        dcase_free(&c);
+    }
     /* A sequence long enough to be cut into key parts, with 8 kv heads: a
        task takes every kv head of a position-major cache and one of a
        head-major cache, and the parts must not depend on that. Each

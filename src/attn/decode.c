@@ -145,8 +145,8 @@ static const float *rows_f32(const qkv__kernels *kn, const kv_src *src, int is_v
    too (POOL_HEADS_ROWS). Few-row tiles of several heads go further: all
    heads walk each tile together in sub-tiles, asking one sub-tile ahead
    (tile_streamed). The few-row bf16 kernels ask as they go (qkv__pf,
-   next_rows); the other paths take a few rows between kernel calls
-   (pf_cursor). Pages: a cache on 4 KiB pages costs a TLB walk (nested on
+   next_rows); the other paths ask for a few lines between kernel calls
+   from the same cursors (tile_scores, tile_values). Pages: a cache on 4 KiB pages costs a TLB walk (nested on
    a VM) every 16 rows of 256 bytes; qkv_alloc gives transparent huge
    pages, measured 1.5x faster to decode from. */
 
@@ -182,16 +182,7 @@ static void prefetch_rows(const kv_src *src, int64_t b, int64_t h0, int64_t nh, 
         }
 }
 
-/* The rows of the next key tile still to be asked for: position p, head
-   slot e of nh, below position end. Taken a few rows at a time between
-   the kernel calls on the current tile, so the requests stream in step
-   with the arithmetic instead of stalling it in bursts. */
-typedef struct {
-    int64_t b, h0, nh, p, e, end, per_call;
-    int     ch;       /* keys per kernel call while there are rows to ask for */
-} pf_cursor;
-
-enum { CHUNK = 8 };   /* keys per kernel call between two takes */
+enum { CHUNK = 8 };   /* keys per kernel call between two asks */
 enum { MANY_CHUNK = 32 };   /* the same for tiles of more than QKV__PAD rows */
 
 /* Tiles of up to this many rows (decoding, speculative verification)
@@ -206,22 +197,17 @@ enum { PAIRS_ROWS = 16 };
    time that way, 16 rows 1.01-1.05x. */
 enum { FMA_ROWS = 12 };
 
-/* Keys per kernel call: CHUNK while there are rows to ask for, else the
-   whole run. */
-static int chunk(const pf_cursor *pf)
+/* Keys per kernel call of a tile of m rows: CHUNK (MANY_CHUNK) while pf
+   has lines to ask for, else the whole run. */
+static int chunk(const qkv__pf *pf, int m)
 {
-    return pf->per_call ? pf->ch : BK;
+    return pf->row < pf->rows ? (m > QKV__PAD ? MANY_CHUNK : CHUNK) : BK;
 }
 
-static void pf_take(const kv_src *src, pf_cursor *c, int64_t D, int64_t Dv)
+/* Asks for pf's lines of n keys of the current tile. */
+static void ask_keys(qkv__pf *pf, int n)
 {
-    for (int64_t t = 0; t < c->per_call && c->p < c->end; t++) {
-        prefetch_rows(src, c->b, c->h0 + c->e, 1, c->p, 1, c->end, D, Dv);
-        if (++c->e == c->nh) {
-            c->e = 0;
-            c->p++;
-        }
-    }
+    qkv__pf_lines(pf, pf->per4 * ((n + 3) / 4));
 }
 
 /* ---- the job ------------------------------------------------------------- */
@@ -445,12 +431,13 @@ static const uint16_t *rows_bf16(const kv_src *src, const qkv_tensor *t, int64_t
 /* The length of the run of the tile's keys from offset c0 (of n, the
    tile starting at position p0) that the kernels take in one row set: up
    to the end of c0's block, or the whole rest when `align` does not
-   divide p0 (a block boundary inside the tile would then shift the
-   kernels' groups of `align` keys; the rows are gathered instead). */
+   divide p0 or the block size (a block boundary inside the tile would
+   then shift the kernels' groups of `align` keys; the rows are gathered
+   instead). */
 static int run_length(const kv_src *src, int64_t p0, int c0, int n, int align)
 {
     const int64_t left = src->bs - row_in_block(src, p0 + c0);
-    if ((p0 % align == 0 || one_block(src, p0, n)) && left < n - c0)
+    if (((p0 % align == 0 && src->bs % align == 0) || one_block(src, p0, n)) && left < n - c0)
         return (int)left;
     return n - c0;
 }
@@ -518,9 +505,9 @@ static qkv__rows bf16_rows(const kv_src *src, const qkv_tensor *t, int64_t b, in
 }
 
 /* Scores of keys p0 .. p0+n-1 for the tile's m rows into st [n][R],
-   chunk() keys per kernel call, each followed by a take of the cursor. */
+   chunk() keys per kernel call, each followed by asks for pfk's lines. */
 static void tile_scores(const dec_job *job, const qkv__seq *s, int64_t hk, int64_t p0, int n,
-                        int m, const scratch *sc, pf_cursor *pf)
+                        int m, const scratch *sc, qkv__pf *pfk)
 {
     const qkv__attn *a = job->a;
     const kv_src *src = job->src;
@@ -528,20 +515,22 @@ static void tile_scores(const dec_job *job, const qkv__seq *s, int64_t hk, int64
     const int64_t D = a->D, R = job->R, w = 2 * pairs(D);
     for (int c0 = 0; c0 < n;) {
         if (job->bf) {
-            /* runs start at multiples of 4 keys from p0, chunks are
-               multiples of 4: the kernel's blocks of 4 keys are the same
-               for every cache layout */
-            const int nr = run_length(src, p0, c0, n, 4);
+            /* runs start at multiples of 16 keys from p0, chunks are
+               multiples of 16: the kernels' blocks of keys (4 for the dot
+               products, 16 for tiles, whose scores differ from the dot
+               products' in their last bits) are the same for every cache
+               layout */
+            const int nr = run_length(src, p0, c0, n, 16);
             int64_t ldk;
             const uint16_t *kr = rows_bf16(src, &src->k, s->b, p0 + c0, hk, nr, D, w,
                                            sc->kb + c0 * w, &ldk);
-            const int ch = chunk(pf);
-            for (int c = 0; c < nr; c += ch) {
-                const int nc = nr - c < ch ? nr - c : ch;
+            for (int c = 0, nc; c < nr; c += nc) {
+                const int ch = chunk(pfk, m);
+                nc = nr - c < ch ? nr - c : ch;
                 kn->qk_bf16(nc, (m + QKV__PAD - 1) / QKV__PAD * QKV__PAD, (int)pairs(D),
                             a->scale, kr + c * ldk, ldk, (const uint32_t *)sc->q, R,
                             sc->st + (c0 + c) * R, R);
-                pf_take(src, pf, D, a->Dv);
+                ask_keys(pfk, nc);
             }
             c0 += nr;
             continue;
@@ -552,63 +541,60 @@ static void tile_scores(const dec_job *job, const qkv__seq *s, int64_t hk, int64
         int64_t ldk;
         const float *kr = rows_f32(kn, src, 0, s->b, p0 + c0, hk, nr, D, a->Hkv,
                                    sc->kw + c0 * D, &ldk);
-        const int ch = chunk(pf);
-        for (int c = 0; c < nr; c += ch) {
-            const int nc = nr - c < ch ? nr - c : ch;
+        for (int c = 0, nc; c < nr; c += nc) {
+            const int ch = chunk(pfk, m);
+            nc = nr - c < ch ? nr - c : ch;
             float *st = sc->st + (c0 + c) * R;
             kn->qk(nc, m, (int)D, a->scale, kr + c * ldk, ldk, sc->qt, R, sc->q, D, st, R);
-            pf_take(src, pf, D, a->Dv);
+            ask_keys(pfk, nc);
         }
         c0 += nr;
     }
 }
 
 /* acc = alpha·acc + P·V over keys p0 .. p0+n-1 (P in st, or as bf16 pairs
-   in pp for the bf16 path), run by run (bf16: chunk() keys per call): the
-   first call scales acc by alpha, the later ones add (alpha 1), which
-   gives the bits of one call. */
+   in pp for the bf16 path). bf16: the V rows are paired run by run into
+   one buffer, and one product takes the whole tile, so a paged cache's
+   tile is the same call as a contiguous one's. fp32: run by run, the
+   first call scaling acc by alpha, the later ones adding (alpha 1),
+   which gives the bits of one call. */
 static void tile_values(const dec_job *job, const qkv__seq *s, int64_t hk, int64_t p0, int n,
-                        int m, const scratch *sc, pf_cursor *pf)
+                        int m, const scratch *sc, qkv__pf *pfv)
 {
     const qkv__attn *a = job->a;
     const kv_src *src = job->src;
     const qkv__kernels *kn = job->ctx->kernels;
     const int64_t Dv = a->Dv, R = job->R;
-    for (int c0 = 0; c0 < n;) {
-        if (job->bf) {
+    if (job->bf) {
+        uint32_t *vp = (uint32_t *)sc->vw;
+        for (int c0 = 0; c0 < n;) {
             /* pairs of keys counted from p0, as in the scores */
             const int nr = run_length(src, p0, c0, n, 2);
             int64_t ldv;
             const uint16_t *vr = rows_bf16(src, &src->v, s->b, p0 + c0, hk, nr, Dv, Dv,
                                            sc->vb + c0 * Dv, &ldv);
-            /* pair the V rows once (into the fp32 path's buffer), as the
-               forward does, rather than per row block; acc scaled by
-               alpha before the first run, as the fused kernels do it */
-            uint32_t *vp = (uint32_t *)sc->vw;
-            for (int jj = 0; 2 * jj < nr; jj++)
+            for (int jj = 0; 2 * jj < nr; jj++) {
                 kn->pack_pairs(vr + 2 * jj * ldv,
                                2 * jj + 1 < nr ? vr + (2 * jj + 1) * ldv : NULL, Dv,
-                               vp + jj * Dv);
-            /* the dot-product kernel (AMX tiles would split a run
-               differently at a paged cache's block boundaries) */
-            if (!c0)
-                for (int r = 0; r < m; r++)
-                    for (int64_t c = 0; c < Dv; c++)
-                        sc->acc[r * Dv + c] *= sc->alpha[r];
-            kn->mm_bf16(m, (int)pairs(nr), (int)Dv, sc->pp + c0 / 2 * R, 1, R, vp, Dv,
-                        sc->acc, Dv);
-            for (int c = 0; c < nr; c += pf->ch)
-                pf_take(src, pf, a->D, Dv);
+                               vp + (c0 / 2 + jj) * Dv);
+                if (jj & 1)   /* every 4 keys */
+                    ask_keys(pfv, 4);
+            }
             c0 += nr;
-            continue;
         }
+        for (int r = 0; r < m; r++)
+            for (int64_t c = 0; c < Dv; c++)
+                sc->acc[r * Dv + c] *= sc->alpha[r];
+        kn->mm_bf16(m, (int)pairs(n), (int)Dv, sc->pp, 1, R, vp, Dv, sc->acc, Dv);
+        return;
+    }
+    for (int c0 = 0; c0 < n;) {
         const int ns = run_length(src, p0, c0, n, 1);   /* to the block's end */
         int64_t ldv;
         const float *vr = rows_f32(kn, src, 1, s->b, p0 + c0, hk, ns, Dv, a->Hkv, sc->vw, &ldv);
         kn->pv(m, ns, (int)Dv, sc->st + c0 * R, 1, R, vr, ldv, c0 ? sc->ones : sc->alpha,
                sc->acc, Dv);
-        for (int c = 0; c < ns; c += pf->ch)
-            pf_take(src, pf, a->D, Dv);
+        ask_keys(pfv, ns);
         c0 += ns;
     }
 }
@@ -1099,16 +1085,17 @@ static void tile_streamed(const dec_job *job, const qkv__seq *s, const qkv__tile
 }
 
 /* One key tile (keys j0 .. j0+n-1) for kv head hk: scores, masks and
-   modifications, the online softmax update, P·V. */
+   modifications, the online softmax update, P·V; meanwhile the next
+   tile's K (pfk) and V (pfv) lines are asked for. */
 static void head_tile(const dec_job *job, const qkv__seq *s, const qkv__tile_map *tm,
                       int64_t hk, int64_t j0, int n, int m, int band, const scratch *sc,
-                      pf_cursor *pf)
+                      qkv__pf *pfk, qkv__pf *pfv)
 {
     const qkv__attn *a = job->a;
     const qkv__kernels *kn = job->ctx->kernels;
     const int64_t R = job->R;
     const int mpad = (m + QKV__PAD - 1) / QKV__PAD * QKV__PAD;
-    tile_scores(job, s, hk, j0, n, m, sc, pf);
+    tile_scores(job, s, hk, j0, n, m, sc, pfk);
     if (a->softcap > 0.0f || a->alibi || band)
         qkv__score_mods(a, s, tm, m, j0, n, band, sc->st, 1, R, NULL);
     for (int c = 0; c < n; c++)   /* qk, qk_bf16 may write the padding columns */
@@ -1122,7 +1109,7 @@ static void head_tile(const dec_job *job, const qkv__seq *s, const qkv__tile_map
         kn->exp_cols(sc->st, R, n, mpad, sc->mref, sc->sum);
     for (int r = 0; r < mpad; r++)
         sc->l[r] = sc->l[r] * sc->alpha[r] + sc->sum[r];
-    tile_values(job, s, hk, j0, n, m, sc, pf);
+    tile_values(job, s, hk, j0, n, m, sc, pfv);
 }
 
 /* The keys klo .. khi-1 a task reads: those any row of its tile sees
@@ -1235,12 +1222,6 @@ static void dec_task(void *arg, int64_t task, int worker)
         const int n = (int)(khi - j0 < BK ? khi - j0 : BK);
         const int band = !(lo_last <= j0 && hi_first >= j0 + n);
         const int64_t next = khi - j0 - n < BK ? khi - j0 - n : BK;
-        /* many rows (chunked prefill) do more arithmetic per key: longer
-           kernel calls between the takes */
-        const int ch = m > QKV__PAD ? MANY_CHUNK : CHUNK;
-        const int64_t calls = job->HB * 2 * ((n + ch - 1) / ch);
-        pf_cursor pf = { s.b, hk0, job->HB, j0 + n, 0, j0 + n + next,
-                         (next * job->HB + calls - 1) / calls, ch };
         if (streamed) {
             stream_next nx = { s.b, hk0, j0 + n, next };
             if (!next)
@@ -1252,25 +1233,22 @@ static void dec_task(void *arg, int64_t task, int worker)
             qkv__tile_map tm = tm0;
             tm.h0 = (hk0 + e) * a->group;
             const scratch sc = scratch_at(base, e, R, a->D, Dv);
-            if (rows) {
-                qkv__pf pfk, pfv;
-                const char *kbases[TILE_BLOCKS], *vbases[TILE_BLOCKS];
-                if (next > 0) {
-                    if (job->i8dot && job->src->sstride == 1)
-                        prefetch_scales(job->src, s.b, hk0 + e, 1, a->Hkv, j0 + n, next);
-                    else if (job->i8dot && e == 0)   /* every head's, once */
-                        prefetch_scales(job->src, s.b, hk0, job->HB, a->Hkv, j0 + n, next);
-                    pfk = next_rows(job, &job->src->k, s.b, hk0, e, j0 + n, next, a->D, n,
-                                    kbases);
-                    pfv = next_rows(job, &job->src->v, s.b, hk0, e, j0 + n, next, Dv, n,
-                                    vbases);
-                } else {
-                    next_task_rows(job, worker, e, n, &pfk, &pfv, kbases, vbases);
-                }
-                head_tile_rows(job, &s, &tm, hk0 + e, j0, n, m, band, &sc, &pfk, &pfv);
+            qkv__pf pfk, pfv;
+            const char *kbases[TILE_BLOCKS], *vbases[TILE_BLOCKS];
+            if (next > 0) {
+                if (rows && job->i8dot && job->src->sstride == 1)
+                    prefetch_scales(job->src, s.b, hk0 + e, 1, a->Hkv, j0 + n, next);
+                else if (rows && job->i8dot && e == 0)   /* every head's, once */
+                    prefetch_scales(job->src, s.b, hk0, job->HB, a->Hkv, j0 + n, next);
+                pfk = next_rows(job, &job->src->k, s.b, hk0, e, j0 + n, next, a->D, n, kbases);
+                pfv = next_rows(job, &job->src->v, s.b, hk0, e, j0 + n, next, Dv, n, vbases);
             } else {
-                head_tile(job, &s, &tm, hk0 + e, j0, n, m, band, &sc, &pf);
+                next_task_rows(job, worker, e, n, &pfk, &pfv, kbases, vbases);
             }
+            if (rows)
+                head_tile_rows(job, &s, &tm, hk0 + e, j0, n, m, band, &sc, &pfk, &pfv);
+            else
+                head_tile(job, &s, &tm, hk0 + e, j0, n, m, band, &sc, &pfk, &pfv);
         }
     }
 
