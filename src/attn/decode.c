@@ -197,17 +197,39 @@ enum { PAIRS_ROWS = 16 };
    time that way, 16 rows 1.01-1.05x. */
 enum { FMA_ROWS = 12 };
 
-/* Keys per kernel call of a tile of m rows: CHUNK (MANY_CHUNK) while pf
-   has lines to ask for, else the whole run. */
-static int chunk(const qkv__pf *pf, int m)
+/* The rows of one head's next key tile still to be asked for: positions
+   p .. end-1 of sequence b, head h, in cache t, cols values a row. */
+typedef struct {
+    const qkv_tensor *t;
+    int64_t           b, h, p, end, cols;
+} row_asks;
+
+/* Keys per kernel call of a tile of m rows: CHUNK (MANY_CHUNK) while c
+   has rows to ask for, else the whole run. */
+static int chunk(const row_asks *c, int m)
 {
-    return pf->row < pf->rows ? (m > QKV__PAD ? MANY_CHUNK : CHUNK) : BK;
+    return c->p < c->end ? (m > QKV__PAD ? MANY_CHUNK : CHUNK) : BK;
 }
 
-/* Asks for pf's lines of n keys of the current tile. */
-static void ask_keys(qkv__pf *pf, int n)
+/* Asks for c's next n rows, block by block (one address computation a
+   block, then a line at a time). */
+static void ask_rows(const kv_src *src, row_asks *c, int64_t n)
 {
-    qkv__pf_lines(pf, pf->per4 * ((n + 3) / 4));
+    const qkv_tensor *t = c->t;
+    const int64_t e = c->p + n < c->end ? c->p + n : c->end;
+    if (t->stride[3] != 1) {
+        c->p = e;
+        return;
+    }
+    const int64_t ld = t->stride[1] * src->es, span = c->cols * src->es;
+    while (c->p < e) {
+        const int64_t left = src->bs - row_in_block(src, c->p);
+        const int64_t k = e - c->p < left ? e - c->p : left;
+        const char *r = (const char *)t->data + row_off(src, t, c->b, c->p, c->h) * src->es;
+        for (int64_t i = 0; i < k; i++)
+            prefetch_span(r + i * ld, span, 2);
+        c->p += k;
+    }
 }
 
 /* ---- the job ------------------------------------------------------------- */
@@ -505,9 +527,10 @@ static qkv__rows bf16_rows(const kv_src *src, const qkv_tensor *t, int64_t b, in
 }
 
 /* Scores of keys p0 .. p0+n-1 for the tile's m rows into st [n][R],
-   chunk() keys per kernel call, each followed by asks for pfk's lines. */
+   chunk() keys per kernel call, each followed by asks for as many of the
+   next tile's K rows (ak). */
 static void tile_scores(const dec_job *job, const qkv__seq *s, int64_t hk, int64_t p0, int n,
-                        int m, const scratch *sc, qkv__pf *pfk)
+                        int m, const scratch *sc, row_asks *ak)
 {
     const qkv__attn *a = job->a;
     const kv_src *src = job->src;
@@ -525,12 +548,12 @@ static void tile_scores(const dec_job *job, const qkv__seq *s, int64_t hk, int64
             const uint16_t *kr = rows_bf16(src, &src->k, s->b, p0 + c0, hk, nr, D, w,
                                            sc->kb + c0 * w, &ldk);
             for (int c = 0, nc; c < nr; c += nc) {
-                const int ch = chunk(pfk, m);
+                const int ch = chunk(ak, m);
                 nc = nr - c < ch ? nr - c : ch;
                 kn->qk_bf16(nc, (m + QKV__PAD - 1) / QKV__PAD * QKV__PAD, (int)pairs(D),
                             a->scale, kr + c * ldk, ldk, (const uint32_t *)sc->q, R,
                             sc->st + (c0 + c) * R, R);
-                ask_keys(pfk, nc);
+                ask_rows(src, ak, nc);
             }
             c0 += nr;
             continue;
@@ -542,11 +565,11 @@ static void tile_scores(const dec_job *job, const qkv__seq *s, int64_t hk, int64
         const float *kr = rows_f32(kn, src, 0, s->b, p0 + c0, hk, nr, D, a->Hkv,
                                    sc->kw + c0 * D, &ldk);
         for (int c = 0, nc; c < nr; c += nc) {
-            const int ch = chunk(pfk, m);
+            const int ch = chunk(ak, m);
             nc = nr - c < ch ? nr - c : ch;
             float *st = sc->st + (c0 + c) * R;
             kn->qk(nc, m, (int)D, a->scale, kr + c * ldk, ldk, sc->qt, R, sc->q, D, st, R);
-            ask_keys(pfk, nc);
+            ask_rows(src, ak, nc);
         }
         c0 += nr;
     }
@@ -559,7 +582,7 @@ static void tile_scores(const dec_job *job, const qkv__seq *s, int64_t hk, int64
    first call scaling acc by alpha, the later ones adding (alpha 1),
    which gives the bits of one call. */
 static void tile_values(const dec_job *job, const qkv__seq *s, int64_t hk, int64_t p0, int n,
-                        int m, const scratch *sc, qkv__pf *pfv)
+                        int m, const scratch *sc, row_asks *av)
 {
     const qkv__attn *a = job->a;
     const kv_src *src = job->src;
@@ -578,7 +601,7 @@ static void tile_values(const dec_job *job, const qkv__seq *s, int64_t hk, int64
                                2 * jj + 1 < nr ? vr + (2 * jj + 1) * ldv : NULL, Dv,
                                vp + (c0 / 2 + jj) * Dv);
                 if (jj & 1)   /* every 4 keys */
-                    ask_keys(pfv, 4);
+                    ask_rows(src, av, 4);
             }
             c0 += nr;
         }
@@ -594,7 +617,7 @@ static void tile_values(const dec_job *job, const qkv__seq *s, int64_t hk, int64
         const float *vr = rows_f32(kn, src, 1, s->b, p0 + c0, hk, ns, Dv, a->Hkv, sc->vw, &ldv);
         kn->pv(m, ns, (int)Dv, sc->st + c0 * R, 1, R, vr, ldv, c0 ? sc->ones : sc->alpha,
                sc->acc, Dv);
-        ask_keys(pfv, ns);
+        ask_rows(src, av, ns);
         c0 += ns;
     }
 }
@@ -1086,16 +1109,16 @@ static void tile_streamed(const dec_job *job, const qkv__seq *s, const qkv__tile
 
 /* One key tile (keys j0 .. j0+n-1) for kv head hk: scores, masks and
    modifications, the online softmax update, P·V; meanwhile the next
-   tile's K (pfk) and V (pfv) lines are asked for. */
+   tile's K (ak) and V (av) rows are asked for. */
 static void head_tile(const dec_job *job, const qkv__seq *s, const qkv__tile_map *tm,
                       int64_t hk, int64_t j0, int n, int m, int band, const scratch *sc,
-                      qkv__pf *pfk, qkv__pf *pfv)
+                      row_asks *ak, row_asks *av)
 {
     const qkv__attn *a = job->a;
     const qkv__kernels *kn = job->ctx->kernels;
     const int64_t R = job->R;
     const int mpad = (m + QKV__PAD - 1) / QKV__PAD * QKV__PAD;
-    tile_scores(job, s, hk, j0, n, m, sc, pfk);
+    tile_scores(job, s, hk, j0, n, m, sc, ak);
     if (a->softcap > 0.0f || a->alibi || band)
         qkv__score_mods(a, s, tm, m, j0, n, band, sc->st, 1, R, NULL);
     for (int c = 0; c < n; c++)   /* qk, qk_bf16 may write the padding columns */
@@ -1109,7 +1132,7 @@ static void head_tile(const dec_job *job, const qkv__seq *s, const qkv__tile_map
         kn->exp_cols(sc->st, R, n, mpad, sc->mref, sc->sum);
     for (int r = 0; r < mpad; r++)
         sc->l[r] = sc->l[r] * sc->alpha[r] + sc->sum[r];
-    tile_values(job, s, hk, j0, n, m, sc, pfv);
+    tile_values(job, s, hk, j0, n, m, sc, av);
 }
 
 /* The keys klo .. khi-1 a task reads: those any row of its tile sees
@@ -1233,22 +1256,27 @@ static void dec_task(void *arg, int64_t task, int worker)
             qkv__tile_map tm = tm0;
             tm.h0 = (hk0 + e) * a->group;
             const scratch sc = scratch_at(base, e, R, a->D, Dv);
-            qkv__pf pfk, pfv;
-            const char *kbases[TILE_BLOCKS], *vbases[TILE_BLOCKS];
-            if (next > 0) {
-                if (rows && job->i8dot && job->src->sstride == 1)
-                    prefetch_scales(job->src, s.b, hk0 + e, 1, a->Hkv, j0 + n, next);
-                else if (rows && job->i8dot && e == 0)   /* every head's, once */
-                    prefetch_scales(job->src, s.b, hk0, job->HB, a->Hkv, j0 + n, next);
-                pfk = next_rows(job, &job->src->k, s.b, hk0, e, j0 + n, next, a->D, n, kbases);
-                pfv = next_rows(job, &job->src->v, s.b, hk0, e, j0 + n, next, Dv, n, vbases);
-            } else {
-                next_task_rows(job, worker, e, n, &pfk, &pfv, kbases, vbases);
-            }
-            if (rows)
+            if (rows) {
+                qkv__pf pfk, pfv;
+                const char *kbases[TILE_BLOCKS], *vbases[TILE_BLOCKS];
+                if (next > 0) {
+                    if (job->i8dot && job->src->sstride == 1)
+                        prefetch_scales(job->src, s.b, hk0 + e, 1, a->Hkv, j0 + n, next);
+                    else if (job->i8dot && e == 0)   /* every head's, once */
+                        prefetch_scales(job->src, s.b, hk0, job->HB, a->Hkv, j0 + n, next);
+                    pfk = next_rows(job, &job->src->k, s.b, hk0, e, j0 + n, next, a->D, n,
+                                    kbases);
+                    pfv = next_rows(job, &job->src->v, s.b, hk0, e, j0 + n, next, Dv, n,
+                                    vbases);
+                } else {
+                    next_task_rows(job, worker, e, n, &pfk, &pfv, kbases, vbases);
+                }
                 head_tile_rows(job, &s, &tm, hk0 + e, j0, n, m, band, &sc, &pfk, &pfv);
-            else
-                head_tile(job, &s, &tm, hk0 + e, j0, n, m, band, &sc, &pfk, &pfv);
+            } else {
+                row_asks ak = { &job->src->k, s.b, hk0 + e, j0 + n, j0 + n + next, a->D };
+                row_asks av = { &job->src->v, s.b, hk0 + e, j0 + n, j0 + n + next, Dv };
+                head_tile(job, &s, &tm, hk0 + e, j0, n, m, band, &sc, &ak, &av);
+            }
         }
     }
 
