@@ -145,10 +145,10 @@ static const float *rows_f32(const qkv__kernels *kn, const kv_src *src, int is_v
    too (POOL_HEADS_ROWS). Few-row tiles of several heads go further: all
    heads walk each tile together in sub-tiles, asking one sub-tile ahead
    (tile_streamed). The few-row bf16 kernels ask as they go (qkv__pf,
-   next_rows); the other paths ask for a few lines between kernel calls
-   from the same cursors (tile_scores, tile_values). Pages: a cache on 4 KiB pages costs a TLB walk (nested on
-   a VM) every 16 rows of 256 bytes; qkv_alloc gives transparent huge
-   pages, measured 1.5x faster to decode from. */
+   next_rows); the other paths ask for a few rows between kernel calls,
+   block by block (row_asks). Pages: a cache on 4 KiB pages costs a TLB
+   walk (nested on a VM) every 16 rows of 256 bytes; qkv_alloc gives
+   transparent huge pages, measured 1.5x faster to decode from. */
 
 /* Asks for bytes [p, p + span) of the cache, line by line. */
 static void prefetch_span(const char *p, int64_t span, int locality)
