@@ -652,6 +652,25 @@ void test_decode_int8(void)
                   &worst_ratio);
         dcase_free(&c);
     }
+    /* more rows a tile than the few-row kernels take (8, 16 and 70 new
+       queries, 4 query heads a kv head): codes as bf16 for the forward's
+       kernels, the V scales on P */
+    for (int it = 0; it < (t_quick ? 6 : 12); it++) {
+        dcase c;
+        random_dcase(&c, &r, 400);
+        c.qdt = QKV_BF16;
+        c.D = dd[it % 8][0];
+        c.Dv = dd[it % 8][1];
+        c.Hq = 8;
+        c.Hkv = 2;
+        c.Sq = it % 3 == 2 ? 70 : 8 << (it % 2);
+        c.Smax = 100 + lens[it % 6];
+        for (int64_t b = 0; b < c.B; b++)
+            c.lens[b] = (int32_t)(b == 0 ? c.Smax : rng_int(&r, c.Sq, c.Smax));
+        int8_case(&s, ref, &c, &r, (int64_t)8 << (it % 6), it % 4 == 3, &worst_q, &worst_out,
+                  &worst_ratio);
+        dcase_free(&c);
+    }
     /* head dims wider than the scores kernels widen queries for once per
        call: they widen them as they read them */
     for (int it = 0; it < 2; it++) {
@@ -669,14 +688,15 @@ void test_decode_int8(void)
         dcase_free(&c);
     }
     /* a V row that held a non-finite value has a NaN scale: its head's
-       outputs are NaN, the other head's and sequence's are not */
-    {
+       outputs are NaN, the other head's and sequence's are not (one new
+       query, and 8: more rows than the few-row kernels take) */
+    for (int sq = 1; sq <= 8; sq += 7) {
         dcase c;
         random_dcase(&c, &r, 400);
         c.qdt = QKV_BF16;
         c.kdt = QKV_F32;
         c.lay_k = LAY_CONTIG;
-        c.B = 2; c.Sq = 1; c.Hq = 8; c.Hkv = 2; c.D = 128; c.Dv = 128; c.Smax = 300;
+        c.B = 2; c.Sq = sq; c.Hq = 8; c.Hkv = 2; c.D = 128; c.Dv = 128; c.Smax = 300;
         c.lens[0] = c.lens[1] = 300;
         c.opts = qkv_attn_opts_default();
         dcase_build(&c, &r);
@@ -691,11 +711,13 @@ void test_decode_int8(void)
             float *got = to_f32(out, c.qdt, c.n_out);
             size_t wrong = 0;
             for (int64_t b = 0; b < c.B; b++)
-                for (int64_t hq = 0; hq < c.Hq; hq++)
-                    for (int64_t x = 0; x < c.Dv; x++) {
-                        const int want_nan = b == 0 && hq / (c.Hq / c.Hkv) == h;
-                        wrong += (isnan(got[(b * c.Hq + hq) * c.Dv + x]) != 0) != want_nan;
-                    }
+                for (int64_t iq = 0; iq < c.Sq; iq++)
+                    for (int64_t hq = 0; hq < c.Hq; hq++)
+                        for (int64_t x = 0; x < c.Dv; x++) {
+                            const int want_nan = b == 0 && hq / (c.Hq / c.Hkv) == h;
+                            const float g = got[((b * c.Sq + iq) * c.Hq + hq) * c.Dv + x];
+                            wrong += (isnan(g) != 0) != want_nan;
+                        }
             CHECK(wrong == 0, "%s: a NaN V scale: %zu outputs NaN where they should not be "
                   "or the reverse", s.name[i], wrong);
             free(got); free(out); free(lse);

@@ -526,6 +526,9 @@ static qkv__rows bf16_rows(const kv_src *src, const qkv_tensor *t, int64_t b, in
     return run_rows(rows, ld * 2, blk);
 }
 
+static const uint16_t *i8_rows(const dec_job *job, int64_t b, int is_v, int64_t p0, int64_t h,
+                               int n, const scratch *sc, int c0, int64_t *ld);
+
 /* Scores of keys p0 .. p0+n-1 for the tile's m rows into st [n][R],
    chunk() keys per kernel call, each followed by asks for as many of the
    next tile's K rows (ak). */
@@ -536,6 +539,26 @@ static void tile_scores(const dec_job *job, const qkv__seq *s, int64_t hk, int64
     const kv_src *src = job->src;
     const qkv__kernels *kn = job->ctx->kernels;
     const int64_t D = a->D, R = job->R, w = 2 * pairs(D);
+    const int mpad = (m + QKV__PAD - 1) / QKV__PAD * QKV__PAD;
+    if (job->bf && src->i8) {   /* the tile's codes as bf16, then the keys' scales */
+        for (int c0 = 0; c0 < n;) {
+            const int nr = run_length(src, p0, c0, n, 1);
+            int64_t ld;
+            i8_rows(job, s->b, 0, p0 + c0, hk, nr, sc, c0, &ld);
+            c0 += nr;
+        }
+        for (int c = 0, nc; c < n; c += nc) {
+            const int ch = chunk(ak, m);
+            nc = n - c < ch ? n - c : ch;
+            kn->qk_bf16(nc, mpad, (int)pairs(D), a->scale, sc->kb + c * w, w,
+                        (const uint32_t *)sc->q, R, sc->st + c * R, R);
+            ask_rows(src, ak, nc);
+        }
+        for (int c = 0; c < n; c++)
+            for (int r = 0; r < mpad; r++)
+                sc->st[c * R + r] *= sc->ksc[c];
+        return;
+    }
     for (int c0 = 0; c0 < n;) {
         if (job->bf) {
             /* runs start at multiples of 16 keys from p0, chunks are
@@ -550,9 +573,8 @@ static void tile_scores(const dec_job *job, const qkv__seq *s, int64_t hk, int64
             for (int c = 0, nc; c < nr; c += nc) {
                 const int ch = chunk(ak, m);
                 nc = nr - c < ch ? nr - c : ch;
-                kn->qk_bf16(nc, (m + QKV__PAD - 1) / QKV__PAD * QKV__PAD, (int)pairs(D),
-                            a->scale, kr + c * ldk, ldk, (const uint32_t *)sc->q, R,
-                            sc->st + (c0 + c) * R, R);
+                kn->qk_bf16(nc, mpad, (int)pairs(D), a->scale, kr + c * ldk, ldk,
+                            (const uint32_t *)sc->q, R, sc->st + (c0 + c) * R, R);
                 ask_rows(src, ak, nc);
             }
             c0 += nr;
@@ -594,8 +616,9 @@ static void tile_values(const dec_job *job, const qkv__seq *s, int64_t hk, int64
             /* pairs of keys counted from p0, as in the scores */
             const int nr = run_length(src, p0, c0, n, 2);
             int64_t ldv;
-            const uint16_t *vr = rows_bf16(src, &src->v, s->b, p0 + c0, hk, nr, Dv, Dv,
-                                           sc->vb + c0 * Dv, &ldv);
+            const uint16_t *vr = src->i8 ? i8_rows(job, s->b, 1, p0 + c0, hk, nr, sc, c0, &ldv)
+                                         : rows_bf16(src, &src->v, s->b, p0 + c0, hk, nr, Dv, Dv,
+                                                     sc->vb + c0 * Dv, &ldv);
             for (int jj = 0; 2 * jj < nr; jj++) {
                 kn->pack_pairs(vr + 2 * jj * ldv,
                                2 * jj + 1 < nr ? vr + (2 * jj + 1) * ldv : NULL, Dv,
@@ -1126,8 +1149,11 @@ static void head_tile(const dec_job *job, const qkv__seq *s, const qkv__tile_map
                 sc->st[c * R + r] = -INFINITY;
     kn->col_max(sc->st, R, n, mpad, sc->mx);
     new_max(sc, mpad);
+    if (job->bf && job->src->i8)   /* P times the V scales */
+        i8_scales(job, s->b, job->src->vs, j0, hk, n, sc->vsc);
     if (job->bf)
-        kn->exp_pack_bf16(sc->st, R, n, mpad, sc->mref, sc->sum, sc->pp, R);
+        kn->exp_pack_bf16(sc->st, R, n, mpad, sc->mref, job->src->i8 ? sc->vsc : NULL, sc->sum,
+                          sc->pp, R);
     else
         kn->exp_cols(sc->st, R, n, mpad, sc->mref, sc->sum);
     for (int r = 0; r < mpad; r++)
@@ -1394,9 +1420,9 @@ static qkv_status run(qkv_ctx *ctx, const qkv__attn *a, const kv_src *src, int c
              (job.P * a->group <= job.rows_max || ctx->kernels->qk_bf16);
     /* int8 codes are exact in bf16: with bf16 queries and few rows per
        tile they take head_tile_rows too, scales applied to the scores and
-       to P (more rows: widened to fp32) */
+       to P; more rows take the forward's bf16 kernels the same way */
     if (src->i8 && a->dt == QKV_BF16 && ctx->kernels->qk_bf16_dec &&
-        job.P * a->group <= job.rows_max)
+        (job.P * a->group <= job.rows_max || ctx->kernels->qk_bf16))
         job.bf = 1;
     /* fp16 rows: on sets with bf16 tiles, tiles of more than
        f16s_rows_min rows split the values into pairs of bf16 (with fp16

@@ -380,7 +380,7 @@ static void task_pairs(const fwd_job *job, const qkv__seq *s, int64_t hk,
         kn->col_max(tl->st, R, n, mpad, tl->mx);
         tile_max(tl, mpad);
         if (bf && !a->dropout) {
-            kn->exp_pack_bf16(tl->st, R, n, mpad, tl->mref, tl->sum, tl->pp, R);
+            kn->exp_pack_bf16(tl->st, R, n, mpad, tl->mref, NULL, tl->sum, tl->pp, R);
         } else {
             kn->exp_cols(tl->st, R, n, mpad, tl->mref, tl->sum);
             if (a->dropout)   /* after the sums: l is the softmax's */

@@ -261,11 +261,12 @@ typedef struct qkv__kernels {
     void (*qk_bf16_rows)(int n, int m, int dp, float scale, const uint16_t *k, int64_t ldk,
                          const uint16_t *q, int64_t ldq, float *st, int64_t ldst);
 
-    /* P = exp(st[j][i] - mref[i]) rounded to bf16, stored as pairs of keys
-       pp[j/2][i] (the high half of a last odd key 0), and sum[i] = Σ_j of
-       the unrounded P. m a multiple of 16; st is left as it was. */
+    /* P = exp(st[j][i] - mref[i]), times pmul[j] (NULL: 1) rounded to
+       bf16, stored as pairs of keys pp[j/2][i] (the high half of a last
+       odd key 0), and sum[i] = Σ_j of the unrounded P without pmul. m a
+       multiple of 16; st is left as it was. */
     void (*exp_pack_bf16)(const float *st, int64_t ld, int n, int m, const float *mref,
-                          float *sum, uint32_t *pp, int64_t ldp);
+                          const float *pmul, float *sum, uint32_t *pp, int64_t ldp);
 
     /* acc[i][c] = alpha[i]·acc[i][c] + Σ_jj pp[jj][i]·vp[jj][c] (pair dot
        products) for i < m, c < dv, jj < np. */

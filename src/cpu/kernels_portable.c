@@ -994,7 +994,7 @@ static inline __m512i pair_interleave(void)
 }
 
 static void exp_pack_bf16(const float *st, int64_t ld, int n, int m, const float *mref,
-                          float *sum, uint32_t *pp, int64_t ldp)
+                          const float *pmul, float *sum, uint32_t *pp, int64_t ldp)
 {
     const __m512i ix = pair_interleave();
     for (int i = 0; i < m; i += VW) {
@@ -1003,6 +1003,11 @@ static void exp_pack_bf16(const float *st, int64_t ld, int n, int m, const float
             vf e0 = vexp(vload(st + j * ld + i) - mv);
             vf e1 = j + 1 < n ? vexp(vload(st + (j + 1) * ld + i) - mv) : (vf){0};
             acc += e0 + e1;
+            if (pmul) {
+                e0 *= vset1(pmul[j]);
+                if (j + 1 < n)
+                    e1 *= vset1(pmul[j + 1]);
+            }
             __m512i h = (__m512i)_mm512_cvtne2ps_pbh((__m512)e1, (__m512)e0);
             _mm512_storeu_si512(pp + (j / 2) * ldp + i, _mm512_permutexvar_epi16(ix, h));
         }
