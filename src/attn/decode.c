@@ -1301,8 +1301,9 @@ static void dec_task(void *arg, int64_t task, int worker)
                 head_tile_rows(job, &s, &tm, hk0 + e, j0, n, m, band, &sc, &pfk, &pfv);
             } else {
                 /* many rows: a head-major cache's rows, one run a head,
-                   come as fast without the asks (two threads, 1,8,16384:
-                   0.88-0.91x the time; other layouts 1.1-1.3x) */
+                   come faster without the asks (two threads, 1,8,16384
+                   and 1,16,16384 bf16: 0.77-0.92x the time; the other
+                   layouts took 1.0-1.25x without) */
                 const int64_t ask_end = job->hm_cache ? j0 + n : j0 + n + next;
                 row_asks ak = { &job->src->k, s.b, hk0 + e, j0 + n, ask_end, a->D };
                 row_asks av = { &job->src->v, s.b, hk0 + e, j0 + n, ask_end, Dv };
