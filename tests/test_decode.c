@@ -630,43 +630,28 @@ void test_decode_int8(void)
     /* bf16 queries with head dims the int16 dot products take (multiples
        of 32 up to 256), then others (the last steps and columns of the
        kernels that widen codes in registers): every row count up to 16,
-       key counts with odd tails and split-K, blocks of 8 to 256 */
+       and more (8, 16 and 70 new queries: codes as bf16 for the forward's
+       kernels, the V scales on P), key counts with odd tails and split-K,
+       blocks of 8 to 256 */
     static const int64_t dd[][2] = { { 32, 32 }, { 64, 96 }, { 128, 128 }, { 256, 64 },
                                      { 33, 33 }, { 40, 24 }, { 72, 100 }, { 8, 20 } };
     static const int64_t gs[][3] = { { 1, 1, 1 }, { 4, 1, 1 }, { 4, 1, 4 }, { 8, 2, 2 },
-                                     { 16, 1, 1 } };   /* Hq, Hkv, Sq */
+                                     { 16, 1, 1 }, { 8, 2, 8 }, { 8, 2, 16 },
+                                     { 8, 2, 70 } };   /* Hq, Hkv, Sq */
     static const int64_t lens[] = { 1, 3, 37, 130, 1000, 5000 };
-    for (int it = 0; it < (t_quick ? 16 : 56); it++) {
+    for (int it = 0; it < (t_quick ? 16 : 64); it++) {
         dcase c;
         random_dcase(&c, &r, 400);
         c.qdt = QKV_BF16;
         c.D = dd[it % 8][0];
         c.Dv = dd[it % 8][1];
-        c.Hq = gs[it % 5][0];
-        c.Hkv = gs[it % 5][1];
-        c.Sq = gs[it % 5][2];
+        const int g = (it + it / 8) % 8;   /* every pairing with dd */
+        c.Hq = gs[g][0];
+        c.Hkv = gs[g][1];
+        c.Sq = gs[g][2];
         c.Smax = lens[it % 6];
         for (int64_t b = 0; b < c.B; b++)
             c.lens[b] = (int32_t)(b == 0 ? c.Smax : rng_int(&r, 0, c.Smax));
-        int8_case(&s, ref, &c, &r, (int64_t)8 << (it % 6), it % 4 == 3, &worst_q, &worst_out,
-                  &worst_ratio);
-        dcase_free(&c);
-    }
-    /* more rows a tile than the few-row kernels take (8, 16 and 70 new
-       queries, 4 query heads a kv head): codes as bf16 for the forward's
-       kernels, the V scales on P */
-    for (int it = 0; it < (t_quick ? 6 : 12); it++) {
-        dcase c;
-        random_dcase(&c, &r, 400);
-        c.qdt = QKV_BF16;
-        c.D = dd[it % 8][0];
-        c.Dv = dd[it % 8][1];
-        c.Hq = 8;
-        c.Hkv = 2;
-        c.Sq = it % 3 == 2 ? 70 : 8 << (it % 2);
-        c.Smax = 100 + lens[it % 6];
-        for (int64_t b = 0; b < c.B; b++)
-            c.lens[b] = (int32_t)(b == 0 ? c.Smax : rng_int(&r, c.Sq, c.Smax));
         int8_case(&s, ref, &c, &r, (int64_t)8 << (it % 6), it % 4 == 3, &worst_q, &worst_out,
                   &worst_ratio);
         dcase_free(&c);
