@@ -547,25 +547,13 @@ static void tile_scores(const dec_job *job, const qkv__seq *s, int64_t hk, int64
     const qkv__kernels *kn = job->ctx->kernels;
     const int64_t D = a->D, R = job->R, w = 2 * pairs(D);
     const int mpad = (m + QKV__PAD - 1) / QKV__PAD * QKV__PAD;
-    if (job->bf && src->i8) {   /* the tile's codes as bf16, then the keys' scales */
+    if (job->bf && src->i8)   /* an int8 tile's codes as bf16, one run */
         for (int c0 = 0; c0 < n;) {
             const int nr = run_length(src, p0, c0, n, 1);
             int64_t ld;
             i8_rows(job, s->b, 0, p0 + c0, hk, nr, sc, c0, &ld);
             c0 += nr;
         }
-        for (int c = 0, nc; c < n; c += nc) {
-            const int ch = chunk(ak, m);
-            nc = n - c < ch ? n - c : ch;
-            kn->qk_bf16(nc, mpad, (int)pairs(D), a->scale, sc->kb + c * w, w,
-                        (const uint32_t *)sc->q, R, sc->st + c * R, R);
-            ask_rows(src, ak, nc);
-        }
-        for (int c = 0; c < n; c++)
-            for (int r = 0; r < mpad; r++)
-                sc->st[c * R + r] *= sc->ksc[c];
-        return;
-    }
     for (int c0 = 0; c0 < n;) {
         if (job->bf) {
             /* runs start at multiples of 16 keys from p0, chunks are
@@ -573,10 +561,11 @@ static void tile_scores(const dec_job *job, const qkv__seq *s, int64_t hk, int64
                products, 16 for tiles, whose scores differ from the dot
                products' in their last bits) are the same for every cache
                layout */
-            const int nr = run_length(src, p0, c0, n, 16);
-            int64_t ldk;
-            const uint16_t *kr = rows_bf16(src, &src->k, s->b, p0 + c0, hk, nr, D, w,
-                                           sc->kb + c0 * w, &ldk);
+            const int nr = src->i8 ? n : run_length(src, p0, c0, n, 16);
+            int64_t ldk = w;
+            const uint16_t *kr = src->i8 ? sc->kb
+                                         : rows_bf16(src, &src->k, s->b, p0 + c0, hk, nr, D, w,
+                                                     sc->kb + c0 * w, &ldk);
             for (int c = 0, nc; c < nr; c += nc) {
                 const int ch = chunk(ak, m);
                 nc = nr - c < ch ? nr - c : ch;
@@ -602,6 +591,10 @@ static void tile_scores(const dec_job *job, const qkv__seq *s, int64_t hk, int64
         }
         c0 += nr;
     }
+    if (job->bf && src->i8)   /* s = scale·q·(code·ks) */
+        for (int c = 0; c < n; c++)
+            for (int r = 0; r < mpad; r++)
+                sc->st[c * R + r] *= sc->ksc[c];
 }
 
 /* acc = alpha·acc + P·V over keys p0 .. p0+n-1 (P in st, or as bf16 pairs
