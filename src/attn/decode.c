@@ -114,12 +114,6 @@ static const float *rows_f32(const qkv__kernels *kn, const kv_src *src, int is_v
 {
     const qkv_tensor *t = is_v ? &src->v : &src->k;
     const int one = row_in_block(src, p0) + n <= src->bs;
-    if (!src->i8 && one && t->dtype == QKV_F16 && t->stride[3] == 1 && t->stride[1] == cols) {
-        /* one run of values: widened in one call */
-        kn->cvt_f16((const uint16_t *)t->data + row_off(src, t, b, p0, h), buf, n * cols);
-        *ld = cols;
-        return buf;
-    }
     if (!src->i8 && one)
         return qkv__tile_rows_f32(kn, t, row_off(src, t, b, p0, h), n, cols, buf, ld);
     const float *sc = is_v ? src->vs : src->ks;

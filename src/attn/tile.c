@@ -132,6 +132,14 @@ const float *qkv__tile_rows_f32(const qkv__kernels *kn, const qkv_tensor *t,
         *ld = t->stride[1];
         return (const float *)t->data + row0;
     }
+    if (t->stride[3] == 1 && t->stride[1] == cols) {
+        /* rows back to back ([B, H, S, D] tensors, a head-major pool's
+           block): one run of values, widened in one call, which the
+           hardware prefetchers follow */
+        qkv__load_row(kn, t, row0, 1, (int64_t)n * cols, buf);
+        *ld = cols;
+        return buf;
+    }
     for (int c = 0; c < n; c++) {
         qkv__prefetch_row(t, row0 + c * t->stride[1], QKV__PREFETCH_ROWS, cols);
         qkv__load_row(kn, t, row0 + c * t->stride[1], t->stride[3], cols, buf + c * cols);
