@@ -52,7 +52,8 @@ typedef struct {
        sequence s's at key position kofs[s]·Hkv */
     uint32_t        *kt, *vt;
     int64_t         *kofs;
-    int64_t          dpp, dvp;
+    int64_t          dpp, dvp;    /* dpp: of the split rows (3·dim32(D)/2) when split */
+    int              split;       /* fp16 split into bf16 (kernels.h split_f16) */
     qkv__tasks       pack_tasks;  /* (sequence, kv head, tile of bk keys) */
 } fwd_job;
 
@@ -73,14 +74,25 @@ typedef struct {                  /* per-thread scratch, fp32 */
     uint16_t *vr;  /* [2][Dv]     two gathered V rows         */
     /* the whole-tile path reuses st as S [rows][BK], pp as P [rows][BK]
        (bf16), qp as its queries [rows][D] (bf16, D a multiple of 32) and
-       acc with row stride Dv (a multiple of 16) */
+       acc with row stride Dv (a multiple of 16); split fp16 takes x
+       (x_floats) for its queries [rows][3·D] and P [rows][3·BK] (bf16),
+       and to split the rows it packs */
+    uint16_t *x;
 } tiles;
 
+/* The floats of tiles.x: a split fp16 task's queries and P, or the rows
+   pack_task splits (K as 3·D bf16 a key, V as 2·Dv). */
+static int64_t x_floats(int64_t rows, int64_t BK, int64_t D, int64_t Dv)
+{
+    const int64_t task = 3 * rows * D / 2 + 3 * rows * BK / 2, pack = 3 * BK * D / 2 + BK * Dv;
+    return task > pack ? task : pack;
+}
 
-static size_t tiles_floats(int64_t rows, int64_t BK, int64_t D, int64_t Dv)
+static size_t tiles_floats(int64_t rows, int64_t BK, int64_t D, int64_t Dv, int split)
 {
     return (size_t)(2 * rows * D + BK * D + BK * Dv + BK * rows + rows * Dv + 8 * rows +
-                    qkv__pairs(D) * rows + BK * qkv__pairs(D) + BK / 2 * Dv + BK / 2 * rows + Dv);
+                    qkv__pairs(D) * rows + BK * qkv__pairs(D) + BK / 2 * Dv + BK / 2 * rows + Dv +
+                    (split ? x_floats(rows, BK, D, Dv) : 0));
 }
 
 static tiles tiles_at(float *base, int64_t rows, int64_t BK, int64_t D, int64_t Dv)
@@ -105,6 +117,7 @@ static tiles tiles_at(float *base, int64_t rows, int64_t BK, int64_t D, int64_t 
     t.vp = (uint32_t *)(t.kb + BK * 2 * qkv__pairs(D));
     t.pp = t.vp + BK / 2 * Dv;
     t.vr = (uint16_t *)(t.pp + BK / 2 * rows);
+    t.x = (uint16_t *)((float *)t.vr + Dv);
     return t;
 }
 
@@ -131,6 +144,14 @@ static int64_t key_tile(int64_t rows, int64_t D, int64_t Dv)
 static int use_bf16(const qkv__kernels *kn, const qkv__attn *a)
 {
     return kn->qk_bf16 && a->dt == QKV_BF16;
+}
+
+/* fp16 calls on whole tiles, split into bf16 (kernels.h split_f16): three
+   times the bf16 products, which on AMX run several times as fast as the
+   fp32 FMAs fp16 rows are otherwise widened for. */
+static int use_split(const qkv__kernels *kn, const qkv__attn *a)
+{
+    return kn->split_f16 && kn->qk_tiles && a->dt == QKV_F16;
 }
 
 /* The tile's queries as pairs along d: qp[x/2][r] holds row r's q[x] in
@@ -260,15 +281,29 @@ static void task_tiles(const fwd_job *job, const qkv__seq *s, int64_t seq, int64
     const int m = tm->mp * (int)a->group, mpad = (m + QKV__PAD - 1) / QKV__PAD * QKV__PAD;
     const int64_t BK = job->bk, dpp = job->dpp, dvp = job->dvp;
     const int64_t w = 2 * dpp;
-    uint16_t *qr = (uint16_t *)tl->qp, *p = (uint16_t *)tl->pp;
-    /* the queries as rows of w values, zero past D and in the padding rows */
-    qkv__tile_rows_bf16(a->q, s, tm, m, a->D, w, qr);
+    const int split = job->split, sp = split ? 3 : 1;
+    uint16_t *qr = split ? tl->x : (uint16_t *)tl->qp;
+    uint16_t *p = split ? tl->x + mpad * w : (uint16_t *)tl->pp;
+    /* the queries as rows of w values, zero past D and in the padding rows;
+       split, the fp16 rows (qh | qh | ql) */
+    if (split) {
+        const int64_t w1 = w / 3;
+        uint16_t *raw = (uint16_t *)tl->q;
+        qkv__tile_rows_bf16(a->q, s, tm, m, a->D, w1, raw);
+        for (int r = 0; r < m; r++) {
+            uint16_t *row = qr + r * w;
+            job->ctx->kernels->split_f16(raw + r * w1, w1, row, row + 2 * w1);
+            memcpy(row + w1, row, (size_t)w1 * sizeof *row);
+        }
+    } else {
+        qkv__tile_rows_bf16(a->q, s, tm, m, a->D, w, qr);
+    }
     memset(qr + m * w, 0, (size_t)((mpad - m) * w) * sizeof *qr);
     start_rows(tl, mpad, (size_t)mpad * (size_t)dvp);
     int64_t klo, khi, lo_last, hi_first;
     task_keys(job, s, tm, part, 32, &klo, &khi, &lo_last, &hi_first);
     const int64_t pos = job->kofs[seq] * a->Hkv + hk * dim32(s->sk);
-    const uint32_t *kt = job->kt + pos * dpp, *vt = job->vt + pos * (dvp / 2);
+    const uint32_t *kt = job->kt + pos * dpp, *vt = job->vt + pos * sp * (dvp / 2);
     const int modded = a->softcap > 0.0f || a->alibi || a->bias;
     /* the softmax applies the scale, unless the mods need scaled scores
        (or the scale is not positive: then the max of the scaled scores is
@@ -288,14 +323,14 @@ static void task_tiles(const fwd_job *job, const qkv__seq *s, int64_t seq, int64
         }
         if (khi > klo)
             kn->attn_tiles(mpad, (int)(khi - klo), tl->lo, tl->hi, (int)BK, (int)dpp, (int)dvp,
-                           a->scale, qr, w, kt + klo * dpp, vt + klo * (dvp / 2), tl->m, tl->l,
-                           tl->alpha, tl->acc, dvp, tl->st, p);
+                           a->scale, qr, w, kt + klo * dpp, vt + klo * sp * (dvp / 2), tl->m, tl->l,
+                           tl->alpha, tl->acc, dvp, tl->st, p, split);
         return;
     }
     for (int64_t j0 = klo; j0 < khi;) {
         const int n = (int)(khi - j0 < BK ? khi - j0 : BK);
         const int band = !(lo_last <= j0 && hi_first >= j0 + n);
-        const uint32_t *kj = kt + j0 * dpp, *vj = vt + j0 * (dvp / 2);
+        const uint32_t *kj = kt + j0 * dpp, *vj = vt + j0 * sp * (dvp / 2);
         /* the scores scaled before the mods, the softmax's scale 1 */
         kn->qk_tiles(mpad, (n + 15) / 16, (int)dpp, qr, w, kj, tl->st, BK);
         for (int r = 0; r < m; r++)
@@ -303,8 +338,10 @@ static void task_tiles(const fwd_job *job, const qkv__seq *s, int64_t seq, int64
                 tl->st[r * BK + c] *= a->scale;
         if (modded || band)
             qkv__score_mods(a, s, tm, m, j0, n, band, tl->st, BK, 1, NULL);
-        kn->softmax_tiles(mpad, n, 1.0f, tl->st, BK, tl->m, tl->l, tl->alpha, p, BK);
-        kn->pv_tiles(mpad, (n + 31) / 32, (int)dvp, p, BK, vj, tl->alpha, tl->acc, dvp);
+        kn->softmax_tiles(mpad, n, 1.0f, tl->st, BK, tl->m, tl->l, tl->alpha, p, sp * BK,
+                          split);
+        kn->pv_tiles(mpad, sp * ((n + 31) / 32), (int)dvp, p, sp * BK, vj, tl->alpha, tl->acc,
+                     dvp);
         j0 += n;
     }
 }
@@ -437,6 +474,38 @@ static void fwd_task(void *arg, int64_t task, int worker)
 
 /* ---- packing K and V for the whole-tile path ------------------------------ */
 
+/* Packs n fp16 rows (stride ld, d values each) split into bf16: keys
+   (is_v 0) as rows (kh | kl | kh) of 3·dim32(d) values, V (is_v 1) in
+   chunks of 32 keys as three chunks, vh, vl, vh (kernels.h split_f16).
+   buf: x_floats of scratch. */
+static void pack_split(const qkv__kernels *kn, const fwd_job *job, const uint16_t *rows,
+                       int64_t ld, int n, int d, int is_v, uint16_t *buf, uint32_t *dst)
+{
+    if (!is_v) {
+        const int64_t w1 = dim32(d), w = 3 * w1;
+        for (int j = 0; j < n; j++) {
+            uint16_t *r = buf + j * w;
+            kn->split_f16(rows + j * ld, d, r, r + w1);
+            memset(r + d, 0, (size_t)(w1 - d) * sizeof *r);
+            memset(r + w1 + d, 0, (size_t)(w1 - d) * sizeof *r);
+            memcpy(r + 2 * w1, r, (size_t)w1 * sizeof *r);
+        }
+        kn->pack_k_tiles(buf, w, n, (int)(w / 2), (int)job->dpp, dst);
+        return;
+    }
+    uint16_t *vh = buf, *vl = buf + (int64_t)n * d;
+    for (int j = 0; j < n; j++)
+        kn->split_f16(rows + j * ld, d, vh + j * d, vl + j * d);
+    const int64_t chunk = 16 * job->dvp;   /* words of a packed chunk of 32 keys */
+    for (int j0 = 0, c = 0; j0 < n; j0 += 32, c++) {
+        const int nc = n - j0 < 32 ? n - j0 : 32;
+        uint32_t *o = dst + 3 * c * chunk;
+        kn->pack_v_tiles(vh + j0 * d, d, nc, d, (int)job->dvp, o);
+        kn->pack_v_tiles(vl + j0 * d, d, nc, d, (int)job->dvp, o + chunk);
+        memcpy(o + 2 * chunk, o, (size_t)chunk * sizeof *o);
+    }
+}
+
 static void pack_task(void *arg, int64_t task, int worker)
 {
     const fwd_job *job = arg;
@@ -456,6 +525,13 @@ static void pack_task(void *arg, int64_t task, int worker)
     const uint16_t *rows = qkv__key_rows_bf16(
         k, s.b * k->stride[0] + (s.k0 + j0) * k->stride[1] + hk * k->stride[2], n, a->D, tl.kb,
         &ld);
+    if (job->split) {
+        pack_split(kn, job, rows, ld, n, (int)a->D, 0, tl.x, job->kt + pos * job->dpp);
+        rows = qkv__key_rows_bf16(v, s.b * v->stride[0] + (s.k0 + j0) * v->stride[1] +
+                                         hk * v->stride[2], n, a->Dv, (uint16_t *)tl.v, &ld);
+        pack_split(kn, job, rows, ld, n, (int)a->Dv, 1, tl.x, job->vt + pos * 3 * (job->dvp / 2));
+        return;
+    }
     kn->pack_k_tiles(rows, ld, n, (int)qkv__pairs(a->D), (int)job->dpp, job->kt + pos * job->dpp);
     rows = qkv__key_rows_bf16(v, s.b * v->stride[0] + (s.k0 + j0) * v->stride[1] +
                                      hk * v->stride[2], n, a->Dv, (uint16_t *)tl.v, &ld);
@@ -482,10 +558,14 @@ static qkv_status pack_kv(fwd_job *job)
 {
     const qkv__attn *a = job->a;
     qkv_ctx *ctx = job->ctx;
-    if (!use_bf16(ctx->kernels, a) || !ctx->kernels->qk_tiles || a->dropout ||
-        a->Sq * a->group < QKV__PAD)
+    job->split = use_split(ctx->kernels, a);
+    if (!(use_bf16(ctx->kernels, a) || job->split) || !ctx->kernels->qk_tiles || a->dropout ||
+        a->Sq * a->group < QKV__PAD) {
+        job->split = 0;
         return QKV_OK;
-    job->dpp = dim32(a->D) / 2;
+    }
+    const int sp = job->split ? 3 : 1;
+    job->dpp = sp * dim32(a->D) / 2;
     job->dvp = dim16(a->Dv);
     job->kofs = malloc((size_t)(a->n_seqs + 1) * sizeof *job->kofs);
     if (!job->kofs)
@@ -496,7 +576,7 @@ static qkv_status pack_kv(fwd_job *job)
     /* in the context's shared buffer: kept between calls, its pages are
        touched once, not on every call */
     const size_t keys = (size_t)(job->kofs[a->n_seqs] * a->Hkv);
-    job->kt = qkv__shared_get(ctx, keys * (size_t)(job->dpp + job->dvp / 2) * sizeof *job->kt);
+    job->kt = qkv__shared_get(ctx, keys * (size_t)(job->dpp + sp * job->dvp / 2) * sizeof *job->kt);
     job->vt = job->kt ? job->kt + keys * (size_t)job->dpp : NULL;
     qkv_status st = QKV_OK;
     if (job->kt &&
@@ -584,7 +664,8 @@ qkv_status qkv_attention_forward(qkv_ctx *ctx, const qkv_tensor *q,
                          "q->shape[2]: more than 1048576 query heads per kv head");
     const int64_t bk = key_tile(qkv__tile_rows(a.group), a.D, a.Dv);
     if ((st = qkv__scratch_reserve(ctx, tiles_floats(qkv__tile_rows(a.group), bk, dim32(a.D),
-                                                     dim16(a.Dv)) * sizeof(float))))
+                                                     dim16(a.Dv), use_split(ctx->kernels, &a)) *
+                                            sizeof(float))))
         return st;
     fwd_job job;
     memset(&job, 0, sizeof job);

@@ -289,6 +289,16 @@ typedef struct qkv__kernels {
        (v[2jj][c], v[2jj+1][c]) of its keys. Zeros pad both past the rows'
        values and past the last key. */
 
+    /* fp16 rows on the same tiles, exactly: each fp16 value x = hi + lo,
+       hi x rounded to bf16 and lo the rest (at most 3 significant bits),
+       so that with operands laid out as (qh | qh | ql)·(kh | kl | kh) the
+       scores are qh·kh + qh·kl + ql·kh (dropping ql·kl, below 2^-18 of
+       |q|·|k|), and with P split the same way P·V is ph·vh + ph·vl +
+       pl·vh: three times the bf16 tile products.
+       split_f16: hi[i], lo[i] for the n fp16 values h[i] (a value that is
+       not finite gives a NaN lo). */
+    void (*split_f16)(const uint16_t *h, int64_t n, uint16_t *hi, uint16_t *lo);
+
     /* Packs n keys (rows k, stride ldk elements, dp readable pairs each)
        into ceil(n/16) panels at dst. */
     void (*pack_k_tiles)(const uint16_t *k, int64_t ldk, int n, int dp, int dpp,
@@ -310,22 +320,27 @@ typedef struct qkv__kernels {
        the tile's; alpha[i] = exp(old max - new) (1 when unchanged); P =
        exp(x - new max) (0 for all -inf) rounded to bf16 into
        p[i·ldp + j], zero from j = n to round_up(n, 32); lrow[i] =
-       lrow[i]·alpha[i] + Σ_j P (unrounded). */
+       lrow[i]·alpha[i] + Σ_j P (unrounded). split: P as ph (P rounded to
+       bf16) and pl (P - ph rounded), each chunk of 32 keys from j0 as
+       three, ph, ph, pl, at p[i·ldp + 3·j0 ...] (ldp >= 3·round_up(n,
+       32)): the A operand of P·V against V packed (vh, vl, vh) a chunk. */
     void (*softmax_tiles)(int m, int n, float scale, const float *s, int64_t lds, float *mrow,
-                          float *lrow, float *alpha, uint16_t *p, int64_t ldp);
+                          float *lrow, float *alpha, uint16_t *p, int64_t ldp, int split);
 
     /* The three steps above for n keys in tiles of bk (a multiple of 32)
        and rows i < m (a multiple of 16), tile by tile: S = Q·Kᵀ, the
        softmax (scale > 0, no score changes between but for the band: row
        i sees the keys lo[i] <= j < hi[i], lo or hi NULL for no bound on
        that side), acc += P·V with acc's rows rescaled by alpha. s: 64·bk
-       floats and p: 64·bk bf16 of scratch. The tile products of one block
-       of rows are interleaved with the softmax of another. */
+       floats and p: 64·bk bf16 of scratch (3 times that split: P split as
+       softmax_tiles splits it, V's chunks packed (vh, vl, vh)). The tile
+       products of one block of rows are interleaved with the softmax of
+       another. */
     void (*attn_tiles)(int m, int n, const int32_t *lo, const int32_t *hi, int bk, int dpp,
                        int dvp, float scale,
                        const uint16_t *q, int64_t ldq, const uint32_t *kt, const uint32_t *vt,
                        float *mrow, float *lrow, float *alpha, float *acc, int64_t lda, float *s,
-                       uint16_t *p);
+                       uint16_t *p, int split);
 
     /* acc[i][c] = alpha[i]·acc[i][c] + Σ_j p[i·ldp + j]·v[j][c] for i < m
        (a multiple of 16), c < dvp and the 32·nch keys of nch chunks vt;

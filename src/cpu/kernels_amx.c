@@ -342,6 +342,19 @@ static void pack_k_tiles(const uint16_t *k, int64_t ldk, int n, int dp, int dpp,
     }
 }
 
+/* Contract of kernels.h's split_f16. */
+static void split_f16_amx(const uint16_t *h, int64_t n, uint16_t *hi, uint16_t *lo)
+{
+    for (int64_t i = 0; i < n; i += TR) {
+        const __mmask16 mk = (__mmask16)(n - i < TR ? (1u << (n - i)) - 1 : 0xFFFFu);
+        const __m512 x = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, h + i));
+        const __m256i xh = (__m256i)_mm512_cvtneps_pbh(x);
+        const __m512 xr = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(xh), 16));
+        _mm256_mask_storeu_epi16(hi + i, mk, xh);
+        _mm256_mask_storeu_epi16(lo + i, mk, (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(x, xr)));
+    }
+}
+
 static void pack_v_tiles(const uint16_t *v, int64_t ldv, int n, int dv, int dvp, uint32_t *dst)
 {
     for (int j0 = 0; j0 < n; j0 += 2 * TR, dst += TR * dvp)
@@ -390,19 +403,40 @@ static inline __mmask16 lanes(int j, int lo, int hi)
     return b <= a ? 0 : (__mmask16)(((1u << b) - 1) & ~((1u << a) - 1));
 }
 
+/* The 32 bf16 of P for keys j .. j+31 (e0 the first 16) into pi: as
+   they are, or split (softmax_tiles): ph = P rounded, pl = P - ph
+   rounded, as ph, ph, pl from pi + 3j. */
+static inline void store_p(uint16_t *pi, int j, __m512 e0, __m512 e1, int split)
+{
+    const __m512i h = (__m512i)_mm512_cvtne2ps_pbh(e1, e0);
+    if (!split) {
+        _mm512_storeu_si512(pi + j, h);
+        return;
+    }
+    const __m512 h0 = _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(h)), 16));
+    const __m512 h1 = _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(h, 1)), 16));
+    const __m512i l =
+        (__m512i)_mm512_cvtne2ps_pbh(_mm512_sub_ps(e1, h1), _mm512_sub_ps(e0, h0));
+    _mm512_storeu_si512(pi + 3 * j, h);
+    _mm512_storeu_si512(pi + 3 * j + 2 * TR, h);
+    _mm512_storeu_si512(pi + 3 * j + 4 * TR, l);
+}
+
 /* The exponentials of a row's keys [lo, hi) against reference mref
    (mref·log2e = -nm in nm): P = 2^(x·sc + nm), times pmul[j] where pmul
-   is set, into pi, zero elsewhere up to round_up(nz, 32); returns Σ P
-   (unrounded, before pmul) and, in *vmax, the lanes' max of the raw
-   scores (NaN dropped) when track is set. */
+   is set, into pi (split or not, store_p), zero elsewhere up to
+   round_up(nz, 32); returns Σ P (unrounded, before pmul) and, in *vmax,
+   the lanes' max of the raw scores (NaN dropped) when track is set. */
 static inline float exp_row(int lo, int hi, int nz, __m512 sc, __m512 nm, const float *si,
-                            const float *pmul, uint16_t *pi, int track, __m512 *vmax)
+                            const float *pmul, uint16_t *pi, int split, int track, __m512 *vmax)
 {
     const __m512 ninf = _mm512_set1_ps(-INFINITY);
     __m512 sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps(), v0 = ninf, v1 = ninf;
     for (int j = 0; j < nz; j += 2 * TR) {
         if (j + 2 * TR <= lo || j >= hi) {
-            _mm512_storeu_si512(pi + j, _mm512_setzero_si512());
+            store_p(pi, j, _mm512_setzero_ps(), _mm512_setzero_ps(), split);
             continue;
         }
         __m512 x0, x1;
@@ -425,7 +459,7 @@ static inline float exp_row(int lo, int hi, int nz, __m512 sc, __m512 nm, const 
             e0 = _mm512_mul_ps(e0, _mm512_maskz_loadu_ps(lanes(j, lo, hi), pmul + j));
             e1 = _mm512_mul_ps(e1, _mm512_maskz_loadu_ps(lanes(j + TR, lo, hi), pmul + j + TR));
         }
-        _mm512_storeu_si512(pi + j, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+        store_p(pi, j, e0, e1, split);
     }
     if (track)
         *vmax = _mm512_max_ps(v0, v1);
@@ -442,9 +476,10 @@ static inline float exp_row(int lo, int hi, int nz, __m512 sc, __m512 nm, const 
    max, but it moves only when a tile's max rises more than REF_SLACK above
    it: then one pass over the row does, with alpha 1 and acc left alone. A
    first tile, or a larger rise, takes the row's max first and a second
-   pass. mrow holds the reference: lse = mrow + log(lrow) either way. */
+   pass. mrow holds the reference: lse = mrow + log(lrow) either way.
+   split: P split as softmax_tiles splits it. */
 static inline void softmax_row(int lo, int hi, int nz, float scale, __m512 sc, const float *si,
-                               float *mrow, float *lrow, float *alpha, uint16_t *pi)
+                               float *mrow, float *lrow, float *alpha, uint16_t *pi, int split)
 {
     const float log2e = 1.44269504088896341f;
     const float mo = *mrow;
@@ -452,7 +487,7 @@ static inline void softmax_row(int lo, int hi, int nz, float scale, __m512 sc, c
     if (mo > -INFINITY) {
         __m512 vmax;
         const float sum =
-            exp_row(lo, hi, nz, sc, _mm512_set1_ps(-mo * log2e), si, NULL, pi, 1, &vmax);
+            exp_row(lo, hi, nz, sc, _mm512_set1_ps(-mo * log2e), si, NULL, pi, split, 1, &vmax);
         const float mx = _mm512_reduce_max_ps(vmax) * scale;
         if (!(mx > mo + REF_SLACK)) {
             *alpha = 1.0f;
@@ -475,16 +510,18 @@ static inline void softmax_row(int lo, int hi, int nz, float scale, __m512 sc, c
     const float mref = mn == -INFINITY ? 0.0f : mn;   /* all hidden: P = 0 */
     *alpha = mo == mn ? 1.0f : expf(mo - mref);
     *mrow = mn;
-    const float sum = exp_row(lo, hi, nz, sc, _mm512_set1_ps(-mref * log2e), si, NULL, pi, 0, NULL);
+    const float sum =
+        exp_row(lo, hi, nz, sc, _mm512_set1_ps(-mref * log2e), si, NULL, pi, split, 0, NULL);
     *lrow = *lrow * *alpha + sum;
 }
 
 static void softmax_tiles(int m, int n, float scale, const float *s, int64_t lds, float *mrow,
-                          float *lrow, float *alpha, uint16_t *p, int64_t ldp)
+                          float *lrow, float *alpha, uint16_t *p, int64_t ldp, int split)
 {
     const __m512 sc = _mm512_set1_ps(scale * 1.44269504088896341f);
     for (int i = 0; i < m; i++)
-        softmax_row(0, n, n, scale, sc, s + i * lds, mrow + i, lrow + i, alpha + i, p + i * ldp);
+        softmax_row(0, n, n, scale, sc, s + i * lds, mrow + i, lrow + i, alpha + i, p + i * ldp,
+                    split);
 }
 
 /* ---- the three steps pipelined over blocks of rows ------------------------- */
@@ -626,13 +663,15 @@ static void attn_tiles(int m, int n, const int32_t *lo, const int32_t *hi, int b
                        int dvp, float scale,
                        const uint16_t *q, int64_t ldq, const uint32_t *kt, const uint32_t *vt,
                        float *mrow, float *lrow, float *alpha, float *acc, int64_t lda, float *s,
-                       uint16_t *p)
+                       uint16_t *p, int split)
 {
     const int nunits = (n + bk - 1) / bk * ((m + UNIT_ROWS - 1) / UNIT_ROWS);
     const __m512 sc = _mm512_set1_ps(scale * 1.44269504088896341f);
+    /* split: P, its row stride and V's chunks three times as long */
+    const int sp = split ? 3 : 1, ldp = sp * bk;
     /* S and P of units u and u + 1 in two buffers each, by parity */
     float *const sb[2] = { s, s + UNIT_ROWS * bk };
-    uint16_t *const pb[2] = { p, p + UNIT_ROWS * bk };
+    uint16_t *const pb[2] = { p, p + UNIT_ROWS * ldp };
     tile_cursor qc, pc;
     t_begin();
     for (int u = -1; u <= nunits; u++) {
@@ -648,8 +687,9 @@ static void attn_tiles(int m, int n, const int32_t *lo, const int32_t *hi, int b
         if (u >= 1) {
             const tile_unit x = unit_at(u - 1, m, n, bk);
             rescale_rows(x.mr, dvp, alpha + x.r0, acc + x.r0 * lda, lda);
-            pc = cursor_pv(x.mr, x.n, dvp, pb[(u - 1) & 1], bk,
-                           vt + (int64_t)x.kt * bk * (dvp / 2), acc + x.r0 * lda, lda);
+            pc = cursor_pv(x.mr, sp * ((x.n + 2 * TR - 1) / (2 * TR) * 2 * TR), dvp,
+                           pb[(u - 1) & 1], ldp, vt + (int64_t)x.kt * sp * bk * (dvp / 2),
+                           acc + x.r0 * lda, lda);
         }
         /* the softmax of unit u, a share of the tile steps after each row */
         if (u >= 0 && u < nunits) {
@@ -663,7 +703,7 @@ static void attn_tiles(int m, int n, const int32_t *lo, const int32_t *hi, int b
                 const int l = lo && lo[r] > k0 ? lo[r] - k0 : 0;
                 const int h = hi && hi[r] - k0 < x.n ? hi[r] - k0 : x.n;
                 softmax_row(l, h > l ? h : l, x.n, scale, sc, su + i * bk, mrow + r, lrow + r,
-                            alpha + r, pu + i * bk);
+                            alpha + r, pu + i * ldp, split);
                 for (int k = 0; k < per; k++)
                     if (!tile_step(&qc))
                         tile_step(&pc);
@@ -951,7 +991,7 @@ static void exp_rows_dec_amx(const float *st, int64_t ld, int m, int n, const fl
     const int nz = (n + 2 * TR - 1) / (2 * TR) * (2 * TR);
     for (int i = 0; i < m; i++)
         sum[i] = exp_row(0, n, nz, _mm512_set1_ps(log2e), _mm512_set1_ps(-mref[i] * log2e),
-                         st + i * ld, pmul, p + i * ldp, 0, NULL);
+                         st + i * ld, pmul, p + i * ldp, 0, 0, NULL);
 }
 
 /* Contract of kernels.h's pv_bf16_dec, but the sums over keys run in
@@ -1763,6 +1803,7 @@ void QKV_KERNEL_TABLE(qkv__kernels *t)
        32,8,128 bf16 took 16.2 ms that way against 23.5 with vdpbf16ps */
     t->qk_bf16_rows = NULL;
     tw_idx_init();
+    t->split_f16 = split_f16_amx;
     t->pack_k_tiles = pack_k_tiles;
     t->pack_v_tiles = pack_v_tiles;
     t->qk_tiles = qk_tiles;
