@@ -491,6 +491,31 @@ void test_decode_paged_bitwise(void)
         paged_vs_contiguous(&s, &c, sizes[it % 6], it % 2, &r);
         dcase_free(&c);
     }
+    /* fp16 caches with more rows than the few-row kernels take (on sets
+       with tiles split into bf16 for the forward's tile kernels, every
+       row gathered), fp16 and bf16 queries, every contiguous layout */
+    for (int it = 0; it < 8; it++) {
+        dcase c;
+        memset(&c, 0, sizeof c);
+        c.B = 1 + it % 2;
+        c.Sq = it % 3 == 2 ? 70 : it % 2 ? 16 : 8;
+        c.Hq = 8;
+        c.Hkv = 2;
+        c.D = it % 4 == 1 ? 80 : it % 4 == 3 ? 64 : 128;
+        c.Dv = it % 4 == 3 ? 96 : c.D;
+        c.Smax = it == 5 ? 9000 : 200 + 157 * it;
+        for (int64_t b = 0; b < c.B; b++)
+            c.lens[b] = (int32_t)(c.Smax - 29 * b);
+        c.qdt = it % 3 == 1 ? QKV_BF16 : QKV_F16;
+        c.kdt = QKV_F16;
+        c.lay_q = LAY_CONTIG;
+        c.lay_k = f16_lays[it % 4];
+        c.opts = qkv_attn_opts_default();
+        c.opts.causal = it % 4 == 2;
+        dcase_build(&c, &r);
+        paged_vs_contiguous(&s, &c, sizes[(it + 2) % 6], it % 2, &r);
+        dcase_free(&c);
+    }
     /* A sequence long enough to be cut into key parts, with 8 kv heads: a
        task takes every kv head of a position-major cache and one of a
        head-major cache, and the parts must not depend on that. Each

@@ -246,6 +246,7 @@ typedef struct {
     int              rows_max; /* tiles of up to this many rows take head_tile_rows */
     int              f16;      /* fp16 rows read in place (qk_f16_dec, pv_f16_dec) */
     int              f16s;     /* fp16 rows split into bf16 pairs (qk_f16s_dec, pv_f16s_dec) */
+    int              f16t;     /* more rows: fp16 split into bf16 on qk_bf16, mm_bf16 */
     int              hm_pool;  /* a head-major pool: each head's rows of a block one run */
     int              hm_cache; /* a contiguous head-major cache: each head's rows one run */
     int64_t         *start;    /* [B+1] first task of each sequence */
@@ -279,12 +280,28 @@ typedef struct {
     float    *hst;   /* [R][BK] the head's own scores (streamed tiles)      */
     uint32_t *hpp;   /* [R][BK/2] its P                                      */
     float    *hps;   /* [2] int8 P's scale, and 1 where a V row was not finite */
+    /* fp16 split into bf16 (f16t; kernels.h split_f16), W = 3·dim32(D):
+       rows (kh | kl | kh) against queries (qh | qh | ql), P pairs (ph; ph;
+       pl) against V pairs (vh; vl; vh) */
+    uint16_t *xk;    /* [BK][W]       split K rows                          */
+    uint32_t *xq;    /* [W/2][R]      the queries' pairs                    */
+    uint32_t *xp;    /* [3·BK/2][R]   P's pairs                             */
+    uint32_t *xv;    /* [3·BK/2][Dv]  V's pairs                             */
+    uint16_t *xg;    /* [2][Dv]       V rows gathered from a stride         */
 } scratch;
 
-static int64_t shared_floats(int64_t R, int64_t D, int64_t Dv)
+static int64_t split_width(int64_t D) { return 3 * ((D + 31) / 32 * 32); }
+
+static int64_t split_floats(int64_t R, int64_t D, int64_t Dv)
+{
+    const int64_t W = split_width(D);
+    return BK * W / 2 + W / 2 * R + 3 * BK / 2 * R + 3 * BK / 2 * Dv + Dv;
+}
+
+static int64_t shared_floats(int64_t R, int64_t D, int64_t Dv, int split)
 {
     return BK * D + BK * Dv + BK * R + 4 * R + BK * pairs(D) + BK / 2 * Dv + BK / 2 * R +
-           2 * BK;
+           2 * BK + (split ? split_floats(R, D, Dv) : 0);
 }
 
 static int64_t head_floats(int64_t R, int64_t D, int64_t Dv)
@@ -293,8 +310,9 @@ static int64_t head_floats(int64_t R, int64_t D, int64_t Dv)
 }
 
 /* The scratch of head slot e (of HB). */
-static scratch scratch_at(float *base, int64_t e, int64_t R, int64_t D, int64_t Dv)
+static scratch scratch_at(const dec_job *job, float *base, int64_t e)
 {
+    const int64_t R = job->R, D = job->a->D, Dv = job->a->Dv;
     scratch s;
     s.kw = base;
     s.vw = s.kw + BK * D;
@@ -308,7 +326,7 @@ static scratch scratch_at(float *base, int64_t e, int64_t R, int64_t D, int64_t 
     s.pp = (uint32_t *)(s.vb + BK * Dv);
     s.ksc = (float *)(s.pp + BK / 2 * R);
     s.vsc = s.ksc + BK;
-    s.q = base + shared_floats(R, D, Dv) + e * head_floats(R, D, Dv);
+    s.q = base + shared_floats(R, D, Dv, job->f16t) + e * head_floats(R, D, Dv);
     s.qt = s.q + R * D;
     s.acc = s.qt + R * D;
     s.m = s.acc + R * Dv;
@@ -317,6 +335,13 @@ static scratch scratch_at(float *base, int64_t e, int64_t R, int64_t D, int64_t 
     s.hst = s.alpha + R;
     s.hpp = (uint32_t *)(s.hst + BK * R);
     s.hps = (float *)(s.hpp + BK / 2 * R);
+    /* the split buffers close the shared part */
+    const int64_t W = split_width(D);
+    s.xk = (uint16_t *)(s.vsc + BK);
+    s.xq = (uint32_t *)(s.xk + BK * W);
+    s.xp = s.xq + W / 2 * R;
+    s.xv = s.xp + 3 * BK / 2 * R;
+    s.xg = (uint16_t *)(s.xv + 3 * BK / 2 * Dv);
     return s;
 }
 
@@ -385,6 +410,22 @@ static void load_queries(const dec_job *job, const qkv__seq *s, const qkv__tile_
     const qkv__kernels *kn = job->ctx->kernels;
     const qkv_tensor *q = a->q;
     const int64_t D = a->D, R = job->R, w = 2 * pairs(D);
+    if (job->f16t && m > job->rows_max) {   /* rows (qh | qh | ql), pairs for qk_bf16 */
+        const int64_t W = split_width(D), w1 = W / 3;
+        float *row = (float *)sc->xk;             /* free until the first tile */
+        uint16_t *sp = (uint16_t *)(row + D);
+        memset(sc->xq, 0, (size_t)(W / 2 * R) * sizeof *sc->xq);
+        memset(sp, 0, (size_t)W * sizeof *sp);
+        for (int r = 0; r < m; r++) {
+            const int64_t h = tm->h0 + r / tm->mp, i = tm->i0 + r % tm->mp;
+            qkv__load_row(kn, q, s->b * q->stride[0] + i * q->stride[1] + h * q->stride[2],
+                          q->stride[3], D, row);
+            kn->split_f32(row, D, sp, sp + 2 * w1, sp + w1);
+            for (int64_t x = 0; x < W / 2; x++)
+                sc->xq[x * R + r] = (uint32_t)sp[2 * x] | (uint32_t)sp[2 * x + 1] << 16;
+        }
+        return;
+    }
     if (job->bf && m > job->rows_max) {   /* pairs for qk_bf16 */
         qkv__load_q_pairs(a, s, tm, m, (m + QKV__PAD - 1) / QKV__PAD * QKV__PAD, R,
                           (uint32_t *)sc->q);
@@ -530,6 +571,47 @@ static qkv__rows bf16_rows(const kv_src *src, const qkv_tensor *t, int64_t b, in
 static const uint16_t *i8_rows(const dec_job *job, int64_t b, int is_v, int64_t p0, int64_t h,
                                int n, const scratch *sc, int c0, int64_t *ld);
 
+/* Row p of t (head h) as fp16 values at a unit stride: in place, or
+   gathered into g. */
+static const uint16_t *f16_row(const kv_src *src, const qkv_tensor *t, int64_t b, int64_t p,
+                               int64_t h, int64_t cols, uint16_t *g)
+{
+    const uint16_t *r = (const uint16_t *)t->data + row_off(src, t, b, p, h);
+    if (t->stride[3] == 1)
+        return r;
+    for (int64_t x = 0; x < cols; x++)
+        g[x] = r[x * t->stride[3]];
+    return g;
+}
+
+/* n K rows (positions p0.., head h) split into bf16 (kernels.h
+   split_f16) as rows (kh | kl | kh) of W values at dst, zero past D in
+   each part. */
+static void split_keys(const dec_job *job, int64_t b, int64_t p0, int64_t h, int n,
+                       const scratch *sc, uint16_t *dst)
+{
+    const kv_src *src = job->src;
+    const qkv__kernels *kn = job->ctx->kernels;
+    const int64_t D = job->a->D, W = split_width(D), w1 = W / 3;
+    for (int c = 0; c < n; c++) {
+        uint16_t *d = dst + c * W;
+        kn->split_f16(f16_row(src, &src->k, b, p0 + c, h, D, sc->kb), D, d, d + w1, d + 2 * w1);
+        for (int part = 0; part < 3 && D < w1; part++)
+            memset(d + part * w1 + D, 0, (size_t)(w1 - D) * sizeof *d);
+    }
+}
+
+/* P (st [n][R], rows < mpad) split into bf16 pairs along keys, (ph; ph;
+   pl) in xp: the A operand of tile_values' product. */
+static void split_p(const qkv__kernels *kn, const scratch *sc, int n, int mpad, int64_t R)
+{
+    const int np = (int)pairs(n);
+    for (int jj = 0; jj < np; jj++)
+        kn->split_pairs_f32(sc->st + 2 * jj * R, 2 * jj + 1 < n ? sc->st + (2 * jj + 1) * R : NULL,
+                            mpad, sc->xp + jj * R, sc->xp + (2 * np + jj) * R,
+                            sc->xp + (np + jj) * R);
+}
+
 /* Scores of keys p0 .. p0+n-1 for the tile's m rows into st [n][R],
    chunk() keys per kernel call, each followed by asks for as many of the
    next tile's K rows (ak). */
@@ -541,6 +623,18 @@ static void tile_scores(const dec_job *job, const qkv__seq *s, int64_t hk, int64
     const qkv__kernels *kn = job->ctx->kernels;
     const int64_t D = a->D, R = job->R, w = 2 * pairs(D);
     const int mpad = (m + QKV__PAD - 1) / QKV__PAD * QKV__PAD;
+    if (job->f16t) {   /* chunk by chunk: the rows split, then their scores */
+        const int64_t W = split_width(D);
+        for (int c = 0, nc; c < n; c += nc) {
+            const int ch = chunk(ak, m);
+            nc = n - c < ch ? n - c : ch;
+            split_keys(job, s->b, p0 + c, hk, nc, sc, sc->xk + c * W);
+            kn->qk_bf16(nc, mpad, (int)(W / 2), a->scale, sc->xk + c * W, W, sc->xq, R,
+                        sc->st + c * R, R);
+            ask_rows(src, ak, nc);
+        }
+        return;
+    }
     if (job->bf && src->i8)   /* an int8 tile's codes as bf16, one run */
         for (int c0 = 0; c0 < n;) {
             const int nr = run_length(src, p0, c0, n, 1);
@@ -604,6 +698,25 @@ static void tile_values(const dec_job *job, const qkv__seq *s, int64_t hk, int64
     const kv_src *src = job->src;
     const qkv__kernels *kn = job->ctx->kernels;
     const int64_t Dv = a->Dv, R = job->R;
+    if (job->f16t) {
+        /* V pairs (vh; vl; vh) against P's (ph; ph; pl) */
+        const int np = (int)pairs(n);
+        for (int jj = 0; jj < np; jj++) {
+            const uint16_t *v0 = f16_row(src, &src->v, s->b, p0 + 2 * jj, hk, Dv, sc->xg);
+            const uint16_t *v1 = 2 * jj + 1 < n ? f16_row(src, &src->v, s->b, p0 + 2 * jj + 1, hk,
+                                                          Dv, sc->xg + Dv)
+                                                : NULL;
+            kn->split_pairs_f16(v0, v1, Dv, sc->xv + jj * Dv, sc->xv + (np + jj) * Dv,
+                                sc->xv + (2 * np + jj) * Dv);
+            if (jj & 1)   /* every 4 keys */
+                ask_rows(src, av, 4);
+        }
+        for (int r = 0; r < m; r++)
+            for (int64_t c = 0; c < Dv; c++)
+                sc->acc[r * Dv + c] *= sc->alpha[r];
+        kn->mm_bf16(m, 3 * np, (int)Dv, sc->xp, 1, R, sc->xv, Dv, sc->acc, Dv);
+        return;
+    }
     if (job->bf) {
         uint32_t *vp = (uint32_t *)sc->vw;
         for (int c0 = 0; c0 < n;) {
@@ -1090,14 +1203,14 @@ static void tile_streamed(const dec_job *job, const qkv__seq *s, const qkv__tile
 {
     const qkv__attn *a = job->a;
     const kv_src *src = job->src;
-    const int64_t D = a->D, Dv = a->Dv, R = job->R;
+    const int64_t D = a->D, Dv = a->Dv;
     const int sub = sub_keys(job, m);
     const int64_t units = (n + sub - 1) / sub;
-    const scratch sh = scratch_at(base, 0, R, D, Dv);
+    const scratch sh = scratch_at(job, base, 0);
     for (int64_t u = 0; u < 2 * units; u++) {
         if (u == units)
             for (int64_t e = 0; e < job->HB; e++) {
-                const scratch sc = scratch_at(base, e, R, D, Dv);
+                const scratch sc = scratch_at(job, base, e);
                 qkv__tile_map tm = *tm0;
                 tm.h0 = (hk0 + e) * a->group;
                 rows_softmax(job, s, &tm, hk0 + e, j0, n, m, band, &sc);
@@ -1110,7 +1223,7 @@ static void tile_streamed(const dec_job *job, const qkv__seq *s, const qkv__tile
         if (ask && !at && src->i8)   /* the scales of every head, with their K rows */
             prefetch_scales(src, ab, ah, job->HB, a->Hkv, ap, acnt);
         for (int64_t e = 0; e < job->HB; e++) {
-            const scratch sc = scratch_at(base, e, R, D, Dv);
+            const scratch sc = scratch_at(job, base, e);
             const char *bases[TILE_BLOCKS];
             qkv__pf pf;
             if (ask)
@@ -1150,6 +1263,8 @@ static void head_tile(const dec_job *job, const qkv__seq *s, const qkv__tile_map
                           sc->pp, R);
     else
         kn->exp_cols(sc->st, R, n, mpad, sc->mref, sc->sum);
+    if (job->f16t)
+        split_p(kn, sc, n, mpad, R);
     for (int r = 0; r < mpad; r++)
         sc->l[r] = sc->l[r] * sc->alpha[r] + sc->sum[r];
     tile_values(job, s, hk, j0, n, m, sc, av);
@@ -1228,11 +1343,11 @@ static void dec_task(void *arg, int64_t task, int worker)
     task_of(job, task, &s, &hk0, &tm0, &part);
     const int m = tm0.mp * (int)a->group;
     const int mpad = (m + QKV__PAD - 1) / QKV__PAD * QKV__PAD;
-    const int64_t R = job->R, Dv = a->Dv;
+    const int64_t Dv = a->Dv;
     float *base = job->ctx->scratch[worker];
 
     for (int64_t e = 0; e < job->HB; e++) {
-        const scratch sc = scratch_at(base, e, R, a->D, Dv);
+        const scratch sc = scratch_at(job, base, e);
         qkv__tile_map tm = tm0;
         tm.h0 = (hk0 + e) * a->group;
         load_queries(job, &s, &tm, m, &sc);
@@ -1242,7 +1357,7 @@ static void dec_task(void *arg, int64_t task, int worker)
             sc.l[r] = 0.0f;
         }
     }
-    const scratch sh = scratch_at(base, 0, R, a->D, Dv);
+    const scratch sh = scratch_at(job, base, 0);
     for (int r = 0; r < mpad; r++)
         sh.ones[r] = 1.0f;
     const int rows = m <= job->rows_max;   /* head_tile_rows */
@@ -1275,7 +1390,7 @@ static void dec_task(void *arg, int64_t task, int worker)
         for (int64_t e = 0; e < job->HB; e++) {
             qkv__tile_map tm = tm0;
             tm.h0 = (hk0 + e) * a->group;
-            const scratch sc = scratch_at(base, e, R, a->D, Dv);
+            const scratch sc = scratch_at(job, base, e);
             if (rows) {
                 qkv__pf pfk, pfv;
                 const char *kbases[TILE_BLOCKS], *vbases[TILE_BLOCKS];
@@ -1306,7 +1421,7 @@ static void dec_task(void *arg, int64_t task, int worker)
     }
 
     for (int64_t e = 0; e < job->HB; e++) {
-        const scratch sc = scratch_at(base, e, R, a->D, Dv);
+        const scratch sc = scratch_at(job, base, e);
         qkv__tile_map tm = tm0;
         tm.h0 = (hk0 + e) * a->group;
         if (ns == 1) {
@@ -1433,6 +1548,14 @@ static qkv_status run(qkv_ctx *ctx, const qkv__attn *a, const kv_src *src, int c
                ctx->kernels->qk_f16s_dec && rows > ctx->kernels->f16s_rows_min &&
                rows <= job.rows_max && rows <= 16 && (a->dt == QKV_F16 || a->dt == QKV_BF16) &&
                a->D % 16 == 0 && a->D <= 256 && a->Dv % 16 == 0 && a->Dv <= 256;
+    /* more rows (chunked prefill, verification of more than 4 tokens):
+       the forward's bf16 tile kernels on fp16 split into bf16, three
+       times the products (fp32 queries keep the fp32 kernels: split,
+       they would keep 16 of their bits); only tiles of more than rows_max
+       rows (head_tile) take them */
+    job.f16t = !src->i8 && src->k.dtype == QKV_F16 && src->v.dtype == QKV_F16 &&
+               rows > job.rows_max && (a->dt == QKV_F16 || a->dt == QKV_BF16) &&
+               ctx->kernels->split_f16 && ctx->kernels->qk_tiles;
     job.f16 = !job.f16s && !src->i8 && src->k.dtype == QKV_F16 && src->v.dtype == QKV_F16 &&
               src->k.stride[3] == 1 && src->v.stride[3] == 1 && ctx->kernels->qk_f16_dec &&
               (!ctx->kernels->f16_rows_max || rows <= ctx->kernels->f16_rows_max);
@@ -1493,7 +1616,7 @@ static qkv_status run(qkv_ctx *ctx, const qkv__attn *a, const kv_src *src, int c
                 break;
             }
     const int64_t n_hb = a->Hkv / job.HB;
-    qkv_status st = qkv__scratch_reserve(ctx, (size_t)(shared_floats(job.R, a->D, a->Dv) +
+    qkv_status st = qkv__scratch_reserve(ctx, (size_t)(shared_floats(job.R, a->D, a->Dv, job.f16t) +
                                          job.HB * head_floats(job.R, a->D, a->Dv)) * sizeof(float));
     if (st) {
         free(job.start);

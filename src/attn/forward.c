@@ -146,12 +146,29 @@ static int use_bf16(const qkv__kernels *kn, const qkv__attn *a)
     return kn->qk_bf16 && a->dt == QKV_BF16;
 }
 
+/* Query rows per key (on average over the call's keys) from which fp16
+   calls take the whole-tile path split. Packing K and V split writes
+   three times the bf16 path's bytes, once per call, and the tiles repay
+   it only over enough rows: 1,Sq,4096,32,8,128 (2 threads, Xeon with
+   AMX) took 1.86x the fp32 kernels' time at Sq 16 (64 rows a key), 0.95x
+   at 32, 0.90x at 64, 0.68x at 128 and 0.43x at 1024. */
+enum { SPLIT_ROWS = 128 };
+
 /* fp16 calls on whole tiles, split into bf16 (kernels.h split_f16): three
    times the bf16 products, which on AMX run several times as fast as the
-   fp32 FMAs fp16 rows are otherwise widened for. */
+   fp32 FMAs fp16 rows are otherwise widened for, where the call has
+   SPLIT_ROWS rows a key. */
 static int use_split(const qkv__kernels *kn, const qkv__attn *a)
 {
-    return kn->split_f16 && kn->qk_tiles && a->dt == QKV_F16;
+    if (!kn->split_f16 || !kn->qk_tiles || a->dt != QKV_F16)
+        return 0;
+    double rows = 0.0, keys = 0.0;
+    for (int64_t i = 0; i < a->n_seqs; i++) {
+        const qkv__seq s = qkv__attn_seq(a, i);
+        rows += (double)s.sq * (double)s.sk;
+        keys += (double)s.sk;
+    }
+    return rows * (double)a->group >= SPLIT_ROWS * keys && keys > 0.0;
 }
 
 /* The tile's queries as pairs along d: qp[x/2][r] holds row r's q[x] in
@@ -292,8 +309,7 @@ static void task_tiles(const fwd_job *job, const qkv__seq *s, int64_t seq, int64
         qkv__tile_rows_bf16(a->q, s, tm, m, a->D, w1, raw);
         for (int r = 0; r < m; r++) {
             uint16_t *row = qr + r * w;
-            job->ctx->kernels->split_f16(raw + r * w1, w1, row, row + 2 * w1);
-            memcpy(row + w1, row, (size_t)w1 * sizeof *row);
+            job->ctx->kernels->split_f16(raw + r * w1, w1, row, row + 2 * w1, row + w1);
         }
     } else {
         qkv__tile_rows_bf16(a->q, s, tm, m, a->D, w, qr);
@@ -485,17 +501,16 @@ static void pack_split(const qkv__kernels *kn, const fwd_job *job, const uint16_
         const int64_t w1 = dim32(d), w = 3 * w1;
         for (int j = 0; j < n; j++) {
             uint16_t *r = buf + j * w;
-            kn->split_f16(rows + j * ld, d, r, r + w1);
-            memset(r + d, 0, (size_t)(w1 - d) * sizeof *r);
-            memset(r + w1 + d, 0, (size_t)(w1 - d) * sizeof *r);
-            memcpy(r + 2 * w1, r, (size_t)w1 * sizeof *r);
+            kn->split_f16(rows + j * ld, d, r, r + w1, r + 2 * w1);
+            for (int part = 0; part < 3; part++)
+                memset(r + part * w1 + d, 0, (size_t)(w1 - d) * sizeof *r);
         }
         kn->pack_k_tiles(buf, w, n, (int)(w / 2), (int)job->dpp, dst);
         return;
     }
     uint16_t *vh = buf, *vl = buf + (int64_t)n * d;
     for (int j = 0; j < n; j++)
-        kn->split_f16(rows + j * ld, d, vh + j * d, vl + j * d);
+        kn->split_f16(rows + j * ld, d, vh + j * d, vl + j * d, NULL);
     const int64_t chunk = 16 * job->dvp;   /* words of a packed chunk of 32 keys */
     for (int j0 = 0, c = 0; j0 < n; j0 += 32, c++) {
         const int nc = n - j0 < 32 ? n - j0 : 32;

@@ -296,8 +296,20 @@ typedef struct qkv__kernels {
        |q|·|k|), and with P split the same way P·V is ph·vh + ph·vl +
        pl·vh: three times the bf16 tile products.
        split_f16: hi[i], lo[i] for the n fp16 values h[i] (a value that is
-       not finite gives a NaN lo). */
-    void (*split_f16)(const uint16_t *h, int64_t n, uint16_t *hi, uint16_t *lo);
+       not finite gives a NaN lo), and hi again in hi2 unless it is NULL. */
+    void (*split_f16)(const uint16_t *h, int64_t n, uint16_t *hi, uint16_t *lo, uint16_t *hi2);
+    /* The same for n fp32 values x (fp16 and bf16 values split exactly;
+       other values keep 16 of their bits): queries, and P for P·V. */
+    void (*split_f32)(const float *x, int64_t n, uint16_t *hi, uint16_t *lo, uint16_t *hi2);
+    /* Two rows a, b (b NULL: zeros) of n values split as split_f16 and
+       split_f32 do, as pairs along the rows: hi[c] = (a's hi, b's hi) in
+       the low and high halves, lo[c] the same of the lo, hi2 (unless
+       NULL) hi again: the B operand of P·V from two V rows, or the A
+       operand from two keys' P. */
+    void (*split_pairs_f16)(const uint16_t *a, const uint16_t *b, int64_t n, uint32_t *hi,
+                            uint32_t *lo, uint32_t *hi2);
+    void (*split_pairs_f32)(const float *a, const float *b, int64_t n, uint32_t *hi,
+                            uint32_t *lo, uint32_t *hi2);
 
     /* Packs n keys (rows k, stride ldk elements, dp readable pairs each)
        into ceil(n/16) panels at dst. */

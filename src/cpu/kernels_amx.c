@@ -342,16 +342,98 @@ static void pack_k_tiles(const uint16_t *k, int64_t ldk, int n, int dp, int dpp,
     }
 }
 
+/* 16 values x as hi = x rounded to bf16 and lo = x - hi rounded. */
+static inline void split16(__m512 x, __m256i *hi, __m256i *lo)
+{
+    const __m256i xh = (__m256i)_mm512_cvtneps_pbh(x);
+    const __m512 xr = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(xh), 16));
+    *hi = xh;
+    *lo = (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(x, xr));
+}
+
+/* The lanes of the first n (up to 16) of a vector. */
+static inline __mmask16 first_lanes(int64_t n)
+{
+    return (__mmask16)(n < TR ? (1u << n) - 1 : 0xFFFFu);
+}
+
+/* hi, lo (and hi2) of 16 values x at element i, the lanes mk; whole
+   vectors store unmasked (a masked store does not forward to the loads
+   that soon read it). */
+static inline void split_store(__m512 x, __mmask16 mk, int64_t i, uint16_t *hi, uint16_t *lo,
+                               uint16_t *hi2)
+{
+    __m256i h, l;
+    split16(x, &h, &l);
+    if (mk == 0xFFFFu) {
+        _mm256_storeu_si256((__m256i *)(hi + i), h);
+        _mm256_storeu_si256((__m256i *)(lo + i), l);
+        if (hi2)
+            _mm256_storeu_si256((__m256i *)(hi2 + i), h);
+        return;
+    }
+    _mm256_mask_storeu_epi16(hi + i, mk, h);
+    _mm256_mask_storeu_epi16(lo + i, mk, l);
+    if (hi2)
+        _mm256_mask_storeu_epi16(hi2 + i, mk, h);
+}
+
 /* Contract of kernels.h's split_f16. */
-static void split_f16_amx(const uint16_t *h, int64_t n, uint16_t *hi, uint16_t *lo)
+static void split_f16_amx(const uint16_t *h, int64_t n, uint16_t *hi, uint16_t *lo, uint16_t *hi2)
 {
     for (int64_t i = 0; i < n; i += TR) {
-        const __mmask16 mk = (__mmask16)(n - i < TR ? (1u << (n - i)) - 1 : 0xFFFFu);
-        const __m512 x = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, h + i));
-        const __m256i xh = (__m256i)_mm512_cvtneps_pbh(x);
-        const __m512 xr = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(xh), 16));
-        _mm256_mask_storeu_epi16(hi + i, mk, xh);
-        _mm256_mask_storeu_epi16(lo + i, mk, (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(x, xr)));
+        const __mmask16 mk = first_lanes(n - i);
+        split_store(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, h + i)), mk, i, hi, lo, hi2);
+    }
+}
+
+/* Contract of kernels.h's split_f32. */
+static void split_f32_amx(const float *x, int64_t n, uint16_t *hi, uint16_t *lo, uint16_t *hi2)
+{
+    for (int64_t i = 0; i < n; i += TR) {
+        const __mmask16 mk = first_lanes(n - i);
+        split_store(_mm512_maskz_loadu_ps(mk, x + i), mk, i, hi, lo, hi2);
+    }
+}
+
+/* The pairs (a, b) of hi and of lo of 16 values of two rows, at word i. */
+static inline void split_pairs_store(__m512 xa, __m512 xb, __mmask16 mk, int64_t i, uint32_t *hi,
+                                     uint32_t *lo, uint32_t *hi2)
+{
+    __m256i ha, la, hb, lb;
+    split16(xa, &ha, &la);
+    split16(xb, &hb, &lb);
+    const __m512i h = _mm512_or_si512(_mm512_cvtepu16_epi32(ha),
+                                      _mm512_slli_epi32(_mm512_cvtepu16_epi32(hb), 16));
+    const __m512i l = _mm512_or_si512(_mm512_cvtepu16_epi32(la),
+                                      _mm512_slli_epi32(_mm512_cvtepu16_epi32(lb), 16));
+    _mm512_mask_storeu_epi32(hi + i, mk, h);
+    _mm512_mask_storeu_epi32(lo + i, mk, l);
+    if (hi2)
+        _mm512_mask_storeu_epi32(hi2 + i, mk, h);
+}
+
+/* Contract of kernels.h's split_pairs_f16. */
+static void split_pairs_f16_amx(const uint16_t *a, const uint16_t *b, int64_t n, uint32_t *hi,
+                                uint32_t *lo, uint32_t *hi2)
+{
+    for (int64_t i = 0; i < n; i += TR) {
+        const __mmask16 mk = first_lanes(n - i);
+        const __m512 xa = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, a + i));
+        const __m512 xb =
+            b ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, b + i)) : _mm512_setzero_ps();
+        split_pairs_store(xa, xb, mk, i, hi, lo, hi2);
+    }
+}
+
+/* Contract of kernels.h's split_pairs_f32. */
+static void split_pairs_f32_amx(const float *a, const float *b, int64_t n, uint32_t *hi,
+                                uint32_t *lo, uint32_t *hi2)
+{
+    for (int64_t i = 0; i < n; i += TR) {
+        const __mmask16 mk = first_lanes(n - i);
+        const __m512 xb = b ? _mm512_maskz_loadu_ps(mk, b + i) : _mm512_setzero_ps();
+        split_pairs_store(_mm512_maskz_loadu_ps(mk, a + i), xb, mk, i, hi, lo, hi2);
     }
 }
 
@@ -1804,6 +1886,9 @@ void QKV_KERNEL_TABLE(qkv__kernels *t)
     t->qk_bf16_rows = NULL;
     tw_idx_init();
     t->split_f16 = split_f16_amx;
+    t->split_f32 = split_f32_amx;
+    t->split_pairs_f16 = split_pairs_f16_amx;
+    t->split_pairs_f32 = split_pairs_f32_amx;
     t->pack_k_tiles = pack_k_tiles;
     t->pack_v_tiles = pack_v_tiles;
     t->qk_tiles = qk_tiles;
