@@ -75,24 +75,21 @@ typedef struct {                  /* per-thread scratch, fp32 */
     /* the whole-tile path reuses st as S [rows][BK], pp as P [rows][BK]
        (bf16), qp as its queries [rows][D] (bf16, D a multiple of 32) and
        acc with row stride Dv (a multiple of 16); split fp16 takes x
-       (x_floats) for its queries [rows][3·D] and P [rows][3·BK] (bf16),
-       and to split the rows it packs */
+       (x_floats) for its queries [rows][3·D] and P [rows][3·BK] (bf16) */
     uint16_t *x;
 } tiles;
 
-/* The floats of tiles.x: a split fp16 task's queries and P, or the rows
-   pack_task splits (K as 3·D bf16 a key, V as 2·Dv). */
-static int64_t x_floats(int64_t rows, int64_t BK, int64_t D, int64_t Dv)
+/* The floats of tiles.x: a split fp16 task's queries and P. */
+static int64_t x_floats(int64_t rows, int64_t BK, int64_t D)
 {
-    const int64_t task = 3 * rows * D / 2 + 3 * rows * BK / 2, pack = 3 * BK * D / 2 + BK * Dv;
-    return task > pack ? task : pack;
+    return 3 * rows * D / 2 + 3 * rows * BK / 2;
 }
 
 static size_t tiles_floats(int64_t rows, int64_t BK, int64_t D, int64_t Dv, int split)
 {
     return (size_t)(2 * rows * D + BK * D + BK * Dv + BK * rows + rows * Dv + 8 * rows +
                     qkv__pairs(D) * rows + BK * qkv__pairs(D) + BK / 2 * Dv + BK / 2 * rows + Dv +
-                    (split ? x_floats(rows, BK, D, Dv) : 0));
+                    (split ? x_floats(rows, BK, D) : 0));
 }
 
 static tiles tiles_at(float *base, int64_t rows, int64_t BK, int64_t D, int64_t Dv)
@@ -150,8 +147,8 @@ static int use_bf16(const qkv__kernels *kn, const qkv__attn *a)
    calls take the whole-tile path split. Packing K and V split writes
    three times the bf16 path's bytes, once per call, and the tiles repay
    it only over enough rows: 1,Sq,4096,32,8,128 (2 threads, Xeon with
-   AMX) took 1.86x the fp32 kernels' time at Sq 16 (64 rows a key), 0.95x
-   at 32, 0.90x at 64, 0.68x at 128 and 0.43x at 1024. */
+   AMX) took 1.3-1.6x the fp32 kernels' time at Sq 16 (64 rows a key),
+   0.87x at 32, 0.79x at 64 and 0.49x at 256. */
 enum { SPLIT_ROWS = 128 };
 
 /* fp16 calls on whole tiles, split into bf16 (kernels.h split_f16): three
@@ -490,37 +487,6 @@ static void fwd_task(void *arg, int64_t task, int worker)
 
 /* ---- packing K and V for the whole-tile path ------------------------------ */
 
-/* Packs n fp16 rows (stride ld, d values each) split into bf16: keys
-   (is_v 0) as rows (kh | kl | kh) of 3·dim32(d) values, V (is_v 1) in
-   chunks of 32 keys as three chunks, vh, vl, vh (kernels.h split_f16).
-   buf: x_floats of scratch. */
-static void pack_split(const qkv__kernels *kn, const fwd_job *job, const uint16_t *rows,
-                       int64_t ld, int n, int d, int is_v, uint16_t *buf, uint32_t *dst)
-{
-    if (!is_v) {
-        const int64_t w1 = dim32(d), w = 3 * w1;
-        for (int j = 0; j < n; j++) {
-            uint16_t *r = buf + j * w;
-            kn->split_f16(rows + j * ld, d, r, r + w1, r + 2 * w1);
-            for (int part = 0; part < 3; part++)
-                memset(r + part * w1 + d, 0, (size_t)(w1 - d) * sizeof *r);
-        }
-        kn->pack_k_tiles(buf, w, n, (int)(w / 2), (int)job->dpp, dst);
-        return;
-    }
-    uint16_t *vh = buf, *vl = buf + (int64_t)n * d;
-    for (int j = 0; j < n; j++)
-        kn->split_f16(rows + j * ld, d, vh + j * d, vl + j * d, NULL);
-    const int64_t chunk = 16 * job->dvp;   /* words of a packed chunk of 32 keys */
-    for (int j0 = 0, c = 0; j0 < n; j0 += 32, c++) {
-        const int nc = n - j0 < 32 ? n - j0 : 32;
-        uint32_t *o = dst + 3 * c * chunk;
-        kn->pack_v_tiles(vh + j0 * d, d, nc, d, (int)job->dvp, o);
-        kn->pack_v_tiles(vl + j0 * d, d, nc, d, (int)job->dvp, o + chunk);
-        memcpy(o + 2 * chunk, o, (size_t)chunk * sizeof *o);
-    }
-}
-
 static void pack_task(void *arg, int64_t task, int worker)
 {
     const fwd_job *job = arg;
@@ -540,11 +506,12 @@ static void pack_task(void *arg, int64_t task, int worker)
     const uint16_t *rows = qkv__key_rows_bf16(
         k, s.b * k->stride[0] + (s.k0 + j0) * k->stride[1] + hk * k->stride[2], n, a->D, tl.kb,
         &ld);
-    if (job->split) {
-        pack_split(kn, job, rows, ld, n, (int)a->D, 0, tl.x, job->kt + pos * job->dpp);
+    if (job->split) {   /* fp16 rows split into bf16 as they are packed */
+        kn->pack_k_split(rows, ld, n, (int)a->D, (int)(job->dpp / 3), job->kt + pos * job->dpp);
         rows = qkv__key_rows_bf16(v, s.b * v->stride[0] + (s.k0 + j0) * v->stride[1] +
                                          hk * v->stride[2], n, a->Dv, (uint16_t *)tl.v, &ld);
-        pack_split(kn, job, rows, ld, n, (int)a->Dv, 1, tl.x, job->vt + pos * 3 * (job->dvp / 2));
+        kn->pack_v_split(rows, ld, n, (int)a->Dv, (int)job->dvp,
+                         job->vt + pos * 3 * (job->dvp / 2));
         return;
     }
     kn->pack_k_tiles(rows, ld, n, (int)qkv__pairs(a->D), (int)job->dpp, job->kt + pos * job->dpp);

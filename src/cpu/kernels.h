@@ -316,6 +316,13 @@ typedef struct qkv__kernels {
     void (*pack_k_tiles)(const uint16_t *k, int64_t ldk, int n, int dp, int dpp,
                          uint32_t *dst);
 
+    /* The same from fp16 rows split into bf16 (split_f16): n keys of d
+       values as panels of rows (kh | kl | kh), 3·dpp pairs a key (dpp:
+       a part's pairs, d/2 rounded up to 16); n value rows as chunks of 32
+       keys in threes, vh, vl, vh. */
+    void (*pack_k_split)(const uint16_t *k, int64_t ldk, int n, int d, int dpp, uint32_t *dst);
+    void (*pack_v_split)(const uint16_t *v, int64_t ldv, int n, int dv, int dvp, uint32_t *dst);
+
     /* Packs n value rows (v, stride ldv elements, dv values each) into
        ceil(n/32) chunks at dst. */
     void (*pack_v_tiles)(const uint16_t *v, int64_t ldv, int n, int dv, int dvp,

@@ -437,6 +437,60 @@ static void split_pairs_f32_amx(const float *a, const float *b, int64_t n, uint3
     }
 }
 
+/* Contract of kernels.h's pack_k_split: pack_k_tiles' transposes, on the
+   words of hi and of lo of 32 values of each of 16 keys. */
+static void pack_k_split(const uint16_t *k, int64_t ldk, int n, int d, int dpp, uint32_t *dst)
+{
+    const int64_t panel = 3 * (int64_t)dpp * TR;   /* words */
+    for (int j0 = 0; j0 < n; j0 += TR, dst += panel) {
+        const int nk = n - j0 < TR ? n - j0 : TR;
+        for (int x = 0; x < dpp; x += TR) {
+            const __mmask16 m0 = first_lanes(d - 2 * x > 0 ? d - 2 * x : 0);
+            const __mmask16 m1 = first_lanes(d - 2 * x - TR > 0 ? d - 2 * x - TR : 0);
+            __m512i h[TR], l[TR];
+            for (int j = 0; j < TR; j++) {
+                __m256i h0 = _mm256_setzero_si256(), h1 = h0, l0 = h0, l1 = h0;
+                if (j < nk) {
+                    const uint16_t *r = k + (int64_t)(j0 + j) * ldk + 2 * x;
+                    split16(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m0, r)), &h0, &l0);
+                    split16(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m1, r + TR)), &h1, &l1);
+                }
+                h[j] = _mm512_inserti64x4(_mm512_castsi256_si512(h0), h1, 1);
+                l[j] = _mm512_inserti64x4(_mm512_castsi256_si512(l0), l1, 1);
+            }
+            transpose_words(h, TR);
+            transpose_words(l, TR);
+            for (int xx = 0; xx < TR; xx++) {
+                _mm512_storeu_si512(dst + (x + xx) * TR, h[xx]);
+                _mm512_storeu_si512(dst + (dpp + x + xx) * TR, l[xx]);
+                _mm512_storeu_si512(dst + (2 * dpp + x + xx) * TR, h[xx]);
+            }
+        }
+    }
+}
+
+/* Contract of kernels.h's pack_v_split. */
+static void pack_v_split(const uint16_t *v, int64_t ldv, int n, int dv, int dvp, uint32_t *dst)
+{
+    const int64_t chunk = (int64_t)TR * dvp;   /* words of one chunk of 32 keys */
+    for (int j0 = 0; j0 < n; j0 += 2 * TR, dst += 3 * chunk)
+        for (int jj = 0; jj < TR; jj++) {
+            const int r0 = j0 + 2 * jj, r1 = r0 + 1;
+            for (int c = 0; c < dvp; c += TR) {
+                const __mmask16 mk = first_lanes(dv - c > 0 ? dv - c : 0);
+                const __m512 a = r0 < n ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
+                                              mk, v + (int64_t)r0 * ldv + c))
+                                        : _mm512_setzero_ps();
+                const __m512 b = r1 < n ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
+                                              mk, v + (int64_t)r1 * ldv + c))
+                                        : _mm512_setzero_ps();
+                const int64_t at = (int64_t)c * TR + jj * TR;
+                split_pairs_store(a, b, 0xFFFF, 0, dst + at, dst + chunk + at,
+                                  dst + 2 * chunk + at);
+            }
+        }
+}
+
 static void pack_v_tiles(const uint16_t *v, int64_t ldv, int n, int dv, int dvp, uint32_t *dst)
 {
     for (int j0 = 0; j0 < n; j0 += 2 * TR, dst += TR * dvp)
@@ -1889,6 +1943,8 @@ void QKV_KERNEL_TABLE(qkv__kernels *t)
     t->split_f32 = split_f32_amx;
     t->split_pairs_f16 = split_pairs_f16_amx;
     t->split_pairs_f32 = split_pairs_f32_amx;
+    t->pack_k_split = pack_k_split;
+    t->pack_v_split = pack_v_split;
     t->pack_k_tiles = pack_k_tiles;
     t->pack_v_tiles = pack_v_tiles;
     t->qk_tiles = qk_tiles;
