@@ -291,6 +291,23 @@ void test_decode_reference(void)
         c.lens[0] = (int32_t)c.Smax;
         check_case(&s, ref, &c, &r, worst);
     }
+    /* chunks of new queries long enough (512 rows a kv head and more) for
+       the forward's kernels on sets with tiles: bf16 and fp16 caches of
+       the queries' dtype, every mask, sequences shorter than the chunk */
+    for (int it = 0; it < 8; it++) {
+        dcase c;
+        random_dcase(&c, &r, 600);
+        c.Sq = it % 2 ? 130 : 70;
+        c.Hkv = 2;
+        c.Hq = c.Sq == 70 ? 16 : it % 3 == 2 ? 16 : 8;   /* 560, 520 or 1040 rows */
+        c.qdt = c.kdt = it % 2 ? QKV_F16 : QKV_BF16;
+        if (c.D > 128) c.D = 128;
+        if (c.Dv > 128) c.Dv = 96;
+        if (c.Smax < c.Sq) c.Smax = c.Sq + 40;
+        for (int64_t b = 0; b < c.B; b++)
+            c.lens[b] = (int32_t)(b == 0 ? c.Smax : rng_int(&r, 0, c.Smax));
+        check_case(&s, ref, &c, &r, worst);
+    }
     t_note("max |out - ref| by output dtype: f32 %.2e  f16 %.2e  bf16 %.2e",
            worst[0], worst[1], worst[2]);
     qkv_ctx_free(ref);
@@ -514,6 +531,31 @@ void test_decode_paged_bitwise(void)
         c.opts.causal = it % 4 == 2;
         dcase_build(&c, &r);
         paged_vs_contiguous(&s, &c, sizes[(it + 2) % 6], it % 2, &r);
+        dcase_free(&c);
+    }
+    /* Chunks that run through the forward's kernels (520 rows a kv head
+       on sets with tiles): a pool's rows gathered give the contiguous
+       cache's bits, sequences shorter than the chunk included */
+    for (int it = 0; it < 6; it++) {
+        dcase c;
+        memset(&c, 0, sizeof c);
+        c.B = 1 + it % 3;
+        c.Sq = 130;
+        c.Hq = 8;
+        c.Hkv = 2;
+        c.D = c.Dv = it % 3 == 1 ? 80 : 128;
+        c.Smax = it == 4 ? 5000 : 200 + 97 * it;
+        for (int64_t b = 0; b < c.B; b++)
+            c.lens[b] = (int32_t)(b == 2 ? 100 : c.Smax - 41 * b);
+        c.qdt = c.kdt = it % 2 ? QKV_F16 : QKV_BF16;
+        c.lay_q = LAY_CONTIG;
+        c.lay_k = f16_lays[it % 4];
+        c.opts = qkv_attn_opts_default();
+        c.opts.causal = it % 3 != 2;
+        if (it == 3) c.opts.window_left = 150;
+        if (it == 5) c.opts.softcap = 3.0f;
+        dcase_build(&c, &r);
+        paged_vs_contiguous(&s, &c, sizes[it % 6], it % 2, &r);
         dcase_free(&c);
     }
     /* A sequence long enough to be cut into key parts, with 8 kv heads: a

@@ -16,6 +16,7 @@ typedef struct {
     int64_t   n_seqs;                      /* B, or opts->n_seqs for varlen */
     int       varlen;
     const int32_t *cu_q, *cu_k;
+    const int32_t *lens_k;                 /* [B] keys per batch row (not varlen), or NULL: Sk */
     float     scale, softcap;
     int       causal;
     int64_t   window_left, window_right;
@@ -110,6 +111,12 @@ qkv_status qkv__attn_check(qkv_ctx *ctx, const qkv_tensor *q,
         const qkv_tensor *k, const qkv_tensor *v, const qkv_attn_opts *opts,
         const qkv_tensor *out, float *lse, qkv__attn *a);
 
+/* The forward of a validated problem (forward.c); the KV-cache calls
+   run long chunks of new queries through it (decode.c), a->k and a->v
+   then the cache (or a contiguous copy of a paged one's rows) and
+   a->lens_k its sequences' lengths. */
+qkv_status qkv__forward_run(qkv_ctx *ctx, const qkv__attn *a);
+
 static inline qkv__seq qkv__attn_seq(const qkv__attn *a, int64_t s)
 {
     qkv__seq r;
@@ -120,7 +127,7 @@ static inline qkv__seq qkv__attn_seq(const qkv__attn *a, int64_t s)
         r.k0 = a->cu_k[s];
         r.sk = a->cu_k[s + 1] - a->cu_k[s];
     } else {
-        r.b = s; r.q0 = 0; r.sq = a->Sq; r.k0 = 0; r.sk = a->Sk;
+        r.b = s; r.q0 = 0; r.sq = a->Sq; r.k0 = 0; r.sk = a->lens_k ? a->lens_k[s] : a->Sk;
     }
     return r;
 }

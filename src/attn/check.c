@@ -132,6 +132,7 @@ static void fill_attn(qkv__attn *a, const qkv_tensor *q, const qkv_attn_opts *op
     a->B = q->shape[0]; a->Sq = Sq; a->Sk = Sk; a->Hq = q->shape[2]; a->Hkv = Hkv;
     a->D = D; a->Dv = Dv;
     a->group = a->Hq / Hkv;
+    a->lens_k = NULL;
     a->scale = opts->scale != 0.0f ? opts->scale : (float)(1.0 / sqrt((double)D));
     a->softcap = opts->softcap;
     a->causal = opts->causal != 0;

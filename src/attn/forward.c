@@ -637,6 +637,13 @@ qkv_status qkv_attention_forward(qkv_ctx *ctx, const qkv_tensor *q,
     qkv_status st = qkv__attn_check(ctx, q, k, v, opts, out, lse, &a);
     if (st)
         return st;
+    return qkv__forward_run(ctx, &a);
+}
+
+qkv_status qkv__forward_run(qkv_ctx *ctx, const qkv__attn *ap)
+{
+    qkv__attn a = *ap;
+    qkv_status st;
     /* bounds that keep the scratch size arithmetic far from overflow */
     if (a.D > (1 << 20) || a.Dv > (1 << 20))
         return qkv__fail(ctx, QKV_ERR_UNSUPPORTED, "%s: head_dim above 1048576",
