@@ -1524,11 +1524,53 @@ static int chunk_forward(const qkv_ctx *ctx, const qkv__attn *a, const kv_src *s
            src->k.dtype == a->dt && src->v.dtype == a->dt && a->Sq * a->group >= CHUNK_ROWS;
 }
 
+/* A paged cache's rows gathered into contiguous k and v, block by block:
+   task t copies block t - first[b] of sequence b. */
+typedef struct {
+    const kv_src *src;
+    int64_t       B, Hkv;
+    qkv_tensor    k, v;
+    int64_t      *first;   /* [B+1] */
+} gather_job;
+
+static void gather_task(void *arg, int64_t task, int worker)
+{
+    const gather_job *g = arg;
+    const kv_src *src = g->src;
+    (void)worker;
+    int64_t b = 0;
+    while (g->first[b + 1] <= task)
+        b++;
+    const int64_t p0 = (task - g->first[b]) * src->bs, len = seq_len(src, b);
+    const int64_t n = len - p0 < src->bs ? len - p0 : src->bs, es = src->es;
+    for (int pass = 0; pass < 2; pass++) {
+        const qkv_tensor *t = pass ? &src->v : &src->k, *d = pass ? &g->v : &g->k;
+        const int64_t cols = t->shape[3];
+        for (int64_t h = 0; h < g->Hkv; h++) {
+            const char *from = (const char *)t->data + row_off(src, t, b, p0, h) * es;
+            char *to = (char *)d->data + (b * d->stride[0] + p0 * d->stride[1] + h * d->stride[2]) * es;
+            if (t->stride[1] == d->stride[1] && t->stride[2] == cols && t->stride[1] == g->Hkv * cols) {
+                /* position-major: the block's rows of every head, one run */
+                memcpy(to, from, (size_t)(n * g->Hkv * cols * es));
+                break;
+            }
+            if (t->stride[1] == cols && d->stride[1] == cols) {   /* head-major: the head's run */
+                memcpy(to, from, (size_t)(n * cols * es));
+                continue;
+            }
+            for (int64_t r = 0; r < n; r++)
+                memcpy(to + r * d->stride[1] * es, from + r * t->stride[1] * es,
+                       (size_t)(cols * es));
+        }
+    }
+}
+
 /* The call through the forward, each sequence's cached rows as its keys:
    a contiguous cache in place, a paged one's rows gathered into one
-   contiguous copy first, both as [B, L, Hkv, D] with L the longest
-   sequence, so that either gives the same bits. QKV_ERR_NOMEM where the
-   copy cannot be allocated (the caller then decodes tile by tile). */
+   contiguous copy first (head-major or position-major as the pool is),
+   both as [B, L, Hkv, D] with L the longest sequence, so that either
+   gives the same bits. QKV_ERR_NOMEM where the copy cannot be allocated
+   (the caller then decodes tile by tile). */
 static qkv_status run_forward(qkv_ctx *ctx, const qkv__attn *a, const kv_src *src)
 {
     int64_t L = 0;
@@ -1540,30 +1582,28 @@ static qkv_status run_forward(qkv_ctx *ctx, const qkv__attn *a, const kv_src *sr
         int64_t rows, kb, vb;
         if (__builtin_mul_overflow(a->B, L, &rows) || __builtin_mul_overflow(rows, a->Hkv, &rows) ||
             __builtin_mul_overflow(rows, a->D * src->es, &kb) ||
-            __builtin_mul_overflow(rows, a->Dv * src->es, &vb) || kb > INT64_MAX - vb ||
-            !(copy = qkv_alloc((size_t)(kb + vb))))
+            __builtin_mul_overflow(rows, a->Dv * src->es, &vb) || kb > INT64_MAX - vb)
             return QKV_ERR_NOMEM;
-        k = qkv_tensor_4d(copy, a->dt, a->B, L, a->Hkv, a->D);
-        v = qkv_tensor_4d(copy + kb, a->dt, a->B, L, a->Hkv, a->Dv);
-        for (int pass = 0; pass < 2; pass++) {
-            const qkv_tensor *t = pass ? &src->v : &src->k;
-            const qkv_tensor *d = pass ? &v : &k;
-            const int64_t cols = pass ? a->Dv : a->D;
-            for (int64_t b = 0; b < a->B; b++)
-                for (int64_t p = 0; p < seq_len(src, b); p++)
-                    for (int64_t h = 0; h < a->Hkv; h++) {
-                        const char *from = (const char *)t->data + row_off(src, t, b, p, h) * src->es;
-                        char *to = (char *)d->data +
-                                   (b * d->stride[0] + p * d->stride[1] + h * d->stride[2]) * src->es;
-                        if (t->stride[3] == 1) {
-                            memcpy(to, from, (size_t)(cols * src->es));
-                            continue;
-                        }
-                        for (int64_t x = 0; x < cols; x++)
-                            memcpy(to + x * src->es, from + x * t->stride[3] * src->es,
-                                   (size_t)src->es);
-                    }
+        gather_job g = { src, a->B, a->Hkv, k, v, malloc((size_t)(a->B + 1) * sizeof(int64_t)) };
+        if (!g.first || !(copy = qkv__shared_get(ctx, QKV__SHARED_GATHER, (size_t)(kb + vb)))) {
+            free(g.first);
+            return QKV_ERR_NOMEM;
         }
+        g.k = qkv_tensor_4d(copy, a->dt, a->B, L, a->Hkv, a->D);
+        g.v = qkv_tensor_4d(copy + kb, a->dt, a->B, L, a->Hkv, a->Dv);
+        if (src->k.stride[1] == a->D) {   /* a head-major pool: [B, Hkv, L, D] */
+            g.k.stride[1] = a->D;
+            g.k.stride[2] = L * a->D;
+            g.v.stride[1] = a->Dv;
+            g.v.stride[2] = L * a->Dv;
+        }
+        g.first[0] = 0;
+        for (int64_t b = 0; b < a->B; b++)
+            g.first[b + 1] = g.first[b] + (seq_len(src, b) + src->bs - 1) / src->bs;
+        qkv__parallel(ctx, g.first[a->B], 0.0, gather_task, &g);
+        free(g.first);
+        k = g.k;
+        v = g.v;
     }
     k.shape[1] = v.shape[1] = L;
     qkv__attn f = *a;
@@ -1572,7 +1612,8 @@ static qkv_status run_forward(qkv_ctx *ctx, const qkv__attn *a, const kv_src *sr
     f.Sk = L;
     f.lens_k = src->lens;
     const qkv_status st = qkv__forward_run(ctx, &f);
-    qkv_free(copy);
+    if (copy)
+        qkv__shared_done(ctx, QKV__SHARED_GATHER);
     return st;
 }
 

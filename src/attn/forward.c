@@ -523,7 +523,7 @@ static void pack_task(void *arg, int64_t task, int worker)
 static void free_packed(fwd_job *job)
 {
     if (job->kt)
-        qkv__shared_done(job->ctx);
+        qkv__shared_done(job->ctx, QKV__SHARED_PACK);
     free(job->kofs);
     qkv__tasks_free(&job->pack_tasks);
     job->kt = job->vt = NULL;
@@ -558,7 +558,7 @@ static qkv_status pack_kv(fwd_job *job)
     /* in the context's shared buffer: kept between calls, its pages are
        touched once, not on every call */
     const size_t keys = (size_t)(job->kofs[a->n_seqs] * a->Hkv);
-    job->kt = qkv__shared_get(ctx, keys * (size_t)(job->dpp + sp * job->dvp / 2) * sizeof *job->kt);
+    job->kt = qkv__shared_get(ctx, QKV__SHARED_PACK, keys * (size_t)(job->dpp + sp * job->dvp / 2) * sizeof *job->kt);
     job->vt = job->kt ? job->kt + keys * (size_t)job->dpp : NULL;
     qkv_status st = QKV_OK;
     if (job->kt &&

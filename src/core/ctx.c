@@ -102,7 +102,8 @@ void qkv_ctx_free(qkv_ctx *ctx)
             free(ctx->scratch[i]);
     free(ctx->scratch);
     free(ctx->scratch_size);
-    free(ctx->shared);
+    free(ctx->shared[0]);
+    free(ctx->shared[1]);
     free(ctx);
 }
 
@@ -211,28 +212,28 @@ qkv_status qkv__scratch_reserve(qkv_ctx *ctx, size_t bytes)
     return QKV_OK;
 }
 
-void *qkv__shared_get(qkv_ctx *ctx, size_t bytes)
+void *qkv__shared_get(qkv_ctx *ctx, qkv__shared_slot slot, size_t bytes)
 {
     bytes = (bytes + 63) & ~(size_t)63;
-    if (ctx->shared_size >= bytes)
-        return ctx->shared;
-    free(ctx->shared);
-    ctx->shared = NULL;
-    ctx->shared_size = 0;
+    if (ctx->shared_size[slot] >= bytes)
+        return ctx->shared[slot];
+    free(ctx->shared[slot]);
+    ctx->shared[slot] = NULL;
+    ctx->shared_size[slot] = 0;
     void *p = NULL;
     if (posix_memalign(&p, 64, bytes) != 0)
         return NULL;
-    ctx->shared = p;
-    ctx->shared_size = bytes;
+    ctx->shared[slot] = p;
+    ctx->shared_size[slot] = bytes;
     return p;
 }
 
-void qkv__shared_done(qkv_ctx *ctx)
+void qkv__shared_done(qkv_ctx *ctx, qkv__shared_slot slot)
 {
-    if (ctx->shared_size > QKV__KEEP_BYTES) {
-        free(ctx->shared);
-        ctx->shared = NULL;
-        ctx->shared_size = 0;
+    if (ctx->shared_size[slot] > QKV__KEEP_BYTES) {
+        free(ctx->shared[slot]);
+        ctx->shared[slot] = NULL;
+        ctx->shared_size[slot] = 0;
     }
 }
 

@@ -38,12 +38,12 @@ struct qkv_ctx {
     /* per-thread scratch, grown on demand, freed with the context */
     void            **scratch;       /* [n_threads] */
     size_t           *scratch_size;  /* [n_threads] bytes */
-    /* one shared buffer a call's threads fill together (the forward's
-       packed K and V), grown on demand up to QKV__KEEP_BYTES and kept for
-       the next call, whose first touch of fresh pages would cost more
-       than its packing; larger ones live for one call */
-    void             *shared;
-    size_t            shared_size;
+    /* shared buffers a call's threads fill together (qkv__shared_slot),
+       grown on demand up to QKV__KEEP_BYTES and kept for the next call,
+       whose first touch of fresh pages would cost more than filling them;
+       larger ones live for one call */
+    void             *shared[2];
+    size_t            shared_size[2];
     int64_t           serial_task, serial_n;   /* qkv__parallel run by the caller alone */
     char              err[512];
 };
@@ -60,10 +60,13 @@ qkv_status qkv__fail(qkv_ctx *ctx, qkv_status status, const char *fmt, ...)
 qkv_status qkv__scratch_reserve(qkv_ctx *ctx, size_t bytes);
 
 /* A 64-byte aligned buffer of at least `bytes` for one call's threads to
-   share (NULL when out of memory); qkv__shared_done after the call. */
+   share (NULL when out of memory); qkv__shared_done after the call. One
+   per slot: the forward's packed K and V, and the rows of a paged cache
+   gathered for it (decode.c), which live at once. */
 #define QKV__KEEP_BYTES ((size_t)256 << 20)
-void *qkv__shared_get(qkv_ctx *ctx, size_t bytes);
-void  qkv__shared_done(qkv_ctx *ctx);
+typedef enum { QKV__SHARED_PACK, QKV__SHARED_GATHER } qkv__shared_slot;
+void *qkv__shared_get(qkv_ctx *ctx, qkv__shared_slot slot, size_t bytes);
+void  qkv__shared_done(qkv_ctx *ctx, qkv__shared_slot slot);
 
 /* The L2 cache size of this machine in bytes (sysconf; 1 MiB when it does
    not say), clamped to [256 KiB, 4 MiB]. */
