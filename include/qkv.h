@@ -246,8 +246,13 @@ QKV_API qkv_attn_opts qkv_attn_opts_default(void);
  * with varlen is refused (QKV_ERR_UNSUPPORTED).
  *
  * Results are bitwise identical for any number of threads. On the amx
- * kernel set bf16 calls pack K and V into a copy of their size first; the
- * context keeps that buffer for its next call up to 256 MiB. Decoding
+ * kernel set bf16 calls pack K and V into a copy of their size first, and
+ * fp16 calls with at least 128 query rows per key (times the query heads
+ * per kv head, on average) into one three times their size, each fp16
+ * value split exactly into two bf16 for the bf16 tiles (P kept within
+ * 2^-16; a K or V value that is not finite makes the scores of its key,
+ * or its column of the output, NaN in the rows that see it); the context
+ * keeps that buffer for its next call up to 256 MiB. Decoding
  * (a few query rows per kv head against many keys) is faster through
  * qkv_attention_kvcache, which reads each K/V row once for them.
  * Returns QKV_OK, or an error (out and lse untouched, message in ctx):
@@ -482,6 +487,9 @@ QKV_API qkv_status qkv_model_recommend(qkv_ctx *ctx, const qkv_model *model,
  * each fp16 value split exactly into two bf16 and P kept within 2^-16:
  * a K or V value that is not finite makes the scores of its key, or its
  * column of the output, NaN (not infinite) in the rows that see it.
+ * There, chunks of at least 512 query rows per kv head (chunked prefill)
+ * from a bf16 or fp16 cache of q's dtype run on qkv_attention_forward's
+ * kernels, with its packed copy of K and V.
  *
  * Returns QKV_OK, or an error with out and lse untouched (message in ctx):
  * those of qkv_attention_forward, QKV_ERR_SHAPE for a length out of
@@ -575,7 +583,12 @@ QKV_API qkv_status qkv_paged_append(qkv_ctx *ctx, const qkv_paged_cache *cache,
  *         lse != NULL.
  * Semantics as qkv_attention_kvcache; Hkv, D and Dv come from the cache.
  * Only the blocks holding positions below seqlens_k[b] are read, and each
- * of those ids must be in [0, n_blocks).
+ * of those ids must be in [0, n_blocks). From an fp32, fp16 or bf16
+ * pool the result is bitwise that of qkv_attention_kvcache on a
+ * contiguous cache holding the same rows. A
+ * chunk that runs on the forward's kernels (qkv_attention_kvcache) first
+ * gathers the sequences' rows into one contiguous copy, which the
+ * context keeps for its next call up to 256 MiB.
  *
  * Returns QKV_OK, or an error with out and lse untouched (message in ctx):
  * those of qkv_attention_kvcache, QKV_ERR_SHAPE for a length below 0 or
