@@ -247,8 +247,8 @@ QKV_API qkv_attn_opts qkv_attn_opts_default(void);
  *
  * Results are bitwise identical for any number of threads. On the amx
  * kernel set bf16 calls pack K and V into a copy of their size first, and
- * fp16 calls with at least 128 query rows per key (times the query heads
- * per kv head, on average) into one three times their size, each fp16
+ * fp16 calls with at least 80 query rows per key (times the query heads
+ * per kv head, on average) into one twice their size, each fp16
  * value split exactly into two bf16 for the bf16 tiles (P kept within
  * 2^-16; a K or V value that is not finite makes the scores of its key,
  * or its column of the output, NaN in the rows that see it); the context

@@ -52,7 +52,7 @@ typedef struct {
        sequence s's at key position kofs[s]·Hkv */
     uint32_t        *kt, *vt;
     int64_t         *kofs;
-    int64_t          dpp, dvp;    /* dpp: of the split rows (3·dim32(D)/2) when split */
+    int64_t          dpp, dvp;    /* pairs of a K row (of each part when split), V values */
     int              split;       /* fp16 split into bf16 (kernels.h split_f16) */
     qkv__tasks       pack_tasks;  /* (sequence, kv head, tile of bk keys) */
 } fwd_job;
@@ -145,11 +145,11 @@ static int use_bf16(const qkv__kernels *kn, const qkv__attn *a)
 
 /* Query rows per key (on average over the call's keys) from which fp16
    calls take the whole-tile path split. Packing K and V split writes
-   three times the bf16 path's bytes, once per call, and the tiles repay
-   it only over enough rows: 1,Sq,4096,32,8,128 (2 threads, Xeon with
-   AMX) took 1.3-1.6x the fp32 kernels' time at Sq 16 (64 rows a key),
-   0.87x at 32, 0.79x at 64 and 0.49x at 256. */
-enum { SPLIT_ROWS = 128 };
+   twice the bf16 path's bytes, once per call, and the tiles repay it
+   only over enough rows: 1,Sq,4096,32,8,128 (2 threads, Xeon with AMX)
+   took 1.08x the fp32 kernels' time at Sq 16 (64 rows a key), 0.84x at
+   20, 0.69x at 32, 0.64x at 64 and 0.46x at 256. */
+enum { SPLIT_ROWS = 80 };
 
 /* fp16 calls on whole tiles, split into bf16 (kernels.h split_f16): three
    times the bf16 products, which on AMX run several times as fast as the
@@ -294,8 +294,8 @@ static void task_tiles(const fwd_job *job, const qkv__seq *s, int64_t seq, int64
     const qkv__kernels *kn = job->ctx->kernels;
     const int m = tm->mp * (int)a->group, mpad = (m + QKV__PAD - 1) / QKV__PAD * QKV__PAD;
     const int64_t BK = job->bk, dpp = job->dpp, dvp = job->dvp;
-    const int64_t w = 2 * dpp;
-    const int split = job->split, sp = split ? 3 : 1;
+    const int split = job->split, sp = split ? 3 : 1, kv = split ? 2 : 1;
+    const int64_t w = sp * 2 * dpp;   /* the queries' row, (qh | qh | ql) split */
     uint16_t *qr = split ? tl->x : (uint16_t *)tl->qp;
     uint16_t *p = split ? tl->x + mpad * w : (uint16_t *)tl->pp;
     /* the queries as rows of w values, zero past D and in the padding rows;
@@ -316,7 +316,7 @@ static void task_tiles(const fwd_job *job, const qkv__seq *s, int64_t seq, int64
     int64_t klo, khi, lo_last, hi_first;
     task_keys(job, s, tm, part, 32, &klo, &khi, &lo_last, &hi_first);
     const int64_t pos = job->kofs[seq] * a->Hkv + hk * dim32(s->sk);
-    const uint32_t *kt = job->kt + pos * dpp, *vt = job->vt + pos * sp * (dvp / 2);
+    const uint32_t *kt = job->kt + pos * kv * dpp, *vt = job->vt + pos * kv * (dvp / 2);
     const int modded = a->softcap > 0.0f || a->alibi || a->bias;
     /* the softmax applies the scale, unless the mods need scaled scores
        (or the scale is not positive: then the max of the scaled scores is
@@ -336,16 +336,16 @@ static void task_tiles(const fwd_job *job, const qkv__seq *s, int64_t seq, int64
         }
         if (khi > klo)
             kn->attn_tiles(mpad, (int)(khi - klo), tl->lo, tl->hi, (int)BK, (int)dpp, (int)dvp,
-                           a->scale, qr, w, kt + klo * dpp, vt + klo * sp * (dvp / 2), tl->m, tl->l,
+                           a->scale, qr, w, kt + klo * kv * dpp, vt + klo * kv * (dvp / 2), tl->m, tl->l,
                            tl->alpha, tl->acc, dvp, tl->st, p, split);
         return;
     }
     for (int64_t j0 = klo; j0 < khi;) {
         const int n = (int)(khi - j0 < BK ? khi - j0 : BK);
         const int band = !(lo_last <= j0 && hi_first >= j0 + n);
-        const uint32_t *kj = kt + j0 * dpp, *vj = vt + j0 * sp * (dvp / 2);
+        const uint32_t *kj = kt + j0 * kv * dpp, *vj = vt + j0 * kv * (dvp / 2);
         /* the scores scaled before the mods, the softmax's scale 1 */
-        kn->qk_tiles(mpad, (n + 15) / 16, (int)dpp, qr, w, kj, tl->st, BK);
+        kn->qk_tiles(mpad, (n + 15) / 16, (int)dpp, qr, w, kj, tl->st, BK, split);
         for (int r = 0; r < m; r++)
             for (int c = 0; c < n; c++)
                 tl->st[r * BK + c] *= a->scale;
@@ -353,8 +353,8 @@ static void task_tiles(const fwd_job *job, const qkv__seq *s, int64_t seq, int64
             qkv__score_mods(a, s, tm, m, j0, n, band, tl->st, BK, 1, NULL);
         kn->softmax_tiles(mpad, n, 1.0f, tl->st, BK, tl->m, tl->l, tl->alpha, p, sp * BK,
                           split);
-        kn->pv_tiles(mpad, sp * ((n + 31) / 32), (int)dvp, p, sp * BK, vj, tl->alpha, tl->acc,
-                     dvp);
+        kn->pv_tiles(mpad, (n + 31) / 32, (int)dvp, p, sp * BK, vj, tl->alpha, tl->acc, dvp,
+                     split);
         j0 += n;
     }
 }
@@ -507,11 +507,11 @@ static void pack_task(void *arg, int64_t task, int worker)
         k, s.b * k->stride[0] + (s.k0 + j0) * k->stride[1] + hk * k->stride[2], n, a->D, tl.kb,
         &ld);
     if (job->split) {   /* fp16 rows split into bf16 as they are packed */
-        kn->pack_k_split(rows, ld, n, (int)a->D, (int)(job->dpp / 3), job->kt + pos * job->dpp);
+        kn->pack_k_split(rows, ld, n, (int)a->D, (int)job->dpp, job->kt + pos * 2 * job->dpp);
         rows = qkv__key_rows_bf16(v, s.b * v->stride[0] + (s.k0 + j0) * v->stride[1] +
                                          hk * v->stride[2], n, a->Dv, (uint16_t *)tl.v, &ld);
         kn->pack_v_split(rows, ld, n, (int)a->Dv, (int)job->dvp,
-                         job->vt + pos * 3 * (job->dvp / 2));
+                         job->vt + pos * 2 * (job->dvp / 2));
         return;
     }
     kn->pack_k_tiles(rows, ld, n, (int)qkv__pairs(a->D), (int)job->dpp, job->kt + pos * job->dpp);
@@ -546,8 +546,8 @@ static qkv_status pack_kv(fwd_job *job)
         job->split = 0;
         return QKV_OK;
     }
-    const int sp = job->split ? 3 : 1;
-    job->dpp = sp * dim32(a->D) / 2;
+    const int kv = job->split ? 2 : 1;   /* parts packed */
+    job->dpp = dim32(a->D) / 2;
     job->dvp = dim16(a->Dv);
     job->kofs = malloc((size_t)(a->n_seqs + 1) * sizeof *job->kofs);
     if (!job->kofs)
@@ -558,8 +558,9 @@ static qkv_status pack_kv(fwd_job *job)
     /* in the context's shared buffer: kept between calls, its pages are
        touched once, not on every call */
     const size_t keys = (size_t)(job->kofs[a->n_seqs] * a->Hkv);
-    job->kt = qkv__shared_get(ctx, QKV__SHARED_PACK, keys * (size_t)(job->dpp + sp * job->dvp / 2) * sizeof *job->kt);
-    job->vt = job->kt ? job->kt + keys * (size_t)job->dpp : NULL;
+    job->kt = qkv__shared_get(ctx, QKV__SHARED_PACK,
+                              keys * (size_t)(kv * (job->dpp + job->dvp / 2)) * sizeof *job->kt);
+    job->vt = job->kt ? job->kt + keys * (size_t)(kv * job->dpp) : NULL;
     qkv_status st = QKV_OK;
     if (job->kt &&
         (st = qkv__tasks_make_keys(ctx, a, a->Hkv, job->bk, &job->pack_tasks)) == QKV_OK) {

@@ -294,7 +294,9 @@ typedef struct qkv__kernels {
        so that with operands laid out as (qh | qh | ql)·(kh | kl | kh) the
        scores are qh·kh + qh·kl + ql·kh (dropping ql·kl, below 2^-18 of
        |q|·|k|), and with P split the same way P·V is ph·vh + ph·vl +
-       pl·vh: three times the bf16 tile products.
+       pl·vh: three times the bf16 tile products. The whole-tile kernels
+       (split set) keep K and V packed in two parts, (kh | kl) and (vh,
+       vl), and read the first again for the third.
        split_f16: hi[i], lo[i] for the n fp16 values h[i] (a value that is
        not finite gives a NaN lo), and hi again in hi2 unless it is NULL. */
     void (*split_f16)(const uint16_t *h, int64_t n, uint16_t *hi, uint16_t *lo, uint16_t *hi2);
@@ -317,9 +319,9 @@ typedef struct qkv__kernels {
                          uint32_t *dst);
 
     /* The same from fp16 rows split into bf16 (split_f16): n keys of d
-       values as panels of rows (kh | kl | kh), 3·dpp pairs a key (dpp:
-       a part's pairs, d/2 rounded up to 16); n value rows as chunks of 32
-       keys in threes, vh, vl, vh. */
+       values as panels of rows (kh | kl), 2·dpp pairs a key (dpp: a
+       part's pairs, d/2 rounded up to 16); n value rows as chunks of 32
+       keys in twos, vh then vl. */
     void (*pack_k_split)(const uint16_t *k, int64_t ldk, int n, int d, int dpp, uint32_t *dst);
     void (*pack_v_split)(const uint16_t *v, int64_t ldv, int n, int dv, int dvp, uint32_t *dst);
 
@@ -330,9 +332,10 @@ typedef struct qkv__kernels {
 
     /* s[i·lds + j] = Σ_x q_i·k_j (unscaled) for i < m (a multiple of 16)
        and the 16·nb keys of nb panels kt; q [m][ldq] bf16 rows of dpp
-       pairs (ldq even). */
+       pairs (ldq even). split: q rows (qh | qh | ql) of 3·dpp pairs, kt
+       packed by pack_k_split. */
     void (*qk_tiles)(int m, int nb, int dpp, const uint16_t *q, int64_t ldq,
-                     const uint32_t *kt, float *s, int64_t lds);
+                     const uint32_t *kt, float *s, int64_t lds, int split);
 
     /* The online softmax of a tile along its rows i < m, keys j < n, with
        x = scale·s[i·lds + j] (scale > 0): mrow[i], the running max, takes
@@ -351,8 +354,9 @@ typedef struct qkv__kernels {
        softmax (scale > 0, no score changes between but for the band: row
        i sees the keys lo[i] <= j < hi[i], lo or hi NULL for no bound on
        that side), acc += P·V with acc's rows rescaled by alpha. s: 64·bk
-       floats and p: 64·bk bf16 of scratch (3 times that split: P split as
-       softmax_tiles splits it, V's chunks packed (vh, vl, vh)). The tile
+       floats and p: 64·bk bf16 of scratch (3 times that split: q as
+       qk_tiles takes it, P split as softmax_tiles splits it, K and V
+       packed by pack_k_split and pack_v_split). dpp: pairs of a part. The tile
        products of one block of rows are interleaved with the softmax of
        another. */
     void (*attn_tiles)(int m, int n, const int32_t *lo, const int32_t *hi, int bk, int dpp,
@@ -363,9 +367,10 @@ typedef struct qkv__kernels {
 
     /* acc[i][c] = alpha[i]·acc[i][c] + Σ_j p[i·ldp + j]·v[j][c] for i < m
        (a multiple of 16), c < dvp and the 32·nch keys of nch chunks vt;
-       p bf16 rows (ldp even, as exp_rows_bf16 writes them). */
+       p bf16 rows (ldp even, as exp_rows_bf16 writes them). split: P as
+       softmax_tiles splits it, vt packed by pack_v_split. */
     void (*pv_tiles)(int m, int nch, int dvp, const uint16_t *p, int64_t ldp,
-                     const uint32_t *vt, const float *alpha, float *acc, int64_t lda);
+                     const uint32_t *vt, const float *alpha, float *acc, int64_t lda, int split);
     /* ---- decode: a few query rows against many keys (every set: where
        the CPU has no bf16 dot, bf16 values are widened in registers and
        the products are fp32 FMAs) ----------------------------------------- */

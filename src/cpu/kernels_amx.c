@@ -441,7 +441,7 @@ static void split_pairs_f32_amx(const float *a, const float *b, int64_t n, uint3
    words of hi and of lo of 32 values of each of 16 keys. */
 static void pack_k_split(const uint16_t *k, int64_t ldk, int n, int d, int dpp, uint32_t *dst)
 {
-    const int64_t panel = 3 * (int64_t)dpp * TR;   /* words */
+    const int64_t panel = 2 * (int64_t)dpp * TR;   /* words */
     for (int j0 = 0; j0 < n; j0 += TR, dst += panel) {
         const int nk = n - j0 < TR ? n - j0 : TR;
         for (int x = 0; x < dpp; x += TR) {
@@ -463,7 +463,6 @@ static void pack_k_split(const uint16_t *k, int64_t ldk, int n, int d, int dpp, 
             for (int xx = 0; xx < TR; xx++) {
                 _mm512_storeu_si512(dst + (x + xx) * TR, h[xx]);
                 _mm512_storeu_si512(dst + (dpp + x + xx) * TR, l[xx]);
-                _mm512_storeu_si512(dst + (2 * dpp + x + xx) * TR, h[xx]);
             }
         }
     }
@@ -473,7 +472,7 @@ static void pack_k_split(const uint16_t *k, int64_t ldk, int n, int d, int dpp, 
 static void pack_v_split(const uint16_t *v, int64_t ldv, int n, int dv, int dvp, uint32_t *dst)
 {
     const int64_t chunk = (int64_t)TR * dvp;   /* words of one chunk of 32 keys */
-    for (int j0 = 0; j0 < n; j0 += 2 * TR, dst += 3 * chunk)
+    for (int j0 = 0; j0 < n; j0 += 2 * TR, dst += 2 * chunk)
         for (int jj = 0; jj < TR; jj++) {
             const int r0 = j0 + 2 * jj, r1 = r0 + 1;
             for (int c = 0; c < dvp; c += TR) {
@@ -485,8 +484,7 @@ static void pack_v_split(const uint16_t *v, int64_t ldv, int n, int dv, int dvp,
                                               mk, v + (int64_t)r1 * ldv + c))
                                         : _mm512_setzero_ps();
                 const int64_t at = (int64_t)c * TR + jj * TR;
-                split_pairs_store(a, b, 0xFFFF, 0, dst + at, dst + chunk + at,
-                                  dst + 2 * chunk + at);
+                split_pairs_store(a, b, 0xFFFF, 0, dst + at, dst + chunk + at, NULL);
             }
         }
 }
@@ -681,7 +679,9 @@ typedef struct {
     const uint16_t *a;        /* q or P rows */
     int64_t lda;              /* their stride, elements */
     const uint32_t *b;        /* packed K or V */
-    int dpp, dvp;
+    int dpp, dvp;             /* pairs of a packed key; values of a packed V row */
+    int split;                /* split fp16 (kernels.h split_f16): */
+    int wrap;                 /* scores: the steps from which K's first part is read again */
     float *c;                 /* S (scores) or acc */
     int64_t ldc;
 } tile_cursor;
@@ -694,7 +694,8 @@ static int tile_step(tile_cursor *t)
     const int ni = t->ni, step = t->step;
     if (t->kind == 1) {   /* scores: block = pair of key panels, step = 16 pairs of d */
         const int pnl = 2 * t->blk, nk = t->nk - pnl > 1 ? 2 : 1;
-        const uint32_t *kb = t->b + pnl * TR * t->dpp + step * TR * TR;
+        const int ks = t->wrap && step >= t->wrap ? step - t->wrap : step;   /* (kh | kl | kh) */
+        const uint32_t *kb = t->b + pnl * TR * t->dpp + ks * TR * TR;
         const uint16_t *qa = t->a + 2 * TR * step;
         float *c = t->c + pnl * TR;
         if (step == 0) {
@@ -706,7 +707,9 @@ static int tile_step(tile_cursor *t)
     } else {              /* P·V: block = pair of column blocks, step = chunk of 32 keys */
         const int c0 = 2 * TR * t->blk, nc = t->dvp - c0 > TR ? 2 : 1;
         float *c = t->c + c0;
-        const uint32_t *v = t->b + step * TR * t->dvp + c0 * TR;
+        /* split: P's chunks ph, ph, pl against V's vh, vl, vh */
+        const int vs = t->split ? 2 * (step / 3) + (step % 3 == 1) : step;
+        const uint32_t *v = t->b + vs * TR * t->dvp + c0 * TR;
         const uint16_t *pa = t->a + 2 * TR * step;
         if (step == 0)
             c_load(ni, nc, c, t->ldc);
@@ -722,26 +725,27 @@ static int tile_step(tile_cursor *t)
 }
 
 /* A cursor over the scores s = q·kᵀ of mr <= 32 rows and the n keys of
-   the panels kt. */
+   the panels kt, dpp pairs a part (split: q of three parts, kt of two). */
 static tile_cursor cursor_qk(int mr, int n, int dpp, const uint16_t *q, int64_t ldq,
-                             const uint32_t *kt, float *s, int64_t lds)
+                             const uint32_t *kt, float *s, int64_t lds, int split)
 {
     const int nk = (n + TR - 1) / TR;
-    const tile_cursor c = { .kind = 1, .ni = (mr + TR - 1) / TR, .nk = nk, .nsteps = dpp / TR,
-                            .nblk = (nk + 1) / 2, .a = q, .lda = ldq, .b = kt, .dpp = dpp,
-                            .c = s, .ldc = lds };
+    const tile_cursor c = { .kind = 1, .ni = (mr + TR - 1) / TR, .nk = nk,
+                            .nsteps = (split ? 3 : 1) * dpp / TR, .nblk = (nk + 1) / 2, .a = q,
+                            .lda = ldq, .b = kt, .dpp = (split ? 2 : 1) * dpp,
+                            .wrap = split ? 2 * dpp / TR : 0, .c = s, .ldc = lds };
     return c;
 }
 
 /* A cursor over acc += P·V for mr <= 32 rows and the n keys of the
-   chunks vt. */
+   chunks vt (split: P of three chunks a chunk of keys, vt of two). */
 static tile_cursor cursor_pv(int mr, int n, int dvp, const uint16_t *p, int64_t ldp,
-                             const uint32_t *vt, float *acc, int64_t lda)
+                             const uint32_t *vt, float *acc, int64_t lda, int split)
 {
     const tile_cursor c = { .kind = 2, .ni = (mr + TR - 1) / TR,
-                            .nsteps = (n + 2 * TR - 1) / (2 * TR),
+                            .nsteps = (split ? 3 : 1) * ((n + 2 * TR - 1) / (2 * TR)),
                             .nblk = (dvp + 2 * TR - 1) / (2 * TR), .a = p, .lda = ldp, .b = vt,
-                            .dvp = dvp, .c = acc, .ldc = lda };
+                            .dvp = dvp, .split = split, .c = acc, .ldc = lda };
     return c;
 }
 
@@ -757,12 +761,12 @@ static void rescale_rows(int m, int dvp, const float *alpha, float *acc, int64_t
 }
 
 static void qk_tiles(int m, int nb, int dpp, const uint16_t *q, int64_t ldq,
-                     const uint32_t *kt, float *s, int64_t lds)
+                     const uint32_t *kt, float *s, int64_t lds, int split)
 {
     t_begin();
     for (int i = 0; i < m; i += UNIT_ROWS) {
         tile_cursor c = cursor_qk(m - i < UNIT_ROWS ? m - i : UNIT_ROWS, TR * nb, dpp,
-                                  q + i * ldq, ldq, kt, s + i * lds, lds);
+                                  q + i * ldq, ldq, kt, s + i * lds, lds, split);
         while (tile_step(&c))
             ;
     }
@@ -770,14 +774,14 @@ static void qk_tiles(int m, int nb, int dpp, const uint16_t *q, int64_t ldq,
 }
 
 static void pv_tiles(int m, int nch, int dvp, const uint16_t *p, int64_t ldp,
-                     const uint32_t *vt, const float *alpha, float *acc, int64_t lda)
+                     const uint32_t *vt, const float *alpha, float *acc, int64_t lda, int split)
 {
     if (alpha)
         rescale_rows(m, dvp, alpha, acc, lda);
     t_begin();
     for (int i = 0; i < m; i += UNIT_ROWS) {
         tile_cursor c = cursor_pv(m - i < UNIT_ROWS ? m - i : UNIT_ROWS, 2 * TR * nch, dvp,
-                                  p + i * ldp, ldp, vt, acc + i * lda, lda);
+                                  p + i * ldp, ldp, vt, acc + i * lda, lda, split);
         while (tile_step(&c))
             ;
     }
@@ -803,8 +807,9 @@ static void attn_tiles(int m, int n, const int32_t *lo, const int32_t *hi, int b
 {
     const int nunits = (n + bk - 1) / bk * ((m + UNIT_ROWS - 1) / UNIT_ROWS);
     const __m512 sc = _mm512_set1_ps(scale * 1.44269504088896341f);
-    /* split: P, its row stride and V's chunks three times as long */
-    const int sp = split ? 3 : 1, ldp = sp * bk;
+    /* split: P and its row stride three times as long, V's chunks and K's
+       panels two */
+    const int sp = split ? 3 : 1, ldp = sp * bk, kd = (split ? 2 : 1) * dpp;
     /* S and P of units u and u + 1 in two buffers each, by parity */
     float *const sb[2] = { s, s + UNIT_ROWS * bk };
     uint16_t *const pb[2] = { p, p + UNIT_ROWS * ldp };
@@ -815,17 +820,17 @@ static void attn_tiles(int m, int n, const int32_t *lo, const int32_t *hi, int b
         memset(&qc, 0, sizeof qc);
         if (u + 1 < nunits) {
             const tile_unit x = unit_at(u + 1, m, n, bk);
-            qc = cursor_qk(x.mr, x.n, dpp, q + x.r0 * ldq, ldq, kt + (int64_t)x.kt * bk * dpp,
-                           sb[(u + 1) & 1], bk);
+            qc = cursor_qk(x.mr, x.n, dpp, q + x.r0 * ldq, ldq, kt + (int64_t)x.kt * bk * kd,
+                           sb[(u + 1) & 1], bk, split);
         }
         /* the P·V of unit u - 1, its acc rows first rescaled */
         memset(&pc, 0, sizeof pc);
         if (u >= 1) {
             const tile_unit x = unit_at(u - 1, m, n, bk);
             rescale_rows(x.mr, dvp, alpha + x.r0, acc + x.r0 * lda, lda);
-            pc = cursor_pv(x.mr, sp * ((x.n + 2 * TR - 1) / (2 * TR) * 2 * TR), dvp,
-                           pb[(u - 1) & 1], ldp, vt + (int64_t)x.kt * sp * bk * (dvp / 2),
-                           acc + x.r0 * lda, lda);
+            pc = cursor_pv(x.mr, x.n, dvp, pb[(u - 1) & 1], ldp,
+                           vt + (int64_t)x.kt * (split ? 2 : 1) * bk * (dvp / 2),
+                           acc + x.r0 * lda, lda, split);
         }
         /* the softmax of unit u, a share of the tile steps after each row */
         if (u >= 0 && u < nunits) {
