@@ -860,11 +860,27 @@ void test_decode_threads(void)
             CHECK(ctx[t] && qkv_ctx_set_isa(ctx[t], name) == QKV_OK, "context %s", name);
         }
         const int n_it = t_quick ? 2 : 4;
-        for (int it = 0; it <= n_it; it++) {
+        for (int it = 0; it <= n_it + 2; it++) {
             dcase c;
             random_dcase(&c, &r, it % 2 ? 10000 : 300);
             if (it % 2)   /* split along the keys */
                 one_full_sequence(&c, 16);
+            if (it > n_it) {
+                /* a chunk that runs through the forward's kernels on the
+                   amx set (520 rows a kv head), a pool's rows gathered */
+                c.B = 2;
+                c.Sq = 130;
+                c.Hq = 8;
+                c.Hkv = 2;
+                c.D = c.Dv = 64;
+                c.Smax = 700;
+                c.lens[0] = 700;
+                c.lens[1] = 300;
+                c.qdt = c.kdt = it == n_it + 1 ? QKV_BF16 : QKV_F16;
+                c.lay_k = LAY_CONTIG;
+                c.opts = qkv_attn_opts_default();
+                c.opts.causal = 1;
+            }
             if (it == n_it) {
                 /* one sequence not split along the keys, a row per kv
                    head: how many kv heads a task takes of a
