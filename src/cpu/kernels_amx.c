@@ -378,10 +378,33 @@ static inline void split_store(__m512 x, __mmask16 mk, int64_t i, uint16_t *hi, 
         _mm256_mask_storeu_epi16(hi2 + i, mk, h);
 }
 
+/* hi, lo (and hi2) of 32 values x0 (the first 16), x1 at element i:
+   split16's arithmetic, two vectors a conversion. */
+static inline void split_store32(__m512 x0, __m512 x1, int64_t i, uint16_t *hi, uint16_t *lo,
+                                 uint16_t *hi2)
+{
+    const __m512i h = (__m512i)_mm512_cvtne2ps_pbh(x1, x0);
+    const __m512 h0 = _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(h)), 16));
+    const __m512 h1 = _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(h, 1)), 16));
+    const __m512i l =
+        (__m512i)_mm512_cvtne2ps_pbh(_mm512_sub_ps(x1, h1), _mm512_sub_ps(x0, h0));
+    _mm512_storeu_si512(hi + i, h);
+    _mm512_storeu_si512(lo + i, l);
+    if (hi2)
+        _mm512_storeu_si512(hi2 + i, h);
+}
+
 /* Contract of kernels.h's split_f16. */
 static void split_f16_amx(const uint16_t *h, int64_t n, uint16_t *hi, uint16_t *lo, uint16_t *hi2)
 {
-    for (int64_t i = 0; i < n; i += TR) {
+    int64_t i = 0;
+    for (; i + 2 * TR <= n; i += 2 * TR)
+        split_store32(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(h + i))),
+                      _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(h + i + TR))), i, hi,
+                      lo, hi2);
+    for (; i < n; i += TR) {
         const __mmask16 mk = first_lanes(n - i);
         split_store(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, h + i)), mk, i, hi, lo, hi2);
     }
@@ -390,23 +413,40 @@ static void split_f16_amx(const uint16_t *h, int64_t n, uint16_t *hi, uint16_t *
 /* Contract of kernels.h's split_f32. */
 static void split_f32_amx(const float *x, int64_t n, uint16_t *hi, uint16_t *lo, uint16_t *hi2)
 {
-    for (int64_t i = 0; i < n; i += TR) {
+    int64_t i = 0;
+    for (; i + 2 * TR <= n; i += 2 * TR)
+        split_store32(_mm512_loadu_ps(x + i), _mm512_loadu_ps(x + i + TR), i, hi, lo, hi2);
+    for (; i < n; i += TR) {
         const __mmask16 mk = first_lanes(n - i);
         split_store(_mm512_maskz_loadu_ps(mk, x + i), mk, i, hi, lo, hi2);
     }
 }
 
-/* The pairs (a, b) of hi and of lo of 16 values of two rows, at word i. */
+/* Word indices that interleave two rows' 16 bf16 (the lower and upper
+   halves of a register) into 16 pairs. */
+static const uint16_t pair_idx[2 * TR] __attribute__((aligned(64))) = {
+    0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+    8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31 };
+
+/* The pairs (a, b) of hi and of lo of 16 values of two rows, at word i:
+   both rows rounded in one conversion and interleaved, the pairs' halves
+   shifted back to fp32 for lo. */
 static inline void split_pairs_store(__m512 xa, __m512 xb, __mmask16 mk, int64_t i, uint32_t *hi,
                                      uint32_t *lo, uint32_t *hi2)
 {
-    __m256i ha, la, hb, lb;
-    split16(xa, &ha, &la);
-    split16(xb, &hb, &lb);
-    const __m512i h = _mm512_or_si512(_mm512_cvtepu16_epi32(ha),
-                                      _mm512_slli_epi32(_mm512_cvtepu16_epi32(hb), 16));
-    const __m512i l = _mm512_or_si512(_mm512_cvtepu16_epi32(la),
-                                      _mm512_slli_epi32(_mm512_cvtepu16_epi32(lb), 16));
+    const __m512i idx = _mm512_load_si512(pair_idx);
+    const __m512i h = _mm512_permutexvar_epi16(idx, (__m512i)_mm512_cvtne2ps_pbh(xb, xa));
+    const __m512 ha = _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
+    const __m512 hb = _mm512_castsi512_ps(_mm512_and_si512(h, _mm512_set1_epi32(-65536)));
+    const __m512i l = _mm512_permutexvar_epi16(
+        idx, (__m512i)_mm512_cvtne2ps_pbh(_mm512_sub_ps(xb, hb), _mm512_sub_ps(xa, ha)));
+    if (mk == 0xFFFFu) {
+        _mm512_storeu_si512(hi + i, h);
+        _mm512_storeu_si512(lo + i, l);
+        if (hi2)
+            _mm512_storeu_si512(hi2 + i, h);
+        return;
+    }
     _mm512_mask_storeu_epi32(hi + i, mk, h);
     _mm512_mask_storeu_epi32(lo + i, mk, l);
     if (hi2)
