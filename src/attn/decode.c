@@ -21,7 +21,10 @@
  * the contiguous cache's result. When the call has few tiles, long caches
  * are cut into parts whose partial (max, sum, acc) states are merged in
  * part order (split-K, "flash-decoding"); the part count depends on the
- * problem alone, never on the thread count.
+ * problem alone, never on the thread count. Long chunks of new queries
+ * (chunked prefill) from bf16 or fp16 caches on sets with whole tiles run
+ * through the forward instead (run_forward), a paged cache's rows
+ * gathered into a contiguous copy first.
  *
  * Not here: the inner loops (src/cpu), validation of q, out and the
  * options (check.c).
@@ -1548,8 +1551,10 @@ static void gather_task(void *arg, int64_t task, int worker)
         const int64_t cols = t->shape[3];
         for (int64_t h = 0; h < g->Hkv; h++) {
             const char *from = (const char *)t->data + row_off(src, t, b, p0, h) * es;
-            char *to = (char *)d->data + (b * d->stride[0] + p0 * d->stride[1] + h * d->stride[2]) * es;
-            if (t->stride[1] == d->stride[1] && t->stride[2] == cols && t->stride[1] == g->Hkv * cols) {
+            char *to = (char *)d->data +
+                       (b * d->stride[0] + p0 * d->stride[1] + h * d->stride[2]) * es;
+            if (t->stride[1] == d->stride[1] && t->stride[2] == cols &&
+                t->stride[1] == g->Hkv * cols) {
                 /* position-major: the block's rows of every head, one run */
                 memcpy(to, from, (size_t)(n * g->Hkv * cols * es));
                 break;

@@ -19,7 +19,9 @@
  * the band cuts are masked element by element.
  * On kernel sets that multiply whole tiles (AMX), bf16 calls first pack K
  * and V once into the tiles' operand layouts (pack_task; the packed copy
- * is the size of K and V), and the scores are kept queries by keys: the
+ * is the size of K and V), as do fp16 calls with enough query rows a key,
+ * each value split into two bf16 (use_split: the copy is twice the size,
+ * three times the products), and the scores are kept queries by keys: the
  * softmax runs along rows and writes P as the next product's operand
  * (task_tiles); tasks of fewer rows than one tile's take the pair path.
  * Each task writes its own rows of out and lse, and its arithmetic does
@@ -336,8 +338,8 @@ static void task_tiles(const fwd_job *job, const qkv__seq *s, int64_t seq, int64
         }
         if (khi > klo)
             kn->attn_tiles(mpad, (int)(khi - klo), tl->lo, tl->hi, (int)BK, (int)dpp, (int)dvp,
-                           a->scale, qr, w, kt + klo * kv * dpp, vt + klo * kv * (dvp / 2), tl->m, tl->l,
-                           tl->alpha, tl->acc, dvp, tl->st, p, split);
+                           a->scale, qr, w, kt + klo * kv * dpp, vt + klo * kv * (dvp / 2),
+                           tl->m, tl->l, tl->alpha, tl->acc, dvp, tl->st, p, split);
         return;
     }
     for (int64_t j0 = klo; j0 < khi;) {
