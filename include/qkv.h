@@ -489,7 +489,8 @@ QKV_API qkv_status qkv_model_recommend(qkv_ctx *ctx, const qkv_model *model,
  * column of the output, NaN (not infinite) in the rows that see it.
  * There, chunks of at least 512 query rows per kv head (chunked prefill)
  * from a bf16 or fp16 cache of q's dtype run on qkv_attention_forward's
- * kernels, with its packed copy of K and V.
+ * kernels, with its packed copy of K and V, where that copy takes at most
+ * 256 MiB.
  *
  * Returns QKV_OK, or an error with out and lse untouched (message in ctx):
  * those of qkv_attention_forward, QKV_ERR_SHAPE for a length out of

@@ -1521,10 +1521,20 @@ static void split_counts(const qkv__attn *a, const kv_src *src, int64_t n_qt, in
    and 0.81x; at 4,64,4096 (256 rows) 1.00x and 1.14x. */
 enum { CHUNK_ROWS = 512 };
 
+/* Whether the call runs through the forward: a chunk of CHUNK_ROWS, and
+   the forward's packed copy (and a paged cache's gathered one) within
+   what the context keeps between calls, so that a chunk over a large
+   batch of long caches does not take a transient copy of them all. */
 static int chunk_forward(const qkv_ctx *ctx, const qkv__attn *a, const kv_src *src)
 {
-    return ctx->kernels->qk_tiles && !src->i8 && (a->dt == QKV_BF16 || a->dt == QKV_F16) &&
-           src->k.dtype == a->dt && src->v.dtype == a->dt && a->Sq * a->group >= CHUNK_ROWS;
+    if (!ctx->kernels->qk_tiles || src->i8 || (a->dt != QKV_BF16 && a->dt != QKV_F16) ||
+        src->k.dtype != a->dt || src->v.dtype != a->dt || a->Sq * a->group < CHUNK_ROWS)
+        return 0;
+    double bytes = 0.0;   /* packed: keys padded to 32, split fp16 twice the size */
+    for (int64_t b = 0; b < a->B; b++)
+        bytes += (double)((seq_len(src, b) + 31) / 32 * 32);
+    bytes *= (double)a->Hkv * (double)(a->D + a->Dv + 64) * 2.0 * (a->dt == QKV_F16 ? 2.0 : 1.0);
+    return bytes <= (double)QKV__KEEP_BYTES;
 }
 
 /* A paged cache's rows gathered into contiguous k and v, block by block:
