@@ -378,18 +378,25 @@ static inline void split_store(__m512 x, __mmask16 mk, int64_t i, uint16_t *hi, 
         _mm256_mask_storeu_epi16(hi2 + i, mk, h);
 }
 
-/* hi, lo (and hi2) of 32 values x0 (the first 16), x1 at element i:
-   split16's arithmetic, two vectors a conversion. */
-static inline void split_store32(__m512 x0, __m512 x1, int64_t i, uint16_t *hi, uint16_t *lo,
-                                 uint16_t *hi2)
+/* 32 values x0 (the first 16), x1 as 32 bf16 hi (rounded) and lo (the
+   rest, rounded): split16's arithmetic, two vectors a conversion. */
+static inline void split32(__m512 x0, __m512 x1, __m512i *hi, __m512i *lo)
 {
     const __m512i h = (__m512i)_mm512_cvtne2ps_pbh(x1, x0);
     const __m512 h0 = _mm512_castsi512_ps(
         _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(h)), 16));
     const __m512 h1 = _mm512_castsi512_ps(
         _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(h, 1)), 16));
-    const __m512i l =
-        (__m512i)_mm512_cvtne2ps_pbh(_mm512_sub_ps(x1, h1), _mm512_sub_ps(x0, h0));
+    *hi = h;
+    *lo = (__m512i)_mm512_cvtne2ps_pbh(_mm512_sub_ps(x1, h1), _mm512_sub_ps(x0, h0));
+}
+
+/* hi, lo (and hi2) of 32 values x0 (the first 16), x1 at element i. */
+static inline void split_store32(__m512 x0, __m512 x1, int64_t i, uint16_t *hi, uint16_t *lo,
+                                 uint16_t *hi2)
+{
+    __m512i h, l;
+    split32(x0, x1, &h, &l);
     _mm512_storeu_si512(hi + i, h);
     _mm512_storeu_si512(lo + i, l);
     if (hi2)
@@ -582,17 +589,12 @@ static inline __mmask16 lanes(int j, int lo, int hi)
    rounded, as ph, ph, pl from pi + 3j. */
 static inline void store_p(uint16_t *pi, int j, __m512 e0, __m512 e1, int split)
 {
-    const __m512i h = (__m512i)_mm512_cvtne2ps_pbh(e1, e0);
     if (!split) {
-        _mm512_storeu_si512(pi + j, h);
+        _mm512_storeu_si512(pi + j, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
         return;
     }
-    const __m512 h0 = _mm512_castsi512_ps(
-        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(h)), 16));
-    const __m512 h1 = _mm512_castsi512_ps(
-        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(h, 1)), 16));
-    const __m512i l =
-        (__m512i)_mm512_cvtne2ps_pbh(_mm512_sub_ps(e1, h1), _mm512_sub_ps(e0, h0));
+    __m512i h, l;
+    split32(e0, e1, &h, &l);
     _mm512_storeu_si512(pi + 3 * j, h);
     _mm512_storeu_si512(pi + 3 * j + 2 * TR, h);
     _mm512_storeu_si512(pi + 3 * j + 4 * TR, l);
