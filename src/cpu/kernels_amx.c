@@ -342,44 +342,14 @@ static void pack_k_tiles(const uint16_t *k, int64_t ldk, int n, int dp, int dpp,
     }
 }
 
-/* 16 values x as hi = x rounded to bf16 and lo = x - hi rounded. */
-static inline void split16(__m512 x, __m256i *hi, __m256i *lo)
-{
-    const __m256i xh = (__m256i)_mm512_cvtneps_pbh(x);
-    const __m512 xr = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(xh), 16));
-    *hi = xh;
-    *lo = (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(x, xr));
-}
-
-/* The lanes of the first n (up to 16) of a vector. */
+/* The lanes of the first n of a vector (none for n <= 0). */
 static inline __mmask16 first_lanes(int64_t n)
 {
-    return (__mmask16)(n < TR ? (1u << n) - 1 : 0xFFFFu);
+    return (__mmask16)(n <= 0 ? 0u : n < TR ? (1u << n) - 1 : 0xFFFFu);
 }
 
-/* hi, lo (and hi2) of 16 values x at element i, the lanes mk; whole
-   vectors store unmasked (a masked store does not forward to the loads
-   that soon read it). */
-static inline void split_store(__m512 x, __mmask16 mk, int64_t i, uint16_t *hi, uint16_t *lo,
-                               uint16_t *hi2)
-{
-    __m256i h, l;
-    split16(x, &h, &l);
-    if (mk == 0xFFFFu) {
-        _mm256_storeu_si256((__m256i *)(hi + i), h);
-        _mm256_storeu_si256((__m256i *)(lo + i), l);
-        if (hi2)
-            _mm256_storeu_si256((__m256i *)(hi2 + i), h);
-        return;
-    }
-    _mm256_mask_storeu_epi16(hi + i, mk, h);
-    _mm256_mask_storeu_epi16(lo + i, mk, l);
-    if (hi2)
-        _mm256_mask_storeu_epi16(hi2 + i, mk, h);
-}
-
-/* 32 values x0 (the first 16), x1 as 32 bf16 hi (rounded) and lo (the
-   rest, rounded): split16's arithmetic, two vectors a conversion. */
+/* 32 values x0 (the first 16), x1 as 32 bf16 hi = x rounded and lo =
+   x - hi rounded, two vectors a conversion. */
 static inline void split32(__m512 x0, __m512 x1, __m512i *hi, __m512i *lo)
 {
     const __m512i h = (__m512i)_mm512_cvtne2ps_pbh(x1, x0);
@@ -391,42 +361,44 @@ static inline void split32(__m512 x0, __m512 x1, __m512i *hi, __m512i *lo)
     *lo = (__m512i)_mm512_cvtne2ps_pbh(_mm512_sub_ps(x1, h1), _mm512_sub_ps(x0, h0));
 }
 
-/* hi, lo (and hi2) of 32 values x0 (the first 16), x1 at element i. */
-static inline void split_store32(__m512 x0, __m512 x1, int64_t i, uint16_t *hi, uint16_t *lo,
-                                 uint16_t *hi2)
+/* hi, lo (and hi2) of the first n (up to 32) values x0, x1 at element i;
+   whole vectors store unmasked (a masked store does not forward to the
+   loads that soon read it). */
+static inline void split_store(__m512 x0, __m512 x1, int64_t n, int64_t i, uint16_t *hi,
+                               uint16_t *lo, uint16_t *hi2)
 {
     __m512i h, l;
     split32(x0, x1, &h, &l);
-    _mm512_storeu_si512(hi + i, h);
-    _mm512_storeu_si512(lo + i, l);
+    if (n >= 2 * TR) {
+        _mm512_storeu_si512(hi + i, h);
+        _mm512_storeu_si512(lo + i, l);
+        if (hi2)
+            _mm512_storeu_si512(hi2 + i, h);
+        return;
+    }
+    const __mmask32 mk = (__mmask32)((1u << n) - 1);
+    _mm512_mask_storeu_epi16(hi + i, mk, h);
+    _mm512_mask_storeu_epi16(lo + i, mk, l);
     if (hi2)
-        _mm512_storeu_si512(hi2 + i, h);
+        _mm512_mask_storeu_epi16(hi2 + i, mk, h);
 }
 
 /* Contract of kernels.h's split_f16. */
 static void split_f16_amx(const uint16_t *h, int64_t n, uint16_t *hi, uint16_t *lo, uint16_t *hi2)
 {
-    int64_t i = 0;
-    for (; i + 2 * TR <= n; i += 2 * TR)
-        split_store32(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(h + i))),
-                      _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(h + i + TR))), i, hi,
-                      lo, hi2);
-    for (; i < n; i += TR) {
-        const __mmask16 mk = first_lanes(n - i);
-        split_store(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, h + i)), mk, i, hi, lo, hi2);
-    }
+    for (int64_t i = 0; i < n; i += 2 * TR)
+        split_store(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(first_lanes(n - i), h + i)),
+                    _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(first_lanes(n - i - TR), h + i + TR)),
+                    n - i, i, hi, lo, hi2);
 }
 
 /* Contract of kernels.h's split_f32. */
 static void split_f32_amx(const float *x, int64_t n, uint16_t *hi, uint16_t *lo, uint16_t *hi2)
 {
-    int64_t i = 0;
-    for (; i + 2 * TR <= n; i += 2 * TR)
-        split_store32(_mm512_loadu_ps(x + i), _mm512_loadu_ps(x + i + TR), i, hi, lo, hi2);
-    for (; i < n; i += TR) {
-        const __mmask16 mk = first_lanes(n - i);
-        split_store(_mm512_maskz_loadu_ps(mk, x + i), mk, i, hi, lo, hi2);
-    }
+    for (int64_t i = 0; i < n; i += 2 * TR)
+        split_store(_mm512_maskz_loadu_ps(first_lanes(n - i), x + i),
+                    _mm512_maskz_loadu_ps(first_lanes(n - i - TR), x + i + TR), n - i, i, hi, lo,
+                    hi2);
 }
 
 /* Word indices that interleave two rows' 16 bf16 (the lower and upper
@@ -492,18 +464,15 @@ static void pack_k_split(const uint16_t *k, int64_t ldk, int n, int d, int dpp, 
     for (int j0 = 0; j0 < n; j0 += TR, dst += panel) {
         const int nk = n - j0 < TR ? n - j0 : TR;
         for (int x = 0; x < dpp; x += TR) {
-            const __mmask16 m0 = first_lanes(d - 2 * x > 0 ? d - 2 * x : 0);
-            const __mmask16 m1 = first_lanes(d - 2 * x - TR > 0 ? d - 2 * x - TR : 0);
+            const __mmask16 m0 = first_lanes(d - 2 * x), m1 = first_lanes(d - 2 * x - TR);
             __m512i h[TR], l[TR];
             for (int j = 0; j < TR; j++) {
-                __m256i h0 = _mm256_setzero_si256(), h1 = h0, l0 = h0, l1 = h0;
+                h[j] = l[j] = _mm512_setzero_si512();
                 if (j < nk) {
                     const uint16_t *r = k + (int64_t)(j0 + j) * ldk + 2 * x;
-                    split16(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m0, r)), &h0, &l0);
-                    split16(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m1, r + TR)), &h1, &l1);
+                    split32(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m0, r)),
+                            _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m1, r + TR)), &h[j], &l[j]);
                 }
-                h[j] = _mm512_inserti64x4(_mm512_castsi256_si512(h0), h1, 1);
-                l[j] = _mm512_inserti64x4(_mm512_castsi256_si512(l0), l1, 1);
             }
             transpose_words(h, TR);
             transpose_words(l, TR);
@@ -523,7 +492,7 @@ static void pack_v_split(const uint16_t *v, int64_t ldv, int n, int dv, int dvp,
         for (int jj = 0; jj < TR; jj++) {
             const int r0 = j0 + 2 * jj, r1 = r0 + 1;
             for (int c = 0; c < dvp; c += TR) {
-                const __mmask16 mk = first_lanes(dv - c > 0 ? dv - c : 0);
+                const __mmask16 mk = first_lanes(dv - c);
                 const __m512 a = r0 < n ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
                                               mk, v + (int64_t)r0 * ldv + c))
                                         : _mm512_setzero_ps();
