@@ -117,6 +117,9 @@ qkv_status qkv__attn_check(qkv_ctx *ctx, const qkv_tensor *q,
    a->lens_k its sequences' lengths. */
 qkv_status qkv__forward_run(qkv_ctx *ctx, const qkv__attn *a);
 
+/* The bytes of K and V the forward packs for a (0: it packs none). */
+size_t qkv__forward_packed_bytes(const qkv_ctx *ctx, const qkv__attn *a);
+
 static inline qkv__seq qkv__attn_seq(const qkv__attn *a, int64_t s)
 {
     qkv__seq r;

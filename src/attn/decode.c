@@ -579,12 +579,8 @@ static const uint16_t *i8_rows(const dec_job *job, int64_t b, int is_v, int64_t 
 static const uint16_t *f16_row(const kv_src *src, const qkv_tensor *t, int64_t b, int64_t p,
                                int64_t h, int64_t cols, uint16_t *g)
 {
-    const uint16_t *r = (const uint16_t *)t->data + row_off(src, t, b, p, h);
-    if (t->stride[3] == 1)
-        return r;
-    for (int64_t x = 0; x < cols; x++)
-        g[x] = r[x * t->stride[3]];
-    return g;
+    int64_t ld;
+    return rows_bf16(src, t, b, p, h, 1, cols, cols, g, &ld);
 }
 
 /* n K rows (positions p0.., head h) split into bf16 (kernels.h
@@ -689,9 +685,10 @@ static void tile_scores(const dec_job *job, const qkv__seq *s, int64_t hk, int64
 }
 
 /* acc = alpha·acc + P·V over keys p0 .. p0+n-1 (P in st, or as bf16 pairs
-   in pp for the bf16 path). bf16: the V rows are paired run by run into
-   one buffer, and one product takes the whole tile, so a paged cache's
-   tile is the same call as a contiguous one's. fp32: run by run, the
+   in pp for the bf16 path, split in xp for f16t). bf16: the V rows are
+   paired run by run into one buffer (f16t: split into pairs row by row),
+   and one product takes the whole tile, so a paged cache's tile is the
+   same call as a contiguous one's. fp32: run by run, the
    first call scaling acc by alpha, the later ones adding (alpha 1),
    which gives the bits of one call. */
 static void tile_values(const dec_job *job, const qkv__seq *s, int64_t hk, int64_t p0, int n,
@@ -701,28 +698,23 @@ static void tile_values(const dec_job *job, const qkv__seq *s, int64_t hk, int64
     const kv_src *src = job->src;
     const qkv__kernels *kn = job->ctx->kernels;
     const int64_t Dv = a->Dv, R = job->R;
-    if (job->f16t) {
-        /* V pairs (vh; vl; vh) against P's (ph; ph; pl) */
+    if (job->f16t || job->bf) {
+        /* P's pairs against V's, one product for the tile */
         const int np = (int)pairs(n);
-        for (int jj = 0; jj < np; jj++) {
-            const uint16_t *v0 = f16_row(src, &src->v, s->b, p0 + 2 * jj, hk, Dv, sc->xg);
-            const uint16_t *v1 = 2 * jj + 1 < n ? f16_row(src, &src->v, s->b, p0 + 2 * jj + 1, hk,
-                                                          Dv, sc->xg + Dv)
-                                                : NULL;
-            kn->split_pairs_f16(v0, v1, Dv, sc->xv + jj * Dv, sc->xv + (np + jj) * Dv,
-                                sc->xv + (2 * np + jj) * Dv);
-            if (jj & 1)   /* every 4 keys */
-                ask_rows(src, av, 4);
+        uint32_t *vp = job->f16t ? sc->xv : (uint32_t *)sc->vw;
+        if (job->f16t) {   /* V pairs (vh; vl; vh) against P's (ph; ph; pl) */
+            for (int jj = 0; jj < np; jj++) {
+                const uint16_t *v0 = f16_row(src, &src->v, s->b, p0 + 2 * jj, hk, Dv, sc->xg);
+                const uint16_t *v1 = 2 * jj + 1 < n ? f16_row(src, &src->v, s->b, p0 + 2 * jj + 1,
+                                                              hk, Dv, sc->xg + Dv)
+                                                    : NULL;
+                kn->split_pairs_f16(v0, v1, Dv, vp + jj * Dv, vp + (np + jj) * Dv,
+                                    vp + (2 * np + jj) * Dv);
+                if (jj & 1)   /* every 4 keys */
+                    ask_rows(src, av, 4);
+            }
         }
-        for (int r = 0; r < m; r++)
-            for (int64_t c = 0; c < Dv; c++)
-                sc->acc[r * Dv + c] *= sc->alpha[r];
-        kn->mm_bf16(m, 3 * np, (int)Dv, sc->xp, 1, R, sc->xv, Dv, sc->acc, Dv);
-        return;
-    }
-    if (job->bf) {
-        uint32_t *vp = (uint32_t *)sc->vw;
-        for (int c0 = 0; c0 < n;) {
+        for (int c0 = 0; !job->f16t && c0 < n;) {
             /* pairs of keys counted from p0, as in the scores */
             const int nr = run_length(src, p0, c0, n, 2);
             int64_t ldv;
@@ -741,7 +733,8 @@ static void tile_values(const dec_job *job, const qkv__seq *s, int64_t hk, int64
         for (int r = 0; r < m; r++)
             for (int64_t c = 0; c < Dv; c++)
                 sc->acc[r * Dv + c] *= sc->alpha[r];
-        kn->mm_bf16(m, (int)pairs(n), (int)Dv, sc->pp, 1, R, vp, Dv, sc->acc, Dv);
+        kn->mm_bf16(m, job->f16t ? 3 * np : np, (int)Dv, job->f16t ? sc->xp : sc->pp, 1, R, vp,
+                    Dv, sc->acc, Dv);
         return;
     }
     for (int c0 = 0; c0 < n;) {
@@ -1530,11 +1523,10 @@ static int chunk_forward(const qkv_ctx *ctx, const qkv__attn *a, const kv_src *s
     if (!ctx->kernels->qk_tiles || src->i8 || (a->dt != QKV_BF16 && a->dt != QKV_F16) ||
         src->k.dtype != a->dt || src->v.dtype != a->dt || a->Sq * a->group < CHUNK_ROWS)
         return 0;
-    double bytes = 0.0;   /* packed: keys padded to 32, split fp16 twice the size */
-    for (int64_t b = 0; b < a->B; b++)
-        bytes += (double)((seq_len(src, b) + 31) / 32 * 32);
-    bytes *= (double)a->Hkv * (double)(a->D + a->Dv + 64) * 2.0 * (a->dt == QKV_F16 ? 2.0 : 1.0);
-    return bytes <= (double)QKV__KEEP_BYTES;
+    qkv__attn f = *a;   /* the sequences' lengths as the forward will see them */
+    f.lens_k = src->lens;
+    const size_t bytes = qkv__forward_packed_bytes(ctx, &f);
+    return bytes > 0 && bytes <= QKV__KEEP_BYTES;
 }
 
 /* A paged cache's rows gathered into contiguous k and v, block by block:

@@ -538,16 +538,36 @@ static void free_packed(fwd_job *job)
    variable-length call gives each sequence's separate result bitwise),
    and packs K and V for it; where the packed copy cannot be allocated,
    the call takes the pair path instead. */
+/* The bytes of K and V packed for the whole-tile path, 0 where the call
+   does not take it; *split: fp16 split into bf16 (packed in two parts). */
+static size_t packed_bytes(const qkv__kernels *kn, const qkv__attn *a, int *split)
+{
+    *split = use_split(kn, a);
+    if (!(use_bf16(kn, a) || *split) || !kn->qk_tiles || a->dropout ||
+        a->Sq * a->group < QKV__PAD) {
+        *split = 0;
+        return 0;
+    }
+    size_t keys = 0;
+    for (int64_t i = 0; i < a->n_seqs; i++)
+        keys += (size_t)dim32(qkv__attn_seq(a, i).sk);
+    return keys * (size_t)a->Hkv * (size_t)((*split ? 2 : 1) * (dim32(a->D) + dim16(a->Dv)) / 2) *
+           sizeof(uint32_t);
+}
+
+size_t qkv__forward_packed_bytes(const qkv_ctx *ctx, const qkv__attn *a)
+{
+    int split;
+    return packed_bytes(ctx->kernels, a, &split);
+}
+
 static qkv_status pack_kv(fwd_job *job)
 {
     const qkv__attn *a = job->a;
     qkv_ctx *ctx = job->ctx;
-    job->split = use_split(ctx->kernels, a);
-    if (!(use_bf16(ctx->kernels, a) || job->split) || !ctx->kernels->qk_tiles || a->dropout ||
-        a->Sq * a->group < QKV__PAD) {
-        job->split = 0;
+    const size_t bytes = packed_bytes(ctx->kernels, a, &job->split);
+    if (!bytes)
         return QKV_OK;
-    }
     const int kv = job->split ? 2 : 1;   /* parts packed */
     job->dpp = dim32(a->D) / 2;
     job->dvp = dim16(a->Dv);
@@ -560,8 +580,7 @@ static qkv_status pack_kv(fwd_job *job)
     /* in the context's shared buffer: kept between calls, its pages are
        touched once, not on every call */
     const size_t keys = (size_t)(job->kofs[a->n_seqs] * a->Hkv);
-    job->kt = qkv__shared_get(ctx, QKV__SHARED_PACK,
-                              keys * (size_t)(kv * (job->dpp + job->dvp / 2)) * sizeof *job->kt);
+    job->kt = qkv__shared_get(ctx, QKV__SHARED_PACK, bytes);
     job->vt = job->kt ? job->kt + keys * (size_t)(kv * job->dpp) : NULL;
     qkv_status st = QKV_OK;
     if (job->kt &&
