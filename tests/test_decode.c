@@ -291,6 +291,25 @@ void test_decode_reference(void)
         c.lens[0] = (int32_t)c.Smax;
         check_case(&s, ref, &c, &r, worst);
     }
+    /* tiles of 17 to 64 bf16 rows, which sets with tiles run through the
+       few-row kernels 16 rows at a time (kernels.h dec_rows_max), over
+       several key tiles so that every group's rescaling counts; every
+       layout, position-major ones with several kv heads a task */
+    static const int64_t grouped[][3] = { { 8, 2, 5 }, { 8, 2, 8 }, { 8, 2, 16 }, { 32, 8, 8 },
+                                          { 6, 3, 7 }, { 2, 1, 16 }, { 16, 1, 4 }, { 4, 1, 70 } };
+    for (int it = 0; it < (t_quick ? 8 : 24); it++) {
+        dcase c;
+        random_dcase(&c, &r, 1200);
+        c.Hq = grouped[it % 8][0];
+        c.Hkv = grouped[it % 8][1];
+        c.Sq = grouped[it % 8][2];
+        c.qdt = c.kdt = QKV_BF16;
+        if (c.D > 128) c.D = 128;
+        if (c.Dv > 128) c.Dv = 128;
+        if (c.Smax < 600) c.Smax += 600;
+        c.lens[0] = (int32_t)c.Smax;
+        check_case(&s, ref, &c, &r, worst);
+    }
     /* chunks of new queries long enough (512 rows a kv head and more) for
        the forward's kernels on sets with tiles: bf16 and fp16 caches of
        the queries' dtype, every mask, sequences shorter than the chunk */

@@ -188,9 +188,10 @@ static void prefetch_rows(const kv_src *src, int64_t b, int64_t h0, int64_t nh, 
 enum { CHUNK = 8 };   /* keys per kernel call between two asks */
 enum { MANY_CHUNK = 32 };   /* the same for tiles of more than QKV__PAD rows */
 
-/* Tiles of up to this many rows (decoding, speculative verification)
-   take head_tile_rows: scores from qk_bf16_dec / qk_dec (dot products
-   along d, 4 x 4 at a time), the softmax along rows, then P·V; more rows
+/* Tiles of up to this many rows (decoding, speculative verification;
+   bf16 rows on sets with tiles: kernels.h dec_rows_max) take
+   head_tile_rows: scores from qk_bf16_dec / qk_dec (dot products along
+   d, 4 x 4 at a time), the softmax along rows, then P·V; more rows
    (chunked prefill) take the forward's layout: qk or qk_bf16 on query
    vectors or pairs, and pv or mm_bf16 on V paired once per tile. */
 enum { PAIRS_ROWS = 16 };
@@ -924,6 +925,28 @@ static void i8_nan(const scratch *sc, int m, int64_t Dv)
         sc->acc[x] = NAN;
 }
 
+/* Rows g .. g+15 of a few-row tile's scratch (bf16 queries as rows of
+   w values, the head's scores and P [R][BK], acc [R][Dv]), as the
+   kernels see a tile of their own. */
+static scratch row_group(const scratch *sc, int g, int64_t w, int64_t Dv)
+{
+    scratch sg = *sc;
+    sg.q = (float *)((uint16_t *)sc->q + g * w);
+    sg.hst = sc->hst + g * BK;
+    sg.hpp = (uint32_t *)((uint16_t *)sc->hpp + g * BK);
+    sg.acc = sc->acc + g * Dv;
+    sg.alpha = sc->alpha + g;
+    return sg;
+}
+
+/* pa's asks spread over the calls of m rows in groups of 16. */
+static void spread_asks(qkv__pf *pa, int m)
+{
+    const int groups = (m + QKV__PAD - 1) / QKV__PAD;
+    if (pa && groups > 1)
+        pa->per4 = (pa->per4 + groups - 1) / groups;
+}
+
 /* The few-row kernels of a key tile of n keys from j0 for kv head hk
    (head_tile_rows, tile_streamed; all but int8 codes taken as bf16),
    keys j0+c .. j0+c+nc-1 at a time; sh: the scratch's shared buffers,
@@ -949,10 +972,14 @@ static void rows_scores(const dec_job *job, const qkv__seq *s, int64_t hk, int64
     } else if (job->f16) {
         r = tile_rows(src, &src->k, s->b, j0 + c, hk, nc, 2 * D, sh->kw, blk);
         kn->qk_f16_dec(nc, m, (int)D, a->scale, &r, sc->q, D, sc->hst + c, BK, pa);
-    } else if (job->bf) {
+    } else if (job->bf) {   /* 16 rows a call (kernels.h dec_rows_max) */
         r = bf16_rows(src, &src->k, s->b, j0 + c, hk, nc, D, w, sh->kb, blk);
-        kn->qk_bf16_dec(nc, m, (int)pairs(D), a->scale, &r, (const uint16_t *)sc->q, w,
-                        sc->hst + c, BK, pa);
+        spread_asks(pa, m);
+        for (int g = 0; g < m; g += QKV__PAD) {
+            const scratch sg = row_group(sc, g, w, a->Dv);
+            kn->qk_bf16_dec(nc, m - g < QKV__PAD ? m - g : QKV__PAD, (int)pairs(D), a->scale, &r,
+                            (const uint16_t *)sg.q, w, sg.hst + c, BK, pa);
+        }
     } else {   /* fp32 rows, converted run by run where they are not fp32 */
         for (int c0 = c; c0 < c + nc;) {
             const int nr = run_until(src, j0, c0, c + nc, n, 4);
@@ -1015,8 +1042,13 @@ static void rows_values(const dec_job *job, const qkv__seq *s, int64_t hk, int64
         kn->pv_f16_dec(m, nc, (int)Dv, sc->hst + c, BK, &r, al, sc->acc, Dv, pa);
     } else if (job->bf) {
         r = bf16_rows(src, &src->v, s->b, j0 + c, hk, nc, Dv, Dv, sh->vb, blk);
-        kn->pv_bf16_dec(m, nc, (int)Dv, (const uint16_t *)sc->hpp + c, BK, &r, al, sc->acc,
-                        Dv, pa);
+        spread_asks(pa, m);
+        for (int g = 0; g < m; g += QKV__PAD) {
+            const scratch sg = row_group(sc, g, 2 * pairs(a->D), Dv);
+            kn->pv_bf16_dec(m - g < QKV__PAD ? m - g : QKV__PAD, nc, (int)Dv,
+                            (const uint16_t *)sg.hpp + c, BK, &r, al ? al + g : NULL, sg.acc,
+                            Dv, pa);
+        }
     } else {   /* fp32 P·V run by run (alpha on the tile's first run:
                   the bits of one call), the next lines asked for as the
                   kernel goes (asked for between calls of 16 keys they
@@ -1666,6 +1698,11 @@ static qkv_status run(qkv_ctx *ctx, const qkv__attn *a, const kv_src *src, int c
        for the same bits in every layout); else read in place at a unit
        stride, up to the set's row limit */
     const int64_t rows = job.P * a->group;
+    /* bf16 rows against bf16 queries on sets whose few-row kernels take up
+       to 16 rows on tiles: tiles of up to dec_rows_max rows call them
+       16 rows at a time (rows_scores, rows_values) */
+    if (job.bf && !src->i8 && ctx->kernels->dec_rows_max > job.rows_max)
+        job.rows_max = ctx->kernels->dec_rows_max;
     job.f16s = !src->i8 && src->k.dtype == QKV_F16 && src->v.dtype == QKV_F16 &&
                ctx->kernels->qk_f16s_dec && rows > ctx->kernels->f16s_rows_min &&
                rows <= job.rows_max && rows <= 16 && (a->dt == QKV_F16 || a->dt == QKV_BF16) &&
@@ -1719,18 +1756,22 @@ static qkv_status run(qkv_ctx *ctx, const qkv__attn *a, const kv_src *src, int c
     int64_t parts = 0;
     for (int64_t b = 0; b < a->B; b++)
         parts += job.split[b];
-    /* kv heads per task: with few rows per head (decode) and rows that do
-       not stream, as many as keep their states within 1 MiB and leave a
-       task for each thread; else (a stream per head, or chunked prefill)
-       one. A short cache of one sequence is not split, and all its heads
-       in one task left the other threads idle: with a task per thread,
+    /* kv heads per task: with few rows per head (decode: up to 16, or the
+       tiles of bf16 rows up to dec_rows_max that take the few-row kernels
+       16 rows at a time) and rows that do not stream, as many as keep
+       their states within 1 MiB and leave a task for each thread; else (a
+       stream per head, or chunked prefill) one. Position-major bf16 on the
+       Xeon (1x16384, 32/8 heads, 2 threads): with 5 and 8 new queries (20
+       and 32 rows a head) 0.78-0.81x the time of a task per head, with 16
+       (64 rows, 4 heads a task) 0.94x. A short cache of one sequence is
+       not split, and all its heads in one task left the other threads idle: with a task per thread,
        1x1024 and 1x4096 (32/8 heads, 2 threads) from position-major
        caches and pools took 0.58-0.66x the time. Four tasks a thread took
        2x at 1x8192 from a position-major pool, each task reading a
        quarter of every position's rows. The results do not depend on
        it. */
     job.HB = 1;
-    if (!streams && job.P * a->group <= QKV__PAD)
+    if (!streams && job.P * a->group <= (job.rows_max > QKV__PAD ? job.rows_max : QKV__PAD))
         for (int64_t hb = a->Hkv; hb > 1; hb--)
             if (a->Hkv % hb == 0 && hb * head_floats(job.R, a->D, a->Dv) * 4 <= (1 << 20) &&
                 a->Hkv / hb * n_qt * parts >= ctx->n_threads) {
