@@ -960,11 +960,14 @@ static void rows_scores(const dec_job *job, const qkv__seq *s, int64_t hk, int64
     const int64_t D = a->D, w = 2 * pairs(D);
     const char *blk[TILE_BLOCKS];
     qkv__rows r;
-    if (job->i8dot) {
+    if (job->i8dot) {   /* 16 rows a call (kernels.h dec_rows_max) */
         const int m4 = (m + 3) / 4 * 4;
         r = tile_rows(src, &src->k, s->b, j0 + c, hk, nc, D, sh->kb, blk);
-        kn->qk_i8_dec(nc, m, (int)D, a->scale, &r, queries_i16(sc), D,
-                      query_scales(sc, m4, D), sc->hst + c, BK, pa);
+        spread_asks(pa, m);
+        for (int g = 0; g < m; g += QKV__PAD)
+            kn->qk_i8_dec(nc, m - g < QKV__PAD ? m - g : QKV__PAD, (int)D, a->scale, &r,
+                          queries_i16(sc) + g * D, D, query_scales(sc, m4, D) + g,
+                          sc->hst + g * BK + c, BK, pa);
     } else if (job->f16s) {
         r = bf16_rows(src, &src->k, s->b, j0 + c, hk, nc, D, D, sh->kb, blk);
         kn->qk_f16s_dec(nc, m, (int)D, a->scale, &r, (const uint32_t *)sc->q, sc->hst + c, BK,
@@ -1030,8 +1033,11 @@ static void rows_values(const dec_job *job, const qkv__seq *s, int64_t hk, int64
     qkv__rows r;
     if (job->i8dot) {
         r = tile_rows(src, &src->v, s->b, j0 + c, hk, nc, Dv, sh->vb, blk);
-        kn->pv_i8_dec(m, nc, (int)Dv, (const int16_t *)sc->hpp + c, BK, &r, al, sc->hps[0],
-                      sc->acc, Dv, pa);
+        spread_asks(pa, m);
+        for (int g = 0; g < m; g += QKV__PAD)
+            kn->pv_i8_dec(m - g < QKV__PAD ? m - g : QKV__PAD, nc, (int)Dv,
+                          (const int16_t *)sc->hpp + g * BK + c, BK, &r, al ? al + g : NULL,
+                          sc->hps[0], sc->acc + g * Dv, Dv, pa);
         if (c + nc == n && sc->hps[1] != 0.0f)
             i8_nan(sc, m, Dv);
     } else if (job->f16s) {
@@ -1698,11 +1704,10 @@ static qkv_status run(qkv_ctx *ctx, const qkv__attn *a, const kv_src *src, int c
        for the same bits in every layout); else read in place at a unit
        stride, up to the set's row limit */
     const int64_t rows = job.P * a->group;
-    /* bf16 rows against bf16 queries on sets whose few-row kernels take up
-       to 16 rows on tiles: tiles of up to dec_rows_max rows call them
-       16 rows at a time (rows_scores, rows_values) */
-    if (job.bf && !src->i8 && ctx->kernels->dec_rows_max > job.rows_max)
-        job.rows_max = ctx->kernels->dec_rows_max;
+    /* sets whose few-row kernels take up to 16 rows on tiles: tiles of up
+       to dec_rows_max rows of bf16, or of int8 codes read as codes, call
+       them 16 rows at a time (rows_scores, rows_values) */
+    const int grouped = ctx->kernels->dec_rows_max > job.rows_max;
     job.f16s = !src->i8 && src->k.dtype == QKV_F16 && src->v.dtype == QKV_F16 &&
                ctx->kernels->qk_f16s_dec && rows > ctx->kernels->f16s_rows_min &&
                rows <= job.rows_max && rows <= 16 && (a->dt == QKV_F16 || a->dt == QKV_BF16) &&
@@ -1724,10 +1729,13 @@ static qkv_status run(qkv_ctx *ctx, const qkv__attn *a, const kv_src *src, int c
        per tile are within those dtypes' tolerances; fp32 queries keep
        dequantized fp32 arithmetic */
     job.i8dot = src->i8 && ctx->kernels->qk_i8_dec && a->D % 32 == 0 && a->D <= 256 &&
-                a->Dv % 32 == 0 && job.P * a->group <= job.rows_max &&
+                a->Dv % 32 == 0 &&
+                rows <= (grouped && !ctx->kernels->i8_rows_max ? ctx->kernels->dec_rows_max
+                                                               : job.rows_max) &&
                 (a->dt == QKV_BF16 ? job.bf : a->dt == QKV_F16) &&
-                (!ctx->kernels->i8_rows_max ||
-                 job.P * a->group <= ctx->kernels->i8_rows_max);
+                (!ctx->kernels->i8_rows_max || rows <= ctx->kernels->i8_rows_max);
+    if (grouped && ((job.bf && !src->i8) || job.i8dot))
+        job.rows_max = ctx->kernels->dec_rows_max;
     /* rows of one head that follow each other for the whole sequence
        ([B, Hkv, S, D] caches): one stream per head, a task per head. In a
        head-major pool they follow each other for one block only (a run of
