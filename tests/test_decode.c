@@ -291,10 +291,13 @@ void test_decode_reference(void)
         c.lens[0] = (int32_t)c.Smax;
         check_case(&s, ref, &c, &r, worst);
     }
-    /* tiles of 17 to 64 bf16 rows, which sets with tiles run through the
-       few-row kernels 16 rows at a time (kernels.h dec_rows_max), over
-       several key tiles so that every group's rescaling counts; every
-       layout, position-major ones with several kv heads a task */
+    /* tiles of 17 to 64 rows, which sets with tiles run through the
+       few-row kernels 16 rows at a time (kernels.h dec_rows_max; fp16
+       caches up to f16s_rows_max), over several key tiles so that every
+       group's rescaling counts; every layout, position-major ones with
+       several kv heads a task */
+    static const qkv_dtype gdts[][2] = { { QKV_BF16, QKV_BF16 }, { QKV_F16, QKV_F16 },
+                                         { QKV_BF16, QKV_F16 } };
     static const int64_t grouped[][3] = { { 8, 2, 5 }, { 8, 2, 8 }, { 8, 2, 16 }, { 32, 8, 8 },
                                           { 6, 3, 7 }, { 2, 1, 16 }, { 16, 1, 4 }, { 4, 1, 70 } };
     for (int it = 0; it < (t_quick ? 8 : 24); it++) {
@@ -303,7 +306,8 @@ void test_decode_reference(void)
         c.Hq = grouped[it % 8][0];
         c.Hkv = grouped[it % 8][1];
         c.Sq = grouped[it % 8][2];
-        c.qdt = c.kdt = QKV_BF16;
+        c.qdt = gdts[it % 3][0];
+        c.kdt = gdts[it % 3][1];
         if (c.D > 128) c.D = 128;
         if (c.Dv > 128) c.Dv = 128;
         if (c.Smax < 600) c.Smax += 600;

@@ -455,9 +455,12 @@ static void load_queries(const dec_job *job, const qkv__seq *s, const qkv__tile_
         memset(sc->q + m * row, 0, (size_t)((m4 - m) * row) * sizeof(float));
         if (job->i8dot)
             quantize_queries(sc, job->bf, m, m4, D, w);
-        if (job->f16s) {   /* the split queries' tiles over q and qt, once a task */
+        if (job->f16s) {   /* the split queries' tiles over q and qt, once a task,
+                              32·D words for each group of 16 rows */
             memcpy(sc->hst, sc->q, (size_t)(m * D) * sizeof(float));
-            kn->f16s_queries(m, (int)D, sc->hst, D, (uint32_t *)sc->q);
+            for (int g = 0; g < m; g += QKV__PAD)
+                kn->f16s_queries(m - g < QKV__PAD ? m - g : QKV__PAD, (int)D, sc->hst + g * D, D,
+                                 (uint32_t *)sc->q + g / QKV__PAD * 32 * D);
         }
         return;
     }
@@ -968,10 +971,13 @@ static void rows_scores(const dec_job *job, const qkv__seq *s, int64_t hk, int64
             kn->qk_i8_dec(nc, m - g < QKV__PAD ? m - g : QKV__PAD, (int)D, a->scale, &r,
                           queries_i16(sc) + g * D, D, query_scales(sc, m4, D) + g,
                           sc->hst + g * BK + c, BK, pa);
-    } else if (job->f16s) {
+    } else if (job->f16s) {   /* each group's split queries at 32·D words */
         r = bf16_rows(src, &src->k, s->b, j0 + c, hk, nc, D, D, sh->kb, blk);
-        kn->qk_f16s_dec(nc, m, (int)D, a->scale, &r, (const uint32_t *)sc->q, sc->hst + c, BK,
-                        pa);
+        spread_asks(pa, m);
+        for (int g = 0; g < m; g += QKV__PAD)
+            kn->qk_f16s_dec(nc, m - g < QKV__PAD ? m - g : QKV__PAD, (int)D, a->scale, &r,
+                            (const uint32_t *)sc->q + g / QKV__PAD * 32 * D,
+                            sc->hst + g * BK + c, BK, pa);
     } else if (job->f16) {
         r = tile_rows(src, &src->k, s->b, j0 + c, hk, nc, 2 * D, sh->kw, blk);
         kn->qk_f16_dec(nc, m, (int)D, a->scale, &r, sc->q, D, sc->hst + c, BK, pa);
@@ -1042,7 +1048,11 @@ static void rows_values(const dec_job *job, const qkv__seq *s, int64_t hk, int64
             i8_nan(sc, m, Dv);
     } else if (job->f16s) {
         r = bf16_rows(src, &src->v, s->b, j0 + c, hk, nc, Dv, Dv, sh->vb, blk);
-        kn->pv_f16s_dec(m, nc, (int)Dv, sc->hst + c, BK, &r, al, sc->acc, Dv, pa);
+        spread_asks(pa, m);
+        for (int g = 0; g < m; g += QKV__PAD)
+            kn->pv_f16s_dec(m - g < QKV__PAD ? m - g : QKV__PAD, nc, (int)Dv,
+                            sc->hst + g * BK + c, BK, &r, al ? al + g : NULL, sc->acc + g * Dv,
+                            Dv, pa);
     } else if (job->f16) {
         r = tile_rows(src, &src->v, s->b, j0 + c, hk, nc, 2 * Dv, sh->vw, blk);
         kn->pv_f16_dec(m, nc, (int)Dv, sc->hst + c, BK, &r, al, sc->acc, Dv, pa);
@@ -1710,8 +1720,12 @@ static qkv_status run(qkv_ctx *ctx, const qkv__attn *a, const kv_src *src, int c
     const int grouped = ctx->kernels->dec_rows_max > job.rows_max;
     job.f16s = !src->i8 && src->k.dtype == QKV_F16 && src->v.dtype == QKV_F16 &&
                ctx->kernels->qk_f16s_dec && rows > ctx->kernels->f16s_rows_min &&
-               rows <= job.rows_max && rows <= 16 && (a->dt == QKV_F16 || a->dt == QKV_BF16) &&
+               rows <= (grouped ? ctx->kernels->f16s_rows_max
+                                : job.rows_max < 16 ? job.rows_max : 16) &&
+               (a->dt == QKV_F16 || a->dt == QKV_BF16) &&
                a->D % 16 == 0 && a->D <= 256 && a->Dv % 16 == 0 && a->Dv <= 256;
+    if (grouped && job.f16s)
+        job.rows_max = ctx->kernels->dec_rows_max;
     /* more rows (chunked prefill, verification of more than 4 tokens):
        the forward's bf16 tile kernels on fp16 split into bf16, three
        times the products (fp32 queries keep the fp32 kernels: split,

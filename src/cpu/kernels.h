@@ -487,6 +487,9 @@ typedef struct qkv__kernels {
        prepared them from m fp32 rows q [m][ldq] into qt (at most 32·d
        words), once for every call on those queries. */
     int f16s_rows_min;
+    /* ... and up to f16s_rows_max rows (sets with dec_rows_max, at most
+       that), 16 rows a call, each group splitting the rows again */
+    int f16s_rows_max;
     void (*f16s_queries)(int m, int d, const float *q, int64_t ldq, uint32_t *qt);
     void (*qk_f16s_dec)(int n, int m, int d, float scale, const qkv__rows *k,
                         const uint32_t *qt, float *st, int64_t ldst, qkv__pf *pf);

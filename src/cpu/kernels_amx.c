@@ -1938,6 +1938,13 @@ void QKV_KERNEL_TABLE(qkv__kernels *t)
     t->qk_f16s_dec = qk_f16s_dec_amx;
     t->pv_f16s_dec = pv_f16s_dec_amx;
     t->f16s_rows_min = 8;
+    /* up to 32 rows, each group of 16 splitting the rows again: 2 threads,
+       32/8 heads, against the many-row split kernels (f16t), 5 new
+       queries (20 rows) 0.77x the time head-major and 0.59x
+       position-major, 8 (32 rows) 1.01x and 0.71-0.74x; with 16 (64 rows)
+       the splits cost more: 1.11-1.13x head-major, 0.87-0.93x
+       position-major */
+    t->f16s_rows_max = 32;
     /* int8 pools with more than 8 rows a tile: codes as bf16 on the tiles
        (Sq = 4, 16 rows: 0.88x the time of the int16 dot products; 4 rows
        took 1.6x that way) */
