@@ -883,7 +883,7 @@ void test_decode_threads(void)
             CHECK(ctx[t] && qkv_ctx_set_isa(ctx[t], name) == QKV_OK, "context %s", name);
         }
         const int n_it = t_quick ? 2 : 4;
-        for (int it = 0; it <= n_it + 2; it++) {
+        for (int it = 0; it <= n_it + 3; it++) {
             dcase c;
             random_dcase(&c, &r, it % 2 ? 10000 : 300);
             if (it % 2)   /* split along the keys */
@@ -903,6 +903,20 @@ void test_decode_threads(void)
                 c.lay_k = LAY_CONTIG;
                 c.opts = qkv_attn_opts_default();
                 c.opts.causal = 1;
+            }
+            if (it == n_it + 3) {
+                /* 32 rows a kv head from position-major rows: tasks of
+                   8, 4, 2 and 1 kv heads at 1, 2, 3 and 5 threads, each
+                   head's rows 16 at a time on the amx set */
+                c.B = 1;
+                c.Hq = 32;
+                c.Hkv = 8;
+                c.Sq = 8;
+                c.D = c.Dv = 64;
+                c.Smax = 4200;
+                c.lens[0] = 4200;
+                c.qdt = c.kdt = QKV_BF16;
+                c.lay_k = LAY_CONTIG;
             }
             if (it == n_it) {
                 /* one sequence not split along the keys, a row per kv
