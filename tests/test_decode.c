@@ -237,6 +237,33 @@ static void check_case(const isas *s, qkv_ctx *ref, dcase *c, rng *r, double wor
     dcase_free(c);
 }
 
+/* n cases (random_dcase up to max_len keys) taking their query heads,
+   kv heads and new queries from shapes and their (query, cache) dtypes
+   from dts in turn, the first sequence holding the whole cache; with
+   long_keys at least 600 keys (several key tiles) and head dims of at
+   most 128. */
+static void tile_cases(const isas *s, qkv_ctx *ref, rng *r, double worst[3],
+                       const int64_t (*shapes)[3], int ns, const qkv_dtype (*dts)[2], int nd,
+                       int n, int64_t max_len, int long_keys)
+{
+    for (int it = 0; it < n; it++) {
+        dcase c;
+        random_dcase(&c, r, max_len);
+        c.Hq = shapes[it % ns][0];
+        c.Hkv = shapes[it % ns][1];
+        c.Sq = shapes[it % ns][2];
+        c.qdt = dts[it % nd][0];
+        c.kdt = dts[it % nd][1];
+        if (long_keys) {
+            if (c.D > 128) c.D = 128;
+            if (c.Dv > 128) c.Dv = 128;
+            if (c.Smax < 600) c.Smax += 600;
+        }
+        c.lens[0] = (int32_t)c.Smax;
+        check_case(s, ref, &c, r, worst);
+    }
+}
+
 void test_decode_reference(void)
 {
     isas s;
@@ -280,17 +307,7 @@ void test_decode_reference(void)
     static const qkv_dtype tdts[][2] = { { QKV_BF16, QKV_BF16 }, { QKV_F32, QKV_F16 },
                                          { QKV_F32, QKV_F32 }, { QKV_F16, QKV_F16 },
                                          { QKV_BF16, QKV_F16 } };
-    for (int it = 0; it < 30; it++) {
-        dcase c;
-        random_dcase(&c, &r, 300);
-        c.Hq = tiles[it % 6][0];
-        c.Hkv = tiles[it % 6][1];
-        c.Sq = tiles[it % 6][2];
-        c.qdt = tdts[it % 5][0];
-        c.kdt = tdts[it % 5][1];
-        c.lens[0] = (int32_t)c.Smax;
-        check_case(&s, ref, &c, &r, worst);
-    }
+    tile_cases(&s, ref, &r, worst, tiles, 6, tdts, 5, 30, 300, 0);
     /* tiles of 17 to 64 rows, which sets with tiles run through the
        few-row kernels 16 rows at a time (kernels.h dec_rows_max; fp16
        caches up to f16s_rows_max), over several key tiles so that every
@@ -300,20 +317,7 @@ void test_decode_reference(void)
                                          { QKV_BF16, QKV_F16 } };
     static const int64_t grouped[][3] = { { 8, 2, 5 }, { 8, 2, 8 }, { 8, 2, 16 }, { 32, 8, 8 },
                                           { 6, 3, 7 }, { 2, 1, 16 }, { 16, 1, 4 }, { 4, 1, 70 } };
-    for (int it = 0; it < (t_quick ? 8 : 24); it++) {
-        dcase c;
-        random_dcase(&c, &r, 1200);
-        c.Hq = grouped[it % 8][0];
-        c.Hkv = grouped[it % 8][1];
-        c.Sq = grouped[it % 8][2];
-        c.qdt = gdts[it % 3][0];
-        c.kdt = gdts[it % 3][1];
-        if (c.D > 128) c.D = 128;
-        if (c.Dv > 128) c.Dv = 128;
-        if (c.Smax < 600) c.Smax += 600;
-        c.lens[0] = (int32_t)c.Smax;
-        check_case(&s, ref, &c, &r, worst);
-    }
+    tile_cases(&s, ref, &r, worst, grouped, 8, gdts, 3, t_quick ? 8 : 24, 1200, 1);
     /* chunks of new queries long enough (512 rows a kv head and more) for
        the forward's kernels on sets with tiles: bf16 and fp16 caches of
        the queries' dtype, every mask, sequences shorter than the chunk */
@@ -904,32 +908,23 @@ void test_decode_threads(void)
                 c.opts = qkv_attn_opts_default();
                 c.opts.causal = 1;
             }
-            if (it == n_it + 3) {
-                /* 32 rows a kv head from position-major rows: tasks of
-                   8, 4, 2 and 1 kv heads at 1, 2, 3 and 5 threads, each
-                   head's rows 16 at a time on the amx set */
+            if (it == n_it || it == n_it + 3) {
+                /* one sequence not split along the keys: how many kv
+                   heads a task takes of a position-major cache or a
+                   head-major pool follows the thread count; a row per
+                   kv head, or (bf16) 32 rows, which the amx set takes 16
+                   at a time, in tasks of 8, 4, 2 and 1 kv heads at 1, 2,
+                   3 and 5 threads */
                 c.B = 1;
-                c.Hq = 32;
                 c.Hkv = 8;
-                c.Sq = 8;
-                c.D = c.Dv = 64;
-                c.Smax = 4200;
-                c.lens[0] = 4200;
-                c.qdt = c.kdt = QKV_BF16;
-                c.lay_k = LAY_CONTIG;
-            }
-            if (it == n_it) {
-                /* one sequence not split along the keys, a row per kv
-                   head: how many kv heads a task takes of a
-                   position-major cache or a head-major pool follows the
-                   thread count */
-                c.B = 1;
-                c.Hq = c.Hkv = 8;
-                c.Sq = 1;
+                c.Hq = it == n_it ? 8 : 32;
+                c.Sq = it == n_it ? 1 : 8;
                 c.D = c.Dv = 64;
                 c.Smax = 4200;
                 c.lens[0] = 4200;
                 c.lay_k = LAY_CONTIG;
+                if (it > n_it)
+                    c.qdt = c.kdt = QKV_BF16;
             }
             dcase_build(&c, &r);
             paged p;
