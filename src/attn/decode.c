@@ -263,6 +263,10 @@ typedef struct {
 
 static int64_t pairs(int64_t n) { return (n + 1) / 2; }
 
+/* Rows of the group of 16 from row g of m (the few-row kernels' calls
+   on tiles of more rows, kernels.h dec_rows_max). */
+static int group_rows(int m, int g) { return m - g < QKV__PAD ? m - g : QKV__PAD; }
+
 /* Per-thread scratch as one kv head of the task sees it: the key tile's
    buffers are shared by the task's heads, the queries and the softmax
    state are the head's own. */
@@ -459,7 +463,7 @@ static void load_queries(const dec_job *job, const qkv__seq *s, const qkv__tile_
                               32·D words for each group of 16 rows */
             memcpy(sc->hst, sc->q, (size_t)(m * D) * sizeof(float));
             for (int g = 0; g < m; g += QKV__PAD)
-                kn->f16s_queries(m - g < QKV__PAD ? m - g : QKV__PAD, (int)D, sc->hst + g * D, D,
+                kn->f16s_queries(group_rows(m, g), (int)D, sc->hst + g * D, D,
                                  (uint32_t *)sc->q + g / QKV__PAD * 32 * D);
         }
         return;
@@ -928,20 +932,6 @@ static void i8_nan(const scratch *sc, int m, int64_t Dv)
         sc->acc[x] = NAN;
 }
 
-/* Rows g .. g+15 of a few-row tile's scratch (bf16 queries as rows of
-   w values, the head's scores and P [R][BK], acc [R][Dv]), as the
-   kernels see a tile of their own. */
-static scratch row_group(const scratch *sc, int g, int64_t w, int64_t Dv)
-{
-    scratch sg = *sc;
-    sg.q = (float *)((uint16_t *)sc->q + g * w);
-    sg.hst = sc->hst + g * BK;
-    sg.hpp = (uint32_t *)((uint16_t *)sc->hpp + g * BK);
-    sg.acc = sc->acc + g * Dv;
-    sg.alpha = sc->alpha + g;
-    return sg;
-}
-
 /* pa's asks spread over the calls of m rows in groups of 16. */
 static void spread_asks(qkv__pf *pa, int m)
 {
@@ -968,14 +958,14 @@ static void rows_scores(const dec_job *job, const qkv__seq *s, int64_t hk, int64
         r = tile_rows(src, &src->k, s->b, j0 + c, hk, nc, D, sh->kb, blk);
         spread_asks(pa, m);
         for (int g = 0; g < m; g += QKV__PAD)
-            kn->qk_i8_dec(nc, m - g < QKV__PAD ? m - g : QKV__PAD, (int)D, a->scale, &r,
+            kn->qk_i8_dec(nc, group_rows(m, g), (int)D, a->scale, &r,
                           queries_i16(sc) + g * D, D, query_scales(sc, m4, D) + g,
                           sc->hst + g * BK + c, BK, pa);
     } else if (job->f16s) {   /* each group's split queries at 32·D words */
         r = bf16_rows(src, &src->k, s->b, j0 + c, hk, nc, D, D, sh->kb, blk);
         spread_asks(pa, m);
         for (int g = 0; g < m; g += QKV__PAD)
-            kn->qk_f16s_dec(nc, m - g < QKV__PAD ? m - g : QKV__PAD, (int)D, a->scale, &r,
+            kn->qk_f16s_dec(nc, group_rows(m, g), (int)D, a->scale, &r,
                             (const uint32_t *)sc->q + g / QKV__PAD * 32 * D,
                             sc->hst + g * BK + c, BK, pa);
     } else if (job->f16) {
@@ -984,11 +974,9 @@ static void rows_scores(const dec_job *job, const qkv__seq *s, int64_t hk, int64
     } else if (job->bf) {   /* 16 rows a call (kernels.h dec_rows_max) */
         r = bf16_rows(src, &src->k, s->b, j0 + c, hk, nc, D, w, sh->kb, blk);
         spread_asks(pa, m);
-        for (int g = 0; g < m; g += QKV__PAD) {
-            const scratch sg = row_group(sc, g, w, a->Dv);
-            kn->qk_bf16_dec(nc, m - g < QKV__PAD ? m - g : QKV__PAD, (int)pairs(D), a->scale, &r,
-                            (const uint16_t *)sg.q, w, sg.hst + c, BK, pa);
-        }
+        for (int g = 0; g < m; g += QKV__PAD)
+            kn->qk_bf16_dec(nc, group_rows(m, g), (int)pairs(D), a->scale, &r,
+                            (const uint16_t *)sc->q + g * w, w, sc->hst + g * BK + c, BK, pa);
     } else {   /* fp32 rows, converted run by run where they are not fp32 */
         for (int c0 = c; c0 < c + nc;) {
             const int nr = run_until(src, j0, c0, c + nc, n, 4);
@@ -1041,7 +1029,7 @@ static void rows_values(const dec_job *job, const qkv__seq *s, int64_t hk, int64
         r = tile_rows(src, &src->v, s->b, j0 + c, hk, nc, Dv, sh->vb, blk);
         spread_asks(pa, m);
         for (int g = 0; g < m; g += QKV__PAD)
-            kn->pv_i8_dec(m - g < QKV__PAD ? m - g : QKV__PAD, nc, (int)Dv,
+            kn->pv_i8_dec(group_rows(m, g), nc, (int)Dv,
                           (const int16_t *)sc->hpp + g * BK + c, BK, &r, al ? al + g : NULL,
                           sc->hps[0], sc->acc + g * Dv, Dv, pa);
         if (c + nc == n && sc->hps[1] != 0.0f)
@@ -1050,7 +1038,7 @@ static void rows_values(const dec_job *job, const qkv__seq *s, int64_t hk, int64
         r = bf16_rows(src, &src->v, s->b, j0 + c, hk, nc, Dv, Dv, sh->vb, blk);
         spread_asks(pa, m);
         for (int g = 0; g < m; g += QKV__PAD)
-            kn->pv_f16s_dec(m - g < QKV__PAD ? m - g : QKV__PAD, nc, (int)Dv,
+            kn->pv_f16s_dec(group_rows(m, g), nc, (int)Dv,
                             sc->hst + g * BK + c, BK, &r, al ? al + g : NULL, sc->acc + g * Dv,
                             Dv, pa);
     } else if (job->f16) {
@@ -1059,12 +1047,10 @@ static void rows_values(const dec_job *job, const qkv__seq *s, int64_t hk, int64
     } else if (job->bf) {
         r = bf16_rows(src, &src->v, s->b, j0 + c, hk, nc, Dv, Dv, sh->vb, blk);
         spread_asks(pa, m);
-        for (int g = 0; g < m; g += QKV__PAD) {
-            const scratch sg = row_group(sc, g, 2 * pairs(a->D), Dv);
-            kn->pv_bf16_dec(m - g < QKV__PAD ? m - g : QKV__PAD, nc, (int)Dv,
-                            (const uint16_t *)sg.hpp + c, BK, &r, al ? al + g : NULL, sg.acc,
-                            Dv, pa);
-        }
+        for (int g = 0; g < m; g += QKV__PAD)
+            kn->pv_bf16_dec(group_rows(m, g), nc, (int)Dv,
+                            (const uint16_t *)sc->hpp + g * BK + c, BK, &r, al ? al + g : NULL,
+                            sc->acc + g * Dv, Dv, pa);
     } else {   /* fp32 P·V run by run (alpha on the tile's first run:
                   the bits of one call), the next lines asked for as the
                   kernel goes (asked for between calls of 16 keys they
@@ -1708,30 +1694,29 @@ static qkv_status run(qkv_ctx *ctx, const qkv__attn *a, const kv_src *src, int c
     if (src->i8 && a->dt == QKV_BF16 && ctx->kernels->qk_bf16_dec &&
         (job.P * a->group <= job.rows_max || ctx->kernels->qk_bf16))
         job.bf = 1;
+    const int64_t rows = job.P * a->group;
+    /* sets whose few-row kernels take up to 16 rows on tiles: tiles of up
+       to dec_rows_max rows of bf16 or of int8 codes read as codes, and up
+       to f16s_rows_max of fp16, call them 16 rows at a time (rows_scores,
+       rows_values; rows_max raised below) */
+    const int grouped = ctx->kernels->dec_rows_max > job.rows_max;
     /* fp16 rows: on sets with bf16 tiles, tiles of more than
        f16s_rows_min rows split the values into pairs of bf16 (with fp16
        or bf16 queries, which split exactly as well; whatever the strides,
        for the same bits in every layout); else read in place at a unit
        stride, up to the set's row limit */
-    const int64_t rows = job.P * a->group;
-    /* sets whose few-row kernels take up to 16 rows on tiles: tiles of up
-       to dec_rows_max rows of bf16, or of int8 codes read as codes, call
-       them 16 rows at a time (rows_scores, rows_values) */
-    const int grouped = ctx->kernels->dec_rows_max > job.rows_max;
     job.f16s = !src->i8 && src->k.dtype == QKV_F16 && src->v.dtype == QKV_F16 &&
                ctx->kernels->qk_f16s_dec && rows > ctx->kernels->f16s_rows_min &&
                rows <= (grouped ? ctx->kernels->f16s_rows_max
                                 : job.rows_max < 16 ? job.rows_max : 16) &&
                (a->dt == QKV_F16 || a->dt == QKV_BF16) &&
                a->D % 16 == 0 && a->D <= 256 && a->Dv % 16 == 0 && a->Dv <= 256;
-    if (grouped && job.f16s)
-        job.rows_max = ctx->kernels->dec_rows_max;
     /* more rows (chunked prefill, verification of more than 4 tokens):
        the forward's bf16 tile kernels on fp16 split into bf16, three
        times the products (fp32 queries keep the fp32 kernels: split,
        they would keep 16 of their bits); only tiles of more than rows_max
        rows (head_tile) take them */
-    job.f16t = !src->i8 && src->k.dtype == QKV_F16 && src->v.dtype == QKV_F16 &&
+    job.f16t = !job.f16s && !src->i8 && src->k.dtype == QKV_F16 && src->v.dtype == QKV_F16 &&
                rows > job.rows_max && (a->dt == QKV_F16 || a->dt == QKV_BF16) &&
                ctx->kernels->split_f16 && ctx->kernels->qk_tiles;
     job.f16 = !job.f16s && !src->i8 && src->k.dtype == QKV_F16 && src->v.dtype == QKV_F16 &&
@@ -1748,7 +1733,7 @@ static qkv_status run(qkv_ctx *ctx, const qkv__attn *a, const kv_src *src, int c
                                                                : job.rows_max) &&
                 (a->dt == QKV_BF16 ? job.bf : a->dt == QKV_F16) &&
                 (!ctx->kernels->i8_rows_max || rows <= ctx->kernels->i8_rows_max);
-    if (grouped && ((job.bf && !src->i8) || job.i8dot))
+    if (grouped && ((job.bf && !src->i8) || job.i8dot || job.f16s))
         job.rows_max = ctx->kernels->dec_rows_max;
     /* rows of one head that follow each other for the whole sequence
        ([B, Hkv, S, D] caches): one stream per head, a task per head. In a
