@@ -189,7 +189,7 @@ enum { CHUNK = 8 };   /* keys per kernel call between two asks */
 enum { MANY_CHUNK = 32 };   /* the same for tiles of more than QKV__PAD rows */
 
 /* Tiles of up to this many rows (decoding, speculative verification;
-   bf16 rows on sets with tiles: kernels.h dec_rows_max) take
+   on sets with tiles more: kernels.h dec_rows_max) take
    head_tile_rows: scores from qk_bf16_dec / qk_dec (dot products along
    d, 4 x 4 at a time), the softmax along rows, then P·V; more rows
    (chunked prefill) take the forward's layout: qk or qk_bf16 on query
@@ -1764,21 +1764,21 @@ static qkv_status run(qkv_ctx *ctx, const qkv__attn *a, const kv_src *src, int c
     for (int64_t b = 0; b < a->B; b++)
         parts += job.split[b];
     /* kv heads per task: with few rows per head (decode: up to 16, or the
-       tiles of bf16 rows up to dec_rows_max that take the few-row kernels
-       16 rows at a time) and rows that do not stream, as many as keep
-       their states within 1 MiB and leave a task for each thread; else (a
-       stream per head, or chunked prefill) one. Position-major bf16 on the
-       Xeon (1x16384, 32/8 heads, 2 threads): with 5 and 8 new queries (20
-       and 32 rows a head) 0.78-0.81x the time of a task per head, with 16
-       (64 rows, 4 heads a task) 0.94x. A short cache of one sequence is
-       not split, and all its heads in one task left the other threads idle: with a task per thread,
-       1x1024 and 1x4096 (32/8 heads, 2 threads) from position-major
+       tiles up to dec_rows_max that take the few-row kernels 16 rows at a
+       time) and rows that do not stream, as many as keep their states
+       within 1 MiB and leave a task for each thread; else (a stream per
+       head, or chunked prefill) one. Position-major bf16 on the Xeon
+       (1x16384, 32/8 heads, 2 threads): with 5 and 8 new queries (20 and
+       32 rows a head) 0.78-0.81x the time of a task per head, with 16 (64
+       rows, 4 heads a task) 0.94x. A short cache of one sequence is not
+       split, and all its heads in one task left the other threads idle:
+       with a task per thread, 1x1024 and 1x4096 (32/8 heads, 2 threads) from position-major
        caches and pools took 0.58-0.66x the time. Four tasks a thread took
        2x at 1x8192 from a position-major pool, each task reading a
        quarter of every position's rows. The results do not depend on
        it. */
     job.HB = 1;
-    if (!streams && job.P * a->group <= (job.rows_max > QKV__PAD ? job.rows_max : QKV__PAD))
+    if (!streams && rows <= (job.rows_max > QKV__PAD ? job.rows_max : QKV__PAD))
         for (int64_t hb = a->Hkv; hb > 1; hb--)
             if (a->Hkv % hb == 0 && hb * head_floats(job.R, a->D, a->Dv) * 4 <= (1 << 20) &&
                 a->Hkv / hb * n_qt * parts >= ctx->n_threads) {

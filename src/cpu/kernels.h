@@ -408,10 +408,13 @@ typedef struct qkv__kernels {
                         const qkv__rows *v, const float *alpha, float *acc, int64_t lda,
                         qkv__pf *pf);
 
-    /* Rows (a multiple of 16, 0: none) up to which decode runs
-       qk_bf16_dec, exp_rows_bf16 and pv_bf16_dec on a tile of bf16 rows
-       16 query rows at a time, each group against the key tile in L2,
-       rather than the many-row kernels (qk_bf16, pack_pairs, mm_bf16). */
+    /* Rows (a multiple of 16, 0: none) up to which decode runs the
+       few-row kernels on a tile 16 query rows at a time, each group
+       against the key tile in L2: qk_bf16_dec, exp_rows_bf16 and
+       pv_bf16_dec on bf16 rows, rather than the many-row kernels
+       (qk_bf16, pack_pairs, mm_bf16); qk_i8_dec and pv_i8_dec on int8
+       codes where i8_rows_max is 0; the f16s kernels up to
+       f16s_rows_max. */
     int dec_rows_max;
 
     /* The decode kernels of sets with tiles (_dec: bf16, f16s, i8) may
