@@ -91,40 +91,6 @@ static inline void qkv__pf_lines(qkv__pf *pf, int count)
     }
 }
 
-/* pf while it is one run of lines (rows == 1), as a cursor an inner loop
-   steps along 4 lines at a time: a pointer compare and four prefetches.
-   The bf16 decode scores kernel asks this way: from L2 it took 25.4
-   cycles per key through qkv__pf_lines, 21.8 through a run, as without
-   prefetches. (P·V asks line by line through qkv__pf_run_rows: its
-   lines in groups of 4 slowed a thread reading from memory by 5–10%; on
-   Zen 1 qkv__pf_lines cost P·V 18 cycles per key of 4 rows, the cursor
-   6.) end is NULL for other pfs, which go through qkv__pf_lines. */
-typedef struct {
-    const char *at, *end;
-} qkv__pf_run;
-
-static inline qkv__pf_run qkv__pf_run_begin(const qkv__pf *pf)
-{
-    qkv__pf_run r = { NULL, NULL };
-    if (pf && pf->rows == 1 && pf->row == 0 && !pf->bases) {
-        r.at = pf->base + 64 * (int64_t)pf->line;
-        r.end = pf->base + 64 * (int64_t)pf->lines;
-    }
-    return r;
-}
-
-/* Asks for about `count` more lines of r, in groups of 4 (the last group
-   may reach up to 3 lines past the run: prefetches never fault). */
-static inline void qkv__pf_run_lines(qkv__pf_run *r, int count)
-{
-    for (int c = 0; c < count && r->at < r->end; c += 4, r->at += 256) {
-        __builtin_prefetch(r->at, 0, 2);
-        __builtin_prefetch(r->at + 64, 0, 2);
-        __builtin_prefetch(r->at + 128, 0, 2);
-        __builtin_prefetch(r->at + 192, 0, 2);
-    }
-}
-
 /* Row `row` of pf's lines. */
 static inline const char *qkv__pf_row(const qkv__pf *pf, int row)
 {
@@ -132,11 +98,25 @@ static inline const char *qkv__pf_row(const qkv__pf *pf, int row)
 }
 
 /* pf as a cursor over its rows of lines, from where it is (any pf; end
-   NULL when none are left): P·V's, which asks for a few lines a column
-   step through qkv__pf_run_each, the one that moves on to the next row
-   (qkv__pf_run_lines and qkv__pf_ask stay within one run: they take
-   cursors from qkv__pf_run_begin). */
-static inline qkv__pf_run qkv__pf_run_rows(const qkv__pf *pf)
+   NULL when none are left), which an inner loop steps along: a pointer
+   compare and a few prefetches at a time, on to pf's next row at the end
+   of one. The bf16 decode scores kernel asks this way, 4 lines at a time
+   (qkv__pf_ask): from L2 it took 25.4 cycles per key through
+   qkv__pf_lines, 21.8 through a run, as without prefetches. Over paged
+   pools (a row per block; Zen 4, 1x4096 from the L3) decoding took
+   0.93-0.96x the time it took with the scores asking through
+   qkv__pf_lines, and from memory the same or less. P·V asks line by
+   line: its lines in groups of 4 slowed a thread reading from memory by
+   5-10%. The few-row bf16 and int8 P·V kernels ask through
+   qkv__pf_lines after each pair of keys: through qkv__pf_run_each they
+   took 0.96x the time from the L3 over pools, 1.04-1.06x from memory. On
+   Zen 1 qkv__pf_lines cost P·V 18 cycles per key of 4 rows, the cursor
+   6 (pv_rows_fma asks through it). */
+typedef struct {
+    const char *at, *end;
+} qkv__pf_run;
+
+static inline qkv__pf_run qkv__pf_run_begin(const qkv__pf *pf)
 {
     qkv__pf_run r = { NULL, NULL };
     if (pf && pf->row < pf->rows) {
@@ -147,30 +127,47 @@ static inline qkv__pf_run qkv__pf_run_rows(const qkv__pf *pf)
     return r;
 }
 
-/* Asks for the next `count` lines of r (from qkv__pf_run_rows) one by
-   one, on to pf's next row at the end of one. */
-static inline void qkv__pf_run_each(qkv__pf *pf, qkv__pf_run *r, int count)
+/* r on to pf's next row once its run is done; 0 when none is left. */
+static inline int qkv__pf_run_next(qkv__pf *pf, qkv__pf_run *r)
 {
-    for (; count > 0; count--, r->at += 64) {
-        if (r->at >= r->end) {
-            if (pf->row + 1 >= pf->rows)
-                return;
-            pf->row++;
-            pf->line = 0;
-            r->at = qkv__pf_row(pf, pf->row);
-            r->end = r->at + 64 * (int64_t)pf->lines;
-        }
-        __builtin_prefetch(r->at, 0, 2);
-    }
+    if (r->at < r->end)
+        return 1;
+    if (pf->row + 1 >= pf->rows)
+        return 0;
+    pf->row++;
+    pf->line = 0;
+    r->at = qkv__pf_row(pf, pf->row);
+    r->end = r->at + 64 * (int64_t)pf->lines;
+    return 1;
 }
 
-/* Asks for count more lines of pf, through r while it is a run. */
+/* Asks for the next `count` lines of r one by one. */
+static inline void qkv__pf_run_each(qkv__pf *pf, qkv__pf_run *r, int count)
+{
+    for (; count > 0 && qkv__pf_run_next(pf, r); count--, r->at += 64)
+        __builtin_prefetch(r->at, 0, 2);
+}
+
+/* Asks for about `count` more lines of r (end NULL: none), in groups of 4
+   where a row has 4 left. */
 static inline void qkv__pf_ask(qkv__pf *pf, qkv__pf_run *r, int count)
 {
-    if (r->end)
-        qkv__pf_run_lines(r, count);
-    else if (pf)
-        qkv__pf_lines(pf, count);
+    if (!r->end)
+        return;
+    for (int c = 0; c < count && qkv__pf_run_next(pf, r);) {
+        if (r->end - r->at >= 256) {
+            __builtin_prefetch(r->at, 0, 2);
+            __builtin_prefetch(r->at + 64, 0, 2);
+            __builtin_prefetch(r->at + 128, 0, 2);
+            __builtin_prefetch(r->at + 192, 0, 2);
+            r->at += 256;
+            c += 4;
+        } else {
+            __builtin_prefetch(r->at, 0, 2);
+            r->at += 64;
+            c++;
+        }
+    }
 }
 
 /* Keeps r's progress in pf, for the next kernel call on it. */

@@ -1663,7 +1663,7 @@ void pv_rows_fma(const int lay, int m, int n, int dv, const void *p, int64_t ldp
     }
     /* pf's lines: per4 per 4 keys, shared by the first row group's steps */
     const int ask = pf && steps ? (pf->per4 + steps - 1) / steps : 0;
-    qkv__pf_run run = qkv__pf_run_rows(pf);
+    qkv__pf_run run = qkv__pf_run_begin(pf);
     float pr[16 * PVF_CHUNK];
     const char *vr[PVF_CHUNK];
     for (int kc = 0; kc < n; kc += PVF_CHUNK) {
