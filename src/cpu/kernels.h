@@ -99,19 +99,18 @@ static inline const char *qkv__pf_row(const qkv__pf *pf, int row)
 
 /* pf as a cursor over its rows of lines, from where it is (any pf; end
    NULL when none are left), which an inner loop steps along: a pointer
-   compare and a few prefetches at a time, on to pf's next row at the end
-   of one. The bf16 decode scores kernel asks this way, 4 lines at a time
-   (qkv__pf_ask): from L2 it took 25.4 cycles per key through
-   qkv__pf_lines, 21.8 through a run, as without prefetches. Over paged
-   pools (a row per block; Zen 4, 1x4096 from the L3) decoding took
-   0.93-0.96x the time it took with the scores asking through
-   qkv__pf_lines, and from memory the same or less. P·V asks line by
-   line: its lines in groups of 4 slowed a thread reading from memory by
-   5-10%. The few-row bf16 and int8 P·V kernels ask through
-   qkv__pf_lines after each pair of keys: through qkv__pf_run_each they
-   took 0.96x the time from the L3 over pools, 1.04-1.06x from memory. On
-   Zen 1 qkv__pf_lines cost P·V 18 cycles per key of 4 rows, the cursor
-   6 (pv_rows_fma asks through it). */
+   compare and a few prefetches at a time, on to pf's next row (a paged
+   pool's next block) at the end of one. The scores kernels ask through
+   it 4 lines at a time (qkv__pf_ask): from L2 the bf16 one took 25.4
+   cycles per key through qkv__pf_lines, 21.8 through the cursor, as
+   without prefetches; over paged pools (Zen 4, 1x4096 from the L3, bf16
+   and int8) decoding took 0.90-0.94x the time, from memory the same.
+   P·V asks line by line: pv_rows_fma through qkv__pf_run_each (on Zen 1
+   qkv__pf_lines cost it 18 cycles per key of 4 rows, the cursor 6; in
+   groups of 4 its lines slowed a thread reading from memory by 5-10%);
+   the few-row bf16 and int8 P·V kernels through qkv__pf_lines (through
+   the cursor they took 0.96x the time from the L3 over pools, but
+   1.04-1.06x from memory). */
 typedef struct {
     const char *at, *end;
 } qkv__pf_run;
