@@ -857,7 +857,6 @@ static qkv__pf next_rows(const dec_job *job, const qkv_tensor *t, int64_t b, int
     }
     const int64_t steps = (n + 3) / 4;
     pf.per4 = (int32_t)(((int64_t)pf.rows * pf.lines + steps - 1) / steps);
-    pf.l2 = 1;
     return pf;
 }
 

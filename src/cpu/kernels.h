@@ -56,32 +56,34 @@ static inline void qkv__walk_next(qkv__walk *w, const qkv__rows *r, int j, int s
 }
 
 /* Cache lines a decode kernel asks for while it works (software
-   prefetch): `rows` rows `ld` bytes apart from base (or at bases[row]
-   when bases is set: the blocks of a paged cache), `lines` lines of 64
-   bytes each, `per4` lines after each 4 keys until all are asked for;
-   row/line is the progress, kept across calls. l2: into L2 only. */
+   prefetch, into L2): `rows` rows `ld` bytes apart from base (or at
+   bases[row] when bases is set: the blocks of a paged cache), `lines`
+   lines of 64 bytes each, `per4` lines after each 4 keys until all are
+   asked for; row/line is the progress, kept across calls. */
 typedef struct {
     const char        *base;
     const char *const *bases;
     int64_t            ld;
-    int32_t            rows, lines, per4, l2;
+    int32_t            rows, lines, per4;
     int32_t            row, line;
 } qkv__pf;
+
+/* Row `row` of pf's lines. */
+static inline const char *qkv__pf_row(const qkv__pf *pf, int row)
+{
+    return pf->bases ? pf->bases[row] : pf->base + (int64_t)row * pf->ld;
+}
 
 /* Asks for up to `count` more lines of pf. */
 static inline void qkv__pf_lines(qkv__pf *pf, int count)
 {
     while (count > 0 && pf->row < pf->rows) {
-        const char *r = pf->bases ? pf->bases[pf->row] : pf->base + pf->row * pf->ld;
+        const char *r = qkv__pf_row(pf, pf->row);
         int l = pf->line;
         const int e = count < pf->lines - l ? l + count : pf->lines;
         count -= e - l;
-        if (pf->l2)
-            for (; l < e; l++)
-                __builtin_prefetch(r + 64 * l, 0, 2);
-        else
-            for (; l < e; l++)
-                __builtin_prefetch(r + 64 * l, 0, 3);
+        for (; l < e; l++)
+            __builtin_prefetch(r + 64 * l, 0, 2);
         if (e == pf->lines) {
             pf->line = 0;
             pf->row++;
@@ -89,12 +91,6 @@ static inline void qkv__pf_lines(qkv__pf *pf, int count)
             pf->line = e;
         }
     }
-}
-
-/* Row `row` of pf's lines. */
-static inline const char *qkv__pf_row(const qkv__pf *pf, int row)
-{
-    return pf->bases ? pf->bases[row] : pf->base + (int64_t)row * pf->ld;
 }
 
 /* pf as a cursor over its rows of lines, from where it is (any pf; end
