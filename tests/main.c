@@ -72,6 +72,7 @@ static const struct { const char *name; void (*fn)(void); } tests[] = {
     { "nan_rows",                test_nan_rows },
     { "convert_store_kernels",   test_convert_store_kernels },
     { "convert_i8_bf16_kernels", test_convert_i8_bf16_kernels },
+    { "convert_pack_pairs_kernels", test_convert_pack_pairs_kernels },
     { "errors_api",              test_errors_api },
     { "errors_pointers",         test_errors_pointers },
     { "errors_dtypes",           test_errors_dtypes },

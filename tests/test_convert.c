@@ -436,3 +436,37 @@ void test_convert_i8_bf16_kernels(void)
               (long long)bad);
     }
 }
+
+/* pack_pairs of every kernel set against its definition: word c of a in
+   the low half of dst[c], of b (or 0 with no b) in the high half, for n
+   1..100 (the vector bodies and their tails); only the n pairs written. */
+void test_convert_pack_pairs_kernels(void)
+{
+    uint16_t a[104], b[104];
+    for (int i = 0; i < 104; i++) {
+        a[i] = (uint16_t)(i * 2654435761u >> 7);
+        b[i] = (uint16_t)(i * 40503u + 17);
+    }
+    for (int k = 0; qkv__kernels_name(k); k++) {
+        int known;
+        const qkv__kernels *kn = qkv__kernels_by_name(qkv__kernels_name(k), &known);
+        if (!kn)
+            continue;
+        int64_t bad = 0;
+        for (int n = 1; n <= 100; n++)
+            for (int half = 0; half < 2; half++) {
+                uint32_t dst[104];
+                for (int i = 0; i < 104; i++)
+                    dst[i] = 0xdeadbeefu;
+                kn->pack_pairs(a + 1, half ? b + 3 : NULL, n, dst);
+                for (int c = 0; c < 104; c++) {
+                    const uint32_t want =
+                        c >= n ? 0xdeadbeefu
+                               : (uint32_t)a[1 + c] | (half ? (uint32_t)b[3 + c] << 16 : 0u);
+                    bad += dst[c] != want;
+                }
+            }
+        CHECK(bad == 0, "%s: pack_pairs wrote %lld wrong pairs", qkv__kernels_name(k),
+              (long long)bad);
+    }
+}

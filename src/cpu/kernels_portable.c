@@ -574,6 +574,18 @@ typedef uint16_t vh_out __attribute__((vector_size(QKV_VW * 2)));
 STORE_HALF(store_f16, f32_to_f16_bits)
 STORE_HALF(store_bf16, f32_to_bf16_bits)
 
+#if QKV_VW == 16 && defined(__AVX512BW__)
+/* Word indices that interleave two rows of 32 bf16 into pairs: the low
+   16 pairs (columns c..c+15) and the high 16 (c+16..c+31); index 32 + t
+   is word t of the second row. */
+static const int16_t pair_lo[32] = {
+    0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+    8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47 };
+static const int16_t pair_hi[32] = {
+    16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+    24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63 };
+#endif
+
 /* ---- decode scores, fp32: 4 keys x 4 queries reduced together ------------- */
 
 #if defined(__AVX512F__) && QKV_VW == 16
@@ -1154,16 +1166,6 @@ static void exp_rows_bf16(const float *st, int64_t ld, int m, int n, const float
         sum[i] = _mm512_reduce_add_ps((__m512)acc);
     }
 }
-
-/* Word indices that interleave two rows of 32 bf16 into pairs: the low
-   16 pairs (columns c..c+15) and the high 16 (c+16..c+31); index 32 + t
-   is word t of the second row. */
-static const int16_t pair_lo[32] = {
-    0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
-    8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47 };
-static const int16_t pair_hi[32] = {
-    16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
-    24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63 };
 
 /* rows (<= 4) of acc x nw·32 columns (nw 1 or 2; the ones past cols
    masked) over the pairs of n keys, rows v [n][ldv]; pf_pair of pf's
@@ -1906,6 +1908,39 @@ static void drop_cols(float *st, int64_t ld, int n, int m, const uint32_t *row,
 
 /* dst[c] = a[c] | b[c] << 16, c < n: two bf16 rows interleaved into pairs
    (b NULL: zeros). */
+#if QKV_VW == 16 && defined(__AVX512BW__)
+/* 32 columns at a time: two word permutes interleave a's and b's into
+   16 pairs each (widening both and merging took 2.5x the operations). */
+static void pack_pairs(const uint16_t *a, const uint16_t *b, int64_t n, uint32_t *dst)
+{
+    if (!b) {
+        int64_t c = 0;
+        for (; c + 16 <= n; c += 16)
+            _mm512_storeu_si512(dst + c, _mm512_cvtepu16_epi32(
+                                             _mm256_loadu_si256((const __m256i *)(a + c))));
+        for (; c < n; c++)
+            dst[c] = a[c];
+        return;
+    }
+    const __m512i ilo = _mm512_loadu_si512(pair_lo), ihi = _mm512_loadu_si512(pair_hi);
+    for (int64_t c = 0; c < n; c += 32) {
+        const int64_t left = n - c;
+        if (left >= 32) {
+            const __m512i x = _mm512_loadu_si512(a + c), y = _mm512_loadu_si512(b + c);
+            _mm512_storeu_si512(dst + c, _mm512_permutex2var_epi16(x, ilo, y));
+            _mm512_storeu_si512(dst + c + 16, _mm512_permutex2var_epi16(x, ihi, y));
+        } else {
+            const __mmask32 mw = (__mmask32)((1u << left) - 1);
+            const __m512i x = _mm512_maskz_loadu_epi16(mw, a + c);
+            const __m512i y = _mm512_maskz_loadu_epi16(mw, b + c);
+            const __mmask16 m0 = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
+            const __mmask16 m1 = left > 16 ? (__mmask16)((1u << (left - 16)) - 1) : 0;
+            _mm512_mask_storeu_epi32(dst + c, m0, _mm512_permutex2var_epi16(x, ilo, y));
+            _mm512_mask_storeu_epi32(dst + c + 16, m1, _mm512_permutex2var_epi16(x, ihi, y));
+        }
+    }
+}
+#else
 static void pack_pairs(const uint16_t *a, const uint16_t *b, int64_t n, uint32_t *dst)
 {
     if (!b) {
@@ -1919,6 +1954,7 @@ static void pack_pairs(const uint16_t *a, const uint16_t *b, int64_t n, uint32_t
     for (; c < n; c++)
         dst[c] = (uint32_t)a[c] | (uint32_t)b[c] << 16;
 }
+#endif
 
 /* ---- machine ceiling ------------------------------------------------------ */
 
