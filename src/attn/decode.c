@@ -200,6 +200,9 @@ enum { PAIRS_ROWS = 16 };
    (1x32768 keys, 32/8 heads), 12 rows ran 0.83x the forward's kernels'
    time that way, 16 rows 1.01-1.05x. */
 enum { FMA_ROWS = 12 };
+/* The most rows a tile may take the few-row kernels in groups of 16 on
+   sets without tiles (run, below). */
+enum { DEC_GROUPS_MAX = 64 };
 
 /* The rows of one head's next key tile still to be asked for: positions
    p .. end-1 of sequence b, head h, in cache t, cols values a row. */
@@ -1734,6 +1737,21 @@ static qkv_status run(qkv_ctx *ctx, const qkv__attn *a, const kv_src *src, int c
                 (!ctx->kernels->i8_rows_max || rows <= ctx->kernels->i8_rows_max);
     if (grouped && ((job.bf && !src->i8) || job.i8dot || job.f16s))
         job.rows_max = ctx->kernels->dec_rows_max;
+    /* sets with a bf16 dot and no tiles: the many-row scores run their
+       lanes along the queries, 16 at a time, so a tile of 17-64 bf16 rows
+       computes them rounded up to 16; where that is 6/5 of the rows or
+       more, the few-row kernels take the tile 16 rows at a time instead.
+       Zen 4, 2 threads, 1,Sq,16384 from memory, against the many-row
+       kernels: 20 rows 0.74-0.83x the time, 24 0.82x, 36 0.84-0.88x, 40
+       0.92-0.97x, 52 0.95x; from the L3 (1,Sq,2048) 20 rows 0.87x, 24
+       0.97x, 36 0.99x, 40 1.08x. Where fewer are computed for nothing
+       they lose from the L3 (28 and 56 rows 1.03-1.10x; 32, 48 and 64
+       rows 1.14-1.16x) and are level or behind from memory (32, 48 rows
+       1.0x, 56 1.01x, 64 1.07x). */
+    const int64_t rows16 = (rows + QKV__PAD - 1) / QKV__PAD * QKV__PAD;
+    if (!grouped && job.bf && !src->i8 && ctx->kernels->qk_bf16 && rows > job.rows_max &&
+        rows <= DEC_GROUPS_MAX && 6 * rows <= 5 * rows16)
+        job.rows_max = (int)rows;
     /* rows of one head that follow each other for the whole sequence
        ([B, Hkv, S, D] caches): one stream per head, a task per head. In a
        head-major pool they follow each other for one block only (a run of
