@@ -1740,14 +1740,16 @@ static qkv_status run(qkv_ctx *ctx, const qkv__attn *a, const kv_src *src, int c
     /* sets with a bf16 dot and no tiles: the many-row scores run their
        lanes along the queries, 16 at a time, so a tile of 17-64 bf16 rows
        computes them rounded up to 16; where that is 6/5 of the rows or
-       more, the few-row kernels take the tile 16 rows at a time instead.
-       Zen 4, 2 threads, 1,Sq,16384 from memory, against the many-row
-       kernels: 20 rows 0.74-0.83x the time, 24 0.82x, 36 0.84-0.88x, 40
+       more, the few-row kernels take the tile 16 rows at a time instead,
+       with the next tile's rows asked for as they go. Zen 4, 2 threads,
+       1,Sq,16384 from memory, against the many-row kernels: 20 rows
+       0.74-0.83x the time (head-major or position-major pools of 16
+       positions a block: 0.80x), 24 rows 0.82x, 36 0.84-0.88x, 40
        0.92-0.97x, 52 0.95x; from the L3 (1,Sq,2048) 20 rows 0.87x, 24
        0.97x, 36 0.99x, 40 1.08x. Where fewer are computed for nothing
-       they lose from the L3 (28 and 56 rows 1.03-1.10x; 32, 48 and 64
-       rows 1.14-1.16x) and are level or behind from memory (32, 48 rows
-       1.0x, 56 1.01x, 64 1.07x). */
+       the many-row kernels stay: 32 rows took 0.90-0.95x from a
+       head-major cache but 1.05-1.07x from pools and 1.08x from the L3;
+       48 rows 0.95x and 1.07x; 64 rows 1.04-1.09x and 1.13x. */
     const int64_t rows16 = (rows + QKV__PAD - 1) / QKV__PAD * QKV__PAD;
     if (!grouped && job.bf && !src->i8 && ctx->kernels->qk_bf16 && rows > job.rows_max &&
         rows <= DEC_GROUPS_MAX && 6 * rows <= 5 * rows16)
