@@ -404,6 +404,13 @@ void test_convert_store_kernels(void)
     free(src); free(got); free(want[0]); free(want[1]);
 }
 
+/* Kernel set k where this CPU runs it, else NULL. */
+static const qkv__kernels *kernel_set(int k)
+{
+    int known;
+    return qkv__kernels_by_name(qkv__kernels_name(k), &known);
+}
+
 /* cvt_i8_bf16 on every kernel set: every code, rows at a stride, lengths
    1..70 (the vector bodies and their tails); only the row's n elements
    written. */
@@ -413,8 +420,7 @@ void test_convert_i8_bf16_kernels(void)
     for (int i = 0; i < 3 * 80; i++)
         src[i] = (int8_t)(i * 37 - 128);
     for (int k = 0; qkv__kernels_name(k); k++) {
-        int known;
-        const qkv__kernels *kn = qkv__kernels_by_name(qkv__kernels_name(k), &known);
+        const qkv__kernels *kn = kernel_set(k);
         if (!kn)
             continue;
         int64_t bad = 0;
@@ -437,9 +443,27 @@ void test_convert_i8_bf16_kernels(void)
     }
 }
 
-/* pack_pairs of every kernel set against its definition: word c of a in
-   the low half of dst[c], of b (or 0 with no b) in the high half, for n
-   1..100 (the vector bodies and their tails); only the n pairs written. */
+/* Pairs pack_pairs of set kn writes wrong: word c of a in the low half of
+   dst[c], of b (or 0 with no b) in the high half, for n 1..100 (the
+   vector bodies and their tails); only the n pairs written. */
+static int64_t pack_pairs_wrong(const qkv__kernels *kn, const uint16_t *a, const uint16_t *b)
+{
+    int64_t bad = 0;
+    for (int n = 1; n <= 100; n++)
+        for (int half = 0; half < 2; half++) {
+            uint32_t dst[104];
+            for (int i = 0; i < 104; i++)
+                dst[i] = 0xdeadbeefu;
+            kn->pack_pairs(a, half ? b : NULL, n, dst);
+            for (int c = 0; c < 104; c++) {
+                const uint32_t want = c >= n ? 0xdeadbeefu
+                                             : (uint32_t)a[c] | (half ? (uint32_t)b[c] << 16 : 0u);
+                bad += dst[c] != want;
+            }
+        }
+    return bad;
+}
+
 void test_convert_pack_pairs_kernels(void)
 {
     uint16_t a[104], b[104];
@@ -447,26 +471,8 @@ void test_convert_pack_pairs_kernels(void)
         a[i] = (uint16_t)(i * 2654435761u >> 7);
         b[i] = (uint16_t)(i * 40503u + 17);
     }
-    for (int k = 0; qkv__kernels_name(k); k++) {
-        int known;
-        const qkv__kernels *kn = qkv__kernels_by_name(qkv__kernels_name(k), &known);
-        if (!kn)
-            continue;
-        int64_t bad = 0;
-        for (int n = 1; n <= 100; n++)
-            for (int half = 0; half < 2; half++) {
-                uint32_t dst[104];
-                for (int i = 0; i < 104; i++)
-                    dst[i] = 0xdeadbeefu;
-                kn->pack_pairs(a + 1, half ? b + 3 : NULL, n, dst);
-                for (int c = 0; c < 104; c++) {
-                    const uint32_t want =
-                        c >= n ? 0xdeadbeefu
-                               : (uint32_t)a[1 + c] | (half ? (uint32_t)b[3 + c] << 16 : 0u);
-                    bad += dst[c] != want;
-                }
-            }
-        CHECK(bad == 0, "%s: pack_pairs wrote %lld wrong pairs", qkv__kernels_name(k),
-              (long long)bad);
-    }
+    for (int k = 0; qkv__kernels_name(k); k++)
+        if (kernel_set(k))
+            CHECK(pack_pairs_wrong(kernel_set(k), a + 1, b + 3) == 0,
+                  "%s: pack_pairs wrote wrong pairs", qkv__kernels_name(k));
 }
