@@ -20,6 +20,7 @@
  *   and outputs (or the cache) untouched.
  */
 #include "test.h"
+#include "../src/cpu/kernels.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -1193,4 +1194,47 @@ void test_decode_errors(void)
         }
     }
     qkv_ctx_free(ctx);
+}
+
+/* qk_i8_dec of every kernel set that has it: the scores of 14-16 query
+   rows in one call (lanes along the queries on AVX-512 sets) are those of
+   the same rows in calls of 4 (blocks of 4 keys x 4 queries): the int32
+   sums are exact, and both scale them alike. 37 keys (a block of 8 and
+   single keys), d 128 and 64. */
+void test_decode_i8_kernel_bits(void)
+{
+    enum { N = 37, D = 128, LD = D + 32, M = 16 };
+    rng r = rng_seed(77);
+    int8_t *k = malloc((size_t)N * LD);
+    int16_t q[M * D];
+    float qsc[M];
+    for (int i = 0; i < N * LD; i++)
+        k[i] = (int8_t)rng_int(&r, -127, 127);
+    for (int i = 0; i < M * D; i++)
+        q[i] = (int16_t)rng_int(&r, -32767, 32767);
+    for (int i = 0; i < M; i++)
+        qsc[i] = (float)(rng_unif(&r) * 1e-4 + 1e-6);
+    const char *blk[1] = { (const char *)k };
+    const qkv__rows rows = { blk, LD, QKV__RUN, 0 };
+    int sets = 0;
+    for (int s = 0; qkv__kernels_name(s); s++) {
+        int known;
+        const qkv__kernels *kn = qkv__kernels_by_name(qkv__kernels_name(s), &known);
+        if (!kn || !kn->qk_i8_dec)
+            continue;
+        sets++;
+        for (int d = 64; d <= D; d += 64)
+            for (int m = 14; m <= M; m++) {
+                float one[M * N], fours[M * N];
+                kn->qk_i8_dec(N, m, d, 0.125f, &rows, q, D, qsc, one, N, NULL);
+                for (int g = 0; g < m; g += 4)
+                    kn->qk_i8_dec(N, m - g < 4 ? m - g : 4, d, 0.125f, &rows, q + g * D, D,
+                                  qsc + g, fours + g * N, N, NULL);
+                CHECK(memcmp(one, fours, (size_t)m * N * sizeof(float)) == 0,
+                      "%s: qk_i8_dec of %d rows (d %d) differs from calls of 4 rows",
+                      kn->name, m, d);
+            }
+    }
+    t_note("%d kernel sets", sets);
+    free(k);
 }

@@ -1123,12 +1123,14 @@ enum { LANES_MAXDP = 128, LANES_MINROWS = 14 };
 
 /* nk keys (rows kr[e]) against the queries' pairs qt [dp][16], lanes
    along the queries, each key's sums one chain over the pairs (so every
-   grouping of the keys gives the same bits); st[r·ldst + e] for r < m.
-   pf's lines asked for every 16 pairs, `spread` at a time. */
+   grouping of the keys gives the same bits): bf16 pairs (bf 1), or int16
+   pairs into exact int32 sums (bf 2); times sv (a scale per query) into
+   st[r·ldst + e] for r < m. pf's lines asked for every 16 pairs,
+   `spread` at a time. */
 static inline __attribute__((always_inline))
-void qk_lanes_block(const int nk, int m, int dp, __m512 sc, const char *const *kr,
-                    const uint32_t *qt, float *st, int64_t ldst, qkv__pf *pf,
-                    qkv__pf_run *run, int spread)
+void qk_lanes_block(const int bf, const int nk, int m, int dp, __m512 sv,
+                    const char *const *kr, const uint32_t *qt, float *st, int64_t ldst,
+                    qkv__pf *pf, qkv__pf_run *run, int spread)
 {
     __m512 c[8];
     for (int e = 0; e < nk; e++)
@@ -1139,16 +1141,18 @@ void qk_lanes_block(const int nk, int m, int dp, __m512 sc, const char *const *k
     for (int x0 = 0; x0 < dp; x0 += 16) {
         const int x1 = dp - x0 < 16 ? dp : x0 + 16;
         for (int x = x0; x < x1; x++) {
-            const __m512bh qv = (__m512bh)_mm512_load_si512(qt + 16 * x);
+            const __m512i qv = _mm512_load_si512(qt + 16 * x);
             for (int e = 0; e < nk; e++)
-                c[e] = _mm512_dpbf16_ps(c[e], (__m512bh)_mm512_set1_epi32(kp[e][x]), qv);
+                c[e] = dot_step(bf, c[e], _mm512_set1_epi32(kp[e][x]), qv);
         }
         qkv__pf_ask(pf, run, spread);
     }
+    for (int e = 0; e < nk; e++)
+        c[e] = _mm512_mul_ps(bf == 2 ? _mm512_cvtepi32_ps(_mm512_castps_si512(c[e])) : c[e], sv);
     if (nk < 8) {   /* one key at a time: row r's value is lane r */
         for (int e = 0; e < nk; e++) {
             float v[16];
-            _mm512_storeu_ps(v, _mm512_mul_ps(c[e], sc));
+            _mm512_storeu_ps(v, c[e]);
             for (int r = 0; r < m; r++)
                 st[r * ldst + e] = v[r];
         }
@@ -1160,12 +1164,10 @@ void qk_lanes_block(const int nk, int m, int dp, __m512 sc, const char *const *k
     __m512 u[4], w[4];
     for (int h = 0; h < 2; h++) {
         const __m512 *a = c + 4 * h;
-        const __m512 a0 = _mm512_mul_ps(a[0], sc), a1 = _mm512_mul_ps(a[1], sc);
-        const __m512 a2 = _mm512_mul_ps(a[2], sc), a3 = _mm512_mul_ps(a[3], sc);
-        const __m512d l01 = _mm512_castps_pd(_mm512_unpacklo_ps(a0, a1));
-        const __m512d h01 = _mm512_castps_pd(_mm512_unpackhi_ps(a0, a1));
-        const __m512d l23 = _mm512_castps_pd(_mm512_unpacklo_ps(a2, a3));
-        const __m512d h23 = _mm512_castps_pd(_mm512_unpackhi_ps(a2, a3));
+        const __m512d l01 = _mm512_castps_pd(_mm512_unpacklo_ps(a[0], a[1]));
+        const __m512d h01 = _mm512_castps_pd(_mm512_unpackhi_ps(a[0], a[1]));
+        const __m512d l23 = _mm512_castps_pd(_mm512_unpacklo_ps(a[2], a[3]));
+        const __m512d h23 = _mm512_castps_pd(_mm512_unpackhi_ps(a[2], a[3]));
         __m512 *o = h ? w : u;
         o[0] = _mm512_castpd_ps(_mm512_unpacklo_pd(l01, l23));
         o[1] = _mm512_castpd_ps(_mm512_unpackhi_pd(l01, l23));
@@ -1185,6 +1187,19 @@ void qk_lanes_block(const int nk, int m, int dp, __m512 sc, const char *const *k
 #undef LANES_STORE
 }
 
+/* The pairs (32 bits) of m (<= 16) query rows q [m][ldq] (16-bit units)
+   transposed: qt[16·x + r] pair x of row r, zero for r >= m. */
+static void lanes_queries(int m, int dp, const uint16_t *q, int64_t ldq, uint32_t *qt)
+{
+    for (int x = 0; x < dp; x++)
+        for (int r = 0; r < 16; r++) {
+            uint32_t u = 0;
+            if (r < m)
+                memcpy(&u, q + r * ldq + 2 * x, sizeof u);
+            qt[16 * x + r] = u;
+        }
+}
+
 /* qk_bf16_dec for LANES_MINROWS-16 queries: lanes along the queries
    (their pairs transposed once a call), each key's pair broadcast, so no
    sums are reduced across lanes (qk_rows_blocks: 45 shuffles and adds a
@@ -1193,14 +1208,8 @@ static void qk_bf16_lanes(int n, int m, int dp, float scale, const qkv__rows *k,
                           const uint16_t *q, int64_t ldq, float *st, int64_t ldst, qkv__pf *pf)
 {
     uint32_t qt[LANES_MAXDP * 16] __attribute__((aligned(64)));
-    for (int x = 0; x < dp; x++)
-        for (int r = 0; r < 16; r++) {
-            uint32_t u = 0;
-            if (r < m)
-                memcpy(&u, q + r * ldq + 2 * x, sizeof u);
-            qt[16 * x + r] = u;
-        }
-    const __m512 sc = _mm512_set1_ps(scale);
+    lanes_queries(m, dp, q, ldq, qt);
+    const __m512 sv = _mm512_set1_ps(scale);
     const int segs = (dp + 15) / 16;
     const int spread = pf ? (2 * pf->per4 + segs - 1) / segs : 0;
     qkv__pf_run run = qkv__pf_run_begin(pf);
@@ -1209,11 +1218,11 @@ static void qk_bf16_lanes(int n, int m, int dp, float scale, const qkv__rows *k,
         const char *kr[8];
         for (int e = 0; e < 8; e++)
             kr[e] = qkv__row(k, j + e);
-        qk_lanes_block(8, m, dp, sc, kr, qt, st + j, ldst, pf, &run, spread);
+        qk_lanes_block(1, 8, m, dp, sv, kr, qt, st + j, ldst, pf, &run, spread);
     }
     for (; j < n; j++) {
         const char *kr[1] = { qkv__row(k, j) };
-        qk_lanes_block(1, m, dp, sc, kr, qt, st + j, ldst, pf, &run, spread);
+        qk_lanes_block(1, 1, m, dp, sv, kr, qt, st + j, ldst, pf, &run, spread);
     }
     qkv__pf_run_end(pf, &run);
 }
@@ -1868,10 +1877,50 @@ static void pv_f32_dec(int m, int n, int dv, const float *p, int64_t ldp, const 
 #if defined(__AVX512VNNI__) && defined(QKV_HAVE_DEC_F32) && defined(QKV_HAVE_BF16_DOT)
 #define QKV_HAVE_I8_DOT 1
 
+/* The same on int8 K rows of d codes (d a multiple of 32), each block's 8
+   rows widened to int16 first (qk_rows_blocks widens each row for every
+   group of 4 queries), the queries' int16 pairs transposed. The int32
+   sums are exact, so the scores are qk_rows_blocks' bits. */
+static void qk_i8_lanes(int n, int m, int d, float scale, const qkv__rows *k, const int16_t *q,
+                        int64_t ldq, const float *qsc, float *st, int64_t ldst, qkv__pf *pf)
+{
+    const int dp = d / 2;
+    uint32_t qt[LANES_MAXDP * 16] __attribute__((aligned(64)));
+    int16_t kw[8][2 * LANES_MAXDP] __attribute__((aligned(64)));
+    lanes_queries(m, dp, (const uint16_t *)q, ldq, qt);
+    float s[16] = { 0 };
+    for (int r = 0; r < m; r++)
+        s[r] = scale * qsc[r];
+    const __m512 sv = _mm512_loadu_ps(s);
+    const int segs = (dp + 15) / 16;
+    const int spread = pf ? (2 * pf->per4 + segs - 1) / segs : 0;
+    qkv__pf_run run = qkv__pf_run_begin(pf);
+    for (int j = 0; j < n;) {
+        const int nk = n - j >= 8 ? 8 : 1;
+        const char *kr[8];
+        for (int e = 0; e < nk; e++) {
+            const int8_t *row = (const int8_t *)qkv__row(k, j + e);
+            for (int c = 0; c < d; c += 32)
+                _mm512_store_si512(kw[e] + c, _mm512_cvtepi8_epi16(
+                                                  _mm256_loadu_si256((const __m256i *)(row + c))));
+            kr[e] = (const char *)kw[e];
+        }
+        if (nk == 8)
+            qk_lanes_block(2, 8, m, dp, sv, kr, qt, st + j, ldst, pf, &run, spread);
+        else
+            qk_lanes_block(2, 1, m, dp, sv, kr, qt, st + j, ldst, pf, &run, spread);
+        j += nk;
+    }
+    qkv__pf_run_end(pf, &run);
+}
+
 static void qk_i8_dec(int n, int m, int d, float scale, const qkv__rows *k, const int16_t *q,
                       int64_t ldq, const float *qsc, float *st, int64_t ldst, qkv__pf *pf)
 {
-    qk_rows_blocks(2, n, m, d / 2, scale, k, (const char *)q, ldq * 2, qsc, st, ldst, pf);
+    if (m >= LANES_MINROWS && m <= 16 && d % 32 == 0 && d <= 2 * LANES_MAXDP)
+        qk_i8_lanes(n, m, d, scale, k, q, ldq, qsc, st, ldst, pf);
+    else
+        qk_rows_blocks(2, n, m, d / 2, scale, k, (const char *)q, ldq * 2, qsc, st, ldst, pf);
 }
 
 static void exp_rows_i16(const float *st, int64_t ld, int m, int n, const float *mref,
