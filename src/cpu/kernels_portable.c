@@ -766,10 +766,124 @@ void qk_rows_blocks(const int bf, int n, int m, int len, float scale, const qkv_
     qkv__pf_run_end(pf, &run);
 }
 
+/* The most 32-bit units (fp32 values, bf16 or int16 pairs) a row the
+   lanes kernels take, and the fewest queries: their lanes run along 16
+   of them whatever their number. Zen 4, one thread, bf16 1,Sq,1024 from
+   the L3 against qk_rows_blocks: 16 rows 0.92x the call's time, 12 rows
+   1.06x, 8 rows 1.27x. */
+enum { LANES_MAXDP = 256, LANES_MINROWS = 14 };
+
+/* nk keys (rows kr[e]) against the queries' pairs qt [dp][16], lanes
+   along the queries, each key's sums one chain over the pairs (so every
+   grouping of the keys gives the same bits): bf16 pairs (bf 1), or int16
+   pairs into exact int32 sums (bf 2); times sv (a scale per query) into
+   st[r·ldst + e] for r < m. pf's lines asked for every 16 pairs,
+   `spread` at a time. */
+static inline __attribute__((always_inline))
+void qk_lanes_block(const int bf, const int nk, int m, int dp, __m512 sv,
+                    const char *const *kr, const uint32_t *qt, float *st, int64_t ldst,
+                    qkv__pf *pf, qkv__pf_run *run, int spread)
+{
+    __m512 c[8];
+    for (int e = 0; e < nk; e++)
+        c[e] = _mm512_setzero_ps();
+    const int32_t *kp[8];
+    for (int e = 0; e < nk; e++)
+        kp[e] = (const int32_t *)kr[e];
+    for (int x0 = 0; x0 < dp; x0 += 16) {
+        const int x1 = dp - x0 < 16 ? dp : x0 + 16;
+        for (int x = x0; x < x1; x++) {
+            const __m512i qv = _mm512_load_si512(qt + 16 * x);
+            for (int e = 0; e < nk; e++)
+                c[e] = dot_step(bf, c[e], _mm512_set1_epi32(kp[e][x]), qv);
+        }
+        qkv__pf_ask(pf, run, spread);
+    }
+    for (int e = 0; e < nk; e++)
+        c[e] = _mm512_mul_ps(bf == 2 ? _mm512_cvtepi32_ps(_mm512_castps_si512(c[e])) : c[e], sv);
+    if (nk < 8) {   /* one key at a time: row r's value is lane r */
+        for (int e = 0; e < nk; e++) {
+            float v[16];
+            _mm512_storeu_ps(v, c[e]);
+            for (int r = 0; r < m; r++)
+                st[r * ldst + e] = v[r];
+        }
+        return;
+    }
+    /* 8 keys x 16 queries to query rows of 8: interleave pairs of keys,
+       then pairs of those; u[t] (keys 0-3) and w[t] (keys 4-7) hold query
+       4·b + t in 128-bit block b */
+    __m512 u[4], w[4];
+    for (int h = 0; h < 2; h++) {
+        const __m512 *a = c + 4 * h;
+        const __m512d l01 = _mm512_castps_pd(_mm512_unpacklo_ps(a[0], a[1]));
+        const __m512d h01 = _mm512_castps_pd(_mm512_unpackhi_ps(a[0], a[1]));
+        const __m512d l23 = _mm512_castps_pd(_mm512_unpacklo_ps(a[2], a[3]));
+        const __m512d h23 = _mm512_castps_pd(_mm512_unpackhi_ps(a[2], a[3]));
+        __m512 *o = h ? w : u;
+        o[0] = _mm512_castpd_ps(_mm512_unpacklo_pd(l01, l23));
+        o[1] = _mm512_castpd_ps(_mm512_unpackhi_pd(l01, l23));
+        o[2] = _mm512_castpd_ps(_mm512_unpacklo_pd(h01, h23));
+        o[3] = _mm512_castpd_ps(_mm512_unpackhi_pd(h01, h23));
+    }
+#define LANES_STORE(b)                                                          \
+    for (int t = 0; t < 4 && 4 * (b) + t < m; t++) {                            \
+        float *row = st + (4 * (b) + t) * ldst;                                 \
+        _mm_storeu_ps(row, _mm512_extractf32x4_ps(u[t], b));                    \
+        _mm_storeu_ps(row + 4, _mm512_extractf32x4_ps(w[t], b));                \
+    }
+    LANES_STORE(0)
+    LANES_STORE(1)
+    LANES_STORE(2)
+    LANES_STORE(3)
+#undef LANES_STORE
+}
+
+/* The pairs (32 bits) of m (<= 16) query rows q [m][ldq] (16-bit units)
+   transposed: qt[16·x + r] pair x of row r, zero for r >= m. */
+static void lanes_queries(int m, int dp, const uint16_t *q, int64_t ldq, uint32_t *qt)
+{
+    for (int x = 0; x < dp; x++)
+        for (int r = 0; r < 16; r++) {
+            uint32_t u = 0;
+            if (r < m)
+                memcpy(&u, q + r * ldq + 2 * x, sizeof u);
+            qt[16 * x + r] = u;
+        }
+}
+
+/* qk_f32_dec for LANES_MINROWS-16 queries: lanes along the queries, as
+   qk_bf16_lanes on fp32 values. */
+static void qk_f32_lanes(int n, int m, int d, float scale, const qkv__rows *k, const float *q,
+                         int64_t ldq, float *st, int64_t ldst, qkv__pf *pf)
+{
+    uint32_t qt[LANES_MAXDP * 16] __attribute__((aligned(64)));
+    lanes_queries(m, d, (const uint16_t *)q, 2 * ldq, qt);
+    const __m512 sv = _mm512_set1_ps(scale);
+    const int segs = (d + 15) / 16;
+    const int spread = pf ? (2 * pf->per4 + segs - 1) / segs : 0;
+    qkv__pf_run run = qkv__pf_run_begin(pf);
+    int j = 0;
+    for (; j + 8 <= n; j += 8) {
+        const char *kr[8];
+        for (int e = 0; e < 8; e++)
+            kr[e] = qkv__row(k, j + e);
+        qk_lanes_block(0, 8, m, d, sv, kr, qt, st + j, ldst, pf, &run, spread);
+    }
+    for (; j < n; j++) {
+        const char *kr[1] = { qkv__row(k, j) };
+        qk_lanes_block(0, 1, m, d, sv, kr, qt, st + j, ldst, pf, &run, spread);
+    }
+    qkv__pf_run_end(pf, &run);
+}
+
 static void qk_f32_dec(int n, int m, int d, float scale, const qkv__rows *k, const float *q,
                        int64_t ldq, float *st, int64_t ldst, qkv__pf *pf)
 {
-    qk_rows_blocks(0, n, m, d, scale, k, (const char *)q, ldq * 4, NULL, st, ldst, pf);
+    if (m >= LANES_MINROWS && m <= 16 && d <= LANES_MAXDP)
+        qk_f32_lanes(n, m, d, scale, k, q, ldq, st, ldst, pf);
+    else
+        qk_rows_blocks(0, n, m, d, scale, k, (const char *)q, ldq * 4, NULL, st, ldst, pf);
 }
 
 /* qk_f32_dec's blocks on fp16 rows widened as they are loaded: the bits
@@ -1113,92 +1227,6 @@ static void mm_bf16(int m, int np, int dv, const uint32_t *pp, int64_t psi, int6
         MM_ROWS(psi, psj);
 }
 /* ---- decode: few queries, keys and values read in place ------------------- */
-
-/* The most pairs a row the lanes kernel below takes (d up to 256), and
-   the fewest queries: its lanes run along 16 of them whatever their
-   number. Zen 4, one thread, 1,Sq,1024 from the L3 against
-   qk_rows_blocks: 16 rows 0.92x the call's time, 12 rows 1.06x, 8 rows
-   1.27x. */
-enum { LANES_MAXDP = 128, LANES_MINROWS = 14 };
-
-/* nk keys (rows kr[e]) against the queries' pairs qt [dp][16], lanes
-   along the queries, each key's sums one chain over the pairs (so every
-   grouping of the keys gives the same bits): bf16 pairs (bf 1), or int16
-   pairs into exact int32 sums (bf 2); times sv (a scale per query) into
-   st[r·ldst + e] for r < m. pf's lines asked for every 16 pairs,
-   `spread` at a time. */
-static inline __attribute__((always_inline))
-void qk_lanes_block(const int bf, const int nk, int m, int dp, __m512 sv,
-                    const char *const *kr, const uint32_t *qt, float *st, int64_t ldst,
-                    qkv__pf *pf, qkv__pf_run *run, int spread)
-{
-    __m512 c[8];
-    for (int e = 0; e < nk; e++)
-        c[e] = _mm512_setzero_ps();
-    const int32_t *kp[8];
-    for (int e = 0; e < nk; e++)
-        kp[e] = (const int32_t *)kr[e];
-    for (int x0 = 0; x0 < dp; x0 += 16) {
-        const int x1 = dp - x0 < 16 ? dp : x0 + 16;
-        for (int x = x0; x < x1; x++) {
-            const __m512i qv = _mm512_load_si512(qt + 16 * x);
-            for (int e = 0; e < nk; e++)
-                c[e] = dot_step(bf, c[e], _mm512_set1_epi32(kp[e][x]), qv);
-        }
-        qkv__pf_ask(pf, run, spread);
-    }
-    for (int e = 0; e < nk; e++)
-        c[e] = _mm512_mul_ps(bf == 2 ? _mm512_cvtepi32_ps(_mm512_castps_si512(c[e])) : c[e], sv);
-    if (nk < 8) {   /* one key at a time: row r's value is lane r */
-        for (int e = 0; e < nk; e++) {
-            float v[16];
-            _mm512_storeu_ps(v, c[e]);
-            for (int r = 0; r < m; r++)
-                st[r * ldst + e] = v[r];
-        }
-        return;
-    }
-    /* 8 keys x 16 queries to query rows of 8: interleave pairs of keys,
-       then pairs of those; u[t] (keys 0-3) and w[t] (keys 4-7) hold query
-       4·b + t in 128-bit block b */
-    __m512 u[4], w[4];
-    for (int h = 0; h < 2; h++) {
-        const __m512 *a = c + 4 * h;
-        const __m512d l01 = _mm512_castps_pd(_mm512_unpacklo_ps(a[0], a[1]));
-        const __m512d h01 = _mm512_castps_pd(_mm512_unpackhi_ps(a[0], a[1]));
-        const __m512d l23 = _mm512_castps_pd(_mm512_unpacklo_ps(a[2], a[3]));
-        const __m512d h23 = _mm512_castps_pd(_mm512_unpackhi_ps(a[2], a[3]));
-        __m512 *o = h ? w : u;
-        o[0] = _mm512_castpd_ps(_mm512_unpacklo_pd(l01, l23));
-        o[1] = _mm512_castpd_ps(_mm512_unpackhi_pd(l01, l23));
-        o[2] = _mm512_castpd_ps(_mm512_unpacklo_pd(h01, h23));
-        o[3] = _mm512_castpd_ps(_mm512_unpackhi_pd(h01, h23));
-    }
-#define LANES_STORE(b)                                                          \
-    for (int t = 0; t < 4 && 4 * (b) + t < m; t++) {                            \
-        float *row = st + (4 * (b) + t) * ldst;                                 \
-        _mm_storeu_ps(row, _mm512_extractf32x4_ps(u[t], b));                    \
-        _mm_storeu_ps(row + 4, _mm512_extractf32x4_ps(w[t], b));                \
-    }
-    LANES_STORE(0)
-    LANES_STORE(1)
-    LANES_STORE(2)
-    LANES_STORE(3)
-#undef LANES_STORE
-}
-
-/* The pairs (32 bits) of m (<= 16) query rows q [m][ldq] (16-bit units)
-   transposed: qt[16·x + r] pair x of row r, zero for r >= m. */
-static void lanes_queries(int m, int dp, const uint16_t *q, int64_t ldq, uint32_t *qt)
-{
-    for (int x = 0; x < dp; x++)
-        for (int r = 0; r < 16; r++) {
-            uint32_t u = 0;
-            if (r < m)
-                memcpy(&u, q + r * ldq + 2 * x, sizeof u);
-            qt[16 * x + r] = u;
-        }
-}
 
 /* qk_bf16_dec for LANES_MINROWS-16 queries: lanes along the queries
    (their pairs transposed once a call), each key's pair broadcast, so no
