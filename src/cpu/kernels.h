@@ -371,7 +371,10 @@ typedef struct qkv__kernels {
        i < m, computed in blocks of 4 keys x 4 queries whose 16 dot
        products are reduced together (only the last n % 4 keys are reduced
        one by one; sets without a bf16 dot: 2 keys x 4 queries, each key
-       alike); k's rows are dp pairs of bf16, q [m][ldq], readable up
+       alike; calls of 14-16 queries on the AVX-512 sets: lanes along the
+       queries, each key's sum one chain over the pairs, 8 keys a block,
+       so that no sums are reduced across lanes); k's rows are dp pairs of
+       bf16, q [m][ldq], readable up
        to row round_up(m, 4). Splitting the keys into calls of multiples of
        4 gives the same bits. Asks for the lines of pf (NULL: none) as it
        goes. */
@@ -452,7 +455,9 @@ typedef struct qkv__kernels {
                        qkv__pf *pf);
 
     /* fp16 caches read in place (every set): the scores of qk_dec from
-       fp16 K rows of d values (the bits of qk_dec on the rows widened),
+       fp16 K rows of d values (the bits of qk_dec on the rows widened;
+       on the AVX-512 sets for calls of up to 13 rows, as qk_dec takes 14
+       to 16 with lanes along the queries),
        and P·V from fp16 V rows of dv values with P in fp32 (p [m][ldp], as
        exp_rows leaves it): acc[i][c] = alpha[i]·acc[i][c] + Σ_j
        P(i,j)·v[j][c], summed key by key in fp32 (any split of the keys
@@ -495,9 +500,10 @@ typedef struct qkv__kernels {
 
     /* The scores of qk for a few queries, query-major as qk_bf16_dec:
        st[i·ldst + j] for j < n, i < m; q [m][ldq] fp32 rows, readable up to
-       row round_up(m, 4), k's rows d fp32 values. Splitting the keys into
-       calls of multiples of 4 gives the same bits. Asks for pf's lines as
-       it goes. */
+       row round_up(m, 4), k's rows d fp32 values (calls of 14-16 queries
+       on the AVX-512 sets: lanes along the queries, as qk_bf16_dec).
+       Splitting the keys into calls of multiples of 4 gives the same bits.
+       Asks for pf's lines as it goes. */
     void (*qk_dec)(int n, int m, int d, float scale, const qkv__rows *k, const float *q,
                    int64_t ldq, float *st, int64_t ldst, qkv__pf *pf);
 
