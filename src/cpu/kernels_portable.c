@@ -852,27 +852,41 @@ static void lanes_queries(int m, int dp, const uint16_t *q, int64_t ldq, uint32_
         }
 }
 
-/* qk_f32_dec for LANES_MINROWS-16 queries: lanes along the queries, as
-   qk_bf16_lanes on fp32 values. */
-static void qk_f32_lanes(int n, int m, int d, float scale, const qkv__rows *k, const float *q,
-                         int64_t ldq, float *st, int64_t ldst, qkv__pf *pf)
+/* The decode scores of LANES_MINROWS-16 queries: n keys (rows of k: fp32
+   values, bf 0; bf16 pairs, bf 1; int8 codes, bf 2, d = 2·dp of them,
+   widened to int16 pairs block by block) for m query rows q [m][ldq]
+   (16-bit units; pairs, or fp32 values, of 32 bits), times sv (a scale
+   per query), through qk_lanes_block, 8 keys a block, then one at a
+   time: the queries transposed once a call, each key's pair broadcast,
+   so no sums are reduced across lanes (qk_rows_blocks: 45 shuffles and
+   adds a block of 4 keys x 4 queries). */
+static inline __attribute__((always_inline))
+void qk_lanes_rows(const int bf, int n, int m, int dp, __m512 sv, const qkv__rows *k,
+                   const uint16_t *q, int64_t ldq, float *st, int64_t ldst, qkv__pf *pf)
 {
     uint32_t qt[LANES_MAXDP * 16] __attribute__((aligned(64)));
-    lanes_queries(m, d, (const uint16_t *)q, 2 * ldq, qt);
-    const __m512 sv = _mm512_set1_ps(scale);
-    const int segs = (d + 15) / 16;
+    int16_t kw[bf == 2 ? 8 : 1][2 * LANES_MAXDP] __attribute__((aligned(64)));
+    lanes_queries(m, dp, q, ldq, qt);
+    const int segs = (dp + 15) / 16;
     const int spread = pf ? (2 * pf->per4 + segs - 1) / segs : 0;
     qkv__pf_run run = qkv__pf_run_begin(pf);
-    int j = 0;
-    for (; j + 8 <= n; j += 8) {
+    for (int j = 0; j < n;) {
+        const int nk = n - j >= 8 ? 8 : 1;
         const char *kr[8];
-        for (int e = 0; e < 8; e++)
+        for (int e = 0; e < nk; e++) {
             kr[e] = qkv__row(k, j + e);
-        qk_lanes_block(0, 8, m, d, sv, kr, qt, st + j, ldst, pf, &run, spread);
-    }
-    for (; j < n; j++) {
-        const char *kr[1] = { qkv__row(k, j) };
-        qk_lanes_block(0, 1, m, d, sv, kr, qt, st + j, ldst, pf, &run, spread);
+            if (bf == 2) {
+                for (int c = 0; c < 2 * dp; c += 32)
+                    _mm512_store_si512(kw[e] + c, _mm512_cvtepi8_epi16(_mm256_loadu_si256(
+                                                      (const __m256i *)(kr[e] + c))));
+                kr[e] = (const char *)kw[e];
+            }
+        }
+        if (nk == 8)
+            qk_lanes_block(bf, 8, m, dp, sv, kr, qt, st + j, ldst, pf, &run, spread);
+        else
+            qk_lanes_block(bf, 1, m, dp, sv, kr, qt, st + j, ldst, pf, &run, spread);
+        j += nk;
     }
     qkv__pf_run_end(pf, &run);
 }
@@ -881,7 +895,8 @@ static void qk_f32_dec(int n, int m, int d, float scale, const qkv__rows *k, con
                        int64_t ldq, float *st, int64_t ldst, qkv__pf *pf)
 {
     if (m >= LANES_MINROWS && m <= 16 && d <= LANES_MAXDP)
-        qk_f32_lanes(n, m, d, scale, k, q, ldq, st, ldst, pf);
+        qk_lanes_rows(0, n, m, d, _mm512_set1_ps(scale), k, (const uint16_t *)q, 2 * ldq, st,
+                      ldst, pf);
     else
         qk_rows_blocks(0, n, m, d, scale, k, (const char *)q, ldq * 4, NULL, st, ldst, pf);
 }
@@ -1228,38 +1243,11 @@ static void mm_bf16(int m, int np, int dv, const uint32_t *pp, int64_t psi, int6
 }
 /* ---- decode: few queries, keys and values read in place ------------------- */
 
-/* qk_bf16_dec for LANES_MINROWS-16 queries: lanes along the queries
-   (their pairs transposed once a call), each key's pair broadcast, so no
-   sums are reduced across lanes (qk_rows_blocks: 45 shuffles and adds a
-   block of 4 keys x 4 queries); 8 keys a block. */
-static void qk_bf16_lanes(int n, int m, int dp, float scale, const qkv__rows *k,
-                          const uint16_t *q, int64_t ldq, float *st, int64_t ldst, qkv__pf *pf)
-{
-    uint32_t qt[LANES_MAXDP * 16] __attribute__((aligned(64)));
-    lanes_queries(m, dp, q, ldq, qt);
-    const __m512 sv = _mm512_set1_ps(scale);
-    const int segs = (dp + 15) / 16;
-    const int spread = pf ? (2 * pf->per4 + segs - 1) / segs : 0;
-    qkv__pf_run run = qkv__pf_run_begin(pf);
-    int j = 0;
-    for (; j + 8 <= n; j += 8) {
-        const char *kr[8];
-        for (int e = 0; e < 8; e++)
-            kr[e] = qkv__row(k, j + e);
-        qk_lanes_block(1, 8, m, dp, sv, kr, qt, st + j, ldst, pf, &run, spread);
-    }
-    for (; j < n; j++) {
-        const char *kr[1] = { qkv__row(k, j) };
-        qk_lanes_block(1, 1, m, dp, sv, kr, qt, st + j, ldst, pf, &run, spread);
-    }
-    qkv__pf_run_end(pf, &run);
-}
-
 static void qk_bf16_dec(int n, int m, int dp, float scale, const qkv__rows *k,
                         const uint16_t *q, int64_t ldq, float *st, int64_t ldst, qkv__pf *pf)
 {
     if (m >= LANES_MINROWS && m <= 16 && dp <= LANES_MAXDP)
-        qk_bf16_lanes(n, m, dp, scale, k, q, ldq, st, ldst, pf);
+        qk_lanes_rows(1, n, m, dp, _mm512_set1_ps(scale), k, q, ldq, st, ldst, pf);
     else
         qk_rows_blocks(1, n, m, dp, scale, k, (const char *)q, ldq * 2, NULL, st, ldst, pf);
 }
@@ -1905,50 +1893,21 @@ static void pv_f32_dec(int m, int n, int dv, const float *p, int64_t ldp, const 
 #if defined(__AVX512VNNI__) && defined(QKV_HAVE_DEC_F32) && defined(QKV_HAVE_BF16_DOT)
 #define QKV_HAVE_I8_DOT 1
 
-/* The same on int8 K rows of d codes (d a multiple of 32), each block's 8
-   rows widened to int16 first (qk_rows_blocks widens each row for every
-   group of 4 queries), the queries' int16 pairs transposed. The int32
-   sums are exact, so the scores are qk_rows_blocks' bits. */
-static void qk_i8_lanes(int n, int m, int d, float scale, const qkv__rows *k, const int16_t *q,
-                        int64_t ldq, const float *qsc, float *st, int64_t ldst, qkv__pf *pf)
-{
-    const int dp = d / 2;
-    uint32_t qt[LANES_MAXDP * 16] __attribute__((aligned(64)));
-    int16_t kw[8][2 * LANES_MAXDP] __attribute__((aligned(64)));
-    lanes_queries(m, dp, (const uint16_t *)q, ldq, qt);
-    float s[16] = { 0 };
-    for (int r = 0; r < m; r++)
-        s[r] = scale * qsc[r];
-    const __m512 sv = _mm512_loadu_ps(s);
-    const int segs = (dp + 15) / 16;
-    const int spread = pf ? (2 * pf->per4 + segs - 1) / segs : 0;
-    qkv__pf_run run = qkv__pf_run_begin(pf);
-    for (int j = 0; j < n;) {
-        const int nk = n - j >= 8 ? 8 : 1;
-        const char *kr[8];
-        for (int e = 0; e < nk; e++) {
-            const int8_t *row = (const int8_t *)qkv__row(k, j + e);
-            for (int c = 0; c < d; c += 32)
-                _mm512_store_si512(kw[e] + c, _mm512_cvtepi8_epi16(
-                                                  _mm256_loadu_si256((const __m256i *)(row + c))));
-            kr[e] = (const char *)kw[e];
-        }
-        if (nk == 8)
-            qk_lanes_block(2, 8, m, dp, sv, kr, qt, st + j, ldst, pf, &run, spread);
-        else
-            qk_lanes_block(2, 1, m, dp, sv, kr, qt, st + j, ldst, pf, &run, spread);
-        j += nk;
-    }
-    qkv__pf_run_end(pf, &run);
-}
-
 static void qk_i8_dec(int n, int m, int d, float scale, const qkv__rows *k, const int16_t *q,
                       int64_t ldq, const float *qsc, float *st, int64_t ldst, qkv__pf *pf)
 {
-    if (m >= LANES_MINROWS && m <= 16 && d % 32 == 0 && d <= 2 * LANES_MAXDP)
-        qk_i8_lanes(n, m, d, scale, k, q, ldq, qsc, st, ldst, pf);
-    else
+    /* 14-16 rows: lanes along the queries, each block's 8 K rows widened
+       once (qk_rows_blocks widens each row for every group of 4 queries);
+       the int32 sums are exact, so the scores keep qk_rows_blocks' bits */
+    if (m >= LANES_MINROWS && m <= 16 && d % 32 == 0 && d <= 2 * LANES_MAXDP) {
+        float s[16] = { 0 };
+        for (int r = 0; r < m; r++)
+            s[r] = scale * qsc[r];
+        qk_lanes_rows(2, n, m, d / 2, _mm512_loadu_ps(s), k, (const uint16_t *)q, ldq, st, ldst,
+                      pf);
+    } else {
         qk_rows_blocks(2, n, m, d / 2, scale, k, (const char *)q, ldq * 2, qsc, st, ldst, pf);
+    }
 }
 
 static void exp_rows_i16(const float *st, int64_t ld, int m, int n, const float *mref,
