@@ -775,8 +775,9 @@ enum { LANES_MAXDP = 256, LANES_MINROWS = 14 };
 
 /* nk keys (rows kr[e]) against the queries' pairs qt [dp][16], lanes
    along the queries, each key's sums one chain over the pairs (so every
-   grouping of the keys gives the same bits): bf16 pairs (bf 1), or int16
-   pairs into exact int32 sums (bf 2); times sv (a scale per query) into
+   grouping of the keys gives the same bits): fp32 values (bf 0), bf16
+   pairs (bf 1), or int16 pairs into exact int32 sums (bf 2); times sv (a
+   scale per query) into
    st[r·ldst + e] for r < m. pf's lines asked for every 16 pairs,
    `spread` at a time. */
 static inline __attribute__((always_inline))
@@ -865,7 +866,7 @@ void qk_lanes_rows(const int bf, int n, int m, int dp, __m512 sv, const qkv__row
                    const uint16_t *q, int64_t ldq, float *st, int64_t ldst, qkv__pf *pf)
 {
     uint32_t qt[LANES_MAXDP * 16] __attribute__((aligned(64)));
-    int16_t kw[bf == 2 ? 8 : 1][2 * LANES_MAXDP] __attribute__((aligned(64)));
+    int16_t kw[8][2 * LANES_MAXDP] __attribute__((aligned(64)));   /* bf 2 */
     lanes_queries(m, dp, q, ldq, qt);
     const int segs = (dp + 15) / 16;
     const int spread = pf ? (2 * pf->per4 + segs - 1) / segs : 0;
