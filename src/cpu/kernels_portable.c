@@ -996,7 +996,10 @@ void pv_wide_dec(const int h, int m, int n, int dv, const float *p, int64_t ldp,
     for (int kc = 0, nk; kc < n; kc += nk) {
         const qkv__walk w = qkv__walk_at(v, kc);
         const char *vc = w.at;
-        nk = n - kc < 32 ? n - kc : 32;
+        /* one row group: to the block's end (fp32 and fp16, 1x2048 from
+           the L3 on Zen 4, against 32 keys: 0.96-0.98x the time) */
+        const int chunk = m <= 4 ? n : 32;
+        nk = n - kc < chunk ? n - kc : chunk;
         nk = nk < w.left ? nk : w.left;
         const float *al = kc ? NULL : alpha;
         for (int i = 0; i < m; i += 4)
@@ -1300,14 +1303,15 @@ static void exp_rows_bf16(const float *st, int64_t ld, int m, int n, const float
     }
 }
 
-/* rows (<= 4) of acc x nw·32 columns (nw 1 or 2; the ones past cols
-   masked) over the pairs of n keys, rows v [n][ldv]; pf_pair of pf's
-   lines asked for after each pair, and with `touch` the rest of each V
-   row (bytes 128 .. 2·dv) brought into L1, so the cache lines of the rows
-   are first read in address order. */
+/* rows (<= 4) of acc x nw·32 columns from column c0 (nw 1 or 2; the
+   ones past cols masked) over the pairs of n keys, v's rows from k0 (the
+   pairs of each block's run at one stride); pf_pair of pf's lines asked
+   for after each pair, and with `touch` the rest of each V row (bytes
+   128 .. 2·dv) brought into L1, so the cache lines of the rows are first
+   read in address order. */
 static inline __attribute__((always_inline))
 void pvd_block(const int rows, const int nw, int n, int cols, const uint32_t *pp, int64_t ldp,
-               const uint16_t *v, int64_t ldv, const float *alpha, float *acc, int64_t lda,
+               const qkv__rows *v, int k0, int c0, const float *alpha, float *acc, int64_t lda,
                __m512i ilo, __m512i ihi, int touch, qkv__pf *pf, int pf_pair)
 {
     __mmask32 mw[2];
@@ -1329,32 +1333,39 @@ void pvd_block(const int rows, const int nw, int n, int cols, const uint32_t *pp
                 c[r][t] *= s;
         }
     }
-    for (int jj = 0; 2 * jj < n; jj++) {
-        const uint16_t *v0 = v + 2 * jj * ldv, *v1 = v0 + ldv;
-        const int odd = 2 * jj + 1 < n;
-        for (int x = 128; x < touch; x += 64) {
-            __builtin_prefetch((const char *)v0 + x, 0, 3);
-            if (odd)
-                __builtin_prefetch((const char *)v1 + x, 0, 3);
+    const int64_t ldv = v->ld / 2;
+    for (int k = 0, nr; k < n; k += nr, pp += nr / 2) {
+        /* run by run (each an even number of rows but the call's last) */
+        const qkv__walk wk = qkv__walk_at(v, k0 + k);
+        nr = n - k < wk.left ? n - k : wk.left;
+        const uint16_t *vr = (const uint16_t *)wk.at + c0;
+        for (int jj = 0; 2 * jj < nr; jj++) {
+            const uint16_t *v0 = vr + 2 * jj * ldv, *v1 = v0 + ldv;
+            const int odd = 2 * jj + 1 < nr;
+            for (int x = 128; x < touch; x += 64) {
+                __builtin_prefetch((const char *)v0 + x, 0, 3);
+                if (odd)
+                    __builtin_prefetch((const char *)v1 + x, 0, 3);
+            }
+            __m512i b[4];
+            for (int w = 0; w < nw; w++) {
+                const int whole = mw[w] == 0xffffffffu;   /* unmasked: as in qk_rows_blocks */
+                const __m512i x = whole ? _mm512_loadu_si512(v0 + 32 * w)
+                                        : _mm512_maskz_loadu_epi16(mw[w], v0 + 32 * w);
+                const __m512i y = !odd ? _mm512_setzero_si512()
+                                  : whole ? _mm512_loadu_si512(v1 + 32 * w)
+                                          : _mm512_maskz_loadu_epi16(mw[w], v1 + 32 * w);
+                b[2 * w] = _mm512_permutex2var_epi16(x, ilo, y);
+                b[2 * w + 1] = _mm512_permutex2var_epi16(x, ihi, y);
+            }
+            for (int r = 0; r < rows; r++) {
+                const __m512i a = _mm512_set1_epi32((int)pp[r * ldp + jj]);
+                for (int t = 0; t < 2 * nw; t++)
+                    c[r][t] = dot2(c[r][t], a, b[t]);
+            }
+            if (pf)
+                qkv__pf_lines(pf, pf_pair);
         }
-        __m512i b[4];
-        for (int w = 0; w < nw; w++) {
-            const int whole = mw[w] == 0xffffffffu;   /* unmasked: as in qk_rows_blocks */
-            const __m512i x = whole ? _mm512_loadu_si512(v0 + 32 * w)
-                                    : _mm512_maskz_loadu_epi16(mw[w], v0 + 32 * w);
-            const __m512i y = !odd ? _mm512_setzero_si512()
-                              : whole ? _mm512_loadu_si512(v1 + 32 * w)
-                                      : _mm512_maskz_loadu_epi16(mw[w], v1 + 32 * w);
-            b[2 * w] = _mm512_permutex2var_epi16(x, ilo, y);
-            b[2 * w + 1] = _mm512_permutex2var_epi16(x, ihi, y);
-        }
-        for (int r = 0; r < rows; r++) {
-            const __m512i a = _mm512_set1_epi32((int)pp[r * ldp + jj]);
-            for (int t = 0; t < 2 * nw; t++)
-                c[r][t] = dot2(c[r][t], a, b[t]);
-        }
-        if (pf)
-            qkv__pf_lines(pf, pf_pair);
     }
     for (int r = 0; r < rows; r++)
         for (int t = 0; t < 2 * nw; t++)
@@ -1370,40 +1381,43 @@ void pvd_block(const int rows, const int nw, int n, int cols, const uint32_t *pp
     do {                                                                        \
         int c0 = 0;                                                             \
         for (; c0 + 64 <= dv; c0 += 64)                                         \
-            pvd_block(rows, 2, nk, 64, pp + i * ldpp + kc / 2, ldpp,            \
-                      (const uint16_t *)vc + c0, v->ld / 2, al ? al + i : NULL, \
-                      acc + i * lda + c0, lda, ilo, ihi, c0 || i ? 0 : 2 * dv,  \
-                      i ? NULL : pf, pf_pair);                                  \
+            pvd_block(rows, 2, nk, 64, pp + i * ldpp + kc / 2, ldpp, v, kc, c0, \
+                      al ? al + i : NULL, acc + i * lda + c0, lda, ilo, ihi,    \
+                      c0 || i ? 0 : 2 * dv, i ? NULL : pf, pf_pair);            \
         for (; c0 < dv; c0 += 32)                                               \
-            pvd_block(rows, 1, nk, dv - c0, pp + i * ldpp + kc / 2, ldpp,       \
-                      (const uint16_t *)vc + c0, v->ld / 2, al ? al + i : NULL, \
-                      acc + i * lda + c0, lda, ilo, ihi, c0 || i ? 0 : 2 * dv,  \
-                      i ? NULL : pf, pf_pair);                                  \
+            pvd_block(rows, 1, nk, dv - c0, pp + i * ldpp + kc / 2, ldpp, v,    \
+                      kc, c0, al ? al + i : NULL, acc + i * lda + c0, lda, ilo, \
+                      ihi, c0 || i ? 0 : 2 * dv, i ? NULL : pf, pf_pair);       \
     } while (0)
 
-/* Keys per chunk: the chunk's V rows stay in L1 while the row groups and
-   column blocks pass over them. */
-enum { PV_CHUNK = 32 };
+/* Keys per chunk of the few-row P·V kernels. One row group (up to 4
+   rows): the whole call, the accumulators loaded and stored once a column
+   block. Several: 64, the chunk's V rows staying in L1 while the groups
+   and column blocks pass over them. Zen 4, 2 threads, 1x4096 bf16 from
+   the L3, against chunks of 32 that also ended at each block of a paged
+   cache: 4 rows 0.91-0.94x the time (a position-major pool of 16
+   positions a block 0.93-0.94x), 8 rows 0.98-0.99x (pool 0.93-0.94x), 16
+   rows 0.95-1.0x (pool 0.90-0.95x); from memory level. int8 codes
+   (int32 sums, at most 2·32767·128 a pair, so 256 keys stay below 2^31)
+   take at most 256 keys a chunk: an int8 pool 0.94-0.96x at 4 and 8 rows,
+   0.93-1.0x at 16. */
+static inline int pv_chunk(int m, int n, int most)
+{
+    const int c = m <= 4 ? n : 64;
+    return c < most ? c : most;
+}
 
-/* The few-row P·V kernels' loops: chunks of keys (with SPLIT, ending at
-   v's block boundaries too: vc the chunk's first row), row groups of 4
-   (each ROWS(rows) its column blocks), pf_pair of pf's lines after each
-   pair of keys in each column block of the first group. */
-#define PV_DEC_LOOPS(ROWS, SPLIT)                                               \
+/* The few-row P·V kernels' loops: chunks of up to `chunk` keys, row
+   groups of 4 (each ROWS(rows) its column blocks), pf_pair of pf's lines
+   after each pair of keys in each column block of the first group. */
+#define PV_DEC_LOOPS(ROWS, chunk)                                               \
     do {                                                                        \
         const uint32_t *pp = (const uint32_t *)p;                               \
         const int64_t ldpp = ldp / 2;                                           \
         const int blocks = dv / 64 + (dv % 64 + 31) / 32;                       \
         const int pf_pair = pf ? (pf->per4 + 2 * blocks - 1) / (2 * blocks) : 0; \
         for (int kc = 0, nk; kc < n; kc += nk) {                                \
-            nk = n - kc < PV_CHUNK ? n - kc : PV_CHUNK;                         \
-            const char *vc = NULL;                                              \
-            if (SPLIT) {                                                        \
-                const qkv__walk w = qkv__walk_at(v, kc);                        \
-                vc = w.at;                                                      \
-                nk = nk < w.left ? nk : w.left;                                 \
-            }                                                                   \
-            (void)vc;                                                           \
+            nk = n - kc < (chunk) ? n - kc : (chunk);                           \
             const float *al = kc ? NULL : alpha;                                \
             for (int i = 0; i < m; i += 4) {                                    \
                 switch (m - i) {                                                \
@@ -1421,7 +1435,7 @@ static void pv_bf16_dec(int m, int n, int dv, const uint16_t *p, int64_t ldp,
                         qkv__pf *pf)
 {
     const __m512i ilo = _mm512_loadu_si512(pair_lo), ihi = _mm512_loadu_si512(pair_hi);
-    PV_DEC_LOOPS(PVD_ROWS, 1);
+    PV_DEC_LOOPS(PVD_ROWS, pv_chunk(m, n, n));
 }
 #endif /* __AVX512BF16__ */
 
@@ -2019,7 +2033,7 @@ void pv8_block(const int rows, const int nw, int n, const uint32_t *pp, int64_t 
 static void pv_i8_dec(int m, int n, int dv, const int16_t *p, int64_t ldp, const qkv__rows *v,
                       const float *alpha, float pscale, float *acc, int64_t lda, qkv__pf *pf)
 {
-    PV_DEC_LOOPS(PV8_ROWS, 0);
+    PV_DEC_LOOPS(PV8_ROWS, pv_chunk(m, n, 256));
 }
 #endif /* __AVX512VNNI__ */
 
