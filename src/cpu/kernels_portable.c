@@ -1967,40 +1967,38 @@ void pv8_block(const int rows, const int nw, int n, const uint32_t *pp, int64_t 
         for (int t = 0; t < 2 * nw; t++)
             c[r][t] = _mm512_setzero_si512();
     const int64_t ldv = v->ld;
-    /* qkv__walk_next's steps written out: vb the current block's row of
-       pair jj's first key (through qkv__walk_next, 2% slower on one
-       thread from a head-major int8 pool) */
-    const int8_t *vb = NULL;
-    int left = 0;
-    for (int jj = 0; 2 * jj < n; jj++, vb += 2 * ldv, left -= 2) {
-        if (left <= 0) {
-            const qkv__walk w = qkv__walk_at(v, k0 + 2 * jj);
-            vb = (const int8_t *)w.at + c0;
-            left = w.left;
+    for (int k = 0, nr; k < n; k += nr, pp += nr / 2) {
+        /* run by run, as pvd_block (each an even number of rows but the
+           call's last) */
+        const qkv__walk wk = qkv__walk_at(v, k0 + k);
+        nr = n - k < wk.left ? n - k : wk.left;
+        const int8_t *vr = (const int8_t *)wk.at + c0;
+        for (int jj = 0; 2 * jj < nr; jj++) {
+            const int odd = 2 * jj + 1 < nr;
+            const int8_t *v0 = vr + 2 * jj * ldv, *v1 = odd ? v0 + ldv : v0;
+            for (int x = 64; x < touch; x += 64) {
+                __builtin_prefetch(v0 + x, 0, 3);
+                if (odd)
+                    __builtin_prefetch(v1 + x, 0, 3);
+            }
+            __m512i b[4];
+            for (int w = 0; w < nw; w++) {
+                const __m512i x =
+                    _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(v0 + 32 * w)));
+                const __m512i y = odd ? _mm512_cvtepi8_epi16(
+                                            _mm256_loadu_si256((const __m256i *)(v1 + 32 * w)))
+                                      : _mm512_setzero_si512();
+                b[2 * w] = _mm512_unpacklo_epi16(x, y);
+                b[2 * w + 1] = _mm512_unpackhi_epi16(x, y);
+            }
+            for (int r = 0; r < rows; r++) {
+                const __m512i a = _mm512_set1_epi32((int)pp[r * ldp + jj]);
+                for (int t = 0; t < 2 * nw; t++)
+                    c[r][t] = _mm512_dpwssd_epi32(c[r][t], a, b[t]);
+            }
+            if (pf)
+                qkv__pf_lines(pf, pf_pair);
         }
-        const int odd = 2 * jj + 1 < n;
-        const int8_t *v0 = vb, *v1 = odd ? vb + ldv : vb;
-        for (int x = 64; x < touch; x += 64) {
-            __builtin_prefetch(v0 + x, 0, 3);
-            if (odd)
-                __builtin_prefetch(v1 + x, 0, 3);
-        }
-        __m512i b[4];
-        for (int w = 0; w < nw; w++) {
-            const __m512i x = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(v0 + 32 * w)));
-            const __m512i y = odd ? _mm512_cvtepi8_epi16(
-                                        _mm256_loadu_si256((const __m256i *)(v1 + 32 * w)))
-                                  : _mm512_setzero_si512();
-            b[2 * w] = _mm512_unpacklo_epi16(x, y);
-            b[2 * w + 1] = _mm512_unpackhi_epi16(x, y);
-        }
-        for (int r = 0; r < rows; r++) {
-            const __m512i a = _mm512_set1_epi32((int)pp[r * ldp + jj]);
-            for (int t = 0; t < 2 * nw; t++)
-                c[r][t] = _mm512_dpwssd_epi32(c[r][t], a, b[t]);
-        }
-        if (pf)
-            qkv__pf_lines(pf, pf_pair);
     }
     const __m512i f0 = _mm512_loadu_si512(i8_cols_0), f1 = _mm512_loadu_si512(i8_cols_1);
     const __m512 ps = _mm512_set1_ps(pscale);
