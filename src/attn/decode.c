@@ -741,11 +741,8 @@ static void tile_values(const dec_job *job, const qkv__seq *s, int64_t hk, int64
             }
             c0 += nr;
         }
-        for (int r = 0; r < m; r++)
-            for (int64_t c = 0; c < Dv; c++)
-                sc->acc[r * Dv + c] *= sc->alpha[r];
-        kn->mm_bf16(m, job->f16t ? 3 * np : np, (int)Dv, job->f16t ? sc->xp : sc->pp, 1, R, vp,
-                    Dv, sc->acc, Dv);
+        kn->pv_bf16(m, job->f16t ? 3 * np : np, (int)Dv, job->f16t ? sc->xp : sc->pp, R, vp, Dv,
+                    sc->alpha, sc->acc, Dv);
         return;
     }
     for (int c0 = 0; c0 < n;) {
