@@ -150,6 +150,7 @@ static const struct { const char *name; void (*fn)(void); } tests[] = {
     { "decode_int8",             test_decode_int8 },
     { "decode_threads",          test_decode_threads },
     { "decode_i8_kernel_bits", test_decode_i8_kernel_bits },
+    { "decode_pv_kernel_bits", test_decode_pv_kernel_bits },
 };
 
 int t_quick;

@@ -180,6 +180,7 @@ void test_convert_store_kernels(void);
 void test_convert_i8_bf16_kernels(void);
 void test_convert_pack_pairs_kernels(void);
 void test_decode_i8_kernel_bits(void);
+void test_decode_pv_kernel_bits(void);
 
 void test_reference_closed_form(void);
 void test_reference_options(void);

@@ -1238,3 +1238,95 @@ void test_decode_i8_kernel_bits(void)
     t_note("%d kernel sets", sets);
     free(k);
 }
+
+/* The few-row P·V kernels' bits (kernels.h): pv_bf16_dec and pv_i8_dec
+   over V rows in blocks of 8 scattered in memory (a paged cache) give the
+   bits of the same rows in one run, and calls split at multiples of 128
+   keys (the decode's sub-tiles against its tiles of 256) the bits of one
+   call. Large int16 P and int8 codes push the int32 sums past 2^24, where
+   converting them to fp32 rounds. */
+void test_decode_pv_kernel_bits(void)
+{
+    enum { N = 256 + 37, DV = 96, M = 16, LDP = 320, BS = 8, LDB = DV + 32 };
+    rng r = rng_seed(78);
+    uint16_t *vb = malloc((size_t)N * DV * 2), *pb = malloc((size_t)M * LDP * 2);
+    int8_t *v8 = malloc((size_t)N * DV);
+    int16_t *p16 = malloc((size_t)M * LDP * 2);
+    float acc0[M * DV], alpha[M];
+    for (int i = 0; i < N * DV; i++) {
+        v8[i] = (int8_t)rng_int(&r, -127, 127);
+        const float x = (float)rng_unif(&r);
+        qkv_convert(&x, QKV_F32, vb + i, QKV_BF16, 1);
+    }
+    for (int i = 0; i < M * LDP; i++) {
+        const int j = i % LDP;
+        const float x = j < N ? (float)(rng_unif(&r) * 0.5 + 0.5) : 0.0f;
+        qkv_convert(&x, QKV_F32, pb + i, QKV_BF16, 1);
+        p16[i] = (int16_t)(j < N ? rng_int(&r, 20000, 32767) : 0);
+    }
+    for (int i = 0; i < M * DV; i++)
+        acc0[i] = (float)rng_unif(&r);
+    for (int i = 0; i < M; i++)
+        alpha[i] = (float)(rng_unif(&r) * 0.5 + 0.5);
+    /* the same rows in blocks of BS, each block LDB wide, blocks in
+       reverse order in one buffer (bf16 and int8) */
+    const int nblk = (N + BS - 1) / BS;
+    uint16_t *pgb = calloc((size_t)nblk * BS * LDB, 2);
+    int8_t *pg8 = calloc((size_t)nblk * BS * LDB, 1);
+    const char *bb[(N + BS - 1) / BS], *b8[(N + BS - 1) / BS];
+    for (int b = 0; b < nblk; b++) {
+        const int at = nblk - 1 - b;
+        bb[b] = (const char *)(pgb + (size_t)at * BS * LDB);
+        b8[b] = (const char *)(pg8 + (size_t)at * BS * LDB);
+        for (int j = 0; j < BS && b * BS + j < N; j++) {
+            memcpy(pgb + ((size_t)at * BS + j) * LDB, vb + (size_t)(b * BS + j) * DV, DV * 2);
+            memcpy(pg8 + ((size_t)at * BS + j) * LDB, v8 + (size_t)(b * BS + j) * DV, DV);
+        }
+    }
+    int sets = 0;
+    for (int s = 0; qkv__kernels_name(s); s++) {
+        int known;
+        const qkv__kernels *kn = qkv__kernels_by_name(qkv__kernels_name(s), &known);
+        if (!kn || !kn->pv_bf16_dec)
+            continue;
+        sets++;
+        for (int i8 = 0; i8 < 2; i8++) {
+            if (i8 && !kn->pv_i8_dec)
+                continue;
+            const char *run[1] = { i8 ? (const char *)v8 : (const char *)vb };
+            const int64_t es = i8 ? 1 : 2;
+            for (int m = 1; m <= M; m++) {
+                float one[M * DV], paged[M * DV], split[M * DV];
+                memcpy(one, acc0, sizeof one);
+                memcpy(paged, acc0, sizeof paged);
+                memcpy(split, acc0, sizeof split);
+                const qkv__rows rr = { run, DV * es, QKV__RUN, 0 };
+                const qkv__rows rp = { i8 ? b8 : bb, LDB * es, 3, 0 };
+                for (int c = 0; c < 3; c++) {   /* one call, paged, split at 128 */
+                    float *acc = c == 0 ? one : c == 1 ? paged : split;
+                    for (int k0 = 0; k0 < N;) {
+                        const int n = c < 2 ? N : N - k0 < 128 ? N - k0 : 128;
+                        const char *at[1] = { run[0] + (int64_t)k0 * DV * es };
+                        const qkv__rows rs = { at, DV * es, QKV__RUN, 0 };
+                        const qkv__rows *v = c == 0 ? &rr : c == 1 ? &rp : &rs;
+                        if (i8)
+                            kn->pv_i8_dec(m, n, DV, p16 + k0, LDP, v, k0 ? NULL : alpha,
+                                          1.0f / 8192, acc, DV, NULL);
+                        else
+                            kn->pv_bf16_dec(m, n, DV, pb + k0, LDP, v, k0 ? NULL : alpha, acc,
+                                            DV, NULL);
+                        k0 += n;
+                    }
+                }
+                CHECK(memcmp(one, paged, (size_t)m * DV * sizeof(float)) == 0,
+                      "%s: pv_%s_dec of %d rows over blocks of %d differs from one run",
+                      kn->name, i8 ? "i8" : "bf16", m, BS);
+                CHECK(memcmp(one, split, (size_t)m * DV * sizeof(float)) == 0,
+                      "%s: pv_%s_dec of %d rows in calls of 128 keys differs from one call",
+                      kn->name, i8 ? "i8" : "bf16", m);
+            }
+        }
+    }
+    t_note("%d kernel sets", sets);
+    free(vb); free(pb); free(v8); free(p16); free(pgb); free(pg8);
+}

@@ -439,7 +439,8 @@ typedef struct qkv__kernels {
     /* pv_bf16_dec with int16 P (exp_rows_i16) and int8 V rows (dv codes
        each): acc[i][c] = alpha[i]·acc[i][c] + pscale·Σ_j P(i,j)·v[j][c],
        the sums exact in int32 over chunks of keys from the call's first
-       (up to 4 rows: 256 keys; more: 64; the amx set with AMX-INT8: 64),
+       (up to 4 rows: 128 keys; more: 64; the amx set with AMX-INT8: 64),
+       so calls split at multiples of 128 keys give the bits of one call;
        dv a multiple of 32. */
     void (*pv_i8_dec)(int m, int n, int dv, const int16_t *p, int64_t ldp, const qkv__rows *v,
                       const float *alpha, float pscale, float *acc, int64_t lda, qkv__pf *pf);

@@ -1397,10 +1397,11 @@ void pvd_block(const int rows, const int nw, int n, int cols, const uint32_t *pp
    the L3, against chunks of 32 that also ended at each block of a paged
    cache: 4 rows 0.91-0.94x the time (a position-major pool of 16
    positions a block 0.93-0.94x), 8 rows 0.98-0.99x (pool 0.93-0.94x), 16
-   rows 0.95-1.0x (pool 0.90-0.95x); from memory level. int8 codes
-   (int32 sums, at most 2·32767·128 a pair, so 256 keys stay below 2^31)
-   take at most 256 keys a chunk: an int8 pool 0.94-0.96x at 4 and 8 rows,
-   0.93-1.0x at 16. */
+   rows 0.95-1.0x (pool 0.90-0.95x); from memory level. int8 codes take
+   at most 128 keys a chunk: their int32 sums round when converted to
+   fp32, so the chunks must divide the decode's sub-tiles of 128 keys
+   for its tiles of 256 to give the same bits (an int8 pool 0.94-0.96x
+   the time at 4 and 8 rows, 0.93-1.0x at 16; 256 keys level with 128). */
 static inline int pv_chunk(int m, int n, int most)
 {
     const int c = m <= 4 ? n : 64;
@@ -2031,7 +2032,7 @@ void pv8_block(const int rows, const int nw, int n, const uint32_t *pp, int64_t 
 static void pv_i8_dec(int m, int n, int dv, const int16_t *p, int64_t ldp, const qkv__rows *v,
                       const float *alpha, float pscale, float *acc, int64_t lda, qkv__pf *pf)
 {
-    PV_DEC_LOOPS(PV8_ROWS, pv_chunk(m, n, 256));
+    PV_DEC_LOOPS(PV8_ROWS, pv_chunk(m, n, 128));
 }
 #endif /* __AVX512VNNI__ */
 
