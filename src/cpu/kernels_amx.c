@@ -1219,13 +1219,15 @@ static inline __attribute__((always_inline)) void pv_dec_rows(const int m, int n
                 if (nk < KG || w.left < KG) {
                     in_place = 0;
                     for (int jj = 0; jj < KG; jj++) {
-                        const uint16_t *r = (const uint16_t *)qkv__row(v, j + jj) + c0;
-                        _mm512_store_si512(vb + jj * 2 * TR, jj < nk ? _mm512_loadu_si512(r)
-                                                                    : _mm512_setzero_si512());
+                        /* no row (nor block) past n is looked up */
+                        const uint16_t *r =
+                            jj < nk ? (const uint16_t *)qkv__row(v, j + jj) + c0 : NULL;
+                        _mm512_store_si512(vb + jj * 2 * TR, r ? _mm512_loadu_si512(r)
+                                                               : _mm512_setzero_si512());
                         if (two)
                             _mm512_store_si512(vb + jj * 2 * TR + TR,
-                                               jj < nk ? _mm512_loadu_si512(r + 2 * TR)
-                                                       : _mm512_setzero_si512());
+                                               r ? _mm512_loadu_si512(r + 2 * TR)
+                                                 : _mm512_setzero_si512());
                     }
                     b = (const char *)vb;
                     ldb = 2 * TB;
