@@ -996,10 +996,7 @@ void pv_wide_dec(const int h, int m, int n, int dv, const float *p, int64_t ldp,
     for (int kc = 0, nk; kc < n; kc += nk) {
         const qkv__walk w = qkv__walk_at(v, kc);
         const char *vc = w.at;
-        /* one row group: to the block's end (fp32 and fp16, 1x2048 from
-           the L3 on Zen 4, against 32 keys: 0.96-0.98x the time) */
-        const int chunk = m <= 4 ? n : 32;
-        nk = n - kc < chunk ? n - kc : chunk;
+        nk = n - kc < 32 ? n - kc : 32;
         nk = nk < w.left ? nk : w.left;
         const float *al = kc ? NULL : alpha;
         for (int i = 0; i < m; i += 4)
@@ -1390,22 +1387,23 @@ void pvd_block(const int rows, const int nw, int n, int cols, const uint32_t *pp
                       ihi, c0 || i ? 0 : 2 * dv, i ? NULL : pf, pf_pair);       \
     } while (0)
 
-/* Keys per chunk of the few-row P·V kernels. One row group (up to 4
-   rows): the whole call, the accumulators loaded and stored once a column
-   block. Several: 64, the chunk's V rows staying in L1 while the groups
-   and column blocks pass over them. Zen 4, 2 threads, 1x4096 bf16 from
-   the L3, against chunks of 32 that also ended at each block of a paged
-   cache: 4 rows 0.91-0.94x the time (a position-major pool of 16
-   positions a block 0.93-0.94x), 8 rows 0.98-0.99x (pool 0.93-0.94x), 16
-   rows 0.95-1.0x (pool 0.90-0.95x); from memory level. int8 codes take
-   at most 128 keys a chunk: their int32 sums round when converted to
-   fp32, so the chunks must divide the decode's sub-tiles of 128 keys
-   for its tiles of 256 to give the same bits (an int8 pool 0.94-0.96x
-   the time at 4 and 8 rows, 0.93-1.0x at 16; 256 keys level with 128). */
-static inline int pv_chunk(int m, int n, int most)
+/* Keys per chunk of the few-row P·V kernels: the chunk's V rows stay in
+   L1 while the row groups and column blocks pass over them, and the
+   accumulators are loaded and stored once a chunk and block. 64 bf16
+   rows of 128 (16 KiB); int8 codes 128 with one row group (the same
+   bytes), 64 with more. A chunk must divide the decode's sub-tiles of
+   128 keys for its tiles of 256 to give the same bits where the sums
+   round at the chunk's end (int8: int32 sums converted to fp32). Zen 4,
+   2 threads, bf16 1,1,4096 from the L3, against chunks of 32 that also
+   ended at each block of a paged cache: 0.94-0.98x the time (a
+   position-major pool of 16 positions a block 0.93-1.0x); from memory
+   (1,1,32768) level. One chunk for the whole call (up to 256 keys) with
+   one row group: 0.91-0.94x from the L3 but 1.02-1.05x from memory, the
+   V lines the first column block brings in for the second gone from L1
+   by then. */
+static inline int pv_chunk(int m, int i8)
 {
-    const int c = m <= 4 ? n : 64;
-    return c < most ? c : most;
+    return i8 && m <= 4 ? 128 : 64;
 }
 
 /* The few-row P·V kernels' loops: chunks of up to `chunk` keys, row
@@ -1436,7 +1434,7 @@ static void pv_bf16_dec(int m, int n, int dv, const uint16_t *p, int64_t ldp,
                         qkv__pf *pf)
 {
     const __m512i ilo = _mm512_loadu_si512(pair_lo), ihi = _mm512_loadu_si512(pair_hi);
-    PV_DEC_LOOPS(PVD_ROWS, pv_chunk(m, n, n));
+    PV_DEC_LOOPS(PVD_ROWS, pv_chunk(m, 0));
 }
 #endif /* __AVX512BF16__ */
 
@@ -2032,7 +2030,7 @@ void pv8_block(const int rows, const int nw, int n, const uint32_t *pp, int64_t 
 static void pv_i8_dec(int m, int n, int dv, const int16_t *p, int64_t ldp, const qkv__rows *v,
                       const float *alpha, float pscale, float *acc, int64_t lda, qkv__pf *pf)
 {
-    PV_DEC_LOOPS(PV8_ROWS, pv_chunk(m, n, 128));
+    PV_DEC_LOOPS(PV8_ROWS, pv_chunk(m, 1));
 }
 #endif /* __AVX512VNNI__ */
 
